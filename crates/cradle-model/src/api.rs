@@ -1,0 +1,743 @@
+//! What crosses the admin API: the create and modify requests, the view
+//! returned for an instance, and channel messages. Validation lives beside the
+//! request types, so every caller gets the same rules and the same messages.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::{IpAddr, Ipv4Addr};
+
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD as B64;
+use serde::{Deserialize, Deserializer, Serialize};
+use time::OffsetDateTime;
+use uuid::Uuid;
+
+use crate::instance::{
+    HostAddr, ImdsTokens, Instance, MAX_USER_DATA, Os, OsParams, RANDOM_SEED_LEN, State,
+};
+use crate::Secret;
+
+/// Limits, as Nova applies them to instance metadata.
+pub const MAX_METADATA_ITEMS: usize = 128;
+pub const MAX_METADATA_KEY: usize = 255;
+pub const MAX_METADATA_VALUE: usize = 255;
+pub const MAX_PUBLIC_KEYS: usize = 32;
+pub const MAX_OS_PARAMS: usize = 256;
+pub const MAX_OS_PARAM_VALUE: usize = 64 * 1024;
+
+/// A request that is well-formed JSON but says something cradle refuses.
+/// The message names the field.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{field}: {message}")]
+pub struct Invalid {
+    pub field: String,
+    pub message: String,
+}
+
+fn invalid<T>(field: impl Into<String>, message: impl Into<String>) -> Result<T, Invalid> {
+    Err(Invalid { field: field.into(), message: message.into() })
+}
+
+/// `POST /v1/instances`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InstanceSpec {
+    pub name: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub project_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hostname: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub availability_zone: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub launch_index: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub instance_type: Option<String>,
+    /// Base64 of the raw user-data.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user_data: Option<String>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub metadata: BTreeMap<String, String>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub public_keys: BTreeMap<String, String>,
+    pub metadata_address: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mac: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub local_ipv4: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gateway_ipv4: Option<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub dns_nameservers: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub public_ipv4: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub os_type: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub os_image: Option<String>,
+    #[serde(default)]
+    pub os_params: OsParamsSpec,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub imds_tokens: Option<ImdsTokens>,
+}
+
+/// OS parameters as given on create: values in each visibility.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OsParamsSpec {
+    #[serde(default)]
+    pub public: BTreeMap<String, String>,
+    #[serde(default)]
+    pub private: BTreeMap<String, Secret<String>>,
+    #[serde(default)]
+    pub secret: BTreeMap<String, Secret<String>>,
+}
+
+/// A field of a PATCH: left out, set to `null` (cleared), or given a value.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum Patch<T> {
+    #[default]
+    Absent,
+    Null,
+    Value(T),
+}
+
+impl<'de, T: Deserialize<'de>> Deserialize<'de> for Patch<T> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        Ok(match Option::<T>::deserialize(d)? {
+            None => Patch::Null,
+            Some(v) => Patch::Value(v),
+        })
+    }
+}
+
+impl<T: Serialize> Serialize for Patch<T> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            Patch::Value(v) => v.serialize(s),
+            _ => s.serialize_none(),
+        }
+    }
+}
+
+impl<T> Patch<T> {
+    pub fn is_absent(&self) -> bool {
+        matches!(self, Patch::Absent)
+    }
+}
+
+/// `PATCH /v1/instances/{id}`. Scalars replace; maps merge as in RFC 7396
+/// (a key set to `null` is removed); a nullable field set to `null` is cleared.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InstancePatch {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub project_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hostname: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub availability_zone: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub launch_index: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub instance_type: Option<String>,
+    #[serde(default, skip_serializing_if = "Patch::is_absent")]
+    pub user_data: Patch<String>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub metadata: BTreeMap<String, Option<String>>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub public_keys: BTreeMap<String, Option<String>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metadata_address: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mac: Option<String>,
+    #[serde(default, skip_serializing_if = "Patch::is_absent")]
+    pub local_ipv4: Patch<String>,
+    #[serde(default, skip_serializing_if = "Patch::is_absent")]
+    pub gateway_ipv4: Patch<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dns_nameservers: Option<Vec<String>>,
+    #[serde(default, skip_serializing_if = "Patch::is_absent")]
+    pub public_ipv4: Patch<String>,
+    #[serde(default, skip_serializing_if = "Patch::is_absent")]
+    pub os_type: Patch<String>,
+    #[serde(default, skip_serializing_if = "Patch::is_absent")]
+    pub os_image: Patch<String>,
+    #[serde(default)]
+    pub os_params: OsParamsPatch,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub imds_tokens: Option<ImdsTokens>,
+}
+
+/// OS parameter changes: per visibility, a key set to `null` is removed.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OsParamsPatch {
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub public: BTreeMap<String, Option<String>>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub private: BTreeMap<String, Option<Secret<String>>>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub secret: BTreeMap<String, Option<Secret<String>>>,
+}
+
+/// An instance as the admin API shows it: private and secret parameters by
+/// key name only.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct InstanceView {
+    pub id: Uuid,
+    pub name: String,
+    pub project_id: String,
+    pub hostname: String,
+    pub availability_zone: String,
+    pub launch_index: u32,
+    pub instance_type: String,
+    pub user_data: Option<String>,
+    pub metadata: BTreeMap<String, String>,
+    pub public_keys: BTreeMap<String, String>,
+    pub metadata_address: IpAddr,
+    pub mac: String,
+    pub local_ipv4: Option<HostAddr>,
+    pub gateway_ipv4: Option<Ipv4Addr>,
+    pub dns_nameservers: Vec<IpAddr>,
+    pub public_ipv4: Option<Ipv4Addr>,
+    pub os_type: Option<String>,
+    pub os_image: Option<String>,
+    pub os_params: OsParamsView,
+    pub imds_tokens: ImdsTokens,
+    pub state: State,
+    pub password_set: bool,
+    #[serde(with = "time::serde::rfc3339")]
+    pub created_at: OffsetDateTime,
+    #[serde(with = "time::serde::rfc3339")]
+    pub updated_at: OffsetDateTime,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct OsParamsView {
+    pub public: BTreeMap<String, String>,
+    pub private: Vec<String>,
+    pub secret: Vec<String>,
+}
+
+impl From<&Instance> for InstanceView {
+    fn from(i: &Instance) -> Self {
+        let (os_type, os_image) = match &i.os {
+            Some(Os::Type(t)) => (Some(t.clone()), None),
+            Some(Os::Image(m)) => (None, Some(m.clone())),
+            None => (None, None),
+        };
+        InstanceView {
+            id: i.id,
+            name: i.name.clone(),
+            project_id: i.project_id.clone(),
+            hostname: i.hostname.clone(),
+            availability_zone: i.availability_zone.clone(),
+            launch_index: i.launch_index,
+            instance_type: i.instance_type.clone(),
+            user_data: i.user_data.as_ref().map(|u| B64.encode(u)),
+            metadata: i.metadata.clone(),
+            public_keys: i.public_keys.clone(),
+            metadata_address: i.metadata_address,
+            mac: i.mac.clone(),
+            local_ipv4: i.local_ipv4,
+            gateway_ipv4: i.gateway_ipv4,
+            dns_nameservers: i.dns_nameservers.clone(),
+            public_ipv4: i.public_ipv4,
+            os_type,
+            os_image,
+            os_params: OsParamsView {
+                public: i.os_params.public.clone(),
+                private: i.os_params.private.keys().cloned().collect(),
+                secret: i.os_params.secret.keys().cloned().collect(),
+            },
+            imds_tokens: i.imds_tokens,
+            state: i.state,
+            password_set: i.password.is_some(),
+            created_at: i.created_at,
+            updated_at: i.updated_at,
+        }
+    }
+}
+
+/// The admin API's error body: `{"error": {"code": ..., "message": ...}}`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ErrorBody {
+    pub error: ErrorDetail,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ErrorDetail {
+    pub code: String,
+    pub message: String,
+}
+
+/// `POST /v1/instances/{id}/messages`: exactly one of `text` or `data` (base64).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MessageIn {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub text: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub data: Option<String>,
+}
+
+impl MessageIn {
+    pub fn into_bytes(self) -> Result<Vec<u8>, Invalid> {
+        match (self.text, self.data) {
+            (Some(t), None) => Ok(t.into_bytes()),
+            (None, Some(d)) => {
+                B64.decode(d.as_bytes()).or_else(|_| invalid("data", "is not valid base64"))
+            }
+            _ => invalid("message", "give exactly one of \"text\" or \"data\" (base64)"),
+        }
+    }
+}
+
+/// A message drained from the guest → host queue.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct MessageView {
+    pub id: i64,
+    #[serde(with = "time::serde::rfc3339")]
+    pub created_at: OffsetDateTime,
+    /// Base64 of the bytes the guest wrote.
+    pub data: String,
+    /// The same bytes when they are UTF-8.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub text: Option<String>,
+}
+
+// ---------------------------------------------------------------------------
+// Validation
+
+fn check_text(field: &str, v: &str, max: usize) -> Result<(), Invalid> {
+    if v.is_empty() {
+        return invalid(field, "must not be empty");
+    }
+    if v.chars().count() > max {
+        return invalid(field, format!("is longer than {max} characters"));
+    }
+    if v.chars().any(char::is_control) {
+        return invalid(field, "must not contain control characters");
+    }
+    Ok(())
+}
+
+fn check_name(v: &str) -> Result<(), Invalid> {
+    check_text("name", v, 255)?;
+    if v.contains('/') {
+        return invalid("name", "must not contain '/'");
+    }
+    if v.trim() != v {
+        return invalid("name", "must not start or end with whitespace");
+    }
+    if Uuid::parse_str(v).is_ok() {
+        return invalid("name", "must not be a UUID (it would be mistaken for an id)");
+    }
+    Ok(())
+}
+
+/// A hostname as RFC 1123 allows; stored lower-case.
+fn parse_hostname(v: &str) -> Result<String, Invalid> {
+    let field = "hostname";
+    if v.is_empty() || v.len() > 253 {
+        return invalid(field, "must be 1 to 253 characters");
+    }
+    for label in v.split('.') {
+        let ok = !label.is_empty()
+            && label.len() <= 63
+            && label.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+            && !label.starts_with('-')
+            && !label.ends_with('-');
+        if !ok {
+            return invalid(
+                field,
+                format!("{v:?} is not a valid hostname (labels of 1-63 letters, digits and inner hyphens)"),
+            );
+        }
+    }
+    Ok(v.to_ascii_lowercase())
+}
+
+/// The hostname Nova would derive from a display name.
+fn hostname_from_name(name: &str, id: Uuid) -> String {
+    let mut h: String = name
+        .to_ascii_lowercase()
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() || c == '-' { c } else { '-' })
+        .collect();
+    h.truncate(63);
+    let h = h.trim_matches('-').to_string();
+    if h.is_empty() { format!("instance-{}", &id.simple().to_string()[..8]) } else { h }
+}
+
+fn parse_user_data(v: &str) -> Result<Vec<u8>, Invalid> {
+    let bytes = B64
+        .decode(v.as_bytes())
+        .or_else(|_| invalid("user_data", "is not valid base64"))?;
+    if bytes.len() > MAX_USER_DATA {
+        return invalid(
+            "user_data",
+            format!("is {} bytes; at most {MAX_USER_DATA} are allowed", bytes.len()),
+        );
+    }
+    Ok(bytes)
+}
+
+fn check_metadata(m: &BTreeMap<String, String>) -> Result<(), Invalid> {
+    if m.len() > MAX_METADATA_ITEMS {
+        return invalid("metadata", format!("has {} items; at most {MAX_METADATA_ITEMS}", m.len()));
+    }
+    for (k, v) in m {
+        check_text("metadata key", k, MAX_METADATA_KEY)?;
+        if v.chars().count() > MAX_METADATA_VALUE {
+            return invalid(format!("metadata.{k}"), format!("is longer than {MAX_METADATA_VALUE} characters"));
+        }
+    }
+    Ok(())
+}
+
+/// An OpenSSH public key line: `<type> <base64 blob> [comment]`, where the
+/// blob names the same type.
+pub fn check_openssh_key(field: &str, key: &str) -> Result<(), Invalid> {
+    const TYPES: &[&str] = &[
+        "ssh-ed25519",
+        "ssh-rsa",
+        "ssh-dss",
+        "ecdsa-sha2-nistp256",
+        "ecdsa-sha2-nistp384",
+        "ecdsa-sha2-nistp521",
+        "sk-ssh-ed25519@openssh.com",
+        "sk-ecdsa-sha2-nistp256@openssh.com",
+    ];
+    let bad = |why: &str| invalid(field, format!("is not an OpenSSH public key: {why}"));
+    if key.contains(['\n', '\r']) {
+        return bad("it spans several lines");
+    }
+    let mut parts = key.split_whitespace();
+    let (Some(kind), Some(blob)) = (parts.next(), parts.next()) else {
+        return bad("expected \"<type> <base64> [comment]\"");
+    };
+    if !TYPES.contains(&kind) {
+        return bad(&format!("unknown key type {kind:?}"));
+    }
+    let Ok(raw) = B64.decode(blob) else {
+        return bad("the key data is not base64");
+    };
+    let named = raw
+        .get(..4)
+        .map(|l| u32::from_be_bytes([l[0], l[1], l[2], l[3]]) as usize)
+        .and_then(|n| raw.get(4..4 + n));
+    if named != Some(kind.as_bytes()) {
+        return bad("the key data does not match its type");
+    }
+    Ok(())
+}
+
+fn check_public_keys(m: &BTreeMap<String, String>) -> Result<(), Invalid> {
+    if m.len() > MAX_PUBLIC_KEYS {
+        return invalid("public_keys", format!("has {} keys; at most {MAX_PUBLIC_KEYS}", m.len()));
+    }
+    for (name, key) in m {
+        check_text("public_keys name", name, 255)?;
+        if name.contains('/') || name.contains('=') {
+            return invalid("public_keys name", format!("{name:?} must not contain '/' or '='"));
+        }
+        check_openssh_key(&format!("public_keys.{name}"), key)?;
+    }
+    Ok(())
+}
+
+/// The address a guest's requests come from. IPv4-mapped IPv6 is stored as IPv4
+/// so that a dual-stack listener finds it.
+pub fn parse_metadata_address(v: &str) -> Result<IpAddr, Invalid> {
+    let field = "metadata_address";
+    let ip: IpAddr = v
+        .parse()
+        .or_else(|_| invalid(field, format!("{v:?} is not an IP address")))?;
+    let ip = ip.to_canonical();
+    let refused = match ip {
+        IpAddr::V4(a) => a.is_unspecified() || a.is_broadcast() || a.is_multicast(),
+        IpAddr::V6(a) => a.is_unspecified() || a.is_multicast(),
+    };
+    if refused {
+        return invalid(field, format!("{ip} cannot be a guest's source address"));
+    }
+    Ok(ip)
+}
+
+/// A unicast MAC, returned lower-case.
+pub fn parse_mac(v: &str) -> Result<String, Invalid> {
+    let octets: Vec<&str> = v.split(':').collect();
+    let ok = octets.len() == 6
+        && octets.iter().all(|o| o.len() == 2 && o.bytes().all(|b| b.is_ascii_hexdigit()));
+    if !ok {
+        return invalid("mac", format!("{v:?} is not a MAC address like fa:16:3e:12:34:56"));
+    }
+    let first = u8::from_str_radix(octets[0], 16).unwrap_or(0);
+    if first & 1 == 1 {
+        return invalid("mac", format!("{v} is a multicast address"));
+    }
+    Ok(v.to_ascii_lowercase())
+}
+
+fn mac_from_id(id: Uuid) -> String {
+    let b = id.as_bytes();
+    format!("fa:16:3e:{:02x}:{:02x}:{:02x}", b[0], b[1], b[2])
+}
+
+fn parse_ipv4(field: &str, v: &str) -> Result<Ipv4Addr, Invalid> {
+    v.parse().or_else(|_| invalid(field, format!("{v:?} is not an IPv4 address")))
+}
+
+fn parse_host_addr(v: &str) -> Result<HostAddr, Invalid> {
+    v.parse().or_else(|e: String| invalid("local_ipv4", e))
+}
+
+fn parse_dns(v: &[String]) -> Result<Vec<IpAddr>, Invalid> {
+    v.iter()
+        .map(|s| s.parse().or_else(|_| invalid("dns_nameservers", format!("{s:?} is not an IP address"))))
+        .collect()
+}
+
+fn check_os(field: &str, v: &str) -> Result<(), Invalid> {
+    check_text(field, v, 1024)
+}
+
+fn check_param_name(name: &str) -> Result<(), Invalid> {
+    let ok = !name.is_empty()
+        && name.len() <= 64
+        && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_');
+    if !ok {
+        return invalid(
+            "os_params",
+            format!("parameter name {name:?} must be 1-64 letters, digits or underscores"),
+        );
+    }
+    Ok(())
+}
+
+fn check_param_value(name: &str, len: usize) -> Result<(), Invalid> {
+    if len > MAX_OS_PARAM_VALUE {
+        return invalid("os_params", format!("parameter {name:?} is longer than {MAX_OS_PARAM_VALUE} bytes"));
+    }
+    Ok(())
+}
+
+/// Names must be unique across visibilities, ignoring case, because OS
+/// scripts see them as `OSP_<NAME>` environment variables.
+fn check_os_params(p: &OsParams) -> Result<(), Invalid> {
+    let mut seen = BTreeSet::new();
+    let names = p
+        .public
+        .iter()
+        .map(|(k, v)| (k, v.len()))
+        .chain(p.private.iter().map(|(k, v)| (k, v.expose().len())))
+        .chain(p.secret.iter().map(|(k, v)| (k, v.expose().len())));
+    let mut count = 0;
+    for (name, len) in names {
+        count += 1;
+        check_param_name(name)?;
+        check_param_value(name, len)?;
+        if !seen.insert(name.to_ascii_uppercase()) {
+            return invalid("os_params", format!("parameter {name:?} is given in more than one visibility"));
+        }
+    }
+    if count > MAX_OS_PARAMS {
+        return invalid("os_params", format!("has {count} parameters; at most {MAX_OS_PARAMS}"));
+    }
+    Ok(())
+}
+
+fn resolve_os(os_type: Option<String>, os_image: Option<String>) -> Result<Option<Os>, Invalid> {
+    match (os_type, os_image) {
+        (Some(_), Some(_)) => invalid("os_type", "os_type and os_image are mutually exclusive"),
+        (Some(t), None) => check_os("os_type", &t).map(|_| Some(Os::Type(t))),
+        (None, Some(m)) => check_os("os_image", &m).map(|_| Some(Os::Image(m))),
+        (None, None) => Ok(None),
+    }
+}
+
+impl InstanceSpec {
+    /// Validate everything, then build the instance. Nothing is half-applied:
+    /// either every field is good or the first bad one is named.
+    pub fn into_instance(
+        self,
+        id: Uuid,
+        now: OffsetDateTime,
+        random_seed: Vec<u8>,
+    ) -> Result<Instance, Invalid> {
+        check_name(&self.name)?;
+        let project_id = self.project_id.unwrap_or_else(|| "default".to_string());
+        check_text("project_id", &project_id, 255)?;
+        let hostname = match &self.hostname {
+            Some(h) => parse_hostname(h)?,
+            None => hostname_from_name(&self.name, id),
+        };
+        let availability_zone = self.availability_zone.unwrap_or_else(|| "nova".to_string());
+        check_text("availability_zone", &availability_zone, 255)?;
+        let instance_type = self.instance_type.unwrap_or_else(|| "default".to_string());
+        check_text("instance_type", &instance_type, 255)?;
+        let user_data = self.user_data.as_deref().map(parse_user_data).transpose()?;
+        check_metadata(&self.metadata)?;
+        check_public_keys(&self.public_keys)?;
+        let metadata_address = parse_metadata_address(&self.metadata_address)?;
+        let mac = match &self.mac {
+            Some(m) => parse_mac(m)?,
+            None => mac_from_id(id),
+        };
+        let local_ipv4 = self.local_ipv4.as_deref().map(parse_host_addr).transpose()?;
+        let gateway_ipv4 =
+            self.gateway_ipv4.as_deref().map(|g| parse_ipv4("gateway_ipv4", g)).transpose()?;
+        let dns_nameservers = parse_dns(&self.dns_nameservers)?;
+        let public_ipv4 =
+            self.public_ipv4.as_deref().map(|g| parse_ipv4("public_ipv4", g)).transpose()?;
+        let os = resolve_os(self.os_type, self.os_image)?;
+        let os_params = OsParams {
+            public: self.os_params.public,
+            private: self.os_params.private,
+            secret: self.os_params.secret,
+        };
+        check_os_params(&os_params)?;
+        if random_seed.len() != RANDOM_SEED_LEN {
+            return invalid("random_seed", "internal: wrong length");
+        }
+        Ok(Instance {
+            id,
+            name: self.name,
+            project_id,
+            hostname,
+            availability_zone,
+            launch_index: self.launch_index.unwrap_or(0),
+            instance_type,
+            user_data,
+            metadata: self.metadata,
+            public_keys: self.public_keys,
+            metadata_address,
+            mac,
+            local_ipv4,
+            gateway_ipv4,
+            dns_nameservers,
+            public_ipv4,
+            os,
+            os_params,
+            imds_tokens: self.imds_tokens.unwrap_or_default(),
+            state: State::Registered,
+            created_at: now,
+            updated_at: now,
+            random_seed,
+            password: None,
+        })
+    }
+}
+
+fn merge<V>(map: &mut BTreeMap<String, V>, patch: BTreeMap<String, Option<V>>) {
+    for (k, v) in patch {
+        match v {
+            Some(v) => {
+                map.insert(k, v);
+            }
+            None => {
+                map.remove(&k);
+            }
+        }
+    }
+}
+
+impl InstancePatch {
+    /// Apply to a copy of `current` and validate the result; `current` is not
+    /// touched, so a refused patch changes nothing.
+    pub fn apply(self, current: &Instance, now: OffsetDateTime) -> Result<Instance, Invalid> {
+        let mut i = current.clone();
+        if let Some(n) = self.name {
+            check_name(&n)?;
+            i.name = n;
+        }
+        if let Some(p) = self.project_id {
+            check_text("project_id", &p, 255)?;
+            i.project_id = p;
+        }
+        if let Some(h) = self.hostname {
+            i.hostname = parse_hostname(&h)?;
+        }
+        if let Some(az) = self.availability_zone {
+            check_text("availability_zone", &az, 255)?;
+            i.availability_zone = az;
+        }
+        if let Some(li) = self.launch_index {
+            i.launch_index = li;
+        }
+        if let Some(t) = self.instance_type {
+            check_text("instance_type", &t, 255)?;
+            i.instance_type = t;
+        }
+        match self.user_data {
+            Patch::Absent => {}
+            Patch::Null => i.user_data = None,
+            Patch::Value(u) => i.user_data = Some(parse_user_data(&u)?),
+        }
+        merge(&mut i.metadata, self.metadata);
+        check_metadata(&i.metadata)?;
+        merge(&mut i.public_keys, self.public_keys);
+        check_public_keys(&i.public_keys)?;
+        if let Some(a) = self.metadata_address {
+            i.metadata_address = parse_metadata_address(&a)?;
+        }
+        if let Some(m) = self.mac {
+            i.mac = parse_mac(&m)?;
+        }
+        match self.local_ipv4 {
+            Patch::Absent => {}
+            Patch::Null => i.local_ipv4 = None,
+            Patch::Value(v) => i.local_ipv4 = Some(parse_host_addr(&v)?),
+        }
+        match self.gateway_ipv4 {
+            Patch::Absent => {}
+            Patch::Null => i.gateway_ipv4 = None,
+            Patch::Value(v) => i.gateway_ipv4 = Some(parse_ipv4("gateway_ipv4", &v)?),
+        }
+        if let Some(d) = self.dns_nameservers {
+            i.dns_nameservers = parse_dns(&d)?;
+        }
+        match self.public_ipv4 {
+            Patch::Absent => {}
+            Patch::Null => i.public_ipv4 = None,
+            Patch::Value(v) => i.public_ipv4 = Some(parse_ipv4("public_ipv4", &v)?),
+        }
+        i.os = match (self.os_type, self.os_image) {
+            (Patch::Value(_), Patch::Value(_)) => {
+                return invalid("os_type", "os_type and os_image are mutually exclusive");
+            }
+            (Patch::Value(t), _) => resolve_os(Some(t), None)?,
+            (_, Patch::Value(m)) => resolve_os(None, Some(m))?,
+            (t, m) => match i.os.take() {
+                Some(Os::Type(_)) if t == Patch::Null => None,
+                Some(Os::Image(_)) if m == Patch::Null => None,
+                other => other,
+            },
+        };
+        // A parameter moves between visibilities by being set in its new one.
+        let p = self.os_params;
+        for k in p.public.keys().chain(p.private.keys()).chain(p.secret.keys()) {
+            if !p.public.contains_key(k) {
+                i.os_params.public.remove(k);
+            }
+            if !p.private.contains_key(k) {
+                i.os_params.private.remove(k);
+            }
+            if !p.secret.contains_key(k) {
+                i.os_params.secret.remove(k);
+            }
+        }
+        merge(&mut i.os_params.public, p.public);
+        merge(&mut i.os_params.private, p.private);
+        merge(&mut i.os_params.secret, p.secret);
+        check_os_params(&i.os_params)?;
+        if let Some(t) = self.imds_tokens {
+            i.imds_tokens = t;
+        }
+        i.updated_at = now;
+        Ok(i)
+    }
+}

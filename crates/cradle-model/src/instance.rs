@@ -1,0 +1,248 @@
+//! The instance: what cradle knows about one guest.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::{IpAddr, Ipv4Addr};
+use std::str::FromStr;
+
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+use time::OffsetDateTime;
+use uuid::Uuid;
+
+use crate::Secret;
+
+/// Largest user-data accepted, in bytes (decoded), as EC2 and Nova allow.
+pub const MAX_USER_DATA: usize = 64 * 1024;
+/// Bytes of the per-instance random seed served as OpenStack `random_seed`.
+pub const RANDOM_SEED_LEN: usize = 512;
+/// Largest password a guest may post, in bytes (Nova's limit).
+pub const MAX_PASSWORD: usize = 1020;
+
+/// One guest, as held in memory by the registry.
+///
+/// `os_params.secret` lives only here, never in a store; everything else is
+/// persistent.
+#[derive(Debug, Clone)]
+pub struct Instance {
+    pub id: Uuid,
+    pub name: String,
+    pub project_id: String,
+    pub hostname: String,
+    pub availability_zone: String,
+    pub launch_index: u32,
+    pub instance_type: String,
+    pub user_data: Option<Vec<u8>>,
+    pub metadata: BTreeMap<String, String>,
+    pub public_keys: BTreeMap<String, String>,
+    /// The source address the guest's metadata requests come from. Unique.
+    pub metadata_address: IpAddr,
+    /// Lower-case, colon-separated.
+    pub mac: String,
+    pub local_ipv4: Option<HostAddr>,
+    pub gateway_ipv4: Option<Ipv4Addr>,
+    pub dns_nameservers: Vec<IpAddr>,
+    pub public_ipv4: Option<Ipv4Addr>,
+    pub os: Option<Os>,
+    pub os_params: OsParams,
+    pub imds_tokens: ImdsTokens,
+    pub state: State,
+    pub created_at: OffsetDateTime,
+    pub updated_at: OffsetDateTime,
+    /// Fixed per instance so that every read (and a config drive) agrees.
+    pub random_seed: Vec<u8>,
+    /// Set once by the guest (already encrypted by it, as Nova's is).
+    pub password: Option<String>,
+}
+
+impl Instance {
+    /// EC2-style instance id derived from the UUID: `i-` and 17 hex digits.
+    pub fn ec2_instance_id(&self) -> String {
+        format!("i-{}", &self.id.simple().to_string()[..17])
+    }
+
+    /// EC2-style reservation id, stable per instance.
+    pub fn ec2_reservation_id(&self) -> String {
+        format!("r-{}", &self.id.simple().to_string()[15..32])
+    }
+
+    /// EC2 `ami-id`: the image when it is named like an AMI, else zeros.
+    pub fn ami_id(&self) -> String {
+        match &self.os {
+            Some(Os::Image(image)) if image.starts_with("ami-") => image.clone(),
+            _ => "ami-00000000".to_string(),
+        }
+    }
+
+    /// The region EC2 clients derive from the zone: the zone less its last letter.
+    pub fn region(&self) -> &str {
+        let az = self.availability_zone.as_str();
+        match az.chars().last() {
+            Some(c) if c.is_ascii_lowercase() && az.len() > 1 && az.contains('-') => {
+                &az[..az.len() - 1]
+            }
+            _ => az,
+        }
+    }
+}
+
+/// How the guest's operating system is defined: an OS definition or an image.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Os {
+    Type(String),
+    Image(String),
+}
+
+/// OS parameters in the three visibilities of Ganeti's design.
+///
+/// - public: stored, logged, shown.
+/// - private: stored; never logged; the admin API shows key names only.
+/// - secret: memory only; gone on removal or restart.
+#[derive(Debug, Clone, Default)]
+pub struct OsParams {
+    pub public: BTreeMap<String, String>,
+    pub private: BTreeMap<String, Secret<String>>,
+    pub secret: BTreeMap<String, Secret<String>>,
+}
+
+/// Where a parameter may go.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Visibility {
+    Public,
+    Private,
+    Secret,
+}
+
+impl Visibility {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Visibility::Public => "public",
+            Visibility::Private => "private",
+            Visibility::Secret => "secret",
+        }
+    }
+}
+
+/// Whether EC2 IMDSv2 session tokens are required for this guest's reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ImdsTokens {
+    #[default]
+    Optional,
+    Required,
+}
+
+impl ImdsTokens {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ImdsTokens::Optional => "optional",
+            ImdsTokens::Required => "required",
+        }
+    }
+}
+
+impl FromStr for ImdsTokens {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "optional" => Ok(ImdsTokens::Optional),
+            "required" => Ok(ImdsTokens::Required),
+            other => Err(format!("imds_tokens must be optional or required, not {other:?}")),
+        }
+    }
+}
+
+/// Lifecycle state. Later capabilities (install, run) move instances through it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum State {
+    /// Known to cradle; its metadata is served.
+    #[default]
+    Registered,
+    Installing,
+    Running,
+    Stopped,
+    Error,
+}
+
+impl State {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            State::Registered => "registered",
+            State::Installing => "installing",
+            State::Running => "running",
+            State::Stopped => "stopped",
+            State::Error => "error",
+        }
+    }
+}
+
+impl FromStr for State {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        serde_json::from_value(serde_json::Value::String(s.to_string()))
+            .map_err(|_| format!("unknown state {s:?}"))
+    }
+}
+
+/// An IPv4 address with an optional prefix length: `10.0.0.5` or `10.0.0.5/24`.
+///
+/// Without a prefix the guest's network is described as DHCP-configured.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HostAddr {
+    pub addr: Ipv4Addr,
+    pub prefix: Option<u8>,
+}
+
+impl HostAddr {
+    /// Dotted netmask for the prefix, when there is one.
+    pub fn netmask(&self) -> Option<Ipv4Addr> {
+        self.prefix.map(|p| {
+            let bits = if p == 0 { 0 } else { u32::MAX << (32 - u32::from(p)) };
+            Ipv4Addr::from(bits)
+        })
+    }
+}
+
+impl FromStr for HostAddr {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (addr, prefix) = match s.split_once('/') {
+            Some((a, p)) => {
+                let p: u8 = p
+                    .parse()
+                    .ok()
+                    .filter(|p| *p <= 32)
+                    .ok_or_else(|| format!("{s:?}: prefix length must be 0..=32"))?;
+                (a, Some(p))
+            }
+            None => (s, None),
+        };
+        let addr = addr
+            .parse()
+            .map_err(|_| format!("{s:?} is not an IPv4 address"))?;
+        Ok(HostAddr { addr, prefix })
+    }
+}
+
+impl fmt::Display for HostAddr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.prefix {
+            Some(p) => write!(f, "{}/{}", self.addr, p),
+            None => write!(f, "{}", self.addr),
+        }
+    }
+}
+
+impl Serialize for HostAddr {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for HostAddr {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}

@@ -1,0 +1,15 @@
+//! cradle's domain model: the [`Instance`], its OS parameters in three
+//! visibilities, and [`Secret`], the wrapper that makes a leak take an explicit
+//! call. No I/O happens here.
+
+#![forbid(unsafe_code)]
+
+pub mod api;
+mod instance;
+mod secret;
+
+pub use instance::{
+    HostAddr, ImdsTokens, Instance, MAX_PASSWORD, MAX_USER_DATA, Os, OsParams, RANDOM_SEED_LEN,
+    State, Visibility,
+};
+pub use secret::{REDACTED, Secret};

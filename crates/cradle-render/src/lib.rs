@@ -1,0 +1,159 @@
+//! One renderer for every way metadata reaches a guest.
+//!
+//! Pure functions turn an [`Instance`] and a [`Context`] into a tree of
+//! directories and documents: the EC2 tree, the OpenStack tree and cradle's
+//! native tree. The metadata service walks the tree to answer a path; the
+//! config-drive writer walks it to write files. Neither adds content of its
+//! own, so a drive and the service cannot disagree.
+//!
+//! Invariant: this crate does no I/O and reads no clock or randomness; what
+//! varies (today's date, static vendordata) comes in through [`Context`].
+//!
+//! The tree is lazy: a directory's entries and a document's bytes are built
+//! only when asked for, so answering one path builds only what lies on it.
+
+#![forbid(unsafe_code)]
+
+use cradle_model::Instance;
+
+mod ec2;
+mod native;
+mod openstack;
+
+pub use ec2::{EC2_VERSIONS, ec2_version};
+pub use native::native;
+pub use openstack::{OPENSTACK_VERSIONS, openstack_version, openstack_versions};
+
+/// What the renderer needs besides the instance.
+#[derive(Debug, Clone)]
+pub struct Context<'a> {
+    /// Today, `YYYY-MM-DD`: OpenStack versions dated after it are not offered.
+    pub today: &'a str,
+    /// Static vendordata (`vendor_data.json`; `"static"` in `vendor_data2.json`).
+    pub vendor_data: &'a serde_json::Value,
+    /// Names of the instance's security groups, for EC2 `security-groups`.
+    pub security_groups: &'a [String],
+}
+
+/// A node of a metadata tree.
+pub enum Node<'a> {
+    /// A document; the closure renders its bytes.
+    File(Box<dyn Fn() -> Vec<u8> + 'a>),
+    /// A directory; the closure lists its entries in order.
+    Dir(Box<dyn Fn() -> Vec<Entry<'a>> + 'a>),
+}
+
+/// One entry of a directory.
+pub struct Entry<'a> {
+    /// The path segment that reaches the child.
+    pub name: String,
+    /// What a listing shows instead of `name`, e.g. EC2's `0=keyname`.
+    pub label: Option<String>,
+    /// Reachable but left out of listings (e.g. `openstack` under `/`).
+    pub hidden: bool,
+    pub node: Node<'a>,
+}
+
+impl<'a> Entry<'a> {
+    pub fn file(name: impl Into<String>, f: impl Fn() -> Vec<u8> + 'a) -> Self {
+        Entry { name: name.into(), label: None, hidden: false, node: Node::File(Box::new(f)) }
+    }
+    pub fn dir(name: impl Into<String>, f: impl Fn() -> Vec<Entry<'a>> + 'a) -> Self {
+        Entry { name: name.into(), label: None, hidden: false, node: Node::Dir(Box::new(f)) }
+    }
+    pub fn text(name: impl Into<String>, value: impl Into<String>) -> Self {
+        let v: String = value.into();
+        Entry::file(name, move || v.clone().into_bytes())
+    }
+    pub fn labelled(mut self, label: impl Into<String>) -> Self {
+        self.label = Some(label.into());
+        self
+    }
+    pub fn hidden(mut self) -> Self {
+        self.hidden = true;
+        self
+    }
+}
+
+/// What a path resolves to.
+pub enum Resolved {
+    File(Vec<u8>),
+    /// A listing as EC2 writes it: one entry per line, sub-directories with a
+    /// trailing `/`, no trailing newline.
+    Listing(Vec<u8>),
+}
+
+impl<'a> Node<'a> {
+    /// Follow `segments` (already split, none empty) from this node.
+    pub fn resolve(&self, segments: &[&str]) -> Option<Resolved> {
+        match (self, segments.split_first()) {
+            (Node::File(f), None) => Some(Resolved::File(f())),
+            (Node::Dir(_), None) => Some(Resolved::Listing(self.listing())),
+            (Node::File(_), Some(_)) => None,
+            (Node::Dir(d), Some((first, rest))) => {
+                let entries = d();
+                let child = entries.into_iter().find(|e| e.name == *first)?;
+                child.node.resolve(rest)
+            }
+        }
+    }
+
+    /// The listing of a directory (empty for a file).
+    pub fn listing(&self) -> Vec<u8> {
+        let Node::Dir(d) = self else { return Vec::new() };
+        let lines: Vec<String> = d()
+            .into_iter()
+            .filter(|e| !e.hidden)
+            .map(|e| match (&e.label, &e.node) {
+                (Some(l), _) => l.clone(),
+                (None, Node::Dir(_)) => format!("{}/", e.name),
+                (None, Node::File(_)) => e.name.clone(),
+            })
+            .collect();
+        lines.join("\n").into_bytes()
+    }
+
+    /// Every file under this node, as (path relative to it, bytes), depth
+    /// first in listing order, hidden entries included. For config drives.
+    pub fn files(&self) -> Vec<(String, Vec<u8>)> {
+        let mut out = Vec::new();
+        self.collect("", &mut out);
+        out
+    }
+
+    fn collect(&self, prefix: &str, out: &mut Vec<(String, Vec<u8>)>) {
+        match self {
+            Node::File(f) => out.push((prefix.to_string(), f())),
+            Node::Dir(d) => {
+                for e in d() {
+                    let p = if prefix.is_empty() { e.name.clone() } else { format!("{prefix}/{}", e.name) };
+                    e.node.collect(&p, out);
+                }
+            }
+        }
+    }
+}
+
+/// The whole tree a guest sees at `/`: the EC2 versions (listed), and
+/// `openstack`, `cradle` and `ganeti` (reachable, not listed — EC2's root
+/// listing has versions only).
+pub fn root<'a>(instance: &'a Instance, ctx: &'a Context<'a>) -> Node<'a> {
+    Node::Dir(Box::new(move || {
+        let mut entries: Vec<Entry<'a>> = EC2_VERSIONS
+            .iter()
+            .copied()
+            .chain(std::iter::once("latest"))
+            .map(|v| Entry {
+                name: v.to_string(),
+                // EC2 lists versions bare, without the directory slash.
+                label: Some(v.to_string()),
+                hidden: false,
+                node: ec2_version(instance, ctx, v).expect("listed version exists"),
+            })
+            .collect();
+        entries.push(Entry { name: "openstack".into(), label: None, hidden: true, node: openstack_versions(instance, ctx) });
+        entries.push(Entry { name: "cradle".into(), label: None, hidden: true, node: native(instance, ctx) });
+        entries.push(Entry { name: "ganeti".into(), label: None, hidden: true, node: native(instance, ctx) });
+        entries
+    }))
+}

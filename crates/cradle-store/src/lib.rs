@@ -1,0 +1,85 @@
+//! Where instances persist.
+//!
+//! [`Store`] is deliberately narrow, so that a PostgreSQL implementation can
+//! drop in beside [`SqliteStore`]. It is synchronous: callers on an async
+//! runtime run it on a blocking thread.
+//!
+//! Invariant: no method takes or returns secret OS parameters; an instance
+//! loaded from a store has none. Private parameters are written here and
+//! nowhere else.
+
+#![forbid(unsafe_code)]
+
+mod sqlite;
+
+use cradle_model::Instance;
+use time::OffsetDateTime;
+use uuid::Uuid;
+
+pub use sqlite::SqliteStore;
+
+/// Which way a channel message travels.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Direction {
+    /// Queued by the operator, read by the guest.
+    ToGuest,
+    /// Written by the guest, drained by the operator.
+    ToHost,
+}
+
+impl Direction {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Direction::ToGuest => "to_guest",
+            Direction::ToHost => "to_host",
+        }
+    }
+}
+
+/// One queued channel message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Message {
+    pub id: i64,
+    pub created_at: OffsetDateTime,
+    pub body: Vec<u8>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("another instance already has this {0}")]
+    Conflict(&'static str),
+    #[error("no such instance")]
+    NotFound,
+    #[error("stored data is unreadable: {0}")]
+    Corrupt(String),
+    #[error("database error")]
+    Backend(#[from] rusqlite::Error),
+    #[error("database migration failed")]
+    Migration(#[from] rusqlite_migration::Error),
+}
+
+/// Persistent instance registry and channel queues.
+pub trait Store: Send + Sync + 'static {
+    /// Every instance, oldest first.
+    fn load_all(&self) -> Result<Vec<Instance>, StoreError>;
+    /// Fails with `Conflict` when the name or metadata address is taken.
+    fn insert(&self, instance: &Instance) -> Result<(), StoreError>;
+    /// Replace the stored instance with the same id.
+    fn update(&self, instance: &Instance) -> Result<(), StoreError>;
+    /// Remove an instance and its queued messages. False if there was none.
+    fn delete(&self, id: Uuid) -> Result<bool, StoreError>;
+    /// Set the guest password unless one is set. True if this call set it.
+    fn set_password_once(&self, id: Uuid, password: &str) -> Result<bool, StoreError>;
+    /// Append a message unless `cap` are already queued that way; `None` when full.
+    fn push_message(
+        &self,
+        id: Uuid,
+        direction: Direction,
+        body: &[u8],
+        cap: usize,
+    ) -> Result<Option<i64>, StoreError>;
+    /// Remove and return the oldest queued message.
+    fn pop_message(&self, id: Uuid, direction: Direction) -> Result<Option<Message>, StoreError>;
+    /// Remove and return every queued message, oldest first.
+    fn drain_messages(&self, id: Uuid, direction: Direction) -> Result<Vec<Message>, StoreError>;
+}
