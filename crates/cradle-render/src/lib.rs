@@ -19,6 +19,8 @@ use cradle_model::Instance;
 mod ec2;
 mod native;
 mod openstack;
+#[cfg(test)]
+mod testing;
 
 pub use ec2::{EC2_VERSIONS, ec2_version};
 pub use native::native;
@@ -56,10 +58,29 @@ pub struct Entry<'a> {
 
 impl<'a> Entry<'a> {
     pub fn file(name: impl Into<String>, f: impl Fn() -> Vec<u8> + 'a) -> Self {
-        Entry { name: name.into(), label: None, hidden: false, node: Node::File(Box::new(f)) }
+        Entry {
+            name: name.into(),
+            label: None,
+            hidden: false,
+            node: Node::File(Box::new(f)),
+        }
     }
     pub fn dir(name: impl Into<String>, f: impl Fn() -> Vec<Entry<'a>> + 'a) -> Self {
-        Entry { name: name.into(), label: None, hidden: false, node: Node::Dir(Box::new(f)) }
+        Entry {
+            name: name.into(),
+            label: None,
+            hidden: false,
+            node: Node::Dir(Box::new(f)),
+        }
+    }
+    /// An entry for a node built elsewhere (e.g. a whole version tree).
+    pub fn node(name: impl Into<String>, node: Node<'a>) -> Self {
+        Entry {
+            name: name.into(),
+            label: None,
+            hidden: false,
+            node,
+        }
     }
     pub fn text(name: impl Into<String>, value: impl Into<String>) -> Self {
         let v: String = value.into();
@@ -100,7 +121,9 @@ impl<'a> Node<'a> {
 
     /// The listing of a directory (empty for a file).
     pub fn listing(&self) -> Vec<u8> {
-        let Node::Dir(d) = self else { return Vec::new() };
+        let Node::Dir(d) = self else {
+            return Vec::new();
+        };
         let lines: Vec<String> = d()
             .into_iter()
             .filter(|e| !e.hidden)
@@ -126,7 +149,11 @@ impl<'a> Node<'a> {
             Node::File(f) => out.push((prefix.to_string(), f())),
             Node::Dir(d) => {
                 for e in d() {
-                    let p = if prefix.is_empty() { e.name.clone() } else { format!("{prefix}/{}", e.name) };
+                    let p = if prefix.is_empty() {
+                        e.name.clone()
+                    } else {
+                        format!("{prefix}/{}", e.name)
+                    };
                     e.node.collect(&p, out);
                 }
             }
@@ -151,9 +178,73 @@ pub fn root<'a>(instance: &'a Instance, ctx: &'a Context<'a>) -> Node<'a> {
                 node: ec2_version(instance, ctx, v).expect("listed version exists"),
             })
             .collect();
-        entries.push(Entry { name: "openstack".into(), label: None, hidden: true, node: openstack_versions(instance, ctx) });
-        entries.push(Entry { name: "cradle".into(), label: None, hidden: true, node: native(instance, ctx) });
-        entries.push(Entry { name: "ganeti".into(), label: None, hidden: true, node: native(instance, ctx) });
+        entries.push(Entry {
+            name: "openstack".into(),
+            label: None,
+            hidden: true,
+            node: openstack_versions(instance, ctx),
+        });
+        entries.push(Entry {
+            name: "cradle".into(),
+            label: None,
+            hidden: true,
+            node: native(instance, ctx),
+        });
+        entries.push(Entry {
+            name: "ganeti".into(),
+            label: None,
+            hidden: true,
+            node: native(instance, ctx),
+        });
         entries
     }))
+}
+
+/// A JSON object with its keys in sorted order whatever serde_json's map
+/// type is: sorting before inserting gives the same bytes with or without
+/// the `preserve_order` feature, which another crate could switch on.
+pub(crate) fn json_object<const N: usize>(
+    mut pairs: [(&str, serde_json::Value); N],
+) -> serde_json::Value {
+    pairs.sort_by(|a, b| a.0.cmp(b.0));
+    serde_json::Value::Object(pairs.into_iter().map(|(k, v)| (k.to_string(), v)).collect())
+}
+
+/// Compact JSON bytes. Serializing a `Value` or a map of them with string
+/// keys cannot fail, so there is no error to hand on.
+pub(crate) fn to_json(v: &impl serde::Serialize) -> Vec<u8> {
+    serde_json::to_vec(v).expect("JSON values always serialize")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::{instance, listing, with_ctx};
+
+    #[test]
+    fn root_lists_ec2_versions_then_latest_only() {
+        let inst = instance();
+        with_ctx("2025-06-01", |ctx| {
+            let want: Vec<&str> = EC2_VERSIONS.iter().copied().chain(["latest"]).collect();
+            assert_eq!(listing(&root(&inst, ctx), "").unwrap(), want.join("\n"));
+        });
+    }
+
+    #[test]
+    fn root_reaches_hidden_trees() {
+        let inst = instance();
+        with_ctx("2025-06-01", |ctx| {
+            let r = root(&inst, ctx);
+            assert!(listing(&r, "openstack").unwrap().ends_with("\nlatest"));
+            assert_eq!(listing(&r, "cradle").unwrap(), "latest/");
+            assert_eq!(listing(&r, "ganeti/latest").unwrap(), "meta_data.json\nos/");
+            assert!(r.resolve(&["nonesuch"]).is_none());
+        });
+    }
+
+    #[test]
+    fn json_object_sorts_keys() {
+        let v = json_object([("b", 1.into()), ("a", 2.into())]);
+        assert_eq!(String::from_utf8(to_json(&v)).unwrap(), r#"{"a":2,"b":1}"#);
+    }
 }

@@ -1,0 +1,76 @@
+//! One error type for every admin response, rendered in one place.
+
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use cradle_model::api::{ErrorBody, ErrorDetail, Invalid};
+use cradle_registry::RegistryError;
+use tracing::error;
+
+#[derive(Debug)]
+pub struct ApiError {
+    pub status: StatusCode,
+    pub code: &'static str,
+    pub message: String,
+}
+
+impl ApiError {
+    pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+        ApiError { status, code, message: message.into() }
+    }
+    pub fn bad_request(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, "bad_request", message)
+    }
+    pub fn unprocessable(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid", message)
+    }
+    pub fn not_found(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::NOT_FOUND, "not_found", message)
+    }
+    pub fn internal() -> Self {
+        Self::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", "internal error; see the server log")
+    }
+}
+
+impl From<Invalid> for ApiError {
+    fn from(e: Invalid) -> Self {
+        ApiError::unprocessable(e.to_string())
+    }
+}
+
+impl From<RegistryError> for ApiError {
+    fn from(e: RegistryError) -> Self {
+        let status = match &e {
+            RegistryError::NotFound(_) => return ApiError::not_found(e.to_string()),
+            RegistryError::Conflict(_) | RegistryError::PasswordSet => (StatusCode::CONFLICT, "conflict"),
+            RegistryError::Invalid(_) | RegistryError::PasswordTooLong => (StatusCode::UNPROCESSABLE_ENTITY, "invalid"),
+            RegistryError::QueueFull(_) => (StatusCode::TOO_MANY_REQUESTS, "queue_full"),
+            RegistryError::MessageTooLarge(..) => (StatusCode::PAYLOAD_TOO_LARGE, "too_large"),
+            RegistryError::Store(inner) => {
+                error!(error = %inner, "storage failure");
+                return ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "storage", "storage failed; see the server log");
+            }
+        };
+        ApiError::new(status.0, status.1, e.to_string())
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let body = ErrorBody { error: ErrorDetail { code: self.code.to_string(), message: self.message } };
+        (self.status, axum::Json(body)).into_response()
+    }
+}
+
+/// serde_json's message without the value it choked on: an error about a
+/// mistyped secret must not echo the secret back into a response or a log.
+pub fn describe_json_error(e: &serde_json::Error) -> String {
+    let msg = e.to_string();
+    // serde_json quotes offending string values as `string "…"`.
+    let redacted = match (msg.find("string \""), msg.rfind('"')) {
+        (Some(start), Some(end)) if end > start + 8 => {
+            format!("{}string{}", &msg[..start], &msg[end + 1..])
+        }
+        _ => msg,
+    };
+    redacted
+}

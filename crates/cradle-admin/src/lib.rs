@@ -1,0 +1,220 @@
+//! The admin API: JSON under `/v1/`, behind a bearer token, on its own
+//! listener. Handlers parse, call the [`Registry`], and shape the answer;
+//! they hold no state of their own.
+//!
+//! Errors are `{"error": {"code", "message"}}` with a fitting 4xx. Request
+//! bodies are never logged: they carry private and secret parameters.
+
+#![forbid(unsafe_code)]
+
+mod error;
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::Router;
+use axum::extract::{DefaultBodyLimit, FromRequest, Request, State};
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD as B64;
+use cradle_model::Secret;
+use cradle_model::api::{InstancePatch, InstanceSpec, InstanceView, MessageIn, MessageView};
+use cradle_registry::metrics::Metrics;
+use cradle_registry::{ChannelDirection, Registry, RegistryError};
+use serde::de::DeserializeOwned;
+use serde_json::json;
+use subtle::ConstantTimeEq;
+use tokio::net::TcpListener;
+use tracing::info;
+
+pub use error::ApiError;
+
+/// What every handler shares.
+pub struct AdminState {
+    pub registry: Arc<Registry>,
+    pub metrics: Arc<Metrics>,
+    pub token: Secret<String>,
+    pub max_body_bytes: usize,
+}
+
+type Shared = State<Arc<AdminState>>;
+
+/// The admin router. Tests can drive it without a socket.
+pub fn app(state: Arc<AdminState>) -> Router {
+    let limit = state.max_body_bytes;
+    Router::new()
+        .route("/v1/instances", get(list).post(create))
+        .route("/v1/instances/{key}", get(show).patch(modify).delete(remove))
+        .route("/v1/instances/{key}/messages", get(receive).post(send))
+        .route("/metrics", get(metrics))
+        .fallback(|| async { ApiError::not_found("no such route") })
+        .method_not_allowed_fallback(|| async {
+            ApiError::new(StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", "method not allowed on this route")
+        })
+        .layer(middleware::from_fn_with_state(state.clone(), authenticate))
+        .layer(middleware::from_fn_with_state(state.clone(), observe))
+        .layer(DefaultBodyLimit::max(limit))
+        .with_state(state)
+}
+
+/// Serve the admin API until `shutdown` resolves.
+pub async fn serve(
+    listener: TcpListener,
+    state: Arc<AdminState>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    axum::serve(listener, app(state)).with_graceful_shutdown(shutdown).await
+}
+
+async fn observe(State(s): Shared, req: Request, next: Next) -> Response {
+    let started = Instant::now();
+    let method = req.method().clone();
+    let path = req.uri().path().to_string();
+    let response = next.run(req).await;
+    let status = response.status().as_u16();
+    let elapsed = started.elapsed();
+    s.metrics.observe("admin", status, elapsed.as_secs_f64());
+    info!(%method, path = %path, status, latency_us = elapsed.as_micros() as u64, "admin request");
+    response
+}
+
+async fn authenticate(State(s): Shared, req: Request, next: Next) -> Response {
+    let presented = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim);
+    let ok = presented.is_some_and(|t| bool::from(t.as_bytes().ct_eq(s.token.expose().as_bytes())));
+    if !ok {
+        let mut r = ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", "a valid bearer token is required")
+            .into_response();
+        r.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        return r;
+    }
+    next.run(req).await
+}
+
+/// A JSON body whose every failure is one of ours: 400 for malformed JSON,
+/// 413 for too large, 422 for JSON that does not fit the request type.
+pub struct Json<T>(pub T);
+
+impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for Json<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
+        let bytes = bytes::Bytes::from_request(req, state).await.map_err(|r| {
+            if r.status() == StatusCode::PAYLOAD_TOO_LARGE {
+                ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "too_large", "the request body is too large")
+            } else {
+                ApiError::bad_request("the request body could not be read")
+            }
+        })?;
+        let mut de = serde_json::Deserializer::from_slice(&bytes);
+        let value = T::deserialize(&mut de).and_then(|v| de.end().map(|()| v));
+        value.map(Json).map_err(|e| {
+            use serde_json::error::Category;
+            match e.classify() {
+                Category::Data => ApiError::unprocessable(error::describe_json_error(&e)),
+                _ => ApiError::bad_request(format!("malformed JSON: {}", error::describe_json_error(&e))),
+            }
+        })
+    }
+}
+
+/// Path parameters as text, with a JSON error when they are not UTF-8.
+pub struct Key(pub String);
+
+impl<S: Send + Sync> axum::extract::FromRequestParts<S> for Key {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut axum::http::request::Parts, state: &S) -> Result<Self, ApiError> {
+        axum::extract::Path::<String>::from_request_parts(parts, state)
+            .await
+            .map(|p| Key(p.0))
+            .map_err(|_| ApiError::bad_request("the instance id or name in the path is not valid UTF-8"))
+    }
+}
+
+async fn run<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, RegistryError> + Send + 'static,
+) -> Result<T, ApiError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|_| ApiError::internal())?
+        .map_err(ApiError::from)
+}
+
+fn view(i: &cradle_model::Instance) -> axum::Json<InstanceView> {
+    axum::Json(InstanceView::from(i))
+}
+
+async fn list(State(s): Shared) -> impl IntoResponse {
+    let all: Vec<InstanceView> = s.registry.list().iter().map(|i| InstanceView::from(&**i)).collect();
+    axum::Json(json!({ "instances": all }))
+}
+
+async fn create(State(s): Shared, Json(spec): Json<InstanceSpec>) -> Result<Response, ApiError> {
+    let registry = s.registry.clone();
+    let created = run(move || registry.create(spec)).await?;
+    s.metrics.instances.set(s.registry.len() as i64);
+    info!(instance = %created.id, name = %created.name, "instance registered");
+    let mut r = (StatusCode::CREATED, view(&created)).into_response();
+    if let Ok(loc) = HeaderValue::from_str(&format!("/v1/instances/{}", created.id)) {
+        r.headers_mut().insert(header::LOCATION, loc);
+    }
+    Ok(r)
+}
+
+async fn show(State(s): Shared, Key(key): Key) -> Result<impl IntoResponse, ApiError> {
+    let instance = s.registry.get(&key)?;
+    Ok(view(&instance))
+}
+
+async fn modify(State(s): Shared, Key(key): Key, Json(patch): Json<InstancePatch>) -> Result<impl IntoResponse, ApiError> {
+    let registry = s.registry.clone();
+    let changed = run(move || registry.modify(&key, patch)).await?;
+    info!(instance = %changed.id, "instance modified");
+    Ok(view(&changed))
+}
+
+async fn remove(State(s): Shared, Key(key): Key) -> Result<StatusCode, ApiError> {
+    let registry = s.registry.clone();
+    let gone = run(move || registry.remove(&key)).await?;
+    s.metrics.instances.set(s.registry.len() as i64);
+    info!(instance = %gone.id, "instance removed");
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn send(State(s): Shared, Key(key): Key, Json(msg): Json<MessageIn>) -> Result<impl IntoResponse, ApiError> {
+    let id = s.registry.get(&key)?.id;
+    let body = msg.into_bytes()?;
+    let registry = s.registry.clone();
+    let n = run(move || registry.push_message(id, ChannelDirection::ToGuest, &body)).await?;
+    Ok((StatusCode::ACCEPTED, axum::Json(json!({ "id": n }))))
+}
+
+async fn receive(State(s): Shared, Key(key): Key) -> Result<impl IntoResponse, ApiError> {
+    let id = s.registry.get(&key)?.id;
+    let registry = s.registry.clone();
+    let drained = run(move || registry.drain_messages(id, ChannelDirection::ToHost)).await?;
+    let messages: Vec<MessageView> = drained
+        .into_iter()
+        .map(|m| MessageView {
+            id: m.id,
+            created_at: m.created_at,
+            data: B64.encode(&m.body),
+            text: String::from_utf8(m.body).ok(),
+        })
+        .collect();
+    Ok(axum::Json(json!({ "messages": messages })))
+}
+
+async fn metrics(State(s): Shared) -> impl IntoResponse {
+    s.metrics.instances.set(s.registry.len() as i64);
+    ([(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], s.metrics.encode())
+}

@@ -1,0 +1,296 @@
+//! cradle's configuration: one TOML file, every key optional.
+//!
+//! Precedence, lowest first: built-in defaults, the file, `CRADLE_<SECTION>_<KEY>`
+//! environment variables, then command-line flags (applied by the binary).
+//! Every key is documented in `docs/configuration.md`; a test keeps the two
+//! in step.
+
+#![forbid(unsafe_code)]
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("{path}: {source}")]
+    Parse { path: String, source: Box<toml::de::Error> },
+    #[error("{var}: {message}")]
+    Env { var: String, message: String },
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    pub server: Server,
+    pub admin: Admin,
+    pub metadata: Metadata,
+    pub channel: Channel,
+    pub vendordata: Vendordata,
+    pub log: Log,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Server {
+    /// Where the database and the generated admin token live.
+    pub data_dir: PathBuf,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Admin {
+    pub listen: SocketAddr,
+    /// Bearer token. When unset, one is generated at first start into
+    /// `<data_dir>/admin.token` (mode 0600).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub token: Option<String>,
+    /// Largest request body, in bytes.
+    pub max_body_bytes: usize,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Metadata {
+    pub listen: SocketAddr,
+    /// IP TTL (IPv6 hop limit) of replies, so they cannot cross a router.
+    pub hop_limit: u32,
+    /// Connections served at once; more wait in the kernel's backlog.
+    pub max_connections: usize,
+    /// Seconds a client has to send a request's headers.
+    pub header_timeout: u64,
+    /// Seconds a client has to send a request's body.
+    pub body_timeout: u64,
+    /// Largest request body, in bytes.
+    pub max_body_bytes: usize,
+    /// Longest IMDSv2 session token lifetime a guest may ask for, in seconds.
+    pub max_token_ttl: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Channel {
+    /// Messages queued per instance and direction before writes get 429.
+    pub queue_len: usize,
+    /// Largest message, in bytes.
+    pub message_bytes: usize,
+}
+
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Vendordata {
+    /// A JSON file served as `vendor_data.json` and as `"static"` in
+    /// `vendor_data2.json`. Unset: `{}`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub static_file: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Log {
+    pub format: LogFormat,
+    /// A tracing filter such as `info` or `cradle=debug`; `RUST_LOG` wins.
+    pub level: String,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            server: Server::default(),
+            admin: Admin::default(),
+            metadata: Metadata::default(),
+            channel: Channel::default(),
+            vendordata: Vendordata::default(),
+            log: Log::default(),
+        }
+    }
+}
+
+impl Default for Server {
+    fn default() -> Self {
+        Server { data_dir: PathBuf::from("./cradle-data") }
+    }
+}
+
+impl Default for Admin {
+    fn default() -> Self {
+        Admin { listen: ([127, 0, 0, 1], 8774).into(), token: None, max_body_bytes: 1024 * 1024 }
+    }
+}
+
+impl Default for Metadata {
+    fn default() -> Self {
+        Metadata {
+            listen: ([127, 0, 0, 1], 8775).into(),
+            hop_limit: 1,
+            max_connections: 4096,
+            header_timeout: 5,
+            body_timeout: 10,
+            max_body_bytes: 128 * 1024,
+            max_token_ttl: 21600,
+        }
+    }
+}
+
+impl Default for Channel {
+    fn default() -> Self {
+        Channel { queue_len: 256, message_bytes: 64 * 1024 }
+    }
+}
+
+impl Default for Log {
+    fn default() -> Self {
+        Log { format: LogFormat::Text, level: "info".to_string() }
+    }
+}
+
+impl Config {
+    /// Defaults, overlaid by `file` (if given), overlaid by `CRADLE_*` from `env`.
+    pub fn load(
+        file: Option<&Path>,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Config, ConfigError> {
+        let mut table = match file {
+            Some(path) => {
+                let text = std::fs::read_to_string(path)
+                    .map_err(|source| ConfigError::Read { path: path.to_path_buf(), source })?;
+                text.parse::<toml::Table>().map_err(|e| ConfigError::Parse {
+                    path: path.display().to_string(),
+                    source: Box::new(e),
+                })?
+            }
+            None => toml::Table::new(),
+        };
+        apply_env(&mut table, env)?;
+        let origin = file.map(|p| p.display().to_string()).unwrap_or_else(|| "environment".into());
+        Config::deserialize(toml::Value::Table(table))
+            .map_err(|e| ConfigError::Parse { path: origin, source: Box::new(e) })
+    }
+}
+
+/// Overlay `CRADLE_<SECTION>_<KEY>=value` onto the table. The section is the
+/// word after `CRADLE_`; the rest, lower-cased, is the key. The value's type
+/// is the default's type, so `CRADLE_METADATA_HOP_LIMIT=2` is a number and
+/// `CRADLE_ADMIN_TOKEN=123` stays a string. Variables naming no known key are
+/// left alone (the CLI reads `CRADLE_ADMIN_URL`, for one).
+fn apply_env(
+    table: &mut toml::Table,
+    env: impl IntoIterator<Item = (String, String)>,
+) -> Result<(), ConfigError> {
+    let defaults = toml::Table::try_from(Config::default()).expect("defaults serialize");
+    for (var, raw) in env {
+        let Some(rest) = var.strip_prefix("CRADLE_") else { continue };
+        let Some((section, key)) = rest.split_once('_') else { continue };
+        let (section, key) = (section.to_ascii_lowercase(), key.to_ascii_lowercase());
+        if !KEYS.contains(&(section.as_str(), key.as_str())) {
+            continue;
+        }
+        let default = defaults.get(&section).and_then(|s| s.get(&key));
+        let bad = |message: String| ConfigError::Env { var: var.clone(), message };
+        let value = match default {
+            Some(toml::Value::Integer(_)) => toml::Value::Integer(
+                raw.trim().parse().map_err(|_| bad(format!("expected a whole number, got {raw:?}")))?,
+            ),
+            Some(toml::Value::Boolean(_)) => toml::Value::Boolean(
+                raw.trim().parse().map_err(|_| bad(format!("expected true or false, got {raw:?}")))?,
+            ),
+            _ => toml::Value::String(raw),
+        };
+        let entry = table
+            .entry(section.clone())
+            .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+        match entry {
+            toml::Value::Table(t) => {
+                t.insert(key, value);
+            }
+            _ => return Err(bad(format!("[{section}] in the config file is not a table"))),
+        }
+    }
+    Ok(())
+}
+
+/// Every key, as (section, key). docs/configuration.md documents each.
+pub const KEYS: &[(&str, &str)] = &[
+    ("server", "data_dir"),
+    ("admin", "listen"),
+    ("admin", "token"),
+    ("admin", "max_body_bytes"),
+    ("metadata", "listen"),
+    ("metadata", "hop_limit"),
+    ("metadata", "max_connections"),
+    ("metadata", "header_timeout"),
+    ("metadata", "body_timeout"),
+    ("metadata", "max_body_bytes"),
+    ("metadata", "max_token_ttl"),
+    ("channel", "queue_len"),
+    ("channel", "message_bytes"),
+    ("vendordata", "static_file"),
+    ("log", "format"),
+    ("log", "level"),
+];
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    }
+
+    #[test]
+    fn runs_with_nothing() {
+        assert_eq!(Config::load(None, env(&[])).unwrap(), Config::default());
+    }
+
+    #[test]
+    fn env_overrides_file_with_typed_values() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.toml");
+        std::fs::write(&path, "[metadata]\nhop_limit = 3\nlisten = \"127.0.0.1:9000\"\n").unwrap();
+        let c = Config::load(
+            Some(&path),
+            env(&[("CRADLE_METADATA_HOP_LIMIT", "2"), ("CRADLE_ADMIN_TOKEN", "123"), ("CRADLE_ADMIN_URL", "x")]),
+        )
+        .unwrap();
+        assert_eq!(c.metadata.hop_limit, 2);
+        assert_eq!(c.metadata.listen, "127.0.0.1:9000".parse().unwrap());
+        assert_eq!(c.admin.token.as_deref(), Some("123"));
+    }
+
+    #[test]
+    fn bad_values_name_what_is_wrong() {
+        let e = Config::load(None, env(&[("CRADLE_METADATA_HOP_LIMIT", "two")])).unwrap_err();
+        assert!(e.to_string().contains("CRADLE_METADATA_HOP_LIMIT"), "{e}");
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.toml");
+        std::fs::write(&path, "[metadata]\nhop_limt = 3\n").unwrap();
+        let e = Config::load(Some(&path), env(&[])).unwrap_err();
+        assert!(e.to_string().contains("hop_limt"), "{e}");
+    }
+
+    #[test]
+    fn every_key_is_documented() {
+        let doc = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../../docs/configuration.md"))
+            .expect("docs/configuration.md exists");
+        let defaults = toml::Table::try_from(Config::default()).unwrap();
+        for (section, table) in &defaults {
+            for key in table.as_table().unwrap().keys() {
+                assert!(KEYS.contains(&(section.as_str(), key.as_str())), "{section}.{key} missing from KEYS");
+            }
+        }
+        for (section, key) in KEYS {
+            let var = format!("CRADLE_{}_{}", section.to_uppercase(), key.to_uppercase());
+            assert!(doc.contains(&format!("`{key}`")) && doc.contains(&var), "{section}.{key} ({var}) is not documented");
+        }
+    }
+}

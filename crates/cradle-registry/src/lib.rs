@@ -1,0 +1,256 @@
+//! The operations layer: every change to an instance goes through
+//! [`Registry`], whichever front end (admin API, metadata service) asked.
+//!
+//! The registry keeps every instance in memory, indexed by id, name and
+//! metadata address, over a persistent [`Store`]. The metadata hot path reads
+//! only the index. Secret OS parameters live only in these in-memory
+//! instances: the store never sees them, so they vanish when an instance is
+//! removed or the process restarts.
+//!
+//! Mutations are serialized by one lock and reach the store before the index,
+//! so the index never shows what the store refused.
+
+#![forbid(unsafe_code)]
+
+pub mod metrics;
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::{Arc, Mutex, RwLock};
+
+use cradle_model::api::{InstancePatch, InstanceSpec, Invalid};
+use cradle_model::{Instance, MAX_PASSWORD, RANDOM_SEED_LEN};
+use cradle_store::{Direction, Message, Store, StoreError};
+use rand::RngCore;
+use time::OffsetDateTime;
+use uuid::Uuid;
+
+pub use cradle_store::Direction as ChannelDirection;
+
+#[derive(Debug, thiserror::Error)]
+pub enum RegistryError {
+    #[error("no instance {0:?}")]
+    NotFound(String),
+    #[error("another instance already has this {0}")]
+    Conflict(&'static str),
+    #[error(transparent)]
+    Invalid(#[from] Invalid),
+    #[error("the password is already set")]
+    PasswordSet,
+    #[error("the password is longer than {MAX_PASSWORD} bytes")]
+    PasswordTooLong,
+    #[error("the message queue is full ({0} messages)")]
+    QueueFull(usize),
+    #[error("the message is {0} bytes; at most {1} are allowed")]
+    MessageTooLarge(usize, usize),
+    #[error("storage failed: {0}")]
+    Store(StoreError),
+}
+
+impl From<StoreError> for RegistryError {
+    fn from(e: StoreError) -> Self {
+        match e {
+            StoreError::Conflict(field) => RegistryError::Conflict(field),
+            other => RegistryError::Store(other),
+        }
+    }
+}
+
+/// Bounds on the host-guest channel.
+#[derive(Debug, Clone, Copy)]
+pub struct ChannelLimits {
+    /// Messages queued per instance and direction.
+    pub queue_len: usize,
+    /// Bytes per message.
+    pub message_bytes: usize,
+}
+
+impl Default for ChannelLimits {
+    fn default() -> Self {
+        ChannelLimits { queue_len: 256, message_bytes: 64 * 1024 }
+    }
+}
+
+#[derive(Default)]
+struct Index {
+    by_id: HashMap<Uuid, Arc<Instance>>,
+    by_address: HashMap<IpAddr, Arc<Instance>>,
+    by_name: HashMap<String, Uuid>,
+}
+
+impl Index {
+    fn put(&mut self, i: Arc<Instance>) {
+        self.by_address.insert(i.metadata_address, i.clone());
+        self.by_name.insert(i.name.clone(), i.id);
+        self.by_id.insert(i.id, i);
+    }
+
+    fn take(&mut self, id: Uuid) -> Option<Arc<Instance>> {
+        let i = self.by_id.remove(&id)?;
+        self.by_address.remove(&i.metadata_address);
+        self.by_name.remove(&i.name);
+        Some(i)
+    }
+}
+
+/// Instances in memory over a store.
+pub struct Registry {
+    store: Arc<dyn Store>,
+    index: RwLock<Index>,
+    writer: Mutex<()>,
+    limits: ChannelLimits,
+}
+
+impl Registry {
+    /// Load every stored instance into memory.
+    pub fn open(store: Arc<dyn Store>, limits: ChannelLimits) -> Result<Self, RegistryError> {
+        let mut index = Index::default();
+        for i in store.load_all()? {
+            index.put(Arc::new(i));
+        }
+        Ok(Registry { store, index: RwLock::new(index), writer: Mutex::new(()), limits })
+    }
+
+    pub fn limits(&self) -> ChannelLimits {
+        self.limits
+    }
+
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, Index> {
+        self.index.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, Index> {
+        self.index.write().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn lock_writer(&self) -> std::sync::MutexGuard<'_, ()> {
+        self.writer.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Number of registered instances.
+    pub fn len(&self) -> usize {
+        self.read().by_id.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The instance whose requests come from `addr`: the guest's identity on
+    /// the metadata listener.
+    pub fn by_address(&self, addr: IpAddr) -> Option<Arc<Instance>> {
+        self.read().by_address.get(&addr.to_canonical()).cloned()
+    }
+
+    /// Look up by UUID, or else by name.
+    pub fn get(&self, key: &str) -> Result<Arc<Instance>, RegistryError> {
+        let index = self.read();
+        let id = match Uuid::parse_str(key) {
+            Ok(id) => Some(id),
+            Err(_) => index.by_name.get(key).copied(),
+        };
+        id.and_then(|id| index.by_id.get(&id).cloned())
+            .ok_or_else(|| RegistryError::NotFound(key.to_string()))
+    }
+
+    /// Every instance, oldest first.
+    pub fn list(&self) -> Vec<Arc<Instance>> {
+        let mut all: Vec<_> = self.read().by_id.values().cloned().collect();
+        all.sort_by(|a, b| (a.created_at, &a.name).cmp(&(b.created_at, &b.name)));
+        all
+    }
+
+    fn check_unique(index: &Index, i: &Instance) -> Result<(), RegistryError> {
+        if index.by_name.get(&i.name).is_some_and(|id| *id != i.id) {
+            return Err(RegistryError::Conflict("name"));
+        }
+        if index.by_address.get(&i.metadata_address).is_some_and(|o| o.id != i.id) {
+            return Err(RegistryError::Conflict("metadata_address"));
+        }
+        Ok(())
+    }
+
+    /// Validate and register a new instance.
+    pub fn create(&self, spec: InstanceSpec) -> Result<Arc<Instance>, RegistryError> {
+        let mut seed = vec![0u8; RANDOM_SEED_LEN];
+        rand::rng().fill_bytes(&mut seed);
+        let instance = spec.into_instance(Uuid::new_v4(), now(), seed)?;
+        let _w = self.lock_writer();
+        Self::check_unique(&self.read(), &instance)?;
+        self.store.insert(&instance)?;
+        let instance = Arc::new(instance);
+        self.write().put(instance.clone());
+        Ok(instance)
+    }
+
+    /// Apply a patch; nothing changes unless all of it is valid.
+    pub fn modify(&self, key: &str, patch: InstancePatch) -> Result<Arc<Instance>, RegistryError> {
+        let _w = self.lock_writer();
+        let current = self.get(key)?;
+        let next = patch.apply(&current, now())?;
+        Self::check_unique(&self.read(), &next)?;
+        self.store.update(&next)?;
+        let next = Arc::new(next);
+        let mut index = self.write();
+        index.take(current.id);
+        index.put(next.clone());
+        Ok(next)
+    }
+
+    /// Remove an instance, its queued messages and its secrets.
+    pub fn remove(&self, key: &str) -> Result<Arc<Instance>, RegistryError> {
+        let _w = self.lock_writer();
+        let current = self.get(key)?;
+        self.store.delete(current.id)?;
+        self.write().take(current.id);
+        Ok(current)
+    }
+
+    /// Set the guest's password, once.
+    pub fn set_password(&self, id: Uuid, password: &str) -> Result<(), RegistryError> {
+        if password.len() > MAX_PASSWORD {
+            return Err(RegistryError::PasswordTooLong);
+        }
+        let _w = self.lock_writer();
+        let current = self.get(&id.to_string())?;
+        if !self.store.set_password_once(id, password)? {
+            return Err(RegistryError::PasswordSet);
+        }
+        let mut next = (*current).clone();
+        next.password = Some(password.to_string());
+        let mut index = self.write();
+        index.take(id);
+        index.put(Arc::new(next));
+        Ok(())
+    }
+
+    /// Queue a message on the channel.
+    pub fn push_message(&self, id: Uuid, direction: Direction, body: &[u8]) -> Result<i64, RegistryError> {
+        if body.len() > self.limits.message_bytes {
+            return Err(RegistryError::MessageTooLarge(body.len(), self.limits.message_bytes));
+        }
+        match self.store.push_message(id, direction, body, self.limits.queue_len) {
+            Ok(Some(n)) => Ok(n),
+            Ok(None) => Err(RegistryError::QueueFull(self.limits.queue_len)),
+            Err(StoreError::NotFound) => Err(RegistryError::NotFound(id.to_string())),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Take the oldest queued message, if any. Never returns one twice.
+    pub fn pop_message(&self, id: Uuid, direction: Direction) -> Result<Option<Message>, RegistryError> {
+        Ok(self.store.pop_message(id, direction)?)
+    }
+
+    /// Take every queued message.
+    pub fn drain_messages(&self, id: Uuid, direction: Direction) -> Result<Vec<Message>, RegistryError> {
+        Ok(self.store.drain_messages(id, direction)?)
+    }
+}
+
+fn now() -> OffsetDateTime {
+    // Whole seconds: timestamps are shown and stored as RFC 3339 and must
+    // round-trip exactly (config drives take their times from here).
+    let t = OffsetDateTime::now_utc();
+    t.replace_nanosecond(0).unwrap_or(t)
+}

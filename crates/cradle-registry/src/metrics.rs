@@ -1,0 +1,65 @@
+//! Prometheus metrics, shared by both listeners and served by the admin API.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry as PromRegistry;
+
+/// Labels of a served request.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RequestLabels {
+    /// `admin`, `ec2`, `openstack`, `cradle`, `token`, `none`.
+    pub namespace: &'static str,
+    pub status: u16,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct NamespaceLabel {
+    pub namespace: &'static str,
+}
+
+/// Every metric cradle exports.
+pub struct Metrics {
+    registry: PromRegistry,
+    pub requests: Family<RequestLabels, Counter>,
+    pub latency: Family<NamespaceLabel, Histogram>,
+    pub instances: Gauge<i64, std::sync::atomic::AtomicI64>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut registry = PromRegistry::with_prefix("cradle");
+        let requests = Family::<RequestLabels, Counter>::default();
+        registry.register("requests", "HTTP requests served, by namespace and status", requests.clone());
+        let latency = Family::<NamespaceLabel, Histogram>::new_with_constructor(|| {
+            // 50 µs to ~3 s.
+            Histogram::new(prometheus_client::metrics::histogram::exponential_buckets(0.00005, 2.0, 16))
+        });
+        registry.register("request_duration_seconds", "Time to answer a request", latency.clone());
+        let instances = Gauge::default();
+        registry.register("instances", "Registered instances", instances.clone());
+        Metrics { registry, requests, latency, instances }
+    }
+
+    /// Record one answered request.
+    pub fn observe(&self, namespace: &'static str, status: u16, seconds: f64) {
+        self.requests.get_or_create(&RequestLabels { namespace, status }).inc();
+        self.latency.get_or_create(&NamespaceLabel { namespace }).observe(seconds);
+    }
+
+    /// The Prometheus text exposition.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &self.registry)
+            .expect("writing to a String cannot fail");
+        out
+    }
+}

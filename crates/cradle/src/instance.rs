@@ -1,0 +1,427 @@
+//! `cradle instance …`: the admin API from the command line.
+
+use std::collections::BTreeMap;
+use std::io::{Read, Write};
+use std::path::PathBuf;
+
+use anyhow::{Context, Result, bail};
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD as B64;
+use clap::{Args, Subcommand};
+use cradle_model::api::{
+    InstancePatch, InstanceSpec, InstanceView, MessageIn, MessageView, OsParamsPatch, OsParamsSpec, Patch,
+};
+use cradle_model::{ImdsTokens, Secret};
+use serde::Deserialize;
+
+use crate::client::{Api, segment};
+use crate::{ApiArgs, Output};
+
+#[derive(Args, Debug)]
+pub struct InstanceArgs {
+    #[command(flatten)]
+    api: ApiArgs,
+    #[command(subcommand)]
+    command: InstanceCommand,
+}
+
+#[derive(Subcommand, Debug)]
+enum InstanceCommand {
+    /// Register an instance.
+    #[command(after_help = "Parameter values (--param, --private-param, --secret-param) and keys \
+(--key) may be given as @FILE to read them from a file, which keeps them off the command line. \
+Secret parameters are held in memory only: they are gone when the server restarts and must be \
+given again (with `instance modify`).\n\nExample:\n  cradle instance add web1 --metadata-address \
+169.254.10.1 --hostname web1 --key alice=@~/.ssh/id_ed25519.pub --user-data cloud-init.yaml \
+--secret-param db_password=@db.pass")]
+    Add(Box<AddArgs>),
+    /// List instances.
+    List,
+    /// Show one instance (by id or name).
+    Show { instance: String },
+    /// Change an instance. Only what is given changes.
+    Modify(Box<ModifyArgs>),
+    /// Remove an instance, its queued messages and its secrets.
+    Remove { instance: String },
+    /// Queue a message for the guest (it reads it from /cradle/latest/read).
+    Send {
+        instance: String,
+        /// The message text; omit to read the message from --file or standard input.
+        text: Option<String>,
+        /// Read the message (any bytes) from this file; `-` is standard input.
+        #[arg(long, conflicts_with = "text")]
+        file: Option<PathBuf>,
+    },
+    /// Drain and print the messages the guest wrote (to /cradle/latest/write).
+    Receive { instance: String },
+}
+
+/// Fields shared by add and modify.
+#[derive(Args, Debug, Default)]
+struct Fields {
+    /// Project (tenant) the instance belongs to [add default: default].
+    #[arg(long)]
+    project: Option<String>,
+    /// Hostname (RFC 1123) [add default: derived from the name].
+    #[arg(long)]
+    hostname: Option<String>,
+    /// Availability zone [add default: nova].
+    #[arg(long)]
+    availability_zone: Option<String>,
+    /// Launch index.
+    #[arg(long)]
+    launch_index: Option<u32>,
+    /// Instance type shown to EC2 clients [add default: default].
+    #[arg(long)]
+    instance_type: Option<String>,
+    /// File holding the user-data (at most 64 KiB); `-` is standard input.
+    #[arg(long, value_name = "FILE")]
+    user_data: Option<PathBuf>,
+    /// Metadata item KEY=VALUE (repeatable).
+    #[arg(long = "meta", value_name = "KEY=VALUE")]
+    meta: Vec<String>,
+    /// SSH public key NAME=KEY or NAME=@FILE (repeatable).
+    #[arg(long = "key", value_name = "NAME=KEY")]
+    keys: Vec<String>,
+    /// The address the guest's metadata requests come from.
+    #[arg(long)]
+    metadata_address: Option<String>,
+    /// MAC address [add default: fa:16:3e and 3 bytes of the id].
+    #[arg(long)]
+    mac: Option<String>,
+    /// The guest's IPv4 address, optionally with a prefix (10.0.0.5/24).
+    #[arg(long)]
+    local_ipv4: Option<String>,
+    /// Default gateway for network_data.json.
+    #[arg(long)]
+    gateway_ipv4: Option<String>,
+    /// DNS server (repeatable).
+    #[arg(long = "dns", value_name = "IP")]
+    dns: Vec<String>,
+    /// Public (floating) IPv4 address.
+    #[arg(long)]
+    public_ipv4: Option<String>,
+    /// OS definition to install with.
+    #[arg(long, conflicts_with = "os_image")]
+    os_type: Option<String>,
+    /// OS image to boot from.
+    #[arg(long)]
+    os_image: Option<String>,
+    /// Public OS parameter NAME=VALUE or NAME=@FILE: stored, logged and shown.
+    #[arg(long = "param", value_name = "NAME=VALUE")]
+    params: Vec<String>,
+    /// Private OS parameter: stored, never logged or shown (only its name is).
+    #[arg(long = "private-param", value_name = "NAME=VALUE")]
+    private_params: Vec<String>,
+    /// Secret OS parameter: held in memory only, never written anywhere.
+    #[arg(long = "secret-param", value_name = "NAME=VALUE")]
+    secret_params: Vec<String>,
+    /// Whether IMDSv2 session tokens are required.
+    #[arg(long, value_parser = ["optional", "required"])]
+    imds_tokens: Option<String>,
+}
+
+#[derive(Args, Debug)]
+struct AddArgs {
+    /// Unique name of the instance.
+    name: String,
+    #[command(flatten)]
+    fields: Fields,
+}
+
+#[derive(Args, Debug)]
+struct ModifyArgs {
+    /// Instance id or name.
+    instance: String,
+    /// New name.
+    #[arg(long)]
+    name: Option<String>,
+    #[command(flatten)]
+    fields: Fields,
+    /// Remove a metadata item (repeatable).
+    #[arg(long, value_name = "KEY")]
+    unset_meta: Vec<String>,
+    /// Remove an SSH key (repeatable).
+    #[arg(long, value_name = "NAME")]
+    unset_key: Vec<String>,
+    /// Remove an OS parameter, whatever its visibility (repeatable).
+    #[arg(long, value_name = "NAME")]
+    unset_param: Vec<String>,
+    /// Remove the user-data.
+    #[arg(long, conflicts_with = "user_data")]
+    clear_user_data: bool,
+    /// Remove the public IPv4 address.
+    #[arg(long, conflicts_with = "public_ipv4")]
+    clear_public_ipv4: bool,
+}
+
+pub fn run(args: InstanceArgs) -> Result<()> {
+    let api = Api::new(&args.api)?;
+    let output = args.api.output;
+    let mut out = std::io::stdout().lock();
+    match args.command {
+        InstanceCommand::Add(a) => {
+            let spec = build_spec(*a)?;
+            let v: InstanceView = api.post("/v1/instances", &spec)?;
+            print_instance(&mut out, output, &v)
+        }
+        InstanceCommand::List => {
+            #[derive(Deserialize)]
+            struct List {
+                instances: Vec<InstanceView>,
+            }
+            let l: List = api.get("/v1/instances")?;
+            match output {
+                Output::Json => writeln!(out, "{}", serde_json::to_string_pretty(&l.instances)?)?,
+                Output::Table => {
+                    let rows: Vec<Vec<String>> = l
+                        .instances
+                        .iter()
+                        .map(|i| {
+                            vec![
+                                i.id.to_string(),
+                                i.name.clone(),
+                                i.state.as_str().into(),
+                                i.metadata_address.to_string(),
+                                i.hostname.clone(),
+                                i.project_id.clone(),
+                            ]
+                        })
+                        .collect();
+                    table(&mut out, &["ID", "NAME", "STATE", "METADATA ADDRESS", "HOSTNAME", "PROJECT"], &rows)?;
+                }
+            }
+            Ok(())
+        }
+        InstanceCommand::Show { instance } => {
+            let v: InstanceView = api.get(&format!("/v1/instances/{}", segment(&instance)))?;
+            print_instance(&mut out, output, &v)
+        }
+        InstanceCommand::Modify(m) => {
+            let key = m.instance.clone();
+            let patch = build_patch(*m)?;
+            let v: InstanceView = api.patch(&format!("/v1/instances/{}", segment(&key)), &patch)?;
+            print_instance(&mut out, output, &v)
+        }
+        InstanceCommand::Remove { instance } => {
+            api.delete(&format!("/v1/instances/{}", segment(&instance)))?;
+            if output == Output::Json {
+                writeln!(out, "{}", serde_json::json!({ "removed": instance }))?;
+            } else {
+                writeln!(out, "removed {instance}")?;
+            }
+            Ok(())
+        }
+        InstanceCommand::Send { instance, text, file } => {
+            let msg = match (text, file) {
+                (Some(t), _) => MessageIn { text: Some(t), data: None },
+                (None, f) => {
+                    let bytes = read_source(f.as_deref().unwrap_or(std::path::Path::new("-")))?;
+                    MessageIn { text: None, data: Some(B64.encode(bytes)) }
+                }
+            };
+            let r: serde_json::Value = api.post(&format!("/v1/instances/{}/messages", segment(&instance)), &msg)?;
+            if output == Output::Json {
+                writeln!(out, "{r}")?;
+            } else {
+                writeln!(out, "queued message {} for {instance}", r["id"])?;
+            }
+            Ok(())
+        }
+        InstanceCommand::Receive { instance } => {
+            #[derive(Deserialize)]
+            struct Drained {
+                messages: Vec<MessageView>,
+            }
+            let d: Drained = api.get(&format!("/v1/instances/{}/messages", segment(&instance)))?;
+            match output {
+                Output::Json => writeln!(out, "{}", serde_json::to_string_pretty(&d.messages)?)?,
+                Output::Table => {
+                    for m in &d.messages {
+                        match &m.text {
+                            Some(t) => writeln!(out, "{}", t)?,
+                            None => writeln!(out, "[{} bytes, base64] {}", B64.decode(&m.data).map(|b| b.len()).unwrap_or(0), m.data)?,
+                        }
+                    }
+                }
+            }
+            Ok(())
+        }
+    }
+}
+
+fn read_source(path: &std::path::Path) -> Result<Vec<u8>> {
+    if path == std::path::Path::new("-") {
+        let mut buf = Vec::new();
+        std::io::stdin().read_to_end(&mut buf).context("cannot read standard input")?;
+        Ok(buf)
+    } else {
+        std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))
+    }
+}
+
+/// `NAME=VALUE`, where a value of `@FILE` is read from the file (a trailing
+/// newline dropped, as editors add one).
+fn pair(flag: &str, s: &str) -> Result<(String, String)> {
+    let Some((k, v)) = s.split_once('=') else {
+        bail!("{flag} expects NAME=VALUE, got {s:?}");
+    };
+    let v = match v.strip_prefix('@') {
+        Some(path) => {
+            let text = std::fs::read_to_string(path).with_context(|| format!("{flag} {k}: cannot read {path}"))?;
+            text.strip_suffix('\n').map(str::to_string).unwrap_or(text)
+        }
+        None => v.to_string(),
+    };
+    Ok((k.to_string(), v))
+}
+
+fn pairs(flag: &str, items: &[String]) -> Result<BTreeMap<String, String>> {
+    items.iter().map(|s| pair(flag, s)).collect()
+}
+
+fn build_spec(a: AddArgs) -> Result<InstanceSpec> {
+    let f = a.fields;
+    let Some(metadata_address) = f.metadata_address else {
+        bail!("--metadata-address is required: the address the guest's metadata requests come from");
+    };
+    Ok(InstanceSpec {
+        name: a.name,
+        project_id: f.project,
+        hostname: f.hostname,
+        availability_zone: f.availability_zone,
+        launch_index: f.launch_index,
+        instance_type: f.instance_type,
+        user_data: f.user_data.as_deref().map(read_source).transpose()?.map(|b| B64.encode(b)),
+        metadata: pairs("--meta", &f.meta)?,
+        public_keys: pairs("--key", &f.keys)?,
+        metadata_address,
+        mac: f.mac,
+        local_ipv4: f.local_ipv4,
+        gateway_ipv4: f.gateway_ipv4,
+        dns_nameservers: f.dns,
+        public_ipv4: f.public_ipv4,
+        os_type: f.os_type,
+        os_image: f.os_image,
+        os_params: OsParamsSpec {
+            public: pairs("--param", &f.params)?,
+            private: secrets("--private-param", &f.private_params)?,
+            secret: secrets("--secret-param", &f.secret_params)?,
+        },
+        imds_tokens: f.imds_tokens.map(|t| t.parse::<ImdsTokens>().map_err(anyhow::Error::msg)).transpose()?,
+    })
+}
+
+fn secrets(flag: &str, items: &[String]) -> Result<BTreeMap<String, Secret<String>>> {
+    Ok(pairs(flag, items)?.into_iter().map(|(k, v)| (k, Secret::new(v))).collect())
+}
+
+fn some_map<V>(m: BTreeMap<String, V>) -> BTreeMap<String, Option<V>> {
+    m.into_iter().map(|(k, v)| (k, Some(v))).collect()
+}
+
+fn build_patch(m: ModifyArgs) -> Result<InstancePatch> {
+    let f = m.fields;
+    let mut metadata = some_map(pairs("--meta", &f.meta)?);
+    metadata.extend(m.unset_meta.into_iter().map(|k| (k, None)));
+    let mut public_keys = some_map(pairs("--key", &f.keys)?);
+    public_keys.extend(m.unset_key.into_iter().map(|k| (k, None)));
+    let mut os_params = OsParamsPatch {
+        public: some_map(pairs("--param", &f.params)?),
+        private: some_map(secrets("--private-param", &f.private_params)?),
+        secret: some_map(secrets("--secret-param", &f.secret_params)?),
+    };
+    for k in m.unset_param {
+        // Removing from every visibility: the server drops it wherever it is.
+        os_params.public.insert(k.clone(), None);
+        os_params.private.insert(k.clone(), None);
+        os_params.secret.insert(k, None);
+    }
+    let opt = |v: Option<String>| v.map(Patch::Value).unwrap_or_default();
+    Ok(InstancePatch {
+        name: m.name,
+        project_id: f.project,
+        hostname: f.hostname,
+        availability_zone: f.availability_zone,
+        launch_index: f.launch_index,
+        instance_type: f.instance_type,
+        user_data: if m.clear_user_data {
+            Patch::Null
+        } else {
+            opt(f.user_data.as_deref().map(read_source).transpose()?.map(|b| B64.encode(b)))
+        },
+        metadata,
+        public_keys,
+        metadata_address: f.metadata_address,
+        mac: f.mac,
+        local_ipv4: opt(f.local_ipv4),
+        gateway_ipv4: opt(f.gateway_ipv4),
+        dns_nameservers: if f.dns.is_empty() { None } else { Some(f.dns) },
+        public_ipv4: if m.clear_public_ipv4 { Patch::Null } else { opt(f.public_ipv4) },
+        os_type: opt(f.os_type),
+        os_image: opt(f.os_image),
+        os_params,
+        imds_tokens: f.imds_tokens.map(|t| t.parse::<ImdsTokens>().map_err(anyhow::Error::msg)).transpose()?,
+    })
+}
+
+fn print_instance(out: &mut impl Write, output: Output, v: &InstanceView) -> Result<()> {
+    if output == Output::Json {
+        writeln!(out, "{}", serde_json::to_string_pretty(v)?)?;
+        return Ok(());
+    }
+    let join = |m: &BTreeMap<String, String>| {
+        m.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(", ")
+    };
+    let os = match (&v.os_type, &v.os_image) {
+        (Some(t), _) => format!("type {t}"),
+        (_, Some(i)) => format!("image {i}"),
+        _ => "-".into(),
+    };
+    let rows: Vec<(&str, String)> = vec![
+        ("id", v.id.to_string()),
+        ("name", v.name.clone()),
+        ("state", v.state.as_str().into()),
+        ("project", v.project_id.clone()),
+        ("hostname", v.hostname.clone()),
+        ("availability zone", v.availability_zone.clone()),
+        ("launch index", v.launch_index.to_string()),
+        ("instance type", v.instance_type.clone()),
+        ("metadata address", v.metadata_address.to_string()),
+        ("mac", v.mac.clone()),
+        ("local ipv4", v.local_ipv4.map(|a| a.to_string()).unwrap_or_else(|| "-".into())),
+        ("public ipv4", v.public_ipv4.map(|a| a.to_string()).unwrap_or_else(|| "-".into())),
+        ("os", os),
+        ("imds tokens", v.imds_tokens.as_str().into()),
+        ("metadata", join(&v.metadata)),
+        ("public keys", v.public_keys.keys().cloned().collect::<Vec<_>>().join(", ")),
+        ("user data", v.user_data.as_ref().map(|u| format!("{} bytes", B64.decode(u).map(|b| b.len()).unwrap_or(0))).unwrap_or_else(|| "-".into())),
+        ("public params", join(&v.os_params.public)),
+        ("private params", v.os_params.private.join(", ")),
+        ("secret params", v.os_params.secret.join(", ")),
+        ("password set", v.password_set.to_string()),
+        ("created", v.created_at.to_string()),
+        ("updated", v.updated_at.to_string()),
+    ];
+    for (k, val) in rows {
+        writeln!(out, "{k:<18} {val}")?;
+    }
+    Ok(())
+}
+
+fn table(out: &mut impl Write, headers: &[&str], rows: &[Vec<String>]) -> Result<()> {
+    let mut widths: Vec<usize> = headers.iter().map(|h| h.len()).collect();
+    for r in rows {
+        for (w, c) in widths.iter_mut().zip(r) {
+            *w = (*w).max(c.chars().count());
+        }
+    }
+    let line = |cells: Vec<&str>| {
+        cells.iter().zip(&widths).map(|(c, w)| format!("{c:<w$}")).collect::<Vec<_>>().join("  ").trim_end().to_string()
+    };
+    writeln!(out, "{}", line(headers.to_vec()))?;
+    for r in rows {
+        writeln!(out, "{}", line(r.iter().map(String::as_str).collect()))?;
+    }
+    Ok(())
+}

@@ -1,0 +1,81 @@
+//! `cradle`: the command line. Flag parsing and glue only; the work is in
+//! the library crates. `serve` runs the two listeners; every other verb is a
+//! client of the admin API.
+
+#![forbid(unsafe_code)]
+
+mod client;
+mod instance;
+mod serve;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand, ValueEnum};
+
+#[derive(Parser)]
+#[command(
+    name = "cradle",
+    version,
+    about = "Guest provisioning for VM clusters",
+    long_about = "cradle gives every VM guest its identity, metadata and parameters over a \
+link-local metadata service that speaks EC2 (with IMDSv2), OpenStack and cradle's own format.\n\n\
+Start the service with `cradle serve`; manage instances with `cradle instance`.",
+    propagate_version = true
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the admin API and the guest metadata service.
+    Serve(serve::ServeArgs),
+    /// Register, inspect, change and remove instances; use the host-guest channel.
+    #[command(subcommand_required = true)]
+    Instance(instance::InstanceArgs),
+}
+
+/// How results are printed.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, ValueEnum)]
+pub enum Output {
+    #[default]
+    Table,
+    Json,
+}
+
+/// Where the admin API is and how to authenticate to it.
+#[derive(clap::Args, Debug, Clone)]
+pub struct ApiArgs {
+    /// Admin API base URL.
+    #[arg(long, env = "CRADLE_ADMIN_URL", default_value = "http://127.0.0.1:8774", global = true)]
+    pub url: String,
+    /// Bearer token. Prefer CRADLE_ADMIN_TOKEN or --token-file: command lines are visible to other users.
+    #[arg(long, env = "CRADLE_ADMIN_TOKEN", hide_env_values = true, global = true)]
+    pub token: Option<String>,
+    /// File holding the bearer token [default: <data-dir>/admin.token].
+    #[arg(long, global = true)]
+    pub token_file: Option<PathBuf>,
+    /// The server's data directory, where `serve` wrote admin.token.
+    #[arg(long, env = "CRADLE_SERVER_DATA_DIR", default_value = "./cradle-data", global = true)]
+    pub data_dir: PathBuf,
+    /// Output format.
+    #[arg(long, short = 'o', value_enum, default_value_t = Output::Table, global = true)]
+    pub output: Output,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Serve(args) => serve::run(args),
+        Command::Instance(args) => instance::run(args),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,293 @@
+//! `cradle serve`: open the data directory, then run the admin API and the
+//! metadata service until SIGINT or SIGTERM.
+
+use std::io::Write;
+use std::net::SocketAddr;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use cradle_config::{Config, LogFormat};
+use cradle_model::Secret;
+use cradle_model::api::InstanceSpec;
+use cradle_registry::metrics::Metrics;
+use cradle_registry::{ChannelLimits, Registry, RegistryError};
+use cradle_store::SqliteStore;
+use rand::RngCore;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tracing::{info, warn};
+
+#[derive(clap::Args, Debug)]
+#[command(after_help = "With no flags, serve runs on the embedded SQLite store in ./cradle-data, \
+the admin API on 127.0.0.1:8774 and the metadata service on 127.0.0.1:8775. In production the \
+metadata service listens on 169.254.169.254:80.\n\nEvery setting can also come from --config FILE \
+or from CRADLE_<SECTION>_<KEY> environment variables; see docs/configuration.md.")]
+pub struct ServeArgs {
+    /// TOML configuration file.
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Directory for the database and the generated admin token [default: ./cradle-data].
+    #[arg(long, value_name = "DIR")]
+    data_dir: Option<PathBuf>,
+    /// Admin API address [default: 127.0.0.1:8774].
+    #[arg(long, value_name = "ADDR")]
+    admin_listen: Option<SocketAddr>,
+    /// Metadata service address [default: 127.0.0.1:8775; production: 169.254.169.254:80].
+    #[arg(long, value_name = "ADDR")]
+    metadata_listen: Option<SocketAddr>,
+    /// Log format.
+    #[arg(long, value_enum)]
+    log_format: Option<LogFormatArg>,
+    /// Register a demo instance at 127.0.0.2 and print how to read its metadata as that guest.
+    #[arg(long)]
+    demo: bool,
+}
+
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+enum LogFormatArg {
+    Text,
+    Json,
+}
+
+pub fn run(args: ServeArgs) -> Result<()> {
+    let mut config = Config::load(args.config.as_deref(), std::env::vars())?;
+    if let Some(d) = args.data_dir {
+        config.server.data_dir = d;
+    }
+    if let Some(a) = args.admin_listen {
+        config.admin.listen = a;
+    }
+    if let Some(a) = args.metadata_listen {
+        config.metadata.listen = a;
+    }
+    if let Some(f) = args.log_format {
+        config.log.format = match f {
+            LogFormatArg::Text => LogFormat::Text,
+            LogFormatArg::Json => LogFormat::Json,
+        };
+    }
+    init_logging(&config)?;
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?
+        .block_on(serve(config, args.demo))
+}
+
+fn init_logging(config: &Config) -> Result<()> {
+    let filter = match std::env::var("RUST_LOG") {
+        Ok(f) => tracing_subscriber::EnvFilter::try_new(f).context("RUST_LOG is not a valid filter")?,
+        Err(_) => tracing_subscriber::EnvFilter::try_new(&config.log.level)
+            .with_context(|| format!("log.level {:?} is not a valid filter", config.log.level))?,
+    };
+    use std::io::IsTerminal;
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_writer(std::io::stderr);
+    match config.log.format {
+        LogFormat::Json => builder.json().init(),
+        LogFormat::Text => builder.init(),
+    }
+    Ok(())
+}
+
+async fn serve(config: Config, demo: bool) -> Result<()> {
+    let data_dir = &config.server.data_dir;
+    create_private_dir(data_dir)?;
+    let token = match &config.admin.token {
+        Some(t) if t.trim().is_empty() => bail!("admin.token is set but empty"),
+        Some(t) => Secret::new(t.trim().to_string()),
+        None => load_or_create_token(&data_dir.join("admin.token"))?,
+    };
+    let vendor_data = match &config.vendordata.static_file {
+        None => serde_json::json!({}),
+        Some(path) => {
+            let text = std::fs::read(path)
+                .with_context(|| format!("cannot read vendordata.static_file {}", path.display()))?;
+            serde_json::from_slice(&text)
+                .with_context(|| format!("vendordata.static_file {} is not JSON", path.display()))?
+        }
+    };
+
+    let db = data_dir.join("cradle.db");
+    let store = SqliteStore::open(&db).with_context(|| format!("cannot open the database {}", db.display()))?;
+    let limits = ChannelLimits { queue_len: config.channel.queue_len, message_bytes: config.channel.message_bytes };
+    let registry = Arc::new(Registry::open(Arc::new(store), limits).context("cannot load instances")?);
+    let metrics = Arc::new(Metrics::new());
+    metrics.instances.set(registry.len() as i64);
+
+    let admin_listener = TcpListener::bind(config.admin.listen)
+        .await
+        .with_context(|| format!("cannot listen on {} for the admin API", config.admin.listen))?;
+    let metadata_listener = TcpListener::bind(config.metadata.listen)
+        .await
+        .with_context(|| format!("cannot listen on {} for the metadata service", config.metadata.listen))?;
+    let admin_addr = admin_listener.local_addr()?;
+    let metadata_addr = metadata_listener.local_addr()?;
+
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let stopped = move |mut rx: watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|s| *s).await;
+    };
+
+    let admin_state = Arc::new(cradle_admin::AdminState {
+        registry: registry.clone(),
+        metrics: metrics.clone(),
+        token,
+        max_body_bytes: config.admin.max_body_bytes,
+    });
+    let admin = tokio::spawn(cradle_admin::serve(admin_listener, admin_state, stopped(stop_rx.clone())));
+    let settings = cradle_metadata::Settings {
+        hop_limit: config.metadata.hop_limit,
+        max_connections: config.metadata.max_connections,
+        header_timeout: Duration::from_secs(config.metadata.header_timeout),
+        body_timeout: Duration::from_secs(config.metadata.body_timeout),
+        max_body_bytes: config.metadata.max_body_bytes,
+        max_token_ttl: config.metadata.max_token_ttl,
+    };
+    let service = Arc::new(cradle_metadata::MetadataService::new(registry.clone(), metrics, vendor_data, settings));
+    let metadata = tokio::spawn(cradle_metadata::serve(metadata_listener, service, stopped(stop_rx)));
+
+    info!(instances = registry.len(), data_dir = %data_dir.display(), "cradle started");
+    // These two lines are the contract with scripts and tests that start
+    // cradle on port 0: they name the ports actually bound.
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "admin API listening on http://{admin_addr}")?;
+    writeln!(out, "metadata service listening on http://{metadata_addr}")?;
+    if demo {
+        print_demo(&mut out, &registry, admin_addr, metadata_addr, data_dir)?;
+    }
+    out.flush()?;
+    drop(out);
+
+    shutdown_signal().await;
+    info!("shutting down");
+    let _ = stop_tx.send(true);
+    let (a, m) = tokio::join!(admin, metadata);
+    a.context("admin task")?.context("admin API")?;
+    m.context("metadata task")?.context("metadata service")?;
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .expect("installing a SIGTERM handler cannot fail");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}
+
+fn create_private_dir(dir: &Path) -> Result<()> {
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create the data directory {}", dir.display()))?;
+    let mode = std::fs::metadata(dir)?.permissions().mode();
+    if mode & 0o077 != 0 {
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+            .with_context(|| format!("cannot make {} private (mode 0700)", dir.display()))?;
+    }
+    Ok(())
+}
+
+/// Read the admin token, or create one: 32 random bytes, hex, written to a
+/// temporary file of mode 0600 and renamed into place, so the token is never
+/// visible half-written or to other users.
+fn load_or_create_token(path: &Path) -> Result<Secret<String>> {
+    match std::fs::read_to_string(path) {
+        Ok(t) if !t.trim().is_empty() => {
+            let mode = std::fs::metadata(path)?.permissions().mode();
+            if mode & 0o077 != 0 {
+                warn!(path = %path.display(), "the admin token file is readable by other users; chmod 600 it");
+            }
+            return Ok(Secret::new(t.trim().to_string()));
+        }
+        Ok(_) => bail!("{} is empty; remove it to have a new token generated", path.display()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e).with_context(|| format!("cannot read {}", path.display())),
+    }
+    let mut raw = [0u8; 32];
+    rand::rng().fill_bytes(&mut raw);
+    let token: String = raw.iter().map(|b| format!("{b:02x}")).collect();
+    let tmp = path.with_extension("token.tmp");
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)
+        .with_context(|| format!("cannot create {}", tmp.display()))?;
+    f.write_all(token.as_bytes())?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path).with_context(|| format!("cannot create {}", path.display()))?;
+    info!(path = %path.display(), "generated the admin token");
+    Ok(Secret::new(token))
+}
+
+const DEMO_ADDRESS: &str = "127.0.0.2";
+
+/// An ed25519 public key line built from fixed bytes: a well-formed example,
+/// not anyone's key.
+fn demo_key() -> String {
+    use base64::Engine;
+    let mut blob = Vec::new();
+    blob.extend_from_slice(&11u32.to_be_bytes());
+    blob.extend_from_slice(b"ssh-ed25519");
+    blob.extend_from_slice(&32u32.to_be_bytes());
+    blob.extend_from_slice(&[0x5a; 32]);
+    format!("ssh-ed25519 {} demo@cradle", base64::engine::general_purpose::STANDARD.encode(blob))
+}
+
+fn print_demo(
+    out: &mut impl Write,
+    registry: &Registry,
+    admin: SocketAddr,
+    metadata: SocketAddr,
+    data_dir: &Path,
+) -> Result<()> {
+    use base64::Engine;
+    let existing = registry.by_address(DEMO_ADDRESS.parse()?);
+    let instance = match existing {
+        Some(i) => i,
+        None => {
+            let mut spec = InstanceSpec {
+                name: "demo".into(),
+                hostname: Some("demo".into()),
+                metadata_address: DEMO_ADDRESS.into(),
+                local_ipv4: Some("10.0.0.2/24".into()),
+                gateway_ipv4: Some("10.0.0.1".into()),
+                user_data: Some(base64::engine::general_purpose::STANDARD.encode(
+                    "#cloud-config\nhostname: demo\nruncmd:\n  - echo provisioned by cradle\n",
+                )),
+                ..Default::default()
+            };
+            spec.metadata.insert("role".into(), "demo".into());
+            spec.public_keys.insert("demo".into(), demo_key());
+            spec.os_params.public.insert("greeting".into(), "hello".into());
+            match registry.create(spec) {
+                Ok(i) => i,
+                Err(RegistryError::Conflict(what)) => {
+                    bail!("cannot register the demo instance: another instance already has its {what}")
+                }
+                Err(e) => return Err(e).context("cannot register the demo instance"),
+            }
+        }
+    };
+    let m = metadata;
+    writeln!(out)?;
+    writeln!(out, "demo instance {} ({}) registered at {DEMO_ADDRESS}. Read its metadata as that guest:", instance.name, instance.id)?;
+    writeln!(out, "  curl --interface {DEMO_ADDRESS} http://{m}/openstack/latest/meta_data.json")?;
+    writeln!(out, "  curl --interface {DEMO_ADDRESS} http://{m}/latest/meta-data/")?;
+    writeln!(out, "  curl --interface {DEMO_ADDRESS} http://{m}/cradle/latest/os/parameters.json")?;
+    writeln!(out, "IMDSv2:")?;
+    writeln!(
+        out,
+        "  TOKEN=$(curl -s --interface {DEMO_ADDRESS} -X PUT -H 'X-aws-ec2-metadata-token-ttl-seconds: 300' http://{m}/latest/api/token)"
+    )?;
+    writeln!(out, "  curl --interface {DEMO_ADDRESS} -H \"X-aws-ec2-metadata-token: $TOKEN\" http://{m}/latest/meta-data/instance-id")?;
+    writeln!(out, "Manage it through the admin API (token in {}):", data_dir.join("admin.token").display())?;
+    writeln!(out, "  cargo run --release -- instance show demo --url http://{admin}")?;
+    Ok(())
+}
