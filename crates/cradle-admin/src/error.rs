@@ -15,7 +15,11 @@ pub struct ApiError {
 
 impl ApiError {
     pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
-        ApiError { status, code, message: message.into() }
+        ApiError {
+            status,
+            code,
+            message: message.into(),
+        }
     }
     pub fn bad_request(message: impl Into<String>) -> Self {
         Self::new(StatusCode::BAD_REQUEST, "bad_request", message)
@@ -27,7 +31,11 @@ impl ApiError {
         Self::new(StatusCode::NOT_FOUND, "not_found", message)
     }
     pub fn internal() -> Self {
-        Self::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", "internal error; see the server log")
+        Self::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            "internal error; see the server log",
+        )
     }
 }
 
@@ -41,13 +49,21 @@ impl From<RegistryError> for ApiError {
     fn from(e: RegistryError) -> Self {
         let status = match &e {
             RegistryError::NotFound(_) => return ApiError::not_found(e.to_string()),
-            RegistryError::Conflict(_) | RegistryError::PasswordSet => (StatusCode::CONFLICT, "conflict"),
-            RegistryError::Invalid(_) | RegistryError::PasswordTooLong => (StatusCode::UNPROCESSABLE_ENTITY, "invalid"),
+            RegistryError::Conflict(_) | RegistryError::PasswordSet => {
+                (StatusCode::CONFLICT, "conflict")
+            }
+            RegistryError::Invalid(_) | RegistryError::PasswordTooLong => {
+                (StatusCode::UNPROCESSABLE_ENTITY, "invalid")
+            }
             RegistryError::QueueFull(_) => (StatusCode::TOO_MANY_REQUESTS, "queue_full"),
             RegistryError::MessageTooLarge(..) => (StatusCode::PAYLOAD_TOO_LARGE, "too_large"),
             RegistryError::Store(inner) => {
                 error!(error = %inner, "storage failure");
-                return ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "storage", "storage failed; see the server log");
+                return ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "storage",
+                    "storage failed; see the server log",
+                );
             }
         };
         ApiError::new(status.0, status.1, e.to_string())
@@ -56,7 +72,12 @@ impl From<RegistryError> for ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let body = ErrorBody { error: ErrorDetail { code: self.code.to_string(), message: self.message } };
+        let body = ErrorBody {
+            error: ErrorDetail {
+                code: self.code.to_string(),
+                message: self.message,
+            },
+        };
         (self.status, axum::Json(body)).into_response()
     }
 }

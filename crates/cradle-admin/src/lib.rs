@@ -48,12 +48,19 @@ pub fn app(state: Arc<AdminState>) -> Router {
     let limit = state.max_body_bytes;
     Router::new()
         .route("/v1/instances", get(list).post(create))
-        .route("/v1/instances/{key}", get(show).patch(modify).delete(remove))
+        .route(
+            "/v1/instances/{key}",
+            get(show).patch(modify).delete(remove),
+        )
         .route("/v1/instances/{key}/messages", get(receive).post(send))
         .route("/metrics", get(metrics))
         .fallback(|| async { ApiError::not_found("no such route") })
         .method_not_allowed_fallback(|| async {
-            ApiError::new(StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", "method not allowed on this route")
+            ApiError::new(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method_not_allowed",
+                "method not allowed on this route",
+            )
         })
         .layer(middleware::from_fn_with_state(state.clone(), authenticate))
         .layer(middleware::from_fn_with_state(state.clone(), observe))
@@ -67,7 +74,9 @@ pub async fn serve(
     state: Arc<AdminState>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    axum::serve(listener, app(state)).with_graceful_shutdown(shutdown).await
+    axum::serve(listener, app(state))
+        .with_graceful_shutdown(shutdown)
+        .await
 }
 
 async fn observe(State(s): Shared, req: Request, next: Next) -> Response {
@@ -91,9 +100,14 @@ async fn authenticate(State(s): Shared, req: Request, next: Next) -> Response {
         .map(str::trim);
     let ok = presented.is_some_and(|t| bool::from(t.as_bytes().ct_eq(s.token.expose().as_bytes())));
     if !ok {
-        let mut r = ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", "a valid bearer token is required")
-            .into_response();
-        r.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        let mut r = ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            "a valid bearer token is required",
+        )
+        .into_response();
+        r.headers_mut()
+            .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
         return r;
     }
     next.run(req).await
@@ -109,7 +123,11 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for Json<T> {
     async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
         let bytes = bytes::Bytes::from_request(req, state).await.map_err(|r| {
             if r.status() == StatusCode::PAYLOAD_TOO_LARGE {
-                ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "too_large", "the request body is too large")
+                ApiError::new(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    "too_large",
+                    "the request body is too large",
+                )
             } else {
                 ApiError::bad_request("the request body could not be read")
             }
@@ -120,7 +138,10 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for Json<T> {
             use serde_json::error::Category;
             match e.classify() {
                 Category::Data => ApiError::unprocessable(error::describe_json_error(&e)),
-                _ => ApiError::bad_request(format!("malformed JSON: {}", error::describe_json_error(&e))),
+                _ => ApiError::bad_request(format!(
+                    "malformed JSON: {}",
+                    error::describe_json_error(&e)
+                )),
             }
         })
     }
@@ -132,11 +153,16 @@ pub struct Key(pub String);
 impl<S: Send + Sync> axum::extract::FromRequestParts<S> for Key {
     type Rejection = ApiError;
 
-    async fn from_request_parts(parts: &mut axum::http::request::Parts, state: &S) -> Result<Self, ApiError> {
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        state: &S,
+    ) -> Result<Self, ApiError> {
         axum::extract::Path::<String>::from_request_parts(parts, state)
             .await
             .map(|p| Key(p.0))
-            .map_err(|_| ApiError::bad_request("the instance id or name in the path is not valid UTF-8"))
+            .map_err(|_| {
+                ApiError::bad_request("the instance id or name in the path is not valid UTF-8")
+            })
     }
 }
 
@@ -154,7 +180,12 @@ fn view(i: &cradle_model::Instance) -> axum::Json<InstanceView> {
 }
 
 async fn list(State(s): Shared) -> impl IntoResponse {
-    let all: Vec<InstanceView> = s.registry.list().iter().map(|i| InstanceView::from(&**i)).collect();
+    let all: Vec<InstanceView> = s
+        .registry
+        .list()
+        .iter()
+        .map(|i| InstanceView::from(&**i))
+        .collect();
     axum::Json(json!({ "instances": all }))
 }
 
@@ -175,7 +206,11 @@ async fn show(State(s): Shared, Key(key): Key) -> Result<impl IntoResponse, ApiE
     Ok(view(&instance))
 }
 
-async fn modify(State(s): Shared, Key(key): Key, Json(patch): Json<InstancePatch>) -> Result<impl IntoResponse, ApiError> {
+async fn modify(
+    State(s): Shared,
+    Key(key): Key,
+    Json(patch): Json<InstancePatch>,
+) -> Result<impl IntoResponse, ApiError> {
     let registry = s.registry.clone();
     let changed = run(move || registry.modify(&key, patch)).await?;
     info!(instance = %changed.id, "instance modified");
@@ -190,7 +225,11 @@ async fn remove(State(s): Shared, Key(key): Key) -> Result<StatusCode, ApiError>
     Ok(StatusCode::NO_CONTENT)
 }
 
-async fn send(State(s): Shared, Key(key): Key, Json(msg): Json<MessageIn>) -> Result<impl IntoResponse, ApiError> {
+async fn send(
+    State(s): Shared,
+    Key(key): Key,
+    Json(msg): Json<MessageIn>,
+) -> Result<impl IntoResponse, ApiError> {
     let id = s.registry.get(&key)?.id;
     let body = msg.into_bytes()?;
     let registry = s.registry.clone();
@@ -216,5 +255,11 @@ async fn receive(State(s): Shared, Key(key): Key) -> Result<impl IntoResponse, A
 
 async fn metrics(State(s): Shared) -> impl IntoResponse {
     s.metrics.instances.set(s.registry.len() as i64);
-    ([(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], s.metrics.encode())
+    (
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        s.metrics.encode(),
+    )
 }

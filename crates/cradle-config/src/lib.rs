@@ -15,9 +15,15 @@ use serde::{Deserialize, Serialize};
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("cannot read {path}: {source}")]
-    Read { path: PathBuf, source: std::io::Error },
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("{path}: {source}")]
-    Parse { path: String, source: Box<toml::de::Error> },
+    Parse {
+        path: String,
+        source: Box<toml::de::Error>,
+    },
     #[error("{var}: {message}")]
     Env { var: String, message: String },
 }
@@ -118,13 +124,19 @@ impl Default for Config {
 
 impl Default for Server {
     fn default() -> Self {
-        Server { data_dir: PathBuf::from("./cradle-data") }
+        Server {
+            data_dir: PathBuf::from("./cradle-data"),
+        }
     }
 }
 
 impl Default for Admin {
     fn default() -> Self {
-        Admin { listen: ([127, 0, 0, 1], 8774).into(), token: None, max_body_bytes: 1024 * 1024 }
+        Admin {
+            listen: ([127, 0, 0, 1], 8774).into(),
+            token: None,
+            max_body_bytes: 1024 * 1024,
+        }
     }
 }
 
@@ -144,13 +156,19 @@ impl Default for Metadata {
 
 impl Default for Channel {
     fn default() -> Self {
-        Channel { queue_len: 256, message_bytes: 64 * 1024 }
+        Channel {
+            queue_len: 256,
+            message_bytes: 64 * 1024,
+        }
     }
 }
 
 impl Default for Log {
     fn default() -> Self {
-        Log { format: LogFormat::Text, level: "info".to_string() }
+        Log {
+            format: LogFormat::Text,
+            level: "info".to_string(),
+        }
     }
 }
 
@@ -162,19 +180,26 @@ impl Config {
     ) -> Result<Config, ConfigError> {
         let mut table = match file {
             Some(path) => {
-                let text = std::fs::read_to_string(path)
-                    .map_err(|source| ConfigError::Read { path: path.to_path_buf(), source })?;
-                text.parse::<toml::Table>().map_err(|e| ConfigError::Parse {
-                    path: path.display().to_string(),
-                    source: Box::new(e),
-                })?
+                let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+                    path: path.to_path_buf(),
+                    source,
+                })?;
+                text.parse::<toml::Table>()
+                    .map_err(|e| ConfigError::Parse {
+                        path: path.display().to_string(),
+                        source: Box::new(e),
+                    })?
             }
             None => toml::Table::new(),
         };
         apply_env(&mut table, env)?;
-        let origin = file.map(|p| p.display().to_string()).unwrap_or_else(|| "environment".into());
-        Config::deserialize(toml::Value::Table(table))
-            .map_err(|e| ConfigError::Parse { path: origin, source: Box::new(e) })
+        let origin = file
+            .map(|p| p.display().to_string())
+            .unwrap_or_else(|| "environment".into());
+        Config::deserialize(toml::Value::Table(table)).map_err(|e| ConfigError::Parse {
+            path: origin,
+            source: Box::new(e),
+        })
     }
 }
 
@@ -189,20 +214,31 @@ fn apply_env(
 ) -> Result<(), ConfigError> {
     let defaults = toml::Table::try_from(Config::default()).expect("defaults serialize");
     for (var, raw) in env {
-        let Some(rest) = var.strip_prefix("CRADLE_") else { continue };
-        let Some((section, key)) = rest.split_once('_') else { continue };
+        let Some(rest) = var.strip_prefix("CRADLE_") else {
+            continue;
+        };
+        let Some((section, key)) = rest.split_once('_') else {
+            continue;
+        };
         let (section, key) = (section.to_ascii_lowercase(), key.to_ascii_lowercase());
         if !KEYS.contains(&(section.as_str(), key.as_str())) {
             continue;
         }
         let default = defaults.get(&section).and_then(|s| s.get(&key));
-        let bad = |message: String| ConfigError::Env { var: var.clone(), message };
+        let bad = |message: String| ConfigError::Env {
+            var: var.clone(),
+            message,
+        };
         let value = match default {
             Some(toml::Value::Integer(_)) => toml::Value::Integer(
-                raw.trim().parse().map_err(|_| bad(format!("expected a whole number, got {raw:?}")))?,
+                raw.trim()
+                    .parse()
+                    .map_err(|_| bad(format!("expected a whole number, got {raw:?}")))?,
             ),
             Some(toml::Value::Boolean(_)) => toml::Value::Boolean(
-                raw.trim().parse().map_err(|_| bad(format!("expected true or false, got {raw:?}")))?,
+                raw.trim()
+                    .parse()
+                    .map_err(|_| bad(format!("expected true or false, got {raw:?}")))?,
             ),
             _ => toml::Value::String(raw),
         };
@@ -213,7 +249,11 @@ fn apply_env(
             toml::Value::Table(t) => {
                 t.insert(key, value);
             }
-            _ => return Err(bad(format!("[{section}] in the config file is not a table"))),
+            _ => {
+                return Err(bad(format!(
+                    "[{section}] in the config file is not a table"
+                )));
+            }
         }
     }
     Ok(())
@@ -244,7 +284,10 @@ mod tests {
     use super::*;
 
     fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
-        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
     }
 
     #[test]
@@ -256,10 +299,18 @@ mod tests {
     fn env_overrides_file_with_typed_values() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("c.toml");
-        std::fs::write(&path, "[metadata]\nhop_limit = 3\nlisten = \"127.0.0.1:9000\"\n").unwrap();
+        std::fs::write(
+            &path,
+            "[metadata]\nhop_limit = 3\nlisten = \"127.0.0.1:9000\"\n",
+        )
+        .unwrap();
         let c = Config::load(
             Some(&path),
-            env(&[("CRADLE_METADATA_HOP_LIMIT", "2"), ("CRADLE_ADMIN_TOKEN", "123"), ("CRADLE_ADMIN_URL", "x")]),
+            env(&[
+                ("CRADLE_METADATA_HOP_LIMIT", "2"),
+                ("CRADLE_ADMIN_TOKEN", "123"),
+                ("CRADLE_ADMIN_URL", "x"),
+            ]),
         )
         .unwrap();
         assert_eq!(c.metadata.hop_limit, 2);
@@ -280,17 +331,26 @@ mod tests {
 
     #[test]
     fn every_key_is_documented() {
-        let doc = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../../docs/configuration.md"))
-            .expect("docs/configuration.md exists");
+        let doc = std::fs::read_to_string(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../../docs/configuration.md"
+        ))
+        .expect("docs/configuration.md exists");
         let defaults = toml::Table::try_from(Config::default()).unwrap();
         for (section, table) in &defaults {
             for key in table.as_table().unwrap().keys() {
-                assert!(KEYS.contains(&(section.as_str(), key.as_str())), "{section}.{key} missing from KEYS");
+                assert!(
+                    KEYS.contains(&(section.as_str(), key.as_str())),
+                    "{section}.{key} missing from KEYS"
+                );
             }
         }
         for (section, key) in KEYS {
             let var = format!("CRADLE_{}_{}", section.to_uppercase(), key.to_uppercase());
-            assert!(doc.contains(&format!("`{key}`")) && doc.contains(&var), "{section}.{key} ({var}) is not documented");
+            assert!(
+                doc.contains(&format!("`{key}`")) && doc.contains(&var),
+                "{section}.{key} ({var}) is not documented"
+            );
         }
     }
 }

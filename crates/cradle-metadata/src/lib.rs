@@ -84,7 +84,13 @@ impl MetadataService {
         vendor_data: serde_json::Value,
         settings: Settings,
     ) -> Self {
-        MetadataService { registry, metrics, tokens: TokenKey::generate(), vendor_data, settings }
+        MetadataService {
+            registry,
+            metrics,
+            tokens: TokenKey::generate(),
+            vendor_data,
+            settings,
+        }
     }
 }
 
@@ -165,7 +171,8 @@ type Reply = Response<Full<Bytes>>;
 fn reply(status: StatusCode, content_type: &'static str, body: impl Into<Bytes>) -> Reply {
     let mut r = Response::new(Full::new(body.into()));
     *r.status_mut() = status;
-    r.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
+    r.headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
     r
 }
 
@@ -175,7 +182,8 @@ fn text(status: StatusCode, body: &'static str) -> Reply {
 
 fn not_allowed(allow: &'static str) -> Reply {
     let mut r = text(StatusCode::METHOD_NOT_ALLOWED, "405 Method Not Allowed");
-    r.headers_mut().insert(ALLOW, HeaderValue::from_static(allow));
+    r.headers_mut()
+        .insert(ALLOW, HeaderValue::from_static(allow));
     r
 }
 
@@ -208,7 +216,10 @@ fn segments(path: &str) -> Option<Vec<&str>> {
 }
 
 fn unix_now() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
 }
 
 fn today() -> String {
@@ -221,9 +232,16 @@ async fn handle(svc: &MetadataService, source: IpAddr, req: Request<Incoming>) -
     let method = req.method().clone();
     let path = req.uri().path().to_string();
     let instance = svc.registry.by_address(source);
-    let ns = if instance.is_some() { namespace(&path) } else { "none" };
+    let ns = if instance.is_some() {
+        namespace(&path)
+    } else {
+        "none"
+    };
     let response = match &instance {
-        None => text(StatusCode::NOT_FOUND, "404 Not Found: no instance has this source address"),
+        None => text(
+            StatusCode::NOT_FOUND,
+            "404 Not Found: no instance has this source address",
+        ),
         Some(i) => route(svc, i, req).await,
     };
     let status = response.status().as_u16();
@@ -234,7 +252,9 @@ async fn handle(svc: &MetadataService, source: IpAddr, req: Request<Incoming>) -
             instance = %i.id, %method, path = %path, status, latency_us = elapsed.as_micros() as u64,
             "metadata request"
         ),
-        None => info!(%source, %method, path = %path, status, "metadata request from unknown source"),
+        None => {
+            info!(%source, %method, path = %path, status, "metadata request from unknown source")
+        }
     }
     response
 }
@@ -258,13 +278,22 @@ async fn route(svc: &MetadataService, inst: &Arc<Instance>, req: Request<Incomin
     // /openstack would otherwise read what EC2 protects.
     match req.headers().get(TOKEN_HEADER) {
         Some(t) => {
-            let ok = t.to_str().ok().map(|t| svc.tokens.check(t, inst.id, unix_now()));
+            let ok = t
+                .to_str()
+                .ok()
+                .map(|t| svc.tokens.check(t, inst.id, unix_now()));
             if ok != Some(Ok(())) {
-                return text(StatusCode::UNAUTHORIZED, "401 Unauthorized: invalid or expired token");
+                return text(
+                    StatusCode::UNAUTHORIZED,
+                    "401 Unauthorized: invalid or expired token",
+                );
             }
         }
         None if inst.imds_tokens == ImdsTokens::Required => {
-            return text(StatusCode::UNAUTHORIZED, "401 Unauthorized: this instance requires an IMDSv2 token");
+            return text(
+                StatusCode::UNAUTHORIZED,
+                "401 Unauthorized: this instance requires an IMDSv2 token",
+            );
         }
         None => {}
     }
@@ -272,10 +301,18 @@ async fn route(svc: &MetadataService, inst: &Arc<Instance>, req: Request<Incomin
     let native = matches!(segs.first(), Some(&"cradle") | Some(&"ganeti"));
     match segs.as_slice() {
         [_, "latest", "read"] if native => {
-            return if req.method() == Method::GET { channel_read(svc, inst).await } else { not_allowed("GET") };
+            return if req.method() == Method::GET {
+                channel_read(svc, inst).await
+            } else {
+                not_allowed("GET")
+            };
         }
         [_, "latest", "write"] if native => {
-            return if req.method() == Method::POST { channel_write(svc, inst, req).await } else { not_allowed("POST") };
+            return if req.method() == Method::POST {
+                channel_write(svc, inst, req).await
+            } else {
+                not_allowed("POST")
+            };
         }
         ["openstack", version, "password"] if req.method() == Method::POST => {
             let version = version.to_string();
@@ -286,12 +323,20 @@ async fn route(svc: &MetadataService, inst: &Arc<Instance>, req: Request<Incomin
 
     if req.method() != Method::GET && req.method() != Method::HEAD {
         let is_password = matches!(segs.as_slice(), ["openstack", _, "password"]);
-        return not_allowed(if is_password { "GET, HEAD, POST" } else { "GET, HEAD" });
+        return not_allowed(if is_password {
+            "GET, HEAD, POST"
+        } else {
+            "GET, HEAD"
+        });
     }
 
     let today = today();
     let groups = ["default".to_string()];
-    let ctx = Context { today: &today, vendor_data: &svc.vendor_data, security_groups: &groups };
+    let ctx = Context {
+        today: &today,
+        vendor_data: &svc.vendor_data,
+        security_groups: &groups,
+    };
     let root = cradle_render::root(inst, &ctx);
     match root.resolve(&segs) {
         Some(Resolved::File(bytes)) => {
@@ -314,7 +359,10 @@ fn issue_token(svc: &MetadataService, inst: &Instance, req: &Request<Incoming>) 
     // A proxy in front of the listener would make every guest look alike;
     // refusing forwarded requests keeps tokens from being minted through one.
     if req.headers().contains_key("x-forwarded-for") {
-        return text(StatusCode::BAD_REQUEST, "400 Bad Request: forwarded requests cannot obtain a token");
+        return text(
+            StatusCode::BAD_REQUEST,
+            "400 Bad Request: forwarded requests cannot obtain a token",
+        );
     }
     let ttl = req
         .headers()
@@ -335,14 +383,27 @@ fn issue_token(svc: &MetadataService, inst: &Instance, req: &Request<Incoming>) 
 }
 
 /// Read a request body within the size cap and the body deadline.
-async fn read_body(svc: &MetadataService, req: Request<Incoming>, cap: usize) -> Result<Bytes, Reply> {
+async fn read_body(
+    svc: &MetadataService,
+    req: Request<Incoming>,
+    cap: usize,
+) -> Result<Bytes, Reply> {
     let limited = Limited::new(req.into_body(), cap);
     match tokio::time::timeout(svc.settings.body_timeout, limited.collect()).await {
-        Err(_) => Err(text(StatusCode::REQUEST_TIMEOUT, "408 Request Timeout: body too slow")),
-        Ok(Err(e)) if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() => {
+        Err(_) => Err(text(
+            StatusCode::REQUEST_TIMEOUT,
+            "408 Request Timeout: body too slow",
+        )),
+        Ok(Err(e))
+            if e.downcast_ref::<http_body_util::LengthLimitError>()
+                .is_some() =>
+        {
             Err(text(StatusCode::PAYLOAD_TOO_LARGE, "413 Payload Too Large"))
         }
-        Ok(Err(_)) => Err(text(StatusCode::BAD_REQUEST, "400 Bad Request: unreadable body")),
+        Ok(Err(_)) => Err(text(
+            StatusCode::BAD_REQUEST,
+            "400 Bad Request: unreadable body",
+        )),
         Ok(Ok(c)) => Ok(c.to_bytes()),
     }
 }
@@ -352,17 +413,29 @@ async fn blocking<T: Send + 'static>(
 ) -> Result<T, RegistryError> {
     match tokio::task::spawn_blocking(f).await {
         Ok(r) => r,
-        Err(e) => Err(RegistryError::NotFound(format!("internal task failed: {e}"))),
+        Err(e) => Err(RegistryError::NotFound(format!(
+            "internal task failed: {e}"
+        ))),
     }
 }
 
 fn registry_failure(e: &RegistryError) -> Reply {
     match e {
         RegistryError::NotFound(_) => text(StatusCode::NOT_FOUND, "404 Not Found"),
-        RegistryError::QueueFull(_) => text(StatusCode::TOO_MANY_REQUESTS, "429 Too Many Requests: queue full"),
-        RegistryError::MessageTooLarge(..) => text(StatusCode::PAYLOAD_TOO_LARGE, "413 Payload Too Large"),
-        RegistryError::PasswordSet => text(StatusCode::CONFLICT, "409 Conflict: password already set"),
-        RegistryError::PasswordTooLong => text(StatusCode::BAD_REQUEST, "400 Bad Request: password too long"),
+        RegistryError::QueueFull(_) => text(
+            StatusCode::TOO_MANY_REQUESTS,
+            "429 Too Many Requests: queue full",
+        ),
+        RegistryError::MessageTooLarge(..) => {
+            text(StatusCode::PAYLOAD_TOO_LARGE, "413 Payload Too Large")
+        }
+        RegistryError::PasswordSet => {
+            text(StatusCode::CONFLICT, "409 Conflict: password already set")
+        }
+        RegistryError::PasswordTooLong => text(
+            StatusCode::BAD_REQUEST,
+            "400 Bad Request: password too long",
+        ),
         other => {
             warn!(error = %other, "metadata request failed");
             text(StatusCode::SERVICE_UNAVAILABLE, "503 Service Unavailable")
@@ -375,7 +448,8 @@ async fn channel_read(svc: &MetadataService, inst: &Instance) -> Reply {
     match blocking(move || registry.pop_message(id, ChannelDirection::ToGuest)).await {
         Ok(Some(m)) => {
             let mut r = reply(StatusCode::OK, "application/octet-stream", m.body);
-            r.headers_mut().insert("x-cradle-message-id", HeaderValue::from(m.id));
+            r.headers_mut()
+                .insert("x-cradle-message-id", HeaderValue::from(m.id));
             r
         }
         Ok(None) => {
@@ -397,18 +471,28 @@ async fn channel_write(svc: &MetadataService, inst: &Instance, req: Request<Inco
     match blocking(move || registry.push_message(id, ChannelDirection::ToHost, &body)).await {
         Ok(n) => {
             let mut r = text(StatusCode::CREATED, "");
-            r.headers_mut().insert("x-cradle-message-id", HeaderValue::from(n));
+            r.headers_mut()
+                .insert("x-cradle-message-id", HeaderValue::from(n));
             r
         }
         Err(e) => registry_failure(&e),
     }
 }
 
-async fn set_password(svc: &MetadataService, inst: &Instance, version: &str, req: Request<Incoming>) -> Reply {
+async fn set_password(
+    svc: &MetadataService,
+    inst: &Instance,
+    version: &str,
+    req: Request<Incoming>,
+) -> Reply {
     // Only versions that have a password file take one.
     let today = today();
     let groups: [String; 0] = [];
-    let ctx = Context { today: &today, vendor_data: &svc.vendor_data, security_groups: &groups };
+    let ctx = Context {
+        today: &today,
+        vendor_data: &svc.vendor_data,
+        security_groups: &groups,
+    };
     let has_password = cradle_render::openstack_versions(inst, &ctx)
         .resolve(&[version, "password"])
         .is_some();
@@ -418,12 +502,18 @@ async fn set_password(svc: &MetadataService, inst: &Instance, version: &str, req
     let body = match read_body(svc, req, cradle_model::MAX_PASSWORD).await {
         Ok(b) => b,
         Err(r) if r.status() == StatusCode::PAYLOAD_TOO_LARGE => {
-            return text(StatusCode::BAD_REQUEST, "400 Bad Request: password longer than 1020 bytes");
+            return text(
+                StatusCode::BAD_REQUEST,
+                "400 Bad Request: password longer than 1020 bytes",
+            );
         }
         Err(r) => return r,
     };
     let Ok(password) = String::from_utf8(body.to_vec()) else {
-        return text(StatusCode::BAD_REQUEST, "400 Bad Request: password is not UTF-8");
+        return text(
+            StatusCode::BAD_REQUEST,
+            "400 Bad Request: password is not UTF-8",
+        );
     };
     let (registry, id) = (svc.registry.clone(), inst.id);
     match blocking(move || registry.set_password(id, &password)).await {
@@ -439,8 +529,18 @@ mod tests {
     #[test]
     fn ambiguous_paths_are_refused() {
         assert_eq!(segments("/"), Some(vec![]));
-        assert_eq!(segments("/latest/meta-data/"), Some(vec!["latest", "meta-data"]));
-        for bad in ["/latest/../openstack", "//latest", "/latest//meta-data", "/a/./b", "/latest/%2e%2e/x", "latest"] {
+        assert_eq!(
+            segments("/latest/meta-data/"),
+            Some(vec!["latest", "meta-data"])
+        );
+        for bad in [
+            "/latest/../openstack",
+            "//latest",
+            "/latest//meta-data",
+            "/a/./b",
+            "/latest/%2e%2e/x",
+            "latest",
+        ] {
             assert_eq!(segments(bad), None, "{bad}");
         }
     }

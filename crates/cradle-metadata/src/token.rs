@@ -30,7 +30,9 @@ impl TokenKey {
     pub fn generate() -> Self {
         let mut key = [0u8; 32];
         rand::rng().fill_bytes(&mut key);
-        TokenKey { cipher: Aes256Gcm::new(Key::<Aes256Gcm>::from_slice(&key)) }
+        TokenKey {
+            cipher: Aes256Gcm::new(Key::<Aes256Gcm>::from_slice(&key)),
+        }
     }
 
     /// A token for `instance`, valid until `expires` (Unix seconds).
@@ -39,7 +41,13 @@ impl TokenKey {
         rand::rng().fill_bytes(&mut nonce);
         let sealed = self
             .cipher
-            .encrypt(Nonce::from_slice(&nonce), Payload { msg: &expires.to_be_bytes(), aad: instance.as_bytes() })
+            .encrypt(
+                Nonce::from_slice(&nonce),
+                Payload {
+                    msg: &expires.to_be_bytes(),
+                    aad: instance.as_bytes(),
+                },
+            )
             .expect("AES-GCM encryption of 8 bytes cannot fail");
         let mut raw = nonce.to_vec();
         raw.extend_from_slice(&sealed);
@@ -49,17 +57,29 @@ impl TokenKey {
     /// Accept `token` only if it was issued to `instance` and `now` (Unix
     /// seconds) is before its expiry.
     pub fn check(&self, token: &str, instance: Uuid, now: u64) -> Result<(), TokenError> {
-        let raw = B64.decode(token.trim()).map_err(|_| TokenError::Malformed)?;
+        let raw = B64
+            .decode(token.trim())
+            .map_err(|_| TokenError::Malformed)?;
         if raw.len() != NONCE_LEN + 8 + 16 {
             return Err(TokenError::Malformed);
         }
         let (nonce, sealed) = raw.split_at(NONCE_LEN);
         let plain = self
             .cipher
-            .decrypt(Nonce::from_slice(nonce), Payload { msg: sealed, aad: instance.as_bytes() })
+            .decrypt(
+                Nonce::from_slice(nonce),
+                Payload {
+                    msg: sealed,
+                    aad: instance.as_bytes(),
+                },
+            )
             .map_err(|_| TokenError::WrongInstanceOrForged)?;
         let expires = u64::from_be_bytes(plain.try_into().map_err(|_| TokenError::Malformed)?);
-        if now >= expires { Err(TokenError::Expired) } else { Ok(()) }
+        if now >= expires {
+            Err(TokenError::Expired)
+        } else {
+            Ok(())
+        }
     }
 }
 
@@ -74,8 +94,14 @@ mod tests {
         let t = key.issue(a, 1000);
         assert_eq!(key.check(&t, a, 999), Ok(()));
         assert_eq!(key.check(&t, a, 1000), Err(TokenError::Expired));
-        assert_eq!(key.check(&t, b, 999), Err(TokenError::WrongInstanceOrForged));
+        assert_eq!(
+            key.check(&t, b, 999),
+            Err(TokenError::WrongInstanceOrForged)
+        );
         assert_eq!(key.check("garbage", a, 1), Err(TokenError::Malformed));
-        assert_eq!(TokenKey::generate().check(&t, a, 999), Err(TokenError::WrongInstanceOrForged));
+        assert_eq!(
+            TokenKey::generate().check(&t, a, 999),
+            Err(TokenError::WrongInstanceOrForged)
+        );
     }
 }

@@ -11,10 +11,10 @@ use serde::{Deserialize, Deserializer, Serialize};
 use time::OffsetDateTime;
 use uuid::Uuid;
 
+use crate::Secret;
 use crate::instance::{
     HostAddr, ImdsTokens, Instance, MAX_USER_DATA, Os, OsParams, RANDOM_SEED_LEN, State,
 };
-use crate::Secret;
 
 /// Limits, as Nova applies them to instance metadata.
 pub const MAX_METADATA_ITEMS: usize = 128;
@@ -34,7 +34,10 @@ pub struct Invalid {
 }
 
 fn invalid<T>(field: impl Into<String>, message: impl Into<String>) -> Result<T, Invalid> {
-    Err(Invalid { field: field.into(), message: message.into() })
+    Err(Invalid {
+        field: field.into(),
+        message: message.into(),
+    })
 }
 
 /// `POST /v1/instances`.
@@ -287,10 +290,13 @@ impl MessageIn {
     pub fn into_bytes(self) -> Result<Vec<u8>, Invalid> {
         match (self.text, self.data) {
             (Some(t), None) => Ok(t.into_bytes()),
-            (None, Some(d)) => {
-                B64.decode(d.as_bytes()).or_else(|_| invalid("data", "is not valid base64"))
-            }
-            _ => invalid("message", "give exactly one of \"text\" or \"data\" (base64)"),
+            (None, Some(d)) => B64
+                .decode(d.as_bytes())
+                .or_else(|_| invalid("data", "is not valid base64")),
+            _ => invalid(
+                "message",
+                "give exactly one of \"text\" or \"data\" (base64)",
+            ),
         }
     }
 }
@@ -333,7 +339,10 @@ fn check_name(v: &str) -> Result<(), Invalid> {
         return invalid("name", "must not start or end with whitespace");
     }
     if Uuid::parse_str(v).is_ok() {
-        return invalid("name", "must not be a UUID (it would be mistaken for an id)");
+        return invalid(
+            "name",
+            "must not be a UUID (it would be mistaken for an id)",
+        );
     }
     Ok(())
 }
@@ -347,13 +356,17 @@ fn parse_hostname(v: &str) -> Result<String, Invalid> {
     for label in v.split('.') {
         let ok = !label.is_empty()
             && label.len() <= 63
-            && label.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+            && label
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-')
             && !label.starts_with('-')
             && !label.ends_with('-');
         if !ok {
             return invalid(
                 field,
-                format!("{v:?} is not a valid hostname (labels of 1-63 letters, digits and inner hyphens)"),
+                format!(
+                    "{v:?} is not a valid hostname (labels of 1-63 letters, digits and inner hyphens)"
+                ),
             );
         }
     }
@@ -365,11 +378,21 @@ fn hostname_from_name(name: &str, id: Uuid) -> String {
     let mut h: String = name
         .to_ascii_lowercase()
         .chars()
-        .map(|c| if c.is_ascii_alphanumeric() || c == '-' { c } else { '-' })
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' {
+                c
+            } else {
+                '-'
+            }
+        })
         .collect();
     h.truncate(63);
     let h = h.trim_matches('-').to_string();
-    if h.is_empty() { format!("instance-{}", &id.simple().to_string()[..8]) } else { h }
+    if h.is_empty() {
+        format!("instance-{}", &id.simple().to_string()[..8])
+    } else {
+        h
+    }
 }
 
 fn parse_user_data(v: &str) -> Result<Vec<u8>, Invalid> {
@@ -379,7 +402,10 @@ fn parse_user_data(v: &str) -> Result<Vec<u8>, Invalid> {
     if bytes.len() > MAX_USER_DATA {
         return invalid(
             "user_data",
-            format!("is {} bytes; at most {MAX_USER_DATA} are allowed", bytes.len()),
+            format!(
+                "is {} bytes; at most {MAX_USER_DATA} are allowed",
+                bytes.len()
+            ),
         );
     }
     Ok(bytes)
@@ -387,12 +413,18 @@ fn parse_user_data(v: &str) -> Result<Vec<u8>, Invalid> {
 
 fn check_metadata(m: &BTreeMap<String, String>) -> Result<(), Invalid> {
     if m.len() > MAX_METADATA_ITEMS {
-        return invalid("metadata", format!("has {} items; at most {MAX_METADATA_ITEMS}", m.len()));
+        return invalid(
+            "metadata",
+            format!("has {} items; at most {MAX_METADATA_ITEMS}", m.len()),
+        );
     }
     for (k, v) in m {
         check_text("metadata key", k, MAX_METADATA_KEY)?;
         if v.chars().count() > MAX_METADATA_VALUE {
-            return invalid(format!("metadata.{k}"), format!("is longer than {MAX_METADATA_VALUE} characters"));
+            return invalid(
+                format!("metadata.{k}"),
+                format!("is longer than {MAX_METADATA_VALUE} characters"),
+            );
         }
     }
     Ok(())
@@ -437,12 +469,18 @@ pub fn check_openssh_key(field: &str, key: &str) -> Result<(), Invalid> {
 
 fn check_public_keys(m: &BTreeMap<String, String>) -> Result<(), Invalid> {
     if m.len() > MAX_PUBLIC_KEYS {
-        return invalid("public_keys", format!("has {} keys; at most {MAX_PUBLIC_KEYS}", m.len()));
+        return invalid(
+            "public_keys",
+            format!("has {} keys; at most {MAX_PUBLIC_KEYS}", m.len()),
+        );
     }
     for (name, key) in m {
         check_text("public_keys name", name, 255)?;
         if name.contains('/') || name.contains('=') {
-            return invalid("public_keys name", format!("{name:?} must not contain '/' or '='"));
+            return invalid(
+                "public_keys name",
+                format!("{name:?} must not contain '/' or '='"),
+            );
         }
         check_openssh_key(&format!("public_keys.{name}"), key)?;
     }
@@ -471,9 +509,14 @@ pub fn parse_metadata_address(v: &str) -> Result<IpAddr, Invalid> {
 pub fn parse_mac(v: &str) -> Result<String, Invalid> {
     let octets: Vec<&str> = v.split(':').collect();
     let ok = octets.len() == 6
-        && octets.iter().all(|o| o.len() == 2 && o.bytes().all(|b| b.is_ascii_hexdigit()));
+        && octets
+            .iter()
+            .all(|o| o.len() == 2 && o.bytes().all(|b| b.is_ascii_hexdigit()));
     if !ok {
-        return invalid("mac", format!("{v:?} is not a MAC address like fa:16:3e:12:34:56"));
+        return invalid(
+            "mac",
+            format!("{v:?} is not a MAC address like fa:16:3e:12:34:56"),
+        );
     }
     let first = u8::from_str_radix(octets[0], 16).unwrap_or(0);
     if first & 1 == 1 {
@@ -488,7 +531,8 @@ fn mac_from_id(id: Uuid) -> String {
 }
 
 fn parse_ipv4(field: &str, v: &str) -> Result<Ipv4Addr, Invalid> {
-    v.parse().or_else(|_| invalid(field, format!("{v:?} is not an IPv4 address")))
+    v.parse()
+        .or_else(|_| invalid(field, format!("{v:?} is not an IPv4 address")))
 }
 
 fn parse_host_addr(v: &str) -> Result<HostAddr, Invalid> {
@@ -497,7 +541,10 @@ fn parse_host_addr(v: &str) -> Result<HostAddr, Invalid> {
 
 fn parse_dns(v: &[String]) -> Result<Vec<IpAddr>, Invalid> {
     v.iter()
-        .map(|s| s.parse().or_else(|_| invalid("dns_nameservers", format!("{s:?} is not an IP address"))))
+        .map(|s| {
+            s.parse()
+                .or_else(|_| invalid("dns_nameservers", format!("{s:?} is not an IP address")))
+        })
         .collect()
 }
 
@@ -520,7 +567,10 @@ fn check_param_name(name: &str) -> Result<(), Invalid> {
 
 fn check_param_value(name: &str, len: usize) -> Result<(), Invalid> {
     if len > MAX_OS_PARAM_VALUE {
-        return invalid("os_params", format!("parameter {name:?} is longer than {MAX_OS_PARAM_VALUE} bytes"));
+        return invalid(
+            "os_params",
+            format!("parameter {name:?} is longer than {MAX_OS_PARAM_VALUE} bytes"),
+        );
     }
     Ok(())
 }
@@ -541,11 +591,17 @@ fn check_os_params(p: &OsParams) -> Result<(), Invalid> {
         check_param_name(name)?;
         check_param_value(name, len)?;
         if !seen.insert(name.to_ascii_uppercase()) {
-            return invalid("os_params", format!("parameter {name:?} is given in more than one visibility"));
+            return invalid(
+                "os_params",
+                format!("parameter {name:?} is given in more than one visibility"),
+            );
         }
     }
     if count > MAX_OS_PARAMS {
-        return invalid("os_params", format!("has {count} parameters; at most {MAX_OS_PARAMS}"));
+        return invalid(
+            "os_params",
+            format!("has {count} parameters; at most {MAX_OS_PARAMS}"),
+        );
     }
     Ok(())
 }
@@ -587,12 +643,22 @@ impl InstanceSpec {
             Some(m) => parse_mac(m)?,
             None => mac_from_id(id),
         };
-        let local_ipv4 = self.local_ipv4.as_deref().map(parse_host_addr).transpose()?;
-        let gateway_ipv4 =
-            self.gateway_ipv4.as_deref().map(|g| parse_ipv4("gateway_ipv4", g)).transpose()?;
+        let local_ipv4 = self
+            .local_ipv4
+            .as_deref()
+            .map(parse_host_addr)
+            .transpose()?;
+        let gateway_ipv4 = self
+            .gateway_ipv4
+            .as_deref()
+            .map(|g| parse_ipv4("gateway_ipv4", g))
+            .transpose()?;
         let dns_nameservers = parse_dns(&self.dns_nameservers)?;
-        let public_ipv4 =
-            self.public_ipv4.as_deref().map(|g| parse_ipv4("public_ipv4", g)).transpose()?;
+        let public_ipv4 = self
+            .public_ipv4
+            .as_deref()
+            .map(|g| parse_ipv4("public_ipv4", g))
+            .transpose()?;
         let os = resolve_os(self.os_type, self.os_image)?;
         let os_params = OsParams {
             public: self.os_params.public,
@@ -719,7 +785,12 @@ impl InstancePatch {
         };
         // A parameter moves between visibilities by being set in its new one.
         let p = self.os_params;
-        for k in p.public.keys().chain(p.private.keys()).chain(p.secret.keys()) {
+        for k in p
+            .public
+            .keys()
+            .chain(p.private.keys())
+            .chain(p.secret.keys())
+        {
             if !p.public.contains_key(k) {
                 i.os_params.public.remove(k);
             }

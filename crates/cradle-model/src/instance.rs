@@ -147,7 +147,9 @@ impl FromStr for ImdsTokens {
         match s {
             "optional" => Ok(ImdsTokens::Optional),
             "required" => Ok(ImdsTokens::Required),
-            other => Err(format!("imds_tokens must be optional or required, not {other:?}")),
+            other => Err(format!(
+                "imds_tokens must be optional or required, not {other:?}"
+            )),
         }
     }
 }
@@ -198,7 +200,11 @@ impl HostAddr {
     /// Dotted netmask for the prefix, when there is one.
     pub fn netmask(&self) -> Option<Ipv4Addr> {
         self.prefix.map(|p| {
-            let bits = if p == 0 { 0 } else { u32::MAX << (32 - u32::from(p)) };
+            let bits = if p == 0 {
+                0
+            } else {
+                u32::MAX << (32 - u32::from(p))
+            };
             Ipv4Addr::from(bits)
         })
     }

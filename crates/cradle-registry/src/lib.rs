@@ -67,7 +67,10 @@ pub struct ChannelLimits {
 
 impl Default for ChannelLimits {
     fn default() -> Self {
-        ChannelLimits { queue_len: 256, message_bytes: 64 * 1024 }
+        ChannelLimits {
+            queue_len: 256,
+            message_bytes: 64 * 1024,
+        }
     }
 }
 
@@ -108,7 +111,12 @@ impl Registry {
         for i in store.load_all()? {
             index.put(Arc::new(i));
         }
-        Ok(Registry { store, index: RwLock::new(index), writer: Mutex::new(()), limits })
+        Ok(Registry {
+            store,
+            index: RwLock::new(index),
+            writer: Mutex::new(()),
+            limits,
+        })
     }
 
     pub fn limits(&self) -> ChannelLimits {
@@ -164,7 +172,11 @@ impl Registry {
         if index.by_name.get(&i.name).is_some_and(|id| *id != i.id) {
             return Err(RegistryError::Conflict("name"));
         }
-        if index.by_address.get(&i.metadata_address).is_some_and(|o| o.id != i.id) {
+        if index
+            .by_address
+            .get(&i.metadata_address)
+            .is_some_and(|o| o.id != i.id)
+        {
             return Err(RegistryError::Conflict("metadata_address"));
         }
         Ok(())
@@ -225,11 +237,22 @@ impl Registry {
     }
 
     /// Queue a message on the channel.
-    pub fn push_message(&self, id: Uuid, direction: Direction, body: &[u8]) -> Result<i64, RegistryError> {
+    pub fn push_message(
+        &self,
+        id: Uuid,
+        direction: Direction,
+        body: &[u8],
+    ) -> Result<i64, RegistryError> {
         if body.len() > self.limits.message_bytes {
-            return Err(RegistryError::MessageTooLarge(body.len(), self.limits.message_bytes));
+            return Err(RegistryError::MessageTooLarge(
+                body.len(),
+                self.limits.message_bytes,
+            ));
         }
-        match self.store.push_message(id, direction, body, self.limits.queue_len) {
+        match self
+            .store
+            .push_message(id, direction, body, self.limits.queue_len)
+        {
             Ok(Some(n)) => Ok(n),
             Ok(None) => Err(RegistryError::QueueFull(self.limits.queue_len)),
             Err(StoreError::NotFound) => Err(RegistryError::NotFound(id.to_string())),
@@ -238,12 +261,20 @@ impl Registry {
     }
 
     /// Take the oldest queued message, if any. Never returns one twice.
-    pub fn pop_message(&self, id: Uuid, direction: Direction) -> Result<Option<Message>, RegistryError> {
+    pub fn pop_message(
+        &self,
+        id: Uuid,
+        direction: Direction,
+    ) -> Result<Option<Message>, RegistryError> {
         Ok(self.store.pop_message(id, direction)?)
     }
 
     /// Take every queued message.
-    pub fn drain_messages(&self, id: Uuid, direction: Direction) -> Result<Vec<Message>, RegistryError> {
+    pub fn drain_messages(
+        &self,
+        id: Uuid,
+        direction: Direction,
+    ) -> Result<Vec<Message>, RegistryError> {
         Ok(self.store.drain_messages(id, direction)?)
     }
 }

@@ -38,21 +38,40 @@ impl Metrics {
     pub fn new() -> Self {
         let mut registry = PromRegistry::with_prefix("cradle");
         let requests = Family::<RequestLabels, Counter>::default();
-        registry.register("requests", "HTTP requests served, by namespace and status", requests.clone());
+        registry.register(
+            "requests",
+            "HTTP requests served, by namespace and status",
+            requests.clone(),
+        );
         let latency = Family::<NamespaceLabel, Histogram>::new_with_constructor(|| {
             // 50 µs to ~3 s.
-            Histogram::new(prometheus_client::metrics::histogram::exponential_buckets(0.00005, 2.0, 16))
+            Histogram::new(prometheus_client::metrics::histogram::exponential_buckets(
+                0.00005, 2.0, 16,
+            ))
         });
-        registry.register("request_duration_seconds", "Time to answer a request", latency.clone());
+        registry.register(
+            "request_duration_seconds",
+            "Time to answer a request",
+            latency.clone(),
+        );
         let instances = Gauge::default();
         registry.register("instances", "Registered instances", instances.clone());
-        Metrics { registry, requests, latency, instances }
+        Metrics {
+            registry,
+            requests,
+            latency,
+            instances,
+        }
     }
 
     /// Record one answered request.
     pub fn observe(&self, namespace: &'static str, status: u16, seconds: f64) {
-        self.requests.get_or_create(&RequestLabels { namespace, status }).inc();
-        self.latency.get_or_create(&NamespaceLabel { namespace }).observe(seconds);
+        self.requests
+            .get_or_create(&RequestLabels { namespace, status })
+            .inc();
+        self.latency
+            .get_or_create(&NamespaceLabel { namespace })
+            .observe(seconds);
     }
 
     /// The Prometheus text exposition.

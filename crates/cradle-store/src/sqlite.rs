@@ -43,7 +43,9 @@ impl SqliteStore {
         conn.busy_timeout(std::time::Duration::from_secs(5))?;
         let migrations = Migrations::new(MIGRATIONS.iter().map(|sql| M::up(sql)).collect());
         migrations.to_latest(&mut conn)?;
-        Ok(SqliteStore { conn: Mutex::new(conn) })
+        Ok(SqliteStore {
+            conn: Mutex::new(conn),
+        })
     }
 
     fn conn(&self) -> MutexGuard<'_, Connection> {
@@ -54,11 +56,13 @@ impl SqliteStore {
 }
 
 fn ts(t: OffsetDateTime) -> String {
-    t.format(&Rfc3339).expect("RFC 3339 formats every OffsetDateTime")
+    t.format(&Rfc3339)
+        .expect("RFC 3339 formats every OffsetDateTime")
 }
 
 fn parse_ts(s: &str) -> Result<OffsetDateTime, StoreError> {
-    OffsetDateTime::parse(s, &Rfc3339).map_err(|e| StoreError::Corrupt(format!("timestamp {s:?}: {e}")))
+    OffsetDateTime::parse(s, &Rfc3339)
+        .map_err(|e| StoreError::Corrupt(format!("timestamp {s:?}: {e}")))
 }
 
 fn json<T: serde::Serialize + ?Sized>(v: &T) -> String {
@@ -66,8 +70,11 @@ fn json<T: serde::Serialize + ?Sized>(v: &T) -> String {
 }
 
 fn private_json(p: &OsParams) -> String {
-    let exposed: BTreeMap<&str, &str> =
-        p.private.iter().map(|(k, v)| (k.as_str(), v.expose().as_str())).collect();
+    let exposed: BTreeMap<&str, &str> = p
+        .private
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.expose().as_str()))
+        .collect();
     json(&exposed)
 }
 
@@ -135,14 +142,16 @@ fn corrupt(what: &str, e: impl std::fmt::Display) -> StoreError {
 
 fn from_row(r: &Row<'_>) -> Result<Instance, StoreError> {
     let s = |i: usize| -> Result<String, StoreError> { Ok(r.get::<_, String>(i)?) };
-    let os_s = |i: usize| -> Result<Option<String>, StoreError> { Ok(r.get::<_, Option<String>>(i)?) };
+    let os_s =
+        |i: usize| -> Result<Option<String>, StoreError> { Ok(r.get::<_, Option<String>>(i)?) };
     let id = Uuid::parse_str(&s(0)?).map_err(|e| corrupt("id", e))?;
     let de = |what: &str, text: String| -> Result<BTreeMap<String, String>, StoreError> {
         serde_json::from_str(&text).map_err(|e| corrupt(what, e))
     };
     let private: BTreeMap<String, String> = de("os_params_private", s(19)?)?;
     let ipv4 = |what: &str, v: Option<String>| -> Result<Option<Ipv4Addr>, StoreError> {
-        v.map(|v| v.parse().map_err(|e| corrupt(what, e))).transpose()
+        v.map(|v| v.parse().map_err(|e| corrupt(what, e)))
+            .transpose()
     };
     let os = match (os_s(16)?, os_s(17)?) {
         (Some(t), _) => Some(Os::Type(t)),
@@ -160,21 +169,29 @@ fn from_row(r: &Row<'_>) -> Result<Instance, StoreError> {
         user_data: r.get(7)?,
         metadata: de("metadata", s(8)?)?,
         public_keys: de("public_keys", s(9)?)?,
-        metadata_address: s(10)?.parse::<IpAddr>().map_err(|e| corrupt("metadata_address", e))?,
+        metadata_address: s(10)?
+            .parse::<IpAddr>()
+            .map_err(|e| corrupt("metadata_address", e))?,
         mac: s(11)?,
         local_ipv4: os_s(12)?
             .map(|v| v.parse::<HostAddr>().map_err(|e| corrupt("local_ipv4", e)))
             .transpose()?,
         gateway_ipv4: ipv4("gateway_ipv4", os_s(13)?)?,
-        dns_nameservers: serde_json::from_str(&s(14)?).map_err(|e| corrupt("dns_nameservers", e))?,
+        dns_nameservers: serde_json::from_str(&s(14)?)
+            .map_err(|e| corrupt("dns_nameservers", e))?,
         public_ipv4: ipv4("public_ipv4", os_s(15)?)?,
         os,
         os_params: OsParams {
             public: de("os_params_public", s(18)?)?,
-            private: private.into_iter().map(|(k, v)| (k, Secret::new(v))).collect(),
+            private: private
+                .into_iter()
+                .map(|(k, v)| (k, Secret::new(v)))
+                .collect(),
             secret: BTreeMap::new(),
         },
-        imds_tokens: s(20)?.parse::<ImdsTokens>().map_err(|e| corrupt("imds_tokens", e))?,
+        imds_tokens: s(20)?
+            .parse::<ImdsTokens>()
+            .map_err(|e| corrupt("imds_tokens", e))?,
         state: s(21)?.parse::<State>().map_err(|e| corrupt("state", e))?,
         created_at: parse_ts(&s(22)?)?,
         updated_at: parse_ts(&s(23)?)?,
@@ -186,7 +203,9 @@ fn from_row(r: &Row<'_>) -> Result<Instance, StoreError> {
 impl Store for SqliteStore {
     fn load_all(&self) -> Result<Vec<Instance>, StoreError> {
         let conn = self.conn();
-        let mut stmt = conn.prepare(&format!("SELECT {COLUMNS} FROM instances ORDER BY created_at, id"))?;
+        let mut stmt = conn.prepare(&format!(
+            "SELECT {COLUMNS} FROM instances ORDER BY created_at, id"
+        ))?;
         let mut rows = stmt.query([])?;
         let mut out = Vec::new();
         while let Some(row) = rows.next()? {
@@ -196,7 +215,10 @@ impl Store for SqliteStore {
     }
 
     fn insert(&self, instance: &Instance) -> Result<(), StoreError> {
-        let placeholders = (1..=26).map(|n| format!("?{n}")).collect::<Vec<_>>().join(", ");
+        let placeholders = (1..=26)
+            .map(|n| format!("?{n}"))
+            .collect::<Vec<_>>()
+            .join(", ");
         let values = bind(instance);
         self.conn()
             .execute(
@@ -223,11 +245,17 @@ impl Store for SqliteStore {
                 rusqlite::params_from_iter(values.iter()),
             )
             .map_err(map_conflict)?;
-        if n == 0 { Err(StoreError::NotFound) } else { Ok(()) }
+        if n == 0 {
+            Err(StoreError::NotFound)
+        } else {
+            Ok(())
+        }
     }
 
     fn delete(&self, id: Uuid) -> Result<bool, StoreError> {
-        let n = self.conn().execute("DELETE FROM instances WHERE id = ?1", [id.to_string()])?;
+        let n = self
+            .conn()
+            .execute("DELETE FROM instances WHERE id = ?1", [id.to_string()])?;
         Ok(n > 0)
     }
 
@@ -241,7 +269,11 @@ impl Store for SqliteStore {
             return Ok(true);
         }
         let exists: Option<i64> = conn
-            .query_row("SELECT 1 FROM instances WHERE id = ?1", [id.to_string()], |r| r.get(0))
+            .query_row(
+                "SELECT 1 FROM instances WHERE id = ?1",
+                [id.to_string()],
+                |r| r.get(0),
+            )
             .optional()?;
         exists.map(|_| false).ok_or(StoreError::NotFound)
     }
@@ -290,10 +322,23 @@ impl Store for SqliteStore {
                  WHERE instance_id = ?1 AND direction = ?2 ORDER BY id LIMIT 1) \
                  RETURNING id, created_at, body",
                 params![id.to_string(), direction.as_str()],
-                |r| Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?, r.get::<_, Vec<u8>>(2)?)),
+                |r| {
+                    Ok((
+                        r.get::<_, i64>(0)?,
+                        r.get::<_, String>(1)?,
+                        r.get::<_, Vec<u8>>(2)?,
+                    ))
+                },
             )
             .optional()?;
-        row.map(|(id, at, body)| Ok(Message { id, created_at: parse_ts(&at)?, body })).transpose()
+        row.map(|(id, at, body)| {
+            Ok(Message {
+                id,
+                created_at: parse_ts(&at)?,
+                body,
+            })
+        })
+        .transpose()
     }
 
     fn drain_messages(&self, id: Uuid, direction: Direction) -> Result<Vec<Message>, StoreError> {
@@ -303,12 +348,20 @@ impl Store for SqliteStore {
              RETURNING id, created_at, body",
         )?;
         let rows = stmt.query_map(params![id.to_string(), direction.as_str()], |r| {
-            Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?, r.get::<_, Vec<u8>>(2)?))
+            Ok((
+                r.get::<_, i64>(0)?,
+                r.get::<_, String>(1)?,
+                r.get::<_, Vec<u8>>(2)?,
+            ))
         })?;
         let mut out = Vec::new();
         for row in rows {
             let (id, at, body) = row?;
-            out.push(Message { id, created_at: parse_ts(&at)?, body });
+            out.push(Message {
+                id,
+                created_at: parse_ts(&at)?,
+                body,
+            });
         }
         out.sort_by_key(|m| m.id);
         Ok(out)

@@ -15,10 +15,18 @@ fn instance(name: &str, addr: &str) -> Instance {
     };
     spec.metadata.insert("role".into(), "web".into());
     spec.os_params.public.insert("pub_p".into(), "shown".into());
-    spec.os_params.private.insert("priv_p".into(), Secret::new("private-canary".into()));
-    spec.os_params.secret.insert("sec_p".into(), Secret::new("SECRET-CANARY-91f2".into()));
-    spec.into_instance(Uuid::new_v4(), OffsetDateTime::now_utc().replace_nanosecond(0).unwrap(), vec![7; RANDOM_SEED_LEN])
-        .unwrap()
+    spec.os_params
+        .private
+        .insert("priv_p".into(), Secret::new("private-canary".into()));
+    spec.os_params
+        .secret
+        .insert("sec_p".into(), Secret::new("SECRET-CANARY-91f2".into()));
+    spec.into_instance(
+        Uuid::new_v4(),
+        OffsetDateTime::now_utc().replace_nanosecond(0).unwrap(),
+        vec![7; RANDOM_SEED_LEN],
+    )
+    .unwrap()
 }
 
 fn grep_dir(dir: &std::path::Path, needle: &[u8]) -> Vec<String> {
@@ -61,15 +69,24 @@ fn secret_params_never_reach_the_database() {
     a.name = "renamed".into();
     store.update(&a).unwrap();
     drop(store);
-    assert_eq!(grep_dir(dir.path(), b"SECRET-CANARY-91f2"), Vec::<String>::new());
-    assert!(!grep_dir(dir.path(), b"private-canary").is_empty(), "private values are stored");
+    assert_eq!(
+        grep_dir(dir.path(), b"SECRET-CANARY-91f2"),
+        Vec::<String>::new()
+    );
+    assert!(
+        !grep_dir(dir.path(), b"private-canary").is_empty(),
+        "private values are stored"
+    );
 }
 
 #[test]
 fn name_and_address_are_unique() {
     let store = SqliteStore::in_memory().unwrap();
     store.insert(&instance("a", "127.0.0.2")).unwrap();
-    assert!(matches!(store.insert(&instance("a", "127.0.0.3")), Err(StoreError::Conflict("name"))));
+    assert!(matches!(
+        store.insert(&instance("a", "127.0.0.3")),
+        Err(StoreError::Conflict("name"))
+    ));
     assert!(matches!(
         store.insert(&instance("b", "127.0.0.2")),
         Err(StoreError::Conflict("metadata_address"))
@@ -83,8 +100,14 @@ fn password_is_set_once() {
     store.insert(&a).unwrap();
     assert!(store.set_password_once(a.id, "first").unwrap());
     assert!(!store.set_password_once(a.id, "second").unwrap());
-    assert_eq!(store.load_all().unwrap()[0].password.as_deref(), Some("first"));
-    assert!(matches!(store.set_password_once(Uuid::new_v4(), "x"), Err(StoreError::NotFound)));
+    assert_eq!(
+        store.load_all().unwrap()[0].password.as_deref(),
+        Some("first")
+    );
+    assert!(matches!(
+        store.set_password_once(Uuid::new_v4(), "x"),
+        Err(StoreError::NotFound)
+    ));
 }
 
 #[test]
@@ -93,15 +116,47 @@ fn messages_queue_in_order_with_a_cap_and_die_with_the_instance() {
     let a = instance("a", "127.0.0.2");
     store.insert(&a).unwrap();
     for n in 0..3 {
-        assert!(store.push_message(a.id, Direction::ToGuest, format!("m{n}").as_bytes(), 3).unwrap().is_some());
+        assert!(
+            store
+                .push_message(a.id, Direction::ToGuest, format!("m{n}").as_bytes(), 3)
+                .unwrap()
+                .is_some()
+        );
     }
-    assert!(store.push_message(a.id, Direction::ToGuest, b"over", 3).unwrap().is_none());
-    assert_eq!(store.pop_message(a.id, Direction::ToGuest).unwrap().unwrap().body, b"m0");
+    assert!(
+        store
+            .push_message(a.id, Direction::ToGuest, b"over", 3)
+            .unwrap()
+            .is_none()
+    );
+    assert_eq!(
+        store
+            .pop_message(a.id, Direction::ToGuest)
+            .unwrap()
+            .unwrap()
+            .body,
+        b"m0"
+    );
     assert_eq!(store.pop_message(a.id, Direction::ToHost).unwrap(), None);
-    let rest: Vec<_> = store.drain_messages(a.id, Direction::ToGuest).unwrap().into_iter().map(|m| m.body).collect();
+    let rest: Vec<_> = store
+        .drain_messages(a.id, Direction::ToGuest)
+        .unwrap()
+        .into_iter()
+        .map(|m| m.body)
+        .collect();
     assert_eq!(rest, vec![b"m1".to_vec(), b"m2".to_vec()]);
-    store.push_message(a.id, Direction::ToHost, b"x", 3).unwrap();
+    store
+        .push_message(a.id, Direction::ToHost, b"x", 3)
+        .unwrap();
     assert!(store.delete(a.id).unwrap());
-    assert!(store.drain_messages(a.id, Direction::ToHost).unwrap().is_empty());
-    assert!(matches!(store.push_message(a.id, Direction::ToHost, b"x", 3), Err(StoreError::NotFound)));
+    assert!(
+        store
+            .drain_messages(a.id, Direction::ToHost)
+            .unwrap()
+            .is_empty()
+    );
+    assert!(matches!(
+        store.push_message(a.id, Direction::ToHost, b"x", 3),
+        Err(StoreError::NotFound)
+    ));
 }

@@ -26,7 +26,11 @@ impl Api {
             .timeout(std::time::Duration::from_secs(30))
             .build()
             .context("cannot build the HTTP client")?;
-        Ok(Api { base: args.url.trim_end_matches('/').to_string(), token, http })
+        Ok(Api {
+            base: args.url.trim_end_matches('/').to_string(),
+            token,
+            http,
+        })
     }
 
     pub fn url(&self, path: &str) -> String {
@@ -44,7 +48,12 @@ impl Api {
         let status = resp.status();
         let text = resp.text().unwrap_or_default();
         match serde_json::from_str::<ErrorBody>(&text) {
-            Ok(b) => bail!("{} (HTTP {}, {})", b.error.message, status.as_u16(), b.error.code),
+            Ok(b) => bail!(
+                "{} (HTTP {}, {})",
+                b.error.message,
+                status.as_u16(),
+                b.error.code
+            ),
             Err(_) => bail!("the admin API answered HTTP {status}: {text}"),
         }
     }
@@ -53,12 +62,24 @@ impl Api {
         Ok(self.send(self.http.get(self.url(path)))?.json()?)
     }
 
-    pub fn post<B: serde::Serialize, T: DeserializeOwned>(&self, path: &str, body: &B) -> Result<T> {
-        Ok(self.send(self.http.post(self.url(path)).json(body))?.json()?)
+    pub fn post<B: serde::Serialize, T: DeserializeOwned>(
+        &self,
+        path: &str,
+        body: &B,
+    ) -> Result<T> {
+        Ok(self
+            .send(self.http.post(self.url(path)).json(body))?
+            .json()?)
     }
 
-    pub fn patch<B: serde::Serialize, T: DeserializeOwned>(&self, path: &str, body: &B) -> Result<T> {
-        Ok(self.send(self.http.patch(self.url(path)).json(body))?.json()?)
+    pub fn patch<B: serde::Serialize, T: DeserializeOwned>(
+        &self,
+        path: &str,
+        body: &B,
+    ) -> Result<T> {
+        Ok(self
+            .send(self.http.patch(self.url(path)).json(body))?
+            .json()?)
     }
 
     pub fn delete(&self, path: &str) -> Result<()> {
@@ -68,7 +89,8 @@ impl Api {
 }
 
 fn read_token(path: &std::path::Path) -> Result<String> {
-    let t = std::fs::read_to_string(path).with_context(|| format!("cannot read the admin token from {}", path.display()))?;
+    let t = std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read the admin token from {}", path.display()))?;
     let t = t.trim().to_string();
     if t.is_empty() {
         bail!("{} is empty", path.display());

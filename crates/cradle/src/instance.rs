@@ -9,7 +9,8 @@ use base64::Engine;
 use base64::engine::general_purpose::STANDARD as B64;
 use clap::{Args, Subcommand};
 use cradle_model::api::{
-    InstancePatch, InstanceSpec, InstanceView, MessageIn, MessageView, OsParamsPatch, OsParamsSpec, Patch,
+    InstancePatch, InstanceSpec, InstanceView, MessageIn, MessageView, OsParamsPatch, OsParamsSpec,
+    Patch,
 };
 use cradle_model::{ImdsTokens, Secret};
 use serde::Deserialize;
@@ -28,12 +29,14 @@ pub struct InstanceArgs {
 #[derive(Subcommand, Debug)]
 enum InstanceCommand {
     /// Register an instance.
-    #[command(after_help = "Parameter values (--param, --private-param, --secret-param) and keys \
+    #[command(
+        after_help = "Parameter values (--param, --private-param, --secret-param) and keys \
 (--key) may be given as @FILE to read them from a file, which keeps them off the command line. \
 Secret parameters are held in memory only: they are gone when the server restarts and must be \
 given again (with `instance modify`).\n\nExample:\n  cradle instance add web1 --metadata-address \
 169.254.10.1 --hostname web1 --key alice=@~/.ssh/id_ed25519.pub --user-data cloud-init.yaml \
---secret-param db_password=@db.pass")]
+--secret-param db_password=@db.pass"
+    )]
     Add(Box<AddArgs>),
     /// List instances.
     List,
@@ -188,7 +191,18 @@ pub fn run(args: InstanceArgs) -> Result<()> {
                             ]
                         })
                         .collect();
-                    table(&mut out, &["ID", "NAME", "STATE", "METADATA ADDRESS", "HOSTNAME", "PROJECT"], &rows)?;
+                    table(
+                        &mut out,
+                        &[
+                            "ID",
+                            "NAME",
+                            "STATE",
+                            "METADATA ADDRESS",
+                            "HOSTNAME",
+                            "PROJECT",
+                        ],
+                        &rows,
+                    )?;
                 }
             }
             Ok(())
@@ -212,15 +226,28 @@ pub fn run(args: InstanceArgs) -> Result<()> {
             }
             Ok(())
         }
-        InstanceCommand::Send { instance, text, file } => {
+        InstanceCommand::Send {
+            instance,
+            text,
+            file,
+        } => {
             let msg = match (text, file) {
-                (Some(t), _) => MessageIn { text: Some(t), data: None },
+                (Some(t), _) => MessageIn {
+                    text: Some(t),
+                    data: None,
+                },
                 (None, f) => {
                     let bytes = read_source(f.as_deref().unwrap_or(std::path::Path::new("-")))?;
-                    MessageIn { text: None, data: Some(B64.encode(bytes)) }
+                    MessageIn {
+                        text: None,
+                        data: Some(B64.encode(bytes)),
+                    }
                 }
             };
-            let r: serde_json::Value = api.post(&format!("/v1/instances/{}/messages", segment(&instance)), &msg)?;
+            let r: serde_json::Value = api.post(
+                &format!("/v1/instances/{}/messages", segment(&instance)),
+                &msg,
+            )?;
             if output == Output::Json {
                 writeln!(out, "{r}")?;
             } else {
@@ -240,7 +267,12 @@ pub fn run(args: InstanceArgs) -> Result<()> {
                     for m in &d.messages {
                         match &m.text {
                             Some(t) => writeln!(out, "{}", t)?,
-                            None => writeln!(out, "[{} bytes, base64] {}", B64.decode(&m.data).map(|b| b.len()).unwrap_or(0), m.data)?,
+                            None => writeln!(
+                                out,
+                                "[{} bytes, base64] {}",
+                                B64.decode(&m.data).map(|b| b.len()).unwrap_or(0),
+                                m.data
+                            )?,
                         }
                     }
                 }
@@ -253,7 +285,9 @@ pub fn run(args: InstanceArgs) -> Result<()> {
 fn read_source(path: &std::path::Path) -> Result<Vec<u8>> {
     if path == std::path::Path::new("-") {
         let mut buf = Vec::new();
-        std::io::stdin().read_to_end(&mut buf).context("cannot read standard input")?;
+        std::io::stdin()
+            .read_to_end(&mut buf)
+            .context("cannot read standard input")?;
         Ok(buf)
     } else {
         std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))
@@ -268,7 +302,8 @@ fn pair(flag: &str, s: &str) -> Result<(String, String)> {
     };
     let v = match v.strip_prefix('@') {
         Some(path) => {
-            let text = std::fs::read_to_string(path).with_context(|| format!("{flag} {k}: cannot read {path}"))?;
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("{flag} {k}: cannot read {path}"))?;
             text.strip_suffix('\n').map(str::to_string).unwrap_or(text)
         }
         None => v.to_string(),
@@ -283,7 +318,9 @@ fn pairs(flag: &str, items: &[String]) -> Result<BTreeMap<String, String>> {
 fn build_spec(a: AddArgs) -> Result<InstanceSpec> {
     let f = a.fields;
     let Some(metadata_address) = f.metadata_address else {
-        bail!("--metadata-address is required: the address the guest's metadata requests come from");
+        bail!(
+            "--metadata-address is required: the address the guest's metadata requests come from"
+        );
     };
     Ok(InstanceSpec {
         name: a.name,
@@ -292,7 +329,12 @@ fn build_spec(a: AddArgs) -> Result<InstanceSpec> {
         availability_zone: f.availability_zone,
         launch_index: f.launch_index,
         instance_type: f.instance_type,
-        user_data: f.user_data.as_deref().map(read_source).transpose()?.map(|b| B64.encode(b)),
+        user_data: f
+            .user_data
+            .as_deref()
+            .map(read_source)
+            .transpose()?
+            .map(|b| B64.encode(b)),
         metadata: pairs("--meta", &f.meta)?,
         public_keys: pairs("--key", &f.keys)?,
         metadata_address,
@@ -308,12 +350,18 @@ fn build_spec(a: AddArgs) -> Result<InstanceSpec> {
             private: secrets("--private-param", &f.private_params)?,
             secret: secrets("--secret-param", &f.secret_params)?,
         },
-        imds_tokens: f.imds_tokens.map(|t| t.parse::<ImdsTokens>().map_err(anyhow::Error::msg)).transpose()?,
+        imds_tokens: f
+            .imds_tokens
+            .map(|t| t.parse::<ImdsTokens>().map_err(anyhow::Error::msg))
+            .transpose()?,
     })
 }
 
 fn secrets(flag: &str, items: &[String]) -> Result<BTreeMap<String, Secret<String>>> {
-    Ok(pairs(flag, items)?.into_iter().map(|(k, v)| (k, Secret::new(v))).collect())
+    Ok(pairs(flag, items)?
+        .into_iter()
+        .map(|(k, v)| (k, Secret::new(v)))
+        .collect())
 }
 
 fn some_map<V>(m: BTreeMap<String, V>) -> BTreeMap<String, Option<V>> {
@@ -348,7 +396,12 @@ fn build_patch(m: ModifyArgs) -> Result<InstancePatch> {
         user_data: if m.clear_user_data {
             Patch::Null
         } else {
-            opt(f.user_data.as_deref().map(read_source).transpose()?.map(|b| B64.encode(b)))
+            opt(f
+                .user_data
+                .as_deref()
+                .map(read_source)
+                .transpose()?
+                .map(|b| B64.encode(b)))
         },
         metadata,
         public_keys,
@@ -357,11 +410,18 @@ fn build_patch(m: ModifyArgs) -> Result<InstancePatch> {
         local_ipv4: opt(f.local_ipv4),
         gateway_ipv4: opt(f.gateway_ipv4),
         dns_nameservers: if f.dns.is_empty() { None } else { Some(f.dns) },
-        public_ipv4: if m.clear_public_ipv4 { Patch::Null } else { opt(f.public_ipv4) },
+        public_ipv4: if m.clear_public_ipv4 {
+            Patch::Null
+        } else {
+            opt(f.public_ipv4)
+        },
         os_type: opt(f.os_type),
         os_image: opt(f.os_image),
         os_params,
-        imds_tokens: f.imds_tokens.map(|t| t.parse::<ImdsTokens>().map_err(anyhow::Error::msg)).transpose()?,
+        imds_tokens: f
+            .imds_tokens
+            .map(|t| t.parse::<ImdsTokens>().map_err(anyhow::Error::msg))
+            .transpose()?,
     })
 }
 
@@ -371,7 +431,10 @@ fn print_instance(out: &mut impl Write, output: Output, v: &InstanceView) -> Res
         return Ok(());
     }
     let join = |m: &BTreeMap<String, String>| {
-        m.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(", ")
+        m.iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect::<Vec<_>>()
+            .join(", ")
     };
     let os = match (&v.os_type, &v.os_image) {
         (Some(t), _) => format!("type {t}"),
@@ -389,13 +452,32 @@ fn print_instance(out: &mut impl Write, output: Output, v: &InstanceView) -> Res
         ("instance type", v.instance_type.clone()),
         ("metadata address", v.metadata_address.to_string()),
         ("mac", v.mac.clone()),
-        ("local ipv4", v.local_ipv4.map(|a| a.to_string()).unwrap_or_else(|| "-".into())),
-        ("public ipv4", v.public_ipv4.map(|a| a.to_string()).unwrap_or_else(|| "-".into())),
+        (
+            "local ipv4",
+            v.local_ipv4
+                .map(|a| a.to_string())
+                .unwrap_or_else(|| "-".into()),
+        ),
+        (
+            "public ipv4",
+            v.public_ipv4
+                .map(|a| a.to_string())
+                .unwrap_or_else(|| "-".into()),
+        ),
         ("os", os),
         ("imds tokens", v.imds_tokens.as_str().into()),
         ("metadata", join(&v.metadata)),
-        ("public keys", v.public_keys.keys().cloned().collect::<Vec<_>>().join(", ")),
-        ("user data", v.user_data.as_ref().map(|u| format!("{} bytes", B64.decode(u).map(|b| b.len()).unwrap_or(0))).unwrap_or_else(|| "-".into())),
+        (
+            "public keys",
+            v.public_keys.keys().cloned().collect::<Vec<_>>().join(", "),
+        ),
+        (
+            "user data",
+            v.user_data
+                .as_ref()
+                .map(|u| format!("{} bytes", B64.decode(u).map(|b| b.len()).unwrap_or(0)))
+                .unwrap_or_else(|| "-".into()),
+        ),
         ("public params", join(&v.os_params.public)),
         ("private params", v.os_params.private.join(", ")),
         ("secret params", v.os_params.secret.join(", ")),
@@ -417,7 +499,14 @@ fn table(out: &mut impl Write, headers: &[&str], rows: &[Vec<String>]) -> Result
         }
     }
     let line = |cells: Vec<&str>| {
-        cells.iter().zip(&widths).map(|(c, w)| format!("{c:<w$}")).collect::<Vec<_>>().join("  ").trim_end().to_string()
+        cells
+            .iter()
+            .zip(&widths)
+            .map(|(c, w)| format!("{c:<w$}"))
+            .collect::<Vec<_>>()
+            .join("  ")
+            .trim_end()
+            .to_string()
     };
     writeln!(out, "{}", line(headers.to_vec()))?;
     for r in rows {

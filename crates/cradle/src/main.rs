@@ -49,16 +49,31 @@ pub enum Output {
 #[derive(clap::Args, Debug, Clone)]
 pub struct ApiArgs {
     /// Admin API base URL.
-    #[arg(long, env = "CRADLE_ADMIN_URL", default_value = "http://127.0.0.1:8774", global = true)]
+    #[arg(
+        long,
+        env = "CRADLE_ADMIN_URL",
+        default_value = "http://127.0.0.1:8774",
+        global = true
+    )]
     pub url: String,
     /// Bearer token. Prefer CRADLE_ADMIN_TOKEN or --token-file: command lines are visible to other users.
-    #[arg(long, env = "CRADLE_ADMIN_TOKEN", hide_env_values = true, global = true)]
+    #[arg(
+        long,
+        env = "CRADLE_ADMIN_TOKEN",
+        hide_env_values = true,
+        global = true
+    )]
     pub token: Option<String>,
     /// File holding the bearer token [default: <data-dir>/admin.token].
     #[arg(long, global = true)]
     pub token_file: Option<PathBuf>,
     /// The server's data directory, where `serve` wrote admin.token.
-    #[arg(long, env = "CRADLE_SERVER_DATA_DIR", default_value = "./cradle-data", global = true)]
+    #[arg(
+        long,
+        env = "CRADLE_SERVER_DATA_DIR",
+        default_value = "./cradle-data",
+        global = true
+    )]
     pub data_dir: PathBuf,
     /// Output format.
     #[arg(long, short = 'o', value_enum, default_value_t = Output::Table, global = true)]

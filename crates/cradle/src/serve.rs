@@ -21,10 +21,12 @@ use tokio::sync::watch;
 use tracing::{info, warn};
 
 #[derive(clap::Args, Debug)]
-#[command(after_help = "With no flags, serve runs on the embedded SQLite store in ./cradle-data, \
+#[command(
+    after_help = "With no flags, serve runs on the embedded SQLite store in ./cradle-data, \
 the admin API on 127.0.0.1:8774 and the metadata service on 127.0.0.1:8775. In production the \
 metadata service listens on 169.254.169.254:80.\n\nEvery setting can also come from --config FILE \
-or from CRADLE_<SECTION>_<KEY> environment variables; see docs/configuration.md.")]
+or from CRADLE_<SECTION>_<KEY> environment variables; see docs/configuration.md."
+)]
 pub struct ServeArgs {
     /// TOML configuration file.
     #[arg(long, value_name = "FILE")]
@@ -79,7 +81,9 @@ pub fn run(args: ServeArgs) -> Result<()> {
 
 fn init_logging(config: &Config) -> Result<()> {
     let filter = match std::env::var("RUST_LOG") {
-        Ok(f) => tracing_subscriber::EnvFilter::try_new(f).context("RUST_LOG is not a valid filter")?,
+        Ok(f) => {
+            tracing_subscriber::EnvFilter::try_new(f).context("RUST_LOG is not a valid filter")?
+        }
         Err(_) => tracing_subscriber::EnvFilter::try_new(&config.log.level)
             .with_context(|| format!("log.level {:?} is not a valid filter", config.log.level))?,
     };
@@ -106,17 +110,23 @@ async fn serve(config: Config, demo: bool) -> Result<()> {
     let vendor_data = match &config.vendordata.static_file {
         None => serde_json::json!({}),
         Some(path) => {
-            let text = std::fs::read(path)
-                .with_context(|| format!("cannot read vendordata.static_file {}", path.display()))?;
+            let text = std::fs::read(path).with_context(|| {
+                format!("cannot read vendordata.static_file {}", path.display())
+            })?;
             serde_json::from_slice(&text)
                 .with_context(|| format!("vendordata.static_file {} is not JSON", path.display()))?
         }
     };
 
     let db = data_dir.join("cradle.db");
-    let store = SqliteStore::open(&db).with_context(|| format!("cannot open the database {}", db.display()))?;
-    let limits = ChannelLimits { queue_len: config.channel.queue_len, message_bytes: config.channel.message_bytes };
-    let registry = Arc::new(Registry::open(Arc::new(store), limits).context("cannot load instances")?);
+    let store = SqliteStore::open(&db)
+        .with_context(|| format!("cannot open the database {}", db.display()))?;
+    let limits = ChannelLimits {
+        queue_len: config.channel.queue_len,
+        message_bytes: config.channel.message_bytes,
+    };
+    let registry =
+        Arc::new(Registry::open(Arc::new(store), limits).context("cannot load instances")?);
     let metrics = Arc::new(Metrics::new());
     metrics.instances.set(registry.len() as i64);
 
@@ -125,7 +135,12 @@ async fn serve(config: Config, demo: bool) -> Result<()> {
         .with_context(|| format!("cannot listen on {} for the admin API", config.admin.listen))?;
     let metadata_listener = TcpListener::bind(config.metadata.listen)
         .await
-        .with_context(|| format!("cannot listen on {} for the metadata service", config.metadata.listen))?;
+        .with_context(|| {
+            format!(
+                "cannot listen on {} for the metadata service",
+                config.metadata.listen
+            )
+        })?;
     let admin_addr = admin_listener.local_addr()?;
     let metadata_addr = metadata_listener.local_addr()?;
 
@@ -140,7 +155,11 @@ async fn serve(config: Config, demo: bool) -> Result<()> {
         token,
         max_body_bytes: config.admin.max_body_bytes,
     });
-    let admin = tokio::spawn(cradle_admin::serve(admin_listener, admin_state, stopped(stop_rx.clone())));
+    let admin = tokio::spawn(cradle_admin::serve(
+        admin_listener,
+        admin_state,
+        stopped(stop_rx.clone()),
+    ));
     let settings = cradle_metadata::Settings {
         hop_limit: config.metadata.hop_limit,
         max_connections: config.metadata.max_connections,
@@ -149,8 +168,17 @@ async fn serve(config: Config, demo: bool) -> Result<()> {
         max_body_bytes: config.metadata.max_body_bytes,
         max_token_ttl: config.metadata.max_token_ttl,
     };
-    let service = Arc::new(cradle_metadata::MetadataService::new(registry.clone(), metrics, vendor_data, settings));
-    let metadata = tokio::spawn(cradle_metadata::serve(metadata_listener, service, stopped(stop_rx)));
+    let service = Arc::new(cradle_metadata::MetadataService::new(
+        registry.clone(),
+        metrics,
+        vendor_data,
+        settings,
+    ));
+    let metadata = tokio::spawn(cradle_metadata::serve(
+        metadata_listener,
+        service,
+        stopped(stop_rx),
+    ));
 
     info!(instances = registry.len(), data_dir = %data_dir.display(), "cradle started");
     // These two lines are the contract with scripts and tests that start
@@ -183,7 +211,8 @@ async fn shutdown_signal() {
 }
 
 fn create_private_dir(dir: &Path) -> Result<()> {
-    std::fs::create_dir_all(dir).with_context(|| format!("cannot create the data directory {}", dir.display()))?;
+    std::fs::create_dir_all(dir)
+        .with_context(|| format!("cannot create the data directory {}", dir.display()))?;
     let mode = std::fs::metadata(dir)?.permissions().mode();
     if mode & 0o077 != 0 {
         std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
@@ -204,7 +233,10 @@ fn load_or_create_token(path: &Path) -> Result<Secret<String>> {
             }
             return Ok(Secret::new(t.trim().to_string()));
         }
-        Ok(_) => bail!("{} is empty; remove it to have a new token generated", path.display()),
+        Ok(_) => bail!(
+            "{} is empty; remove it to have a new token generated",
+            path.display()
+        ),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
         Err(e) => return Err(e).with_context(|| format!("cannot read {}", path.display())),
     }
@@ -237,7 +269,10 @@ fn demo_key() -> String {
     blob.extend_from_slice(b"ssh-ed25519");
     blob.extend_from_slice(&32u32.to_be_bytes());
     blob.extend_from_slice(&[0x5a; 32]);
-    format!("ssh-ed25519 {} demo@cradle", base64::engine::general_purpose::STANDARD.encode(blob))
+    format!(
+        "ssh-ed25519 {} demo@cradle",
+        base64::engine::general_purpose::STANDARD.encode(blob)
+    )
 }
 
 fn print_demo(
@@ -265,11 +300,15 @@ fn print_demo(
             };
             spec.metadata.insert("role".into(), "demo".into());
             spec.public_keys.insert("demo".into(), demo_key());
-            spec.os_params.public.insert("greeting".into(), "hello".into());
+            spec.os_params
+                .public
+                .insert("greeting".into(), "hello".into());
             match registry.create(spec) {
                 Ok(i) => i,
                 Err(RegistryError::Conflict(what)) => {
-                    bail!("cannot register the demo instance: another instance already has its {what}")
+                    bail!(
+                        "cannot register the demo instance: another instance already has its {what}"
+                    )
                 }
                 Err(e) => return Err(e).context("cannot register the demo instance"),
             }
@@ -277,17 +316,40 @@ fn print_demo(
     };
     let m = metadata;
     writeln!(out)?;
-    writeln!(out, "demo instance {} ({}) registered at {DEMO_ADDRESS}. Read its metadata as that guest:", instance.name, instance.id)?;
-    writeln!(out, "  curl --interface {DEMO_ADDRESS} http://{m}/openstack/latest/meta_data.json")?;
-    writeln!(out, "  curl --interface {DEMO_ADDRESS} http://{m}/latest/meta-data/")?;
-    writeln!(out, "  curl --interface {DEMO_ADDRESS} http://{m}/cradle/latest/os/parameters.json")?;
+    writeln!(
+        out,
+        "demo instance {} ({}) registered at {DEMO_ADDRESS}. Read its metadata as that guest:",
+        instance.name, instance.id
+    )?;
+    writeln!(
+        out,
+        "  curl --interface {DEMO_ADDRESS} http://{m}/openstack/latest/meta_data.json"
+    )?;
+    writeln!(
+        out,
+        "  curl --interface {DEMO_ADDRESS} http://{m}/latest/meta-data/"
+    )?;
+    writeln!(
+        out,
+        "  curl --interface {DEMO_ADDRESS} http://{m}/cradle/latest/os/parameters.json"
+    )?;
     writeln!(out, "IMDSv2:")?;
     writeln!(
         out,
         "  TOKEN=$(curl -s --interface {DEMO_ADDRESS} -X PUT -H 'X-aws-ec2-metadata-token-ttl-seconds: 300' http://{m}/latest/api/token)"
     )?;
-    writeln!(out, "  curl --interface {DEMO_ADDRESS} -H \"X-aws-ec2-metadata-token: $TOKEN\" http://{m}/latest/meta-data/instance-id")?;
-    writeln!(out, "Manage it through the admin API (token in {}):", data_dir.join("admin.token").display())?;
-    writeln!(out, "  cargo run --release -- instance show demo --url http://{admin}")?;
+    writeln!(
+        out,
+        "  curl --interface {DEMO_ADDRESS} -H \"X-aws-ec2-metadata-token: $TOKEN\" http://{m}/latest/meta-data/instance-id"
+    )?;
+    writeln!(
+        out,
+        "Manage it through the admin API (token in {}):",
+        data_dir.join("admin.token").display()
+    )?;
+    writeln!(
+        out,
+        "  cargo run --release -- instance show demo --url http://{admin}"
+    )?;
     Ok(())
 }

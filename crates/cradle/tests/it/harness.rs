@@ -1,0 +1,341 @@
+//! Start `cradle serve` for a test and talk to it as the operator or as a guest.
+
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+use serde_json::Value;
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_cradle");
+
+/// A running `cradle serve`, stopped (SIGTERM) when dropped.
+pub struct Server {
+    child: Option<Child>,
+    pub admin_url: String,
+    pub metadata: SocketAddr,
+    pub data_dir: PathBuf,
+    pub log_path: PathBuf,
+    pub token: String,
+    _tmp: Option<tempfile::TempDir>,
+}
+
+/// Options for starting a server.
+#[derive(Default)]
+pub struct Opts<'a> {
+    pub data_dir: Option<&'a Path>,
+    pub args: &'a [&'a str],
+    pub env: &'a [(&'a str, &'a str)],
+    /// The RUST_LOG filter; default "info".
+    pub log: Option<&'a str>,
+}
+
+impl Server {
+    pub fn start() -> Server {
+        Server::start_with(Opts::default())
+    }
+
+    pub fn start_with(opts: Opts<'_>) -> Server {
+        let (tmp, data_dir) = match opts.data_dir {
+            Some(d) => (None, d.to_path_buf()),
+            None => {
+                let t = tempfile::tempdir().expect("temp dir");
+                let d = t.path().join("data");
+                (Some(t), d)
+            }
+        };
+        let log_dir = tmp
+            .as_ref()
+            .map(|t| t.path().to_path_buf())
+            .unwrap_or_else(|| data_dir.parent().unwrap().to_path_buf());
+        let log_path = log_dir.join(format!(
+            "serve-{}.log",
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_nanos()
+        ));
+        let log = std::fs::File::create(&log_path).expect("log file");
+        let mut cmd = Command::new(BIN);
+        cmd.arg("serve")
+            .arg("--data-dir")
+            .arg(&data_dir)
+            .args([
+                "--admin-listen",
+                "127.0.0.1:0",
+                "--metadata-listen",
+                "127.0.0.1:0",
+            ])
+            .args(opts.args)
+            .env("RUST_LOG", opts.log.unwrap_or("info"))
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::from(log));
+        for (k, v) in opts.env {
+            cmd.env(k, v);
+        }
+        let mut child = cmd.spawn().expect("spawn cradle serve");
+        let stdout = child.stdout.take().unwrap();
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let (mut admin, mut metadata) = (None, None);
+        while admin.is_none() || metadata.is_none() {
+            let line = match rx.recv_timeout(Duration::from_secs(30)) {
+                Ok(l) => l,
+                Err(_) => {
+                    let _ = child.kill();
+                    panic!(
+                        "cradle serve did not start; log:\n{}",
+                        std::fs::read_to_string(&log_path).unwrap_or_default()
+                    );
+                }
+            };
+            if let Some(u) = line.strip_prefix("admin API listening on ") {
+                admin = Some(u.to_string());
+            } else if let Some(u) = line.strip_prefix("metadata service listening on http://") {
+                metadata = Some(u.parse().unwrap());
+            }
+        }
+        // Keep draining stdout so the server never blocks on a full pipe.
+        std::thread::spawn(move || for _ in rx {});
+        let token = std::fs::read_to_string(data_dir.join("admin.token"))
+            .ok()
+            .or_else(|| {
+                opts.env
+                    .iter()
+                    .find(|(k, _)| *k == "CRADLE_ADMIN_TOKEN")
+                    .map(|(_, v)| v.to_string())
+            })
+            .expect("admin token")
+            .trim()
+            .to_string();
+        Server {
+            child: Some(child),
+            admin_url: admin.unwrap(),
+            metadata: metadata.unwrap(),
+            data_dir,
+            log_path,
+            token,
+            _tmp: tmp,
+        }
+    }
+
+    /// Stop with SIGTERM and wait for the exit; returns the exit status.
+    pub fn stop(&mut self) -> Option<std::process::ExitStatus> {
+        let mut child = self.child.take()?;
+        let _ = Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status();
+        for _ in 0..100 {
+            if let Ok(Some(s)) = child.try_wait() {
+                return Some(s);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = child.kill();
+        child.wait().ok()
+    }
+
+    /// Whether the process is still running.
+    pub fn alive(&mut self) -> bool {
+        matches!(self.child.as_mut().map(|c| c.try_wait()), Some(Ok(None)))
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log_path).unwrap_or_default()
+    }
+
+    pub fn admin(&self) -> Admin {
+        Admin {
+            base: self.admin_url.clone(),
+            token: self.token.clone(),
+            http: client(None),
+        }
+    }
+
+    /// A client whose connections come from `source` (e.g. "127.0.0.2").
+    pub fn guest(&self, source: &str) -> Guest {
+        Guest {
+            base: format!("http://{}", self.metadata),
+            http: client(Some(source.parse().unwrap())),
+        }
+    }
+
+    pub fn metadata_url(&self) -> String {
+        format!("http://{}", self.metadata)
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+fn client(source: Option<IpAddr>) -> reqwest::blocking::Client {
+    let mut b = reqwest::blocking::Client::builder()
+        .no_proxy()
+        .timeout(Duration::from_secs(10));
+    if let Some(ip) = source {
+        b = b.local_address(ip);
+    }
+    b.build().unwrap()
+}
+
+/// An HTTP answer.
+#[derive(Debug)]
+pub struct Answer {
+    pub status: u16,
+    pub headers: reqwest::header::HeaderMap,
+    pub body: Vec<u8>,
+}
+
+impl Answer {
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+    pub fn json(&self) -> Value {
+        serde_json::from_slice(&self.body)
+            .unwrap_or_else(|e| panic!("not JSON ({e}): {}", self.text()))
+    }
+}
+
+fn answer(r: reqwest::blocking::Response) -> Answer {
+    let status = r.status().as_u16();
+    let headers = r.headers().clone();
+    let body = r.bytes().unwrap().to_vec();
+    Answer {
+        status,
+        headers,
+        body,
+    }
+}
+
+pub struct Admin {
+    pub base: String,
+    pub token: String,
+    pub http: reqwest::blocking::Client,
+}
+
+impl Admin {
+    /// Send `method path` with an optional raw JSON body, authenticated.
+    pub fn call(&self, method: &str, path: &str, body: Option<&str>) -> Answer {
+        let mut req = self
+            .http
+            .request(method.parse().unwrap(), format!("{}{}", self.base, path))
+            .bearer_auth(&self.token);
+        if let Some(b) = body {
+            req = req
+                .header("content-type", "application/json")
+                .body(b.to_string());
+        }
+        answer(req.send().unwrap())
+    }
+
+    pub fn create(&self, spec: &Value) -> Value {
+        let a = self.call("POST", "/v1/instances", Some(&spec.to_string()));
+        assert_eq!(a.status, 201, "create failed: {}", a.text());
+        a.json()
+    }
+}
+
+pub struct Guest {
+    pub base: String,
+    pub http: reqwest::blocking::Client,
+}
+
+impl Guest {
+    pub fn get(&self, path: &str) -> Answer {
+        answer(
+            self.http
+                .get(format!("{}{}", self.base, path))
+                .send()
+                .unwrap(),
+        )
+    }
+
+    pub fn request(
+        &self,
+        method: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: Option<Vec<u8>>,
+    ) -> Answer {
+        let mut req = self
+            .http
+            .request(method.parse().unwrap(), format!("{}{}", self.base, path));
+        for (k, v) in headers {
+            req = req.header(*k, *v);
+        }
+        if let Some(b) = body {
+            req = req.body(b);
+        }
+        answer(req.send().unwrap())
+    }
+
+    /// An IMDSv2 session token.
+    pub fn token(&self, ttl: u32) -> String {
+        let a = self.request(
+            "PUT",
+            "/latest/api/token",
+            &[("X-aws-ec2-metadata-token-ttl-seconds", &ttl.to_string())],
+            None,
+        );
+        assert_eq!(a.status, 200, "token: {}", a.text());
+        a.text()
+    }
+}
+
+/// A well-formed OpenSSH ed25519 public key line built from `seed`.
+pub fn ssh_key(seed: u8, comment: &str) -> String {
+    use base64::Engine;
+    let mut blob = Vec::new();
+    blob.extend_from_slice(&11u32.to_be_bytes());
+    blob.extend_from_slice(b"ssh-ed25519");
+    blob.extend_from_slice(&32u32.to_be_bytes());
+    blob.extend_from_slice(&[seed; 32]);
+    format!(
+        "ssh-ed25519 {} {comment}",
+        base64::engine::general_purpose::STANDARD.encode(blob)
+    )
+}
+
+pub fn b64(bytes: &[u8]) -> String {
+    use base64::Engine;
+    base64::engine::general_purpose::STANDARD.encode(bytes)
+}
+
+/// Debian's Python, which sees Debian's cloud-init and botocore packages.
+pub const DEBIAN_PYTHON: &str = "/usr/bin/python3";
+
+/// Run a Python script with Debian's interpreter; returns stdout, panics with
+/// stderr on failure.
+pub fn python(script: &str, args: &[&str]) -> String {
+    let out = Command::new(DEBIAN_PYTHON)
+        .arg("-c")
+        .arg(script)
+        .args(args)
+        .env_remove("PYTHONPATH")
+        .env("NO_PROXY", "*")
+        .output()
+        .expect("Debian's /usr/bin/python3 must be installed (cargo xtask ci installs it)");
+    assert!(
+        out.status.success(),
+        "python failed ({}):\nstdout:\n{}\nstderr:\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}

@@ -1,0 +1,8 @@
+//! Integration tests: the real `cradle` binary on ephemeral ports, driven
+//! over HTTP from 127.0.0.x source addresses, and read by real clients
+//! (cloud-init, botocore). One test binary keeps link times down.
+
+mod harness;
+
+mod admin;
+mod metadata;
