@@ -87,11 +87,10 @@ impl IntoResponse for ApiError {
 pub fn describe_json_error(e: &serde_json::Error) -> String {
     let msg = e.to_string();
     // serde_json quotes offending string values as `string "…"`.
-    let redacted = match (msg.find("string \""), msg.rfind('"')) {
+    match (msg.find("string \""), msg.rfind('"')) {
         (Some(start), Some(end)) if end > start + 8 => {
             format!("{}string{}", &msg[..start], &msg[end + 1..])
         }
         _ => msg,
-    };
-    redacted
+    }
 }

@@ -28,7 +28,7 @@ pub enum ConfigError {
     Env { var: String, message: String },
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Config {
     pub server: Server,
@@ -107,19 +107,6 @@ pub struct Log {
     pub format: LogFormat,
     /// A tracing filter such as `info` or `cradle=debug`; `RUST_LOG` wins.
     pub level: String,
-}
-
-impl Default for Config {
-    fn default() -> Self {
-        Config {
-            server: Server::default(),
-            admin: Admin::default(),
-            metadata: Metadata::default(),
-            channel: Channel::default(),
-            vendordata: Vendordata::default(),
-            log: Log::default(),
-        }
-    }
 }
 
 impl Default for Server {

@@ -79,16 +79,12 @@ fn private_json(p: &OsParams) -> String {
 }
 
 fn map_conflict(e: rusqlite::Error) -> StoreError {
-    if let rusqlite::Error::SqliteFailure(f, Some(msg)) = &e {
-        if f.code == rusqlite::ErrorCode::ConstraintViolation {
-            if msg.contains("instances.name") {
-                return StoreError::Conflict("name");
-            }
-            if msg.contains("instances.metadata_address") {
-                return StoreError::Conflict("metadata_address");
-            }
-            if msg.contains("instances.id") {
-                return StoreError::Conflict("id");
+    if let rusqlite::Error::SqliteFailure(f, Some(msg)) = &e
+        && f.code == rusqlite::ErrorCode::ConstraintViolation
+    {
+        for field in ["name", "metadata_address", "id"] {
+            if msg.contains(&format!("instances.{field}")) {
+                return StoreError::Conflict(field);
             }
         }
     }
