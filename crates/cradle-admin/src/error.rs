@@ -87,10 +87,55 @@ impl IntoResponse for ApiError {
 pub fn describe_json_error(e: &serde_json::Error) -> String {
     let msg = e.to_string();
     // serde_json quotes offending string values as `string "…"`.
-    match (msg.find("string \""), msg.rfind('"')) {
+    let msg = match (msg.find("string \""), msg.rfind('"')) {
         (Some(start), Some(end)) if end > start + 8 => {
             format!("{}string{}", &msg[..start], &msg[end + 1..])
         }
         _ => msg,
+    };
+    // An enum (such as `imds_tokens`) given an unknown string names it as
+    // ``unknown variant `…`, expected …``.
+    const VARIANT: &str = "unknown variant `";
+    match msg.find(VARIANT) {
+        Some(start) => {
+            let value_at = start + VARIANT.len();
+            let rest = &msg[value_at..];
+            let end = rest
+                .rfind("`, expected")
+                .or_else(|| rest.rfind("`, there are no variants"))
+                .map_or(msg.len(), |n| value_at + n + 1);
+            format!("{}unknown variant{}", &msg[..start], &msg[end..])
+        }
+        None => msg,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn error_for(json: &str) -> String {
+        #[derive(Debug, serde::Deserialize)]
+        #[allow(dead_code)]
+        enum Mode {
+            #[serde(rename = "optional")]
+            Optional,
+        }
+        #[derive(Debug, serde::Deserialize)]
+        #[allow(dead_code)]
+        struct T {
+            n: Option<u32>,
+            mode: Option<Mode>,
+        }
+        describe_json_error(&serde_json::from_str::<T>(json).unwrap_err())
+    }
+
+    #[test]
+    fn offending_strings_are_not_echoed() {
+        let m = error_for(r#"{"n": "CANARY"}"#);
+        assert!(!m.contains("CANARY") && m.contains("expected u32"), "{m}");
+        let m = error_for(r#"{"mode": "CANARY`, x"}"#);
+        assert!(!m.contains("CANARY"), "{m}");
+        assert!(m.starts_with("unknown variant, expected `optional`"), "{m}");
     }
 }

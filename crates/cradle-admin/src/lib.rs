@@ -133,15 +133,21 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for Json<T> {
             }
         })?;
         let mut de = serde_json::Deserializer::from_slice(&bytes);
-        let value = T::deserialize(&mut de).and_then(|v| de.end().map(|()| v));
-        value.map(Json).map_err(|e| {
+        // The path names the field that did not fit ("os_params.secret.k"),
+        // which serde_json's own message leaves out.
+        let value = match serde_path_to_error::deserialize::<_, T>(&mut de) {
+            Ok(v) => de.end().map(|()| v).map_err(|e| (String::new(), e)),
+            Err(e) => Err((e.path().to_string(), e.into_inner())),
+        };
+        value.map(Json).map_err(|(path, e)| {
             use serde_json::error::Category;
+            let described = error::describe_json_error(&e);
             match e.classify() {
-                Category::Data => ApiError::unprocessable(error::describe_json_error(&e)),
-                _ => ApiError::bad_request(format!(
-                    "malformed JSON: {}",
-                    error::describe_json_error(&e)
-                )),
+                Category::Data if path.is_empty() || path == "." => {
+                    ApiError::unprocessable(described)
+                }
+                Category::Data => ApiError::unprocessable(format!("{path}: {described}")),
+                _ => ApiError::bad_request(format!("malformed JSON: {described}")),
             }
         })
     }

@@ -101,6 +101,12 @@ pub async fn serve(
     service: Arc<MetadataService>,
     shutdown: impl Future<Output = ()>,
 ) -> std::io::Result<()> {
+    // On the listening socket too, so that even the SYN-ACK carries it.
+    set_hop_limit(
+        &socket2::SockRef::from(&listener),
+        listener.local_addr()?,
+        service.settings.hop_limit,
+    )?;
     let permits = Arc::new(Semaphore::new(service.settings.max_connections.max(1)));
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     let mut http = hyper::server::conn::http1::Builder::new();
@@ -158,11 +164,30 @@ pub async fn serve(
 /// first router.
 fn prepare(stream: &TcpStream, peer: SocketAddr, hop_limit: u32) -> std::io::Result<()> {
     stream.set_nodelay(true)?;
+    let local = stream.local_addr()?;
     let sock = socket2::SockRef::from(stream);
-    match stream.local_addr()? {
+    if local.is_ipv6() && peer.ip().to_canonical().is_ipv4() {
+        // An IPv4 peer on a dual-stack socket: the IPv4 TTL applies.
+        return sock.set_ttl_v4(hop_limit);
+    }
+    set_hop_limit(&sock, local, hop_limit)
+}
+
+fn set_hop_limit(
+    sock: &socket2::SockRef<'_>,
+    local: SocketAddr,
+    hop_limit: u32,
+) -> std::io::Result<()> {
+    match local {
         SocketAddr::V4(_) => sock.set_ttl_v4(hop_limit),
-        SocketAddr::V6(_) if peer.ip().to_canonical().is_ipv4() => sock.set_ttl_v4(hop_limit),
-        SocketAddr::V6(_) => sock.set_unicast_hops_v6(hop_limit),
+        SocketAddr::V6(_) => {
+            sock.set_unicast_hops_v6(hop_limit)?;
+            // Dual-stack listeners also answer IPv4 peers.
+            if !sock.only_v6().unwrap_or(true) {
+                sock.set_ttl_v4(hop_limit)?;
+            }
+            Ok(())
+        }
     }
 }
 
@@ -215,10 +240,13 @@ fn segments(path: &str) -> Option<Vec<&str>> {
     Some(segs)
 }
 
-fn unix_now() -> u64 {
+/// Milliseconds since the Unix epoch. Token expiry is kept in milliseconds:
+/// in whole seconds a token issued late in a second would lose most of its
+/// first second (a one-second token could be dead on arrival).
+fn unix_now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
+        .map(|d| d.as_millis() as u64)
         .unwrap_or(0)
 }
 
@@ -281,7 +309,7 @@ async fn route(svc: &MetadataService, inst: &Arc<Instance>, req: Request<Incomin
             let ok = t
                 .to_str()
                 .ok()
-                .map(|t| svc.tokens.check(t, inst.id, unix_now()));
+                .map(|t| svc.tokens.check(t, inst.id, unix_now_ms()));
             if ok != Some(Ok(())) {
                 return text(
                     StatusCode::UNAUTHORIZED,
@@ -368,7 +396,9 @@ fn issue_token(svc: &MetadataService, inst: &Instance, req: &Request<Incoming>) 
         .headers()
         .get(TTL_HEADER)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.trim().parse::<u32>().ok())
+        .map(str::trim)
+        .filter(|v| !v.is_empty() && v.bytes().all(|b| b.is_ascii_digit()))
+        .and_then(|v| v.parse::<u32>().ok())
         .filter(|t| (1..=svc.settings.max_token_ttl).contains(t));
     let Some(ttl) = ttl else {
         return text(
@@ -376,7 +406,9 @@ fn issue_token(svc: &MetadataService, inst: &Instance, req: &Request<Incoming>) 
             "400 Bad Request: X-aws-ec2-metadata-token-ttl-seconds must be a whole number of seconds from 1 to 21600",
         );
     };
-    let token = svc.tokens.issue(inst.id, unix_now() + u64::from(ttl));
+    let token = svc
+        .tokens
+        .issue(inst.id, unix_now_ms() + u64::from(ttl) * 1000);
     let mut r = reply(StatusCode::OK, "text/plain; charset=utf-8", token);
     r.headers_mut().insert(TTL_HEADER, HeaderValue::from(ttl));
     r
@@ -388,7 +420,8 @@ async fn read_body(
     req: Request<Incoming>,
     cap: usize,
 ) -> Result<Bytes, Reply> {
-    let limited = Limited::new(req.into_body(), cap);
+    // The listener-wide cap bounds every body, whatever the endpoint allows.
+    let limited = Limited::new(req.into_body(), cap.min(svc.settings.max_body_bytes));
     match tokio::time::timeout(svc.settings.body_timeout, limited.collect()).await {
         Err(_) => Err(text(
             StatusCode::REQUEST_TIMEOUT,

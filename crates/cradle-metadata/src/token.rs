@@ -35,7 +35,7 @@ impl TokenKey {
         }
     }
 
-    /// A token for `instance`, valid until `expires` (Unix seconds).
+    /// A token for `instance`, valid until `expires` (Unix milliseconds).
     pub fn issue(&self, instance: Uuid, expires: u64) -> String {
         let mut nonce = [0u8; NONCE_LEN];
         rand::rng().fill_bytes(&mut nonce);
@@ -55,7 +55,7 @@ impl TokenKey {
     }
 
     /// Accept `token` only if it was issued to `instance` and `now` (Unix
-    /// seconds) is before its expiry.
+    /// milliseconds) is before its expiry.
     pub fn check(&self, token: &str, instance: Uuid, now: u64) -> Result<(), TokenError> {
         let raw = B64
             .decode(token.trim())

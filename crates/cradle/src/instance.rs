@@ -165,7 +165,7 @@ pub fn run(args: InstanceArgs) -> Result<()> {
     match args.command {
         InstanceCommand::Add(a) => {
             let spec = build_spec(*a)?;
-            let v: InstanceView = api.post("/v1/instances", &spec)?;
+            let v: InstanceView = api.post("/v1/instances", &spec_body(&spec)?)?;
             print_instance(&mut out, output, &v)
         }
         InstanceCommand::List => {
@@ -214,7 +214,10 @@ pub fn run(args: InstanceArgs) -> Result<()> {
         InstanceCommand::Modify(m) => {
             let key = m.instance.clone();
             let patch = build_patch(*m)?;
-            let v: InstanceView = api.patch(&format!("/v1/instances/{}", segment(&key)), &patch)?;
+            let v: InstanceView = api.patch(
+                &format!("/v1/instances/{}", segment(&key)),
+                &patch_body(&patch)?,
+            )?;
             print_instance(&mut out, output, &v)
         }
         InstanceCommand::Remove { instance } => {
@@ -355,6 +358,43 @@ fn build_spec(a: AddArgs) -> Result<InstanceSpec> {
             .map(|t| t.parse::<ImdsTokens>().map_err(anyhow::Error::msg))
             .transpose()?,
     })
+}
+
+/// The body of `POST /v1/instances`. `Secret` serializes as `<redacted>`, so
+/// that a spec cannot leak through a log; the request to the server is the one
+/// place the values must go, so they are written out here explicitly.
+fn spec_body(spec: &InstanceSpec) -> Result<serde_json::Value> {
+    let mut body = serde_json::to_value(spec)?;
+    let p = &spec.os_params;
+    body["os_params"]["private"] = exposed(p.private.iter().map(|(k, v)| (k, Some(v))));
+    body["os_params"]["secret"] = exposed(p.secret.iter().map(|(k, v)| (k, Some(v))));
+    Ok(body)
+}
+
+/// The body of `PATCH /v1/instances/{id}`, with parameter values exposed as
+/// in [`spec_body`] (and `null` for a removal).
+fn patch_body(patch: &InstancePatch) -> Result<serde_json::Value> {
+    let mut body = serde_json::to_value(patch)?;
+    let p = &patch.os_params;
+    if !p.private.is_empty() {
+        body["os_params"]["private"] = exposed(p.private.iter().map(|(k, v)| (k, v.as_ref())));
+    }
+    if !p.secret.is_empty() {
+        body["os_params"]["secret"] = exposed(p.secret.iter().map(|(k, v)| (k, v.as_ref())));
+    }
+    Ok(body)
+}
+
+fn exposed<'a>(
+    params: impl Iterator<Item = (&'a String, Option<&'a Secret<String>>)>,
+) -> serde_json::Value {
+    params
+        .map(|(k, v)| {
+            let value = v.map_or(serde_json::Value::Null, |v| v.expose().as_str().into());
+            (k.clone(), value)
+        })
+        .collect::<serde_json::Map<_, _>>()
+        .into()
 }
 
 fn secrets(flag: &str, items: &[String]) -> Result<BTreeMap<String, Secret<String>>> {

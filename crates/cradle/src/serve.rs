@@ -119,6 +119,14 @@ async fn serve(config: Config, demo: bool) -> Result<()> {
     };
 
     let db = data_dir.join("cradle.db");
+    // Private parameters live in this file: create it for the owner only
+    // (SQLite gives its -wal and -shm files the same mode).
+    std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .mode(0o600)
+        .open(&db)
+        .with_context(|| format!("cannot create the database {}", db.display()))?;
     let store = SqliteStore::open(&db)
         .with_context(|| format!("cannot open the database {}", db.display()))?;
     let limits = ChannelLimits {

@@ -5,4 +5,7 @@
 mod harness;
 
 mod admin;
+mod cli;
+mod hop_limit;
 mod metadata;
+mod secrets;
