@@ -1,1 +1,118 @@
-fn main() {}
+//! Project tasks: `cargo xtask ci` (what `.ci/run` runs) and
+//! `cargo xtask bench metadata` (the metadata-service benchmark against nginx).
+
+mod bench;
+mod ci;
+mod debian;
+mod http;
+mod load;
+mod procs;
+
+use std::ffi::OsString;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{Result, bail};
+
+const USAGE: &str = "\
+usage: cargo xtask <task>
+
+tasks:
+  ci                   install the Debian packages the tests need (as root), then
+                       cargo fmt --check, cargo clippy -D warnings, cargo test
+  bench metadata       benchmark cradle's metadata service against nginx serving
+                       the same bytes; options:
+      --duration SECS        measured seconds per load phase [10]
+      --warmup SECS          warm-up seconds before each load phase [2]
+      --instances N          instances to register [10000]
+      --runs N               repeat the load phases; report medians [1]
+      --connections LIST     comma-separated connection counts [64,256]
+      --client-threads N     load generator threads [2]
+";
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let result = match args.first().map(String::as_str) {
+        Some("ci") if args.len() == 1 => ci::run(),
+        Some("bench") => match args.get(1).map(String::as_str) {
+            Some("metadata") if cfg!(debug_assertions) => reexec_optimized(&args),
+            Some("metadata") => bench::Options::parse(&args[2..]).and_then(bench::run),
+            _ => Err(anyhow::anyhow!(
+                "unknown benchmark; expected `bench metadata`\n\n{USAGE}"
+            )),
+        },
+        Some("-h" | "--help" | "help") => {
+            print!("{USAGE}");
+            return ExitCode::SUCCESS;
+        }
+        _ => Err(anyhow::anyhow!("unknown task {args:?}\n\n{USAGE}")),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("xtask: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// `cargo xtask` builds this crate unoptimized, and an unoptimized load
+/// generator (tokio included) would measure itself rather than the servers:
+/// build the release xtask and hand the benchmark over to it.
+fn reexec_optimized(args: &[String]) -> Result<()> {
+    bench::Options::parse(&args[2..])?;
+    println!("==> cargo build --release -p xtask (the load generator must be optimized)");
+    run_cargo(
+        &["build", "--release", "-p", "xtask"],
+        "xtask does not build",
+    )?;
+    let bin = target_dir().join("release").join("xtask");
+    let status = std::process::Command::new(&bin)
+        .args(args)
+        .status()
+        .map_err(|e| anyhow::anyhow!("cannot run {}: {e}", bin.display()))?;
+    if !status.success() {
+        bail!("the benchmark failed ({status})");
+    }
+    Ok(())
+}
+
+/// Cargo's target directory.
+fn target_dir() -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .map(|d| {
+            if d.is_relative() {
+                repo_root().join(d)
+            } else {
+                d
+            }
+        })
+        .unwrap_or_else(|| repo_root().join("target"))
+}
+
+/// The workspace root: the parent of this crate's directory.
+fn repo_root() -> PathBuf {
+    let manifest = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    manifest.parent().map(PathBuf::from).unwrap_or(manifest)
+}
+
+/// The cargo that runs us (`cargo xtask` sets CARGO), so nested builds use the
+/// same toolchain.
+fn cargo() -> OsString {
+    std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into())
+}
+
+/// Run `cargo <args>` in the workspace root with inherited output; fail with
+/// `hint` when it exits non-zero.
+fn run_cargo(args: &[&str], hint: &str) -> Result<()> {
+    let status = std::process::Command::new(cargo())
+        .args(args)
+        .current_dir(repo_root())
+        .status()
+        .map_err(|e| anyhow::anyhow!("cannot run cargo {}: {e}", args.join(" ")))?;
+    if !status.success() {
+        bail!("`cargo {}` failed ({status}): {hint}", args.join(" "));
+    }
+    Ok(())
+}

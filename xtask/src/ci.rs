@@ -1,0 +1,70 @@
+//! `cargo xtask ci`: the whole CI run, one step after another, failing fast.
+
+use std::process::Command;
+
+use anyhow::{Context, Result, bail};
+
+use crate::{debian, run_cargo};
+
+/// Debian packages the integration tests use: the real cloud-init (its
+/// datasources read cradle) and botocore (its IMDS fetcher reads cradle's EC2
+/// API), through Debian's Python; iproute2 and curl for the test that puts a
+/// guest behind a router in network namespaces.
+const TEST_PACKAGES: &[&str] = &["cloud-init", "python3-botocore", "iproute2", "curl"];
+const DEBIAN_PYTHON: &str = "/usr/bin/python3";
+
+pub fn run() -> Result<()> {
+    println!(
+        "==> Debian packages for the tests: {}",
+        TEST_PACKAGES.join(" ")
+    );
+    debian::ensure(
+        TEST_PACKAGES,
+        "the integration tests run cloud-init, botocore, ip and curl",
+    )?;
+    check_python()?;
+
+    println!("==> cargo fmt --check");
+    run_cargo(
+        &["fmt", "--all", "--", "--check"],
+        "the code is not formatted; run `cargo fmt --all`",
+    )?;
+
+    println!("==> cargo clippy -D warnings");
+    run_cargo(
+        &[
+            "clippy",
+            "--workspace",
+            "--all-targets",
+            "--",
+            "-D",
+            "warnings",
+        ],
+        "clippy found problems (listed above)",
+    )?;
+
+    println!("==> cargo test");
+    run_cargo(&["test", "--workspace"], "tests failed (listed above)")?;
+
+    println!("==> ci passed");
+    Ok(())
+}
+
+/// Debian's Python must import the packages the tests drive.
+fn check_python() -> Result<()> {
+    let script = "import cloudinit, botocore";
+    println!("    {DEBIAN_PYTHON} -c \"{script}\"");
+    let out = Command::new(DEBIAN_PYTHON)
+        .args(["-c", script])
+        .env_remove("PYTHONPATH")
+        .output()
+        .with_context(|| format!("cannot run {DEBIAN_PYTHON} (Debian's python3)"))?;
+    if !out.status.success() {
+        bail!(
+            "{DEBIAN_PYTHON} cannot import cloudinit and botocore ({}):\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim_end()
+        );
+    }
+    Ok(())
+}
