@@ -66,6 +66,9 @@ pub struct Metadata {
     pub hop_limit: u32,
     /// Connections served at once; more wait in the kernel's backlog.
     pub max_connections: usize,
+    /// Single-threaded workers sharing the listening address; 0 means one
+    /// per CPU.
+    pub workers: usize,
     /// Seconds a client has to send a request's headers.
     pub header_timeout: u64,
     /// Seconds a client has to send a request's body.
@@ -74,6 +77,8 @@ pub struct Metadata {
     pub max_body_bytes: usize,
     /// Longest IMDSv2 session token lifetime a guest may ask for, in seconds.
     pub max_token_ttl: u32,
+    /// Bytes of rendered EC2 and OpenStack answers kept in memory; 0 disables.
+    pub cache_bytes: usize,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -133,10 +138,12 @@ impl Default for Metadata {
             listen: ([127, 0, 0, 1], 8775).into(),
             hop_limit: 1,
             max_connections: 4096,
+            workers: 0,
             header_timeout: 5,
             body_timeout: 10,
             max_body_bytes: 128 * 1024,
             max_token_ttl: 21600,
+            cache_bytes: 64 * 1024 * 1024,
         }
     }
 }
@@ -255,10 +262,12 @@ pub const KEYS: &[(&str, &str)] = &[
     ("metadata", "listen"),
     ("metadata", "hop_limit"),
     ("metadata", "max_connections"),
+    ("metadata", "workers"),
     ("metadata", "header_timeout"),
     ("metadata", "body_timeout"),
     ("metadata", "max_body_bytes"),
     ("metadata", "max_token_ttl"),
+    ("metadata", "cache_bytes"),
     ("channel", "queue_len"),
     ("channel", "message_bytes"),
     ("vendordata", "static_file"),

@@ -13,6 +13,12 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand, ValueEnum};
 
+// The metadata hot path allocates small, short-lived buffers on every
+// request; glibc's malloc showed up as a fifth of the server's CPU in
+// profiles, mimalloc as a sliver.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(
     name = "cradle",

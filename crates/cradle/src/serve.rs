@@ -141,16 +141,21 @@ async fn serve(config: Config, demo: bool) -> Result<()> {
     let admin_listener = TcpListener::bind(config.admin.listen)
         .await
         .with_context(|| format!("cannot listen on {} for the admin API", config.admin.listen))?;
-    let metadata_listener = TcpListener::bind(config.metadata.listen)
-        .await
-        .with_context(|| {
+    let workers = match config.metadata.workers {
+        0 => std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1),
+        n => n,
+    };
+    let metadata_listeners =
+        cradle_metadata::bind(config.metadata.listen, workers).with_context(|| {
             format!(
                 "cannot listen on {} for the metadata service",
                 config.metadata.listen
             )
         })?;
     let admin_addr = admin_listener.local_addr()?;
-    let metadata_addr = metadata_listener.local_addr()?;
+    let metadata_addr = metadata_listeners[0].local_addr()?;
 
     let (stop_tx, stop_rx) = watch::channel(false);
     let stopped = move |mut rx: watch::Receiver<bool>| async move {
@@ -175,6 +180,7 @@ async fn serve(config: Config, demo: bool) -> Result<()> {
         body_timeout: Duration::from_secs(config.metadata.body_timeout),
         max_body_bytes: config.metadata.max_body_bytes,
         max_token_ttl: config.metadata.max_token_ttl,
+        cache_bytes: config.metadata.cache_bytes,
     };
     let service = Arc::new(cradle_metadata::MetadataService::new(
         registry.clone(),
@@ -182,11 +188,8 @@ async fn serve(config: Config, demo: bool) -> Result<()> {
         vendor_data,
         settings,
     ));
-    let metadata = tokio::spawn(cradle_metadata::serve(
-        metadata_listener,
-        service,
-        stopped(stop_rx),
-    ));
+    let metadata = cradle_metadata::serve_workers(metadata_listeners, service, stop_rx)
+        .context("cannot start the metadata workers")?;
 
     info!(instances = registry.len(), data_dir = %data_dir.display(), "cradle started");
     // These two lines are the contract with scripts and tests that start
@@ -203,9 +206,16 @@ async fn serve(config: Config, demo: bool) -> Result<()> {
     shutdown_signal().await;
     info!("shutting down");
     let _ = stop_tx.send(true);
-    let (a, m) = tokio::join!(admin, metadata);
-    a.context("admin task")?.context("admin API")?;
-    m.context("metadata task")?.context("metadata service")?;
+    admin.await.context("admin task")?.context("admin API")?;
+    let workers = tokio::task::spawn_blocking(move || {
+        metadata.into_iter().map(|h| h.join()).collect::<Vec<_>>()
+    })
+    .await
+    .context("metadata workers")?;
+    for w in workers {
+        w.map_err(|_| anyhow::anyhow!("a metadata worker panicked"))?
+            .context("metadata service")?;
+    }
     Ok(())
 }
 
