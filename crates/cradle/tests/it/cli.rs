@@ -623,3 +623,40 @@ fn serve_refuses_bad_configuration_and_names_it() {
     // None of these got as far as creating the data directory.
     assert!(!tmp.path().join("cradle-data").exists());
 }
+
+#[test]
+fn json_logs_record_each_metadata_request_with_instance_path_status_and_latency() {
+    let mut s = Server::start_with(Opts {
+        args: &["--log-format", "json"],
+        ..Default::default()
+    });
+    let created = s
+        .admin()
+        .create(&json!({"name": "logged", "metadata_address": "127.0.0.2"}));
+    let g = s.guest("127.0.0.2");
+    assert_eq!(g.get("/latest/meta-data/hostname").status, 200);
+    assert_eq!(g.get("/openstack/latest/nope").status, 404);
+    s.stop();
+    let log = s.log();
+    let lines: Vec<Value> = log
+        .lines()
+        .map(|l| {
+            serde_json::from_str(l).unwrap_or_else(|e| panic!("not a JSON log line ({e}): {l}"))
+        })
+        .collect();
+    let requests: Vec<&Value> = lines
+        .iter()
+        .filter(|l| l["fields"]["message"] == "metadata request")
+        .collect();
+    assert_eq!(requests.len(), 2, "{log}");
+    for (r, (path, status)) in requests.iter().zip([
+        ("/latest/meta-data/hostname", 200),
+        ("/openstack/latest/nope", 404),
+    ]) {
+        assert_eq!(r["fields"]["instance"], created["id"]);
+        assert_eq!(r["fields"]["path"], path);
+        assert_eq!(r["fields"]["status"], status);
+        assert!(r["fields"]["latency_us"].is_u64(), "{r}");
+        assert_eq!(r["level"], "INFO");
+    }
+}
