@@ -9,8 +9,20 @@ use crate::{debian, run_cargo};
 /// Debian packages the integration tests use: the real cloud-init (its
 /// datasources read cradle) and botocore (its IMDS fetcher reads cradle's EC2
 /// API), through Debian's Python; iproute2 and curl for the test that puts a
-/// guest behind a router in network namespaces.
-const TEST_PACKAGES: &[&str] = &["cloud-init", "python3-botocore", "iproute2", "curl"];
+/// guest behind a router in network namespaces; genisoimage (isoinfo,
+/// isovfy), xorriso, mtools, dosfstools (fsck.vfat) and util-linux (blkid) to
+/// read config drives back.
+const TEST_PACKAGES: &[&str] = &[
+    "cloud-init",
+    "python3-botocore",
+    "iproute2",
+    "curl",
+    "genisoimage",
+    "xorriso",
+    "mtools",
+    "dosfstools",
+    "util-linux",
+];
 const DEBIAN_PYTHON: &str = "/usr/bin/python3";
 
 pub fn run() -> Result<()> {
@@ -20,7 +32,7 @@ pub fn run() -> Result<()> {
     );
     debian::ensure(
         TEST_PACKAGES,
-        "the integration tests run cloud-init, botocore, ip and curl",
+        "the integration tests run cloud-init, botocore, ip, curl and the ISO and FAT tools",
     )?;
     check_python()?;
 

@@ -39,6 +39,9 @@ pub struct AdminState {
     pub metrics: Arc<Metrics>,
     pub token: Secret<String>,
     pub max_body_bytes: usize,
+    /// Static vendordata, for config drives.
+    pub vendor_data: Arc<serde_json::Value>,
+    pub drive_limits: cradle_drive::Limits,
 }
 
 type Shared = State<Arc<AdminState>>;
@@ -53,6 +56,7 @@ pub fn app(state: Arc<AdminState>) -> Router {
             get(show).patch(modify).delete(remove),
         )
         .route("/v1/instances/{key}/messages", get(receive).post(send))
+        .route("/v1/instances/{key}/config-drive", get(config_drive))
         .route("/metrics", get(metrics))
         .fallback(|| async { ApiError::not_found("no such route") })
         .method_not_allowed_fallback(|| async {
@@ -257,6 +261,71 @@ async fn receive(State(s): Shared, Key(key): Key) -> Result<impl IntoResponse, A
         })
         .collect();
     Ok(axum::Json(json!({ "messages": messages })))
+}
+
+#[derive(serde::Deserialize)]
+struct DriveQuery {
+    format: Option<String>,
+}
+
+/// The instance's config drive, built now from the same renderer the
+/// metadata service uses.
+async fn config_drive(
+    State(s): Shared,
+    Key(key): Key,
+    query: Result<axum::extract::Query<DriveQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Response, ApiError> {
+    let query = query.map_err(|_| ApiError::bad_request("the query string is malformed"))?;
+    let format: cradle_drive::Format = query
+        .0
+        .format
+        .as_deref()
+        .unwrap_or("iso9660")
+        .parse()
+        .map_err(ApiError::bad_request)?;
+    let instance = s.registry.get(&key)?;
+    let (vendor_data, limits) = (s.vendor_data.clone(), s.drive_limits);
+    let built = tokio::task::spawn_blocking(move || {
+        let today = cradle_render::date(time::OffsetDateTime::now_utc());
+        let groups = ["default".to_string()];
+        let ctx = cradle_render::Context {
+            today: &today,
+            vendor_data: &vendor_data,
+            security_groups: &groups,
+        };
+        let mut image = Vec::new();
+        cradle_drive::build(&instance, &ctx, format, limits, &mut image).map(|_| (image, instance))
+    })
+    .await
+    .map_err(|_| ApiError::internal())?;
+    let (image, instance) = built.map_err(|e| match e {
+        cradle_drive::DriveError::TooLarge { .. } | cradle_drive::DriveError::VfatFull { .. } => {
+            ApiError::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "drive_too_large",
+                e.to_string(),
+            )
+        }
+        other => {
+            tracing::error!(error = %other, "building a config drive failed");
+            ApiError::internal()
+        }
+    })?;
+    let (content_type, extension) = match format {
+        cradle_drive::Format::Iso9660 => ("application/x-iso9660-image", "iso"),
+        cradle_drive::Format::Vfat => ("application/octet-stream", "img"),
+    };
+    let disposition = format!(
+        "attachment; filename=\"config-drive-{}.{extension}\"",
+        instance.id
+    );
+    let mut r = (StatusCode::OK, image).into_response();
+    r.headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+    if let Ok(v) = HeaderValue::from_str(&disposition) {
+        r.headers_mut().insert(header::CONTENT_DISPOSITION, v);
+    }
+    Ok(r)
 }
 
 async fn metrics(State(s): Shared) -> impl IntoResponse {

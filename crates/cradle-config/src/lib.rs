@@ -36,6 +36,7 @@ pub struct Config {
     pub metadata: Metadata,
     pub channel: Channel,
     pub vendordata: Vendordata,
+    pub drive: Drive,
     pub log: Log,
 }
 
@@ -97,6 +98,24 @@ pub struct Vendordata {
     /// `vendor_data2.json`. Unset: `{}`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub static_file: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Drive {
+    /// Size of a vfat config drive, in bytes (Nova: 64 MiB).
+    pub vfat_bytes: u64,
+    /// Largest ISO config drive, and largest content of a vfat one, in bytes.
+    pub max_bytes: u64,
+}
+
+impl Default for Drive {
+    fn default() -> Self {
+        Drive {
+            vfat_bytes: 64 * 1024 * 1024,
+            max_bytes: 64 * 1024 * 1024,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -271,6 +290,8 @@ pub const KEYS: &[(&str, &str)] = &[
     ("channel", "queue_len"),
     ("channel", "message_bytes"),
     ("vendordata", "static_file"),
+    ("drive", "vfat_bytes"),
+    ("drive", "max_bytes"),
     ("log", "format"),
     ("log", "level"),
 ];

@@ -334,8 +334,7 @@ fn unix_day() -> u64 {
 }
 
 fn today() -> String {
-    let d = time::OffsetDateTime::now_utc().date();
-    format!("{:04}-{:02}-{:02}", d.year(), u8::from(d.month()), d.day())
+    cradle_render::date(time::OffsetDateTime::now_utc())
 }
 
 async fn handle(svc: &MetadataService, source: IpAddr, req: Request<Incoming>) -> Reply {

@@ -23,6 +23,10 @@ pub const MAX_METADATA_VALUE: usize = 255;
 pub const MAX_PUBLIC_KEYS: usize = 32;
 pub const MAX_OS_PARAMS: usize = 256;
 pub const MAX_OS_PARAM_VALUE: usize = 64 * 1024;
+/// Injected files: how many, how long a guest path, how large each.
+pub const MAX_FILES: usize = 16;
+pub const MAX_FILE_PATH: usize = 255;
+pub const MAX_FILE_BYTES: usize = 64 * 1024;
 
 /// A request that is well-formed JSON but says something cradle refuses.
 /// The message names the field.
@@ -62,6 +66,9 @@ pub struct InstanceSpec {
     pub metadata: BTreeMap<String, String>,
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub public_keys: BTreeMap<String, String>,
+    /// Injected files: absolute guest path to base64 contents.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub files: BTreeMap<String, String>,
     pub metadata_address: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mac: Option<String>,
@@ -151,6 +158,8 @@ pub struct InstancePatch {
     pub metadata: BTreeMap<String, Option<String>>,
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub public_keys: BTreeMap<String, Option<String>>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub files: BTreeMap<String, Option<String>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub metadata_address: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -199,6 +208,9 @@ pub struct InstanceView {
     pub user_data: Option<String>,
     pub metadata: BTreeMap<String, String>,
     pub public_keys: BTreeMap<String, String>,
+    /// Guest path to base64 contents.
+    #[serde(default)]
+    pub files: BTreeMap<String, String>,
     pub metadata_address: IpAddr,
     pub mac: String,
     pub local_ipv4: Option<HostAddr>,
@@ -242,6 +254,11 @@ impl From<&Instance> for InstanceView {
             user_data: i.user_data.as_ref().map(|u| B64.encode(u)),
             metadata: i.metadata.clone(),
             public_keys: i.public_keys.clone(),
+            files: i
+                .files
+                .iter()
+                .map(|(p, c)| (p.clone(), B64.encode(c)))
+                .collect(),
             metadata_address: i.metadata_address,
             mac: i.mac.clone(),
             local_ipv4: i.local_ipv4,
@@ -487,6 +504,52 @@ fn check_public_keys(m: &BTreeMap<String, String>) -> Result<(), Invalid> {
     Ok(())
 }
 
+/// Injected files: absolute guest paths, decoded contents within limits.
+fn parse_files(m: &BTreeMap<String, String>) -> Result<BTreeMap<String, Vec<u8>>, Invalid> {
+    if m.len() > MAX_FILES {
+        return invalid(
+            "files",
+            format!("has {} files; at most {MAX_FILES}", m.len()),
+        );
+    }
+    m.iter()
+        .map(|(path, contents)| {
+            check_file_path(path)?;
+            let bytes = B64
+                .decode(contents.as_bytes())
+                .or_else(|_| invalid(format!("files.{path}"), "is not valid base64"))?;
+            if bytes.len() > MAX_FILE_BYTES {
+                return invalid(
+                    format!("files.{path}"),
+                    format!(
+                        "is {} bytes; at most {MAX_FILE_BYTES} are allowed",
+                        bytes.len()
+                    ),
+                );
+            }
+            Ok((path.clone(), bytes))
+        })
+        .collect()
+}
+
+fn check_file_path(path: &str) -> Result<(), Invalid> {
+    let ok = path.starts_with('/')
+        && path.len() <= MAX_FILE_PATH
+        && !path.chars().any(char::is_control)
+        && path[1..]
+            .split('/')
+            .all(|seg| !seg.is_empty() && seg != "." && seg != "..");
+    if !ok {
+        return invalid(
+            "files",
+            format!(
+                "{path:?} must be an absolute path of at most {MAX_FILE_PATH} bytes without empty, '.' or '..' segments"
+            ),
+        );
+    }
+    Ok(())
+}
+
 /// The address a guest's requests come from. IPv4-mapped IPv6 is stored as IPv4
 /// so that a dual-stack listener finds it.
 pub fn parse_metadata_address(v: &str) -> Result<IpAddr, Invalid> {
@@ -638,6 +701,7 @@ impl InstanceSpec {
         let user_data = self.user_data.as_deref().map(parse_user_data).transpose()?;
         check_metadata(&self.metadata)?;
         check_public_keys(&self.public_keys)?;
+        let files = parse_files(&self.files)?;
         let metadata_address = parse_metadata_address(&self.metadata_address)?;
         let mac = match &self.mac {
             Some(m) => parse_mac(m)?,
@@ -680,6 +744,7 @@ impl InstanceSpec {
             user_data,
             metadata: self.metadata,
             public_keys: self.public_keys,
+            files,
             metadata_address,
             mac,
             local_ipv4,
@@ -747,6 +812,15 @@ impl InstancePatch {
         check_metadata(&i.metadata)?;
         merge(&mut i.public_keys, self.public_keys);
         check_public_keys(&i.public_keys)?;
+        if !self.files.is_empty() {
+            let mut encoded: BTreeMap<String, String> = i
+                .files
+                .iter()
+                .map(|(p, c)| (p.clone(), B64.encode(c)))
+                .collect();
+            merge(&mut encoded, self.files);
+            i.files = parse_files(&encoded)?;
+        }
         if let Some(a) = self.metadata_address {
             i.metadata_address = parse_metadata_address(&a)?;
         }

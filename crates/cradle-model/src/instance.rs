@@ -34,6 +34,9 @@ pub struct Instance {
     pub user_data: Option<Vec<u8>>,
     pub metadata: BTreeMap<String, String>,
     pub public_keys: BTreeMap<String, String>,
+    /// Files injected into the guest (Nova's personality files): guest path
+    /// to contents. Served as `openstack/content/NNNN`, in path order.
+    pub files: BTreeMap<String, Vec<u8>>,
     /// The source address the guest's metadata requests come from. Unique.
     pub metadata_address: IpAddr,
     /// Lower-case, colon-separated.

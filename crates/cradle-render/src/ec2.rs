@@ -76,6 +76,32 @@ pub fn ec2_version<'a>(
     })))
 }
 
+/// The `meta-data/` tree of a version as one JSON object, as a config drive
+/// carries it in `ec2/<version>/meta-data.json`: directories become objects,
+/// documents strings, and a listing label (`0=alice`) is kept as `_name`, as
+/// Nova writes it. `None` for a version cradle does not serve.
+pub fn ec2_meta_data_json(inst: &Instance, ctx: &Context<'_>, version: &str) -> Option<Vec<u8>> {
+    let v = Version::parse(version)?;
+    fn object(entries: Vec<Entry<'_>>) -> serde_json::Value {
+        let mut map = serde_json::Map::new();
+        for e in entries {
+            let value = match &e.node {
+                Node::File(f) => String::from_utf8_lossy(&f()).into_owned().into(),
+                Node::Dir(d) => {
+                    let mut inner = object(d());
+                    if let (Some(label), serde_json::Value::Object(m)) = (&e.label, &mut inner) {
+                        m.insert("_name".into(), label.clone().into());
+                    }
+                    inner
+                }
+            };
+            map.insert(e.name, value);
+        }
+        serde_json::Value::Object(map)
+    }
+    Some(crate::to_json(&object(meta_data(inst, ctx, v))))
+}
+
 /// The `meta-data/` directory, alphabetical as EC2 lists it.
 fn meta_data<'a>(inst: &'a Instance, ctx: &'a Context<'a>, v: Version) -> Vec<Entry<'a>> {
     let mut e = vec![
@@ -461,6 +487,32 @@ mod tests {
                 n.resolve(&["meta-data", "public-keys", "0=alice"])
                     .is_none()
             );
+        });
+    }
+
+    #[test]
+    fn meta_data_json_mirrors_the_tree() {
+        let inst = instance();
+        with_ctx("2026-01-01", |ctx| {
+            let json: serde_json::Value =
+                serde_json::from_slice(&ec2_meta_data_json(&inst, ctx, "2009-04-04").unwrap())
+                    .unwrap();
+            assert_eq!(json["hostname"], "web-1");
+            assert_eq!(json["placement"]["availability-zone"], "eu-west-1a");
+            assert_eq!(
+                json["public-keys"]["0"]["openssh-key"],
+                "ssh-ed25519 AAAAalice alice@example"
+            );
+            assert_eq!(json["public-keys"]["0"]["_name"], "0=alice");
+            // Gated like the tree: no mac before 2016-09-02.
+            assert!(json.get("mac").is_none());
+            let node = ec2_version(&inst, ctx, "2009-04-04").unwrap();
+            let Some(crate::Resolved::File(id)) = node.resolve(&["meta-data", "instance-id"])
+            else {
+                panic!()
+            };
+            assert_eq!(json["instance-id"], String::from_utf8(id).unwrap());
+            assert!(ec2_meta_data_json(&inst, ctx, "2001-01-01").is_none());
         });
     }
 }

@@ -22,9 +22,15 @@ mod openstack;
 #[cfg(test)]
 mod testing;
 
-pub use ec2::{EC2_VERSIONS, ec2_version};
+pub use ec2::{EC2_VERSIONS, ec2_meta_data_json, ec2_version};
 pub use native::native;
-pub use openstack::{OPENSTACK_VERSIONS, openstack_version, openstack_versions};
+pub use openstack::{OPENSTACK_VERSIONS, content_name, openstack_version, openstack_versions};
+
+/// `YYYY-MM-DD` for [`Context::today`]. The caller reads the clock.
+pub fn date(t: time::OffsetDateTime) -> String {
+    let d = t.date();
+    format!("{:04}-{:02}-{:02}", d.year(), u8::from(d.month()), d.day())
+}
 
 /// What the renderer needs besides the instance.
 #[derive(Debug, Clone)]

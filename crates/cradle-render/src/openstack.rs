@@ -51,12 +51,33 @@ fn resolve_version(today: &str, version: &str) -> Option<&'static str> {
 /// lists them without the directory slash, and cloud-init expects that.
 pub fn openstack_versions<'a>(inst: &'a Instance, ctx: &'a Context<'a>) -> Node<'a> {
     Node::Dir(Box::new(move || {
-        offered(ctx.today)
+        let mut entries: Vec<Entry<'a>> = offered(ctx.today)
             .chain(["latest"])
             .filter_map(|v| {
                 let node = openstack_version(inst, ctx, v)?;
                 Some(Entry::node(v, node).labelled(v))
             })
+            .collect();
+        if !inst.files.is_empty() {
+            // Injected files, as Nova serves them: reachable, not listed.
+            entries.push(Entry::node("content", content(inst)).hidden());
+        }
+        entries
+    }))
+}
+
+/// The name under `openstack/content/` of the `n`th injected file (in path order).
+pub fn content_name(n: usize) -> String {
+    format!("{n:04}")
+}
+
+/// `openstack/content/`: one file per injected file.
+fn content(inst: &Instance) -> Node<'_> {
+    Node::Dir(Box::new(move || {
+        inst.files
+            .values()
+            .enumerate()
+            .map(|(n, data)| Entry::file(content_name(n), move || data.clone()))
             .collect()
     }))
 }
@@ -125,6 +146,23 @@ fn meta_data(inst: &Instance, v: &str) -> Vec<u8> {
     }
     if !inst.metadata.is_empty() {
         m.insert("meta", json_map(&inst.metadata));
+    }
+    if !inst.files.is_empty() {
+        let files = inst
+            .files
+            .keys()
+            .enumerate()
+            .map(|(n, path)| {
+                json_object([
+                    ("path", path.as_str().into()),
+                    (
+                        "content_path",
+                        format!("/content/{}", content_name(n)).into(),
+                    ),
+                ])
+            })
+            .collect();
+        m.insert("files", Value::Array(files));
     }
     if v >= "2013-04-04" {
         m.insert("random_seed", B64.encode(&inst.random_seed).into());
@@ -495,6 +533,38 @@ mod tests {
             assert!(n.resolve(&["nonesuch.json"]).is_none());
             assert!(n.resolve(&["meta_data.json", "uuid"]).is_none());
             assert!(n.resolve(&["user_data", "x", "y"]).is_none());
+        });
+    }
+
+    #[test]
+    fn injected_files_are_listed_in_meta_data_and_served_under_content() {
+        let mut inst = instance();
+        inst.files.insert("/etc/motd".into(), b"hello".to_vec());
+        inst.files.insert("/etc/banner".into(), vec![0, 255]);
+        with_ctx("2026-01-01", |ctx| {
+            let os = openstack_versions(&inst, ctx);
+            let Some(crate::Resolved::File(md)) = os.resolve(&["latest", "meta_data.json"]) else {
+                panic!()
+            };
+            let md: Value = serde_json::from_slice(&md).unwrap();
+            // Path order: /etc/banner is 0000, /etc/motd is 0001.
+            assert_eq!(
+                md["files"],
+                serde_json::json!([
+                    {"path": "/etc/banner", "content_path": "/content/0000"},
+                    {"path": "/etc/motd", "content_path": "/content/0001"}
+                ])
+            );
+            let Some(crate::Resolved::File(c)) = os.resolve(&["content", "0001"]) else {
+                panic!()
+            };
+            assert_eq!(c, b"hello");
+            let Some(crate::Resolved::File(c)) = os.resolve(&["content", "0000"]) else {
+                panic!()
+            };
+            assert_eq!(c, vec![0, 255]);
+            // Reachable, not listed: the listing is versions only.
+            assert!(!String::from_utf8(os.listing()).unwrap().contains("content"));
         });
     }
 }

@@ -23,6 +23,7 @@ pub fn instance() -> Instance {
         user_data: Some(b"#!/bin/sh\necho hi\n".to_vec()),
         metadata: BTreeMap::from([(s("role"), s("web"))]),
         public_keys: BTreeMap::from([(s("alice"), s("ssh-ed25519 AAAAalice alice@example"))]),
+        files: BTreeMap::new(),
         metadata_address: IpAddr::V4(Ipv4Addr::new(10, 0, 0, 5)),
         mac: s("fa:16:3e:01:02:03"),
         local_ipv4: Some(HostAddr {

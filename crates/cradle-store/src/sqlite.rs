@@ -15,7 +15,10 @@ use uuid::Uuid;
 use crate::{Direction, Message, Store, StoreError};
 
 /// Schema versions, applied in order; the database records how far it got.
-const MIGRATIONS: &[&str] = &[include_str!("../migrations/0001_instances.sql")];
+const MIGRATIONS: &[&str] = &[
+    include_str!("../migrations/0001_instances.sql"),
+    include_str!("../migrations/0002_injected_files.sql"),
+];
 
 /// A [`Store`] in one SQLite file. One connection behind a mutex: cradle's
 /// writes are small and the metadata hot path reads from memory, not here.
@@ -78,6 +81,36 @@ fn private_json(p: &OsParams) -> String {
     json(&exposed)
 }
 
+/// Injected files as a JSON object of path to base64 contents.
+fn files_json(files: &BTreeMap<String, Vec<u8>>) -> String {
+    use base64::Engine;
+    let encoded: BTreeMap<&str, String> = files
+        .iter()
+        .map(|(p, c)| {
+            (
+                p.as_str(),
+                base64::engine::general_purpose::STANDARD.encode(c),
+            )
+        })
+        .collect();
+    json(&encoded)
+}
+
+fn parse_files(text: &str) -> Result<BTreeMap<String, Vec<u8>>, StoreError> {
+    use base64::Engine;
+    let encoded: BTreeMap<String, String> =
+        serde_json::from_str(text).map_err(|e| corrupt("files", e))?;
+    encoded
+        .into_iter()
+        .map(|(p, c)| {
+            let bytes = base64::engine::general_purpose::STANDARD
+                .decode(c)
+                .map_err(|e| corrupt("files", e))?;
+            Ok((p, bytes))
+        })
+        .collect()
+}
+
 fn map_conflict(e: rusqlite::Error) -> StoreError {
     if let rusqlite::Error::SqliteFailure(f, Some(msg)) = &e
         && f.code == rusqlite::ErrorCode::ConstraintViolation
@@ -94,7 +127,7 @@ fn map_conflict(e: rusqlite::Error) -> StoreError {
 const COLUMNS: &str = "id, name, project_id, hostname, availability_zone, launch_index, \
     instance_type, user_data, metadata, public_keys, metadata_address, mac, local_ipv4, \
     gateway_ipv4, dns_nameservers, public_ipv4, os_type, os_image, os_params_public, \
-    os_params_private, imds_tokens, state, created_at, updated_at, random_seed, password";
+    os_params_private, imds_tokens, state, created_at, updated_at, random_seed, password, files";
 
 fn bind(i: &Instance) -> Vec<Box<dyn rusqlite::ToSql + '_>> {
     let (os_type, os_image) = match &i.os {
@@ -129,6 +162,7 @@ fn bind(i: &Instance) -> Vec<Box<dyn rusqlite::ToSql + '_>> {
         Box::new(ts(i.updated_at)),
         Box::new(i.random_seed.as_slice()),
         Box::new(i.password.as_deref()),
+        Box::new(files_json(&i.files)),
     ]
 }
 
@@ -165,6 +199,7 @@ fn from_row(r: &Row<'_>) -> Result<Instance, StoreError> {
         user_data: r.get(7)?,
         metadata: de("metadata", s(8)?)?,
         public_keys: de("public_keys", s(9)?)?,
+        files: parse_files(&s(26)?)?,
         metadata_address: s(10)?
             .parse::<IpAddr>()
             .map_err(|e| corrupt("metadata_address", e))?,
@@ -211,7 +246,7 @@ impl Store for SqliteStore {
     }
 
     fn insert(&self, instance: &Instance) -> Result<(), StoreError> {
-        let placeholders = (1..=26)
+        let placeholders = (1..=27)
             .map(|n| format!("?{n}"))
             .collect::<Vec<_>>()
             .join(", ");

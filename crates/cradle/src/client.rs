@@ -23,7 +23,7 @@ impl Api {
             )?,
         };
         let http = Client::builder()
-            .timeout(std::time::Duration::from_secs(30))
+            .timeout(std::time::Duration::from_secs(120))
             .build()
             .context("cannot build the HTTP client")?;
         Ok(Api {
@@ -80,6 +80,12 @@ impl Api {
         Ok(self
             .send(self.http.patch(self.url(path)).json(body))?
             .json()?)
+    }
+
+    /// Stream the body of `GET path` into `out`; returns the bytes copied.
+    pub fn download(&self, path: &str, out: &mut impl std::io::Write) -> Result<u64> {
+        let mut resp = self.send(self.http.get(self.url(path)))?;
+        resp.copy_to(out).context("the download was cut short")
     }
 
     pub fn delete(&self, path: &str) -> Result<()> {

@@ -22,6 +22,9 @@ use crate::{ApiArgs, Output};
 pub struct InstanceArgs {
     #[command(flatten)]
     api: ApiArgs,
+    /// Output format.
+    #[arg(long, short = 'o', value_enum, default_value_t = Output::Table, global = true)]
+    output: Output,
     #[command(subcommand)]
     command: InstanceCommand,
 }
@@ -86,6 +89,9 @@ struct Fields {
     /// SSH public key NAME=KEY or NAME=@FILE (repeatable).
     #[arg(long = "key", value_name = "NAME=KEY")]
     keys: Vec<String>,
+    /// Inject a file into the guest: GUEST_PATH=@LOCAL_FILE (repeatable; at most 16, 64 KiB each).
+    #[arg(long = "file", value_name = "GUEST_PATH=@LOCAL")]
+    files: Vec<String>,
     /// The address the guest's metadata requests come from.
     #[arg(long)]
     metadata_address: Option<String>,
@@ -147,6 +153,9 @@ struct ModifyArgs {
     /// Remove an SSH key (repeatable).
     #[arg(long, value_name = "NAME")]
     unset_key: Vec<String>,
+    /// Remove an injected file (repeatable).
+    #[arg(long, value_name = "GUEST_PATH")]
+    unset_file: Vec<String>,
     /// Remove an OS parameter, whatever its visibility (repeatable).
     #[arg(long, value_name = "NAME")]
     unset_param: Vec<String>,
@@ -160,7 +169,7 @@ struct ModifyArgs {
 
 pub fn run(args: InstanceArgs) -> Result<()> {
     let api = Api::new(&args.api)?;
-    let output = args.api.output;
+    let output = args.output;
     let mut out = std::io::stdout().lock();
     match args.command {
         InstanceCommand::Add(a) => {
@@ -314,6 +323,21 @@ fn pair(flag: &str, s: &str) -> Result<(String, String)> {
     Ok((k.to_string(), v))
 }
 
+/// `--file GUEST_PATH=@LOCAL`: the local file's bytes, base64, by guest path.
+fn injected(items: &[String]) -> Result<BTreeMap<String, String>> {
+    items
+        .iter()
+        .map(|s| {
+            let Some((guest, local)) = s.split_once("=@") else {
+                bail!("--file expects GUEST_PATH=@LOCAL_FILE, got {s:?}");
+            };
+            let bytes = std::fs::read(local)
+                .with_context(|| format!("--file {guest}: cannot read {local}"))?;
+            Ok((guest.to_string(), B64.encode(bytes)))
+        })
+        .collect()
+}
+
 fn pairs(flag: &str, items: &[String]) -> Result<BTreeMap<String, String>> {
     items.iter().map(|s| pair(flag, s)).collect()
 }
@@ -340,6 +364,7 @@ fn build_spec(a: AddArgs) -> Result<InstanceSpec> {
             .map(|b| B64.encode(b)),
         metadata: pairs("--meta", &f.meta)?,
         public_keys: pairs("--key", &f.keys)?,
+        files: injected(&f.files)?,
         metadata_address,
         mac: f.mac,
         local_ipv4: f.local_ipv4,
@@ -414,6 +439,8 @@ fn build_patch(m: ModifyArgs) -> Result<InstancePatch> {
     metadata.extend(m.unset_meta.into_iter().map(|k| (k, None)));
     let mut public_keys = some_map(pairs("--key", &f.keys)?);
     public_keys.extend(m.unset_key.into_iter().map(|k| (k, None)));
+    let mut files = some_map(injected(&f.files)?);
+    files.extend(m.unset_file.into_iter().map(|k| (k, None)));
     let mut os_params = OsParamsPatch {
         public: some_map(pairs("--param", &f.params)?),
         private: some_map(secrets("--private-param", &f.private_params)?),
@@ -445,6 +472,7 @@ fn build_patch(m: ModifyArgs) -> Result<InstancePatch> {
         },
         metadata,
         public_keys,
+        files,
         metadata_address: f.metadata_address,
         mac: f.mac,
         local_ipv4: opt(f.local_ipv4),

@@ -5,6 +5,7 @@
 #![forbid(unsafe_code)]
 
 mod client;
+mod drive;
 mod instance;
 mod serve;
 
@@ -41,6 +42,9 @@ enum Command {
     /// Register, inspect, change and remove instances; use the host-guest channel.
     #[command(subcommand_required = true)]
     Instance(instance::InstanceArgs),
+    /// Build config drives (ISO 9660 or vfat images labelled config-2).
+    #[command(subcommand_required = true)]
+    Drive(drive::DriveArgs),
 }
 
 /// How results are printed.
@@ -81,9 +85,6 @@ pub struct ApiArgs {
         global = true
     )]
     pub data_dir: PathBuf,
-    /// Output format.
-    #[arg(long, short = 'o', value_enum, default_value_t = Output::Table, global = true)]
-    pub output: Output,
 }
 
 fn main() -> ExitCode {
@@ -91,6 +92,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Serve(args) => serve::run(args),
         Command::Instance(args) => instance::run(args),
+        Command::Drive(args) => drive::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

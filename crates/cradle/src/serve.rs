@@ -167,6 +167,11 @@ async fn serve(config: Config, demo: bool) -> Result<()> {
         metrics: metrics.clone(),
         token,
         max_body_bytes: config.admin.max_body_bytes,
+        vendor_data: Arc::new(vendor_data.clone()),
+        drive_limits: cradle_drive::Limits {
+            vfat_bytes: config.drive.vfat_bytes,
+            max_bytes: config.drive.max_bytes,
+        },
     });
     let admin = tokio::spawn(cradle_admin::serve(
         admin_listener,
