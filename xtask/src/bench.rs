@@ -94,7 +94,7 @@ impl Options {
 
 /// The source address of instance `k`: 127.1.0.1, ..., 127.1.0.250,
 /// 127.1.1.1, ... (250 per /24, never .0 or .255), all on loopback.
-fn guest_ip(k: usize) -> Ipv4Addr {
+pub(crate) fn guest_ip(k: usize) -> Ipv4Addr {
     let net = k / 250;
     Ipv4Addr::new(
         127,
@@ -104,8 +104,8 @@ fn guest_ip(k: usize) -> Ipv4Addr {
     )
 }
 
-/// A well-formed ssh-ed25519 public key line, distinct per instance.
-fn ssh_key(k: usize) -> String {
+/// A well-formed ssh-ed25519 public key line, distinct per `k`.
+pub(crate) fn ssh_key(k: usize, comment: &str) -> String {
     let mut blob = Vec::with_capacity(51);
     blob.extend_from_slice(&11u32.to_be_bytes());
     blob.extend_from_slice(b"ssh-ed25519");
@@ -114,7 +114,7 @@ fn ssh_key(k: usize) -> String {
     for i in 0..32 {
         blob.push(seed[i % 8] ^ (i as u8).wrapping_mul(37));
     }
-    format!("ssh-ed25519 {} bench-{k:05}@cradle", B64.encode(blob))
+    format!("ssh-ed25519 {} {comment}", B64.encode(blob))
 }
 
 fn spec(k: usize) -> serde_json::Value {
@@ -129,7 +129,7 @@ fn spec(k: usize) -> serde_json::Value {
         "metadata_address": ip.to_string(),
         "user_data": B64.encode(user_data),
         "metadata": {"role": "bench", "index": k.to_string()},
-        "public_keys": {"default": ssh_key(k)},
+        "public_keys": {"default": ssh_key(k, &format!("{name}@cradle"))},
         "public_ipv4": format!("198.51.100.{d}"),
         "local_ipv4": format!("10.{}.{c}.{d}/16", b - 1),
     })
@@ -435,7 +435,7 @@ fn row(target: &'static str, connections: usize, o: &Outcome) -> Row {
     }
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
+pub(crate) fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
     let n = v.len();
     if n % 2 == 1 {

@@ -1,7 +1,9 @@
-//! Project tasks: `cargo xtask ci` (what `.ci/run` runs) and
-//! `cargo xtask bench metadata` (the metadata-service benchmark against nginx).
+//! Project tasks: `cargo xtask ci` (what `.ci/run` runs),
+//! `cargo xtask bench metadata` (the metadata-service benchmark against nginx)
+//! and `cargo xtask bench drive` (config drives against genisoimage).
 
 mod bench;
+mod bench_drive;
 mod ci;
 mod debian;
 mod http;
@@ -28,6 +30,12 @@ tasks:
       --runs N               repeat the load phases; report medians [1]
       --connections LIST     comma-separated connection counts [64,256]
       --client-threads N     load generator threads [2]
+  bench drive          build config drives in-process (ISO 9660, and vfat) and
+                       compare with genisoimage run as Nova runs it, one
+                       process per drive, on the same trees; options:
+      --drives N             ISO drives per tool and run [1000]
+      --vfat-drives N        vfat drives (64 MiB each) per run; 0 skips [100]
+      --runs N               repeat the measurements; report medians [1]
 ";
 
 fn main() -> ExitCode {
@@ -35,10 +43,22 @@ fn main() -> ExitCode {
     let result = match args.first().map(String::as_str) {
         Some("ci") if args.len() == 1 => ci::run(),
         Some("bench") => match args.get(1).map(String::as_str) {
-            Some("metadata") if cfg!(debug_assertions) => reexec_optimized(&args),
-            Some("metadata") => bench::Options::parse(&args[2..]).and_then(bench::run),
+            Some("metadata") => bench::Options::parse(&args[2..]).and_then(|o| {
+                if cfg!(debug_assertions) {
+                    reexec_optimized(&args, "the load generator must be optimized")
+                } else {
+                    bench::run(o)
+                }
+            }),
+            Some("drive") => bench_drive::Options::parse(&args[2..]).and_then(|o| {
+                if cfg!(debug_assertions) {
+                    reexec_optimized(&args, "cradle's drive builder is measured in-process")
+                } else {
+                    bench_drive::run(o)
+                }
+            }),
             _ => Err(anyhow::anyhow!(
-                "unknown benchmark; expected `bench metadata`\n\n{USAGE}"
+                "unknown benchmark; expected `bench metadata` or `bench drive`\n\n{USAGE}"
             )),
         },
         Some("-h" | "--help" | "help") => {
@@ -57,11 +77,12 @@ fn main() -> ExitCode {
 }
 
 /// `cargo xtask` builds this crate unoptimized, and an unoptimized load
-/// generator (tokio included) would measure itself rather than the servers:
-/// build the release xtask and hand the benchmark over to it.
-fn reexec_optimized(args: &[String]) -> Result<()> {
-    bench::Options::parse(&args[2..])?;
-    println!("==> cargo build --release -p xtask (the load generator must be optimized)");
+/// generator (tokio included) would measure itself rather than the servers,
+/// as an unoptimized drive builder would measure the debug build: build the
+/// release xtask and hand the benchmark over to it. The caller has checked
+/// the options already, so a typo fails before the build.
+fn reexec_optimized(args: &[String], why: &str) -> Result<()> {
+    println!("==> cargo build --release -p xtask ({why})");
     run_cargo(
         &["build", "--release", "-p", "xtask"],
         "xtask does not build",
