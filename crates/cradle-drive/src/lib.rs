@@ -63,6 +63,21 @@ pub struct Limits {
     pub max_bytes: u64,
 }
 
+impl Limits {
+    /// Refuse settings that could never produce a drive, so a bad config
+    /// fails at start rather than on every request.
+    pub fn check(&self) -> Result<(), DriveError> {
+        if !VFAT_SIZES.contains(&self.vfat_bytes) {
+            return Err(DriveError::VfatSize(self.vfat_bytes));
+        }
+        Ok(())
+    }
+}
+
+/// Sizes a vfat image may have: FAT needs a megabyte to be useful, and the
+/// sector count must fit 32 bits of bytes here.
+const VFAT_SIZES: std::ops::RangeInclusive<u64> = 1024 * 1024..=u32::MAX as u64;
+
 impl Default for Limits {
     fn default() -> Self {
         Limits {
@@ -74,11 +89,11 @@ impl Default for Limits {
 
 #[derive(Debug, thiserror::Error)]
 pub enum DriveError {
-    #[error("the drive would hold {content} bytes; the limit is {max} (drive.max_bytes)")]
+    #[error("the drive needs {content} bytes; the limit is {max} (drive.max_bytes)")]
     TooLarge { content: u64, max: u64 },
     #[error("the files do not fit a {size}-byte vfat image (drive.vfat_bytes)")]
     VfatFull { size: u64 },
-    #[error("vfat image size {0} is out of range (1 MiB to 4 GiB)")]
+    #[error("vfat image size {0} is out of range (at least 1 MiB and under 4 GiB)")]
     VfatSize(u64),
     #[error("cannot build the ISO 9660 image: {0}")]
     Iso(#[from] cradle_iso9660::Error),
@@ -213,7 +228,7 @@ fn dos_time(t: OffsetDateTime) -> fatfs::DateTime {
 }
 
 fn vfat(files: &[(String, Vec<u8>)], size: u64, inst: &Instance) -> Result<Vec<u8>, DriveError> {
-    if !(1024 * 1024..=u32::MAX as u64).contains(&size) {
+    if !VFAT_SIZES.contains(&size) {
         return Err(DriveError::VfatSize(size));
     }
     let mut disk = Cursor::new(vec![0u8; size as usize]);
@@ -265,5 +280,122 @@ fn vfat(files: &[(String, Vec<u8>)], size: u64, inst: &Instance) -> Result<Vec<u
         fs.unmount()?;
     }
     VFAT_TIME.with(|t| t.set(DOS_EPOCH));
-    Ok(disk.into_inner())
+    let mut image = disk.into_inner();
+    fix_dot_entries(&mut image);
+    Ok(image)
+}
+
+/// Make every sub-directory start with plain `.` and `..` entries.
+///
+/// fatfs 0.3 writes a long-name entry before each of them
+/// (rafalh/rust-fatfs#100, #117), so a directory's first slots are
+/// `[LFN, ., LFN, ..]`: fsck.fat reports every directory as damaged and,
+/// allowed to repair, renames and deletes `.` and `..`. This rewrites those
+/// four slots to `[., .., free, free]` and points the `..` of a first-level
+/// directory at cluster 0, as the FAT specification has it (fatfs writes
+/// the root's cluster there on FAT32). Only directories are walked; file
+/// contents are never looked at.
+fn fix_dot_entries(image: &mut [u8]) {
+    let u16_at = |img: &[u8], o: usize| u16::from_le_bytes([img[o], img[o + 1]]) as u64;
+    let u32_at = |img: &[u8], o: usize| {
+        u32::from_le_bytes([img[o], img[o + 1], img[o + 2], img[o + 3]]) as u64
+    };
+    let bps = u16_at(image, 11);
+    let spc = image[13] as u64;
+    let reserved = u16_at(image, 14);
+    let fats = image[16] as u64;
+    let root_entries = u16_at(image, 17);
+    let total = match u16_at(image, 19) {
+        0 => u32_at(image, 32),
+        n => n,
+    };
+    let fat_size = match u16_at(image, 22) {
+        0 => u32_at(image, 36),
+        n => n,
+    };
+    let root_sectors = (root_entries * 32).div_ceil(bps);
+    let data_start = reserved + fats * fat_size + root_sectors;
+    let clusters = (total - data_start) / spc;
+    let bits = if clusters < 4085 {
+        12
+    } else if clusters < 65525 {
+        16
+    } else {
+        32
+    };
+    let fat = (reserved * bps) as usize;
+    let cluster_size = (spc * bps) as usize;
+    let offset = |c: u64| ((data_start + (c - 2) * spc) * bps) as usize;
+    let valid = |c: u64| (2..clusters + 2).contains(&c);
+    let next = |img: &[u8], c: u64| -> Option<u64> {
+        let n = match bits {
+            12 => {
+                let v = u16_at(img, fat + (c + c / 2) as usize);
+                if c % 2 == 1 { v >> 4 } else { v & 0xfff }
+            }
+            16 => u16_at(img, fat + 2 * c as usize),
+            _ => u32_at(img, fat + 4 * c as usize) & 0x0fff_ffff,
+        };
+        valid(n).then_some(n)
+    };
+    // Each directory as the byte ranges of its clusters.
+    let chain = |img: &[u8], first: u64| -> Vec<std::ops::Range<usize>> {
+        let mut out = Vec::new();
+        let mut c = Some(first).filter(|c| valid(*c));
+        while let Some(cl) = c {
+            if out.len() as u64 > clusters {
+                break;
+            }
+            out.push(offset(cl)..offset(cl) + cluster_size);
+            c = next(img, cl);
+        }
+        out
+    };
+    let root = if bits == 32 {
+        chain(image, u32_at(image, 44))
+    } else {
+        let start = ((reserved + fats * fat_size) * bps) as usize;
+        let end = start + (root_sectors * bps) as usize;
+        std::iter::once(start..end).collect()
+    };
+    const DOT: &[u8; 11] = b".          ";
+    const DOTDOT: &[u8; 11] = b"..         ";
+    let mut seen = std::collections::BTreeSet::new();
+    let mut todo = vec![(root, true)];
+    while let Some((ranges, is_root)) = todo.pop() {
+        'entries: for range in ranges {
+            for e in range.step_by(32) {
+                let attr = image[e + 11];
+                match image[e] {
+                    0 => break 'entries,
+                    0xe5 => continue,
+                    _ if attr == 0x0f || attr & 0x08 != 0 || attr & 0x10 == 0 => continue,
+                    b'.' => continue,
+                    _ => {}
+                }
+                let first = (u16_at(image, e + 20) << 16) | u16_at(image, e + 26);
+                if !valid(first) || !seen.insert(first) {
+                    continue;
+                }
+                let d = offset(first);
+                let slot = |i: usize| d + 32 * i;
+                if image[slot(0) + 11] == 0x0f
+                    && &image[slot(1)..slot(1) + 11] == DOT
+                    && image[slot(2) + 11] == 0x0f
+                    && &image[slot(3)..slot(3) + 11] == DOTDOT
+                {
+                    image.copy_within(slot(1)..slot(2), slot(0));
+                    image.copy_within(slot(3)..slot(4), slot(1));
+                    image[slot(2)..slot(4)].fill(0);
+                    image[slot(2)] = 0xe5;
+                    image[slot(3)] = 0xe5;
+                }
+                if is_root && &image[slot(1)..slot(1) + 11] == DOTDOT {
+                    image[slot(1) + 20..slot(1) + 22].fill(0);
+                    image[slot(1) + 26..slot(1) + 28].fill(0);
+                }
+                todo.push((chain(image, first), false));
+            }
+        }
+    }
 }

@@ -100,13 +100,12 @@ fn init_logging(config: &Config) -> Result<()> {
 }
 
 async fn serve(config: Config, demo: bool) -> Result<()> {
-    let data_dir = &config.server.data_dir;
-    create_private_dir(data_dir)?;
-    let token = match &config.admin.token {
-        Some(t) if t.trim().is_empty() => bail!("admin.token is set but empty"),
-        Some(t) => Secret::new(t.trim().to_string()),
-        None => load_or_create_token(&data_dir.join("admin.token"))?,
+    // Validate everything before the first write to the data directory.
+    let drive_limits = cradle_drive::Limits {
+        vfat_bytes: config.drive.vfat_bytes,
+        max_bytes: config.drive.max_bytes,
     };
+    drive_limits.check().context("drive.vfat_bytes")?;
     let vendor_data = match &config.vendordata.static_file {
         None => serde_json::json!({}),
         Some(path) => {
@@ -116,6 +115,13 @@ async fn serve(config: Config, demo: bool) -> Result<()> {
             serde_json::from_slice(&text)
                 .with_context(|| format!("vendordata.static_file {} is not JSON", path.display()))?
         }
+    };
+    let data_dir = &config.server.data_dir;
+    create_private_dir(data_dir)?;
+    let token = match &config.admin.token {
+        Some(t) if t.trim().is_empty() => bail!("admin.token is set but empty"),
+        Some(t) => Secret::new(t.trim().to_string()),
+        None => load_or_create_token(&data_dir.join("admin.token"))?,
     };
 
     let db = data_dir.join("cradle.db");
@@ -168,10 +174,7 @@ async fn serve(config: Config, demo: bool) -> Result<()> {
         token,
         max_body_bytes: config.admin.max_body_bytes,
         vendor_data: Arc::new(vendor_data.clone()),
-        drive_limits: cradle_drive::Limits {
-            vfat_bytes: config.drive.vfat_bytes,
-            max_bytes: config.drive.max_bytes,
-        },
+        drive_limits,
     });
     let admin = tokio::spawn(cradle_admin::serve(
         admin_listener,

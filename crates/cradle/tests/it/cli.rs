@@ -616,6 +616,9 @@ fn serve_refuses_bad_configuration_and_names_it() {
 
     let e = serve_refuses(tmp.path(), &[], &[("CRADLE_METADATA_HOP_LIMIT", "abc")]);
     assert!(e.contains("CRADLE_METADATA_HOP_LIMIT"), "{e}");
+    // A vfat size no drive could have is refused at start, not per request.
+    let e = serve_refuses(tmp.path(), &[], &[("CRADLE_DRIVE_VFAT_BYTES", "1000")]);
+    assert!(e.contains("drive.vfat_bytes") && e.contains("1000"), "{e}");
 
     let e = serve_refuses(tmp.path(), &["--config", "/no/such/cradle.toml"], &[]);
     assert!(e.contains("/no/such/cradle.toml"), "{e}");

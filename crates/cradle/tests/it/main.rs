@@ -6,6 +6,7 @@ mod harness;
 
 mod admin;
 mod cli;
+mod drive;
 mod hop_limit;
 mod metadata;
 mod secrets;
