@@ -8,6 +8,7 @@
 #![forbid(unsafe_code)]
 
 mod error;
+mod tokens;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -21,23 +22,22 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD as B64;
-use cradle_model::Secret;
 use cradle_model::api::{InstancePatch, InstanceSpec, InstanceView, MessageIn, MessageView};
 use cradle_registry::metrics::Metrics;
 use cradle_registry::{ChannelDirection, Registry, RegistryError};
 use serde::de::DeserializeOwned;
 use serde_json::json;
-use subtle::ConstantTimeEq;
 use tokio::net::TcpListener;
 use tracing::info;
 
 pub use error::ApiError;
+pub use tokens::{ADMIN_ROLE, Caller, Tokens, token_hash};
 
 /// What every handler shares.
 pub struct AdminState {
     pub registry: Arc<Registry>,
     pub metrics: Arc<Metrics>,
-    pub token: Secret<String>,
+    pub tokens: Tokens,
     pub max_body_bytes: usize,
     /// Static vendordata, for config drives.
     pub vendor_data: Arc<serde_json::Value>,
@@ -57,6 +57,11 @@ pub fn app(state: Arc<AdminState>) -> Router {
         )
         .route("/v1/instances/{key}/messages", get(receive).post(send))
         .route("/v1/instances/{key}/config-drive", get(config_drive))
+        .route(
+            "/v1/instances/{key}/reset-state",
+            axum::routing::post(reset_state),
+        )
+        .route("/v1/instances/{key}/events", get(events))
         .route("/metrics", get(metrics))
         .fallback(|| async { ApiError::not_found("no such route") })
         .method_not_allowed_fallback(|| async {
@@ -95,15 +100,15 @@ async fn observe(State(s): Shared, req: Request, next: Next) -> Response {
     response
 }
 
-async fn authenticate(State(s): Shared, req: Request, next: Next) -> Response {
-    let presented = req
+async fn authenticate(State(s): Shared, mut req: Request, next: Next) -> Response {
+    let caller = req
         .headers()
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
-        .map(str::trim);
-    let ok = presented.is_some_and(|t| bool::from(t.as_bytes().ct_eq(s.token.expose().as_bytes())));
-    if !ok {
+        .map(str::trim)
+        .and_then(|t| s.tokens.authenticate(t));
+    let Some(caller) = caller else {
         let mut r = ApiError::new(
             StatusCode::UNAUTHORIZED,
             "unauthorized",
@@ -113,7 +118,8 @@ async fn authenticate(State(s): Shared, req: Request, next: Next) -> Response {
         r.headers_mut()
             .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
         return r;
-    }
+    };
+    req.extensions_mut().insert(caller);
     next.run(req).await
 }
 
@@ -199,9 +205,14 @@ async fn list(State(s): Shared) -> impl IntoResponse {
     axum::Json(json!({ "instances": all }))
 }
 
-async fn create(State(s): Shared, Json(spec): Json<InstanceSpec>) -> Result<Response, ApiError> {
+async fn create(
+    State(s): Shared,
+    axum::Extension(caller): axum::Extension<Caller>,
+    Json(spec): Json<InstanceSpec>,
+) -> Result<Response, ApiError> {
     let registry = s.registry.clone();
-    let created = run(move || registry.create(spec)).await?;
+    let roles = caller.roles.clone();
+    let created = run(move || registry.create(spec, roles)).await?;
     s.metrics.instances.set(s.registry.len() as i64);
     info!(instance = %created.id, name = %created.name, "instance registered");
     let mut r = (StatusCode::CREATED, view(&created)).into_response();
@@ -261,6 +272,43 @@ async fn receive(State(s): Shared, Key(key): Key) -> Result<impl IntoResponse, A
         })
         .collect();
     Ok(axum::Json(json!({ "messages": messages })))
+}
+
+/// Clear an instance's error state. Operators only.
+async fn reset_state(
+    State(s): Shared,
+    axum::Extension(caller): axum::Extension<Caller>,
+    Key(key): Key,
+) -> Result<impl IntoResponse, ApiError> {
+    if !caller.has(ADMIN_ROLE) {
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "forbidden",
+            format!("resetting an instance's state needs the {ADMIN_ROLE:?} role"),
+        ));
+    }
+    let registry = s.registry.clone();
+    let by = caller.name.clone();
+    let reset = run(move || registry.reset_state(&key, &by)).await?;
+    info!(instance = %reset.id, by = %caller.name, "instance state reset");
+    Ok(view(&reset))
+}
+
+async fn events(State(s): Shared, Key(key): Key) -> Result<impl IntoResponse, ApiError> {
+    let registry = s.registry.clone();
+    let events = run(move || registry.events(&key)).await?;
+    let events: Vec<serde_json::Value> = events
+        .into_iter()
+        .map(|e| {
+            json!({
+                "id": e.id,
+                "created_at": e.created_at.format(&time::format_description::well_known::Rfc3339).unwrap_or_default(),
+                "kind": e.kind,
+                "message": e.message,
+            })
+        })
+        .collect();
+    Ok(axum::Json(json!({ "events": events })))
 }
 
 #[derive(serde::Deserialize)]

@@ -55,6 +55,9 @@ pub struct Admin {
     /// `<data_dir>/admin.token` (mode 0600).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub token: Option<String>,
+    /// Named tokens with roles (TOML: `[[token]]` name, roles, sha256).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tokens_file: Option<PathBuf>,
     /// Largest request body, in bytes.
     pub max_body_bytes: usize,
 }
@@ -146,7 +149,8 @@ impl Default for Admin {
         Admin {
             listen: ([127, 0, 0, 1], 8774).into(),
             token: None,
-            max_body_bytes: 1024 * 1024,
+            tokens_file: None,
+            max_body_bytes: 4 * 1024 * 1024,
         }
     }
 }
@@ -277,6 +281,7 @@ pub const KEYS: &[(&str, &str)] = &[
     ("server", "data_dir"),
     ("admin", "listen"),
     ("admin", "token"),
+    ("admin", "tokens_file"),
     ("admin", "max_body_bytes"),
     ("metadata", "listen"),
     ("metadata", "hop_limit"),

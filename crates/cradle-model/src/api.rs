@@ -222,6 +222,12 @@ pub struct InstanceView {
     pub os_params: OsParamsView,
     pub imds_tokens: ImdsTokens,
     pub state: State,
+    /// Why the instance is in state `error`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub state_reason: Option<String>,
+    /// The creator's roles at creation, sent to vendordata targets.
+    #[serde(default)]
+    pub boot_roles: Vec<String>,
     pub password_set: bool,
     #[serde(with = "time::serde::rfc3339")]
     pub created_at: OffsetDateTime,
@@ -274,6 +280,8 @@ impl From<&Instance> for InstanceView {
             },
             imds_tokens: i.imds_tokens,
             state: i.state,
+            state_reason: i.state_reason.clone(),
+            boot_roles: i.boot_roles.clone(),
             password_set: i.password.is_some(),
             created_at: i.created_at,
             updated_at: i.updated_at,
@@ -755,6 +763,8 @@ impl InstanceSpec {
             os_params,
             imds_tokens: self.imds_tokens.unwrap_or_default(),
             state: State::Registered,
+            state_reason: None,
+            boot_roles: Vec::new(),
             created_at: now,
             updated_at: now,
             random_seed,

@@ -49,6 +49,12 @@ pub struct Instance {
     pub os_params: OsParams,
     pub imds_tokens: ImdsTokens,
     pub state: State,
+    /// Why the instance is in `State::Error` (e.g. a fatal vendordata failure).
+    pub state_reason: Option<String>,
+    /// The roles of whoever created the instance, fixed at creation: sent to
+    /// vendordata targets as `boot-roles`, unchanged when that caller's roles
+    /// change later.
+    pub boot_roles: Vec<String>,
     pub created_at: OffsetDateTime,
     pub updated_at: OffsetDateTime,
     /// Fixed per instance so that every read (and a config drive) agrees.

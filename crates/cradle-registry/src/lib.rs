@@ -19,7 +19,7 @@ use std::net::IpAddr;
 use std::sync::{Arc, Mutex, RwLock};
 
 use cradle_model::api::{InstancePatch, InstanceSpec, Invalid};
-use cradle_model::{Instance, MAX_PASSWORD, RANDOM_SEED_LEN};
+use cradle_model::{Instance, MAX_PASSWORD, RANDOM_SEED_LEN, State};
 use cradle_store::{Direction, Message, Store, StoreError};
 use rand::RngCore;
 use time::OffsetDateTime;
@@ -182,11 +182,17 @@ impl Registry {
         Ok(())
     }
 
-    /// Validate and register a new instance.
-    pub fn create(&self, spec: InstanceSpec) -> Result<Arc<Instance>, RegistryError> {
+    /// Validate and register a new instance. `boot_roles` are the caller's
+    /// roles now; they stay with the instance whatever becomes of the caller.
+    pub fn create(
+        &self,
+        spec: InstanceSpec,
+        boot_roles: Vec<String>,
+    ) -> Result<Arc<Instance>, RegistryError> {
         let mut seed = vec![0u8; RANDOM_SEED_LEN];
         rand::rng().fill_bytes(&mut seed);
-        let instance = spec.into_instance(Uuid::new_v4(), now(), seed)?;
+        let mut instance = spec.into_instance(Uuid::new_v4(), now(), seed)?;
+        instance.boot_roles = boot_roles;
         let _w = self.lock_writer();
         Self::check_unique(&self.read(), &instance)?;
         self.store.insert(&instance)?;
@@ -207,6 +213,68 @@ impl Registry {
         index.take(current.id);
         index.put(next.clone());
         Ok(next)
+    }
+
+    /// Replace the stored and in-memory instance with `change` applied, under
+    /// the writer lock.
+    fn update_with(
+        &self,
+        id: Uuid,
+        change: impl FnOnce(&mut Instance),
+    ) -> Result<Arc<Instance>, RegistryError> {
+        let current = self.get(&id.to_string())?;
+        let mut next = (*current).clone();
+        change(&mut next);
+        next.updated_at = now();
+        self.store.update(&next)?;
+        let next = Arc::new(next);
+        let mut index = self.write();
+        index.take(id);
+        index.put(next.clone());
+        Ok(next)
+    }
+
+    /// Put an instance in state `error` with `reason`, and record the event.
+    /// A no-op when it is already in error for the same reason.
+    pub fn set_error(
+        &self,
+        id: Uuid,
+        kind: &str,
+        reason: &str,
+    ) -> Result<Arc<Instance>, RegistryError> {
+        let _w = self.lock_writer();
+        let current = self.get(&id.to_string())?;
+        if current.state == State::Error && current.state_reason.as_deref() == Some(reason) {
+            return Ok(current);
+        }
+        let next = self.update_with(id, |i| {
+            i.state = State::Error;
+            i.state_reason = Some(reason.to_string());
+        })?;
+        self.store.record_event(id, kind, reason)?;
+        Ok(next)
+    }
+
+    /// Clear an error: back to `registered`, reason gone, event recorded.
+    pub fn reset_state(&self, key: &str, by: &str) -> Result<Arc<Instance>, RegistryError> {
+        let _w = self.lock_writer();
+        let id = self.get(key)?.id;
+        let next = self.update_with(id, |i| {
+            i.state = State::Registered;
+            i.state_reason = None;
+        })?;
+        self.store.record_event(
+            id,
+            "reset-state",
+            &format!("state reset to registered by {by}"),
+        )?;
+        Ok(next)
+    }
+
+    /// The instance's events, oldest first.
+    pub fn events(&self, key: &str) -> Result<Vec<cradle_store::Event>, RegistryError> {
+        let id = self.get(key)?.id;
+        Ok(self.store.events(id)?)
     }
 
     /// Remove an instance, its queued messages and its secrets.

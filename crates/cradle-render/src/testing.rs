@@ -24,6 +24,8 @@ pub fn instance() -> Instance {
         metadata: BTreeMap::from([(s("role"), s("web"))]),
         public_keys: BTreeMap::from([(s("alice"), s("ssh-ed25519 AAAAalice alice@example"))]),
         files: BTreeMap::new(),
+        boot_roles: Vec::new(),
+        state_reason: None,
         metadata_address: IpAddr::V4(Ipv4Addr::new(10, 0, 0, 5)),
         mac: s("fa:16:3e:01:02:03"),
         local_ipv4: Some(HostAddr {

@@ -44,6 +44,16 @@ pub struct Message {
     pub body: Vec<u8>,
 }
 
+/// Something that happened to an instance, for operators (e.g. it entered
+/// state `error`, and why).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Event {
+    pub id: i64,
+    pub created_at: OffsetDateTime,
+    pub kind: String,
+    pub message: String,
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error("another instance already has this {0}")]
@@ -82,4 +92,8 @@ pub trait Store: Send + Sync + 'static {
     fn pop_message(&self, id: Uuid, direction: Direction) -> Result<Option<Message>, StoreError>;
     /// Remove and return every queued message, oldest first.
     fn drain_messages(&self, id: Uuid, direction: Direction) -> Result<Vec<Message>, StoreError>;
+    /// Append to the instance's event log.
+    fn record_event(&self, id: Uuid, kind: &str, message: &str) -> Result<(), StoreError>;
+    /// The instance's events, oldest first.
+    fn events(&self, id: Uuid) -> Result<Vec<Event>, StoreError>;
 }

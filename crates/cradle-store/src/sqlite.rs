@@ -12,12 +12,13 @@ use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 use uuid::Uuid;
 
-use crate::{Direction, Message, Store, StoreError};
+use crate::{Direction, Event, Message, Store, StoreError};
 
 /// Schema versions, applied in order; the database records how far it got.
 const MIGRATIONS: &[&str] = &[
     include_str!("../migrations/0001_instances.sql"),
     include_str!("../migrations/0002_injected_files.sql"),
+    include_str!("../migrations/0003_roles_reasons_events.sql"),
 ];
 
 /// A [`Store`] in one SQLite file. One connection behind a mutex: cradle's
@@ -127,7 +128,7 @@ fn map_conflict(e: rusqlite::Error) -> StoreError {
 const COLUMNS: &str = "id, name, project_id, hostname, availability_zone, launch_index, \
     instance_type, user_data, metadata, public_keys, metadata_address, mac, local_ipv4, \
     gateway_ipv4, dns_nameservers, public_ipv4, os_type, os_image, os_params_public, \
-    os_params_private, imds_tokens, state, created_at, updated_at, random_seed, password, files";
+    os_params_private, imds_tokens, state, created_at, updated_at, random_seed, password, files, boot_roles, state_reason";
 
 fn bind(i: &Instance) -> Vec<Box<dyn rusqlite::ToSql + '_>> {
     let (os_type, os_image) = match &i.os {
@@ -163,6 +164,8 @@ fn bind(i: &Instance) -> Vec<Box<dyn rusqlite::ToSql + '_>> {
         Box::new(i.random_seed.as_slice()),
         Box::new(i.password.as_deref()),
         Box::new(files_json(&i.files)),
+        Box::new(json(&i.boot_roles)),
+        Box::new(i.state_reason.as_deref()),
     ]
 }
 
@@ -200,6 +203,8 @@ fn from_row(r: &Row<'_>) -> Result<Instance, StoreError> {
         metadata: de("metadata", s(8)?)?,
         public_keys: de("public_keys", s(9)?)?,
         files: parse_files(&s(26)?)?,
+        boot_roles: serde_json::from_str(&s(27)?).map_err(|e| corrupt("boot_roles", e))?,
+        state_reason: os_s(28)?,
         metadata_address: s(10)?
             .parse::<IpAddr>()
             .map_err(|e| corrupt("metadata_address", e))?,
@@ -232,6 +237,40 @@ fn from_row(r: &Row<'_>) -> Result<Instance, StoreError> {
 }
 
 impl Store for SqliteStore {
+    fn record_event(&self, id: Uuid, kind: &str, message: &str) -> Result<(), StoreError> {
+        self.conn().execute(
+            "INSERT INTO events (instance_id, created_at, kind, message) VALUES (?1, ?2, ?3, ?4)",
+            params![id.to_string(), ts(OffsetDateTime::now_utc()), kind, message],
+        )?;
+        Ok(())
+    }
+
+    fn events(&self, id: Uuid) -> Result<Vec<Event>, StoreError> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare(
+            "SELECT id, created_at, kind, message FROM events WHERE instance_id = ?1 ORDER BY id",
+        )?;
+        let rows = stmt.query_map([id.to_string()], |r| {
+            Ok((
+                r.get::<_, i64>(0)?,
+                r.get::<_, String>(1)?,
+                r.get::<_, String>(2)?,
+                r.get::<_, String>(3)?,
+            ))
+        })?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (id, at, kind, message) = row?;
+            out.push(Event {
+                id,
+                created_at: parse_ts(&at)?,
+                kind,
+                message,
+            });
+        }
+        Ok(out)
+    }
+
     fn load_all(&self) -> Result<Vec<Instance>, StoreError> {
         let conn = self.conn();
         let mut stmt = conn.prepare(&format!(
@@ -246,7 +285,7 @@ impl Store for SqliteStore {
     }
 
     fn insert(&self, instance: &Instance) -> Result<(), StoreError> {
-        let placeholders = (1..=27)
+        let placeholders = (1..=29)
             .map(|n| format!("?{n}"))
             .collect::<Vec<_>>()
             .join(", ");

@@ -60,6 +60,10 @@ given again (with `instance modify`).\n\nExample:\n  cradle instance add web1 --
     },
     /// Drain and print the messages the guest wrote (to /cradle/latest/write).
     Receive { instance: String },
+    /// Clear an instance's error state (needs the admin role).
+    ResetState { instance: String },
+    /// Show what happened to an instance (errors, state resets).
+    Events { instance: String },
 }
 
 /// Fields shared by add and modify.
@@ -264,6 +268,35 @@ pub fn run(args: InstanceArgs) -> Result<()> {
                 writeln!(out, "{r}")?;
             } else {
                 writeln!(out, "queued message {} for {instance}", r["id"])?;
+            }
+            Ok(())
+        }
+        InstanceCommand::ResetState { instance } => {
+            let v: InstanceView = api.post(
+                &format!("/v1/instances/{}/reset-state", segment(&instance)),
+                &serde_json::json!({}),
+            )?;
+            print_instance(&mut out, output, &v)
+        }
+        InstanceCommand::Events { instance } => {
+            let e: serde_json::Value =
+                api.get(&format!("/v1/instances/{}/events", segment(&instance)))?;
+            match output {
+                Output::Json => writeln!(out, "{}", serde_json::to_string_pretty(&e["events"])?)?,
+                Output::Table => {
+                    let rows: Vec<Vec<String>> = e["events"]
+                        .as_array()
+                        .into_iter()
+                        .flatten()
+                        .map(|ev| {
+                            ["created_at", "kind", "message"]
+                                .iter()
+                                .map(|k| ev[*k].as_str().unwrap_or_default().to_string())
+                                .collect()
+                        })
+                        .collect();
+                    table(&mut out, &["TIME", "KIND", "MESSAGE"], &rows)?;
+                }
             }
             Ok(())
         }
@@ -513,6 +546,18 @@ fn print_instance(out: &mut impl Write, output: Output, v: &InstanceView) -> Res
         ("id", v.id.to_string()),
         ("name", v.name.clone()),
         ("state", v.state.as_str().into()),
+        (
+            "state reason",
+            v.state_reason.clone().unwrap_or_else(|| "-".into()),
+        ),
+        (
+            "boot roles",
+            if v.boot_roles.is_empty() {
+                "-".into()
+            } else {
+                v.boot_roles.join(", ")
+            },
+        ),
         ("project", v.project_id.clone()),
         ("hostname", v.hostname.clone()),
         ("availability zone", v.availability_zone.clone()),

@@ -124,6 +124,9 @@ async fn serve(config: Config, demo: bool) -> Result<()> {
         None => load_or_create_token(&data_dir.join("admin.token"))?,
     };
 
+    let tokens = cradle_admin::Tokens::new(token, config.admin.tokens_file.clone())
+        .map_err(anyhow::Error::msg)
+        .context("admin.tokens_file")?;
     let db = data_dir.join("cradle.db");
     // Private parameters live in this file: create it for the owner only
     // (SQLite gives its -wal and -shm files the same mode).
@@ -171,7 +174,7 @@ async fn serve(config: Config, demo: bool) -> Result<()> {
     let admin_state = Arc::new(cradle_admin::AdminState {
         registry: registry.clone(),
         metrics: metrics.clone(),
-        token,
+        tokens,
         max_body_bytes: config.admin.max_body_bytes,
         vendor_data: Arc::new(vendor_data.clone()),
         drive_limits,
@@ -329,7 +332,7 @@ fn print_demo(
             spec.os_params
                 .public
                 .insert("greeting".into(), "hello".into());
-            match registry.create(spec) {
+            match registry.create(spec, Vec::new()) {
                 Ok(i) => i,
                 Err(RegistryError::Conflict(what)) => {
                     bail!(

@@ -598,3 +598,95 @@ fn metrics_count_requests_by_namespace_and_instances() {
     assert_error(&a, 401, "unauthorized", &[]);
     assert!(!a.text().contains("cradle_requests_total"));
 }
+
+/// See: the seed's mail-server example. A caller's roles at creation stay
+/// with the instance, whatever happens to the caller's roles afterwards.
+#[test]
+fn boot_roles_are_the_callers_roles_at_creation_and_never_change() {
+    let tmp = tempfile::tempdir().unwrap();
+    let tokens = tmp.path().join("tokens.toml");
+    let write_tokens = |roles: &str| {
+        let text = format!(
+            "[[token]]\nname = \"provisioner\"\nroles = {roles}\nsha256 = \"{}\"\n",
+            cradle_admin_hash("provisioner-secret-token")
+        );
+        std::fs::write(&tokens, text).unwrap();
+    };
+    write_tokens(r#"["mail-server"]"#);
+    let tokens_path = tokens.to_str().unwrap().to_string();
+    let s = Server::start_with(Opts {
+        env: &[("CRADLE_ADMIN_TOKENS_FILE", &tokens_path)],
+        ..Default::default()
+    });
+    let mut provisioner = s.admin();
+    provisioner.token = "provisioner-secret-token".into();
+
+    let first = provisioner.create(&json!({"name": "mail1", "metadata_address": "127.0.0.2"}));
+    assert_eq!(first["boot_roles"], json!(["mail-server"]));
+
+    // The caller loses the role (and gains another): the file is re-read.
+    write_tokens(r#"["web-server", "extra"]"#);
+    let second = provisioner.create(&json!({"name": "web1", "metadata_address": "127.0.0.3"}));
+    assert_eq!(second["boot_roles"], json!(["web-server", "extra"]));
+    let again = s.admin().call("GET", "/v1/instances/mail1", None).json();
+    assert_eq!(
+        again["boot_roles"],
+        json!(["mail-server"]),
+        "roles stored at creation never change"
+    );
+    // PATCH cannot set them either.
+    let a = s.admin().call(
+        "PATCH",
+        "/v1/instances/mail1",
+        Some(r#"{"boot_roles": ["x"]}"#),
+    );
+    assert_eq!(a.status, 422, "{}", a.text());
+
+    // The main token has the admin role; the provisioner does not.
+    let a = provisioner.call("POST", "/v1/instances/mail1/reset-state", None);
+    assert_eq!(a.status, 403, "{}", a.text());
+    assert_eq!(a.json()["error"]["code"], "forbidden");
+    let a = s
+        .admin()
+        .call("POST", "/v1/instances/mail1/reset-state", None);
+    assert_eq!(a.status, 200, "{}", a.text());
+    assert_eq!(a.json()["state"], "registered");
+    let events = s
+        .admin()
+        .call("GET", "/v1/instances/mail1/events", None)
+        .json();
+    assert_eq!(events["events"][0]["kind"], "reset-state");
+    assert!(
+        events["events"][0]["message"]
+            .as_str()
+            .unwrap()
+            .contains("admin"),
+        "{events}"
+    );
+
+    // A token not in the file (or a removed one) is refused.
+    write_tokens(r#"["web-server"]"#);
+    let mut stranger = s.admin();
+    stranger.token = "not-a-token".into();
+    assert_eq!(stranger.call("GET", "/v1/instances", None).status, 401);
+}
+
+/// The tokens file stores SHA-256 hex of each token.
+fn cradle_admin_hash(token: &str) -> String {
+    let out = std::process::Command::new("sha256sum")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .and_then(|mut c| {
+            use std::io::Write;
+            c.stdin.take().unwrap().write_all(token.as_bytes())?;
+            c.wait_with_output()
+        })
+        .unwrap();
+    String::from_utf8(out.stdout)
+        .unwrap()
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .to_string()
+}
