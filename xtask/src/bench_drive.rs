@@ -500,6 +500,7 @@ pub fn run(o: Options) -> Result<()> {
     let ctx = cradle_render::Context {
         today: &today,
         vendor_data: &vendor_data,
+        dynamic_vendor_data: &Default::default(),
         security_groups: &security_groups,
     };
 

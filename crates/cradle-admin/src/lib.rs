@@ -41,6 +41,8 @@ pub struct AdminState {
     pub max_body_bytes: usize,
     /// Static vendordata, for config drives.
     pub vendor_data: Arc<serde_json::Value>,
+    /// Dynamic vendordata, for config drives.
+    pub vendordata: Arc<cradle_vendordata::Vendordata>,
     pub drive_limits: cradle_drive::Limits,
 }
 
@@ -332,6 +334,13 @@ async fn config_drive(
         .parse()
         .map_err(ApiError::bad_request)?;
     let instance = s.registry.get(&key)?;
+    let dynamic = s.vendordata.fetch(&instance).await.map_err(|fatal| {
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "vendordata_failed",
+            fatal.to_string(),
+        )
+    })?;
     let (vendor_data, limits) = (s.vendor_data.clone(), s.drive_limits);
     let built = tokio::task::spawn_blocking(move || {
         let today = cradle_render::date(time::OffsetDateTime::now_utc());
@@ -339,6 +348,7 @@ async fn config_drive(
         let ctx = cradle_render::Context {
             today: &today,
             vendor_data: &vendor_data,
+            dynamic_vendor_data: &dynamic.entries,
             security_groups: &groups,
         };
         let mut image = Vec::new();

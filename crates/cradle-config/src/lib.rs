@@ -101,6 +101,8 @@ pub struct Vendordata {
     /// `vendor_data2.json`. Unset: `{}`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub static_file: Option<PathBuf>,
+    /// Dynamic vendordata targets (`[[vendordata.dynamic]]`).
+    pub dynamic: Vec<cradle_vendordata::TargetConfig>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -295,6 +297,7 @@ pub const KEYS: &[(&str, &str)] = &[
     ("channel", "queue_len"),
     ("channel", "message_bytes"),
     ("vendordata", "static_file"),
+    ("vendordata", "dynamic"),
     ("drive", "vfat_bytes"),
     ("drive", "max_bytes"),
     ("log", "format"),

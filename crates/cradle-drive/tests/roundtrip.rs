@@ -134,6 +134,7 @@ fn with_ctx<R>(f: impl FnOnce(&Context<'_>) -> R) -> R {
     f(&Context {
         today: "2026-01-01",
         vendor_data: &vendor_data,
+        dynamic_vendor_data: &Default::default(),
         security_groups: &groups,
     })
 }

@@ -80,6 +80,7 @@ pub struct MetadataService {
     vendor_data: serde_json::Value,
     settings: Settings,
     cache: cache::RenderCache,
+    vendordata: Arc<cradle_vendordata::Vendordata>,
 }
 
 impl MetadataService {
@@ -87,6 +88,7 @@ impl MetadataService {
         registry: Arc<Registry>,
         metrics: Arc<Metrics>,
         vendor_data: serde_json::Value,
+        vendordata: Arc<cradle_vendordata::Vendordata>,
         settings: Settings,
     ) -> Self {
         let cache = cache::RenderCache::new(settings.cache_bytes);
@@ -97,6 +99,7 @@ impl MetadataService {
             vendor_data,
             settings,
             cache,
+            vendordata,
         }
     }
 }
@@ -440,17 +443,30 @@ async fn route(svc: &MetadataService, inst: &Arc<Instance>, req: Request<Incomin
         });
     }
 
+    // Dynamic vendordata has its own cache (per target TTLs, single flight);
+    // a fatal failure puts the instance in error and the guest gets 503.
+    let dynamic = match segs.as_slice() {
+        ["openstack", _, "vendor_data2.json"] if !svc.vendordata.is_empty() => {
+            match svc.vendordata.fetch(inst).await {
+                Ok(d) => Some(d.entries),
+                Err(fatal) => return vendordata_failed(svc, inst, &fatal).await,
+            }
+        }
+        _ => None,
+    };
     // The native namespace carries OS parameters: never cached.
-    let cacheable = !native;
+    let cacheable = !native && dynamic.is_none();
     let day = unix_day();
     if cacheable && let Some(doc) = svc.cache.get(inst, day, &path) {
         return reply(StatusCode::OK, doc.content_type, doc.body);
     }
     let today = today();
     let groups = ["default".to_string()];
+    let no_dynamic = std::collections::BTreeMap::new();
     let ctx = Context {
         today: &today,
         vendor_data: &svc.vendor_data,
+        dynamic_vendor_data: dynamic.as_ref().unwrap_or(&no_dynamic),
         security_groups: &groups,
     };
     let root = cradle_render::root(inst, &ctx);
@@ -479,6 +495,27 @@ async fn route(svc: &MetadataService, inst: &Arc<Instance>, req: Request<Incomin
         svc.cache.put(inst, day, &path, doc.clone());
     }
     reply(StatusCode::OK, doc.content_type, doc.body)
+}
+
+/// A fatal vendordata failure: the instance moves to state `error` (with an
+/// event), and the guest is told to come back later.
+async fn vendordata_failed(
+    svc: &MetadataService,
+    inst: &Instance,
+    fatal: &cradle_vendordata::Fatal,
+) -> Reply {
+    let reason = fatal.to_string();
+    warn!(instance = %inst.id, reason = %reason, "fatal vendordata failure; instance set to error");
+    let (registry, id) = (svc.registry.clone(), inst.id);
+    if let Err(e) =
+        blocking(move || registry.set_error(id, "vendordata", &reason).map(|_| ())).await
+    {
+        warn!(instance = %inst.id, error = %e, "cannot record the vendordata failure");
+    }
+    text(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "503 Service Unavailable: vendordata is unavailable",
+    )
 }
 
 fn issue_token(svc: &MetadataService, inst: &Instance, req: &Request<Incoming>) -> Reply {
@@ -622,6 +659,7 @@ async fn set_password(
     let ctx = Context {
         today: &today,
         vendor_data: &svc.vendor_data,
+        dynamic_vendor_data: &Default::default(),
         security_groups: &groups,
     };
     let has_password = cradle_render::openstack_versions(inst, &ctx)

@@ -64,6 +64,11 @@ impl Metrics {
         }
     }
 
+    /// Where other crates register their own metrics, before sharing.
+    pub fn registry_mut(&mut self) -> &mut PromRegistry {
+        &mut self.registry
+    }
+
     /// Record one answered request.
     pub fn observe(&self, namespace: &'static str, status: u16, seconds: f64) {
         self.requests

@@ -39,6 +39,9 @@ pub struct Context<'a> {
     pub today: &'a str,
     /// Static vendordata (`vendor_data.json`; `"static"` in `vendor_data2.json`).
     pub vendor_data: &'a serde_json::Value,
+    /// Dynamic vendordata, by target name, beside `"static"` in
+    /// `vendor_data2.json`. Fetched by the caller; empty when none is configured.
+    pub dynamic_vendor_data: &'a std::collections::BTreeMap<String, serde_json::Value>,
     /// Names of the instance's security groups, for EC2 `security-groups`.
     pub security_groups: &'a [String],
 }

@@ -110,7 +110,9 @@ pub fn openstack_version<'a>(
         }
         if has("2016-10-06") {
             e.push(Entry::file("vendor_data2.json", move || {
-                to_json(&json_object([("static", ctx.vendor_data.clone())]))
+                let mut v2 = ctx.dynamic_vendor_data.clone();
+                v2.insert("static".to_string(), ctx.vendor_data.clone());
+                to_json(&v2)
             }));
         }
         if has("2015-10-15") {

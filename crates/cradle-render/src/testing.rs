@@ -59,6 +59,7 @@ pub fn with_ctx<R>(today: &str, f: impl FnOnce(&Context<'_>) -> R) -> R {
     let ctx = Context {
         today,
         vendor_data: &vendor,
+        dynamic_vendor_data: &Default::default(),
         security_groups: &groups,
     };
     f(&ctx)

@@ -116,6 +116,15 @@ async fn serve(config: Config, demo: bool) -> Result<()> {
                 .with_context(|| format!("vendordata.static_file {} is not JSON", path.display()))?
         }
     };
+    let mut metrics = Metrics::new();
+    let vendordata = Arc::new(
+        cradle_vendordata::Vendordata::new(
+            config.vendordata.dynamic.clone(),
+            metrics.registry_mut(),
+        )
+        .context("vendordata.dynamic")?,
+    );
+    let metrics = Arc::new(metrics);
     let data_dir = &config.server.data_dir;
     create_private_dir(data_dir)?;
     let token = match &config.admin.token {
@@ -144,7 +153,6 @@ async fn serve(config: Config, demo: bool) -> Result<()> {
     };
     let registry =
         Arc::new(Registry::open(Arc::new(store), limits).context("cannot load instances")?);
-    let metrics = Arc::new(Metrics::new());
     metrics.instances.set(registry.len() as i64);
 
     let admin_listener = TcpListener::bind(config.admin.listen)
@@ -177,6 +185,7 @@ async fn serve(config: Config, demo: bool) -> Result<()> {
         tokens,
         max_body_bytes: config.admin.max_body_bytes,
         vendor_data: Arc::new(vendor_data.clone()),
+        vendordata: vendordata.clone(),
         drive_limits,
     });
     let admin = tokio::spawn(cradle_admin::serve(
@@ -197,6 +206,7 @@ async fn serve(config: Config, demo: bool) -> Result<()> {
         registry.clone(),
         metrics,
         vendor_data,
+        vendordata,
         settings,
     ));
     let metadata = cradle_metadata::serve_workers(metadata_listeners, service, stop_rx)
