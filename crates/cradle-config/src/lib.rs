@@ -14,15 +14,17 @@ use serde::{Deserialize, Serialize};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("cannot read {path}: {source}")]
+    // The cause is in the message and deliberately not a `source`: callers
+    // print the chain (`{:#}`), which would repeat it.
+    #[error("cannot read {path}: {error}")]
     Read {
         path: PathBuf,
-        source: std::io::Error,
+        error: std::io::Error,
     },
-    #[error("{path}: {source}")]
+    #[error("{path}: {error}")]
     Parse {
         path: String,
-        source: Box<toml::de::Error>,
+        error: Box<toml::de::Error>,
     },
     #[error("{var}: {message}")]
     Env { var: String, message: String },
@@ -199,14 +201,14 @@ impl Config {
     ) -> Result<Config, ConfigError> {
         let mut table = match file {
             Some(path) => {
-                let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+                let text = std::fs::read_to_string(path).map_err(|error| ConfigError::Read {
                     path: path.to_path_buf(),
-                    source,
+                    error,
                 })?;
                 text.parse::<toml::Table>()
                     .map_err(|e| ConfigError::Parse {
                         path: path.display().to_string(),
-                        source: Box::new(e),
+                        error: Box::new(e),
                     })?
             }
             None => toml::Table::new(),
@@ -217,7 +219,7 @@ impl Config {
             .unwrap_or_else(|| "environment".into());
         Config::deserialize(toml::Value::Table(table)).map_err(|e| ConfigError::Parse {
             path: origin,
-            source: Box::new(e),
+            error: Box::new(e),
         })
     }
 }

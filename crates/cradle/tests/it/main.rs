@@ -10,3 +10,4 @@ mod drive;
 mod hop_limit;
 mod metadata;
 mod secrets;
+mod vendordata;
