@@ -36,7 +36,7 @@ const PATHS: &[&str] = &[
 ];
 const NGINX: &str = "/usr/sbin/nginx";
 /// Concurrent admin API connections used to register instances.
-const REGISTER_CONNECTIONS: usize = 8;
+pub(crate) const REGISTER_CONNECTIONS: usize = 8;
 
 pub struct Options {
     duration: u64,
@@ -136,18 +136,30 @@ fn spec(k: usize) -> serde_json::Value {
 }
 
 /// `cradle serve` as a child process, on port 0 for both listeners.
-struct Cradle {
-    proc: Guarded,
-    admin: SocketAddr,
-    metadata: SocketAddr,
-    token: String,
+pub(crate) struct Cradle {
+    pub(crate) proc: Guarded,
+    pub(crate) admin: SocketAddr,
+    pub(crate) metadata: SocketAddr,
+    pub(crate) token: String,
     log: PathBuf,
 }
 
-fn start_cradle(bin: &Path, data_dir: &Path, log: &Path) -> Result<Cradle> {
+/// Start `cradle serve` on `data_dir`, with `--config config` when given,
+/// and wait for it to print the addresses of its listeners.
+pub(crate) fn start_cradle(
+    bin: &Path,
+    data_dir: &Path,
+    log: &Path,
+    config: Option<&Path>,
+) -> Result<Cradle> {
     let log_file = std::fs::File::create(log)?;
-    let child = Command::new(bin)
-        .args(["serve", "--data-dir"])
+    let mut cmd = Command::new(bin);
+    cmd.arg("serve");
+    if let Some(config) = config {
+        cmd.arg("--config").arg(config);
+    }
+    let child = cmd
+        .arg("--data-dir")
         .arg(data_dir)
         .args([
             "--admin-listen",
@@ -201,7 +213,7 @@ fn start_cradle(bin: &Path, data_dir: &Path, log: &Path) -> Result<Cradle> {
 }
 
 impl Cradle {
-    fn check_alive(&mut self) -> Result<()> {
+    pub(crate) fn check_alive(&mut self) -> Result<()> {
         if let Some(status) = self.proc.exited() {
             bail!(
                 "cradle exited ({status}); its log:\n{}",
@@ -214,7 +226,7 @@ impl Cradle {
 
 /// Register instances 0..n through the admin API over a few keep-alive
 /// connections at once.
-async fn register(admin: SocketAddr, token: &str, n: usize) -> Result<Duration> {
+pub(crate) async fn register(admin: SocketAddr, token: &str, n: usize) -> Result<Duration> {
     let next = Arc::new(AtomicUsize::new(0));
     let done = Arc::new(AtomicUsize::new(0));
     let started = Instant::now();
@@ -501,6 +513,7 @@ pub fn run(o: Options) -> Result<()> {
         &bin,
         &tmp.path().join("data"),
         &tmp.path().join("cradle.log"),
+        None,
     )?;
     let cradle_pid = cradle.proc.pid();
     println!(

@@ -69,7 +69,7 @@ struct WorkerOut {
     latency: Histogram<u32>,
 }
 
-fn histogram<T: hdrhistogram::Counter>() -> Histogram<T> {
+pub(crate) fn histogram<T: hdrhistogram::Counter>() -> Histogram<T> {
     // 1 µs resolution, up to a minute, 3 significant figures.
     Histogram::new_with_bounds(1_000, 60_000_000_000, 3).expect("valid histogram bounds")
 }

@@ -1,9 +1,11 @@
 //! Project tasks: `cargo xtask ci` (what `.ci/run` runs),
-//! `cargo xtask bench metadata` (the metadata-service benchmark against nginx)
-//! and `cargo xtask bench drive` (config drives against genisoimage).
+//! `cargo xtask bench metadata` (the metadata-service benchmark against nginx),
+//! `cargo xtask bench drive` (config drives against genisoimage) and
+//! `cargo xtask bench vendordata` (dynamic vendordata against a slow target).
 
 mod bench;
 mod bench_drive;
+mod bench_vendordata;
 mod ci;
 mod debian;
 mod http;
@@ -36,6 +38,14 @@ tasks:
       --drives N             ISO drives per tool and run [1000]
       --vfat-drives N        vfat drives (64 MiB each) per run; 0 skips [100]
       --runs N               repeat the measurements; report medians [1]
+  bench vendordata     every instance fetches vendor_data2.json a few times
+                       from its own address while cradle's dynamic vendordata
+                       target takes 50 ms; counts the upstream calls and times
+                       misses and cache hits, on a fresh cradle per run; options:
+      --instances N          instances to register [1000]
+      --fetches N            fetches per instance, one after another [10]
+      --concurrency N        instances fetching at once [128]
+      --runs N               repeat the measurements; report medians [1]
 ";
 
 fn main() -> ExitCode {
@@ -57,8 +67,16 @@ fn main() -> ExitCode {
                     bench_drive::run(o)
                 }
             }),
+            Some("vendordata") => bench_vendordata::Options::parse(&args[2..]).and_then(|o| {
+                if cfg!(debug_assertions) {
+                    reexec_optimized(&args, "the guests' client must be optimized")
+                } else {
+                    bench_vendordata::run(o)
+                }
+            }),
             _ => Err(anyhow::anyhow!(
-                "unknown benchmark; expected `bench metadata` or `bench drive`\n\n{USAGE}"
+                "unknown benchmark; expected `bench metadata`, `bench drive` or \
+                 `bench vendordata`\n\n{USAGE}"
             )),
         },
         Some("-h" | "--help" | "help") => {
