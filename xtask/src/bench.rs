@@ -18,7 +18,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result, anyhow, bail};
+use crate::flags;
+use anyhow::{Context, Result, bail};
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD as B64;
 use serde_json::json;
@@ -57,29 +58,17 @@ impl Options {
             connections: vec![64, 256],
             client_threads: 2,
         };
-        let mut it = args.iter();
-        while let Some(flag) = it.next() {
-            let mut value = || {
-                it.next()
-                    .ok_or_else(|| anyhow!("{flag} needs a value"))
-                    .map(String::as_str)
-            };
-            fn num(flag: &str, v: &str) -> Result<usize> {
-                v.parse::<usize>()
-                    .ok()
-                    .filter(|n| *n > 0)
-                    .ok_or_else(|| anyhow!("{flag}: {v:?} is not a positive whole number"))
-            }
-            match flag.as_str() {
-                "--duration" => o.duration = num(flag, value()?)? as u64,
-                "--warmup" => o.warmup = value()?.parse().context("--warmup: not a number")?,
-                "--instances" => o.instances = num(flag, value()?)?,
-                "--runs" => o.runs = num(flag, value()?)?,
-                "--client-threads" => o.client_threads = num(flag, value()?)?,
+        for (flag, v) in flags::pairs(args)? {
+            match flag {
+                "--duration" => o.duration = flags::number(flag, v, 1)? as u64,
+                "--warmup" => o.warmup = flags::number(flag, v, 0)? as u64,
+                "--instances" => o.instances = flags::number(flag, v, 1)?,
+                "--runs" => o.runs = flags::number(flag, v, 1)?,
+                "--client-threads" => o.client_threads = flags::number(flag, v, 1)?,
                 "--connections" => {
-                    o.connections = value()?
+                    o.connections = v
                         .split(',')
-                        .map(|c| num(flag, c.trim()))
+                        .map(|c| flags::number(flag, c.trim(), 1))
                         .collect::<Result<_>>()?
                 }
                 other => bail!("unknown option {other:?} (see `cargo xtask --help`)"),

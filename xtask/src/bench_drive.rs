@@ -20,6 +20,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use crate::flags;
 use anyhow::{Context, Result, anyhow, bail};
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD as B64;
@@ -51,23 +52,11 @@ impl Options {
             vfat_drives: 100,
             runs: 1,
         };
-        let mut it = args.iter();
-        while let Some(flag) = it.next() {
-            let mut value = || {
-                it.next()
-                    .ok_or_else(|| anyhow!("{flag} needs a value"))
-                    .map(String::as_str)
-            };
-            fn num(flag: &str, v: &str, min: usize) -> Result<usize> {
-                v.parse::<usize>()
-                    .ok()
-                    .filter(|n| *n >= min)
-                    .ok_or_else(|| anyhow!("{flag}: {v:?} is not a whole number of at least {min}"))
-            }
-            match flag.as_str() {
-                "--drives" => o.drives = num(flag, value()?, 1)?,
-                "--vfat-drives" => o.vfat_drives = num(flag, value()?, 0)?,
-                "--runs" => o.runs = num(flag, value()?, 1)?,
+        for (flag, v) in flags::pairs(args)? {
+            match flag {
+                "--drives" => o.drives = flags::number(flag, v, 1)?,
+                "--vfat-drives" => o.vfat_drives = flags::number(flag, v, 0)?,
+                "--runs" => o.runs = flags::number(flag, v, 1)?,
                 other => bail!("unknown option {other:?} (see `cargo xtask --help`)"),
             }
         }

@@ -23,7 +23,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result, anyhow, bail};
+use crate::flags;
+use anyhow::{Context, Result, bail};
 use hdrhistogram::Histogram;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream};
@@ -63,24 +64,12 @@ impl Options {
             runs: 1,
             concurrency: 128,
         };
-        let mut it = args.iter();
-        while let Some(flag) = it.next() {
-            let mut value = || {
-                it.next()
-                    .ok_or_else(|| anyhow!("{flag} needs a value"))
-                    .map(String::as_str)
-            };
-            fn num(flag: &str, v: &str) -> Result<usize> {
-                v.parse::<usize>()
-                    .ok()
-                    .filter(|n| *n > 0)
-                    .ok_or_else(|| anyhow!("{flag}: {v:?} is not a positive whole number"))
-            }
-            match flag.as_str() {
-                "--instances" => o.instances = num(flag, value()?)?,
-                "--fetches" => o.fetches = num(flag, value()?)?,
-                "--runs" => o.runs = num(flag, value()?)?,
-                "--concurrency" => o.concurrency = num(flag, value()?)?,
+        for (flag, v) in flags::pairs(args)? {
+            match flag {
+                "--instances" => o.instances = flags::number(flag, v, 1)?,
+                "--fetches" => o.fetches = flags::number(flag, v, 1)?,
+                "--runs" => o.runs = flags::number(flag, v, 1)?,
+                "--concurrency" => o.concurrency = flags::number(flag, v, 1)?,
                 other => bail!("unknown option {other:?} (see `cargo xtask --help`)"),
             }
         }

@@ -8,6 +8,7 @@ mod bench_drive;
 mod bench_vendordata;
 mod ci;
 mod debian;
+mod flags;
 mod http;
 mod load;
 mod procs;
