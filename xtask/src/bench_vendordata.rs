@@ -176,10 +176,13 @@ async fn serve_target(mut stream: TcpStream, stats: &TargetStats) -> std::io::Re
             if name.eq_ignore_ascii_case("content-length") {
                 body_len = value.parse().map_err(|_| bad("bad Content-Length"))?;
             } else if name.eq_ignore_ascii_case("transfer-encoding") {
+                // Counted before the answer, so whoever reads the answer
+                // also sees the count.
+                stats.rejected.fetch_add(1, Ordering::Relaxed);
                 stream
                     .write_all(b"HTTP/1.1 501 Not Implemented\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
                     .await?;
-                return Err(bad("chunked request bodies are not supported"));
+                return Ok(());
             } else if name.eq_ignore_ascii_case("connection") {
                 close = value.to_ascii_lowercase().contains("close");
             }
@@ -194,10 +197,11 @@ async fn serve_target(mut stream: TcpStream, stats: &TargetStats) -> std::io::Re
         }
         buf.drain(..head_len + body_len);
         if !is_post {
+            stats.rejected.fetch_add(1, Ordering::Relaxed);
             stream
                 .write_all(b"HTTP/1.1 405 Method Not Allowed\r\nAllow: POST\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
                 .await?;
-            return Err(bad("not a POST"));
+            return Ok(());
         }
         stats.calls.fetch_add(1, Ordering::Relaxed);
         let now = stats.in_flight.fetch_add(1, Ordering::Relaxed) + 1;
