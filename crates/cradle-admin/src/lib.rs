@@ -44,7 +44,13 @@ pub struct AdminState {
     /// Dynamic vendordata, for config drives.
     pub vendordata: Arc<cradle_vendordata::Vendordata>,
     pub drive_limits: cradle_drive::Limits,
+    /// Drives built at once: each may hold a whole image (64 MiB for vfat)
+    /// in memory, so a burst of requests queues instead of exhausting it.
+    pub drive_builds: tokio::sync::Semaphore,
 }
+
+/// How many config drives are built at once.
+pub const DRIVE_BUILDS: usize = 2;
 
 type Shared = State<Arc<AdminState>>;
 
@@ -342,6 +348,11 @@ async fn config_drive(
         )
     })?;
     let (vendor_data, limits) = (s.vendor_data.clone(), s.drive_limits);
+    let _permit = s
+        .drive_builds
+        .acquire()
+        .await
+        .map_err(|_| ApiError::internal())?;
     let built = tokio::task::spawn_blocking(move || {
         let today = cradle_render::date(time::OffsetDateTime::now_utc());
         let groups = ["default".to_string()];

@@ -187,6 +187,7 @@ async fn serve(config: Config, demo: bool) -> Result<()> {
         vendor_data: Arc::new(vendor_data.clone()),
         vendordata: vendordata.clone(),
         drive_limits,
+        drive_builds: tokio::sync::Semaphore::new(cradle_admin::DRIVE_BUILDS),
     });
     let admin = tokio::spawn(cradle_admin::serve(
         admin_listener,
