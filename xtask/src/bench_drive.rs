@@ -485,13 +485,7 @@ pub fn run(o: Options) -> Result<()> {
     let now = OffsetDateTime::now_utc().replace_nanosecond(0)?;
     let today = cradle_render::date(now);
     let vendor_data = serde_json::json!({});
-    let security_groups = vec!["default".to_string()];
-    let ctx = cradle_render::Context {
-        today: &today,
-        vendor_data: &vendor_data,
-        dynamic_vendor_data: &Default::default(),
-        security_groups: &security_groups,
-    };
+    let ctx = cradle_render::Context::new(&today, &vendor_data);
 
     println!("==> make {} instances in-process", o.drives);
     let insts = instances(o.drives, now)?;

@@ -355,13 +355,7 @@ async fn config_drive(
         .map_err(|_| ApiError::internal())?;
     let built = tokio::task::spawn_blocking(move || {
         let today = cradle_render::date(time::OffsetDateTime::now_utc());
-        let groups = ["default".to_string()];
-        let ctx = cradle_render::Context {
-            today: &today,
-            vendor_data: &vendor_data,
-            dynamic_vendor_data: &dynamic.entries,
-            security_groups: &groups,
-        };
+        let ctx = cradle_render::Context::new(&today, &vendor_data).with_dynamic(&dynamic.entries);
         let mut image = Vec::new();
         cradle_drive::build(&instance, &ctx, format, limits, &mut image).map(|_| (image, instance))
     })

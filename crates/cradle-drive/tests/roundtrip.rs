@@ -130,13 +130,7 @@ fn extract_vfat(image: &Path, dir: &Path) -> BTreeMap<String, Vec<u8>> {
 
 fn with_ctx<R>(f: impl FnOnce(&Context<'_>) -> R) -> R {
     let vendor_data = serde_json::json!({});
-    let groups = ["default".to_string()];
-    f(&Context {
-        today: "2026-01-01",
-        vendor_data: &vendor_data,
-        dynamic_vendor_data: &Default::default(),
-        security_groups: &groups,
-    })
+    f(&Context::new("2026-01-01", &vendor_data))
 }
 
 /// Build `inst`'s drive in `format`, read it back with the tools, and check

@@ -355,7 +355,7 @@ async fn handle(svc: &MetadataService, source: IpAddr, req: Request<Incoming>) -
             StatusCode::NOT_FOUND,
             "404 Not Found: no instance has this source address",
         ),
-        Some(i) => route(svc, i, req).await,
+        Some(i) => route(svc, i, &path, req).await,
     };
     let status = response.status().as_u16();
     let elapsed = started.elapsed();
@@ -372,9 +372,13 @@ async fn handle(svc: &MetadataService, source: IpAddr, req: Request<Incoming>) -
     response
 }
 
-async fn route(svc: &MetadataService, inst: &Arc<Instance>, req: Request<Incoming>) -> Reply {
-    let path = req.uri().path().to_string();
-    let Some(segs) = segments(&path) else {
+async fn route(
+    svc: &MetadataService,
+    inst: &Arc<Instance>,
+    path: &str,
+    req: Request<Incoming>,
+) -> Reply {
+    let Some(segs) = segments(path) else {
         return text(StatusCode::BAD_REQUEST, "400 Bad Request: malformed path");
     };
 
@@ -457,17 +461,13 @@ async fn route(svc: &MetadataService, inst: &Arc<Instance>, req: Request<Incomin
     // The native namespace carries OS parameters: never cached.
     let cacheable = !native && dynamic.is_none();
     let day = unix_day();
-    if cacheable && let Some(doc) = svc.cache.get(inst, day, &path) {
+    if cacheable && let Some(doc) = svc.cache.get(inst, day, path) {
         return reply(StatusCode::OK, doc.content_type, doc.body);
     }
     let today = today();
-    let groups = ["default".to_string()];
-    let no_dynamic = std::collections::BTreeMap::new();
-    let ctx = Context {
-        today: &today,
-        vendor_data: &svc.vendor_data,
-        dynamic_vendor_data: dynamic.as_ref().unwrap_or(&no_dynamic),
-        security_groups: &groups,
+    let ctx = match &dynamic {
+        Some(d) => Context::new(&today, &svc.vendor_data).with_dynamic(d),
+        None => Context::new(&today, &svc.vendor_data),
     };
     let root = cradle_render::root(inst, &ctx);
     let doc = match root.resolve(&segs) {
@@ -492,7 +492,7 @@ async fn route(svc: &MetadataService, inst: &Arc<Instance>, req: Request<Incomin
         None => return text(StatusCode::NOT_FOUND, "404 Not Found"),
     };
     if cacheable {
-        svc.cache.put(inst, day, &path, doc.clone());
+        svc.cache.put(inst, day, path, doc.clone());
     }
     reply(StatusCode::OK, doc.content_type, doc.body)
 }
@@ -655,13 +655,7 @@ async fn set_password(
 ) -> Reply {
     // Only versions that have a password file take one.
     let today = today();
-    let groups: [String; 0] = [];
-    let ctx = Context {
-        today: &today,
-        vendor_data: &svc.vendor_data,
-        dynamic_vendor_data: &Default::default(),
-        security_groups: &groups,
-    };
+    let ctx = Context::new(&today, &svc.vendor_data);
     let has_password = cradle_render::openstack_versions(inst, &ctx)
         .resolve(&[version, "password"])
         .is_some();

@@ -43,7 +43,36 @@ pub struct Context<'a> {
     /// `vendor_data2.json`. Fetched by the caller; empty when none is configured.
     pub dynamic_vendor_data: &'a std::collections::BTreeMap<String, serde_json::Value>,
     /// Names of the instance's security groups, for EC2 `security-groups`.
-    pub security_groups: &'a [String],
+    pub security_groups: &'a [&'a str],
+}
+
+/// What EC2 `security-groups` shows until instances have groups of their own.
+pub const DEFAULT_SECURITY_GROUPS: &[&str] = &["default"];
+
+static NO_DYNAMIC_VENDOR_DATA: std::collections::BTreeMap<String, serde_json::Value> =
+    std::collections::BTreeMap::new();
+
+impl<'a> Context<'a> {
+    /// The context every front end uses (the metadata service, config
+    /// drives), so that what they render cannot drift apart: no dynamic
+    /// vendordata and the default security groups unless told otherwise.
+    pub fn new(today: &'a str, vendor_data: &'a serde_json::Value) -> Self {
+        Context {
+            today,
+            vendor_data,
+            dynamic_vendor_data: &NO_DYNAMIC_VENDOR_DATA,
+            security_groups: DEFAULT_SECURITY_GROUPS,
+        }
+    }
+
+    /// The same, with the dynamic vendordata fetched for this instance.
+    pub fn with_dynamic(
+        mut self,
+        dynamic: &'a std::collections::BTreeMap<String, serde_json::Value>,
+    ) -> Self {
+        self.dynamic_vendor_data = dynamic;
+        self
+    }
 }
 
 /// A node of a metadata tree.

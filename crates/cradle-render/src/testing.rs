@@ -55,12 +55,9 @@ pub fn instance() -> Instance {
 /// vendordata and group names alive for as long as the tree is used.
 pub fn with_ctx<R>(today: &str, f: impl FnOnce(&Context<'_>) -> R) -> R {
     let vendor = serde_json::json!({"cloud": "test"});
-    let groups = vec!["default".to_string(), "web".to_string()];
     let ctx = Context {
-        today,
-        vendor_data: &vendor,
-        dynamic_vendor_data: &Default::default(),
-        security_groups: &groups,
+        security_groups: &["default", "web"],
+        ..Context::new(today, &vendor)
     };
     f(&ctx)
 }
