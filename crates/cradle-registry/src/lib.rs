@@ -208,11 +208,17 @@ impl Registry {
         let next = patch.apply(&current, now())?;
         Self::check_unique(&self.read(), &next)?;
         self.store.update(&next)?;
+        Ok(self.publish(next))
+    }
+
+    /// Make `next` the in-memory version of its instance (the store already
+    /// holds it): a new `Arc`, so caches keyed on the old one let go.
+    fn publish(&self, next: Instance) -> Arc<Instance> {
         let next = Arc::new(next);
         let mut index = self.write();
-        index.take(current.id);
+        index.take(next.id);
         index.put(next.clone());
-        Ok(next)
+        next
     }
 
     /// Replace the stored and in-memory instance with `change` applied, under
@@ -227,11 +233,7 @@ impl Registry {
         change(&mut next);
         next.updated_at = now();
         self.store.update(&next)?;
-        let next = Arc::new(next);
-        let mut index = self.write();
-        index.take(id);
-        index.put(next.clone());
-        Ok(next)
+        Ok(self.publish(next))
     }
 
     /// Put an instance in state `error` with `reason`, and record the event.
@@ -298,9 +300,7 @@ impl Registry {
         }
         let mut next = (*current).clone();
         next.password = Some(password.to_string());
-        let mut index = self.write();
-        index.take(id);
-        index.put(Arc::new(next));
+        self.publish(next);
         Ok(())
     }
 
