@@ -471,13 +471,18 @@ fn mib(kib: u64) -> f64 {
     kib as f64 / 1024.0
 }
 
-pub fn run(o: Options) -> Result<()> {
+/// Build the release `cradle` the benchmarks measure; its path.
+pub(crate) fn build_cradle() -> Result<PathBuf> {
     println!("==> cargo build --release -p cradle");
     run_cargo(
         &["build", "--release", "-p", "cradle"],
         "cradle does not build",
     )?;
-    let bin = target_dir().join("release").join("cradle");
+    Ok(target_dir().join("release").join("cradle"))
+}
+
+pub fn run(o: Options) -> Result<()> {
+    let bin = build_cradle()?;
 
     println!("==> nginx (the peer)");
     if !Path::new(NGINX).exists() {

@@ -33,7 +33,6 @@ use tokio::task::JoinSet;
 use crate::bench::{self, REGISTER_CONNECTIONS, guest_ip, median};
 use crate::http::{self, Conn};
 use crate::load::histogram;
-use crate::{run_cargo, target_dir};
 
 /// The target's name in cradle's configuration (the key in
 /// `vendor_data2.json` and the `target` label on `/metrics`).
@@ -550,12 +549,7 @@ fn one_run(
 }
 
 pub fn run(o: Options) -> Result<()> {
-    println!("==> cargo build --release -p cradle");
-    run_cargo(
-        &["build", "--release", "-p", "cradle"],
-        "cradle does not build",
-    )?;
-    let bin = target_dir().join("release").join("cradle");
+    let bin = bench::build_cradle()?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()

@@ -608,7 +608,7 @@ fn boot_roles_are_the_callers_roles_at_creation_and_never_change() {
     let write_tokens = |roles: &str| {
         let text = format!(
             "[[token]]\nname = \"provisioner\"\nroles = {roles}\nsha256 = \"{}\"\n",
-            cradle_admin_hash("provisioner-secret-token")
+            sha256_hex("provisioner-secret-token")
         );
         std::fs::write(&tokens, text).unwrap();
     };
@@ -669,24 +669,4 @@ fn boot_roles_are_the_callers_roles_at_creation_and_never_change() {
     let mut stranger = s.admin();
     stranger.token = "not-a-token".into();
     assert_eq!(stranger.call("GET", "/v1/instances", None).status, 401);
-}
-
-/// The tokens file stores SHA-256 hex of each token.
-fn cradle_admin_hash(token: &str) -> String {
-    let out = std::process::Command::new("sha256sum")
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .and_then(|mut c| {
-            use std::io::Write;
-            c.stdin.take().unwrap().write_all(token.as_bytes())?;
-            c.wait_with_output()
-        })
-        .unwrap();
-    String::from_utf8(out.stdout)
-        .unwrap()
-        .split_whitespace()
-        .next()
-        .unwrap()
-        .to_string()
 }

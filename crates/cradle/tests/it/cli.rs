@@ -15,16 +15,8 @@ use crate::harness::*;
 /// The binary, with nothing from the caller's environment that would change
 /// where it connects or which token it uses.
 fn cradle(cwd: &Path) -> Command {
-    let mut cmd = Command::new(BIN);
-    cmd.current_dir(cwd)
-        .stdin(Stdio::null())
-        .env("NO_PROXY", "*")
-        .env("no_proxy", "*");
-    for (k, _) in std::env::vars() {
-        if k.starts_with("CRADLE_") || k == "RUST_LOG" {
-            cmd.env_remove(k);
-        }
-    }
+    let mut cmd = cradle_command();
+    cmd.current_dir(cwd);
     cmd
 }
 

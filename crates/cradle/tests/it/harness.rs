@@ -339,3 +339,42 @@ pub fn python(script: &str, args: &[&str]) -> String {
     );
     String::from_utf8(out.stdout).unwrap()
 }
+
+/// The binary, with nothing from the caller's environment that would change
+/// where it connects or which token it uses.
+pub fn cradle_command() -> Command {
+    let mut cmd = Command::new(BIN);
+    cmd.stdin(Stdio::null())
+        .env("NO_PROXY", "*")
+        .env("no_proxy", "*");
+    for (k, _) in std::env::vars() {
+        if k.starts_with("CRADLE_") || k == "RUST_LOG" {
+            cmd.env_remove(k);
+        }
+    }
+    cmd
+}
+
+/// SHA-256 of `text` in lower-case hex, from coreutils' `sha256sum` (what an
+/// operator runs to fill the admin tokens file).
+pub fn sha256_hex(text: &str) -> String {
+    use std::io::Write;
+    let mut child = Command::new("sha256sum")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("sha256sum (coreutils)");
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(text.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    String::from_utf8(out.stdout)
+        .unwrap()
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .to_string()
+}

@@ -217,24 +217,9 @@ fn static_file(dir: &Path) -> (std::path::PathBuf, Value) {
     (path, value)
 }
 
-/// The binary with nothing from the caller's environment that would change
-/// where it connects or which token it uses.
-fn cradle() -> Command {
-    let mut cmd = Command::new(BIN);
-    cmd.stdin(Stdio::null())
-        .env("NO_PROXY", "*")
-        .env("no_proxy", "*");
-    for (k, _) in std::env::vars() {
-        if k.starts_with("CRADLE_") || k == "RUST_LOG" {
-            cmd.env_remove(k);
-        }
-    }
-    cmd
-}
-
 /// `cradle instance <args>` against `s` as the operator; (ok, stdout, stderr).
 fn cli(s: &Server, args: &[&str]) -> (bool, String, String) {
-    let out = cradle()
+    let out = cradle_command()
         .arg("instance")
         .args(args)
         .arg("--url")
@@ -259,28 +244,6 @@ fn metric(s: &Server, name: &str, target: &str) -> Option<u64> {
         .lines()
         .find_map(|l| l.strip_prefix(&prefix))
         .map(|v| v.trim().parse().unwrap())
-}
-
-/// SHA-256 hex of a token, for the admin tokens file.
-fn sha256(token: &str) -> String {
-    let mut child = Command::new("sha256sum")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(token.as_bytes())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
-    String::from_utf8(out.stdout)
-        .unwrap()
-        .split_whitespace()
-        .next()
-        .unwrap()
-        .to_string()
 }
 
 /// Read one file out of an ISO 9660 image with isoinfo (Rock Ridge names).
@@ -407,7 +370,7 @@ fn boot_roles_reach_the_target_and_survive_a_role_change() {
     let write_tokens = |roles: &str| {
         let text = format!(
             "[[token]]\nname = \"provisioner\"\nroles = {roles}\nsha256 = \"{}\"\n",
-            sha256("provisioner-token-81aa")
+            sha256_hex("provisioner-token-81aa")
         );
         replace(&tokens, &text);
     };
@@ -803,7 +766,7 @@ fn a_bad_vendordata_config_stops_serve_with_a_clear_error() {
         let config = tmp.path().join(format!("bad-{n}.toml"));
         std::fs::write(&config, format!("[[vendordata.dynamic]]\n{target}\n")).unwrap();
         let data_dir = tmp.path().join(format!("data-{n}"));
-        let mut child = cradle()
+        let mut child = cradle_command()
             .arg("serve")
             .arg("--config")
             .arg(&config)
