@@ -240,6 +240,8 @@ prop_compose! {
                 .collect(),
             files: files.iter().map(|(p, c)| (p.clone(), b64(c))).collect(),
             metadata_address: format!("10.{a}.{b}.{}", c.max(1)),
+            local_ipv6: None,
+            interface: None,
             local_ipv4: Some(match addr.1 {
                 Some(prefix) => format!("10.{a}.{b}.{}/{prefix}", c.max(1)),
                 None => format!("10.{a}.{b}.{}", c.max(1)),

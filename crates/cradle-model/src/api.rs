@@ -3,7 +3,7 @@
 //! request types, so every caller gets the same rules and the same messages.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD as B64;
@@ -74,6 +74,11 @@ pub struct InstanceSpec {
     pub mac: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub local_ipv4: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub local_ipv6: Option<String>,
+    /// The guest's interface on the host, for the firewall.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub interface: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub gateway_ipv4: Option<String>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -167,6 +172,10 @@ pub struct InstancePatch {
     #[serde(default, skip_serializing_if = "Patch::is_absent")]
     pub local_ipv4: Patch<String>,
     #[serde(default, skip_serializing_if = "Patch::is_absent")]
+    pub local_ipv6: Patch<String>,
+    #[serde(default, skip_serializing_if = "Patch::is_absent")]
+    pub interface: Patch<String>,
+    #[serde(default, skip_serializing_if = "Patch::is_absent")]
     pub gateway_ipv4: Patch<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dns_nameservers: Option<Vec<String>>,
@@ -214,6 +223,10 @@ pub struct InstanceView {
     pub metadata_address: IpAddr,
     pub mac: String,
     pub local_ipv4: Option<HostAddr>,
+    #[serde(default)]
+    pub local_ipv6: Option<Ipv6Addr>,
+    #[serde(default)]
+    pub interface: Option<String>,
     pub gateway_ipv4: Option<Ipv4Addr>,
     pub dns_nameservers: Vec<IpAddr>,
     pub public_ipv4: Option<Ipv4Addr>,
@@ -268,6 +281,8 @@ impl From<&Instance> for InstanceView {
             metadata_address: i.metadata_address,
             mac: i.mac.clone(),
             local_ipv4: i.local_ipv4,
+            local_ipv6: i.local_ipv6,
+            interface: i.interface.clone(),
             gateway_ipv4: i.gateway_ipv4,
             dns_nameservers: i.dns_nameservers.clone(),
             public_ipv4: i.public_ipv4,
@@ -610,6 +625,29 @@ fn parse_host_addr(v: &str) -> Result<HostAddr, Invalid> {
     v.parse().or_else(|e: String| invalid("local_ipv4", e))
 }
 
+fn parse_ipv6(v: &str) -> Result<Ipv6Addr, Invalid> {
+    v.parse()
+        .or_else(|_| invalid("local_ipv6", format!("{v:?} is not an IPv6 address")))
+}
+
+/// A Linux interface name: 1 to 15 bytes, no `/`, whitespace or `:`, not
+/// `.` or `..`.
+fn parse_interface(v: &str) -> Result<String, Invalid> {
+    let ok = (1..=15).contains(&v.len())
+        && v != "."
+        && v != ".."
+        && v
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'));
+    if !ok {
+        return invalid(
+            "interface",
+            format!("{v:?} is not an interface name (1 to 15 of A-Z a-z 0-9 - _ .)"),
+        );
+    }
+    Ok(v.to_string())
+}
+
 fn parse_dns(v: &[String]) -> Result<Vec<IpAddr>, Invalid> {
     v.iter()
         .map(|s| {
@@ -720,6 +758,12 @@ impl InstanceSpec {
             .as_deref()
             .map(parse_host_addr)
             .transpose()?;
+        let local_ipv6 = self.local_ipv6.as_deref().map(parse_ipv6).transpose()?;
+        let interface = self
+            .interface
+            .as_deref()
+            .map(parse_interface)
+            .transpose()?;
         let gateway_ipv4 = self
             .gateway_ipv4
             .as_deref()
@@ -756,6 +800,8 @@ impl InstanceSpec {
             metadata_address,
             mac,
             local_ipv4,
+            local_ipv6,
+            interface,
             gateway_ipv4,
             dns_nameservers,
             public_ipv4,
@@ -841,6 +887,16 @@ impl InstancePatch {
             Patch::Absent => {}
             Patch::Null => i.local_ipv4 = None,
             Patch::Value(v) => i.local_ipv4 = Some(parse_host_addr(&v)?),
+        }
+        match self.local_ipv6 {
+            Patch::Absent => {}
+            Patch::Null => i.local_ipv6 = None,
+            Patch::Value(v) => i.local_ipv6 = Some(parse_ipv6(&v)?),
+        }
+        match self.interface {
+            Patch::Absent => {}
+            Patch::Null => i.interface = None,
+            Patch::Value(v) => i.interface = Some(parse_interface(&v)?),
         }
         match self.gateway_ipv4 {
             Patch::Absent => {}

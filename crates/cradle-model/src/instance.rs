@@ -2,7 +2,7 @@
 
 use std::collections::BTreeMap;
 use std::fmt;
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::str::FromStr;
 
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
@@ -42,6 +42,11 @@ pub struct Instance {
     /// Lower-case, colon-separated.
     pub mac: String,
     pub local_ipv4: Option<HostAddr>,
+    /// The guest's IPv6 address, if it has one.
+    pub local_ipv6: Option<Ipv6Addr>,
+    /// Its network interface on the host (its tap, or the host end of a
+    /// veth): where the firewall meets its traffic. Unset: not enforced.
+    pub interface: Option<String>,
     pub gateway_ipv4: Option<Ipv4Addr>,
     pub dns_nameservers: Vec<IpAddr>,
     pub public_ipv4: Option<Ipv4Addr>,

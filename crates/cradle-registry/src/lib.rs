@@ -13,13 +13,17 @@
 #![forbid(unsafe_code)]
 
 pub mod metrics;
+mod secgroups;
 
 use std::collections::HashMap;
 use std::net::IpAddr;
+use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex, RwLock};
 
 use cradle_model::api::{InstancePatch, InstanceSpec, Invalid};
 use cradle_model::{Instance, MAX_PASSWORD, RANDOM_SEED_LEN, State};
+use cradle_secgroups::state::{SecGroups, SgError};
+use secgroups::enforced_identity;
 use cradle_store::{Direction, Message, Store, StoreError};
 use rand::RngCore;
 use time::OffsetDateTime;
@@ -45,6 +49,12 @@ pub enum RegistryError {
     MessageTooLarge(usize, usize),
     #[error("storage failed: {0}")]
     Store(StoreError),
+    #[error(transparent)]
+    SecGroup(#[from] SgError),
+    #[error("security groups are not enabled")]
+    SecGroupsDisabled,
+    #[error("the change is saved, but the firewall could not apply it (cradle retries): {0}")]
+    Firewall(String),
 }
 
 impl From<StoreError> for RegistryError {
@@ -102,6 +112,12 @@ pub struct Registry {
     index: RwLock<Index>,
     writer: Mutex<()>,
     limits: ChannelLimits,
+    /// Security groups, when enabled.
+    groups: Option<RwLock<SecGroups>>,
+    /// Where enforcement goes, once set.
+    enforcer: RwLock<Option<Arc<dyn cradle_secgroups::Enforce>>>,
+    /// The last enforcement failed: the kernel may not match the registry.
+    firewall_dirty: AtomicBool,
 }
 
 impl Registry {
@@ -116,6 +132,9 @@ impl Registry {
             index: RwLock::new(index),
             writer: Mutex::new(()),
             limits,
+            groups: None,
+            enforcer: RwLock::new(None),
+            firewall_dirty: AtomicBool::new(false),
         })
     }
 
@@ -196,8 +215,21 @@ impl Registry {
         let _w = self.lock_writer();
         Self::check_unique(&self.read(), &instance)?;
         self.store.insert(&instance)?;
+        let ops = self.groups_read().map(|g| {
+            g.plan_instance_group(instance.id, &instance.project_id, instance.created_at)
+        });
+        if let Some(ops) = &ops
+            && let Err(e) = self.store.apply_secgroups(ops)
+        {
+            // All or none: the instance goes again with its group.
+            let _ = self.store.delete(instance.id);
+            return Err(e.into());
+        }
         let instance = Arc::new(instance);
         self.write().put(instance.clone());
+        if let Some(ops) = ops {
+            self.apply_groups(&ops)?;
+        }
         Ok(instance)
     }
 
@@ -207,8 +239,21 @@ impl Registry {
         let current = self.get(key)?;
         let next = patch.apply(&current, now())?;
         Self::check_unique(&self.read(), &next)?;
+        if next.project_id != current.project_id && self.groups.is_some() {
+            return Err(RegistryError::Invalid(cradle_model::api::Invalid {
+                field: "project_id".into(),
+                message: "an instance cannot change tenant while security groups are enabled: \
+                          its groups belong to its tenant"
+                    .into(),
+            }));
+        }
         self.store.update(&next)?;
-        Ok(self.publish(next))
+        let identity_changed = enforced_identity(&current) != enforced_identity(&next);
+        let next = self.publish(next);
+        if identity_changed {
+            self.enforce_identity(next.id)?;
+        }
+        Ok(next)
     }
 
     /// Make `next` the in-memory version of its instance (the store already
@@ -283,8 +328,17 @@ impl Registry {
     pub fn remove(&self, key: &str) -> Result<Arc<Instance>, RegistryError> {
         let _w = self.lock_writer();
         let current = self.get(key)?;
+        let ops = self
+            .groups_read()
+            .map(|g| g.plan_remove_instance(current.id));
+        if let Some(ops) = &ops {
+            self.store.apply_secgroups(ops)?;
+        }
         self.store.delete(current.id)?;
         self.write().take(current.id);
+        if let Some(ops) = ops {
+            self.apply_groups(&ops)?;
+        }
         Ok(current)
     }
 

@@ -13,6 +13,7 @@
 mod sqlite;
 
 use cradle_model::Instance;
+use cradle_secgroups::state::Op;
 use time::OffsetDateTime;
 use uuid::Uuid;
 
@@ -96,4 +97,9 @@ pub trait Store: Send + Sync + 'static {
     fn record_event(&self, id: Uuid, kind: &str, message: &str) -> Result<(), StoreError>;
     /// The instance's events, oldest first.
     fn events(&self, id: Uuid) -> Result<Vec<Event>, StoreError>;
+    /// Every security group, rule, attachment and default rule, as the ops
+    /// that recreate them: groups first, then rules, attachments, defaults.
+    fn load_secgroups(&self) -> Result<Vec<Op>, StoreError>;
+    /// Persist security-group changes, all or none.
+    fn apply_secgroups(&self, ops: &[Op]) -> Result<(), StoreError>;
 }

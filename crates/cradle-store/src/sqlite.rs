@@ -6,6 +6,8 @@ use std::path::Path;
 use std::sync::{Mutex, MutexGuard};
 
 use cradle_model::{HostAddr, ImdsTokens, Instance, Os, OsParams, Secret, State};
+use cradle_secgroups::state::Op;
+use cradle_secgroups::{DefaultRule, Group, Rule, RuleSpec};
 use rusqlite::{Connection, OptionalExtension, Row, params};
 use rusqlite_migration::{M, Migrations};
 use time::OffsetDateTime;
@@ -19,6 +21,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("../migrations/0001_instances.sql"),
     include_str!("../migrations/0002_injected_files.sql"),
     include_str!("../migrations/0003_roles_reasons_events.sql"),
+    include_str!("../migrations/0004_security_groups.sql"),
 ];
 
 /// A [`Store`] in one SQLite file. One connection behind a mutex: cradle's
@@ -128,7 +131,7 @@ fn map_conflict(e: rusqlite::Error) -> StoreError {
 const COLUMNS: &str = "id, name, project_id, hostname, availability_zone, launch_index, \
     instance_type, user_data, metadata, public_keys, metadata_address, mac, local_ipv4, \
     gateway_ipv4, dns_nameservers, public_ipv4, os_type, os_image, os_params_public, \
-    os_params_private, imds_tokens, state, created_at, updated_at, random_seed, password, files, boot_roles, state_reason";
+    os_params_private, imds_tokens, state, created_at, updated_at, random_seed, password, files, boot_roles, state_reason, local_ipv6, interface";
 
 fn bind(i: &Instance) -> Vec<Box<dyn rusqlite::ToSql + '_>> {
     let (os_type, os_image) = match &i.os {
@@ -166,6 +169,8 @@ fn bind(i: &Instance) -> Vec<Box<dyn rusqlite::ToSql + '_>> {
         Box::new(files_json(&i.files)),
         Box::new(json(&i.boot_roles)),
         Box::new(i.state_reason.as_deref()),
+        Box::new(i.local_ipv6.map(|a| a.to_string())),
+        Box::new(i.interface.as_deref()),
     ]
 }
 
@@ -212,6 +217,10 @@ fn from_row(r: &Row<'_>) -> Result<Instance, StoreError> {
         local_ipv4: os_s(12)?
             .map(|v| v.parse::<HostAddr>().map_err(|e| corrupt("local_ipv4", e)))
             .transpose()?,
+        local_ipv6: os_s(29)?
+            .map(|v| v.parse().map_err(|e| corrupt("local_ipv6", e)))
+            .transpose()?,
+        interface: os_s(30)?,
         gateway_ipv4: ipv4("gateway_ipv4", os_s(13)?)?,
         dns_nameservers: serde_json::from_str(&s(14)?)
             .map_err(|e| corrupt("dns_nameservers", e))?,
@@ -237,6 +246,136 @@ fn from_row(r: &Row<'_>) -> Result<Instance, StoreError> {
 }
 
 impl Store for SqliteStore {
+    fn load_secgroups(&self) -> Result<Vec<Op>, StoreError> {
+        let conn = self.conn();
+        let mut ops = Vec::new();
+        let uuid = |what: &str, s: String| Uuid::parse_str(&s).map_err(|e| corrupt(what, e));
+        let spec = |s: String| -> Result<RuleSpec, StoreError> {
+            serde_json::from_str(&s).map_err(|e| corrupt("security group rule", e))
+        };
+        let mut stmt = conn.prepare(
+            "SELECT id, tenant, name, description, instance_id, created_at \
+             FROM security_groups ORDER BY created_at, id",
+        )?;
+        let mut rows = stmt.query([])?;
+        while let Some(r) = rows.next()? {
+            ops.push(Op::AddGroup(Group {
+                id: uuid("security group id", r.get(0)?)?,
+                tenant: r.get(1)?,
+                name: r.get(2)?,
+                description: r.get(3)?,
+                instance_id: r
+                    .get::<_, Option<String>>(4)?
+                    .map(|i| uuid("security group instance", i))
+                    .transpose()?,
+                created_at: parse_ts(&r.get::<_, String>(5)?)?,
+            }));
+        }
+        let mut stmt = conn.prepare(
+            "SELECT id, group_id, spec, created_at FROM security_group_rules \
+             ORDER BY created_at, rowid",
+        )?;
+        let mut rows = stmt.query([])?;
+        while let Some(r) = rows.next()? {
+            ops.push(Op::AddRule(Rule {
+                id: uuid("rule id", r.get(0)?)?,
+                group_id: uuid("rule group", r.get(1)?)?,
+                spec: spec(r.get(2)?)?,
+                created_at: parse_ts(&r.get::<_, String>(3)?)?,
+            }));
+        }
+        let mut stmt = conn.prepare("SELECT group_id, instance_id FROM security_group_members")?;
+        let mut rows = stmt.query([])?;
+        while let Some(r) = rows.next()? {
+            ops.push(Op::Attach {
+                group: uuid("member group", r.get(0)?)?,
+                instance: uuid("member instance", r.get(1)?)?,
+            });
+        }
+        let mut stmt = conn.prepare(
+            "SELECT id, tenant, spec, created_at FROM tenant_default_rules \
+             ORDER BY created_at, rowid",
+        )?;
+        let mut rows = stmt.query([])?;
+        while let Some(r) = rows.next()? {
+            ops.push(Op::AddDefault(DefaultRule {
+                id: uuid("default rule id", r.get(0)?)?,
+                tenant: r.get(1)?,
+                spec: spec(r.get(2)?)?,
+                created_at: parse_ts(&r.get::<_, String>(3)?)?,
+            }));
+        }
+        Ok(ops)
+    }
+
+    fn apply_secgroups(&self, ops: &[Op]) -> Result<(), StoreError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        for op in ops {
+            match op {
+                Op::AddGroup(g) => tx
+                    .execute(
+                        "INSERT INTO security_groups \
+                         (id, tenant, name, description, instance_id, created_at) \
+                         VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                        params![
+                            g.id.to_string(),
+                            g.tenant,
+                            g.name,
+                            g.description,
+                            g.instance_id.map(|i| i.to_string()),
+                            ts(g.created_at)
+                        ],
+                    )
+                    .map_err(|e| match map_conflict(e) {
+                        StoreError::Backend(rusqlite::Error::SqliteFailure(f, _))
+                            if f.code == rusqlite::ErrorCode::ConstraintViolation =>
+                        {
+                            StoreError::Conflict("security group name")
+                        }
+                        other => other,
+                    })?,
+                Op::RemoveGroup(id) => tx.execute(
+                    "DELETE FROM security_groups WHERE id = ?1",
+                    [id.to_string()],
+                )?,
+                Op::AddRule(r) => tx.execute(
+                    "INSERT INTO security_group_rules (id, group_id, spec, created_at) \
+                     VALUES (?1, ?2, ?3, ?4)",
+                    params![
+                        r.id.to_string(),
+                        r.group_id.to_string(),
+                        json(&r.spec),
+                        ts(r.created_at)
+                    ],
+                )?,
+                Op::RemoveRule(id) => tx.execute(
+                    "DELETE FROM security_group_rules WHERE id = ?1",
+                    [id.to_string()],
+                )?,
+                Op::Attach { group, instance } => tx.execute(
+                    "INSERT INTO security_group_members (group_id, instance_id) VALUES (?1, ?2)",
+                    [group.to_string(), instance.to_string()],
+                )?,
+                Op::Detach { group, instance } => tx.execute(
+                    "DELETE FROM security_group_members WHERE group_id = ?1 AND instance_id = ?2",
+                    [group.to_string(), instance.to_string()],
+                )?,
+                Op::AddDefault(d) => tx.execute(
+                    "INSERT INTO tenant_default_rules (id, tenant, spec, created_at) \
+                     VALUES (?1, ?2, ?3, ?4)",
+                    params![d.id.to_string(), d.tenant, json(&d.spec), ts(d.created_at)],
+                )?,
+                Op::RemoveDefault(id) => tx.execute(
+                    "DELETE FROM tenant_default_rules WHERE id = ?1",
+                    [id.to_string()],
+                )?,
+            };
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
     fn record_event(&self, id: Uuid, kind: &str, message: &str) -> Result<(), StoreError> {
         self.conn().execute(
             "INSERT INTO events (instance_id, created_at, kind, message) VALUES (?1, ?2, ?3, ?4)",
@@ -285,7 +424,7 @@ impl Store for SqliteStore {
     }
 
     fn insert(&self, instance: &Instance) -> Result<(), StoreError> {
-        let placeholders = (1..=29)
+        let placeholders = (1..=31)
             .map(|n| format!("?{n}"))
             .collect::<Vec<_>>()
             .join(", ");

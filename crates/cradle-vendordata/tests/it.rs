@@ -49,6 +49,8 @@ fn instance() -> Instance {
         state_reason: None,
         metadata_address: IpAddr::V4(Ipv4Addr::new(10, 0, 0, 5)),
         mac: s("fa:16:3e:01:02:03"),
+        local_ipv6: None,
+        interface: None,
         local_ipv4: None,
         gateway_ipv4: None,
         dns_nameservers: Vec::new(),

@@ -105,6 +105,13 @@ struct Fields {
     /// The guest's IPv4 address, optionally with a prefix (10.0.0.5/24).
     #[arg(long)]
     local_ipv4: Option<String>,
+    /// The guest's IPv6 address.
+    #[arg(long)]
+    local_ipv6: Option<String>,
+    /// The guest's network interface on the host (its tap): where cradle's
+    /// firewall enforces its security groups. Without one it is not enforced.
+    #[arg(long, value_name = "IFNAME")]
+    interface: Option<String>,
     /// Default gateway for network_data.json.
     #[arg(long)]
     gateway_ipv4: Option<String>,
@@ -169,6 +176,9 @@ struct ModifyArgs {
     /// Remove the public IPv4 address.
     #[arg(long, conflicts_with = "public_ipv4")]
     clear_public_ipv4: bool,
+    /// Remove the interface: the firewall stops enforcing for the instance.
+    #[arg(long, conflicts_with = "interface")]
+    clear_interface: bool,
 }
 
 pub fn run(args: InstanceArgs) -> Result<()> {
@@ -401,6 +411,8 @@ fn build_spec(a: AddArgs) -> Result<InstanceSpec> {
         metadata_address,
         mac: f.mac,
         local_ipv4: f.local_ipv4,
+        local_ipv6: f.local_ipv6,
+        interface: f.interface,
         gateway_ipv4: f.gateway_ipv4,
         dns_nameservers: f.dns,
         public_ipv4: f.public_ipv4,
@@ -509,6 +521,12 @@ fn build_patch(m: ModifyArgs) -> Result<InstancePatch> {
         metadata_address: f.metadata_address,
         mac: f.mac,
         local_ipv4: opt(f.local_ipv4),
+        local_ipv6: opt(f.local_ipv6),
+        interface: if m.clear_interface {
+            Patch::Null
+        } else {
+            opt(f.interface)
+        },
         gateway_ipv4: opt(f.gateway_ipv4),
         dns_nameservers: if f.dns.is_empty() { None } else { Some(f.dns) },
         public_ipv4: if m.clear_public_ipv4 {
@@ -571,6 +589,13 @@ fn print_instance(out: &mut impl Write, output: Output, v: &InstanceView) -> Res
                 .map(|a| a.to_string())
                 .unwrap_or_else(|| "-".into()),
         ),
+        (
+            "local ipv6",
+            v.local_ipv6
+                .map(|a| a.to_string())
+                .unwrap_or_else(|| "-".into()),
+        ),
+        ("interface", v.interface.clone().unwrap_or_else(|| "-".into())),
         (
             "public ipv4",
             v.public_ipv4

@@ -1,0 +1,341 @@
+//! Security groups in the registry: every change is checked against the
+//! in-memory state, persisted, applied in memory, and then handed to the
+//! enforcer as the smallest [`Update`] that covers it, all under the writer
+//! lock, so the firewall sees changes in the order they were made.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::IpAddr;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, RwLockReadGuard};
+
+use cradle_model::Instance;
+use cradle_secgroups::state::{Limits, Op, SecGroups};
+use cradle_secgroups::{
+    Enforce, Enforced, GroupView, Members, RuleRequest, RuleView, Update, parse_mac,
+};
+use uuid::Uuid;
+
+use super::{Registry, RegistryError, now};
+
+/// What of an instance the firewall uses; a change to it re-renders the
+/// instance and the member sets of its groups.
+pub(crate) fn enforced_identity(
+    i: &Instance,
+) -> (Option<&str>, &str, Vec<IpAddr>) {
+    let mut addrs: Vec<IpAddr> = vec![i.metadata_address];
+    addrs.extend(i.local_ipv4.map(|h| IpAddr::V4(h.addr)));
+    addrs.extend(i.local_ipv6.map(IpAddr::V6));
+    (i.interface.as_deref(), i.mac.as_str(), addrs)
+}
+
+fn members_of(i: &Instance, m: &mut Members) {
+    for a in enforced_identity(i).2 {
+        match a {
+            IpAddr::V4(a) => {
+                m.ipv4.insert(a);
+            }
+            IpAddr::V6(a) => {
+                m.ipv6.insert(a);
+            }
+        }
+    }
+}
+
+impl Registry {
+    /// Turn security groups on: load them, and give every instance that has
+    /// no group of its own (made while they were off, or lost to a crash
+    /// between the two writes of a create) its group now.
+    pub fn enable_security_groups(mut self, limits: Limits) -> Result<Self, RegistryError> {
+        let mut state = SecGroups::new(limits);
+        for op in self.store.load_secgroups()? {
+            state.apply(&op);
+        }
+        let missing: Vec<Arc<Instance>> = self
+            .list()
+            .into_iter()
+            .filter(|i| state.own_group(i.id).is_none())
+            .collect();
+        for i in missing {
+            let ops = state.plan_instance_group(i.id, &i.project_id, now());
+            self.store.apply_secgroups(&ops)?;
+            for op in &ops {
+                state.apply(op);
+            }
+        }
+        self.groups = Some(std::sync::RwLock::new(state));
+        Ok(self)
+    }
+
+    pub fn security_groups_enabled(&self) -> bool {
+        self.groups.is_some()
+    }
+
+    pub(crate) fn groups_read(&self) -> Option<RwLockReadGuard<'_, SecGroups>> {
+        self.groups
+            .as_ref()
+            .map(|g| g.read().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    fn sg(&self) -> Result<RwLockReadGuard<'_, SecGroups>, RegistryError> {
+        self.groups_read().ok_or(RegistryError::SecGroupsDisabled)
+    }
+
+    /// Apply persisted ops in memory, then enforce what they touched.
+    pub(crate) fn apply_groups(&self, ops: &[Op]) -> Result<(), RegistryError> {
+        let Some(lock) = &self.groups else {
+            return Ok(());
+        };
+        let (mut instances, mut groups) = (BTreeSet::new(), BTreeSet::new());
+        {
+            let mut state = lock.write().unwrap_or_else(|e| e.into_inner());
+            state.affected(ops, &mut instances, &mut groups);
+            for op in ops {
+                state.apply(op);
+            }
+            state.affected(ops, &mut instances, &mut groups);
+        }
+        self.enforce(instances, groups)
+    }
+
+    /// After an instance's interface, mac or addresses changed.
+    pub(crate) fn enforce_identity(&self, id: Uuid) -> Result<(), RegistryError> {
+        let Some(state) = self.groups_read() else {
+            return Ok(());
+        };
+        let mut instances = BTreeSet::from([id]);
+        let groups: BTreeSet<Uuid> = state.groups_of(id).into_iter().collect();
+        for g in &groups {
+            instances.extend(state.instances_referring_to(*g));
+        }
+        drop(state);
+        self.enforce(instances, groups)
+    }
+
+    /// Set where enforcement goes. Call [`Registry::enforce_all`] next.
+    pub fn set_enforcer(&self, enforcer: Arc<dyn Enforce>) {
+        *self.enforcer.write().unwrap_or_else(|e| e.into_inner()) = Some(enforcer);
+    }
+
+    fn enforcer(&self) -> Option<Arc<dyn Enforce>> {
+        self.enforcer
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// The instance as the firewall sees it; `None` when it is gone or has
+    /// no interface.
+    fn enforced(&self, state: &SecGroups, id: Uuid) -> Option<Enforced> {
+        let i = self.read().by_id.get(&id).cloned()?;
+        let interface = i.interface.clone()?;
+        let mac = parse_mac(&i.mac)?;
+        let mut m = Members::default();
+        members_of(&i, &mut m);
+        Some(Enforced {
+            instance: id,
+            interface,
+            mac,
+            ipv4: m.ipv4,
+            ipv6: m.ipv6,
+            rules: state.effective_rules(id),
+        })
+    }
+
+    fn members(&self, state: &SecGroups, group: Uuid) -> Members {
+        let index = self.read();
+        let mut m = Members::default();
+        for id in state.members(group) {
+            if let Some(i) = index.by_id.get(&id) {
+                members_of(i, &mut m);
+            }
+        }
+        m
+    }
+
+    /// Everything the firewall should hold now: every instance with an
+    /// interface, and the members of every group some rule names.
+    pub fn firewall_desired(&self) -> (Vec<Enforced>, BTreeMap<Uuid, Members>) {
+        let Some(state) = self.groups_read() else {
+            return (Vec::new(), BTreeMap::new());
+        };
+        let ids: Vec<Uuid> = self.list().iter().map(|i| i.id).collect();
+        let instances = ids
+            .into_iter()
+            .filter_map(|id| self.enforced(&state, id))
+            .collect();
+        let groups = state
+            .referenced_groups()
+            .map(|g| (g, self.members(&state, g)))
+            .collect();
+        (instances, groups)
+    }
+
+    /// Make the kernel match the registry: the whole ruleset, at start, after
+    /// a failure, or on request.
+    pub fn enforce_all(&self) -> Result<(), RegistryError> {
+        let Some(enforcer) = self.enforcer() else {
+            return Ok(());
+        };
+        let _w = self.lock_writer();
+        let (instances, groups) = self.firewall_desired();
+        let result = enforcer.full(instances, groups);
+        self.firewall_dirty.store(result.is_err(), Ordering::SeqCst);
+        result.map_err(RegistryError::Firewall)
+    }
+
+    /// Whether the last enforcement failed (a full re-apply is due).
+    pub fn firewall_dirty(&self) -> bool {
+        self.firewall_dirty.load(Ordering::SeqCst)
+    }
+
+    fn enforce(&self, instances: BTreeSet<Uuid>, groups: BTreeSet<Uuid>) -> Result<(), RegistryError> {
+        let Some(enforcer) = self.enforcer() else {
+            return Ok(());
+        };
+        let Some(state) = self.groups_read() else {
+            return Ok(());
+        };
+        let update = Update {
+            instances: instances
+                .into_iter()
+                .map(|id| (id, self.enforced(&state, id)))
+                .collect(),
+            groups: groups
+                .into_iter()
+                .map(|g| (g, self.members(&state, g)))
+                .collect(),
+        };
+        drop(state);
+        if update.is_empty() {
+            return Ok(());
+        }
+        if let Err(e) = enforcer.update(&update) {
+            self.firewall_dirty.store(true, Ordering::SeqCst);
+            return Err(RegistryError::Firewall(e));
+        }
+        Ok(())
+    }
+
+    /// Persist and apply ops planned under the writer lock.
+    fn commit_groups(&self, ops: &[Op]) -> Result<(), RegistryError> {
+        self.store.apply_secgroups(ops)?;
+        self.apply_groups(ops)
+    }
+
+    // ---- the operations the APIs offer ---------------------------------
+
+    /// The tenant's groups, with rules and members.
+    pub fn sg_list(&self, tenant: &str) -> Result<Vec<GroupView>, RegistryError> {
+        let state = self.sg()?;
+        Ok(state.groups(tenant).into_iter().map(|g| state.view(g)).collect())
+    }
+
+    /// A group by its id or its instance's id.
+    pub fn sg_show(&self, tenant: &str, key: &str) -> Result<GroupView, RegistryError> {
+        let state = self.sg()?;
+        let g = state
+            .group(tenant, key)
+            .ok_or_else(|| cradle_secgroups::state::SgError::NoGroup(key.to_string()))?;
+        Ok(state.view(g))
+    }
+
+    pub fn sg_create(
+        &self,
+        tenant: &str,
+        name: &str,
+        description: &str,
+    ) -> Result<GroupView, RegistryError> {
+        let _w = self.lock_writer();
+        let (op, id) = self.sg()?.plan_create_group(tenant, name, description, now())?;
+        self.commit_groups(std::slice::from_ref(&op))?;
+        self.sg_show(tenant, &id.to_string())
+    }
+
+    pub fn sg_delete(&self, tenant: &str, key: &str) -> Result<(), RegistryError> {
+        let _w = self.lock_writer();
+        let ops = self.sg()?.plan_delete_group(tenant, key)?;
+        self.commit_groups(&ops)
+    }
+
+    pub fn sg_add_rule(
+        &self,
+        tenant: &str,
+        group: &str,
+        rule: &RuleRequest,
+    ) -> Result<RuleView, RegistryError> {
+        let spec = rule
+            .validate()
+            .map_err(cradle_secgroups::state::SgError::Invalid)?;
+        let _w = self.lock_writer();
+        let rule = self.sg()?.plan_add_rule(tenant, group, spec, now())?;
+        let view = RuleView::of(&rule);
+        self.commit_groups(&[Op::AddRule(rule)])?;
+        Ok(view)
+    }
+
+    pub fn sg_delete_rule(&self, tenant: &str, id: &str) -> Result<(), RegistryError> {
+        let _w = self.lock_writer();
+        let op = self.sg()?.plan_delete_rule(tenant, id)?;
+        self.commit_groups(&[op])
+    }
+
+    /// Attach a tenant group to an instance (by id or name) of the tenant.
+    pub fn sg_attach(&self, tenant: &str, group: &str, instance: &str) -> Result<(), RegistryError> {
+        let _w = self.lock_writer();
+        let i = self.instance_of(tenant, instance)?;
+        let op = self.sg()?.plan_attach(tenant, group, i.id, &i.project_id)?;
+        self.commit_groups(&[op])
+    }
+
+    pub fn sg_detach(&self, tenant: &str, group: &str, instance: &str) -> Result<(), RegistryError> {
+        let _w = self.lock_writer();
+        let i = self.instance_of(tenant, instance)?;
+        let op = self.sg()?.plan_detach(tenant, group, i.id)?;
+        self.commit_groups(&[op])
+    }
+
+    /// The tenant's instance by id or name; another tenant's is not found.
+    fn instance_of(&self, tenant: &str, key: &str) -> Result<Arc<Instance>, RegistryError> {
+        self.get(key)
+            .ok()
+            .filter(|i| i.project_id == tenant)
+            .ok_or_else(|| RegistryError::NotFound(key.to_string()))
+    }
+
+    pub fn sg_defaults(&self, tenant: &str) -> Result<Vec<RuleView>, RegistryError> {
+        Ok(self
+            .sg()?
+            .defaults(tenant)
+            .iter()
+            .map(RuleView::of_default)
+            .collect())
+    }
+
+    pub fn sg_add_default(
+        &self,
+        tenant: &str,
+        rule: &RuleRequest,
+    ) -> Result<RuleView, RegistryError> {
+        let spec = rule
+            .validate()
+            .map_err(cradle_secgroups::state::SgError::Invalid)?;
+        let _w = self.lock_writer();
+        let d = self.sg()?.plan_add_default(tenant, spec, now())?;
+        let view = RuleView::of_default(&d);
+        self.commit_groups(&[Op::AddDefault(d)])?;
+        Ok(view)
+    }
+
+    pub fn sg_delete_default(&self, tenant: &str, id: &str) -> Result<(), RegistryError> {
+        let _w = self.lock_writer();
+        let op = self.sg()?.plan_delete_default(tenant, id)?;
+        self.commit_groups(&[op])
+    }
+
+    /// The groups an instance is in, its own first.
+    pub fn sg_groups_of(&self, instance: Uuid) -> Vec<Uuid> {
+        self.groups_read()
+            .map(|s| s.groups_of(instance))
+            .unwrap_or_default()
+    }
+}
