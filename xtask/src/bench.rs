@@ -157,6 +157,8 @@ pub(crate) fn start_cradle(
             "127.0.0.1:0",
         ])
         .env("RUST_LOG", "warn")
+        // Benchmarks run in the machine's own namespace: no firewall there.
+        .env("CRADLE_FIREWALL_ENABLED", "false")
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(log_file)

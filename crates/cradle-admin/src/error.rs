@@ -4,6 +4,7 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use cradle_model::api::{ErrorBody, ErrorDetail, Invalid};
 use cradle_registry::RegistryError;
+use cradle_secgroups::state::SgError;
 use tracing::error;
 
 #[derive(Debug)]
@@ -57,6 +58,23 @@ impl From<RegistryError> for ApiError {
             }
             RegistryError::QueueFull(_) => (StatusCode::TOO_MANY_REQUESTS, "queue_full"),
             RegistryError::MessageTooLarge(..) => (StatusCode::PAYLOAD_TOO_LARGE, "too_large"),
+            RegistryError::SecGroup(sg) => match sg {
+                SgError::Invalid(_) => (StatusCode::BAD_REQUEST, "invalid"),
+                SgError::NoGroup(_)
+                | SgError::NoRule(_)
+                | SgError::NoDefault(_)
+                | SgError::NotAttached(_) => (StatusCode::NOT_FOUND, "not_found"),
+                SgError::Conflict(_) => (StatusCode::CONFLICT, "conflict"),
+                SgError::InUse(_) => (StatusCode::CONFLICT, "in_use"),
+                SgError::TooManyRules(_) => (StatusCode::CONFLICT, "quota"),
+            },
+            RegistryError::SecGroupsDisabled => {
+                return ApiError::not_found("no such route (security groups are disabled)");
+            }
+            RegistryError::Firewall(msg) => {
+                error!(error = %msg, "firewall update failed");
+                (StatusCode::SERVICE_UNAVAILABLE, "firewall")
+            }
             RegistryError::Store(inner) => {
                 error!(error = %inner, "storage failure");
                 return ApiError::new(

@@ -8,6 +8,7 @@
 #![forbid(unsafe_code)]
 
 mod error;
+mod secgroups;
 mod tokens;
 
 use std::future::Future;
@@ -47,6 +48,10 @@ pub struct AdminState {
     /// Drives built at once: each may hold a whole image (64 MiB for vfat)
     /// in memory, so a burst of requests queues instead of exhausting it.
     pub drive_builds: tokio::sync::Semaphore,
+    /// The nftables table security groups render into.
+    pub firewall_table: String,
+    /// Whether changes reach the kernel (`[firewall] enabled`).
+    pub firewall_enforced: bool,
 }
 
 /// How many config drives are built at once.
@@ -71,6 +76,7 @@ pub fn app(state: Arc<AdminState>) -> Router {
         )
         .route("/v1/instances/{key}/events", get(events))
         .route("/metrics", get(metrics))
+        .merge(secgroups::routes())
         .fallback(|| async { ApiError::not_found("no such route") })
         .method_not_allowed_fallback(|| async {
             ApiError::new(
@@ -114,6 +120,12 @@ async fn authenticate(State(s): Shared, mut req: Request, next: Next) -> Respons
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
+        // OpenStack clients (python-troveclient) send the token this way.
+        .or_else(|| {
+            req.headers()
+                .get("x-auth-token")
+                .and_then(|v| v.to_str().ok())
+        })
         .map(str::trim)
         .and_then(|t| s.tokens.authenticate(t));
     let Some(caller) = caller else {

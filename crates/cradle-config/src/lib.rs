@@ -40,6 +40,51 @@ pub struct Config {
     pub vendordata: Vendordata,
     pub drive: Drive,
     pub log: Log,
+    pub security_groups: SecurityGroups,
+    pub firewall: Firewall,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SecurityGroups {
+    /// The security-group API and per-instance groups. Off: its routes answer
+    /// 404 and no groups are made.
+    pub enabled: bool,
+    pub max_rules_per_group: usize,
+}
+
+impl Default for SecurityGroups {
+    fn default() -> Self {
+        SecurityGroups {
+            enabled: true,
+            max_rules_per_group: 100,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Firewall {
+    /// Enforce security groups with nftables (needs security groups on, and
+    /// CAP_NET_ADMIN).
+    pub enabled: bool,
+    /// The nftables table (family inet) cradle owns.
+    pub table: String,
+    /// The nft program.
+    pub nft: PathBuf,
+    /// Apply inside this named network namespace (`ip netns`), if set.
+    pub netns: String,
+}
+
+impl Default for Firewall {
+    fn default() -> Self {
+        Firewall {
+            enabled: true,
+            table: "cradle".into(),
+            nft: PathBuf::from("nft"),
+            netns: String::new(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -235,16 +280,11 @@ fn apply_env(
 ) -> Result<(), ConfigError> {
     let defaults = toml::Table::try_from(Config::default()).expect("defaults serialize");
     for (var, raw) in env {
-        let Some(rest) = var.strip_prefix("CRADLE_") else {
+        // Sections may hold `_` (security_groups), so match whole names.
+        let Some((section, key)) = KEYS.iter().find(|(s, k)| var == env_var(s, k)) else {
             continue;
         };
-        let Some((section, key)) = rest.split_once('_') else {
-            continue;
-        };
-        let (section, key) = (section.to_ascii_lowercase(), key.to_ascii_lowercase());
-        if !KEYS.contains(&(section.as_str(), key.as_str())) {
-            continue;
-        }
+        let (section, key) = (section.to_string(), key.to_string());
         let default = defaults.get(&section).and_then(|s| s.get(&key));
         let bad = |message: String| ConfigError::Env {
             var: var.clone(),
@@ -280,6 +320,15 @@ fn apply_env(
     Ok(())
 }
 
+/// The environment variable that overrides `[section] key`.
+pub fn env_var(section: &str, key: &str) -> String {
+    format!(
+        "CRADLE_{}_{}",
+        section.to_ascii_uppercase(),
+        key.to_ascii_uppercase()
+    )
+}
+
 /// Every key, as (section, key). docs/configuration.md documents each.
 pub const KEYS: &[(&str, &str)] = &[
     ("server", "data_dir"),
@@ -304,6 +353,12 @@ pub const KEYS: &[(&str, &str)] = &[
     ("drive", "max_bytes"),
     ("log", "format"),
     ("log", "level"),
+    ("security_groups", "enabled"),
+    ("security_groups", "max_rules_per_group"),
+    ("firewall", "enabled"),
+    ("firewall", "table"),
+    ("firewall", "nft"),
+    ("firewall", "netns"),
 ];
 
 #[cfg(test)]
@@ -373,7 +428,7 @@ mod tests {
             }
         }
         for (section, key) in KEYS {
-            let var = format!("CRADLE_{}_{}", section.to_uppercase(), key.to_uppercase());
+            let var = env_var(section, key);
             assert!(
                 doc.contains(&format!("`{key}`")) && doc.contains(&var),
                 "{section}.{key} ({var}) is not documented"

@@ -151,9 +151,17 @@ async fn serve(config: Config, demo: bool) -> Result<()> {
         queue_len: config.channel.queue_len,
         message_bytes: config.channel.message_bytes,
     };
-    let registry =
-        Arc::new(Registry::open(Arc::new(store), limits).context("cannot load instances")?);
+    let mut registry = Registry::open(Arc::new(store), limits).context("cannot load instances")?;
+    if config.security_groups.enabled {
+        registry = registry
+            .enable_security_groups(cradle_secgroups::state::Limits {
+                max_rules_per_group: config.security_groups.max_rules_per_group,
+            })
+            .context("cannot load security groups")?;
+    }
+    let registry = Arc::new(registry);
     metrics.instances.set(registry.len() as i64);
+    let enforced = start_firewall(&config, &registry, demo)?;
 
     let admin_listener = TcpListener::bind(config.admin.listen)
         .await
@@ -188,7 +196,12 @@ async fn serve(config: Config, demo: bool) -> Result<()> {
         vendordata: vendordata.clone(),
         drive_limits,
         drive_builds: tokio::sync::Semaphore::new(cradle_admin::DRIVE_BUILDS),
+        firewall_table: config.firewall.table.clone(),
+        firewall_enforced: enforced,
     });
+    if enforced {
+        tokio::spawn(retry_firewall(registry.clone()));
+    }
     let admin = tokio::spawn(cradle_admin::serve(
         admin_listener,
         admin_state,
@@ -239,6 +252,49 @@ async fn serve(config: Config, demo: bool) -> Result<()> {
             .context("metadata service")?;
     }
     Ok(())
+}
+
+/// Apply the whole ruleset before serving, so the kernel matches the
+/// registry after a restart or a crash. Returns whether changes are enforced.
+fn start_firewall(config: &Config, registry: &Arc<Registry>, demo: bool) -> Result<bool> {
+    if !config.security_groups.enabled {
+        return Ok(false);
+    }
+    if demo || !config.firewall.enabled {
+        let why = if demo { "--demo" } else { "[firewall] enabled = false" };
+        warn!("security groups are not enforced ({why})");
+        return Ok(false);
+    }
+    let nft = cradle_secgroups::nft::Nft {
+        program: config.firewall.nft.clone(),
+        netns: Some(config.firewall.netns.clone()).filter(|n| !n.is_empty()),
+    };
+    let enforcer = cradle_secgroups::nft::NftEnforcer::new(nft, config.firewall.table.clone());
+    registry.set_enforcer(Arc::new(enforcer));
+    registry.enforce_all().map_err(anyhow::Error::msg).context(
+        "cannot apply the firewall ruleset; it needs nft and CAP_NET_ADMIN \
+         (set [firewall] enabled = false, or CRADLE_FIREWALL_ENABLED=false, to run without enforcement)",
+    )?;
+    info!(table = %config.firewall.table, "firewall applied");
+    Ok(true)
+}
+
+/// After a failed change the kernel may differ from the registry: apply the
+/// whole ruleset again until it takes.
+async fn retry_firewall(registry: Arc<Registry>) {
+    let mut tick = tokio::time::interval(Duration::from_secs(5));
+    loop {
+        tick.tick().await;
+        if !registry.firewall_dirty() {
+            continue;
+        }
+        let r = registry.clone();
+        match tokio::task::spawn_blocking(move || r.enforce_all()).await {
+            Ok(Ok(())) => info!("firewall re-applied after an earlier failure"),
+            Ok(Err(e)) => warn!(error = %e, "firewall re-apply failed; retrying"),
+            Err(_) => warn!("firewall re-apply panicked; retrying"),
+        }
+    }
 }
 
 async fn shutdown_signal() {

@@ -72,6 +72,9 @@ impl Server {
             ])
             .args(opts.args)
             .env("RUST_LOG", opts.log.unwrap_or("info"))
+            // Tests run as root in the machine's own namespace: the firewall
+            // stays off unless a test turns it on inside a namespace it made.
+            .env("CRADLE_FIREWALL_ENABLED", "false")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::from(log));
