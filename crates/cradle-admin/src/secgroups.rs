@@ -82,7 +82,14 @@ fn bad_body(e: serde_json::Error) -> ApiError {
 }
 
 fn rule_request(body: Value) -> Result<RuleRequest, ApiError> {
-    serde_json::from_value(body).map_err(bad_body)
+    serde_path_to_error::deserialize(body).map_err(|e| {
+        let path = e.path().to_string();
+        let inner = bad_body(e.into_inner());
+        match path.as_str() {
+            "" | "." => inner,
+            _ => ApiError::new(inner.status, inner.code, format!("{path}: {}", inner.message)),
+        }
+    })
 }
 
 // ---- native -------------------------------------------------------------

@@ -1,0 +1,495 @@
+//! The security-group API: every validation error, tenant isolation, the
+//! extension switch, and groups living and dying with their instances,
+//! against a running server.
+
+use serde_json::{Value, json};
+
+use crate::admin::assert_error;
+use crate::harness::*;
+
+fn instance(s: &Server, name: &str, tenant: &str, addr: &str) -> String {
+    let v = s.admin().create(&json!({
+        "name": name, "project_id": tenant, "metadata_address": addr,
+    }));
+    v["id"].as_str().unwrap().to_string()
+}
+
+/// The instance's own group, through the native API.
+fn own_group(s: &Server, tenant: &str, instance: &str) -> Value {
+    let a = s.admin().call(
+        "GET",
+        &format!("/v1/tenants/{tenant}/security-groups/{instance}"),
+        None,
+    );
+    assert_eq!(a.status, 200, "{}", a.text());
+    a.json()["security_group"].clone()
+}
+
+fn add_rule(s: &Server, tenant: &str, group: &str, rule: Value) -> Answer {
+    s.admin().call(
+        "POST",
+        &format!("/v1/tenants/{tenant}/security-groups/{group}/rules"),
+        Some(&rule.to_string()),
+    )
+}
+
+#[test]
+fn every_bad_rule_is_a_400_naming_the_problem() {
+    let s = Server::start();
+    let id = instance(&s, "v", "t1", "127.0.0.9");
+    let g = own_group(&s, "t1", &id)["id"].as_str().unwrap().to_string();
+    let cases = [
+        (json!({"cidr": "10.0.0.1/24"}), "host bits"),
+        (json!({"cidr": "10.0.0.0/33"}), "not a CIDR"),
+        (json!({"cidr": "banana"}), "not a CIDR"),
+        (
+            json!({"protocol": "tcp", "from_port": 0}),
+            "outside 1..65535",
+        ),
+        (
+            json!({"protocol": "tcp", "from_port": 70000}),
+            "outside 1..65535",
+        ),
+        (
+            json!({"protocol": "udp", "from_port": 90, "to_port": 80}),
+            "reversed",
+        ),
+        (
+            json!({"protocol": "icmp", "icmp_type": 300}),
+            "outside 0..255",
+        ),
+        (
+            json!({"protocol": "icmp", "icmp_type": 8, "icmp_code": 256}),
+            "outside 0..255",
+        ),
+        (
+            json!({"protocol": "icmp", "icmp_code": 1}),
+            "needs an icmp_type",
+        ),
+        (json!({"protocol": "sctp"}), "unknown protocol"),
+        (
+            json!({"protocol": "any", "from_port": 22}),
+            "ports need protocol tcp or udp",
+        ),
+        (json!({"protocol": "icmp", "from_port": 22}), "has no ports"),
+        (
+            json!({"protocol": "tcp", "icmp_type": 8}),
+            "need protocol icmp",
+        ),
+        (json!({"protocol": "icmp", "cidr": "::/0"}), "use icmpv6"),
+        (
+            json!({"ethertype": "IPv6", "cidr": "10.0.0.0/8"}),
+            "IPv4 network",
+        ),
+        (json!({"direction": "both"}), "not ingress or egress"),
+        (json!({"from_port": "22", "protocol": "tcp"}), "from_port"),
+        (
+            json!({"cidr": "10.0.0.0/8", "remote_group_id": g}),
+            "not both",
+        ),
+        (json!({"remote_group_id": "nope"}), "not a group id"),
+        (json!({"portz": 1}), "portz"),
+    ];
+    for (body, needle) in cases {
+        let a = add_rule(&s, "t1", &g, body.clone());
+        assert_eq!(a.status, 400, "{body}: {}", a.text());
+        let e = assert_error(&a, 400, "invalid", &[]);
+        assert!(e.contains(needle), "{body}: {e:?} lacks {needle:?}");
+    }
+    // None of them landed.
+    assert_eq!(own_group(&s, "t1", &id)["rules"], json!([]));
+
+    // A good one, then the same again: 409.
+    let rule = json!({"protocol": "tcp", "from_port": 22, "to_port": 22, "cidr": "10.0.0.0/8"});
+    assert_eq!(add_rule(&s, "t1", &g, rule.clone()).status, 201);
+    assert_error(
+        &add_rule(&s, "t1", &g, rule),
+        409,
+        "conflict",
+        &["already has this rule"],
+    );
+    // The Trove body gets the same checks.
+    let a = s.admin().call(
+        "POST",
+        "/v1.0/t1/security-group-rules",
+        Some(&json!({"security_group_rule": {"group_id": g, "cidr": "10.0.0.1/8"}}).to_string()),
+    );
+    assert_error(&a, 400, "invalid", &["host bits"]);
+    let a = s.admin().call(
+        "POST",
+        "/v1.0/t1/security-group-rules",
+        Some(
+            &json!({"security_group_rule": {"group_id": g, "protocol": "tcp", "from_port": "x"}})
+                .to_string(),
+        ),
+    );
+    assert_error(&a, 400, "invalid", &["from_port"]);
+    // A group of another tenant as the remote is refused.
+    let other = instance(&s, "w", "t2", "127.0.0.10");
+    let other_group = own_group(&s, "t2", &other)["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let a = add_rule(&s, "t1", &g, json!({"remote_group_id": other_group}));
+    assert_error(&a, 400, "invalid", &["remote_group_id"]);
+}
+
+#[test]
+fn rules_per_group_are_capped() {
+    let s = Server::start_with(Opts {
+        env: &[("CRADLE_SECURITY_GROUPS_MAX_RULES_PER_GROUP", "3")],
+        ..Default::default()
+    });
+    let id = instance(&s, "v", "t1", "127.0.0.9");
+    for port in 1..=3 {
+        let a = add_rule(&s, "t1", &id, json!({"protocol": "tcp", "from_port": port}));
+        assert_eq!(a.status, 201, "{}", a.text());
+    }
+    let a = add_rule(&s, "t1", &id, json!({"protocol": "tcp", "from_port": 4}));
+    assert_error(&a, 409, "quota", &["3 rules"]);
+}
+
+#[test]
+fn tenants_see_only_their_own_groups() {
+    let s = Server::start();
+    let a1 = instance(&s, "a1", "t1", "127.0.0.11");
+    let b1 = instance(&s, "b1", "t2", "127.0.0.12");
+    let g_b1 = own_group(&s, "t2", &b1)["id"].as_str().unwrap().to_string();
+
+    // Lists are per tenant.
+    let list = |t: &str, prefix: &str| {
+        let a = s
+            .admin()
+            .call("GET", &format!("{prefix}/{t}/security-groups"), None);
+        assert_eq!(a.status, 200);
+        a.json()["security_groups"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|g| g["instance_id"].as_str().unwrap().to_string())
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(list("t1", "/v1/tenants"), [a1.clone()]);
+    assert_eq!(list("t1", "/v1.0"), [a1.clone()]);
+    assert_eq!(list("t2", "/v1.0"), [b1.clone()]);
+
+    // Another tenant's group, by group id or instance id, is 404 on both APIs.
+    for path in [
+        format!("/v1.0/t1/security-groups/{g_b1}"),
+        format!("/v1.0/t1/security-groups/{b1}"),
+        format!("/v1/tenants/t1/security-groups/{g_b1}"),
+    ] {
+        assert_error(&s.admin().call("GET", &path, None), 404, "not_found", &[]);
+    }
+    // Nor can it add, and then delete, rules there.
+    let a = s.admin().call(
+        "POST",
+        "/v1.0/t1/security-group-rules",
+        Some(&json!({"security_group_rule": {"group_id": g_b1, "cidr": "10.0.0.0/8"}}).to_string()),
+    );
+    assert_error(&a, 404, "not_found", &[]);
+    let rule = add_rule(&s, "t2", &g_b1, json!({"cidr": "10.0.0.0/8"})).json()["security_group_rule"]["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let a = s.admin().call(
+        "DELETE",
+        &format!("/v1.0/t1/security-group-rules/{rule}"),
+        None,
+    );
+    assert_error(&a, 404, "not_found", &[]);
+    assert_eq!(
+        own_group(&s, "t2", &b1)["rules"].as_array().unwrap().len(),
+        1
+    );
+    // Nor attach its own group to the other tenant's instance.
+    let (st, body) = {
+        let a = s.admin().call(
+            "POST",
+            "/v1/tenants/t1/security-groups",
+            Some(r#"{"name":"web"}"#),
+        );
+        (a.status, a.json())
+    };
+    assert_eq!(st, 201);
+    let web = body["security_group"]["id"].as_str().unwrap().to_string();
+    let a = s.admin().call(
+        "PUT",
+        &format!("/v1/tenants/t1/security-groups/{web}/instances/{b1}"),
+        None,
+    );
+    assert_error(&a, 404, "not_found", &[]);
+    assert_eq!(
+        s.admin()
+            .call(
+                "PUT",
+                &format!("/v1/tenants/t1/security-groups/{web}/instances/{a1}"),
+                None
+            )
+            .status,
+        204
+    );
+    // Trove's delete of the tenant's own rule works: 204.
+    let r =
+        add_rule(&s, "t1", &a1, json!({"cidr": "10.0.0.0/8"})).json()["security_group_rule"]["id"]
+            .as_str()
+            .unwrap()
+            .to_string();
+    assert_eq!(
+        s.admin()
+            .call(
+                "DELETE",
+                &format!("/v1.0/t1/security-group-rules/{r}"),
+                None
+            )
+            .status,
+        204
+    );
+}
+
+#[test]
+fn groups_live_and_die_with_their_instances_and_defaults_seed_them() {
+    let s = Server::start();
+    let d = s.admin().call(
+        "POST",
+        "/v1/tenants/t1/default-rules",
+        Some(&json!({"protocol": "tcp", "from_port": 22, "cidr": "10.0.0.0/8"}).to_string()),
+    );
+    assert_eq!(d.status, 201, "{}", d.text());
+    let default_id = d.json()["default_rule"]["id"].as_str().unwrap().to_string();
+    let a = instance(&s, "a", "t1", "127.0.0.21");
+    let g = own_group(&s, "t1", &a);
+    assert_eq!(g["name"], format!("cradle-sg-{a}"));
+    assert_eq!(g["rules"].as_array().unwrap().len(), 1);
+    assert_eq!(g["rules"][0]["from_port"], 22);
+    assert_eq!(g["instances"], json!([a]));
+    // Removing the default leaves existing groups as they are.
+    assert_eq!(
+        s.admin()
+            .call(
+                "DELETE",
+                &format!("/v1/tenants/t1/default-rules/{default_id}"),
+                None
+            )
+            .status,
+        204
+    );
+    assert_eq!(
+        own_group(&s, "t1", &a)["rules"].as_array().unwrap().len(),
+        1
+    );
+    let b = instance(&s, "b", "t1", "127.0.0.22");
+    assert_eq!(own_group(&s, "t1", &b)["rules"], json!([]));
+
+    // An instance group cannot be deleted, attached elsewhere, or named like one.
+    let ga = g["id"].as_str().unwrap();
+    assert_error(
+        &s.admin().call(
+            "DELETE",
+            &format!("/v1/tenants/t1/security-groups/{ga}"),
+            None,
+        ),
+        409,
+        "in_use",
+        &["belongs to instance"],
+    );
+    assert_error(
+        &s.admin().call(
+            "PUT",
+            &format!("/v1/tenants/t1/security-groups/{ga}/instances/{b}"),
+            None,
+        ),
+        400,
+        "invalid",
+        &["own group"],
+    );
+    assert_error(
+        &s.admin().call(
+            "POST",
+            "/v1/tenants/t1/security-groups",
+            Some(r#"{"name":"cradle-sg-x"}"#),
+        ),
+        400,
+        "invalid",
+        &["cradle-sg-"],
+    );
+
+    // A shared group with a rule sourced from a's group, attached to b: in
+    // use until detached and the rule is gone with a.
+    let web = s
+        .admin()
+        .call(
+            "POST",
+            "/v1/tenants/t1/security-groups",
+            Some(r#"{"name":"web","description":"shared"}"#),
+        )
+        .json()["security_group"]["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert_error(
+        &s.admin().call(
+            "POST",
+            "/v1/tenants/t1/security-groups",
+            Some(r#"{"name":"web"}"#),
+        ),
+        409,
+        "conflict",
+        &["web"],
+    );
+    assert_eq!(
+        add_rule(
+            &s,
+            "t1",
+            &web,
+            json!({"remote_group_id": ga, "protocol": "udp"})
+        )
+        .status,
+        201
+    );
+    assert_eq!(
+        s.admin()
+            .call(
+                "PUT",
+                &format!("/v1/tenants/t1/security-groups/{web}/instances/{b}"),
+                None
+            )
+            .status,
+        204
+    );
+    assert_error(
+        &s.admin().call(
+            "PUT",
+            &format!("/v1/tenants/t1/security-groups/{web}/instances/{b}"),
+            None,
+        ),
+        409,
+        "conflict",
+        &["already attached"],
+    );
+    let of_b = s
+        .admin()
+        .call("GET", &format!("/v1/instances/{b}/security-groups"), None)
+        .json();
+    let names: Vec<&str> = of_b["security_groups"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|g| g["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, [format!("cradle-sg-{b}").as_str(), "web"]);
+    assert_error(
+        &s.admin().call(
+            "DELETE",
+            &format!("/v1/tenants/t1/security-groups/{web}"),
+            None,
+        ),
+        409,
+        "in_use",
+        &["attached"],
+    );
+    assert_eq!(
+        s.admin()
+            .call("DELETE", &format!("/v1/instances/{a}"), None)
+            .status,
+        204
+    );
+    let web_now = own_group(&s, "t1", &web);
+    assert_eq!(
+        web_now["rules"],
+        json!([]),
+        "the rule sourced from a's group went with a"
+    );
+    assert_error(
+        &s.admin()
+            .call("GET", &format!("/v1/tenants/t1/security-groups/{ga}"), None),
+        404,
+        "not_found",
+        &[],
+    );
+    assert_eq!(
+        s.admin()
+            .call(
+                "DELETE",
+                &format!("/v1/tenants/t1/security-groups/{web}/instances/{b}"),
+                None
+            )
+            .status,
+        204
+    );
+    assert_eq!(
+        s.admin()
+            .call(
+                "DELETE",
+                &format!("/v1/tenants/t1/security-groups/{web}"),
+                None
+            )
+            .status,
+        204
+    );
+    // A tenant change would strand the instance's groups.
+    let a = s.admin().call(
+        "PATCH",
+        &format!("/v1/instances/{b}"),
+        Some(r#"{"project_id":"t9"}"#),
+    );
+    assert_error(&a, 422, "invalid", &["project_id"]);
+}
+
+#[test]
+fn groups_survive_a_restart() {
+    let mut s = Server::start();
+    let a = instance(&s, "a", "t1", "127.0.0.31");
+    assert_eq!(
+        add_rule(&s, "t1", &a, json!({"protocol": "icmp", "icmp_type": 8})).status,
+        201
+    );
+    let before = own_group(&s, "t1", &a);
+    let data_dir = s.data_dir.clone();
+    s.stop();
+    let s = Server::start_with(Opts {
+        data_dir: Some(&data_dir),
+        ..Default::default()
+    });
+    assert_eq!(own_group(&s, "t1", &a), before);
+}
+
+#[test]
+fn the_extension_switch_turns_every_route_off() {
+    let mut s = Server::start_with(Opts {
+        env: &[("CRADLE_SECURITY_GROUPS_ENABLED", "false")],
+        ..Default::default()
+    });
+    let a = instance(&s, "a", "t1", "127.0.0.41");
+    for (method, path, body) in [
+        ("GET", "/v1.0/t1/security-groups".to_string(), None),
+        ("GET", format!("/v1.0/t1/security-groups/{a}"), None),
+        (
+            "POST",
+            "/v1.0/t1/security-group-rules".to_string(),
+            Some(json!({"security_group_rule": {"group_id": a, "cidr": "10.0.0.0/8"}}).to_string()),
+        ),
+        ("DELETE", format!("/v1.0/t1/security-group-rules/{a}"), None),
+        ("GET", "/v1/tenants/t1/security-groups".to_string(), None),
+        (
+            "POST",
+            "/v1/tenants/t1/security-groups".to_string(),
+            Some(r#"{"name":"x"}"#.to_string()),
+        ),
+        ("GET", "/v1/tenants/t1/default-rules".to_string(), None),
+        ("GET", format!("/v1/instances/{a}/security-groups"), None),
+        ("GET", "/v1/firewall".to_string(), None),
+        ("POST", "/v1/firewall/apply?dry_run=true".to_string(), None),
+    ] {
+        let r = s.admin().call(method, &path, body.as_deref());
+        assert_error(&r, 404, "not_found", &[]);
+    }
+    // Turned on later, the instance made while it was off gets its group.
+    let data_dir = s.data_dir.clone();
+    s.stop();
+    let s = Server::start_with(Opts {
+        data_dir: Some(&data_dir),
+        ..Default::default()
+    });
+    assert_eq!(own_group(&s, "t1", &a)["name"], format!("cradle-sg-{a}"));
+}
