@@ -9,5 +9,6 @@ mod cli;
 mod drive;
 mod hop_limit;
 mod metadata;
+mod secgroups_api;
 mod secrets;
 mod vendordata;
