@@ -11,7 +11,8 @@ use crate::{debian, run_cargo};
 /// API), through Debian's Python; iproute2 and curl for the test that puts a
 /// guest behind a router in network namespaces; genisoimage (isoinfo,
 /// isovfy), xorriso, mtools, dosfstools (fsck.vfat) and util-linux (blkid) to
-/// read config drives back.
+/// read config drives back; nftables and ping for the security-group tests,
+/// which send real traffic between network namespaces.
 const TEST_PACKAGES: &[&str] = &[
     "cloud-init",
     "python3-botocore",
@@ -22,6 +23,11 @@ const TEST_PACKAGES: &[&str] = &[
     "mtools",
     "dosfstools",
     "util-linux",
+    "nftables",
+    "iputils-ping",
+    // `python3 -m venv` for the troveclient test, which pip-installs
+    // python-troveclient from PyPI into a venv under the target dir.
+    "python3-venv",
 ];
 const DEBIAN_PYTHON: &str = "/usr/bin/python3";
 
@@ -32,7 +38,7 @@ pub fn run() -> Result<()> {
     );
     debian::ensure(
         TEST_PACKAGES,
-        "the integration tests run cloud-init, botocore, ip, curl and the ISO and FAT tools",
+        "the integration tests run cloud-init, botocore, ip, curl, nft, ping and the ISO and FAT tools",
     )?;
     check_python()?;
 

@@ -11,4 +11,5 @@ mod hop_limit;
 mod metadata;
 mod secgroups_api;
 mod secrets;
+mod trove;
 mod vendordata;
