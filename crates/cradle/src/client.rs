@@ -88,6 +88,12 @@ impl Api {
         resp.copy_to(out).context("the download was cut short")
     }
 
+    /// `PUT path` with no body, for verbs answered with 204 (attach).
+    pub fn put(&self, path: &str) -> Result<()> {
+        self.send(self.http.put(self.url(path)))?;
+        Ok(())
+    }
+
     pub fn delete(&self, path: &str) -> Result<()> {
         self.send(self.http.delete(self.url(path)))?;
         Ok(())

@@ -6,7 +6,9 @@
 
 mod client;
 mod drive;
+mod firewall;
 mod instance;
+mod secgroup;
 mod serve;
 
 use std::path::PathBuf;
@@ -27,7 +29,9 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
     about = "Guest provisioning for VM clusters",
     long_about = "cradle gives every VM guest its identity, metadata and parameters over a \
 link-local metadata service that speaks EC2 (with IMDSv2), OpenStack and cradle's own format.\n\n\
-Start the service with `cradle serve`; manage instances with `cradle instance`.",
+Start the service with `cradle serve`; manage instances with `cradle instance`, their \
+security groups with `cradle secgroup`, and the nftables firewall that enforces them with \
+`cradle firewall`.",
     propagate_version = true
 )]
 struct Cli {
@@ -45,6 +49,12 @@ enum Command {
     /// Build config drives (ISO 9660 or vfat images labelled config-2).
     #[command(subcommand_required = true)]
     Drive(drive::DriveArgs),
+    /// Manage security groups, their rules and a tenant's default rules; attach groups to instances.
+    #[command(subcommand_required = true)]
+    Secgroup(secgroup::SecgroupArgs),
+    /// Show or re-apply the nftables ruleset that enforces security groups.
+    #[command(subcommand_required = true)]
+    Firewall(firewall::FirewallArgs),
 }
 
 /// How results are printed.
@@ -93,6 +103,8 @@ fn main() -> ExitCode {
         Command::Serve(args) => serve::run(args),
         Command::Instance(args) => instance::run(args),
         Command::Drive(args) => drive::run(args),
+        Command::Secgroup(args) => secgroup::run(args),
+        Command::Firewall(args) => firewall::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -9,6 +9,7 @@ mod cli;
 mod drive;
 mod hop_limit;
 mod metadata;
+mod secgroup_cli;
 mod secgroups_api;
 mod secrets;
 mod trove;

@@ -1,0 +1,675 @@
+//! `cradle secgroup …`: security groups, their rules, and a tenant's default
+//! rules, through the admin API's native routes under `/v1/tenants/{tenant}/`.
+//!
+//! Rule values go to the server as given: it checks them and answers a bad
+//! one with a 400 naming the field. Only `--ports FROM-TO` is parsed here.
+
+use std::collections::HashMap;
+use std::io::Write;
+
+use anyhow::{Context, Result, bail};
+use clap::{Args, Subcommand};
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use crate::client::{Api, segment};
+use crate::{ApiArgs, Output};
+
+const ABOUT_GROUPS: &str = "\
+Every instance has its own group (named cradle-sg-<instance id>), made with it, seeded from its \
+tenant's default rules, and removed with it. Tenant groups are made with `secgroup create` and \
+attached to any number of the tenant's instances. An instance's rules are those of every group \
+it is in.\n\n\
+Rules only allow: ingress to an enforced instance is dropped unless a rule allows it; egress \
+is allowed unless the instance has egress rules, and then only what they allow. Only instances \
+with an --interface are enforced (see `cradle firewall`).\n\n\
+GROUP is a group id, an instance id (its own group), a group name, or an instance name. The \
+tenant is an instance's --project; another tenant's groups are not found.";
+
+#[derive(Args, Debug)]
+#[command(after_help = ABOUT_GROUPS)]
+pub struct SecgroupArgs {
+    #[command(flatten)]
+    api: ApiArgs,
+    /// Output format.
+    #[arg(long, short = 'o', value_enum, default_value_t = Output::Table, global = true)]
+    output: Output,
+    #[command(subcommand)]
+    command: SecgroupCommand,
+}
+
+/// Whose groups: every verb names the tenant.
+#[derive(Args, Debug)]
+struct Tenant {
+    /// The tenant (an instance's --project) the groups belong to.
+    #[arg(long, env = "CRADLE_TENANT")]
+    tenant: String,
+}
+
+#[derive(Subcommand, Debug)]
+enum SecgroupCommand {
+    /// List the tenant's groups: its tenant groups and its instances' own groups.
+    List {
+        #[command(flatten)]
+        tenant: Tenant,
+    },
+    /// Show a group and its rules.
+    #[command(after_help = ABOUT_GROUPS)]
+    Show {
+        /// Group id, instance id (its own group), group name or instance name.
+        group: String,
+        #[command(flatten)]
+        tenant: Tenant,
+    },
+    /// Make a tenant group, with no rules; add rules, then attach it to instances.
+    Create {
+        /// Its name, unique in the tenant (not starting with cradle-sg-).
+        name: String,
+        /// What it is for.
+        #[arg(long, default_value = "")]
+        description: String,
+        #[command(flatten)]
+        tenant: Tenant,
+    },
+    /// Delete a tenant group and its rules. It must be detached from every
+    /// instance and named as remote by no other rule. Instance groups go
+    /// with their instance.
+    Delete {
+        /// Group id or name.
+        group: String,
+        #[command(flatten)]
+        tenant: Tenant,
+    },
+    /// Attach a tenant group to an instance of the tenant: the group's rules
+    /// apply to the instance, and rules naming the group as remote match the
+    /// instance's addresses.
+    Attach {
+        /// Group id or name (a tenant group, not an instance's own).
+        group: String,
+        /// Instance id or name.
+        instance: String,
+        #[command(flatten)]
+        tenant: Tenant,
+    },
+    /// Detach a tenant group from an instance.
+    Detach {
+        /// Group id or name.
+        group: String,
+        /// Instance id or name.
+        instance: String,
+        #[command(flatten)]
+        tenant: Tenant,
+    },
+    /// Add rules to a group, or delete them.
+    #[command(subcommand, subcommand_required = true)]
+    Rule(RuleCommand),
+    /// The tenant's default rules: copied into the own group of each instance
+    /// made afterwards (existing instances keep their rules).
+    #[command(subcommand, subcommand_required = true)]
+    Default(DefaultCommand),
+}
+
+const ABOUT_RULES: &str = "\
+Without flags a rule allows ingress of every protocol from anywhere over IPv4. The ethertype \
+follows --cidr when given (IPv6 for an IPv6 network, and for --protocol icmpv6). Ports are \
+destination ports, for tcp and udp only; --icmp-type and --icmp-code are for icmp (IPv4) and \
+icmpv6 (IPv6) only. The server checks every value and names the one that is wrong.\n\n\
+Examples:\n  cradle secgroup rule add web --tenant t1 --protocol tcp --port 443\n  \
+cradle secgroup rule add web --tenant t1 --protocol tcp --ports 8000-8080 --cidr 10.0.0.0/8\n  \
+cradle secgroup rule add web --tenant t1 --protocol icmp --icmp-type 8\n  \
+cradle secgroup rule add web --tenant t1 --protocol tcp --port 5432 --remote-group db-clients\n  \
+cradle secgroup rule add web --tenant t1 --direction egress --protocol udp --port 53";
+
+#[derive(Subcommand, Debug)]
+enum RuleCommand {
+    /// Add a rule to a group; prints the new rule's id.
+    #[command(after_help = ABOUT_RULES)]
+    Add {
+        /// Group id, instance id (its own group), group name or instance name.
+        group: String,
+        #[command(flatten)]
+        tenant: Tenant,
+        #[command(flatten)]
+        rule: RuleFlags,
+    },
+    /// Delete a rule from whichever of the tenant's groups holds it.
+    Delete {
+        /// The rule's id (see `secgroup show`).
+        rule_id: String,
+        #[command(flatten)]
+        tenant: Tenant,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum DefaultCommand {
+    /// List the tenant's default rules.
+    List {
+        #[command(flatten)]
+        tenant: Tenant,
+    },
+    /// Add a default rule; prints its id. Only instances made afterwards get it.
+    #[command(after_help = ABOUT_RULES)]
+    Add {
+        #[command(flatten)]
+        tenant: Tenant,
+        #[command(flatten)]
+        rule: RuleFlags,
+    },
+    /// Delete a default rule. Instance groups already seeded with it keep their copy.
+    Delete {
+        /// The default rule's id (see `secgroup default list`).
+        id: String,
+        #[command(flatten)]
+        tenant: Tenant,
+    },
+}
+
+/// What a rule matches. Every value is passed to the server as given.
+#[derive(Args, Debug)]
+#[command(next_help_heading = "Rule")]
+struct RuleFlags {
+    /// ingress (traffic to the instance) or egress (from it) [default: ingress].
+    #[arg(long, value_name = "ingress|egress")]
+    direction: Option<String>,
+    /// IPv4 or IPv6 [default: the family of --cidr; IPv6 for icmpv6; else IPv4].
+    #[arg(long, value_name = "IPv4|IPv6")]
+    ethertype: Option<String>,
+    /// tcp, udp, icmp, icmpv6 or any [default: any].
+    #[arg(long, value_name = "PROTOCOL")]
+    protocol: Option<String>,
+    /// One destination port, 1-65535 (tcp and udp) [default: every port].
+    #[arg(long, value_name = "N", allow_negative_numbers = true)]
+    port: Option<i64>,
+    /// A destination port range, both ends included (tcp and udp).
+    #[arg(long, value_name = "FROM-TO", conflicts_with = "port")]
+    ports: Option<String>,
+    /// ICMP type, 0-255 (icmp, icmpv6) [default: every type].
+    #[arg(long, value_name = "N", allow_negative_numbers = true)]
+    icmp_type: Option<i64>,
+    /// ICMP code, 0-255; needs --icmp-type [default: every code].
+    #[arg(long, value_name = "N", allow_negative_numbers = true)]
+    icmp_code: Option<i64>,
+    /// The remote network: the source for ingress, the destination for
+    /// egress; no host bits (10.0.0.0/24, not 10.0.0.1/24) [default:
+    /// 0.0.0.0/0 or ::/0].
+    #[arg(long, value_name = "CIDR")]
+    cidr: Option<String>,
+    /// The remote is the current members of this group of the tenant (id,
+    /// instance id, or name): their addresses, kept up to date.
+    #[arg(long, value_name = "GROUP", conflicts_with = "cidr")]
+    remote_group: Option<String>,
+}
+
+/// A group as the API shows it (the fields the tables use).
+#[derive(Deserialize)]
+struct Group {
+    id: String,
+    name: String,
+    tenant: String,
+    description: String,
+    instance_id: Option<String>,
+    rules: Vec<Rule>,
+    instances: Vec<String>,
+    created_at: String,
+}
+
+/// A rule or default rule as the API shows it.
+#[derive(Deserialize)]
+struct Rule {
+    id: String,
+    direction: Option<String>,
+    ethertype: Option<String>,
+    protocol: Option<String>,
+    from_port: Option<i64>,
+    to_port: Option<i64>,
+    icmp_type: Option<i64>,
+    icmp_code: Option<i64>,
+    cidr: Option<String>,
+    remote_group_id: Option<String>,
+}
+
+pub fn run(args: SecgroupArgs) -> Result<()> {
+    let api = Api::new(&args.api)?;
+    let output = args.output;
+    let mut out = std::io::stdout().lock();
+    match args.command {
+        SecgroupCommand::List { tenant } => {
+            let groups = list(&api, &tenant.tenant)?;
+            match output {
+                Output::Json => writeln!(out, "{}", serde_json::to_string_pretty(&groups)?)?,
+                Output::Table => {
+                    let rows = groups
+                        .into_iter()
+                        .map(|g| {
+                            let g: Group = serde_json::from_value(g)?;
+                            Ok(vec![
+                                g.id,
+                                g.name,
+                                g.instance_id.unwrap_or_else(|| "-".into()),
+                                g.rules.len().to_string(),
+                                g.instances.len().to_string(),
+                            ])
+                        })
+                        .collect::<Result<Vec<_>>>()?;
+                    table(
+                        &mut out,
+                        &["ID", "NAME", "INSTANCE", "RULES", "MEMBERS"],
+                        &rows,
+                    )?;
+                }
+            }
+            Ok(())
+        }
+        SecgroupCommand::Show { group, tenant } => {
+            let t = &tenant.tenant;
+            let key = resolve_group(&api, t, &group)?;
+            let v: Value = api.get(&group_path(t, &key))?;
+            print_group(&api, &mut out, output, t, &v["security_group"])
+        }
+        SecgroupCommand::Create {
+            name,
+            description,
+            tenant,
+        } => {
+            let t = &tenant.tenant;
+            let v: Value = api.post(
+                &format!("/v1/tenants/{}/security-groups", segment(t)),
+                &json!({ "name": name, "description": description }),
+            )?;
+            print_group(&api, &mut out, output, t, &v["security_group"])
+        }
+        SecgroupCommand::Delete { group, tenant } => {
+            let t = &tenant.tenant;
+            let key = resolve_group(&api, t, &group)?;
+            api.delete(&group_path(t, &key))?;
+            done(
+                &mut out,
+                output,
+                json!({ "deleted": key }),
+                &format!("deleted security group {key}"),
+            )
+        }
+        SecgroupCommand::Attach {
+            group,
+            instance,
+            tenant,
+        } => {
+            let t = &tenant.tenant;
+            let key = resolve_group(&api, t, &group)?;
+            api.put(&format!(
+                "{}/instances/{}",
+                group_path(t, &key),
+                segment(&instance)
+            ))?;
+            done(
+                &mut out,
+                output,
+                json!({ "attached": { "group": key, "instance": instance } }),
+                &format!("attached security group {key} to instance {instance}"),
+            )
+        }
+        SecgroupCommand::Detach {
+            group,
+            instance,
+            tenant,
+        } => {
+            let t = &tenant.tenant;
+            let key = resolve_group(&api, t, &group)?;
+            api.delete(&format!(
+                "{}/instances/{}",
+                group_path(t, &key),
+                segment(&instance)
+            ))?;
+            done(
+                &mut out,
+                output,
+                json!({ "detached": { "group": key, "instance": instance } }),
+                &format!("detached security group {key} from instance {instance}"),
+            )
+        }
+        SecgroupCommand::Rule(RuleCommand::Add {
+            group,
+            rule,
+            tenant,
+        }) => {
+            let t = &tenant.tenant;
+            let key = resolve_group(&api, t, &group)?;
+            let body = rule_body(&api, t, rule)?;
+            let v: Value = api.post(&format!("{}/rules", group_path(t, &key)), &body)?;
+            print_new_rule(&mut out, output, &v["security_group_rule"])
+        }
+        SecgroupCommand::Rule(RuleCommand::Delete { rule_id, tenant }) => {
+            api.delete(&format!(
+                "/v1/tenants/{}/security-group-rules/{}",
+                segment(&tenant.tenant),
+                segment(&rule_id)
+            ))?;
+            done(
+                &mut out,
+                output,
+                json!({ "deleted": rule_id }),
+                &format!("deleted security group rule {rule_id}"),
+            )
+        }
+        SecgroupCommand::Default(DefaultCommand::List { tenant }) => {
+            let v: Value = api.get(&format!(
+                "/v1/tenants/{}/default-rules",
+                segment(&tenant.tenant)
+            ))?;
+            let rules = &v["default_rules"];
+            match output {
+                Output::Json => writeln!(out, "{}", serde_json::to_string_pretty(rules)?)?,
+                Output::Table => {
+                    let rules: Vec<Rule> = serde_json::from_value(rules.clone())
+                        .context("the admin API answered an unexpected list of default rules")?;
+                    rules_table(&mut out, &rules, &HashMap::new())?;
+                }
+            }
+            Ok(())
+        }
+        SecgroupCommand::Default(DefaultCommand::Add { rule, tenant }) => {
+            let t = &tenant.tenant;
+            let body = rule_body(&api, t, rule)?;
+            let v: Value = api.post(&format!("/v1/tenants/{}/default-rules", segment(t)), &body)?;
+            print_new_rule(&mut out, output, &v["default_rule"])
+        }
+        SecgroupCommand::Default(DefaultCommand::Delete { id, tenant }) => {
+            api.delete(&format!(
+                "/v1/tenants/{}/default-rules/{}",
+                segment(&tenant.tenant),
+                segment(&id)
+            ))?;
+            done(
+                &mut out,
+                output,
+                json!({ "deleted": id }),
+                &format!("deleted default rule {id}"),
+            )
+        }
+    }
+}
+
+fn group_path(tenant: &str, key: &str) -> String {
+    format!(
+        "/v1/tenants/{}/security-groups/{}",
+        segment(tenant),
+        segment(key)
+    )
+}
+
+fn list(api: &Api, tenant: &str) -> Result<Vec<Value>> {
+    let v: Value = api.get(&format!("/v1/tenants/{}/security-groups", segment(tenant)))?;
+    match v["security_groups"].as_array() {
+        Some(a) => Ok(a.clone()),
+        None => bail!("the admin API answered an unexpected list of groups: {v}"),
+    }
+}
+
+/// Whether `s` is a uuid in any form the server parses (hyphenated, simple,
+/// braced or urn); such a key goes to the server as it is.
+fn is_uuid(s: &str) -> bool {
+    let s = s.strip_prefix("urn:uuid:").unwrap_or(s);
+    let s = s
+        .strip_prefix('{')
+        .and_then(|s| s.strip_suffix('}'))
+        .unwrap_or(s);
+    let hex: String = s.chars().filter(|c| *c != '-').collect();
+    (s.len() == 32 || s.len() == 36)
+        && hex.len() == 32
+        && hex.chars().all(|c| c.is_ascii_hexdigit())
+}
+
+/// A GROUP argument as the server takes it: a group id or an instance id.
+/// Anything else is a group name of the tenant, or else an instance name.
+fn resolve_group(api: &Api, tenant: &str, key: &str) -> Result<String> {
+    if is_uuid(key) {
+        return Ok(key.to_string());
+    }
+    for g in list(api, tenant)? {
+        if g["name"].as_str() == Some(key)
+            && let Some(id) = g["id"].as_str()
+        {
+            return Ok(id.to_string());
+        }
+    }
+    // An instance name: its own group. Another tenant's instance is as good
+    // as missing.
+    if let Ok(i) = api.get::<Value>(&format!("/v1/instances/{}", segment(key)))
+        && i["project_id"].as_str() == Some(tenant)
+        && let Some(id) = i["id"].as_str()
+    {
+        return Ok(id.to_string());
+    }
+    bail!(
+        "tenant {tenant:?} has no security group or instance named {key:?} \
+         (give a group id, an instance id, or a name; `cradle secgroup list` shows them)"
+    )
+}
+
+/// The id of a rule's remote group. The server takes only a group's own id
+/// there, so an instance (id or name) is looked up to its own group's id.
+fn remote_group(api: &Api, tenant: &str, key: &str) -> Result<String> {
+    let key = resolve_group(api, tenant, key)?;
+    let v: Value = api.get(&group_path(tenant, &key))?;
+    match v["security_group"]["id"].as_str() {
+        Some(id) => Ok(id.to_string()),
+        None => bail!("the admin API answered an unexpected group: {v}"),
+    }
+}
+
+/// The body of a new rule: the flags as given, with `--ports` split and
+/// `--remote-group` resolved to an id.
+fn rule_body(api: &Api, tenant: &str, f: RuleFlags) -> Result<Value> {
+    let (from_port, to_port) = match (f.port, f.ports.as_deref()) {
+        (Some(p), _) => (Some(p), Some(p)),
+        (None, Some(range)) => {
+            let (from, to) = port_range(range)?;
+            (Some(from), Some(to))
+        }
+        (None, None) => (None, None),
+    };
+    let remote_group_id = f
+        .remote_group
+        .as_deref()
+        .map(|g| remote_group(api, tenant, g).context("--remote-group"))
+        .transpose()?;
+    let mut body = serde_json::Map::new();
+    let mut put = |k: &str, v: Value| {
+        if !v.is_null() {
+            body.insert(k.to_string(), v);
+        }
+    };
+    put("direction", json!(f.direction));
+    put("ethertype", json!(f.ethertype));
+    put("protocol", json!(f.protocol));
+    put("from_port", json!(from_port));
+    put("to_port", json!(to_port));
+    put("icmp_type", json!(f.icmp_type));
+    put("icmp_code", json!(f.icmp_code));
+    put("cidr", json!(f.cidr));
+    put("remote_group_id", json!(remote_group_id));
+    Ok(Value::Object(body))
+}
+
+/// `FROM-TO`, two whole numbers. Whether they make a valid range is the
+/// server's to say.
+fn port_range(s: &str) -> Result<(i64, i64)> {
+    let parsed = s
+        .split_once('-')
+        .and_then(|(a, b)| Some((a.trim().parse().ok()?, b.trim().parse().ok()?)));
+    match parsed {
+        Some(r) => Ok(r),
+        None => bail!(
+            "--ports expects a range FROM-TO of two port numbers, such as 8000-8080; got {s:?} \
+             (use --port N for one port)"
+        ),
+    }
+}
+
+fn done(out: &mut impl Write, output: Output, json: Value, text: &str) -> Result<()> {
+    match output {
+        Output::Json => writeln!(out, "{json}")?,
+        Output::Table => writeln!(out, "{text}")?,
+    }
+    Ok(())
+}
+
+/// A new rule: its id alone (for scripts), or the whole rule as JSON.
+fn print_new_rule(out: &mut impl Write, output: Output, rule: &Value) -> Result<()> {
+    match output {
+        Output::Json => writeln!(out, "{}", serde_json::to_string_pretty(rule)?)?,
+        Output::Table => match rule["id"].as_str() {
+            Some(id) => writeln!(out, "{id}")?,
+            None => bail!("the admin API answered without a rule id: {rule}"),
+        },
+    }
+    Ok(())
+}
+
+fn print_group(
+    api: &Api,
+    out: &mut impl Write,
+    output: Output,
+    tenant: &str,
+    v: &Value,
+) -> Result<()> {
+    if output == Output::Json {
+        writeln!(out, "{}", serde_json::to_string_pretty(v)?)?;
+        return Ok(());
+    }
+    let g: Group = serde_json::from_value(v.clone())
+        .with_context(|| format!("the admin API answered an unexpected group: {v}"))?;
+    let dash = |s: &str| {
+        if s.is_empty() {
+            "-".to_string()
+        } else {
+            s.to_string()
+        }
+    };
+    let rows = [
+        ("id", g.id.clone()),
+        ("name", g.name.clone()),
+        ("tenant", g.tenant.clone()),
+        ("description", dash(&g.description)),
+        (
+            "instance",
+            g.instance_id.clone().unwrap_or_else(|| "-".into()),
+        ),
+        ("members", dash(&g.instances.join(", "))),
+        ("created", g.created_at.clone()),
+    ];
+    for (k, val) in rows {
+        writeln!(out, "{k:<12} {val}")?;
+    }
+    writeln!(out)?;
+    // Name the remote groups, when some rule has one.
+    let mut names = HashMap::new();
+    if g.rules.iter().any(|r| r.remote_group_id.is_some()) {
+        for other in list(api, tenant).unwrap_or_default() {
+            if let (Some(id), Some(name)) = (other["id"].as_str(), other["name"].as_str()) {
+                names.insert(id.to_string(), name.to_string());
+            }
+        }
+    }
+    rules_table(out, &g.rules, &names)
+}
+
+fn rules_table(
+    out: &mut impl Write,
+    rules: &[Rule],
+    group_names: &HashMap<String, String>,
+) -> Result<()> {
+    let opt = |s: &Option<String>| s.clone().unwrap_or_else(|| "-".into());
+    let rows: Vec<Vec<String>> = rules
+        .iter()
+        .map(|r| {
+            let matches = match (r.from_port, r.to_port, r.icmp_type, r.icmp_code) {
+                (Some(f), Some(t), _, _) if f == t => format!("port {f}"),
+                (Some(f), Some(t), _, _) => format!("ports {f}-{t}"),
+                (Some(p), None, _, _) | (None, Some(p), _, _) => format!("port {p}"),
+                (None, None, Some(t), Some(c)) => format!("type {t} code {c}"),
+                (None, None, Some(t), None) => format!("type {t}"),
+                (None, None, None, _) => "all".into(),
+            };
+            let remote = match (&r.cidr, &r.remote_group_id) {
+                (Some(c), _) => c.clone(),
+                (None, Some(g)) => match group_names.get(g) {
+                    Some(name) => format!("group {name} ({g})"),
+                    None => format!("group {g}"),
+                },
+                (None, None) => "-".into(),
+            };
+            vec![
+                r.id.clone(),
+                opt(&r.direction),
+                opt(&r.ethertype),
+                opt(&r.protocol),
+                matches,
+                remote,
+            ]
+        })
+        .collect();
+    table(
+        out,
+        &[
+            "RULE ID",
+            "DIRECTION",
+            "ETHERTYPE",
+            "PROTOCOL",
+            "PORTS/ICMP",
+            "REMOTE",
+        ],
+        &rows,
+    )
+}
+
+fn table(out: &mut impl Write, headers: &[&str], rows: &[Vec<String>]) -> Result<()> {
+    let mut widths: Vec<usize> = headers.iter().map(|h| h.len()).collect();
+    for r in rows {
+        for (w, c) in widths.iter_mut().zip(r) {
+            *w = (*w).max(c.chars().count());
+        }
+    }
+    let line = |cells: Vec<&str>| {
+        cells
+            .iter()
+            .zip(&widths)
+            .map(|(c, w)| format!("{c:<w$}"))
+            .collect::<Vec<_>>()
+            .join("  ")
+            .trim_end()
+            .to_string()
+    };
+    writeln!(out, "{}", line(headers.to_vec()))?;
+    for r in rows {
+        writeln!(out, "{}", line(r.iter().map(String::as_str).collect()))?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn port_ranges() {
+        assert_eq!(port_range("8000-8080").unwrap(), (8000, 8080));
+        // Reversed or out of range is the server's to refuse, with its message.
+        assert_eq!(port_range("80-22").unwrap(), (80, 22));
+        for bad in ["80", "80-", "-80", "a-b", "1-2-3", ""] {
+            let e = port_range(bad).unwrap_err().to_string();
+            assert!(e.contains("FROM-TO"), "{bad}: {e}");
+        }
+    }
+
+    #[test]
+    fn uuids_go_as_they_are() {
+        assert!(is_uuid("67e55044-10b1-426f-9247-bb680e5fe0c8"));
+        assert!(is_uuid("67e5504410b1426f9247bb680e5fe0c8"));
+        assert!(is_uuid("{67e55044-10b1-426f-9247-bb680e5fe0c8}"));
+        assert!(!is_uuid("web"));
+        assert!(!is_uuid("67e55044-10b1-426f-9247-bb680e5fe0c"));
+        assert!(!is_uuid("67e55044-10b1-426f-9247-bb680e5fe0cg"));
+    }
+}
