@@ -13,7 +13,7 @@
 use std::sync::Arc;
 
 use axum::Router;
-use axum::extract::{Path, Query, State};
+use axum::extract::{Path, RawQuery, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post, put};
@@ -87,7 +87,11 @@ fn rule_request(body: Value) -> Result<RuleRequest, ApiError> {
         let inner = bad_body(e.into_inner());
         match path.as_str() {
             "" | "." => inner,
-            _ => ApiError::new(inner.status, inner.code, format!("{path}: {}", inner.message)),
+            _ => ApiError::new(
+                inner.status,
+                inner.code,
+                format!("{path}: {}", inner.message),
+            ),
         }
     })
 }
@@ -125,7 +129,11 @@ async fn create(
     let registry = s.registry.clone();
     let view = run(move || registry.sg_create(&tenant, &g.name, &g.description)).await?;
     info!(group = %view.id, tenant = %view.tenant, "security group created");
-    Ok((StatusCode::CREATED, axum::Json(json!({ "security_group": view }))).into_response())
+    Ok((
+        StatusCode::CREATED,
+        axum::Json(json!({ "security_group": view })),
+    )
+        .into_response())
 }
 
 async fn show(
@@ -209,7 +217,11 @@ async fn add_default(
     let rule = rule_request(body)?;
     let registry = s.registry.clone();
     let view = run(move || registry.sg_add_default(&tenant, &rule)).await?;
-    Ok((StatusCode::CREATED, axum::Json(json!({ "default_rule": view }))).into_response())
+    Ok((
+        StatusCode::CREATED,
+        axum::Json(json!({ "default_rule": view })),
+    )
+        .into_response())
 }
 
 async fn delete_default(
@@ -262,19 +274,30 @@ async fn firewall_show(State(s): Shared) -> Result<Response, ApiError> {
     .into_response())
 }
 
-#[derive(Deserialize)]
-struct ApplyQuery {
-    #[serde(default)]
-    dry_run: bool,
-}
-
 async fn firewall_apply(
     State(s): Shared,
     axum::Extension(caller): axum::Extension<Caller>,
-    Query(q): Query<ApplyQuery>,
+    RawQuery(query): RawQuery,
 ) -> Result<Response, ApiError> {
+    let mut dry_run = false;
+    for pair in query
+        .as_deref()
+        .unwrap_or("")
+        .split('&')
+        .filter(|p| !p.is_empty())
+    {
+        dry_run = match pair {
+            "dry_run" | "dry_run=true" | "dry_run=1" => true,
+            "dry_run=false" | "dry_run=0" => false,
+            other => {
+                return Err(ApiError::bad_request(format!(
+                    "unknown query {other:?}; the one parameter is dry_run=true|false"
+                )));
+            }
+        };
+    }
     let ruleset = ruleset(&s)?;
-    if q.dry_run {
+    if dry_run {
         return Ok(axum::Json(json!({ "applied": false, "ruleset": ruleset })).into_response());
     }
     if !caller.roles.iter().any(|r| r == crate::ADMIN_ROLE) {

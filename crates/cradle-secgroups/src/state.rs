@@ -26,8 +26,14 @@ pub enum Op {
     RemoveGroup(Uuid),
     AddRule(Rule),
     RemoveRule(Uuid),
-    Attach { group: Uuid, instance: Uuid },
-    Detach { group: Uuid, instance: Uuid },
+    Attach {
+        group: Uuid,
+        instance: Uuid,
+    },
+    Detach {
+        group: Uuid,
+        instance: Uuid,
+    },
     AddDefault(DefaultRule),
     RemoveDefault(Uuid),
 }
@@ -102,7 +108,11 @@ impl SecGroups {
 
     /// The tenant's groups, instance groups included, by name.
     pub fn groups(&self, tenant: Tenant) -> Vec<&Group> {
-        let mut out: Vec<&Group> = self.groups.values().filter(|g| g.tenant == tenant).collect();
+        let mut out: Vec<&Group> = self
+            .groups
+            .values()
+            .filter(|g| g.tenant == tenant)
+            .collect();
         out.sort_by(|a, b| (&a.name, a.id).cmp(&(&b.name, b.id)));
         out
     }
@@ -224,7 +234,12 @@ impl SecGroups {
 
     /// The group every new instance gets, seeded from its tenant's defaults,
     /// with the instance as its member.
-    pub fn plan_instance_group(&self, instance: Uuid, tenant: Tenant, now: OffsetDateTime) -> Vec<Op> {
+    pub fn plan_instance_group(
+        &self,
+        instance: Uuid,
+        tenant: Tenant,
+        now: OffsetDateTime,
+    ) -> Vec<Op> {
         let group = Group {
             id: Uuid::new_v4(),
             tenant: tenant.to_string(),
@@ -354,13 +369,24 @@ impl SecGroups {
                 g.id
             )));
         }
-        let mut ops: Vec<Op> = self.rules(g.id).iter().map(|r| Op::RemoveRule(r.id)).collect();
+        let mut ops: Vec<Op> = self
+            .rules(g.id)
+            .iter()
+            .map(|r| Op::RemoveRule(r.id))
+            .collect();
         ops.push(Op::RemoveGroup(g.id));
         Ok(ops)
     }
 
-    /// The remote group of a rule must be the tenant's.
-    fn check_remote(&self, tenant: Tenant, spec: &RuleSpec) -> Result<(), SgError> {
+    /// The remote group of a rule must be the tenant's. An instance id there
+    /// means that instance's own group, as it does in paths.
+    fn check_remote(&self, tenant: Tenant, spec: &mut RuleSpec) -> Result<(), SgError> {
+        if let Remote::Group(r) = spec.remote
+            && !self.groups.contains_key(&r)
+            && let Some(own) = self.own.get(&r)
+        {
+            spec.remote = Remote::Group(*own);
+        }
         if let Remote::Group(r) = spec.remote {
             match self.groups.get(&r) {
                 Some(g) if g.tenant == tenant => {}
@@ -379,11 +405,11 @@ impl SecGroups {
         &self,
         tenant: Tenant,
         group: &str,
-        spec: RuleSpec,
+        mut spec: RuleSpec,
         now: OffsetDateTime,
     ) -> Result<Rule, SgError> {
         let g = self.group_or_404(tenant, group)?;
-        self.check_remote(tenant, &spec)?;
+        self.check_remote(tenant, &mut spec)?;
         let existing = self.rules(g.id);
         if let Some(dup) = existing.iter().find(|r| r.spec == spec) {
             return Err(SgError::Conflict(format!(
@@ -432,7 +458,11 @@ impl SecGroups {
                 ),
             }));
         }
-        if self.members.get(&g.id).is_some_and(|m| m.contains(&instance)) {
+        if self
+            .members
+            .get(&g.id)
+            .is_some_and(|m| m.contains(&instance))
+        {
             return Err(SgError::Conflict(format!(
                 "group {} is already attached to instance {instance}",
                 g.id
@@ -452,7 +482,11 @@ impl SecGroups {
                 message: format!("group {} is the instance's own group", g.id),
             }));
         }
-        if !self.members.get(&g.id).is_some_and(|m| m.contains(&instance)) {
+        if !self
+            .members
+            .get(&g.id)
+            .is_some_and(|m| m.contains(&instance))
+        {
             return Err(SgError::NotAttached(format!(
                 "group {} is not attached to instance {instance}",
                 g.id
@@ -467,11 +501,11 @@ impl SecGroups {
     pub fn plan_add_default(
         &self,
         tenant: Tenant,
-        spec: RuleSpec,
+        mut spec: RuleSpec,
         now: OffsetDateTime,
     ) -> Result<DefaultRule, SgError> {
         validate_tenant(tenant)?;
-        self.check_remote(tenant, &spec)?;
+        self.check_remote(tenant, &mut spec)?;
         if let Remote::Group(r) = spec.remote
             && self.groups.get(&r).is_some_and(|g| g.instance_id.is_some())
         {
@@ -512,7 +546,12 @@ impl SecGroups {
     /// Instances whose chains, and groups whose member sets, `ops` change.
     /// Call it before and after applying, and take the union: removals are
     /// seen before, additions after.
-    pub fn affected(&self, ops: &[Op], instances: &mut BTreeSet<Uuid>, groups: &mut BTreeSet<Uuid>) {
+    pub fn affected(
+        &self,
+        ops: &[Op],
+        instances: &mut BTreeSet<Uuid>,
+        groups: &mut BTreeSet<Uuid>,
+    ) {
         for op in ops {
             match op {
                 Op::AddRule(r) => {
@@ -610,7 +649,11 @@ impl SecGroups {
                     }
                 }
             }
-            Op::AddDefault(d) => self.defaults.entry(d.tenant.clone()).or_default().push(d.clone()),
+            Op::AddDefault(d) => self
+                .defaults
+                .entry(d.tenant.clone())
+                .or_default()
+                .push(d.clone()),
             Op::RemoveDefault(id) => {
                 for list in self.defaults.values_mut() {
                     list.retain(|d| d.id != *id);
@@ -643,7 +686,10 @@ mod tests {
     use crate::model::RuleRequest;
 
     fn spec(v: serde_json::Value) -> RuleSpec {
-        serde_json::from_value::<RuleRequest>(v).unwrap().validate().unwrap()
+        serde_json::from_value::<RuleRequest>(v)
+            .unwrap()
+            .validate()
+            .unwrap()
     }
 
     fn apply(s: &mut SecGroups, ops: &[Op]) {
@@ -655,9 +701,15 @@ mod tests {
     #[test]
     fn instance_groups_defaults_sharing_and_remote_groups() {
         let now = OffsetDateTime::UNIX_EPOCH;
-        let mut s = SecGroups::new(Limits { max_rules_per_group: 3 });
+        let mut s = SecGroups::new(Limits {
+            max_rules_per_group: 3,
+        });
         let d = s
-            .plan_add_default("t1", spec(serde_json::json!({"protocol": "tcp", "from_port": 22})), now)
+            .plan_add_default(
+                "t1",
+                spec(serde_json::json!({"protocol": "tcp", "from_port": 22})),
+                now,
+            )
             .unwrap();
         s.apply(&Op::AddDefault(d));
         let (a, b) = (Uuid::new_v4(), Uuid::new_v4());
@@ -674,7 +726,12 @@ mod tests {
         let (op, web) = s.plan_create_group("t1", "web", "", now).unwrap();
         s.apply(&op);
         let rule = s
-            .plan_add_rule("t1", &web.to_string(), spec(serde_json::json!({"remote_group_id": own_a.to_string()})), now)
+            .plan_add_rule(
+                "t1",
+                &web.to_string(),
+                spec(serde_json::json!({"remote_group_id": own_a.to_string()})),
+                now,
+            )
             .unwrap();
         s.apply(&Op::AddRule(rule.clone()));
         let attach = s.plan_attach("t1", &web.to_string(), b, "t1").unwrap();
@@ -691,17 +748,36 @@ mod tests {
             s.plan_add_rule("t1", &web.to_string(), rule.spec, now),
             Err(SgError::Conflict(_))
         ));
-        assert!(matches!(s.plan_delete_group("t1", &web.to_string()), Err(SgError::InUse(_))));
-        assert!(matches!(s.plan_delete_group("t2", &web.to_string()), Err(SgError::NoGroup(_))));
-        assert!(matches!(s.plan_attach("t1", &own_a.to_string(), b, "t1"), Err(SgError::Invalid(_))));
+        assert!(matches!(
+            s.plan_delete_group("t1", &web.to_string()),
+            Err(SgError::InUse(_))
+        ));
+        assert!(matches!(
+            s.plan_delete_group("t2", &web.to_string()),
+            Err(SgError::NoGroup(_))
+        ));
+        assert!(matches!(
+            s.plan_attach("t1", &own_a.to_string(), b, "t1"),
+            Err(SgError::Invalid(_))
+        ));
         for port in [80, 81] {
             let r = s
-                .plan_add_rule("t1", &web.to_string(), spec(serde_json::json!({"protocol": "tcp", "from_port": port})), now)
+                .plan_add_rule(
+                    "t1",
+                    &web.to_string(),
+                    spec(serde_json::json!({"protocol": "tcp", "from_port": port})),
+                    now,
+                )
                 .unwrap();
             s.apply(&Op::AddRule(r));
         }
         assert!(matches!(
-            s.plan_add_rule("t1", &web.to_string(), spec(serde_json::json!({"protocol": "udp"})), now),
+            s.plan_add_rule(
+                "t1",
+                &web.to_string(),
+                spec(serde_json::json!({"protocol": "udp"})),
+                now
+            ),
             Err(SgError::TooManyRules(3))
         ));
 

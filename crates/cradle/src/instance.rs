@@ -595,7 +595,10 @@ fn print_instance(out: &mut impl Write, output: Output, v: &InstanceView) -> Res
                 .map(|a| a.to_string())
                 .unwrap_or_else(|| "-".into()),
         ),
-        ("interface", v.interface.clone().unwrap_or_else(|| "-".into())),
+        (
+            "interface",
+            v.interface.clone().unwrap_or_else(|| "-".into()),
+        ),
         (
             "public ipv4",
             v.public_ipv4

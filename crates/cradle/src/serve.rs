@@ -261,7 +261,11 @@ fn start_firewall(config: &Config, registry: &Arc<Registry>, demo: bool) -> Resu
         return Ok(false);
     }
     if demo || !config.firewall.enabled {
-        let why = if demo { "--demo" } else { "[firewall] enabled = false" };
+        let why = if demo {
+            "--demo"
+        } else {
+            "[firewall] enabled = false"
+        };
         warn!("security groups are not enforced ({why})");
         return Ok(false);
     }

@@ -229,6 +229,18 @@ fn tenants_see_only_their_own_groups() {
             .status,
         204
     );
+    // An instance id as the remote means its own group, as in paths.
+    let r = add_rule(
+        &s,
+        "t1",
+        &web,
+        json!({"remote_group_id": a1, "protocol": "tcp", "from_port": 5}),
+    );
+    assert_eq!(r.status, 201, "{}", r.text());
+    assert_eq!(
+        r.json()["security_group_rule"]["remote_group_id"],
+        own_group(&s, "t1", &a1)["id"]
+    );
     // Trove's delete of the tenant's own rule works: 204.
     let r =
         add_rule(&s, "t1", &a1, json!({"cidr": "10.0.0.0/8"})).json()["security_group_rule"]["id"]
