@@ -636,8 +636,7 @@ fn parse_interface(v: &str) -> Result<String, Invalid> {
     let ok = (1..=15).contains(&v.len())
         && v != "."
         && v != ".."
-        && v
-            .bytes()
+        && v.bytes()
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'));
     if !ok {
         return invalid(
@@ -759,11 +758,7 @@ impl InstanceSpec {
             .map(parse_host_addr)
             .transpose()?;
         let local_ipv6 = self.local_ipv6.as_deref().map(parse_ipv6).transpose()?;
-        let interface = self
-            .interface
-            .as_deref()
-            .map(parse_interface)
-            .transpose()?;
+        let interface = self.interface.as_deref().map(parse_interface).transpose()?;
         let gateway_ipv4 = self
             .gateway_ipv4
             .as_deref()

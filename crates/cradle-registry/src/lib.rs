@@ -23,9 +23,9 @@ use std::sync::{Arc, Mutex, RwLock};
 use cradle_model::api::{InstancePatch, InstanceSpec, Invalid};
 use cradle_model::{Instance, MAX_PASSWORD, RANDOM_SEED_LEN, State};
 use cradle_secgroups::state::{SecGroups, SgError};
-use secgroups::enforced_identity;
 use cradle_store::{Direction, Message, Store, StoreError};
 use rand::RngCore;
+use secgroups::enforced_identity;
 use time::OffsetDateTime;
 use uuid::Uuid;
 
@@ -215,9 +215,9 @@ impl Registry {
         let _w = self.lock_writer();
         Self::check_unique(&self.read(), &instance)?;
         self.store.insert(&instance)?;
-        let ops = self.groups_read().map(|g| {
-            g.plan_instance_group(instance.id, &instance.project_id, instance.created_at)
-        });
+        let ops = self
+            .groups_read()
+            .map(|g| g.plan_instance_group(instance.id, &instance.project_id, instance.created_at));
         if let Some(ops) = &ops
             && let Err(e) = self.store.apply_secgroups(ops)
         {

@@ -19,9 +19,7 @@ use super::{Registry, RegistryError, now};
 
 /// What of an instance the firewall uses; a change to it re-renders the
 /// instance and the member sets of its groups.
-pub(crate) fn enforced_identity(
-    i: &Instance,
-) -> (Option<&str>, &str, Vec<IpAddr>) {
+pub(crate) fn enforced_identity(i: &Instance) -> (Option<&str>, &str, Vec<IpAddr>) {
     let mut addrs: Vec<IpAddr> = vec![i.metadata_address];
     addrs.extend(i.local_ipv4.map(|h| IpAddr::V4(h.addr)));
     addrs.extend(i.local_ipv6.map(IpAddr::V6));
@@ -188,7 +186,11 @@ impl Registry {
         self.firewall_dirty.load(Ordering::SeqCst)
     }
 
-    fn enforce(&self, instances: BTreeSet<Uuid>, groups: BTreeSet<Uuid>) -> Result<(), RegistryError> {
+    fn enforce(
+        &self,
+        instances: BTreeSet<Uuid>,
+        groups: BTreeSet<Uuid>,
+    ) -> Result<(), RegistryError> {
         let Some(enforcer) = self.enforcer() else {
             return Ok(());
         };
@@ -227,7 +229,11 @@ impl Registry {
     /// The tenant's groups, with rules and members.
     pub fn sg_list(&self, tenant: &str) -> Result<Vec<GroupView>, RegistryError> {
         let state = self.sg()?;
-        Ok(state.groups(tenant).into_iter().map(|g| state.view(g)).collect())
+        Ok(state
+            .groups(tenant)
+            .into_iter()
+            .map(|g| state.view(g))
+            .collect())
     }
 
     /// A group by its id or its instance's id.
@@ -246,7 +252,9 @@ impl Registry {
         description: &str,
     ) -> Result<GroupView, RegistryError> {
         let _w = self.lock_writer();
-        let (op, id) = self.sg()?.plan_create_group(tenant, name, description, now())?;
+        let (op, id) = self
+            .sg()?
+            .plan_create_group(tenant, name, description, now())?;
         self.commit_groups(std::slice::from_ref(&op))?;
         self.sg_show(tenant, &id.to_string())
     }
@@ -280,14 +288,24 @@ impl Registry {
     }
 
     /// Attach a tenant group to an instance (by id or name) of the tenant.
-    pub fn sg_attach(&self, tenant: &str, group: &str, instance: &str) -> Result<(), RegistryError> {
+    pub fn sg_attach(
+        &self,
+        tenant: &str,
+        group: &str,
+        instance: &str,
+    ) -> Result<(), RegistryError> {
         let _w = self.lock_writer();
         let i = self.instance_of(tenant, instance)?;
         let op = self.sg()?.plan_attach(tenant, group, i.id, &i.project_id)?;
         self.commit_groups(&[op])
     }
 
-    pub fn sg_detach(&self, tenant: &str, group: &str, instance: &str) -> Result<(), RegistryError> {
+    pub fn sg_detach(
+        &self,
+        tenant: &str,
+        group: &str,
+        instance: &str,
+    ) -> Result<(), RegistryError> {
         let _w = self.lock_writer();
         let i = self.instance_of(tenant, instance)?;
         let op = self.sg()?.plan_detach(tenant, group, i.id)?;
