@@ -68,7 +68,8 @@ impl Update {
 /// [`nft::NftEnforcer`]; errors are messages for operators.
 pub trait Enforce: Send + Sync {
     /// Replace everything with exactly these instances and group sets.
-    fn full(&self, instances: Vec<Enforced>, groups: BTreeMap<Uuid, Members>) -> Result<(), String>;
+    fn full(&self, instances: Vec<Enforced>, groups: BTreeMap<Uuid, Members>)
+    -> Result<(), String>;
     /// Apply one change.
     fn update(&self, update: &Update) -> Result<(), String>;
 }

@@ -214,10 +214,7 @@ pub fn parse_cidr(s: &str) -> Result<IpNet, Invalid> {
     if net.trunc() != net {
         return invalid(
             "cidr",
-            format!(
-                "{s:?} has host bits set; the network is {}",
-                net.trunc()
-            ),
+            format!("{s:?} has host bits set; the network is {}", net.trunc()),
         );
     }
     Ok(net)
@@ -291,7 +288,9 @@ impl RuleRequest {
                 if family != ethertype {
                     return invalid(
                         "cidr",
-                        format!("{net} is an {family} network but the rule's ethertype is {ethertype}"),
+                        format!(
+                            "{net} is an {family} network but the rule's ethertype is {ethertype}"
+                        ),
                     );
                 }
                 Remote::Cidr(net)
@@ -325,7 +324,9 @@ impl RuleRequest {
                         if from > to {
                             return invalid(
                                 "to_port",
-                                format!("the range {from}-{to} is reversed; to_port must be at least from_port"),
+                                format!(
+                                    "the range {from}-{to} is reversed; to_port must be at least from_port"
+                                ),
                             );
                         }
                         Match::Ports { from, to }
@@ -443,7 +444,10 @@ pub fn validate_group(name: &str, description: &str) -> Result<(), Invalid> {
 /// Check a tenant id as it appears in a URL.
 pub fn validate_tenant(tenant: &str) -> Result<(), Invalid> {
     if tenant.is_empty() || tenant.len() > 255 || tenant.chars().any(char::is_control) {
-        return invalid("tenant", "a tenant id is 1 to 255 bytes with no control characters");
+        return invalid(
+            "tenant",
+            "a tenant id is 1 to 255 bytes with no control characters",
+        );
     }
     Ok(())
 }
@@ -464,26 +468,61 @@ mod tests {
         assert_eq!(spec.direction, Direction::Ingress);
         assert_eq!(spec.ethertype, EtherType::IPv4);
         assert_eq!(spec.matches, Match::Ports { from: 22, to: 22 });
-        let spec = req(serde_json::json!({"cidr": "2001:db8::/32"})).validate().unwrap();
+        let spec = req(serde_json::json!({"cidr": "2001:db8::/32"}))
+            .validate()
+            .unwrap();
         assert_eq!(spec.ethertype, EtherType::IPv6);
         assert_eq!(spec.protocol, Protocol::Any);
 
         for (body, field) in [
             (serde_json::json!({"cidr": "10.0.0.1/24"}), "cidr"),
             (serde_json::json!({"cidr": "10.0.0/24"}), "cidr"),
-            (serde_json::json!({"protocol": "tcp", "from_port": 0}), "from_port"),
-            (serde_json::json!({"protocol": "tcp", "from_port": 65536}), "from_port"),
-            (serde_json::json!({"protocol": "tcp", "from_port": 80, "to_port": 22}), "to_port"),
-            (serde_json::json!({"protocol": "icmp", "icmp_type": 256}), "icmp_type"),
-            (serde_json::json!({"protocol": "icmp", "icmp_type": 8, "icmp_code": -1}), "icmp_code"),
-            (serde_json::json!({"protocol": "icmp", "icmp_code": 0}), "icmp_code"),
+            (
+                serde_json::json!({"protocol": "tcp", "from_port": 0}),
+                "from_port",
+            ),
+            (
+                serde_json::json!({"protocol": "tcp", "from_port": 65536}),
+                "from_port",
+            ),
+            (
+                serde_json::json!({"protocol": "tcp", "from_port": 80, "to_port": 22}),
+                "to_port",
+            ),
+            (
+                serde_json::json!({"protocol": "icmp", "icmp_type": 256}),
+                "icmp_type",
+            ),
+            (
+                serde_json::json!({"protocol": "icmp", "icmp_type": 8, "icmp_code": -1}),
+                "icmp_code",
+            ),
+            (
+                serde_json::json!({"protocol": "icmp", "icmp_code": 0}),
+                "icmp_code",
+            ),
             (serde_json::json!({"protocol": "gre"}), "protocol"),
-            (serde_json::json!({"protocol": "any", "from_port": 22}), "from_port"),
-            (serde_json::json!({"protocol": "icmp", "from_port": 22}), "from_port"),
-            (serde_json::json!({"protocol": "icmp", "cidr": "::/0"}), "protocol"),
-            (serde_json::json!({"ethertype": "IPv6", "cidr": "10.0.0.0/8"}), "cidr"),
+            (
+                serde_json::json!({"protocol": "any", "from_port": 22}),
+                "from_port",
+            ),
+            (
+                serde_json::json!({"protocol": "icmp", "from_port": 22}),
+                "from_port",
+            ),
+            (
+                serde_json::json!({"protocol": "icmp", "cidr": "::/0"}),
+                "protocol",
+            ),
+            (
+                serde_json::json!({"ethertype": "IPv6", "cidr": "10.0.0.0/8"}),
+                "cidr",
+            ),
             (serde_json::json!({"direction": "sideways"}), "direction"),
-            (serde_json::json!({"cidr": "10.0.0.0/8", "remote_group_id": Uuid::nil().to_string()}), "remote_group_id"),
+            (
+                serde_json::json!({"cidr": "10.0.0.0/8", "remote_group_id": Uuid::nil().to_string()}),
+                "remote_group_id",
+            ),
         ] {
             let err = req(body.clone()).validate().unwrap_err();
             assert_eq!(err.field, field, "{body}: {err}");
