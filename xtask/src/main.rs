@@ -1,10 +1,12 @@
 //! Project tasks: `cargo xtask ci` (what `.ci/run` runs),
 //! `cargo xtask bench metadata` (the metadata-service benchmark against nginx),
-//! `cargo xtask bench drive` (config drives against genisoimage) and
-//! `cargo xtask bench vendordata` (dynamic vendordata against a slow target).
+//! `cargo xtask bench drive` (config drives against genisoimage),
+//! `cargo xtask bench vendordata` (dynamic vendordata against a slow target)
+//! and `cargo xtask bench firewall` (security groups in nftables at scale).
 
 mod bench;
 mod bench_drive;
+mod bench_firewall;
 mod bench_vendordata;
 mod ci;
 mod debian;
@@ -47,6 +49,13 @@ tasks:
       --fetches N            fetches per instance, one after another [10]
       --concurrency N        instances fetching at once [128]
       --runs N               repeat the measurements; report medians [1]
+  bench firewall       security groups in nftables, in a network namespace of its
+                       own (as root): N instances x 20 rules; times rendering,
+                       loading the whole table, and one instance's rule change
+                       with all N loaded; options:
+      --instances LIST       comma-separated instance counts [1000,10000]
+      --runs N               repeat the measurements; report medians [3]
+      --changes N            single changes timed per run; median [10]
 ";
 
 fn main() -> ExitCode {
@@ -75,9 +84,16 @@ fn main() -> ExitCode {
                     bench_vendordata::run(o)
                 }
             }),
+            Some("firewall") => bench_firewall::Options::parse(&args[2..]).and_then(|o| {
+                if cfg!(debug_assertions) {
+                    reexec_optimized(&args, "the renderer is measured in-process")
+                } else {
+                    bench_firewall::run(o)
+                }
+            }),
             _ => Err(anyhow::anyhow!(
-                "unknown benchmark; expected `bench metadata`, `bench drive` or \
-                 `bench vendordata`\n\n{USAGE}"
+                "unknown benchmark; expected `bench metadata`, `bench drive`, \
+                 `bench vendordata` or `bench firewall`\n\n{USAGE}"
             )),
         },
         Some("-h" | "--help" | "help") => {

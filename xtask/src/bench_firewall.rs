@@ -1,0 +1,557 @@
+//! `cargo xtask bench firewall`: the security-group firewall
+//! (`cradle_secgroups::nft`) at scale, in a network namespace of its own
+//! (the root namespace's ruleset is never touched; the interfaces the rules
+//! name need not exist).
+//!
+//! N instances with 20 rules each: tcp and udp ports and port ranges from a
+//! few CIDRs (IPv4 and IPv6), an ICMP echo rule or two, two rules whose
+//! remote is one of 8 shared groups of 300 members, and on every fourth
+//! instance two egress rules. For each N it times:
+//!
+//! - render: the whole table as nft JSON, serialized (Rust only);
+//! - full apply: render and `nft -j -f -` of the whole table into a
+//!   namespace with no table, and again over the existing table (what a
+//!   re-apply after a failure does);
+//! - one change: one instance's rule changed with all N loaded, as
+//!   `Firewall::plan_update` and `nft -j -f -` of the delta (flush its chain,
+//!   add its rules), the median of `--changes` different instances;
+//! - the floor: the same round trip for a transaction that changes nothing
+//!   (process start, `ip netns exec`, nft's start, an empty commit).
+//!
+//! Every timed step is checked: the deltas must apply, and the table must
+//! list N `ingress` map elements after the full apply.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::{Ipv4Addr, Ipv6Addr};
+use std::process::Command;
+use std::time::Instant;
+
+use anyhow::{Context, Result, anyhow, bail};
+use cradle_secgroups::nft::{Firewall, Nft};
+use cradle_secgroups::{
+    Direction, Enforced, EtherType, Match, Members, Protocol, Remote, RuleSpec, Update,
+};
+use uuid::Uuid;
+
+use crate::bench::median;
+use crate::{debian, flags};
+
+const TABLE: &str = "cradle";
+const RULES_PER_INSTANCE: usize = 20;
+const GROUPS: usize = 8;
+const GROUP_MEMBERS: usize = 300;
+/// The issue's targets.
+const TARGET_FULL_S: f64 = 1.0;
+const TARGET_CHANGE_MS: f64 = 20.0;
+
+pub struct Options {
+    instances: Vec<usize>,
+    runs: usize,
+    changes: usize,
+}
+
+impl Options {
+    pub fn parse(args: &[String]) -> Result<Options> {
+        let mut o = Options {
+            instances: vec![1000, 10000],
+            runs: 3,
+            changes: 10,
+        };
+        for (flag, v) in flags::pairs(args)? {
+            match flag {
+                "--instances" => {
+                    o.instances = v
+                        .split(',')
+                        .map(|n| flags::number(flag, n.trim(), 1))
+                        .collect::<Result<_>>()?;
+                }
+                "--runs" => o.runs = flags::number(flag, v, 1)?,
+                "--changes" => o.changes = flags::number(flag, v, 1)?,
+                other => bail!("unknown option {other:?} (see `cargo xtask --help`)"),
+            }
+        }
+        if let Some(n) = o.instances.iter().find(|n| **n > 50_000) {
+            bail!("--instances: {n} is more than 50000");
+        }
+        Ok(o)
+    }
+}
+
+/// A network namespace for the benchmark, deleted when dropped.
+struct Netns(String);
+
+impl Netns {
+    fn new() -> Result<Netns> {
+        let name = format!("cradle-bench-fw-{}", std::process::id());
+        let out = Command::new("ip")
+            .args(["netns", "add", &name])
+            .output()
+            .context("cannot run ip")?;
+        if !out.status.success() {
+            bail!(
+                "ip netns add {name} failed: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        Ok(Netns(name))
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", &self.0]).output();
+    }
+}
+
+fn uuid(kind: u8, k: usize) -> Uuid {
+    let mut b = [0u8; 16];
+    b[0] = kind;
+    b[8..].copy_from_slice(&(k as u64).to_be_bytes());
+    // A version 4 uuid, as the registry makes.
+    b[6] = 0x40 | (b[6] & 0x0f);
+    b[8] = 0x80 | (b[8] & 0x3f);
+    Uuid::from_bytes(b)
+}
+
+fn group(g: usize) -> Uuid {
+    uuid(0x67, g)
+}
+
+fn v4(k: usize) -> Ipv4Addr {
+    Ipv4Addr::from(0x0a00_0000u32 + 2 + k as u32)
+}
+
+fn v6(k: usize) -> Ipv6Addr {
+    Ipv6Addr::from(0xfd00_0000_0000_0000_0000_0000_0000_0000u128 + 2 + k as u128)
+}
+
+fn cidr(s: &str) -> Remote {
+    Remote::Cidr(s.parse().expect("a CIDR literal"))
+}
+
+fn rule(
+    direction: Direction,
+    ethertype: EtherType,
+    protocol: Protocol,
+    matches: Match,
+    remote: Remote,
+) -> RuleSpec {
+    RuleSpec {
+        direction,
+        ethertype,
+        protocol,
+        matches,
+        remote,
+    }
+}
+
+/// Instance `k`'s 20 rules; `variant` changes one port, for the changes.
+fn rules(k: usize, variant: u16) -> Vec<RuleSpec> {
+    use Direction::{Egress, Ingress};
+    use EtherType::{IPv4, IPv6};
+    use Protocol::{Icmp, Icmpv6, Tcp, Udp};
+    let v4nets = [
+        "10.0.0.0/8",
+        "192.168.0.0/16",
+        "172.16.0.0/12",
+        "203.0.113.0/24",
+    ];
+    let v6nets = ["2001:db8::/32", "fd00::/8"];
+    let ports = |from: u16, to: u16| Match::Ports { from, to };
+    let mut r = vec![
+        rule(Ingress, IPv4, Tcp, ports(22, 22), cidr(v4nets[k % 4])),
+        rule(Ingress, IPv6, Tcp, ports(22, 22), cidr(v6nets[k % 2])),
+        rule(Ingress, IPv4, Tcp, ports(80, 80), cidr("0.0.0.0/0")),
+        rule(Ingress, IPv4, Tcp, ports(443, 443), cidr("0.0.0.0/0")),
+        rule(Ingress, IPv6, Tcp, ports(443, 443), cidr("::/0")),
+        rule(
+            Ingress,
+            IPv4,
+            Tcp,
+            ports(8000 + variant, 8080 + variant),
+            cidr(v4nets[(k + 1) % 4]),
+        ),
+        rule(Ingress, IPv4, Tcp, ports(9100, 9100), cidr("10.0.0.0/8")),
+        rule(Ingress, IPv4, Udp, ports(53, 53), cidr(v4nets[(k + 2) % 4])),
+        rule(Ingress, IPv4, Udp, ports(123, 123), cidr("0.0.0.0/0")),
+        rule(Ingress, IPv4, Udp, ports(60000, 61000), cidr("0.0.0.0/0")),
+        rule(Ingress, IPv6, Udp, ports(546, 547), cidr("fe80::/10")),
+        rule(
+            Ingress,
+            IPv4,
+            Tcp,
+            ports(3000 + (k % 100) as u16, 3000 + (k % 100) as u16),
+            cidr("198.51.100.0/24"),
+        ),
+        rule(Ingress, IPv4, Tcp, ports(6379, 6379), cidr("10.1.0.0/16")),
+        rule(Ingress, IPv4, Tcp, ports(5000, 5999), cidr("10.2.0.0/16")),
+        rule(
+            Ingress,
+            IPv4,
+            Icmp,
+            Match::Icmp {
+                icmp_type: 8,
+                code: None,
+            },
+            cidr("0.0.0.0/0"),
+        ),
+        rule(
+            Ingress,
+            IPv6,
+            Icmpv6,
+            Match::Icmp {
+                icmp_type: 128,
+                code: Some(0),
+            },
+            cidr("::/0"),
+        ),
+        rule(
+            Ingress,
+            IPv4,
+            Tcp,
+            ports(5432, 5432),
+            Remote::Group(group(k % GROUPS)),
+        ),
+        rule(
+            Ingress,
+            IPv4,
+            Protocol::Any,
+            Match::All,
+            Remote::Group(group((k + 1) % GROUPS)),
+        ),
+    ];
+    if k.is_multiple_of(4) {
+        r.push(rule(Egress, IPv4, Tcp, ports(443, 443), cidr("0.0.0.0/0")));
+        r.push(rule(Egress, IPv4, Udp, ports(53, 53), cidr("10.0.0.0/8")));
+    } else {
+        r.push(rule(Ingress, IPv4, Tcp, ports(25, 25), cidr("10.0.0.0/8")));
+        r.push(rule(
+            Ingress,
+            IPv4,
+            Tcp,
+            ports(587, 587),
+            cidr("10.0.0.0/8"),
+        ));
+    }
+    debug_assert_eq!(r.len(), RULES_PER_INSTANCE);
+    r.sort();
+    r.dedup();
+    r
+}
+
+fn instance(k: usize, variant: u16) -> Enforced {
+    let [_, _, a, b] = (k as u32).to_be_bytes();
+    Enforced {
+        instance: uuid(0x01, k),
+        interface: format!("tap{k:05}"),
+        mac: [0x02, 0xcc, 0, 0, a, b],
+        ipv4: BTreeSet::from([v4(k)]),
+        ipv6: BTreeSet::from([v6(k)]),
+        rules: rules(k, variant),
+    }
+}
+
+fn groups(n: usize) -> BTreeMap<Uuid, Members> {
+    (0..GROUPS)
+        .map(|g| {
+            let members: Vec<usize> = (0..GROUP_MEMBERS)
+                .map(|m| (g * GROUP_MEMBERS + m * 7) % n.max(GROUP_MEMBERS * GROUPS))
+                .collect();
+            (
+                group(g),
+                Members {
+                    ipv4: members.iter().map(|m| v4(*m)).collect(),
+                    ipv6: members.iter().map(|m| v6(*m)).collect(),
+                },
+            )
+        })
+        .collect()
+}
+
+fn ms(d: std::time::Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+/// How many elements nft lists in the `ingress` map.
+fn ingress_elements(nft: &Nft) -> Result<usize> {
+    let v = nft
+        .list(&["list", "map", "inet", TABLE, "ingress"])
+        .map_err(|e| anyhow!("{e}"))?;
+    let n = v["nftables"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|o| o.get("map"))
+        .filter_map(|m| m.get("elem"))
+        .filter_map(|e| e.as_array())
+        .map(Vec::len)
+        .sum();
+    Ok(n)
+}
+
+struct Row {
+    n: usize,
+    render_ms: f64,
+    doc_mib: f64,
+    load_s: f64,
+    replace_s: f64,
+    plan_ms: f64,
+    change_ms: f64,
+    change_max_ms: f64,
+    floor_ms: f64,
+}
+
+fn print_header() {
+    println!(
+        "{:>7} {:>10} {:>9} {:>9} {:>10} {:>8} {:>10} {:>8} {:>9}",
+        "N",
+        "render ms",
+        "JSON MiB",
+        "load s",
+        "replace s",
+        "plan ms",
+        "change ms",
+        "max ms",
+        "floor ms"
+    );
+}
+
+fn print_row(r: &Row) {
+    println!(
+        "{:>7} {:>10.1} {:>9.1} {:>9.2} {:>10.2} {:>8.3} {:>10.1} {:>8.1} {:>9.1}",
+        r.n,
+        r.render_ms,
+        r.doc_mib,
+        r.load_s,
+        r.replace_s,
+        r.plan_ms,
+        r.change_ms,
+        r.change_max_ms,
+        r.floor_ms
+    );
+}
+
+fn one_run(nft: &Nft, n: usize, changes: usize, run: usize) -> Result<Row> {
+    let instances: Vec<Enforced> = (0..n).map(|k| instance(k, 0)).collect();
+    let groups = groups(n);
+
+    // Rendering alone, serialized as it is sent to nft.
+    let input = instances.clone();
+    let started = Instant::now();
+    let plan = Firewall::new(TABLE).plan_full(input, &groups);
+    let bytes = serde_json::to_vec(&plan)?;
+    let render_ms = ms(started.elapsed());
+    let doc_mib = bytes.len() as f64 / (1024.0 * 1024.0);
+    drop((plan, bytes));
+
+    // Load into a namespace without the table: render and apply.
+    let _ = nft.apply(&serde_json::json!({"nftables": [
+        {"add": {"table": {"family": "inet", "name": TABLE}}},
+        {"delete": {"table": {"family": "inet", "name": TABLE}}},
+    ]}));
+    let mut fw = Firewall::new(TABLE);
+    let input = instances.clone();
+    let started = Instant::now();
+    let plan = fw.plan_full(input, &groups);
+    nft.apply(&plan).map_err(|e| anyhow!("full apply: {e}"))?;
+    let load_s = started.elapsed().as_secs_f64();
+    fw.commit(plan);
+    let listed = ingress_elements(nft)?;
+    if listed != n {
+        bail!("the ingress map lists {listed} elements after loading {n} instances");
+    }
+
+    // The same again, over the table.
+    let started = Instant::now();
+    let plan = fw.plan_full(instances, &groups);
+    nft.apply(&plan)
+        .map_err(|e| anyhow!("full re-apply: {e}"))?;
+    let replace_s = started.elapsed().as_secs_f64();
+    fw.commit(plan);
+
+    // Single changes: a different instance each time, one port range moved.
+    let (mut plan_ms, mut change_ms) = (Vec::new(), Vec::new());
+    for c in 0..changes {
+        let k = (c * 7919 + run * 104_729) % n;
+        let variant = 1 + (c + run * changes) as u16 % 900;
+        let update = Update {
+            instances: BTreeMap::from([(uuid(0x01, k), Some(instance(k, variant)))]),
+            groups: BTreeMap::new(),
+        };
+        let started = Instant::now();
+        let plan = fw
+            .plan_update(&update)
+            .ok_or_else(|| anyhow!("changing instance {k}'s rules planned nothing"))?;
+        let planned = started.elapsed();
+        nft.apply(&plan)
+            .map_err(|e| anyhow!("the change to instance {k}: {e}"))?;
+        let total = started.elapsed();
+        fw.commit(plan);
+        plan_ms.push(ms(planned));
+        change_ms.push(ms(total));
+    }
+    let change_max_ms = change_ms.iter().copied().fold(0.0, f64::max);
+
+    // The floor: the same round trip with a transaction that changes
+    // nothing and has no rule (`add table` of the existing table).
+    let noop = serde_json::json!({"nftables": [
+        {"add": {"table": {"family": "inet", "name": TABLE}}},
+    ]});
+    let mut floor_ms = Vec::new();
+    for _ in 0..changes {
+        let started = Instant::now();
+        nft.apply(&noop)
+            .map_err(|e| anyhow!("a no-op transaction: {e}"))?;
+        floor_ms.push(ms(started.elapsed()));
+    }
+    Ok(Row {
+        n,
+        render_ms,
+        doc_mib,
+        load_s,
+        replace_s,
+        plan_ms: median(plan_ms),
+        change_ms: median(change_ms),
+        change_max_ms,
+        floor_ms: median(floor_ms),
+    })
+}
+
+pub fn run(o: Options) -> Result<()> {
+    if !debian::is_root()? {
+        bail!("the firewall benchmark makes a network namespace: run it as root");
+    }
+    debian::ensure(
+        &["nftables", "iproute2"],
+        "the benchmark applies rulesets with nft in a namespace made with ip",
+    )?;
+    let version = Command::new("nft")
+        .arg("--version")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .context("cannot run nft")?;
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    println!("==> {version}, Linux {}", kernel.trim());
+
+    let ns = Netns::new()?;
+    let nft = Nft::new().in_netns(ns.0.clone());
+    println!(
+        "==> in network namespace {}: {RULES_PER_INSTANCE} rules per instance, {GROUPS} groups \
+         of {GROUP_MEMBERS} members, egress rules on every 4th instance",
+        ns.0
+    );
+
+    let mut rows: Vec<Row> = Vec::new();
+    for &n in &o.instances {
+        let mut runs = Vec::new();
+        for run in 1..=o.runs {
+            println!("==> {n} instances, run {run}/{}", o.runs);
+            let r = one_run(&nft, n, o.changes, run)?;
+            print_header();
+            print_row(&r);
+            runs.push(r);
+        }
+        rows.push(Row {
+            n,
+            render_ms: median(runs.iter().map(|r| r.render_ms).collect()),
+            doc_mib: runs[0].doc_mib,
+            load_s: median(runs.iter().map(|r| r.load_s).collect()),
+            replace_s: median(runs.iter().map(|r| r.replace_s).collect()),
+            plan_ms: median(runs.iter().map(|r| r.plan_ms).collect()),
+            change_ms: median(runs.iter().map(|r| r.change_ms).collect()),
+            change_max_ms: runs.iter().map(|r| r.change_max_ms).fold(0.0, f64::max),
+            floor_ms: median(runs.iter().map(|r| r.floor_ms).collect()),
+        });
+    }
+    drop(ns);
+
+    println!();
+    println!(
+        "==> results: medians of {} run(s); one change: median of {} changes per run \
+         (max ms: the slowest change of all runs)",
+        o.runs, o.changes
+    );
+    println!("    render: the whole table as JSON, serialized (Rust only)");
+    println!("    load: render + nft -j -f - with no table; replace: the same over the table");
+    println!(
+        "    change: plan_update + nft -j -f - of one instance's new rules (plan ms: the Rust part)"
+    );
+    println!(
+        "    floor: nft -j -f - of a transaction with nothing in it (process start, nft, commit)"
+    );
+    print_header();
+    for r in &rows {
+        print_row(r);
+    }
+    println!();
+    println!("targets (from the issue; reported, not enforced):");
+    for r in &rows {
+        println!(
+            "  N={:<6} full apply < {TARGET_FULL_S} s: {:.2} s -> {};  one change < {TARGET_CHANGE_MS} ms: \
+             {:.1} ms -> {}",
+            r.n,
+            r.load_s,
+            if r.load_s < TARGET_FULL_S {
+                "met"
+            } else {
+                "NOT met"
+            },
+            r.change_ms,
+            if r.change_ms < TARGET_CHANGE_MS {
+                "met"
+            } else {
+                "NOT met"
+            },
+        );
+    }
+    if let (Some(first), Some(last)) = (rows.first(), rows.last())
+        && rows.len() > 1
+    {
+        println!(
+            "  one change, flat in N: {:.1} ms at N={} vs {:.1} ms at N={} ({:.1}x)",
+            first.change_ms,
+            first.n,
+            last.change_ms,
+            last.n,
+            last.change_ms / first.change_ms
+        );
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn instances_have_twenty_valid_rules() {
+        for k in 0..8 {
+            let i = instance(k, 0);
+            assert_eq!(i.rules.len(), RULES_PER_INSTANCE, "instance {k}");
+            for r in &i.rules {
+                let req = r.to_request();
+                assert_eq!(req.validate().unwrap(), *r, "instance {k}: {r:?}");
+            }
+            assert_ne!(instance(k, 1).rules, i.rules);
+        }
+        assert_ne!(instance(0, 0).instance, instance(1, 0).instance);
+        let g = groups(1000);
+        assert_eq!(g.len(), GROUPS);
+        assert!(g.values().all(|m| m.ipv4.len() == GROUP_MEMBERS));
+    }
+
+    #[test]
+    fn parses_options() {
+        let args = |s: &str| s.split_whitespace().map(String::from).collect::<Vec<_>>();
+        let o = Options::parse(&[]).unwrap();
+        assert_eq!(
+            (o.instances.clone(), o.runs, o.changes),
+            (vec![1000, 10000], 3, 10)
+        );
+        let o = Options::parse(&args("--instances 10,20 --runs 1 --changes 2")).unwrap();
+        assert_eq!((o.instances, o.runs, o.changes), (vec![10, 20], 1, 2));
+        assert!(Options::parse(&args("--instances 0")).is_err());
+        assert!(Options::parse(&args("--instances 100000")).is_err());
+        assert!(Options::parse(&args("--bogus 1")).is_err());
+    }
+}
