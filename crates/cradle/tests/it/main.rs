@@ -7,6 +7,7 @@ mod harness;
 mod admin;
 mod cli;
 mod drive;
+mod firewall;
 mod hop_limit;
 mod metadata;
 mod secgroup_cli;
