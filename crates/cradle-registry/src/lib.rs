@@ -89,12 +89,17 @@ struct Index {
     by_id: HashMap<Uuid, Arc<Instance>>,
     by_address: HashMap<IpAddr, Arc<Instance>>,
     by_name: HashMap<String, Uuid>,
+    /// Host interfaces (for the firewall): one instance each.
+    by_interface: HashMap<String, Uuid>,
 }
 
 impl Index {
     fn put(&mut self, i: Arc<Instance>) {
         self.by_address.insert(i.metadata_address, i.clone());
         self.by_name.insert(i.name.clone(), i.id);
+        if let Some(ifname) = &i.interface {
+            self.by_interface.insert(ifname.clone(), i.id);
+        }
         self.by_id.insert(i.id, i);
     }
 
@@ -102,6 +107,11 @@ impl Index {
         let i = self.by_id.remove(&id)?;
         self.by_address.remove(&i.metadata_address);
         self.by_name.remove(&i.name);
+        if let Some(ifname) = &i.interface
+            && self.by_interface.get(ifname) == Some(&id)
+        {
+            self.by_interface.remove(ifname);
+        }
         Some(i)
     }
 }
@@ -197,6 +207,11 @@ impl Registry {
             .is_some_and(|o| o.id != i.id)
         {
             return Err(RegistryError::Conflict("metadata_address"));
+        }
+        if let Some(ifname) = &i.interface
+            && index.by_interface.get(ifname).is_some_and(|id| *id != i.id)
+        {
+            return Err(RegistryError::Conflict("interface"));
         }
         Ok(())
     }

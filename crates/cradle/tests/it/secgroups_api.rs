@@ -135,6 +135,29 @@ fn every_bad_rule_is_a_400_naming_the_problem() {
 }
 
 #[test]
+fn an_interface_belongs_to_one_instance() {
+    let s = Server::start();
+    let spec = |name: &str, addr: &str| {
+        json!({"name": name, "metadata_address": addr, "interface": "tap7"}).to_string()
+    };
+    assert_eq!(
+        s.admin()
+            .call("POST", "/v1/instances", Some(&spec("a", "127.0.0.51")))
+            .status,
+        201
+    );
+    let b = s
+        .admin()
+        .call("POST", "/v1/instances", Some(&spec("b", "127.0.0.52")));
+    assert_error(&b, 409, "conflict", &["interface"]);
+    let bad = json!({"name": "c", "metadata_address": "127.0.0.53", "interface": "tap 7"});
+    let c = s
+        .admin()
+        .call("POST", "/v1/instances", Some(&bad.to_string()));
+    assert_error(&c, 422, "invalid", &["interface"]);
+}
+
+#[test]
 fn rules_per_group_are_capped() {
     let s = Server::start_with(Opts {
         env: &[("CRADLE_SECURITY_GROUPS_MAX_RULES_PER_GROUP", "3")],
