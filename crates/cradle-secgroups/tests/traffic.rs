@@ -40,10 +40,7 @@ fn rules_decide_what_reaches_the_guests() {
 
     // The lab routes before any rule, also from a second address that is not
     // the guest's own (the host has a route back to it).
-    lab.guest(1)
-        .ip(&["addr", "add", "10.77.1.99/32", "dev", "eth0"]);
-    lab.host
-        .ip(&["route", "add", "10.77.1.99/32", "dev", "vg1"]);
+    lab.foreign_address(1, "10.77.1.99");
     expect("g1 -> g2 tcp 9090, no firewall", lab.tcp(1, 2, 9090), true);
     expect(
         "g1 -> g2 tcp 8080 from 10.77.1.99, no firewall",

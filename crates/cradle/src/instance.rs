@@ -632,7 +632,8 @@ fn print_instance(out: &mut impl Write, output: Output, v: &InstanceView) -> Res
     Ok(())
 }
 
-fn table(out: &mut impl Write, headers: &[&str], rows: &[Vec<String>]) -> Result<()> {
+/// Columns padded to their widest cell, two spaces apart.
+pub(crate) fn table(out: &mut impl Write, headers: &[&str], rows: &[Vec<String>]) -> Result<()> {
     let mut widths: Vec<usize> = headers.iter().map(|h| h.len()).collect();
     for r in rows {
         for (w, c) in widths.iter_mut().zip(r) {

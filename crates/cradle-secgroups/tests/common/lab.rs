@@ -157,6 +157,20 @@ impl Lab {
             .join(":")
     }
 
+    /// Give guest `k` a second address that is not its own, with a host
+    /// route back to it, so that only anti-spoofing can stop its traffic.
+    pub fn foreign_address(&self, k: u8, addr: &str) {
+        self.guest(k)
+            .ip(&["addr", "add", &format!("{addr}/32"), "dev", "eth0"]);
+        self.host.ip(&[
+            "route",
+            "add",
+            &format!("{addr}/32"),
+            "dev",
+            &format!("vg{k}"),
+        ]);
+    }
+
     pub fn guest(&self, k: u8) -> &Netns {
         &self.guests[usize::from(k) - 1]
     }

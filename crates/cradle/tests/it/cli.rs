@@ -4,7 +4,7 @@
 use std::io::{BufRead, BufReader};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
@@ -18,44 +18,6 @@ fn cradle(cwd: &Path) -> Command {
     let mut cmd = cradle_command();
     cmd.current_dir(cwd);
     cmd
-}
-
-struct Run {
-    ok: bool,
-    stdout: String,
-    stderr: String,
-}
-
-impl Run {
-    fn from(o: Output) -> Run {
-        Run {
-            ok: o.status.success(),
-            stdout: String::from_utf8(o.stdout).unwrap(),
-            stderr: String::from_utf8(o.stderr).unwrap(),
-        }
-    }
-    #[track_caller]
-    fn success(self) -> Run {
-        assert!(
-            self.ok,
-            "failed:\nstdout:\n{}\nstderr:\n{}",
-            self.stdout, self.stderr
-        );
-        self
-    }
-    #[track_caller]
-    fn failure(self) -> Run {
-        assert!(
-            !self.ok,
-            "succeeded but should not have:\nstdout:\n{}",
-            self.stdout
-        );
-        self
-    }
-    fn json(&self) -> Value {
-        serde_json::from_str(&self.stdout)
-            .unwrap_or_else(|e| panic!("not JSON ({e}): {}", self.stdout))
-    }
 }
 
 /// `cradle instance <args> --url … --token-file …` against `s`.

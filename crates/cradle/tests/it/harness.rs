@@ -381,3 +381,79 @@ pub fn sha256_hex(text: &str) -> String {
         .unwrap()
         .to_string()
 }
+
+/// What a CLI run gave: exit status and both outputs.
+pub struct Run {
+    pub ok: bool,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl Run {
+    pub fn from(o: std::process::Output) -> Run {
+        Run {
+            ok: o.status.success(),
+            stdout: String::from_utf8(o.stdout).unwrap(),
+            stderr: String::from_utf8(o.stderr).unwrap(),
+        }
+    }
+    #[track_caller]
+    pub fn success(self) -> Run {
+        assert!(
+            self.ok,
+            "failed:\nstdout:\n{}\nstderr:\n{}",
+            self.stdout, self.stderr
+        );
+        self
+    }
+    #[track_caller]
+    pub fn failure(self) -> Run {
+        assert!(
+            !self.ok,
+            "succeeded but should not have:\nstdout:\n{}",
+            self.stdout
+        );
+        self
+    }
+    /// Exit non-zero with every one of `needles` on standard error.
+    #[track_caller]
+    pub fn fails_with(self, needles: &[&str]) -> Run {
+        let run = self.failure();
+        for n in needles {
+            assert!(
+                run.stderr.contains(n),
+                "stderr lacks {n:?}:\n{}",
+                run.stderr
+            );
+        }
+        run
+    }
+    #[track_caller]
+    pub fn json(&self) -> Value {
+        serde_json::from_str(&self.stdout)
+            .unwrap_or_else(|e| panic!("not JSON ({e}): {}", self.stdout))
+    }
+}
+
+/// A tenant's security group (by group or instance id) as the native API
+/// holds it.
+#[track_caller]
+pub fn sg_group(s: &Server, tenant: &str, key: &str) -> Value {
+    let a = s.admin().call(
+        "GET",
+        &format!("/v1/tenants/{tenant}/security-groups/{key}"),
+        None,
+    );
+    assert_eq!(a.status, 200, "{}", a.text());
+    a.json()["security_group"].clone()
+}
+
+/// The ids of a group's rules, oldest first.
+pub fn rule_ids(group: &Value) -> Vec<String> {
+    group["rules"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["id"].as_str().unwrap().to_string())
+        .collect()
+}

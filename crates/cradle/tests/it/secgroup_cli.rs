@@ -1,58 +1,16 @@
 //! `cradle secgroup …` and `cradle firewall …` against a running server: the
 //! real binary, checked against what the admin API then holds.
 
-use std::process::Output;
-
 use serde_json::{Value, json};
 
 use crate::admin::assert_uuid_v4;
 use crate::harness::*;
 
-struct Run {
-    ok: bool,
-    stdout: String,
-    stderr: String,
+trait Line {
+    fn line(&self) -> String;
 }
 
-impl Run {
-    fn from(o: Output) -> Run {
-        Run {
-            ok: o.status.success(),
-            stdout: String::from_utf8(o.stdout).unwrap(),
-            stderr: String::from_utf8(o.stderr).unwrap(),
-        }
-    }
-    #[track_caller]
-    fn success(self) -> Run {
-        assert!(
-            self.ok,
-            "failed:\nstdout:\n{}\nstderr:\n{}",
-            self.stdout, self.stderr
-        );
-        self
-    }
-    /// Exit non-zero with every one of `needles` on standard error.
-    #[track_caller]
-    fn fails_with(self, needles: &[&str]) -> Run {
-        assert!(
-            !self.ok,
-            "succeeded but should not have:\nstdout:\n{}",
-            self.stdout
-        );
-        for n in needles {
-            assert!(
-                self.stderr.contains(n),
-                "stderr lacks {n:?}:\n{}",
-                self.stderr
-            );
-        }
-        self
-    }
-    #[track_caller]
-    fn json(&self) -> Value {
-        serde_json::from_str(&self.stdout)
-            .unwrap_or_else(|e| panic!("not JSON ({e}): {}", self.stdout))
-    }
+impl Line for Run {
     /// The one line of standard output (a new rule's id).
     #[track_caller]
     fn line(&self) -> String {
@@ -105,26 +63,6 @@ fn add_instance(s: &Server, name: &str, address: &str, project: &str, extra: &[&
     args.extend_from_slice(extra);
     let v = cradle(s, &args).success().json();
     v["id"].as_str().unwrap().to_string()
-}
-
-/// A group as the admin API holds it (not as the CLI printed it).
-fn api_group(s: &Server, tenant: &str, key: &str) -> Value {
-    let a = s.admin().call(
-        "GET",
-        &format!("/v1/tenants/{tenant}/security-groups/{key}"),
-        None,
-    );
-    assert_eq!(a.status, 200, "{}", a.text());
-    a.json()["security_group"].clone()
-}
-
-fn rule_ids(group: &Value) -> Vec<String> {
-    group["rules"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|r| r["id"].as_str().unwrap().to_string())
-        .collect()
 }
 
 /// The rule fields that say what it matches.
@@ -237,7 +175,7 @@ fn secgroup_verbs_manage_groups_rules_and_members() {
     assert_eq!(created["description"], "web servers");
     assert_eq!(created["instance_id"], Value::Null);
     assert_eq!(created["rules"], json!([]));
-    assert_eq!(api_group(&s, "t1", &web)["name"], "web");
+    assert_eq!(sg_group(&s, "t1", &web)["name"], "web");
     sg(&s, "t1", &["create", "web"]).fails_with(&["already has a group named", "HTTP 409"]);
     sg(&s, "t1", &["create", "cradle-sg-mine"]).fails_with(&["cradle-sg-", "HTTP 400"]);
 
@@ -327,7 +265,7 @@ fn secgroup_verbs_manage_groups_rules_and_members() {
     assert_eq!(remote["group_id"], web.as_str());
     let remote = remote["id"].as_str().unwrap().to_string();
 
-    let held = api_group(&s, "t1", &web);
+    let held = sg_group(&s, "t1", &web);
     assert_eq!(
         rule_ids(&held),
         [&tcp, &range, &icmp, &egress, &v6, &remote].map(String::as_str)
@@ -487,7 +425,7 @@ fn secgroup_verbs_manage_groups_rules_and_members() {
         attached.stdout.trim(),
         format!("attached security group {web} to instance web1")
     );
-    assert_eq!(api_group(&s, "t1", &web)["instances"], json!([web1]));
+    assert_eq!(sg_group(&s, "t1", &web)["instances"], json!([web1]));
     let of_web1 = s
         .admin()
         .call(
@@ -523,7 +461,7 @@ fn secgroup_verbs_manage_groups_rules_and_members() {
         detached,
         json!({"detached": {"group": web, "instance": web1}})
     );
-    assert_eq!(api_group(&s, "t1", &web)["instances"], json!([]));
+    assert_eq!(sg_group(&s, "t1", &web)["instances"], json!([]));
     sg(&s, "t1", &["detach", "web", "web1"]).fails_with(&["not attached", "HTTP 404"]);
 
     // rule delete
@@ -533,7 +471,7 @@ fn secgroup_verbs_manage_groups_rules_and_members() {
         format!("deleted security group rule {tcp}")
     );
     assert_eq!(
-        rule_ids(&api_group(&s, "t1", &web)),
+        rule_ids(&sg_group(&s, "t1", &web)),
         [&range, &icmp, &egress, &v6, &remote].map(String::as_str)
     );
     sg(&s, "t1", &["rule", "delete", &tcp]).fails_with(&[&tcp, "HTTP 404"]);
@@ -605,7 +543,7 @@ fn secgroup_bad_rules_exit_non_zero_naming_the_problem() {
     // Default rules get the same checks.
     sg(&s, "t1", &["default", "add", "--cidr", "10.0.0.1/24"]).fails_with(&["host bits"]);
     // Nothing was added.
-    assert_eq!(api_group(&s, "t1", &web1)["rules"], json!([]));
+    assert_eq!(sg_group(&s, "t1", &web1)["rules"], json!([]));
     let defaults = s
         .admin()
         .call("GET", "/v1/tenants/t1/default-rules", None)
@@ -636,7 +574,7 @@ fn secgroup_bad_rules_exit_non_zero_naming_the_problem() {
 fn secgroup_of_another_tenant_is_not_found() {
     let s = Server::start();
     let web1 = add_instance(&s, "web1", "127.0.0.5", "t1", &[]);
-    let own = api_group(&s, "t1", &web1)["id"]
+    let own = sg_group(&s, "t1", &web1)["id"]
         .as_str()
         .unwrap()
         .to_string();
@@ -669,7 +607,7 @@ fn secgroup_of_another_tenant_is_not_found() {
     let list = sg(&s, "t2", &["list"]).success();
     assert_eq!(rows(&list.stdout).len(), 1, "{}", list.stdout);
     // Nothing changed for t1.
-    let held = api_group(&s, "t1", &web);
+    let held = sg_group(&s, "t1", &web);
     assert_eq!(rule_ids(&held), [rule.as_str()]);
     assert_eq!(held["rules"][0]["protocol"], "tcp");
     assert_eq!(held["instances"], json!([]));
@@ -772,10 +710,10 @@ fn secgroup_default_rules_seed_new_instances() {
         !rule_ids(&group).contains(&ssh),
         "copies have their own ids"
     );
-    assert_eq!(api_group(&s, "t1", &early)["rules"], json!([]));
+    assert_eq!(sg_group(&s, "t1", &early)["rules"], json!([]));
     // Another tenant's instance gets none of them.
     let elsewhere = add_instance(&s, "elsewhere", "127.0.0.7", "t2", &[]);
-    assert_eq!(api_group(&s, "t2", &elsewhere)["rules"], json!([]));
+    assert_eq!(sg_group(&s, "t2", &elsewhere)["rules"], json!([]));
     assert_eq!(
         sg(&s, "t2", &["default", "list", "-o", "json"])
             .success()
@@ -799,10 +737,10 @@ fn secgroup_default_rules_seed_new_instances() {
     assert_eq!(left, [ping.as_str()]);
     sg(&s, "t1", &["default", "delete", &ssh]).fails_with(&["HTTP 404"]);
     let later = add_instance(&s, "later", "127.0.0.8", "t1", &[]);
-    let rules = api_group(&s, "t1", &later)["rules"].clone();
+    let rules = sg_group(&s, "t1", &later)["rules"].clone();
     assert_eq!(rules.as_array().unwrap().len(), 1, "{rules}");
     assert_eq!(matches(&rules[0]), defaults[1]);
-    assert_eq!(rule_ids(&api_group(&s, "t1", &seeded)).len(), 2);
+    assert_eq!(rule_ids(&sg_group(&s, "t1", &seeded)).len(), 2);
 }
 
 /// The chain `in-<instance>`, and the rules in it, in an nft JSON ruleset.

@@ -14,17 +14,6 @@ fn instance(s: &Server, name: &str, tenant: &str, addr: &str) -> String {
     v["id"].as_str().unwrap().to_string()
 }
 
-/// The instance's own group, through the native API.
-fn own_group(s: &Server, tenant: &str, instance: &str) -> Value {
-    let a = s.admin().call(
-        "GET",
-        &format!("/v1/tenants/{tenant}/security-groups/{instance}"),
-        None,
-    );
-    assert_eq!(a.status, 200, "{}", a.text());
-    a.json()["security_group"].clone()
-}
-
 fn add_rule(s: &Server, tenant: &str, group: &str, rule: Value) -> Answer {
     s.admin().call(
         "POST",
@@ -37,7 +26,7 @@ fn add_rule(s: &Server, tenant: &str, group: &str, rule: Value) -> Answer {
 fn every_bad_rule_is_a_400_naming_the_problem() {
     let s = Server::start();
     let id = instance(&s, "v", "t1", "127.0.0.9");
-    let g = own_group(&s, "t1", &id)["id"].as_str().unwrap().to_string();
+    let g = sg_group(&s, "t1", &id)["id"].as_str().unwrap().to_string();
     let cases = [
         (json!({"cidr": "10.0.0.1/24"}), "host bits"),
         (json!({"cidr": "10.0.0.0/33"}), "not a CIDR"),
@@ -97,7 +86,7 @@ fn every_bad_rule_is_a_400_naming_the_problem() {
         assert!(e.contains(needle), "{body}: {e:?} lacks {needle:?}");
     }
     // None of them landed.
-    assert_eq!(own_group(&s, "t1", &id)["rules"], json!([]));
+    assert_eq!(sg_group(&s, "t1", &id)["rules"], json!([]));
 
     // A good one, then the same again: 409.
     let rule = json!({"protocol": "tcp", "from_port": 22, "to_port": 22, "cidr": "10.0.0.0/8"});
@@ -126,7 +115,7 @@ fn every_bad_rule_is_a_400_naming_the_problem() {
     assert_error(&a, 400, "invalid", &["from_port"]);
     // A group of another tenant as the remote is refused.
     let other = instance(&s, "w", "t2", "127.0.0.10");
-    let other_group = own_group(&s, "t2", &other)["id"]
+    let other_group = sg_group(&s, "t2", &other)["id"]
         .as_str()
         .unwrap()
         .to_string();
@@ -177,7 +166,7 @@ fn tenants_see_only_their_own_groups() {
     let s = Server::start();
     let a1 = instance(&s, "a1", "t1", "127.0.0.11");
     let b1 = instance(&s, "b1", "t2", "127.0.0.12");
-    let g_b1 = own_group(&s, "t2", &b1)["id"].as_str().unwrap().to_string();
+    let g_b1 = sg_group(&s, "t2", &b1)["id"].as_str().unwrap().to_string();
 
     // Lists are per tenant.
     let list = |t: &str, prefix: &str| {
@@ -222,7 +211,7 @@ fn tenants_see_only_their_own_groups() {
     );
     assert_error(&a, 404, "not_found", &[]);
     assert_eq!(
-        own_group(&s, "t2", &b1)["rules"].as_array().unwrap().len(),
+        sg_group(&s, "t2", &b1)["rules"].as_array().unwrap().len(),
         1
     );
     // Nor attach its own group to the other tenant's instance.
@@ -262,7 +251,7 @@ fn tenants_see_only_their_own_groups() {
     assert_eq!(r.status, 201, "{}", r.text());
     assert_eq!(
         r.json()["security_group_rule"]["remote_group_id"],
-        own_group(&s, "t1", &a1)["id"]
+        sg_group(&s, "t1", &a1)["id"]
     );
     // Trove's delete of the tenant's own rule works: 204.
     let r =
@@ -293,7 +282,7 @@ fn groups_live_and_die_with_their_instances_and_defaults_seed_them() {
     assert_eq!(d.status, 201, "{}", d.text());
     let default_id = d.json()["default_rule"]["id"].as_str().unwrap().to_string();
     let a = instance(&s, "a", "t1", "127.0.0.21");
-    let g = own_group(&s, "t1", &a);
+    let g = sg_group(&s, "t1", &a);
     assert_eq!(g["name"], format!("cradle-sg-{a}"));
     assert_eq!(g["rules"].as_array().unwrap().len(), 1);
     assert_eq!(g["rules"][0]["from_port"], 22);
@@ -309,12 +298,9 @@ fn groups_live_and_die_with_their_instances_and_defaults_seed_them() {
             .status,
         204
     );
-    assert_eq!(
-        own_group(&s, "t1", &a)["rules"].as_array().unwrap().len(),
-        1
-    );
+    assert_eq!(sg_group(&s, "t1", &a)["rules"].as_array().unwrap().len(), 1);
     let b = instance(&s, "b", "t1", "127.0.0.22");
-    assert_eq!(own_group(&s, "t1", &b)["rules"], json!([]));
+    assert_eq!(sg_group(&s, "t1", &b)["rules"], json!([]));
 
     // An instance group cannot be deleted, attached elsewhere, or named like one.
     let ga = g["id"].as_str().unwrap();
@@ -429,7 +415,7 @@ fn groups_live_and_die_with_their_instances_and_defaults_seed_them() {
             .status,
         204
     );
-    let web_now = own_group(&s, "t1", &web);
+    let web_now = sg_group(&s, "t1", &web);
     assert_eq!(
         web_now["rules"],
         json!([]),
@@ -479,14 +465,14 @@ fn groups_survive_a_restart() {
         add_rule(&s, "t1", &a, json!({"protocol": "icmp", "icmp_type": 8})).status,
         201
     );
-    let before = own_group(&s, "t1", &a);
+    let before = sg_group(&s, "t1", &a);
     let data_dir = s.data_dir.clone();
     s.stop();
     let s = Server::start_with(Opts {
         data_dir: Some(&data_dir),
         ..Default::default()
     });
-    assert_eq!(own_group(&s, "t1", &a), before);
+    assert_eq!(sg_group(&s, "t1", &a), before);
 }
 
 #[test]
@@ -526,5 +512,5 @@ fn the_extension_switch_turns_every_route_off() {
         data_dir: Some(&data_dir),
         ..Default::default()
     });
-    assert_eq!(own_group(&s, "t1", &a)["name"], format!("cradle-sg-{a}"));
+    assert_eq!(sg_group(&s, "t1", &a)["name"], format!("cradle-sg-{a}"));
 }

@@ -333,26 +333,6 @@ fn instance(s: &Server, name: &str, project: &str, address: &str) -> String {
     view["id"].as_str().unwrap().to_string()
 }
 
-/// A tenant's group through the native API.
-fn native_group(s: &Server, tenant: &str, id: &str) -> Value {
-    let a = s.admin().call(
-        "GET",
-        &format!("/v1/tenants/{tenant}/security-groups/{id}"),
-        None,
-    );
-    assert_eq!(a.status, 200, "{}", a.text());
-    a.json()["security_group"].clone()
-}
-
-fn rule_ids(group: &Value) -> Vec<String> {
-    group["rules"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|r| r["id"].as_str().unwrap().to_string())
-        .collect()
-}
-
 /// A native rule; its id.
 fn native_rule(s: &Server, tenant: &str, group: &str, rule: Value) -> String {
     let a = s.admin().call(
@@ -509,7 +489,7 @@ fn troveclient_lists_shows_adds_and_deletes_rules() {
     assert_eq!(rule["from_port"], Value::Null);
     assert_eq!(rule["to_port"], Value::Null);
     assert!(rule["created"].is_string(), "{created}");
-    let native = native_group(&s, "p1", &g2);
+    let native = sg_group(&s, "p1", &g2);
     assert_eq!(
         rule_ids(&native),
         std::slice::from_ref(&rule_id),
@@ -525,15 +505,15 @@ fn troveclient_lists_shows_adds_and_deletes_rules() {
         &trove.call(json!({"op": "delete", "id": foreign})),
         "deleting p2's rule",
     );
-    assert_eq!(rule_ids(&native_group(&s, "p2", &other)), [foreign]);
+    assert_eq!(rule_ids(&sg_group(&s, "p2", &other)), [foreign]);
     let deleted = trove.call(json!({"op": "delete", "id": rule_id}));
     assert_eq!(deleted["ok"], Value::Null, "{deleted}");
     assert_eq!(
         deleted["sent"],
         json!([{"method": "DELETE", "url": format!("/security-group-rules/{rule_id}"), "json": null}])
     );
-    assert_eq!(rule_ids(&native_group(&s, "p1", &g2)), Vec::<String>::new());
-    assert_eq!(rule_ids(&native_group(&s, "p1", &g1)), [ssh]);
+    assert_eq!(rule_ids(&sg_group(&s, "p1", &g2)), Vec::<String>::new());
+    assert_eq!(rule_ids(&sg_group(&s, "p1", &g1)), [ssh]);
     assert_not_found(
         &trove.call(json!({"op": "delete", "id": rule_id})),
         "deleting it again",
