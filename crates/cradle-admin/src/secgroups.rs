@@ -17,8 +17,9 @@ use axum::extract::{Path, RawQuery, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post, put};
+use cradle_secgroups::nft::{Firewall, Plan};
 use cradle_secgroups::{GroupView, RuleRequest, RuleView};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use tracing::info;
 
@@ -249,29 +250,58 @@ async fn instance_groups(State(s): Shared, Path(key): Path<String>) -> Result<Re
 
 // ---- firewall -------------------------------------------------------------
 
-fn ruleset(s: &AdminState) -> Result<Value, ApiError> {
+/// The whole table as it would be applied now. A plan serializes straight
+/// to the `{"nftables": [...]}` document, several times faster than going
+/// through a `Value` (seconds for 10,000 instances), on a blocking thread.
+async fn ruleset(s: &Arc<AdminState>) -> Result<Plan, ApiError> {
     if !s.registry.security_groups_enabled() {
         return Err(ApiError::not_found(
             "no such route (security groups are disabled)",
         ));
     }
-    let (instances, groups) = s.registry.firewall_desired();
-    Ok(cradle_secgroups::nft::render_full(
-        &s.firewall_table,
-        &instances,
-        &groups,
-    ))
+    let (registry, table) = (s.registry.clone(), s.firewall_table.clone());
+    tokio::task::spawn_blocking(move || {
+        let (instances, groups) = registry.firewall_desired();
+        Firewall::new(table).plan_full(instances, &groups)
+    })
+    .await
+    .map_err(|_| ApiError::internal())
+}
+
+#[derive(Serialize)]
+struct Shown<'a> {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    enforced: Option<bool>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    dirty: Option<bool>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    table: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    applied: Option<bool>,
+    ruleset: &'a Plan,
 }
 
 async fn firewall_show(State(s): Shared) -> Result<Response, ApiError> {
-    let ruleset = ruleset(&s)?;
-    Ok(axum::Json(json!({
-        "enforced": s.firewall_enforced,
-        "dirty": s.registry.firewall_dirty(),
-        "table": s.firewall_table,
-        "ruleset": ruleset,
-    }))
+    let ruleset = ruleset(&s).await?;
+    Ok(axum::Json(Shown {
+        enforced: Some(s.firewall_enforced),
+        dirty: Some(s.registry.firewall_dirty()),
+        table: Some(&s.firewall_table),
+        applied: None,
+        ruleset: &ruleset,
+    })
     .into_response())
+}
+
+fn applied(applied: bool, ruleset: &Plan) -> Response {
+    axum::Json(Shown {
+        enforced: None,
+        dirty: None,
+        table: None,
+        applied: Some(applied),
+        ruleset,
+    })
+    .into_response()
 }
 
 async fn firewall_apply(
@@ -296,9 +326,9 @@ async fn firewall_apply(
             }
         };
     }
-    let ruleset = ruleset(&s)?;
+    let ruleset = ruleset(&s).await?;
     if dry_run {
-        return Ok(axum::Json(json!({ "applied": false, "ruleset": ruleset })).into_response());
+        return Ok(applied(false, &ruleset));
     }
     if !caller.roles.iter().any(|r| r == crate::ADMIN_ROLE) {
         return Err(ApiError::new(
@@ -317,7 +347,7 @@ async fn firewall_apply(
     let registry = s.registry.clone();
     run(move || registry.enforce_all()).await?;
     info!(by = %caller.name, "firewall re-applied");
-    Ok(axum::Json(json!({ "applied": true, "ruleset": ruleset })).into_response())
+    Ok(applied(true, &ruleset))
 }
 
 // ---- Trove-compatible ---------------------------------------------------
