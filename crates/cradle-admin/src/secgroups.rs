@@ -44,7 +44,7 @@ pub fn routes() -> Router<Arc<AdminState>> {
         )
         .route(
             "/v1/tenants/{tenant}/security-groups/{id}",
-            get(show).delete(remove),
+            get(show).patch(update).delete(remove),
         )
         .route(
             "/v1/tenants/{tenant}/security-groups/{id}/rules",
@@ -143,6 +143,37 @@ async fn show(
 ) -> Result<Response, ApiError> {
     let g = s.registry.sg_show(&tenant, &id)?;
     Ok(axum::Json(json!({ "security_group": g })).into_response())
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct GroupPatch {
+    #[serde(default)]
+    name: Option<String>,
+    #[serde(default)]
+    description: Option<String>,
+}
+
+async fn update(
+    State(s): Shared,
+    Path((tenant, id)): Path<(String, String)>,
+    Json(body): Json<Value>,
+) -> Result<Response, ApiError> {
+    let p: GroupPatch = serde_json::from_value(body).map_err(|e| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid",
+            format!(
+                "a group change is {{\"name\", \"description\"}}: {}",
+                crate::error::describe_json_error(&e)
+            ),
+        )
+    })?;
+    let registry = s.registry.clone();
+    let view =
+        run(move || registry.sg_update(&tenant, &id, p.name.as_deref(), p.description.as_deref()))
+            .await?;
+    Ok(axum::Json(json!({ "security_group": view })).into_response())
 }
 
 async fn remove(

@@ -259,6 +259,22 @@ impl Registry {
         self.sg_show(tenant, &id.to_string())
     }
 
+    pub fn sg_update(
+        &self,
+        tenant: &str,
+        key: &str,
+        name: Option<&str>,
+        description: Option<&str>,
+    ) -> Result<GroupView, RegistryError> {
+        let _w = self.lock_writer();
+        let next = self
+            .sg()?
+            .plan_update_group(tenant, key, name, description)?;
+        let id = next.id.to_string();
+        self.commit_groups(&[Op::UpdateGroup(next)])?;
+        self.sg_show(tenant, &id)
+    }
+
     pub fn sg_delete(&self, tenant: &str, key: &str) -> Result<(), RegistryError> {
         let _w = self.lock_writer();
         let ops = self.sg()?.plan_delete_group(tenant, key)?;

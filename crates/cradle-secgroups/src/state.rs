@@ -22,6 +22,8 @@ use crate::model::{
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Op {
     AddGroup(Group),
+    /// A new name or description for an existing group.
+    UpdateGroup(Group),
     /// Its rules and attachments are removed by earlier ops of the same change.
     RemoveGroup(Uuid),
     AddRule(Rule),
@@ -328,6 +330,42 @@ impl SecGroups {
         ))
     }
 
+    /// Rename a tenant group or change its description.
+    pub fn plan_update_group(
+        &self,
+        tenant: Tenant,
+        key: &str,
+        name: Option<&str>,
+        description: Option<&str>,
+    ) -> Result<Group, SgError> {
+        let g = self.group_or_404(tenant, key)?;
+        if let Some(i) = g.instance_id {
+            return Err(SgError::InUse(format!(
+                "group {} belongs to instance {i}; its name and description are fixed",
+                g.id
+            )));
+        }
+        let mut next = g.clone();
+        if let Some(n) = name {
+            next.name = n.to_string();
+        }
+        if let Some(d) = description {
+            next.description = d.to_string();
+        }
+        validate_group(&next.name, &next.description)?;
+        if next.name != g.name
+            && self
+                .names
+                .contains_key(&(tenant.to_string(), next.name.clone()))
+        {
+            return Err(SgError::Conflict(format!(
+                "the tenant already has a group named {:?}",
+                next.name
+            )));
+        }
+        Ok(next)
+    }
+
     pub fn plan_delete_group(&self, tenant: Tenant, key: &str) -> Result<Vec<Op>, SgError> {
         let g = self.group_or_404(tenant, key)?;
         if let Some(i) = g.instance_id {
@@ -576,6 +614,7 @@ impl SecGroups {
                 Op::AddGroup(g) => {
                     groups.insert(g.id);
                 }
+                Op::UpdateGroup(_) => {}
                 Op::RemoveGroup(g) => {
                     groups.insert(*g);
                 }
@@ -596,6 +635,13 @@ impl SecGroups {
                     self.own.insert(i, g.id);
                 }
                 self.groups.insert(g.id, g.clone());
+            }
+            Op::UpdateGroup(g) => {
+                if let Some(old) = self.groups.get(&g.id) {
+                    self.names.remove(&(old.tenant.clone(), old.name.clone()));
+                    self.names.insert((g.tenant.clone(), g.name.clone()), g.id);
+                    self.groups.insert(g.id, g.clone());
+                }
             }
             Op::RemoveGroup(id) => {
                 if let Some(g) = self.groups.remove(id) {

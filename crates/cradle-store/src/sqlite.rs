@@ -335,6 +335,19 @@ impl Store for SqliteStore {
                         }
                         other => other,
                     })?,
+                Op::UpdateGroup(g) => tx
+                    .execute(
+                        "UPDATE security_groups SET name = ?2, description = ?3 WHERE id = ?1",
+                        params![g.id.to_string(), g.name, g.description],
+                    )
+                    .map_err(|e| match map_conflict(e) {
+                        StoreError::Backend(rusqlite::Error::SqliteFailure(f, _))
+                            if f.code == rusqlite::ErrorCode::ConstraintViolation =>
+                        {
+                            StoreError::Conflict("security group name")
+                        }
+                        other => other,
+                    })?,
                 Op::RemoveGroup(id) => tx.execute(
                     "DELETE FROM security_groups WHERE id = ?1",
                     [id.to_string()],

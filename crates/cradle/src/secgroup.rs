@@ -72,6 +72,20 @@ enum SecgroupCommand {
         #[command(flatten)]
         tenant: Tenant,
     },
+    /// Rename a tenant group or change its description (instance groups are
+    /// fixed).
+    Update {
+        /// Group id or name.
+        group: String,
+        /// Its new name, unique in the tenant.
+        #[arg(long)]
+        name: Option<String>,
+        /// Its new description.
+        #[arg(long)]
+        description: Option<String>,
+        #[command(flatten)]
+        tenant: Tenant,
+    },
     /// Delete a tenant group and its rules. It must be detached from every
     /// instance and named as remote by no other rule. Instance groups go
     /// with their instance.
@@ -278,6 +292,27 @@ pub fn run(args: SecgroupArgs) -> Result<()> {
                 &format!("/v1/tenants/{}/security-groups", segment(t)),
                 &json!({ "name": name, "description": description }),
             )?;
+            print_group(&api, &mut out, output, t, &v["security_group"])
+        }
+        SecgroupCommand::Update {
+            group,
+            name,
+            description,
+            tenant,
+        } => {
+            let t = &tenant.tenant;
+            if name.is_none() && description.is_none() {
+                anyhow::bail!("nothing to change: give --name, --description or both");
+            }
+            let key = resolve_group(&api, t, &group)?;
+            let mut body = serde_json::Map::new();
+            if let Some(n) = name {
+                body.insert("name".into(), n.into());
+            }
+            if let Some(d) = description {
+                body.insert("description".into(), d.into());
+            }
+            let v: Value = api.patch(&group_path(t, &key), &body)?;
             print_group(&api, &mut out, output, t, &v["security_group"])
         }
         SecgroupCommand::Delete { group, tenant } => {

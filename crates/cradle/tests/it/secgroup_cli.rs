@@ -178,6 +178,9 @@ fn secgroup_verbs_manage_groups_rules_and_members() {
     assert_eq!(sg_group(&s, "t1", &web)["name"], "web");
     sg(&s, "t1", &["create", "web"]).fails_with(&["already has a group named", "HTTP 409"]);
     sg(&s, "t1", &["create", "cradle-sg-mine"]).fails_with(&["cradle-sg-", "HTTP 400"]);
+    sg(&s, "t1", &["update", "web", "--description", "front end"]).success();
+    assert_eq!(sg_group(&s, "t1", &web)["description"], "front end");
+    sg(&s, "t1", &["update", "web"]).fails_with(&["nothing to change"]);
 
     // rules of every kind; the table form prints the new id alone
     let tcp = sg(

@@ -348,6 +348,32 @@ fn groups_live_and_die_with_their_instances_and_defaults_seed_them() {
         .as_str()
         .unwrap()
         .to_string();
+    // Renamed and described; instance groups stay as they are.
+    let patch = |id: &str, body: &str| {
+        s.admin().call(
+            "PATCH",
+            &format!("/v1/tenants/t1/security-groups/{id}"),
+            Some(body),
+        )
+    };
+    let renamed = patch(&web, r#"{"name":"www","description":"front"}"#);
+    assert_eq!(renamed.status, 200, "{}", renamed.text());
+    assert_eq!(renamed.json()["security_group"]["name"], "www");
+    assert_eq!(sg_group(&s, "t1", &web)["description"], "front");
+    assert_eq!(patch(&web, r#"{"name":"web"}"#).status, 200);
+    assert_error(
+        &patch(ga, r#"{"description":"x"}"#),
+        409,
+        "in_use",
+        &["fixed"],
+    );
+    assert_error(&patch(&web, r#"{"name":""}"#), 400, "invalid", &["name"]);
+    assert_error(
+        &patch(&web, r#"{"colour":"red"}"#),
+        400,
+        "invalid",
+        &["colour"],
+    );
     assert_error(
         &s.admin().call(
             "POST",
