@@ -355,6 +355,9 @@ pub fn cradle_command() -> Command {
             cmd.env_remove(k);
         }
     }
+    // A `serve` started from here runs in the machine's own namespace: the
+    // firewall stays off there (tests that enforce make a namespace).
+    cmd.env("CRADLE_FIREWALL_ENABLED", "false");
     cmd
 }
 

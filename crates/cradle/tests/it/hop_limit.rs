@@ -120,6 +120,7 @@ fn serve_in(ns: &str, data_dir: &std::path::Path, hop_limit: &str) -> std::proce
         .arg("--data-dir")
         .arg(data_dir)
         .env("CRADLE_METADATA_HOP_LIMIT", hop_limit)
+        .env("CRADLE_FIREWALL_ENABLED", "false")
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::null())
         .spawn()
