@@ -63,8 +63,28 @@ pub fn run() -> Result<()> {
 
     println!("==> cargo test");
     run_cargo(&["test", "--workspace"], "tests failed (listed above)")?;
+    check_no_firewall_left()?;
 
     println!("==> ci passed");
+    Ok(())
+}
+
+/// Tests apply rulesets only inside network namespaces they make; one left
+/// in the machine's own namespace means a test (or a serve it started)
+/// touched the host's firewall.
+fn check_no_firewall_left() -> Result<()> {
+    println!("==> no cradle table left in the machine's own nftables ruleset");
+    let out = Command::new("nft")
+        .args(["list", "tables"])
+        .output()
+        .context("cannot run nft list tables")?;
+    let tables = String::from_utf8_lossy(&out.stdout);
+    if tables.lines().any(|l| l.trim() == "table inet cradle") {
+        bail!(
+            "a test left `table inet cradle` in the machine's own namespace; \
+             tests must apply rulesets only inside namespaces they make"
+        );
+    }
     Ok(())
 }
 
