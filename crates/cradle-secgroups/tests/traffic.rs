@@ -10,7 +10,7 @@ mod common;
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::Ipv4Addr;
 
-use common::lab::{Lab, addr};
+use common::lab::{Lab, addr, expect};
 use common::*;
 use cradle_secgroups::nft::NftEnforcer;
 use cradle_secgroups::{Direction, Enforced, EtherType, Members, Protocol, RuleSpec, Update};
@@ -20,16 +20,6 @@ fn guest(k: u8, rules: Vec<RuleSpec>) -> Enforced {
     let mut e = instance(k, rules);
     e.ipv6 = BTreeSet::new();
     e
-}
-
-#[track_caller]
-fn expect(what: &str, got: bool, want: bool) {
-    assert_eq!(
-        got,
-        want,
-        "{what}: expected it to {}",
-        if want { "pass" } else { "be dropped" }
-    );
 }
 
 #[test]

@@ -225,3 +225,14 @@ impl Lab {
 pub fn addr(k: u8) -> String {
     format!("10.77.{k}.2")
 }
+
+/// That a probe passed, or was dropped, as `want` says.
+#[track_caller]
+pub fn expect(what: &str, got: bool, want: bool) {
+    assert_eq!(
+        got,
+        want,
+        "{what}: expected it to {}",
+        if want { "pass" } else { "be dropped" }
+    );
+}

@@ -8,20 +8,10 @@
 #[path = "../../../cradle-secgroups/tests/common/mod.rs"]
 mod common;
 
-use common::lab::{Lab, addr};
+use common::lab::{Lab, addr, expect};
 use serde_json::{Value, json};
 
 use crate::harness::*;
-
-#[track_caller]
-fn expect(what: &str, got: bool, want: bool) {
-    assert_eq!(
-        got,
-        want,
-        "{what}: expected it to {}",
-        if want { "pass" } else { "be dropped" }
-    );
-}
 
 fn start(lab: &Lab, data_dir: Option<&std::path::Path>) -> Server {
     Server::start_with(Opts {
