@@ -229,22 +229,14 @@ impl Registry {
         instance.boot_roles = boot_roles;
         let _w = self.lock_writer();
         Self::check_unique(&self.read(), &instance)?;
-        self.store.insert(&instance)?;
         let ops = self
             .groups_read()
-            .map(|g| g.plan_instance_group(instance.id, &instance.project_id, instance.created_at));
-        if let Some(ops) = &ops
-            && let Err(e) = self.store.apply_secgroups(ops)
-        {
-            // All or none: the instance goes again with its group.
-            let _ = self.store.delete(instance.id);
-            return Err(e.into());
-        }
+            .map(|g| g.plan_instance_group(instance.id, &instance.project_id, instance.created_at))
+            .unwrap_or_default();
+        self.store.insert(&instance, &ops)?;
         let instance = Arc::new(instance);
         self.write().put(instance.clone());
-        if let Some(ops) = ops {
-            self.apply_groups(&ops)?;
-        }
+        self.apply_groups(&ops)?;
         Ok(instance)
     }
 
@@ -345,15 +337,11 @@ impl Registry {
         let current = self.get(key)?;
         let ops = self
             .groups_read()
-            .map(|g| g.plan_remove_instance(current.id));
-        if let Some(ops) = &ops {
-            self.store.apply_secgroups(ops)?;
-        }
-        self.store.delete(current.id)?;
+            .map(|g| g.plan_remove_instance(current.id))
+            .unwrap_or_default();
+        self.store.delete(current.id, &ops)?;
         self.write().take(current.id);
-        if let Some(ops) = ops {
-            self.apply_groups(&ops)?;
-        }
+        self.apply_groups(&ops)?;
         Ok(current)
     }
 

@@ -74,11 +74,15 @@ pub trait Store: Send + Sync + 'static {
     /// Every instance, oldest first.
     fn load_all(&self) -> Result<Vec<Instance>, StoreError>;
     /// Fails with `Conflict` when the name or metadata address is taken.
-    fn insert(&self, instance: &Instance) -> Result<(), StoreError>;
+    /// `secgroups` (the instance's own group) are written in the same
+    /// transaction: both or neither.
+    fn insert(&self, instance: &Instance, secgroups: &[Op]) -> Result<(), StoreError>;
     /// Replace the stored instance with the same id.
     fn update(&self, instance: &Instance) -> Result<(), StoreError>;
-    /// Remove an instance and its queued messages. False if there was none.
-    fn delete(&self, id: Uuid) -> Result<bool, StoreError>;
+    /// Remove an instance and its queued messages, with `secgroups` (its
+    /// groups and the rules naming them) in the same transaction. False if
+    /// there was none.
+    fn delete(&self, id: Uuid, secgroups: &[Op]) -> Result<bool, StoreError>;
     /// Set the guest password unless one is set. True if this call set it.
     fn set_password_once(&self, id: Uuid, password: &str) -> Result<bool, StoreError>;
     /// Append a message unless `cap` are already queued that way; `None` when full.

@@ -245,6 +245,83 @@ fn from_row(r: &Row<'_>) -> Result<Instance, StoreError> {
     })
 }
 
+/// A constraint failure on `security_groups` is a name taken in the tenant.
+fn group_conflict(e: rusqlite::Error) -> StoreError {
+    match map_conflict(e) {
+        StoreError::Backend(rusqlite::Error::SqliteFailure(f, _))
+            if f.code == rusqlite::ErrorCode::ConstraintViolation =>
+        {
+            StoreError::Conflict("security group name")
+        }
+        other => other,
+    }
+}
+
+/// Persist security-group ops inside the caller's transaction.
+fn write_ops(tx: &rusqlite::Transaction<'_>, ops: &[Op]) -> Result<(), StoreError> {
+    for op in ops {
+        match op {
+            Op::AddGroup(g) => tx
+                .execute(
+                    "INSERT INTO security_groups \
+                     (id, tenant, name, description, instance_id, created_at) \
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                    params![
+                        g.id.to_string(),
+                        g.tenant,
+                        g.name,
+                        g.description,
+                        g.instance_id.map(|i| i.to_string()),
+                        ts(g.created_at)
+                    ],
+                )
+                .map_err(group_conflict)?,
+            Op::UpdateGroup(g) => tx
+                .execute(
+                    "UPDATE security_groups SET name = ?2, description = ?3 WHERE id = ?1",
+                    params![g.id.to_string(), g.name, g.description],
+                )
+                .map_err(group_conflict)?,
+            Op::RemoveGroup(id) => tx.execute(
+                "DELETE FROM security_groups WHERE id = ?1",
+                [id.to_string()],
+            )?,
+            Op::AddRule(r) => tx.execute(
+                "INSERT INTO security_group_rules (id, group_id, spec, created_at) \
+                 VALUES (?1, ?2, ?3, ?4)",
+                params![
+                    r.id.to_string(),
+                    r.group_id.to_string(),
+                    json(&r.spec),
+                    ts(r.created_at)
+                ],
+            )?,
+            Op::RemoveRule(id) => tx.execute(
+                "DELETE FROM security_group_rules WHERE id = ?1",
+                [id.to_string()],
+            )?,
+            Op::Attach { group, instance } => tx.execute(
+                "INSERT INTO security_group_members (group_id, instance_id) VALUES (?1, ?2)",
+                [group.to_string(), instance.to_string()],
+            )?,
+            Op::Detach { group, instance } => tx.execute(
+                "DELETE FROM security_group_members WHERE group_id = ?1 AND instance_id = ?2",
+                [group.to_string(), instance.to_string()],
+            )?,
+            Op::AddDefault(d) => tx.execute(
+                "INSERT INTO tenant_default_rules (id, tenant, spec, created_at) \
+                 VALUES (?1, ?2, ?3, ?4)",
+                params![d.id.to_string(), d.tenant, json(&d.spec), ts(d.created_at)],
+            )?,
+            Op::RemoveDefault(id) => tx.execute(
+                "DELETE FROM tenant_default_rules WHERE id = ?1",
+                [id.to_string()],
+            )?,
+        };
+    }
+    Ok(())
+}
+
 impl Store for SqliteStore {
     fn load_secgroups(&self) -> Result<Vec<Op>, StoreError> {
         let conn = self.conn();
@@ -311,80 +388,7 @@ impl Store for SqliteStore {
     fn apply_secgroups(&self, ops: &[Op]) -> Result<(), StoreError> {
         let mut conn = self.conn();
         let tx = conn.transaction()?;
-        for op in ops {
-            match op {
-                Op::AddGroup(g) => tx
-                    .execute(
-                        "INSERT INTO security_groups \
-                         (id, tenant, name, description, instance_id, created_at) \
-                         VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-                        params![
-                            g.id.to_string(),
-                            g.tenant,
-                            g.name,
-                            g.description,
-                            g.instance_id.map(|i| i.to_string()),
-                            ts(g.created_at)
-                        ],
-                    )
-                    .map_err(|e| match map_conflict(e) {
-                        StoreError::Backend(rusqlite::Error::SqliteFailure(f, _))
-                            if f.code == rusqlite::ErrorCode::ConstraintViolation =>
-                        {
-                            StoreError::Conflict("security group name")
-                        }
-                        other => other,
-                    })?,
-                Op::UpdateGroup(g) => tx
-                    .execute(
-                        "UPDATE security_groups SET name = ?2, description = ?3 WHERE id = ?1",
-                        params![g.id.to_string(), g.name, g.description],
-                    )
-                    .map_err(|e| match map_conflict(e) {
-                        StoreError::Backend(rusqlite::Error::SqliteFailure(f, _))
-                            if f.code == rusqlite::ErrorCode::ConstraintViolation =>
-                        {
-                            StoreError::Conflict("security group name")
-                        }
-                        other => other,
-                    })?,
-                Op::RemoveGroup(id) => tx.execute(
-                    "DELETE FROM security_groups WHERE id = ?1",
-                    [id.to_string()],
-                )?,
-                Op::AddRule(r) => tx.execute(
-                    "INSERT INTO security_group_rules (id, group_id, spec, created_at) \
-                     VALUES (?1, ?2, ?3, ?4)",
-                    params![
-                        r.id.to_string(),
-                        r.group_id.to_string(),
-                        json(&r.spec),
-                        ts(r.created_at)
-                    ],
-                )?,
-                Op::RemoveRule(id) => tx.execute(
-                    "DELETE FROM security_group_rules WHERE id = ?1",
-                    [id.to_string()],
-                )?,
-                Op::Attach { group, instance } => tx.execute(
-                    "INSERT INTO security_group_members (group_id, instance_id) VALUES (?1, ?2)",
-                    [group.to_string(), instance.to_string()],
-                )?,
-                Op::Detach { group, instance } => tx.execute(
-                    "DELETE FROM security_group_members WHERE group_id = ?1 AND instance_id = ?2",
-                    [group.to_string(), instance.to_string()],
-                )?,
-                Op::AddDefault(d) => tx.execute(
-                    "INSERT INTO tenant_default_rules (id, tenant, spec, created_at) \
-                     VALUES (?1, ?2, ?3, ?4)",
-                    params![d.id.to_string(), d.tenant, json(&d.spec), ts(d.created_at)],
-                )?,
-                Op::RemoveDefault(id) => tx.execute(
-                    "DELETE FROM tenant_default_rules WHERE id = ?1",
-                    [id.to_string()],
-                )?,
-            };
-        }
+        write_ops(&tx, ops)?;
         tx.commit()?;
         Ok(())
     }
@@ -436,18 +440,21 @@ impl Store for SqliteStore {
         Ok(out)
     }
 
-    fn insert(&self, instance: &Instance) -> Result<(), StoreError> {
+    fn insert(&self, instance: &Instance, secgroups: &[Op]) -> Result<(), StoreError> {
         let placeholders = (1..=31)
             .map(|n| format!("?{n}"))
             .collect::<Vec<_>>()
             .join(", ");
         let values = bind(instance);
-        self.conn()
-            .execute(
-                &format!("INSERT INTO instances ({COLUMNS}) VALUES ({placeholders})"),
-                rusqlite::params_from_iter(values.iter()),
-            )
-            .map_err(map_conflict)?;
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        tx.execute(
+            &format!("INSERT INTO instances ({COLUMNS}) VALUES ({placeholders})"),
+            rusqlite::params_from_iter(values.iter()),
+        )
+        .map_err(map_conflict)?;
+        write_ops(&tx, secgroups)?;
+        tx.commit()?;
         Ok(())
     }
 
@@ -474,10 +481,12 @@ impl Store for SqliteStore {
         }
     }
 
-    fn delete(&self, id: Uuid) -> Result<bool, StoreError> {
-        let n = self
-            .conn()
-            .execute("DELETE FROM instances WHERE id = ?1", [id.to_string()])?;
+    fn delete(&self, id: Uuid, secgroups: &[Op]) -> Result<bool, StoreError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        write_ops(&tx, secgroups)?;
+        let n = tx.execute("DELETE FROM instances WHERE id = ?1", [id.to_string()])?;
+        tx.commit()?;
         Ok(n > 0)
     }
 

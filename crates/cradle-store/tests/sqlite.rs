@@ -46,7 +46,7 @@ fn round_trips_everything_but_secrets() {
     let dir = tempfile::tempdir().unwrap();
     let store = SqliteStore::open(&dir.path().join("db")).unwrap();
     let a = instance("a", "127.0.0.2");
-    store.insert(&a).unwrap();
+    store.insert(&a, &[]).unwrap();
     let loaded = store.load_all().unwrap();
     assert_eq!(loaded.len(), 1);
     let b = &loaded[0];
@@ -65,7 +65,7 @@ fn secret_params_never_reach_the_database() {
     let dir = tempfile::tempdir().unwrap();
     let store = SqliteStore::open(&dir.path().join("db")).unwrap();
     let mut a = instance("a", "127.0.0.2");
-    store.insert(&a).unwrap();
+    store.insert(&a, &[]).unwrap();
     a.name = "renamed".into();
     store.update(&a).unwrap();
     drop(store);
@@ -82,13 +82,13 @@ fn secret_params_never_reach_the_database() {
 #[test]
 fn name_and_address_are_unique() {
     let store = SqliteStore::in_memory().unwrap();
-    store.insert(&instance("a", "127.0.0.2")).unwrap();
+    store.insert(&instance("a", "127.0.0.2"), &[]).unwrap();
     assert!(matches!(
-        store.insert(&instance("a", "127.0.0.3")),
+        store.insert(&instance("a", "127.0.0.3"), &[]),
         Err(StoreError::Conflict("name"))
     ));
     assert!(matches!(
-        store.insert(&instance("b", "127.0.0.2")),
+        store.insert(&instance("b", "127.0.0.2"), &[]),
         Err(StoreError::Conflict("metadata_address"))
     ));
 }
@@ -97,7 +97,7 @@ fn name_and_address_are_unique() {
 fn password_is_set_once() {
     let store = SqliteStore::in_memory().unwrap();
     let a = instance("a", "127.0.0.2");
-    store.insert(&a).unwrap();
+    store.insert(&a, &[]).unwrap();
     assert!(store.set_password_once(a.id, "first").unwrap());
     assert!(!store.set_password_once(a.id, "second").unwrap());
     assert_eq!(
@@ -114,7 +114,7 @@ fn password_is_set_once() {
 fn messages_queue_in_order_with_a_cap_and_die_with_the_instance() {
     let store = SqliteStore::in_memory().unwrap();
     let a = instance("a", "127.0.0.2");
-    store.insert(&a).unwrap();
+    store.insert(&a, &[]).unwrap();
     for n in 0..3 {
         assert!(
             store
@@ -148,7 +148,7 @@ fn messages_queue_in_order_with_a_cap_and_die_with_the_instance() {
     store
         .push_message(a.id, Direction::ToHost, b"x", 3)
         .unwrap();
-    assert!(store.delete(a.id).unwrap());
+    assert!(store.delete(a.id, &[]).unwrap());
     assert!(
         store
             .drain_messages(a.id, Direction::ToHost)
