@@ -266,16 +266,7 @@ async fn delete_default(
 }
 
 async fn instance_groups(State(s): Shared, Path(key): Path<String>) -> Result<Response, ApiError> {
-    if !s.registry.security_groups_enabled() {
-        return Err(ApiError::not_found(
-            "no such route (security groups are disabled)",
-        ));
-    }
-    let i = s.registry.get(&key)?;
-    let mut groups = Vec::new();
-    for g in s.registry.sg_groups_of(i.id) {
-        groups.push(s.registry.sg_show(&i.project_id, &g.to_string())?);
-    }
+    let groups = s.registry.sg_instance_groups(&key)?;
     Ok(axum::Json(json!({ "security_groups": groups })).into_response())
 }
 

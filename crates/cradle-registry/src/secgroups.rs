@@ -15,7 +15,7 @@ use cradle_secgroups::{
 };
 use uuid::Uuid;
 
-use super::{Registry, RegistryError, now};
+use super::{Index, Registry, RegistryError, now};
 
 /// What of an instance the firewall uses; a change to it re-renders the
 /// instance and the member sets of its groups.
@@ -41,8 +41,7 @@ fn members_of(i: &Instance, m: &mut Members) {
 
 impl Registry {
     /// Turn security groups on: load them, and give every instance that has
-    /// no group of its own (made while they were off, or lost to a crash
-    /// between the two writes of a create) its group now.
+    /// no group of its own (made while they were off) its group now.
     pub fn enable_security_groups(mut self, limits: Limits) -> Result<Self, RegistryError> {
         let mut state = SecGroups::new(limits);
         for op in self.store.load_secgroups()? {
@@ -123,12 +122,12 @@ impl Registry {
 
     /// The instance as the firewall sees it; `None` when it is gone or has
     /// no interface.
-    fn enforced(&self, state: &SecGroups, id: Uuid) -> Option<Enforced> {
-        let i = self.read().by_id.get(&id).cloned()?;
+    fn enforced(state: &SecGroups, index: &Index, id: Uuid) -> Option<Enforced> {
+        let i = index.by_id.get(&id)?;
         let interface = i.interface.clone()?;
         let mac = parse_mac(&i.mac)?;
         let mut m = Members::default();
-        members_of(&i, &mut m);
+        members_of(i, &mut m);
         Some(Enforced {
             instance: id,
             interface,
@@ -139,8 +138,7 @@ impl Registry {
         })
     }
 
-    fn members(&self, state: &SecGroups, group: Uuid) -> Members {
-        let index = self.read();
+    fn members(state: &SecGroups, index: &Index, group: Uuid) -> Members {
         let mut m = Members::default();
         for id in state.members(group) {
             if let Some(i) = index.by_id.get(&id) {
@@ -156,14 +154,15 @@ impl Registry {
         let Some(state) = self.groups_read() else {
             return (Vec::new(), BTreeMap::new());
         };
-        let ids: Vec<Uuid> = self.list().iter().map(|i| i.id).collect();
-        let instances = ids
-            .into_iter()
-            .filter_map(|id| self.enforced(&state, id))
+        let index = self.read();
+        let instances = index
+            .by_id
+            .keys()
+            .filter_map(|id| Self::enforced(&state, &index, *id))
             .collect();
         let groups = state
             .referenced_groups()
-            .map(|g| (g, self.members(&state, g)))
+            .map(|g| (g, Self::members(&state, &index, g)))
             .collect();
         (instances, groups)
     }
@@ -197,17 +196,18 @@ impl Registry {
         let Some(state) = self.groups_read() else {
             return Ok(());
         };
+        let index = self.read();
         let update = Update {
             instances: instances
                 .into_iter()
-                .map(|id| (id, self.enforced(&state, id)))
+                .map(|id| (id, Self::enforced(&state, &index, id)))
                 .collect(),
             groups: groups
                 .into_iter()
-                .map(|g| (g, self.members(&state, g)))
+                .map(|g| (g, Self::members(&state, &index, g)))
                 .collect(),
         };
-        drop(state);
+        drop((index, state));
         if update.is_empty() {
             return Ok(());
         }
@@ -366,10 +366,15 @@ impl Registry {
         self.commit_groups(&[op])
     }
 
-    /// The groups an instance is in, its own first.
-    pub fn sg_groups_of(&self, instance: Uuid) -> Vec<Uuid> {
-        self.groups_read()
-            .map(|s| s.groups_of(instance))
-            .unwrap_or_default()
+    /// The groups an instance (by id or name) is in, its own first.
+    pub fn sg_instance_groups(&self, key: &str) -> Result<Vec<GroupView>, RegistryError> {
+        let state = self.sg()?;
+        let i = self.get(key)?;
+        Ok(state
+            .groups_of(i.id)
+            .into_iter()
+            .filter_map(|g| state.get(g))
+            .map(|g| state.view(g))
+            .collect())
     }
 }

@@ -124,6 +124,11 @@ impl SecGroups {
         self.groups.values()
     }
 
+    /// A group by id, whatever its tenant (for callers that already know it).
+    pub fn get(&self, id: Uuid) -> Option<&Group> {
+        self.groups.get(&id)
+    }
+
     /// A group by id, or by the id of the instance it belongs to; `None` when
     /// it is missing or another tenant's.
     pub fn group(&self, tenant: Tenant, key: &str) -> Option<&Group> {
