@@ -17,6 +17,7 @@ use axum::extract::{Path, RawQuery, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post, put};
+use cradle_registry::{Registry, RegistryError};
 use cradle_secgroups::nft::{Firewall, Plan};
 use cradle_secgroups::{GroupView, RuleRequest, RuleView};
 use serde::{Deserialize, Serialize};
@@ -35,7 +36,7 @@ pub fn routes() -> Router<Arc<AdminState>> {
         .route("/v1.0/{tenant}/security-group-rules", post(trove_add_rule))
         .route(
             "/v1.0/{tenant}/security-group-rules/{id}",
-            delete(trove_delete_rule),
+            delete(delete_rule),
         )
         // Native.
         .route(
@@ -95,6 +96,16 @@ fn rule_request(body: Value) -> Result<RuleRequest, ApiError> {
             ),
         }
     })
+}
+
+/// Run a registry change off the async threads; 204 when it succeeds.
+async fn no_content(
+    s: &AdminState,
+    change: impl FnOnce(&Registry) -> Result<(), RegistryError> + Send + 'static,
+) -> Result<StatusCode, ApiError> {
+    let registry = s.registry.clone();
+    run(move || change(&registry)).await?;
+    Ok(StatusCode::NO_CONTENT)
 }
 
 // ---- native -------------------------------------------------------------
@@ -180,9 +191,7 @@ async fn remove(
     State(s): Shared,
     Path((tenant, id)): Path<(String, String)>,
 ) -> Result<StatusCode, ApiError> {
-    let registry = s.registry.clone();
-    run(move || registry.sg_delete(&tenant, &id)).await?;
-    Ok(StatusCode::NO_CONTENT)
+    no_content(&s, move |r| r.sg_delete(&tenant, &id)).await
 }
 
 async fn rules(
@@ -213,27 +222,21 @@ async fn delete_rule(
     State(s): Shared,
     Path((tenant, id)): Path<(String, String)>,
 ) -> Result<StatusCode, ApiError> {
-    let registry = s.registry.clone();
-    run(move || registry.sg_delete_rule(&tenant, &id)).await?;
-    Ok(StatusCode::NO_CONTENT)
+    no_content(&s, move |r| r.sg_delete_rule(&tenant, &id)).await
 }
 
 async fn attach(
     State(s): Shared,
     Path((tenant, id, instance)): Path<(String, String, String)>,
 ) -> Result<StatusCode, ApiError> {
-    let registry = s.registry.clone();
-    run(move || registry.sg_attach(&tenant, &id, &instance)).await?;
-    Ok(StatusCode::NO_CONTENT)
+    no_content(&s, move |r| r.sg_attach(&tenant, &id, &instance)).await
 }
 
 async fn detach(
     State(s): Shared,
     Path((tenant, id, instance)): Path<(String, String, String)>,
 ) -> Result<StatusCode, ApiError> {
-    let registry = s.registry.clone();
-    run(move || registry.sg_detach(&tenant, &id, &instance)).await?;
-    Ok(StatusCode::NO_CONTENT)
+    no_content(&s, move |r| r.sg_detach(&tenant, &id, &instance)).await
 }
 
 async fn defaults(State(s): Shared, Path(tenant): Path<String>) -> Result<Response, ApiError> {
@@ -260,9 +263,7 @@ async fn delete_default(
     State(s): Shared,
     Path((tenant, id)): Path<(String, String)>,
 ) -> Result<StatusCode, ApiError> {
-    let registry = s.registry.clone();
-    run(move || registry.sg_delete_default(&tenant, &id)).await?;
-    Ok(StatusCode::NO_CONTENT)
+    no_content(&s, move |r| r.sg_delete_default(&tenant, &id)).await
 }
 
 async fn instance_groups(State(s): Shared, Path(key): Path<String>) -> Result<Response, ApiError> {
@@ -511,13 +512,4 @@ async fn trove_add_rule(
         axum::Json(json!({ "security_group_rule": [trove_rule(&view)] })),
     )
         .into_response())
-}
-
-async fn trove_delete_rule(
-    State(s): Shared,
-    Path((tenant, id)): Path<(String, String)>,
-) -> Result<StatusCode, ApiError> {
-    let registry = s.registry.clone();
-    run(move || registry.sg_delete_rule(&tenant, &id)).await?;
-    Ok(StatusCode::NO_CONTENT)
 }
