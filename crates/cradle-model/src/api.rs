@@ -633,12 +633,7 @@ fn parse_ipv6(v: &str) -> Result<Ipv6Addr, Invalid> {
 /// A Linux interface name: 1 to 15 bytes, no `/`, whitespace or `:`, not
 /// `.` or `..`.
 fn parse_interface(v: &str) -> Result<String, Invalid> {
-    let ok = (1..=15).contains(&v.len())
-        && v != "."
-        && v != ".."
-        && v.bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'));
-    if !ok {
+    if !crate::is_interface_name(v) {
         return invalid(
             "interface",
             format!("{v:?} is not an interface name (1 to 15 of A-Z a-z 0-9 - _ .)"),

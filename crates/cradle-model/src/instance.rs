@@ -99,6 +99,19 @@ impl Instance {
     }
 }
 
+/// Whether `name` is acceptable as an instance's host interface: what Linux
+/// allows (1 to 15 bytes, no `/`, `:` or whitespace) narrowed to letters,
+/// digits, `-`, `_` and `.`, so that nothing in it means something to nft
+/// (a leading `@` names a set, a trailing `*` is a wildcard).
+pub fn is_interface_name(name: &str) -> bool {
+    (1..=15).contains(&name.len())
+        && name != "."
+        && name != ".."
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+}
+
 /// How the guest's operating system is defined: an OS definition or an image.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Os {

@@ -10,6 +10,6 @@ mod secret;
 
 pub use instance::{
     HostAddr, ImdsTokens, Instance, MAX_PASSWORD, MAX_USER_DATA, Os, OsParams, RANDOM_SEED_LEN,
-    State, Visibility,
+    State, Visibility, is_interface_name,
 };
 pub use secret::{REDACTED, Secret};

@@ -131,15 +131,13 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 
+use cradle_model::is_interface_name;
 use ipnet::IpNet;
 use serde::{Serialize, Serializer};
 use serde_json::Value;
 use uuid::Uuid;
 
 use crate::{Direction, Enforced, EtherType, Match, Members, Protocol, Remote, RuleSpec, Update};
-
-/// The table's name unless configured otherwise.
-pub const DEFAULT_TABLE: &str = "cradle";
 
 const FAMILY: &str = "inet";
 const GUEST_IFACES: &str = "guest_ifaces";
@@ -191,19 +189,6 @@ pub fn eui64_link_local(mac: [u8; 6]) -> Ipv6Addr {
         e,
         f,
     ])
-}
-
-/// Whether nft can take `name` as an interface name, verbatim: what Linux
-/// allows (1 to 15 bytes, no `/`, `:` or whitespace) narrowed to letters,
-/// digits, `-`, `_` and `.`, so that nothing in it means something to nft
-/// (a leading `@` names a set, a trailing `*` is a wildcard).
-pub fn valid_interface(name: &str) -> bool {
-    (1..=15).contains(&name.len())
-        && name != "."
-        && name != ".."
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
 }
 
 /// An instance left out of what was applied, and why.
@@ -974,7 +959,7 @@ fn admit(instances: Vec<Enforced>) -> (BTreeMap<Uuid, Enforced>, Vec<Skipped>) {
 }
 
 fn admissible(e: &Enforced) -> Result<(), String> {
-    if !valid_interface(&e.interface) {
+    if !is_interface_name(&e.interface) {
         return Err(format!("unusable interface name {:?}", e.interface));
     }
     Ok(())
@@ -1129,11 +1114,6 @@ impl Firewall {
 
     pub fn table(&self) -> &str {
         &self.table
-    }
-
-    /// Whether a full ruleset has been applied.
-    pub fn is_loaded(&self) -> bool {
-        self.loaded
     }
 
     /// The applied instances.
@@ -1676,11 +1656,6 @@ impl NftEnforcer {
         self.fw.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// The full rendering of what is applied.
-    pub fn show(&self) -> Value {
-        self.lock().render()
-    }
-
     /// A copy of the applied state.
     pub fn applied(&self) -> Firewall {
         self.lock().clone()
@@ -1807,7 +1782,7 @@ mod tests {
     #[test]
     fn interface_names() {
         for ok in ["tap0", "vnet12", "tap-ab_c.d", "a23456789012345"] {
-            assert!(valid_interface(ok), "{ok}");
+            assert!(is_interface_name(ok), "{ok}");
         }
         for bad in [
             "",
@@ -1820,7 +1795,7 @@ mod tests {
             "a234567890123456",
             "tap\u{e9}",
         ] {
-            assert!(!valid_interface(bad), "{bad}");
+            assert!(!is_interface_name(bad), "{bad}");
         }
     }
 
@@ -1881,7 +1856,7 @@ mod tests {
                 cidr("2001:db8::/32"),
             ),
         ];
-        let doc = render_full(DEFAULT_TABLE, &[instance(1, rules)], &BTreeMap::new());
+        let doc = render_full("cradle", &[instance(1, rules)], &BTreeMap::new());
         let ingress = chain_rules(&doc, &ingress_chain(id(1)));
         let expected_in = [
             r#"[{"match":{"left":{"ct":{"key":"state"}},"op":"in","right":["established","related"]}},{"accept":null}]"#,
