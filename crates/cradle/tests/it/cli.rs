@@ -22,16 +22,7 @@ fn cradle(cwd: &Path) -> Command {
 
 /// `cradle instance <args> --url … --token-file …` against `s`.
 fn instance(s: &Server, args: &[&str]) -> Run {
-    let out = cradle(s.data_dir.parent().unwrap())
-        .arg("instance")
-        .args(args)
-        .arg("--url")
-        .arg(&s.admin_url)
-        .arg("--token-file")
-        .arg(s.data_dir.join("admin.token"))
-        .output()
-        .expect("run cradle");
-    Run::from(out)
+    Run::of(&mut s.cli(std::iter::once("instance").chain(args.iter().copied())))
 }
 
 #[test]
@@ -524,38 +515,6 @@ fn serve_with_no_config_makes_a_private_data_dir_in_the_current_directory() {
     assert!(add.stdout.contains("bare"), "{}", add.stdout);
 }
 
-/// Run `cradle serve` expecting it to refuse to start; returns stderr.
-fn serve_refuses(cwd: &Path, args: &[&str], env: &[(&str, &str)]) -> String {
-    let mut cmd = cradle(cwd);
-    cmd.args([
-        "serve",
-        "--admin-listen",
-        "127.0.0.1:0",
-        "--metadata-listen",
-        "127.0.0.1:0",
-    ])
-    .args(args)
-    .stdout(Stdio::null())
-    .stderr(Stdio::piped());
-    for (k, v) in env {
-        cmd.env(k, v);
-    }
-    let mut child = cmd.spawn().unwrap();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while child.try_wait().unwrap().is_none() {
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            panic!("serve {args:?} {env:?} kept running");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let out = child.wait_with_output().unwrap();
-    assert!(!out.status.success());
-    let stderr = String::from_utf8(out.stderr).unwrap();
-    assert!(stderr.starts_with("error: "), "{stderr}");
-    stderr
-}
-
 #[test]
 fn serve_refuses_bad_configuration_and_names_it() {
     let tmp = tempfile::tempdir().unwrap();
@@ -568,10 +527,10 @@ fn serve_refuses_bad_configuration_and_names_it() {
     let e = serve_refuses(tmp.path(), &["--config", cfg.to_str().unwrap()], &[]);
     assert!(e.contains("bogus"), "{e}");
 
-    let e = serve_refuses(tmp.path(), &[], &[("CRADLE_METADATA_HOP_LIMIT", "abc")]);
+    let e = serve_refuses::<&str>(tmp.path(), &[], &[("CRADLE_METADATA_HOP_LIMIT", "abc")]);
     assert!(e.contains("CRADLE_METADATA_HOP_LIMIT"), "{e}");
     // A vfat size no drive could have is refused at start, not per request.
-    let e = serve_refuses(tmp.path(), &[], &[("CRADLE_DRIVE_VFAT_BYTES", "1000")]);
+    let e = serve_refuses::<&str>(tmp.path(), &[], &[("CRADLE_DRIVE_VFAT_BYTES", "1000")]);
     assert!(e.contains("drive.vfat_bytes") && e.contains("1000"), "{e}");
 
     let e = serve_refuses(tmp.path(), &["--config", "/no/such/cradle.toml"], &[]);

@@ -137,25 +137,9 @@ fn download(s: &Server, key: &str, format: &str) -> Vec<u8> {
     a.body
 }
 
-/// `cradle drive <args> --url … --token-file …`, with nothing from the
-/// caller's environment that would change where it connects.
+/// `cradle drive <args> --url … --token-file …` against `s`.
 fn cli(s: &Server, args: &[&OsStr]) -> Output {
-    let mut cmd = Command::new(BIN);
-    cmd.current_dir(s.data_dir.parent().unwrap())
-        .stdin(Stdio::null())
-        .env("NO_PROXY", "*")
-        .env("no_proxy", "*");
-    for (k, _) in std::env::vars() {
-        if k.starts_with("CRADLE_") || k == "RUST_LOG" {
-            cmd.env_remove(k);
-        }
-    }
-    cmd.arg("drive")
-        .args(args)
-        .arg("--url")
-        .arg(&s.admin_url)
-        .arg("--token-file")
-        .arg(s.data_dir.join("admin.token"))
+    s.cli(std::iter::once(OsStr::new("drive")).chain(args.iter().copied()))
         .output()
         .expect("run cradle")
 }

@@ -168,6 +168,23 @@ impl Server {
     }
 
     /// A client whose connections come from `source` (e.g. "127.0.0.2").
+    /// `cradle <args> --url … --token-file …` against this server, run from
+    /// beside its data dir; add environment, then run it.
+    pub fn cli<I, S>(&self, args: I) -> Command
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<std::ffi::OsStr>,
+    {
+        let mut cmd = cradle_command();
+        cmd.current_dir(self.data_dir.parent().unwrap())
+            .args(args)
+            .arg("--url")
+            .arg(&self.admin_url)
+            .arg("--token-file")
+            .arg(self.data_dir.join("admin.token"));
+        cmd
+    }
+
     pub fn guest(&self, source: &str) -> Guest {
         Guest {
             base: format!("http://{}", self.metadata),
@@ -459,4 +476,49 @@ pub fn rule_ids(group: &Value) -> Vec<String> {
         .iter()
         .map(|r| r["id"].as_str().unwrap().to_string())
         .collect()
+}
+
+impl Run {
+    /// Run `cmd` to completion.
+    pub fn of(cmd: &mut Command) -> Run {
+        Run::from(cmd.output().expect("run cradle"))
+    }
+}
+
+/// Run `cradle serve <args>` in `cwd` on port 0, expecting it to refuse to
+/// start within 30 s; returns its standard error, which starts `error: `.
+pub fn serve_refuses<S: AsRef<std::ffi::OsStr>>(
+    cwd: &Path,
+    args: &[S],
+    env: &[(&str, &str)],
+) -> String {
+    let mut cmd = cradle_command();
+    cmd.current_dir(cwd)
+        .args([
+            "serve",
+            "--admin-listen",
+            "127.0.0.1:0",
+            "--metadata-listen",
+            "127.0.0.1:0",
+        ])
+        .args(args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let mut child = cmd.spawn().unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while child.try_wait().unwrap().is_none() {
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("serve {env:?} kept running");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let out = child.wait_with_output().unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8(out.stderr).unwrap();
+    assert!(stderr.starts_with("error: "), "{stderr}");
+    stderr
 }

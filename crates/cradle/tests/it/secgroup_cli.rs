@@ -22,17 +22,9 @@ impl Line for Run {
 
 /// `cradle <args> --url … --token-file …` against `s`, with `env` set.
 fn cradle_env(s: &Server, args: &[&str], env: &[(&str, &str)]) -> Run {
-    let mut cmd = cradle_command();
-    cmd.current_dir(s.data_dir.parent().unwrap())
-        .args(args)
-        .arg("--url")
-        .arg(&s.admin_url)
-        .arg("--token-file")
-        .arg(s.data_dir.join("admin.token"));
-    for (k, v) in env {
-        cmd.env(k, v);
-    }
-    Run::from(cmd.output().expect("run cradle"))
+    let mut cmd = s.cli(args);
+    cmd.envs(env.iter().copied());
+    Run::of(&mut cmd)
 }
 
 fn cradle(s: &Server, args: &[&str]) -> Run {

@@ -6,7 +6,7 @@
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Barrier, Mutex};
 use std::time::{Duration, Instant};
@@ -219,20 +219,8 @@ fn static_file(dir: &Path) -> (std::path::PathBuf, Value) {
 
 /// `cradle instance <args>` against `s` as the operator; (ok, stdout, stderr).
 fn cli(s: &Server, args: &[&str]) -> (bool, String, String) {
-    let out = cradle_command()
-        .arg("instance")
-        .args(args)
-        .arg("--url")
-        .arg(&s.admin_url)
-        .arg("--token-file")
-        .arg(s.data_dir.join("admin.token"))
-        .output()
-        .unwrap();
-    (
-        out.status.success(),
-        String::from_utf8(out.stdout).unwrap(),
-        String::from_utf8(out.stderr).unwrap(),
-    )
+    let r = Run::of(&mut s.cli(std::iter::once("instance").chain(args.iter().copied())));
+    (r.ok, r.stdout, r.stderr)
 }
 
 /// The value of an unlabelled-but-for-`target` sample on `/metrics`.
@@ -766,36 +754,16 @@ fn a_bad_vendordata_config_stops_serve_with_a_clear_error() {
         let config = tmp.path().join(format!("bad-{n}.toml"));
         std::fs::write(&config, format!("[[vendordata.dynamic]]\n{target}\n")).unwrap();
         let data_dir = tmp.path().join(format!("data-{n}"));
-        let mut child = cradle_command()
-            .arg("serve")
-            .arg("--config")
-            .arg(&config)
-            .arg("--data-dir")
-            .arg(&data_dir)
-            .args([
-                "--admin-listen",
-                "127.0.0.1:0",
-                "--metadata-listen",
-                "127.0.0.1:0",
-            ])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let deadline = Instant::now() + Duration::from_secs(20);
-        let status = loop {
-            if let Some(status) = child.try_wait().unwrap() {
-                break status;
-            }
-            if Instant::now() > deadline {
-                let _ = child.kill();
-                panic!("cradle serve started with a bad target:\n{target}");
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        };
-        let out = child.wait_with_output().unwrap();
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        assert!(!status.success(), "{target}");
+        let stderr = serve_refuses(
+            tmp.path(),
+            &[
+                std::ffi::OsStr::new("--config"),
+                config.as_os_str(),
+                std::ffi::OsStr::new("--data-dir"),
+                data_dir.as_os_str(),
+            ],
+            &[],
+        );
         for name in names {
             assert!(stderr.contains(name), "stderr names {name:?}:\n{stderr}");
         }
