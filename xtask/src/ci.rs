@@ -12,7 +12,8 @@ use crate::{debian, run_cargo};
 /// guest behind a router in network namespaces; genisoimage (isoinfo,
 /// isovfy), xorriso, mtools, dosfstools (fsck.vfat) and util-linux (blkid) to
 /// read config drives back; nftables and ping for the security-group tests,
-/// which send real traffic between network namespaces.
+/// which send real traffic between network namespaces; OpenSSH and rsync for
+/// the remote-filesystem drivers.
 const TEST_PACKAGES: &[&str] = &[
     "cloud-init",
     "python3-botocore",
@@ -28,6 +29,11 @@ const TEST_PACKAGES: &[&str] = &[
     // `python3 -m venv` for the troveclient test, which pip-installs
     // python-troveclient from PyPI into a venv under the target dir.
     "python3-venv",
+    // The remote-filesystem tests start their own sshd on 127.0.0.1 and
+    // drive ssh, scp, rsync and rrsync (shipped in Debian's rsync package).
+    "openssh-server",
+    "openssh-client",
+    "rsync",
 ];
 const DEBIAN_PYTHON: &str = "/usr/bin/python3";
 
@@ -38,7 +44,7 @@ pub fn run() -> Result<()> {
     );
     debian::ensure(
         TEST_PACKAGES,
-        "the integration tests run cloud-init, botocore, ip, curl, nft, ping and the ISO and FAT tools",
+        "the integration tests run cloud-init, botocore, ip, curl, nft, ping, sshd, scp, rsync and the ISO and FAT tools",
     )?;
     check_python()?;
 

@@ -1,0 +1,307 @@
+//! The `ssh` transport: ssh for small operations, scp for copies.
+//!
+//! - mkdir, touch, rm and rmdir are one command line for the remote POSIX
+//!   shell, with every path as one single-quoted word and after `--`.
+//! - Uploads use scp's original protocol (`scp -O`): the remote `scp -t`
+//!   gets the destination through the remote shell, so it is quoted the same
+//!   way, and the remote side names errors ("No space left on device") that
+//!   SFTP reduces to "Failure".
+//! - Downloads use scp's SFTP mode: the original protocol refuses names it
+//!   cannot echo back (a newline, a quote), while SFTP carries the path as
+//!   bytes. scp globs a download's source, so the path is glob-escaped. A
+//!   `stat` over ssh first gives the size for progress and a clean error for
+//!   a missing file or a directory.
+//!
+//! Progress of an upload is read from the kernel: the file offset of scp's
+//! descriptor for the source (`/proc/PID/fdinfo`). A download's is the size
+//! of the temporary file scp writes.
+
+use std::ffi::OsString;
+use std::os::unix::ffi::{OsStrExt, OsStringExt};
+use std::path::Path;
+
+use crate::error::{Failure, classify};
+use crate::process::{Job, Output, run};
+use crate::quote::{glob_literal, shell_word};
+use crate::{
+    Error, Host, Op, Progress, RemoteFilesystem, RemotePath, Result, Settings, local_destination,
+    local_source, ssh_options,
+};
+
+pub struct SshFs {
+    s: Settings,
+}
+
+impl SshFs {
+    pub fn new(settings: Settings) -> SshFs {
+        SshFs { s: settings }
+    }
+
+    fn common(&self, host: &Host) -> Vec<OsString> {
+        let mut a = Vec::new();
+        for o in ssh_options(&self.s, host) {
+            a.push("-o".into());
+            a.push(o.into());
+        }
+        if let Some(k) = &self.s.identity_file {
+            a.push("-i".into());
+            a.push(k.clone().into_os_string());
+        }
+        a
+    }
+
+    /// Run one command line in the remote shell.
+    async fn shell(&self, host: &Host, script: Vec<u8>, what: &str, op: &Op) -> Result<Output> {
+        let mut a = self.common(host);
+        a.push("-o".into());
+        a.push(format!("Compression={}", yes_no(self.s.compression)).into());
+        a.push("-T".into());
+        a.push("--".into());
+        a.push(host.name().into());
+        a.push(OsString::from_vec(script));
+        run(
+            Job {
+                tool: "ssh",
+                program: &self.s.ssh,
+                args: a,
+                what,
+                timeout: op.timeout.unwrap_or(self.s.timeout),
+            },
+            op,
+            |_| {},
+            |_| {},
+        )
+        .await
+    }
+
+    async fn simple(
+        &self,
+        host: &Host,
+        path: &RemotePath,
+        script: Vec<u8>,
+        verb: &str,
+        op: &Op,
+    ) -> Result<()> {
+        let what = format!("{verb} {host}:{path}");
+        let out = self.shell(host, script, &what, op).await?;
+        check(out, "ssh", host, path)
+    }
+}
+
+fn yes_no(b: bool) -> &'static str {
+    if b { "yes" } else { "no" }
+}
+
+fn check(out: Output, tool: &str, host: &Host, path: &RemotePath) -> Result<()> {
+    if out.status.success() {
+        return Ok(());
+    }
+    Err(classify(Failure {
+        tool,
+        host: &host.to_string(),
+        place: format!("{host}:{path}"),
+        status: out.status,
+        stderr: &out.stderr,
+    }))
+}
+
+/// `words` joined by spaces; each path is already a quoted word.
+fn script(parts: &[&[u8]]) -> Vec<u8> {
+    parts.join(&b' ')
+}
+
+impl RemoteFilesystem for SshFs {
+    async fn create_dir(&self, host: &Host, path: &RemotePath, op: &Op) -> Result<()> {
+        let q = shell_word(&path.for_tool());
+        self.simple(host, path, script(&[b"mkdir -p --", &q]), "mkdir", op)
+            .await
+    }
+
+    async fn create_file(&self, host: &Host, path: &RemotePath, op: &Op) -> Result<()> {
+        // Opening for append creates a missing file and leaves an existing
+        // one (content and times) as it is.
+        let q = shell_word(&path.for_tool());
+        self.simple(host, path, script(&[b": >>", &q]), "touch", op)
+            .await
+    }
+
+    async fn remove_file(&self, host: &Host, path: &RemotePath, op: &Op) -> Result<()> {
+        let q = shell_word(&path.for_tool());
+        self.simple(host, path, script(&[b"rm --", &q]), "rm", op)
+            .await
+    }
+
+    async fn remove_dir(&self, host: &Host, path: &RemotePath, op: &Op) -> Result<()> {
+        // rm -r would also take a file or a symlink; only a real directory
+        // is removed.
+        let q = shell_word(&path.for_tool());
+        let s = script(&[
+            b"if [ -d", &q, b"] && [ ! -L", &q, b"]; then exec rm -r --", &q,
+            b"; elif [ -e", &q, b"] || [ -L", &q,
+            b"]; then echo 'cradle: Not a directory' >&2; else echo 'cradle: No such file or directory' >&2; fi; exit 1",
+        ]);
+        self.simple(host, path, s, "rmdir", op).await
+    }
+
+    async fn copy_to(&self, src: &Path, host: &Host, dst: &RemotePath, op: &Op) -> Result<()> {
+        let (src, total) = local_source(src)?;
+        let what = format!("copy {} to {host}:{dst}", src.display());
+        let mut a = self.common(host);
+        a.push("-o".into());
+        a.push(format!("Compression={}", yes_no(self.s.compression)).into());
+        a.push("-O".into());
+        a.push("-q".into());
+        if self.s.bwlimit_kib > 0 {
+            // scp's -l is in Kbit/s.
+            a.push("-l".into());
+            a.push((self.s.bwlimit_kib * 8192 / 1000).max(1).to_string().into());
+        }
+        a.push("--".into());
+        a.push(src.clone().into_os_string());
+        let mut spec = format!("{}:", host.for_spec()).into_bytes();
+        spec.extend(shell_word(&dst.for_tool()));
+        a.push(OsString::from_vec(spec));
+
+        op.report(Progress { done: 0, total });
+        let mut fd: Option<String> = None;
+        let src_bytes = src.as_os_str().as_bytes().to_vec();
+        let out = run(
+            Job {
+                tool: "scp",
+                program: &self.s.scp,
+                args: a,
+                what: &what,
+                timeout: op.timeout.unwrap_or(self.s.copy_timeout),
+            },
+            op,
+            |_| {},
+            |pid| {
+                if let Some(done) = read_offset(pid, &src_bytes, &mut fd) {
+                    op.report(Progress {
+                        done: done.min(total),
+                        total,
+                    });
+                }
+            },
+        )
+        .await?;
+        check(out, "scp", host, dst)?;
+        op.report(Progress { done: total, total });
+        Ok(())
+    }
+
+    async fn copy_from(&self, host: &Host, src: &RemotePath, dst: &Path, op: &Op) -> Result<()> {
+        let (dir, name) = local_destination(dst)?;
+        let q = shell_word(&src.for_tool());
+        let what = format!("stat {host}:{src}");
+        let out = self
+            .shell(
+                host,
+                script(&[b"LC_ALL=C stat -L -c %F:%s --", &q]),
+                &what,
+                op,
+            )
+            .await?;
+        let out_stdout = out.stdout.clone();
+        check(out, "ssh", host, src)?;
+        let total = parse_stat(&out_stdout, host, src)?;
+
+        let tmp = tempfile::Builder::new()
+            .prefix(".cradle-copy-")
+            .tempfile_in(&dir)
+            .map_err(|source| Error::Local {
+                path: dir.clone(),
+                source,
+            })?;
+        let what = format!("copy {host}:{src} to {}", dst.display());
+        let mut a = self.common(host);
+        a.push("-o".into());
+        a.push(format!("Compression={}", yes_no(self.s.compression)).into());
+        a.push("-q".into());
+        if self.s.bwlimit_kib > 0 {
+            a.push("-l".into());
+            a.push((self.s.bwlimit_kib * 8192 / 1000).max(1).to_string().into());
+        }
+        a.push("--".into());
+        let mut spec = format!("{}:", host.for_spec()).into_bytes();
+        spec.extend(glob_literal(&src.for_tool()));
+        a.push(OsString::from_vec(spec));
+        a.push(tmp.path().as_os_str().to_os_string());
+
+        op.report(Progress { done: 0, total });
+        let tmp_path = tmp.path().to_path_buf();
+        let out = run(
+            Job {
+                tool: "scp",
+                program: &self.s.scp,
+                args: a,
+                what: &what,
+                timeout: op.timeout.unwrap_or(self.s.copy_timeout),
+            },
+            op,
+            |_| {},
+            |_| {
+                if let Ok(m) = std::fs::metadata(&tmp_path) {
+                    op.report(Progress {
+                        done: m.len().min(total),
+                        total,
+                    });
+                }
+            },
+        )
+        .await?;
+        check(out, "scp", host, src)?;
+        let target = dir.join(&name);
+        tmp.persist(&target).map_err(|e| Error::Local {
+            path: target.clone(),
+            source: e.error,
+        })?;
+        op.report(Progress { done: total, total });
+        Ok(())
+    }
+}
+
+/// `stat -c %F:%s` output: the size of a regular file, or why it is not one.
+fn parse_stat(out: &[u8], host: &Host, path: &RemotePath) -> Result<u64> {
+    let text = String::from_utf8_lossy(out);
+    let line = text.trim();
+    let (kind, size) = line.rsplit_once(':').ok_or_else(|| Error::Failed {
+        tool: "stat".into(),
+        status: "0".into(),
+        detail: format!("unexpected output {line:?}"),
+    })?;
+    let place = format!("{host}:{path}");
+    match kind {
+        "regular file" | "regular empty file" => size.parse().map_err(|_| Error::Failed {
+            tool: "stat".into(),
+            status: "0".into(),
+            detail: format!("unexpected size {size:?}"),
+        }),
+        "directory" => Err(Error::IsADirectory { place }),
+        other => Err(Error::NotAFile {
+            place,
+            kind: other.to_string(),
+        }),
+    }
+}
+
+/// The offset of `pid`'s descriptor open on `path`, from /proc. The
+/// descriptor number is found once and remembered in `fd`.
+fn read_offset(pid: u32, path: &[u8], fd: &mut Option<String>) -> Option<u64> {
+    if fd.is_none() {
+        let dir = std::fs::read_dir(format!("/proc/{pid}/fd")).ok()?;
+        for e in dir.flatten() {
+            if let Ok(link) = std::fs::read_link(e.path())
+                && link.as_os_str().as_bytes() == path
+            {
+                *fd = Some(e.file_name().to_string_lossy().into_owned());
+                break;
+            }
+        }
+    }
+    let n = fd.as_ref()?;
+    let info = std::fs::read_to_string(format!("/proc/{pid}/fdinfo/{n}")).ok()?;
+    info.lines()
+        .find_map(|l| l.strip_prefix("pos:"))
+        .and_then(|v| v.trim().parse().ok())
+}

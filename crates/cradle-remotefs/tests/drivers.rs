@@ -1,0 +1,624 @@
+//! Both transports against a real OpenSSH sshd on 127.0.0.1, started by
+//! each test (see `cradle_remotefs::testkit`), logging in as a dedicated
+//! unprivileged user. What the drivers do is checked on the remote side's
+//! filesystem, byte for byte.
+
+use std::ffi::{OsStr, OsString};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use cradle_remotefs::testkit::{Sshd, SshdOptions, processes_mentioning};
+use cradle_remotefs::{
+    CancellationToken, Error, Host, Op, Progress, Remote, RemoteFilesystem, RemotePath, Settings,
+    Transport,
+};
+
+const BOTH: [Transport; 2] = [Transport::Ssh, Transport::Rsync];
+
+fn settings(sshd: &Sshd, transport: Transport) -> Settings {
+    Settings {
+        transport,
+        user: Some(sshd.user().to_string()),
+        port: sshd.port(),
+        identity_file: Some(sshd.key()),
+        known_hosts: Some(sshd.known_hosts()),
+        connect_timeout: Duration::from_secs(5),
+        timeout: Duration::from_secs(30),
+        copy_timeout: Duration::from_secs(120),
+        ..Settings::default()
+    }
+}
+
+fn driver(sshd: &Sshd, transport: Transport) -> Remote {
+    Remote::new(settings(sshd, transport)).unwrap()
+}
+
+fn localhost() -> Host {
+    Host::parse("127.0.0.1").unwrap()
+}
+
+fn rp(p: impl AsRef<OsStr>) -> RemotePath {
+    RemotePath::new(p.as_ref()).unwrap()
+}
+
+/// Remote path of a local one (the remote host is this machine).
+fn remote(p: &Path) -> RemotePath {
+    rp(p.as_os_str())
+}
+
+/// Names that break naive quoting, globbing or option parsing.
+fn nasty() -> Vec<OsString> {
+    let mut v: Vec<OsString> = [
+        "plain",
+        "with space",
+        "it's",
+        "dq\"x",
+        "$(touch PWNED)",
+        "`touch PWNED`",
+        "semi;colon&amp|pipe",
+        "star*",
+        "q?mark",
+        "[br]",
+        "new\nline",
+        "-leading-dash",
+        "--",
+        "~tilde",
+        "back\\slash",
+        "tab\tx",
+        "a:b",
+        "glob*[a-z]?",
+        " lead and trail ",
+        "-rf *",
+    ]
+    .iter()
+    .map(OsString::from)
+    .collect();
+    v.push(OsStr::from_bytes(b"not-utf8-\xff\xfe\x80").to_os_string());
+    v
+}
+
+fn random_bytes(n: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407);
+    (0..n)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+fn assert_owned_by_test_user(sshd: &Sshd, p: &Path) {
+    let m = std::fs::symlink_metadata(p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+    assert_eq!(
+        m.uid(),
+        sshd.uid(),
+        "{} was not made by the remote user",
+        p.display()
+    );
+}
+
+/// Every operation, for every nasty name: the result on the remote
+/// filesystem is exactly the name given, and nothing the names spell is
+/// executed or expanded. The names run concurrently (each op is an ssh
+/// login, about a quarter of a second here).
+async fn every_operation_with_nasty_names(t: Transport) {
+    let sshd = Arc::new(Sshd::start().unwrap());
+    let host = localhost();
+    let local = Arc::new(tempfile::tempdir().unwrap());
+    let fs = Arc::new(driver(&sshd, t));
+    let base = sshd.home().join(t.to_string());
+    fs.create_dir(&host, &remote(&base), &Op::new())
+        .await
+        .unwrap();
+    let mut set = tokio::task::JoinSet::new();
+    for (i, name) in nasty().into_iter().enumerate() {
+        let (sshd, local, fs, base, host) = (
+            sshd.clone(),
+            local.clone(),
+            fs.clone(),
+            base.clone(),
+            host.clone(),
+        );
+        set.spawn(async move {
+            let op = Op::new();
+            let ctx = format!("{t} {name:?}");
+            let dir = base.join(&name);
+            let file = dir.join(&name);
+            let copy = dir.join(format!("copy-{i}"));
+            // mkdir (twice: an existing directory is fine), and nested.
+            fs.create_dir(&host, &remote(&dir), &op).await.expect(&ctx);
+            fs.create_dir(&host, &remote(&dir), &op).await.expect(&ctx);
+            fs.create_dir(&host, &remote(&dir.join(&name).join("deep")), &op)
+                .await
+                .expect(&ctx);
+            assert!(dir.join(&name).join("deep").is_dir(), "{ctx}");
+            assert_owned_by_test_user(&sshd, &dir);
+            fs.remove_dir(&host, &remote(&dir.join(&name)), &op)
+                .await
+                .expect(&ctx);
+            assert!(!dir.join(&name).exists(), "{ctx}");
+
+            // touch: creates, then leaves an existing file's content alone.
+            fs.create_file(&host, &remote(&file), &op)
+                .await
+                .expect(&ctx);
+            assert_eq!(std::fs::read(&file).expect(&ctx), b"", "{ctx}");
+            assert_owned_by_test_user(&sshd, &file);
+            std::fs::write(&file, b"kept").unwrap();
+            fs.create_file(&host, &remote(&file), &op)
+                .await
+                .expect(&ctx);
+            assert_eq!(std::fs::read(&file).unwrap(), b"kept", "{ctx}");
+
+            // copy to, byte for byte, from a local file with the same name.
+            let data = random_bytes(100_000 + i, i as u64);
+            let src = local.path().join(&name);
+            std::fs::write(&src, &data).unwrap();
+            fs.copy_to(&src, &host, &remote(&copy), &op)
+                .await
+                .expect(&ctx);
+            assert_eq!(std::fs::read(&copy).expect(&ctx), data, "{ctx}");
+            assert_owned_by_test_user(&sshd, &copy);
+            // Over an existing file too.
+            fs.copy_to(&src, &host, &remote(&file), &op)
+                .await
+                .expect(&ctx);
+            assert_eq!(std::fs::read(&file).unwrap(), data, "{ctx}");
+
+            // copy from, to a local name as nasty.
+            let mut back = OsString::from("back-");
+            back.push(&name);
+            let back = local.path().join(back);
+            fs.copy_from(&host, &remote(&file), &back, &op)
+                .await
+                .expect(&ctx);
+            assert_eq!(std::fs::read(&back).unwrap(), data, "{ctx}");
+
+            // rm, then the directory and what is left in it.
+            fs.remove_file(&host, &remote(&file), &op)
+                .await
+                .expect(&ctx);
+            assert!(!file.exists(), "{ctx}");
+            assert!(copy.exists(), "rm took a neighbour: {ctx}");
+            fs.remove_dir(&host, &remote(&dir), &op).await.expect(&ctx);
+            assert!(!dir.exists(), "{ctx}");
+        });
+    }
+    while let Some(r) = set.join_next().await {
+        r.unwrap();
+    }
+    // Every name came and went; nothing else is left, nothing ran.
+    let left: Vec<_> = std::fs::read_dir(&base)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name())
+        .collect();
+    assert!(left.is_empty(), "{t}: left behind {left:?}");
+    fs.remove_dir(&host, &remote(&base), &Op::new())
+        .await
+        .unwrap();
+    for p in [
+        sshd.home(),
+        Path::new("/home/cradletest").into(),
+        std::env::current_dir().unwrap(),
+    ] {
+        assert!(
+            !p.join("PWNED").exists(),
+            "a name was executed in {}",
+            p.display()
+        );
+    }
+    let left: Vec<_> = std::fs::read_dir(sshd.home())
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name())
+        .collect();
+    assert!(left.is_empty(), "left in home: {left:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ssh_every_operation_with_nasty_names() {
+    every_operation_with_nasty_names(Transport::Ssh).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rsync_every_operation_with_nasty_names() {
+    every_operation_with_nasty_names(Transport::Rsync).await;
+}
+
+/// Relative paths are relative to the remote user's home directory, and an
+/// IPv6 host in brackets works.
+#[tokio::test]
+async fn relative_paths_and_ipv6() {
+    let sshd = Sshd::start().unwrap();
+    let home = PathBuf::from("/home").join(sshd.user());
+    let v6 = Host::parse("[::1]").unwrap();
+    for t in BOTH {
+        let fs = driver(&sshd, t);
+        let name = format!("cradle-rel-{}-{t}", sshd.port());
+        let rel = rp(format!("{name}/-x y"));
+        fs.create_dir(&v6, &rel, &Op::new()).await.unwrap();
+        assert!(home.join(&name).join("-x y").is_dir(), "{t}");
+        fs.remove_dir(&v6, &rp(&name), &Op::new()).await.unwrap();
+        assert!(!home.join(&name).exists(), "{t}");
+    }
+}
+
+/// A missing file, a file where a directory is asked for and the reverse
+/// come back as typed errors, and remove_file never takes a directory.
+#[tokio::test]
+async fn missing_and_wrong_kinds() {
+    let sshd = Sshd::start().unwrap();
+    let host = localhost();
+    let local = tempfile::tempdir().unwrap();
+    let home = sshd.home();
+    std::fs::create_dir(home.join("adir")).unwrap();
+    std::fs::write(home.join("adir/inside"), b"x").unwrap();
+    std::fs::write(home.join("afile"), b"x").unwrap();
+    sshd.give(&home).unwrap();
+    for t in BOTH {
+        let fs = driver(&sshd, t);
+        let op = Op::new();
+        let missing = remote(&home.join("missing"));
+        let e = fs
+            .copy_from(&host, &missing, &local.path().join("x"), &op)
+            .await
+            .unwrap_err();
+        assert!(matches!(e, Error::NotFound { .. }), "{t}: {e}");
+        assert!(!local.path().join("x").exists());
+        let e = fs.remove_file(&host, &missing, &op).await.unwrap_err();
+        assert!(matches!(e, Error::NotFound { .. }), "{t}: {e}");
+        let e = fs.remove_dir(&host, &missing, &op).await.unwrap_err();
+        assert!(matches!(e, Error::NotFound { .. }), "{t}: {e}");
+        let e = fs
+            .copy_to(&local.path().join("nope"), &host, &missing, &op)
+            .await
+            .unwrap_err();
+        assert!(matches!(e, Error::Local { .. }), "{t}: {e}");
+
+        let e = fs
+            .remove_file(&host, &remote(&home.join("adir")), &op)
+            .await
+            .unwrap_err();
+        assert!(
+            home.join("adir/inside").exists(),
+            "{t}: remove_file took a directory"
+        );
+        assert!(
+            matches!(e, Error::NotFound { .. } | Error::IsADirectory { .. }),
+            "{t}: {e}"
+        );
+        let e = fs
+            .remove_dir(&host, &remote(&home.join("afile")), &op)
+            .await
+            .unwrap_err();
+        assert!(home.join("afile").exists(), "{t}: remove_dir took a file");
+        assert!(
+            matches!(e, Error::NotFound { .. } | Error::NotADirectory { .. }),
+            "{t}: {e}"
+        );
+        let e = fs
+            .copy_from(
+                &host,
+                &remote(&home.join("adir")),
+                &local.path().join("y"),
+                &op,
+            )
+            .await
+            .unwrap_err();
+        assert!(matches!(e, Error::IsADirectory { .. }), "{t}: {e}");
+    }
+}
+
+/// Permission denied, no space, unreachable, wrong and unknown host keys,
+/// and a key the server does not accept.
+#[tokio::test]
+async fn failures_are_typed() {
+    let sshd = Sshd::start_with(&SshdOptions { full_dir: true }).unwrap();
+    let host = localhost();
+    let local = tempfile::tempdir().unwrap();
+    let two_mib = local.path().join("two-mib");
+    std::fs::write(&two_mib, random_bytes(2 << 20, 7)).unwrap();
+    let small = local.path().join("small");
+    std::fs::write(&small, b"small").unwrap();
+    for t in BOTH {
+        let fs = driver(&sshd, t);
+        let op = Op::new();
+        let locked = sshd.locked();
+        let e = fs
+            .create_dir(&host, &remote(&locked.join("d")), &op)
+            .await
+            .unwrap_err();
+        assert!(matches!(e, Error::PermissionDenied { .. }), "{t}: {e}");
+        let e = fs
+            .copy_to(&small, &host, &remote(&locked.join("f")), &op)
+            .await
+            .unwrap_err();
+        assert!(matches!(e, Error::PermissionDenied { .. }), "{t}: {e}");
+        assert!(!locked.join("d").exists() && !locked.join("f").exists());
+
+        // A 1 MiB tmpfs that only sshd's mount namespace sees.
+        let e = fs
+            .copy_to(
+                &two_mib,
+                &host,
+                &remote(&sshd.full().join(format!("big-{t}"))),
+                &op,
+            )
+            .await
+            .unwrap_err();
+        assert!(matches!(e, Error::NoSpace { .. }), "{t}: {e}");
+
+        let mut s = settings(&sshd, t);
+        s.port = closed_port();
+        let e = Remote::new(s)
+            .unwrap()
+            .create_dir(&host, &rp("/tmp/x"), &op)
+            .await
+            .unwrap_err();
+        assert!(matches!(e, Error::Unreachable { .. }), "{t}: {e}");
+
+        let mut s = settings(&sshd, t);
+        s.known_hosts = Some(sshd.wrong_known_hosts());
+        let e = Remote::new(s)
+            .unwrap()
+            .create_dir(&host, &rp("/tmp/x"), &op)
+            .await
+            .unwrap_err();
+        assert!(matches!(e, Error::HostKeyMismatch { .. }), "{t}: {e}");
+
+        let mut s = settings(&sshd, t);
+        s.known_hosts = Some(sshd.empty_known_hosts());
+        let e = Remote::new(s)
+            .unwrap()
+            .create_dir(&host, &rp("/tmp/x"), &op)
+            .await
+            .unwrap_err();
+        assert!(matches!(e, Error::HostKeyUnknown { .. }), "{t}: {e}");
+
+        let mut s = settings(&sshd, t);
+        s.identity_file = Some(sshd.dir().join("other_host_ed25519"));
+        let e = Remote::new(s)
+            .unwrap()
+            .create_dir(&host, &rp("/tmp/x"), &op)
+            .await
+            .unwrap_err();
+        assert!(matches!(e, Error::AuthenticationFailed { .. }), "{t}: {e}");
+    }
+}
+
+fn closed_port() -> u16 {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap().port()
+}
+
+/// Cancelling a 1 GiB copy returns at once and leaves no ssh, scp or rsync
+/// running; so do dropping the operation and its deadline passing.
+#[tokio::test]
+async fn cancel_drop_and_timeout_kill_every_process() {
+    let sshd = Sshd::start().unwrap();
+    let marker = sshd.known_hosts().into_os_string();
+    let host = localhost();
+    let local = tempfile::tempdir().unwrap();
+    let big = local.path().join("one-gib");
+    std::fs::File::create(&big)
+        .unwrap()
+        .set_len(1 << 30)
+        .unwrap();
+    for t in BOTH {
+        for how in ["cancel", "drop", "timeout"] {
+            let fs = Arc::new(driver(&sshd, t));
+            let dst = remote(&sshd.home().join(format!("big-{t}-{how}")));
+            let token = CancellationToken::new();
+            let seen = Arc::new(Mutex::new(Progress::default()));
+            let seen2 = seen.clone();
+            let mut op = Op::new().with_cancel(token.clone()).on_progress(move |p| {
+                *seen2.lock().unwrap() = p;
+            });
+            if how == "timeout" {
+                op = op.with_timeout(Duration::from_millis(1500));
+            }
+            let task = {
+                let (fs, big, host, dst) = (fs.clone(), big.clone(), host.clone(), dst.clone());
+                tokio::spawn(async move { fs.copy_to(&big, &host, &dst, &op).await })
+            };
+            // Wait until bytes are moving.
+            let start = Instant::now();
+            while seen.lock().unwrap().done == 0 {
+                assert!(
+                    start.elapsed() < Duration::from_secs(20),
+                    "{t}: no progress"
+                );
+                assert!(
+                    !task.is_finished(),
+                    "{t} {how}: copy ended early: {:?}",
+                    task.await
+                );
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            let p = *seen.lock().unwrap();
+            assert!(p.done < p.total && p.total == 1 << 30, "{t} {how}: {p:?}");
+            let stopped = Instant::now();
+            match how {
+                "cancel" => {
+                    token.cancel();
+                    let e = task.await.unwrap().unwrap_err();
+                    assert!(matches!(e, Error::Cancelled { .. }), "{t}: {e}");
+                }
+                "drop" => {
+                    task.abort();
+                    assert!(task.await.unwrap_err().is_cancelled());
+                }
+                _ => {
+                    let e = task.await.unwrap().unwrap_err();
+                    assert!(matches!(e, Error::Timeout { .. }), "{t}: {e}");
+                }
+            }
+            if how != "timeout" {
+                assert!(
+                    stopped.elapsed() < Duration::from_secs(2),
+                    "{t} {how}: took {:?}",
+                    stopped.elapsed()
+                );
+            }
+            // SIGKILLed processes vanish (or turn zombie) within moments.
+            let start = Instant::now();
+            loop {
+                let left = processes_mentioning(&marker);
+                if left.is_empty() {
+                    break;
+                }
+                assert!(
+                    start.elapsed() < Duration::from_secs(3),
+                    "{t} {how}: still running: {left:?}"
+                );
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
+/// Progress of a finished copy ends at the total, in both directions.
+#[tokio::test]
+async fn progress_reaches_the_total() {
+    let sshd = Sshd::start().unwrap();
+    let host = localhost();
+    let local = tempfile::tempdir().unwrap();
+    let src = local.path().join("src");
+    let data = random_bytes(3 << 20, 3);
+    std::fs::write(&src, &data).unwrap();
+    for t in BOTH {
+        let fs = driver(&sshd, t);
+        let last = Arc::new(Mutex::new(Vec::new()));
+        let l2 = last.clone();
+        let op = Op::new().on_progress(move |p| l2.lock().unwrap().push(p));
+        let dst = sshd.home().join(format!("p-{t}"));
+        fs.copy_to(&src, &host, &remote(&dst), &op).await.unwrap();
+        fs.copy_from(
+            &host,
+            &remote(&dst),
+            &local.path().join(format!("p-{t}")),
+            &op,
+        )
+        .await
+        .unwrap();
+        let seen = last.lock().unwrap();
+        let totals: Vec<_> = seen.iter().filter(|p| p.done == p.total).collect();
+        assert!(
+            totals.len() >= 2 && totals.iter().all(|p| p.total == data.len() as u64),
+            "{t}: {seen:?}"
+        );
+        assert!(
+            seen.windows(2)
+                .all(|w| w[0].done <= w[1].done || w[1].done == 0),
+            "{t}: {seen:?}"
+        );
+    }
+}
+
+/// A sparse file stays sparse through the rsync driver.
+#[tokio::test]
+async fn rsync_keeps_sparse_files_sparse() {
+    let sshd = Sshd::start().unwrap();
+    let local = tempfile::tempdir().unwrap();
+    let src = local.path().join("sparse");
+    let f = std::fs::File::create(&src).unwrap();
+    f.set_len(64 << 20).unwrap();
+    std::os::unix::fs::FileExt::write_at(&f, b"head", 0).unwrap();
+    std::os::unix::fs::FileExt::write_at(&f, b"tail", (64 << 20) - 4).unwrap();
+    let fs = driver(&sshd, Transport::Rsync);
+    let dst = sshd.home().join("sparse");
+    fs.copy_to(&src, &localhost(), &remote(&dst), &Op::new())
+        .await
+        .unwrap();
+    let m = std::fs::metadata(&dst).unwrap();
+    assert_eq!(m.len(), 64 << 20);
+    assert!(
+        m.blocks() * 512 < 1 << 20,
+        "allocated {} bytes",
+        m.blocks() * 512
+    );
+    assert_eq!(std::fs::read(&dst).unwrap(), std::fs::read(&src).unwrap());
+}
+
+/// With the key confined by `command="rrsync DIR"`, the rsync driver does
+/// everything inside DIR, and the ssh driver is refused.
+#[tokio::test]
+async fn rrsync_confines_the_rsync_driver() {
+    let sshd = Sshd::start().unwrap();
+    let host = localhost();
+    let jail = sshd.jail();
+    let local = tempfile::tempdir().unwrap();
+    let mut s = settings(&sshd, Transport::Rsync);
+    s.identity_file = Some(sshd.rrsync_key());
+    let fs = Remote::new(s.clone()).unwrap();
+    let op = Op::new();
+    for (i, name) in nasty().into_iter().enumerate() {
+        let ctx = format!("{name:?}");
+        // Absolute paths are rooted at rrsync's directory, relative ones too.
+        let abs = Path::new("/d").join(&name);
+        let rel = Path::new("r").join(&name);
+        fs.create_dir(&host, &remote(&abs), &op).await.expect(&ctx);
+        fs.create_dir(&host, &remote(&rel), &op).await.expect(&ctx);
+        assert!(
+            jail.join("d").join(&name).is_dir() && jail.join("r").join(&name).is_dir(),
+            "{ctx}"
+        );
+        fs.create_file(&host, &remote(&abs.join("f")), &op)
+            .await
+            .expect(&ctx);
+        assert!(jail.join("d").join(&name).join("f").is_file(), "{ctx}");
+        let data = random_bytes(10_000, i as u64);
+        let src = local.path().join(&name);
+        std::fs::write(&src, &data).unwrap();
+        fs.copy_to(&src, &host, &remote(&rel.join(&name)), &op)
+            .await
+            .expect(&ctx);
+        assert_eq!(
+            std::fs::read(jail.join(&rel).join(&name)).unwrap(),
+            data,
+            "{ctx}"
+        );
+        let back = local.path().join("back");
+        fs.copy_from(&host, &remote(&rel.join(&name)), &back, &op)
+            .await
+            .expect(&ctx);
+        assert_eq!(std::fs::read(&back).unwrap(), data, "{ctx}");
+        fs.remove_file(&host, &remote(&rel.join(&name)), &op)
+            .await
+            .expect(&ctx);
+        assert!(!jail.join(&rel).join(&name).exists(), "{ctx}");
+        fs.remove_dir(&host, &remote(&abs), &op).await.expect(&ctx);
+        fs.remove_dir(&host, &remote(&rel), &op).await.expect(&ctx);
+        assert!(!jail.join(abs.strip_prefix("/").unwrap()).exists(), "{ctx}");
+    }
+    fs.remove_dir(&host, &rp("/d"), &op).await.unwrap();
+    fs.remove_dir(&host, &rp("r"), &op).await.unwrap();
+    let left: Vec<_> = std::fs::read_dir(&jail)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name())
+        .collect();
+    assert!(left.is_empty(), "left in the jail: {left:?}");
+
+    s.transport = Transport::Ssh;
+    let ssh = Remote::new(s).unwrap();
+    let e = ssh.create_dir(&host, &rp("/x"), &op).await.unwrap_err();
+    assert!(matches!(e, Error::Refused { .. }), "{e}");
+    let e = ssh
+        .copy_to(&local.path().join("back"), &host, &rp("/x"), &op)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(e, Error::Refused { .. } | Error::Failed { .. }),
+        "{e}"
+    );
+    assert!(!jail.join("x").exists());
+}
