@@ -42,6 +42,64 @@ pub struct Config {
     pub log: Log,
     pub security_groups: SecurityGroups,
     pub firewall: Firewall,
+    pub remote: Remote,
+}
+
+/// Which tools carry host-to-host file operations.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RemoteTransport {
+    /// ssh for small operations, scp for copies.
+    #[default]
+    Ssh,
+    /// rsync alone (over ssh): works with accounts confined by rrsync.
+    Rsync,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Remote {
+    pub transport: RemoteTransport,
+    /// Login user on other hosts; empty leaves it to ssh.
+    pub user: String,
+    pub port: u16,
+    /// Private key to log in with; when set, only this key is offered.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub identity_file: Option<PathBuf>,
+    /// known_hosts file; ssh's default when unset.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub known_hosts: Option<PathBuf>,
+    /// Refuse hosts whose key is not in known_hosts (off: accept and record
+    /// a new host's key; a changed key is refused either way).
+    pub strict_host_key_checking: bool,
+    /// Seconds to wait for a connection.
+    pub connect_timeout: u64,
+    /// Compress in transit. Off: disk images (qcow2 above all) gain little.
+    pub compression: bool,
+    /// Bandwidth limit for copies in KiB/s; 0 is none.
+    pub bwlimit: u64,
+    /// Seconds allowed for mkdir, touch, rm and rmdir.
+    pub timeout: u64,
+    /// Seconds allowed for one copy.
+    pub copy_timeout: u64,
+}
+
+impl Default for Remote {
+    fn default() -> Self {
+        Remote {
+            transport: RemoteTransport::Ssh,
+            user: String::new(),
+            port: 22,
+            identity_file: None,
+            known_hosts: None,
+            strict_host_key_checking: true,
+            connect_timeout: 10,
+            compression: false,
+            bwlimit: 0,
+            timeout: 60,
+            copy_timeout: 6 * 3600,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -359,6 +417,17 @@ pub const KEYS: &[(&str, &str)] = &[
     ("firewall", "table"),
     ("firewall", "nft"),
     ("firewall", "netns"),
+    ("remote", "transport"),
+    ("remote", "user"),
+    ("remote", "port"),
+    ("remote", "identity_file"),
+    ("remote", "known_hosts"),
+    ("remote", "strict_host_key_checking"),
+    ("remote", "connect_timeout"),
+    ("remote", "compression"),
+    ("remote", "bwlimit"),
+    ("remote", "timeout"),
+    ("remote", "copy_timeout"),
 ];
 
 #[cfg(test)]

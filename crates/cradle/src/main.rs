@@ -8,6 +8,7 @@ mod client;
 mod drive;
 mod firewall;
 mod instance;
+mod remote;
 mod secgroup;
 mod serve;
 
@@ -31,7 +32,7 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 link-local metadata service that speaks EC2 (with IMDSv2), OpenStack and cradle's own format.\n\n\
 Start the service with `cradle serve`; manage instances with `cradle instance`, their \
 security groups with `cradle secgroup`, and the nftables firewall that enforces them with \
-`cradle firewall`.",
+`cradle firewall`. `cradle remote` makes, removes and copies files on other hosts.",
     propagate_version = true
 )]
 struct Cli {
@@ -55,6 +56,9 @@ enum Command {
     /// Show or re-apply the nftables ruleset that enforces security groups.
     #[command(subcommand_required = true)]
     Firewall(firewall::FirewallArgs),
+    /// Make, remove and copy files on another host over ssh/scp or rsync.
+    #[command(subcommand_required = true)]
+    Remote(remote::RemoteArgs),
 }
 
 /// How results are printed.
@@ -105,6 +109,7 @@ fn main() -> ExitCode {
         Command::Drive(args) => drive::run(args),
         Command::Secgroup(args) => secgroup::run(args),
         Command::Firewall(args) => firewall::run(args),
+        Command::Remote(args) => remote::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
