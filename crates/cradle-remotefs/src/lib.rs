@@ -2,11 +2,11 @@
 //! make and remove directories and files on another host, and copy files to
 //! and from it, through one of two transports.
 //!
-//! - [`SshFs`] uses only `ssh` and `scp`. Small operations are one POSIX
-//!   shell command over ssh, every path quoted for that shell; uploads use
-//!   scp's original protocol (so the remote side reports errors such as
-//!   "No space left on device" by name, which SFTP cannot) and downloads use
-//!   scp's SFTP mode with the path escaped for its glob.
+//! - [`SshFs`] uses only `ssh` and `scp`. Small operations and uploads are
+//!   one POSIX shell command over ssh, every path quoted for that shell
+//!   (uploads stream into a temporary file renamed into place when
+//!   complete); downloads use scp's SFTP mode with the path escaped for its
+//!   glob.
 //! - [`RsyncFs`] uses only `rsync` (over ssh), so the remote account can be
 //!   confined with `command="rrsync DIR"`. mkdir, touch and rm are emulated
 //!   as Nova does, by syncing empty temporary trees with `--relative`,

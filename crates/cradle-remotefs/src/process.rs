@@ -75,6 +75,49 @@ pub(crate) struct Job<'a> {
     pub args: Vec<OsString>,
     pub what: &'a str,
     pub timeout: Duration,
+    pub stdin: Input,
+}
+
+/// What a tool reads on its standard input.
+pub(crate) enum Input {
+    Null,
+    /// The file itself: the tool reads it directly.
+    File(std::fs::File),
+    /// The file fed through a pipe at most this many bytes a second; the
+    /// count of bytes fed so far goes to the `AtomicU64`.
+    Paced(
+        std::fs::File,
+        u64,
+        std::sync::Arc<std::sync::atomic::AtomicU64>,
+    ),
+}
+
+/// Copy `file` into `to` at no more than `rate` bytes a second, counting
+/// into `fed`; `to` is closed at the end, which the tool reads as EOF.
+async fn feed(
+    file: std::fs::File,
+    mut to: tokio::process::ChildStdin,
+    rate: u64,
+    fed: std::sync::Arc<std::sync::atomic::AtomicU64>,
+) {
+    use tokio::io::AsyncWriteExt;
+    let mut file = tokio::fs::File::from_std(file);
+    let mut buf = vec![0u8; 64 * 1024];
+    let start = tokio::time::Instant::now();
+    let mut sent = 0u64;
+    loop {
+        let n = match file.read(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => n,
+        };
+        if to.write_all(&buf[..n]).await.is_err() {
+            return;
+        }
+        sent += n as u64;
+        fed.store(sent, std::sync::atomic::Ordering::Relaxed);
+        let due = start + Duration::from_secs_f64(sent as f64 / rate.max(1) as f64);
+        tokio::time::sleep_until(due).await;
+    }
 }
 
 pub(crate) async fn run(
@@ -89,12 +132,18 @@ pub(crate) async fn run(
         args,
         what,
         timeout,
+        stdin,
     } = job;
+    let (stdin, paced) = match stdin {
+        Input::Null => (Stdio::null(), None),
+        Input::File(f) => (Stdio::from(f), None),
+        Input::Paced(f, rate, fed) => (Stdio::piped(), Some((f, rate, fed))),
+    };
     tracing::debug!(tool, what, "running");
     let mut cmd = Command::new(program);
     cmd.args(&args)
         .env("LC_ALL", "C")
-        .stdin(Stdio::null())
+        .stdin(stdin)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .process_group(0)
@@ -109,6 +158,14 @@ pub(crate) async fn run(
         pid: pid as i32,
         reaped: false,
     };
+    let child_stdin = g.child.stdin.take();
+    let mut feeder = std::pin::pin!(async move {
+        match (paced, child_stdin) {
+            (Some((f, rate, fed)), Some(to)) => feed(f, to, rate, fed).await,
+            _ => std::future::pending().await,
+        }
+    });
+    let mut feeding = true;
     let mut out = g.child.stdout.take().expect("piped");
     let mut err = g.child.stderr.take().expect("piped");
     let (mut out_open, mut err_open) = (true, true);
@@ -139,6 +196,7 @@ pub(crate) async fn run(
                 Ok(0) | Err(_) => err_open = false,
                 Ok(n) => keep(&mut stderr, &ebuf[..n]),
             },
+            _ = &mut feeder, if feeding => feeding = false,
             _ = ticker.tick() => tick(pid),
             status = g.child.wait(), if !out_open && !err_open => {
                 g.reaped = true;

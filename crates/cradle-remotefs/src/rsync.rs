@@ -27,7 +27,7 @@ use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::path::{Path, PathBuf};
 
 use crate::error::{Failure, classify};
-use crate::process::{Job, Output, run};
+use crate::process::{Input, Job, Output, run};
 use crate::quote::{filter_pattern, rsync_rsh_word};
 use crate::{
     Error, Host, Op, Progress, RemoteFilesystem, RemotePath, Result, Settings, local_destination,
@@ -102,6 +102,7 @@ impl RsyncFs {
             args,
             what,
             timeout: t,
+            stdin: Input::Null,
         };
         run(job, op, on_stdout, |_| {}).await
     }
@@ -239,6 +240,17 @@ impl RsyncFs {
         v
     }
 
+    /// rsync's receiver removes an empty directory to make way for a file
+    /// of the same name; a file operation must not, so look first.
+    async fn refuse_directory(&self, host: &Host, path: &RemotePath, op: &Op) -> Result<()> {
+        match self.list(host, path, op).await? {
+            Listed::Other('d') => Err(Error::IsADirectory {
+                place: format!("{host}:{path}"),
+            }),
+            _ => Ok(()),
+        }
+    }
+
     async fn list(&self, host: &Host, path: &RemotePath, op: &Op) -> Result<Listed> {
         let mut a = self.base(host);
         a.push("--recursive".into());
@@ -341,6 +353,7 @@ impl RemoteFilesystem for RsyncFs {
     }
 
     async fn create_file(&self, host: &Host, path: &RemotePath, op: &Op) -> Result<()> {
+        self.refuse_directory(host, path, op).await?;
         let tmp = temp_dir()?;
         let leaf = mirror(tmp.path(), path)?;
         std::fs::File::create(&leaf).map_err(|source| Error::Local {
@@ -394,6 +407,7 @@ impl RemoteFilesystem for RsyncFs {
 
     async fn copy_to(&self, src: &Path, host: &Host, dst: &RemotePath, op: &Op) -> Result<()> {
         let (src, total) = local_source(src)?;
+        self.refuse_directory(host, dst, op).await?;
         let tmp = temp_dir()?;
         let leaf = mirror(tmp.path(), dst)?;
         std::os::unix::fs::symlink(&src, &leaf).map_err(|source| Error::Local {

@@ -1,27 +1,30 @@
-//! The `ssh` transport: ssh for small operations, scp for copies.
+//! The `ssh` transport: ssh, and scp for downloads.
 //!
 //! - mkdir, touch, rm and rmdir are one command line for the remote POSIX
 //!   shell, with every path as one single-quoted word and after `--`.
-//! - Uploads use scp's original protocol (`scp -O`): the remote `scp -t`
-//!   gets the destination through the remote shell, so it is quoted the same
-//!   way, and the remote side names errors ("No space left on device") that
-//!   SFTP reduces to "Failure".
-//! - Downloads use scp's SFTP mode: the original protocol refuses names it
-//!   cannot echo back (a newline, a quote), while SFTP carries the path as
-//!   bytes. scp globs a download's source, so the path is glob-escaped. A
-//!   `stat` over ssh first gives the size for progress and a clean error for
-//!   a missing file or a directory.
+//! - Uploads stream the file into ssh's standard input, and a short remote
+//!   script writes it to a temporary file beside the destination and renames
+//!   it into place only when every byte arrived (see [`upload_script`]). The
+//!   destination is exactly the path given: scp would put the file inside a
+//!   directory of that name, and its SFTP mode reports a full disk only as
+//!   "Failure"; here the remote tools name their errors. Progress is the
+//!   file offset ssh has read to, shared with a duplicate descriptor.
+//! - Downloads use scp in its SFTP mode: the original protocol refuses names
+//!   it cannot echo back (a newline, a quote), while SFTP carries the path
+//!   as bytes. scp globs a download's source, so the path is glob-escaped.
+//!   A `stat` over ssh first gives the size for progress and a clean error
+//!   for a missing file or a directory; progress is the size of the
+//!   temporary file scp writes.
 //!
-//! Progress of an upload is read from the kernel: the file offset of scp's
-//! descriptor for the source (`/proc/PID/fdinfo`). A download's is the size
-//! of the temporary file scp writes.
+//! The remote side needs a POSIX shell, GNU coreutils (stat -c, mktemp -p,
+//! mv -T), scp and the SFTP subsystem.
 
 use std::ffi::OsString;
-use std::os::unix::ffi::{OsStrExt, OsStringExt};
+use std::os::unix::ffi::OsStringExt;
 use std::path::Path;
 
 use crate::error::{Failure, classify};
-use crate::process::{Job, Output, run};
+use crate::process::{Input, Job, Output, run};
 use crate::quote::{glob_literal, shell_word};
 use crate::{
     Error, Host, Op, Progress, RemoteFilesystem, RemotePath, Result, Settings, local_destination,
@@ -66,6 +69,7 @@ impl SshFs {
                 args: a,
                 what,
                 timeout: op.timeout.unwrap_or(self.s.timeout),
+                stdin: Input::Null,
             },
             op,
             |_| {},
@@ -145,38 +149,56 @@ impl RemoteFilesystem for SshFs {
 
     async fn copy_to(&self, src: &Path, host: &Host, dst: &RemotePath, op: &Op) -> Result<()> {
         let (src, total) = local_source(src)?;
+        let file = std::fs::File::open(&src).map_err(|source| Error::Local {
+            path: src.clone(),
+            source,
+        })?;
+        let mode = file
+            .metadata()
+            .map(|m| std::os::unix::fs::PermissionsExt::mode(&m.permissions()) & 0o777)
+            .unwrap_or(0o644);
+        // Unlimited, ssh reads the file itself, and a duplicate descriptor,
+        // sharing its offset, tells how far it got. Limited, the file is fed
+        // through a pipe at the configured rate.
+        let probe = file.try_clone().map_err(|source| Error::Local {
+            path: src.clone(),
+            source,
+        })?;
+        let fed = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let stdin = if self.s.bwlimit_kib > 0 {
+            Input::Paced(file, self.s.bwlimit_kib * 1024, fed.clone())
+        } else {
+            Input::File(file)
+        };
         let what = format!("copy {} to {host}:{dst}", src.display());
         let mut a = self.common(host);
         a.push("-o".into());
         a.push(format!("Compression={}", yes_no(self.s.compression)).into());
-        a.push("-O".into());
-        a.push("-q".into());
-        if self.s.bwlimit_kib > 0 {
-            // scp's -l is in Kbit/s.
-            a.push("-l".into());
-            a.push((self.s.bwlimit_kib * 8192 / 1000).max(1).to_string().into());
-        }
+        a.push("-T".into());
         a.push("--".into());
-        a.push(src.clone().into_os_string());
-        let mut spec = format!("{}:", host.for_spec()).into_bytes();
-        spec.extend(shell_word(&dst.for_tool()));
-        a.push(OsString::from_vec(spec));
+        a.push(host.name().into());
+        a.push(OsString::from_vec(upload_script(dst, total, mode)));
 
         op.report(Progress { done: 0, total });
-        let mut fd: Option<String> = None;
-        let src_bytes = src.as_os_str().as_bytes().to_vec();
         let out = run(
             Job {
-                tool: "scp",
-                program: &self.s.scp,
+                tool: "ssh",
+                program: &self.s.ssh,
                 args: a,
                 what: &what,
                 timeout: op.timeout.unwrap_or(self.s.copy_timeout),
+                stdin,
             },
             op,
             |_| {},
-            |pid| {
-                if let Some(done) = read_offset(pid, &src_bytes, &mut fd) {
+            |_| {
+                let mut f = &probe;
+                let done = if self.s.bwlimit_kib > 0 {
+                    Ok(fed.load(std::sync::atomic::Ordering::Relaxed))
+                } else {
+                    std::io::Seek::stream_position(&mut f)
+                };
+                if let Ok(done) = done {
                     op.report(Progress {
                         done: done.min(total),
                         total,
@@ -185,7 +207,7 @@ impl RemoteFilesystem for SshFs {
             },
         )
         .await?;
-        check(out, "scp", host, dst)?;
+        check(out, "ssh", host, dst)?;
         op.report(Progress { done: total, total });
         Ok(())
     }
@@ -237,6 +259,7 @@ impl RemoteFilesystem for SshFs {
                 args: a,
                 what: &what,
                 timeout: op.timeout.unwrap_or(self.s.copy_timeout),
+                stdin: Input::Null,
             },
             op,
             |_| {},
@@ -261,6 +284,44 @@ impl RemoteFilesystem for SshFs {
     }
 }
 
+/// The remote side of an upload: standard input into a temporary file
+/// beside the destination, then, only if all `size` bytes arrived, renamed
+/// over it (`mv -T`, so a directory there is refused rather than entered).
+/// When the connection drops, sshd hangs the shell up (or cat sees end of
+/// file early and the size check fails), and the temporary file is removed
+/// on the way out: a cancelled upload never replaces the destination. Needs a POSIX shell and GNU coreutils.
+fn upload_script(dst: &RemotePath, size: u64, mode: u32) -> Vec<u8> {
+    let comps: Vec<&[u8]> = dst.components().collect();
+    let parent: Vec<u8> = match (dst.is_absolute(), comps.len()) {
+        (true, 1) => b"/".to_vec(),
+        (false, 1) => b".".to_vec(),
+        (abs, n) => {
+            let mut p = if abs { b"/".to_vec() } else { b"./".to_vec() };
+            p.extend(comps[..n - 1].join(&b'/'));
+            p
+        }
+    };
+    let mut s = b"d=".to_vec();
+    s.extend(shell_word(&dst.for_tool()));
+    s.extend_from_slice(b"; p=");
+    s.extend(shell_word(&parent));
+    s.extend_from_slice(
+        format!(
+            "; if [ -d \"$d\" ]; then echo 'cradle: Is a directory' >&2; exit 1; fi\n\
+             t=$(mktemp -p \"$p\" .cradle-upload-XXXXXX) || exit 1\n\
+             trap 'rm -f -- \"$t\"' EXIT\n\
+             trap 'exit 1' HUP INT TERM PIPE\n\
+             cat > \"$t\" || exit 1\n\
+             n=$(stat -c %s -- \"$t\") || exit 1\n\
+             [ \"$n\" = {size} ] || {{ echo \"cradle: upload cut short at $n of {size} bytes\" >&2; exit 1; }}\n\
+             chmod \"$(printf %o $(( 0{mode:o} & ~0$(umask) )))\" -- \"$t\" || exit 1\n\
+             mv -f -T -- \"$t\" \"$d\"\n"
+        )
+        .as_bytes(),
+    );
+    s
+}
+
 /// `stat -c %F:%s` output: the size of a regular file, or why it is not one.
 fn parse_stat(out: &[u8], host: &Host, path: &RemotePath) -> Result<u64> {
     let text = String::from_utf8_lossy(out);
@@ -283,25 +344,4 @@ fn parse_stat(out: &[u8], host: &Host, path: &RemotePath) -> Result<u64> {
             kind: other.to_string(),
         }),
     }
-}
-
-/// The offset of `pid`'s descriptor open on `path`, from /proc. The
-/// descriptor number is found once and remembered in `fd`.
-fn read_offset(pid: u32, path: &[u8], fd: &mut Option<String>) -> Option<u64> {
-    if fd.is_none() {
-        let dir = std::fs::read_dir(format!("/proc/{pid}/fd")).ok()?;
-        for e in dir.flatten() {
-            if let Ok(link) = std::fs::read_link(e.path())
-                && link.as_os_str().as_bytes() == path
-            {
-                *fd = Some(e.file_name().to_string_lossy().into_owned());
-                break;
-            }
-        }
-    }
-    let n = fd.as_ref()?;
-    let info = std::fs::read_to_string(format!("/proc/{pid}/fdinfo/{n}")).ok()?;
-    info.lines()
-        .find_map(|l| l.strip_prefix("pos:"))
-        .and_then(|v| v.trim().parse().ok())
 }

@@ -400,7 +400,8 @@ fn closed_port() -> u16 {
 }
 
 /// Cancelling a 1 GiB copy returns at once and leaves no ssh, scp or rsync
-/// running; so do dropping the operation and its deadline passing.
+/// running, and no partial file on the remote side; so do dropping the
+/// operation and its deadline passing.
 #[tokio::test]
 async fn cancel_drop_and_timeout_kill_every_process() {
     let sshd = Sshd::start().unwrap();
@@ -478,6 +479,24 @@ async fn cancel_drop_and_timeout_kill_every_process() {
                 assert!(
                     start.elapsed() < Duration::from_secs(3),
                     "{t} {how}: still running: {left:?}"
+                );
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            // The remote side drops its partial file, and the destination
+            // never appears.
+            let start = Instant::now();
+            loop {
+                let left: Vec<_> = std::fs::read_dir(sshd.home())
+                    .unwrap()
+                    .flatten()
+                    .map(|e| e.file_name())
+                    .collect();
+                if left.is_empty() {
+                    break;
+                }
+                assert!(
+                    start.elapsed() < Duration::from_secs(5),
+                    "{t} {how}: left {left:?}"
                 );
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
@@ -621,4 +640,68 @@ async fn rrsync_confines_the_rsync_driver() {
         "{e}"
     );
     assert!(!jail.join("x").exists());
+}
+
+/// A copy or touch onto an existing (empty) directory is refused by both
+/// transports, and the directory is left as it was.
+#[tokio::test]
+async fn copy_onto_a_directory_is_refused() {
+    let sshd = Sshd::start().unwrap();
+    let host = localhost();
+    let local = tempfile::tempdir().unwrap();
+    let src = local.path().join("src");
+    std::fs::write(&src, b"data").unwrap();
+    let dir = sshd.home().join("adir");
+    std::fs::create_dir(&dir).unwrap();
+    sshd.give(&dir).unwrap();
+    for t in BOTH {
+        let r = driver(&sshd, t)
+            .copy_to(&src, &host, &remote(&dir), &Op::new())
+            .await;
+        let inside: Vec<_> = std::fs::read_dir(&dir)
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name())
+            .collect();
+        let e = r.expect_err(&format!("{t}: copied, now in the directory: {inside:?}"));
+        assert!(matches!(e, Error::IsADirectory { .. }), "{t}: {e}");
+        let e = driver(&sshd, t)
+            .create_file(&host, &remote(&dir), &Op::new())
+            .await
+            .unwrap_err();
+        assert!(matches!(e, Error::IsADirectory { .. }), "{t}: {e}");
+        assert!(dir.is_dir(), "{t}: the directory was replaced");
+        let inside: Vec<_> = std::fs::read_dir(&dir)
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name())
+            .collect();
+        assert!(inside.is_empty(), "{t}: {inside:?}");
+    }
+}
+
+/// `bwlimit` holds a copy to its rate with both transports (ssh feeds the
+/// upload through a paced pipe; rsync has --bwlimit).
+#[tokio::test]
+async fn bandwidth_limit_is_honoured() {
+    let sshd = Sshd::start().unwrap();
+    let local = tempfile::tempdir().unwrap();
+    let src = local.path().join("src");
+    let data = random_bytes(4 << 20, 9);
+    std::fs::write(&src, &data).unwrap();
+    for t in BOTH {
+        let mut s = settings(&sshd, t);
+        s.bwlimit_kib = 2048;
+        let dst = sshd.home().join(format!("limited-{t}"));
+        let start = Instant::now();
+        Remote::new(s)
+            .unwrap()
+            .copy_to(&src, &localhost(), &remote(&dst), &Op::new())
+            .await
+            .unwrap();
+        let took = start.elapsed();
+        // 4 MiB at 2 MiB/s: about 2 s (rsync lets its first burst through).
+        assert!(took > Duration::from_millis(1400), "{t}: {took:?}");
+        assert_eq!(std::fs::read(&dst).unwrap(), data, "{t}");
+    }
 }

@@ -175,38 +175,59 @@ fn bad_operands_are_refused_before_connecting() {
     .fails_with(&["cannot reach 127.0.0.1"]);
 }
 
-/// Ctrl-C during a 1 GiB copy stops cradle at once, and every ssh, scp and
+/// Ctrl-C during a copy stops cradle at once, and every ssh, scp and
 /// rsync it started with it (they run in process groups of their own, so
 /// the terminal's signal would not reach them).
 #[test]
 fn interrupt_stops_the_copy_and_its_processes() {
     let sshd = Sshd::start().unwrap();
     let local = tempfile::tempdir().unwrap();
+    // Dense: rsync writes zeros as holes, so a sparse file would show no
+    // data on the remote side until the end.
     let big = local.path().join("big");
-    std::fs::File::create(&big)
-        .unwrap()
-        .set_len(1 << 30)
-        .unwrap();
+    let mut x = 0x9e3779b97f4a7c15u64;
+    let data: Vec<u8> = (0..64 << 20)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect();
+    std::fs::write(&big, data).unwrap();
     let marker = sshd.known_hosts().into_os_string();
     for t in ["ssh", "rsync"] {
         let dst = sshd.home().join(format!("big-{t}"));
+        // 64 MiB at 4 MiB/s: the copy is surely running when the signal
+        // comes, however busy the machine is.
         let mut child = remote(&sshd, t)
+            .args(["--bwlimit", "4096"])
             .arg("copy")
             .arg(&big)
             .arg(operand(&dst))
             .stderr(Stdio::piped())
             .spawn()
             .unwrap();
-        // Wait until data is arriving on the remote side.
+        // Wait until data is arriving on the remote side (in a temporary
+        // file: the destination appears only when complete).
         let start = Instant::now();
-        while std::fs::metadata(&dst).map(|m| m.len()).unwrap_or(0) == 0 {
+        while arrived(&sshd.home()) == 0 {
             assert!(
                 start.elapsed() < Duration::from_secs(20),
                 "{t}: nothing arrived"
             );
             std::thread::sleep(Duration::from_millis(20));
         }
-        assert!(child.try_wait().unwrap().is_none(), "{t}: copy ended early");
+        if child.try_wait().unwrap().is_some() {
+            let out = child.wait_with_output().unwrap();
+            panic!(
+                "{t}: copy ended early ({}) after {:?} with {} arrived: {}",
+                out.status,
+                start.elapsed(),
+                arrived(&sshd.home()),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
         // SAFETY: kill(2) on our own child's pid.
         assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGINT) }, 0);
         let stopped = Instant::now();
@@ -231,5 +252,26 @@ fn interrupt_stops_the_copy_and_its_processes() {
             );
             std::thread::sleep(Duration::from_millis(50));
         }
+        // The remote side drops its partial file; nothing replaced dst.
+        let start = Instant::now();
+        while arrived(&sshd.home()) > 0 {
+            assert!(
+                start.elapsed() < Duration::from_secs(5),
+                "{t}: partial upload left behind"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        assert!(!dst.exists(), "{t}");
     }
+}
+
+/// Bytes in the files of `dir`.
+fn arrived(dir: &Path) -> u64 {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .flatten()
+        .filter_map(|e| e.metadata().ok())
+        .filter(|m| m.is_file())
+        .map(|m| m.len())
+        .sum()
 }
