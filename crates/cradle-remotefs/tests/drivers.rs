@@ -705,3 +705,33 @@ async fn bandwidth_limit_is_honoured() {
         assert_eq!(std::fs::read(&dst).unwrap(), data, "{t}");
     }
 }
+
+/// A key and a known_hosts file whose paths hold spaces and quotes reach
+/// ssh intact, directly and through rsync's `-e` (which rsync splits
+/// itself).
+#[tokio::test]
+async fn settings_paths_with_spaces_and_quotes() {
+    let sshd = Sshd::start().unwrap();
+    let odd = tempfile::tempdir().unwrap();
+    let dir = odd.path().join("it's a dir");
+    std::fs::create_dir(&dir).unwrap();
+    let key = dir.join("my key");
+    let kh = dir.join("known hosts");
+    std::fs::copy(sshd.key(), &key).unwrap();
+    std::fs::copy(sshd.known_hosts(), &kh).unwrap();
+    for t in BOTH {
+        let mut s = settings(&sshd, t);
+        s.identity_file = Some(key.clone());
+        s.known_hosts = Some(kh.clone());
+        let target = sshd.home().join(format!("odd-{t}"));
+        Remote::new(s)
+            .unwrap()
+            .create_dir(&localhost(), &remote(&target), &Op::new())
+            .await
+            .unwrap();
+        assert!(target.is_dir(), "{t}");
+    }
+    let mut s = settings(&sshd, Transport::Ssh);
+    s.known_hosts = Some(dir.join("a\"b"));
+    assert!(matches!(Remote::new(s), Err(Error::Invalid { .. })));
+}
