@@ -311,6 +311,20 @@ impl Drop for Sshd {
     }
 }
 
+/// Waits up to `within` for every process mentioning `marker` to end
+/// (SIGKILLed processes take a moment to go); returns those still running
+/// then, so an empty list means none outlived the operation.
+pub fn wait_until_none_mention(marker: &OsStr, within: std::time::Duration) -> Vec<(u32, String)> {
+    let start = std::time::Instant::now();
+    loop {
+        let left = processes_mentioning(marker);
+        if left.is_empty() || start.elapsed() > within {
+            return left;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
+
 /// Processes still running (state not Z) whose command line contains `marker` (bytes), excluding the calling process: (pid, command line with NULs shown as spaces). Reads /proc/*/cmdline and /proc/*/stat. Tests use the fixture's unique known_hosts path as the marker to prove no ssh/scp/rsync child outlived an operation.
 pub fn processes_mentioning(marker: &OsStr) -> Vec<(u32, String)> {
     let marker = marker.as_bytes();

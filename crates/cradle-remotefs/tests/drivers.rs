@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use cradle_remotefs::testkit::{Sshd, SshdOptions, processes_mentioning};
+use cradle_remotefs::testkit::{Sshd, SshdOptions, wait_until_none_mention};
 use cradle_remotefs::{
     CancellationToken, Error, Host, Op, Progress, Remote, RemoteFilesystem, RemotePath, Settings,
     Transport,
@@ -470,18 +470,8 @@ async fn cancel_drop_and_timeout_kill_every_process() {
                 );
             }
             // SIGKILLed processes vanish (or turn zombie) within moments.
-            let start = Instant::now();
-            loop {
-                let left = processes_mentioning(&marker);
-                if left.is_empty() {
-                    break;
-                }
-                assert!(
-                    start.elapsed() < Duration::from_secs(3),
-                    "{t} {how}: still running: {left:?}"
-                );
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
+            let left = wait_until_none_mention(&marker, Duration::from_secs(3));
+            assert!(left.is_empty(), "{t} {how}: still running: {left:?}");
             // The remote side drops its partial file, and the destination
             // never appears.
             let start = Instant::now();

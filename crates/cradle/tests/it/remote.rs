@@ -7,7 +7,7 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use cradle_remotefs::testkit::{Sshd, processes_mentioning};
+use cradle_remotefs::testkit::{Sshd, wait_until_none_mention};
 
 use crate::harness::{Run, cradle_command};
 
@@ -240,18 +240,8 @@ fn interrupt_stops_the_copy_and_its_processes() {
         assert!(!out.status.success());
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert!(stderr.contains("cancelled"), "{t}: {stderr}");
-        let start = Instant::now();
-        loop {
-            let left = processes_mentioning(&marker);
-            if left.is_empty() {
-                break;
-            }
-            assert!(
-                start.elapsed() < Duration::from_secs(3),
-                "{t}: still running: {left:?}"
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        let left = wait_until_none_mention(&marker, Duration::from_secs(3));
+        assert!(left.is_empty(), "{t}: still running: {left:?}");
         // The remote side drops its partial file; nothing replaced dst.
         let start = Instant::now();
         while arrived(&sshd.home()) > 0 {
