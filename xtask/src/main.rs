@@ -1,12 +1,14 @@
 //! Project tasks: `cargo xtask ci` (what `.ci/run` runs),
 //! `cargo xtask bench metadata` (the metadata-service benchmark against nginx),
 //! `cargo xtask bench drive` (config drives against genisoimage),
-//! `cargo xtask bench vendordata` (dynamic vendordata against a slow target)
-//! and `cargo xtask bench firewall` (security groups in nftables at scale).
+//! `cargo xtask bench vendordata` (dynamic vendordata against a slow target),
+//! `cargo xtask bench firewall` (security groups in nftables at scale)
+//! and `cargo xtask bench remote` (remotefs copies against bare scp and rsync).
 
 mod bench;
 mod bench_drive;
 mod bench_firewall;
+mod bench_remote;
 mod bench_vendordata;
 mod ci;
 mod debian;
@@ -56,6 +58,13 @@ tasks:
       --instances LIST       comma-separated instance counts [1000,10000]
       --runs N               repeat the measurements; report medians [3]
       --changes N            single changes timed per run; median [10]
+  bench remote         copy a dense and a sparse file to a local sshd (as root)
+                       with cradle-remotefs's ssh and rsync drivers, and with
+                       the bare scp (SFTP and -O) and rsync command lines, in
+                       turn; reports throughput, driver/bare ratios and the
+                       space the copies allocate; options:
+      --size-mib N           size of each file in MiB [1024]
+      --runs N               repeat the copies; report medians [3]
 ";
 
 fn main() -> ExitCode {
@@ -91,9 +100,16 @@ fn main() -> ExitCode {
                     bench_firewall::run(o)
                 }
             }),
+            Some("remote") => bench_remote::Options::parse(&args[2..]).and_then(|o| {
+                if cfg!(debug_assertions) {
+                    reexec_optimized(&args, "the drivers are measured in-process")
+                } else {
+                    bench_remote::run(o)
+                }
+            }),
             _ => Err(anyhow::anyhow!(
                 "unknown benchmark; expected `bench metadata`, `bench drive`, \
-                 `bench vendordata` or `bench firewall`\n\n{USAGE}"
+                 `bench vendordata`, `bench firewall` or `bench remote`\n\n{USAGE}"
             )),
         },
         Some("-h" | "--help" | "help") => {

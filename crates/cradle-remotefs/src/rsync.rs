@@ -117,7 +117,8 @@ impl RsyncFs {
         })
     }
 
-    /// Push the local tree `tmp/./<rel>` with `extra` options.
+    /// Push the local tree `tmp/./<rel>` with `extra` options. Returns
+    /// whether a file was sent (it needs `--itemize-changes` in `extra`).
     async fn push(
         &self,
         (host, path): (&Host, &RemotePath),
@@ -126,7 +127,7 @@ impl RsyncFs {
         verb: &str,
         op: &Op,
         total: Option<u64>,
-    ) -> Result<()> {
+    ) -> Result<bool> {
         let mut a = self.base(host);
         a.extend(extra.iter().map(OsString::from));
         a.push("--relative".into());
@@ -156,10 +157,15 @@ impl RsyncFs {
         if !out.status.success() {
             return Err(Self::fail(&out, host, path));
         }
-        if let Some(total) = total {
+        // With --itemize-changes, a file sent is a line `<f…`.
+        let sent = out
+            .stdout
+            .split(|&b| b == b'\n' || b == b'\r')
+            .any(|l| l.starts_with(b"<f"));
+        if sent && let Some(total) = total {
             op.report(Progress { done: total, total });
         }
-        Ok(())
+        Ok(sent)
     }
 
     /// Delete what `leaf_rules` admit in `path`'s parent, syncing an empty
@@ -240,8 +246,9 @@ impl RsyncFs {
         v
     }
 
-    /// rsync's receiver removes an empty directory to make way for a file
-    /// of the same name; a file operation must not, so look first.
+    /// `IsADirectory` when `path` is one. rsync's receiver removes an empty
+    /// directory to make way for a file of the same name; a file operation
+    /// must not.
     async fn refuse_directory(&self, host: &Host, path: &RemotePath, op: &Op) -> Result<()> {
         match self.list(host, path, op).await? {
             Listed::Other('d') => Err(Error::IsADirectory {
@@ -350,25 +357,29 @@ impl RemoteFilesystem for RsyncFs {
             None,
         )
         .await
+        .map(drop)
     }
 
     async fn create_file(&self, host: &Host, path: &RemotePath, op: &Op) -> Result<()> {
-        self.refuse_directory(host, path, op).await?;
         let tmp = temp_dir()?;
         let leaf = mirror(tmp.path(), path)?;
         std::fs::File::create(&leaf).map_err(|source| Error::Local {
             path: leaf.clone(),
             source,
         })?;
-        self.push(
-            (host, path),
-            tmp.path(),
-            &["--ignore-existing", "--no-implied-dirs"],
-            "touch",
-            op,
-            None,
-        )
-        .await
+        let extra = [
+            "--ignore-existing",
+            "--itemize-changes",
+            "--no-implied-dirs",
+        ];
+        if self
+            .push((host, path), tmp.path(), &extra, "touch", op, None)
+            .await?
+        {
+            return Ok(());
+        }
+        // Something was there: fine if it is not a directory.
+        self.refuse_directory(host, path, op).await
     }
 
     async fn remove_file(&self, host: &Host, path: &RemotePath, op: &Op) -> Result<()> {
@@ -407,7 +418,6 @@ impl RemoteFilesystem for RsyncFs {
 
     async fn copy_to(&self, src: &Path, host: &Host, dst: &RemotePath, op: &Op) -> Result<()> {
         let (src, total) = local_source(src)?;
-        self.refuse_directory(host, dst, op).await?;
         let tmp = temp_dir()?;
         let leaf = mirror(tmp.path(), dst)?;
         std::os::unix::fs::symlink(&src, &leaf).map_err(|source| Error::Local {
@@ -419,6 +429,7 @@ impl RemoteFilesystem for RsyncFs {
             "--no-implied-dirs",
             "--sparse",
             "--info=progress2",
+            "--itemize-changes",
         ];
         if self.s.compression {
             extra.push("--compress");
@@ -427,8 +438,23 @@ impl RemoteFilesystem for RsyncFs {
         if self.s.bwlimit_kib > 0 {
             extra.push(&bw);
         }
-        self.push((host, dst), tmp.path(), &extra, "copy to", op, Some(total))
-            .await
+        // rsync's receiver removes an empty directory to make way for a
+        // file, and no filter or option stops it. So the first pass skips
+        // anything already there (one connection for a new file); only if
+        // it skipped is the destination looked at, and a file overwritten.
+        extra.push("--ignore-existing");
+        let path = (host, dst);
+        if self
+            .push(path, tmp.path(), &extra, "copy to", op, Some(total))
+            .await?
+        {
+            return Ok(());
+        }
+        self.refuse_directory(host, dst, op).await?;
+        extra.pop();
+        self.push(path, tmp.path(), &extra, "copy to", op, Some(total))
+            .await?;
+        Ok(())
     }
 
     async fn copy_from(&self, host: &Host, src: &RemotePath, dst: &Path, op: &Op) -> Result<()> {
