@@ -262,6 +262,7 @@ async fn missing_and_wrong_kinds() {
     std::fs::create_dir(home.join("adir")).unwrap();
     std::fs::write(home.join("adir/inside"), b"x").unwrap();
     std::fs::write(home.join("afile"), b"x").unwrap();
+    std::os::unix::fs::symlink("afile", home.join("alink")).unwrap();
     sshd.give(&home).unwrap();
     for t in BOTH {
         let fs = driver(&sshd, t);
@@ -314,6 +315,21 @@ async fn missing_and_wrong_kinds() {
             .await
             .unwrap_err();
         assert!(matches!(e, Error::IsADirectory { .. }), "{t}: {e}");
+        // A symlink as a download's source: scp follows it, rsync refuses.
+        let z = local.path().join("z");
+        let r = fs
+            .copy_from(&host, &remote(&home.join("alink")), &z, &op)
+            .await;
+        match t {
+            Transport::Ssh => {
+                r.unwrap();
+                assert_eq!(std::fs::read(&z).unwrap(), b"x");
+            }
+            Transport::Rsync => {
+                let e = r.unwrap_err();
+                assert!(matches!(e, Error::NotAFile { .. }), "{t}: {e}");
+            }
+        }
     }
 }
 
