@@ -65,6 +65,11 @@ impl RsyncFs {
         let rsh: Vec<Vec<u8>> = rsh.iter().map(|w| rsync_rsh_word(w)).collect();
         vec![
             "--no-human-readable".into(),
+            // The remote side's errors travel in the protocol stream, which
+            // the client reads to the end, rather than on the remote's
+            // stderr, which was lost about half the time when the remote
+            // failed at the end of a transfer (a full disk, say).
+            "--stderr=client".into(),
             "-e".into(),
             OsString::from_vec(rsh.join(&b' ')),
         ]
@@ -108,12 +113,21 @@ impl RsyncFs {
     }
 
     fn fail(out: &Output, host: &Host, path: &RemotePath) -> Error {
+        // Errors come on stderr; a stray one among the progress lines on
+        // stdout counts too.
+        let mut text = out.stderr.clone();
+        for line in out.stdout.split(|&b| b == b'\n' || b == b'\r') {
+            if line.starts_with(b"rsync:") || line.starts_with(b"rsync error:") {
+                text.push(b'\n');
+                text.extend_from_slice(line);
+            }
+        }
         classify(Failure {
             tool: "rsync",
             host: &host.to_string(),
             place: format!("{host}:{path}"),
             status: out.status,
-            stderr: &out.stderr,
+            stderr: &text,
         })
     }
 
