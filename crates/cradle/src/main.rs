@@ -8,6 +8,7 @@ mod client;
 mod drive;
 mod firewall;
 mod instance;
+mod personalize;
 mod remote;
 mod secgroup;
 mod serve;
@@ -56,6 +57,9 @@ enum Command {
     /// Show or re-apply the nftables ruleset that enforces security groups.
     #[command(subcommand_required = true)]
     Firewall(firewall::FirewallArgs),
+    /// Verify personalization packages (.tar.gz) and overlay them onto a directory tree.
+    #[command(subcommand_required = true)]
+    Personalize(personalize::PersonalizeArgs),
     /// Make, remove and copy files on another host over ssh/scp or rsync.
     #[command(subcommand_required = true)]
     Remote(remote::RemoteArgs),
@@ -110,6 +114,7 @@ fn main() -> ExitCode {
         Command::Secgroup(args) => secgroup::run(args),
         Command::Firewall(args) => firewall::run(args),
         Command::Remote(args) => remote::run(args),
+        Command::Personalize(args) => personalize::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -10,6 +10,7 @@ mod drive;
 mod firewall;
 mod hop_limit;
 mod metadata;
+mod personalize;
 mod remote;
 mod secgroup_cli;
 mod secgroups_api;

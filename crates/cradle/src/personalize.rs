@@ -1,0 +1,123 @@
+//! `cradle personalize`: verify a personalization package, and overlay it
+//! onto a directory tree (cradle-personalize).
+
+use std::path::PathBuf;
+
+use anyhow::{Result, bail};
+use clap::{Args, Subcommand};
+use cradle_personalize::{Kind, Limits, Manifest, apply_to_dir, verify};
+
+#[derive(Args, Debug)]
+pub struct PersonalizeArgs {
+    #[command(subcommand)]
+    command: PersonalizeCommand,
+}
+
+#[derive(Subcommand, Debug)]
+enum PersonalizeCommand {
+    /// Read a package to the end and list what it would write, or say why it is refused.
+    #[command(
+        after_help = "A package is a .tar.gz (or .tgz) of regular files, directories, \
+symlinks and hardlinks to earlier files of the same package. Refused: absolute paths, '..', a \
+path through a symlink, device nodes, FIFOs and sockets, names that are not UTF-8 or hold control \
+characters, setuid and setgid bits (unless --allow-setid), and packages over the size, entry or \
+compression-ratio caps. Owners are kept as numbers; modes and times are kept."
+    )]
+    Check {
+        package: PathBuf,
+        /// Allow setuid and setgid bits.
+        #[arg(long)]
+        allow_setid: bool,
+    },
+    /// Verify a package, then overlay it onto a directory tree (a root filesystem).
+    #[command(
+        after_help = "Nothing is written unless the whole package passes, and the \
+target is checked first too: a symlink already on the target in an entry's way, a file where a \
+directory must go, or a directory where a file must go refuses the package. Files replace \
+existing ones through a temporary name renamed into place."
+    )]
+    Apply {
+        package: PathBuf,
+        /// The directory to overlay onto.
+        #[arg(long = "to", value_name = "DIR")]
+        to: PathBuf,
+        /// Allow setuid and setgid bits.
+        #[arg(long)]
+        allow_setid: bool,
+    },
+}
+
+fn limits(allow_setid: bool) -> Limits {
+    Limits {
+        allow_setid,
+        ..Limits::default()
+    }
+}
+
+fn check_extension(p: &std::path::Path) -> Result<()> {
+    let name = p.to_string_lossy();
+    if !(name.ends_with(".tar.gz") || name.ends_with(".tgz")) {
+        bail!(
+            "{}: a personalization package is a .tar.gz or .tgz (the extension decides the format)",
+            p.display()
+        );
+    }
+    Ok(())
+}
+
+pub fn run(args: PersonalizeArgs) -> Result<()> {
+    match args.command {
+        PersonalizeCommand::Check {
+            package,
+            allow_setid,
+        } => {
+            check_extension(&package)?;
+            let m = verify(&package, &limits(allow_setid))?;
+            print_manifest(&m);
+        }
+        PersonalizeCommand::Apply {
+            package,
+            to,
+            allow_setid,
+        } => {
+            check_extension(&package)?;
+            let m = apply_to_dir(&package, &to, &limits(allow_setid))?;
+            eprintln!(
+                "wrote {} entries ({} bytes) to {}",
+                m.entries.len(),
+                file_bytes(&m),
+                to.display()
+            );
+        }
+    }
+    Ok(())
+}
+
+fn file_bytes(m: &Manifest) -> u64 {
+    m.entries
+        .iter()
+        .map(|e| match e.kind {
+            Kind::File { size } => size,
+            _ => 0,
+        })
+        .sum()
+}
+
+fn print_manifest(m: &Manifest) {
+    for e in &m.entries {
+        let (t, extra) = match &e.kind {
+            Kind::Dir => ("d", String::new()),
+            Kind::File { size } => ("f", format!(" ({size} bytes)")),
+            Kind::Symlink { target } => ("l", format!(" -> {target}")),
+            Kind::Hardlink { target } => ("h", format!(" => {target}")),
+        };
+        println!("{t} {:04o} {}:{} {}{extra}", e.mode, e.uid, e.gid, e.path);
+    }
+    eprintln!(
+        "{} entries, {} bytes of files; {} bytes compressed, {} decompressed",
+        m.entries.len(),
+        file_bytes(m),
+        m.compressed_bytes,
+        m.uncompressed_bytes
+    );
+}
