@@ -13,7 +13,8 @@ use crate::{debian, run_cargo};
 /// isovfy), xorriso, mtools, dosfstools (fsck.vfat) and util-linux (blkid) to
 /// read config drives back; nftables and ping for the security-group tests,
 /// which send real traffic between network namespaces; OpenSSH and rsync for
-/// the remote-filesystem drivers.
+/// the remote-filesystem drivers; e2fsprogs and sfdisk for personalization
+/// packages written into ext4 disk images.
 const TEST_PACKAGES: &[&str] = &[
     "cloud-init",
     "python3-botocore",
@@ -34,6 +35,10 @@ const TEST_PACKAGES: &[&str] = &[
     "openssh-server",
     "openssh-client",
     "rsync",
+    // Personalization onto disk images: mke2fs, debugfs and e2fsck, and
+    // sfdisk for the MBR and GPT images the tests make.
+    "e2fsprogs",
+    "fdisk",
 ];
 const DEBIAN_PYTHON: &str = "/usr/bin/python3";
 
@@ -44,7 +49,7 @@ pub fn run() -> Result<()> {
     );
     debian::ensure(
         TEST_PACKAGES,
-        "the integration tests run cloud-init, botocore, ip, curl, nft, ping, sshd, scp, rsync and the ISO and FAT tools",
+        "the integration tests run cloud-init, botocore, ip, curl, nft, ping, sshd, scp, rsync, debugfs, sfdisk and the ISO and FAT tools",
     )?;
     check_python()?;
 

@@ -9,16 +9,20 @@
 //! target is checked for every entry (no symlink already on the target in
 //! the way, no file where a directory must go or the reverse), and only then
 //! written ([`apply_to_dir`]), each file through a temporary name renamed
-//! into place. A refused package leaves the target as it was.
+//! into place. A refused package leaves the target as it was. A raw disk
+//! image with an ext2/3/4 filesystem (whole, or a partition of its MBR or
+//! GPT) is written in user space with debugfs ([`apply_to_image`]).
 //!
 //! This crate reads the archive with the `tar` and `flate2` crates; the
 //! checks are its own, because no crate makes them (tar's `unpack` guards
 //! against `..` but follows symlinks already on the target).
 
 mod dir;
+mod image;
 mod package;
 
 pub use dir::apply_to_dir;
+pub use image::{apply_to_image, filesystem_offset};
 pub use package::{Entry, Kind, Limits, Manifest, verify};
 
 #[derive(Debug, thiserror::Error)]

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use anyhow::{Result, bail};
 use clap::{Args, Subcommand};
-use cradle_personalize::{Kind, Limits, Manifest, apply_to_dir, verify};
+use cradle_personalize::{Kind, Limits, Manifest, apply_to_dir, apply_to_image, verify};
 
 #[derive(Args, Debug)]
 pub struct PersonalizeArgs {
@@ -29,7 +29,7 @@ compression-ratio caps. Owners are kept as numbers; modes and times are kept."
         #[arg(long)]
         allow_setid: bool,
     },
-    /// Verify a package, then overlay it onto a directory tree (a root filesystem).
+    /// Verify a package, then overlay it onto a directory tree or an ext2/3/4 disk image.
     #[command(
         after_help = "Nothing is written unless the whole package passes, and the \
 target is checked first too: a symlink already on the target in an entry's way, a file where a \
@@ -38,9 +38,12 @@ existing ones through a temporary name renamed into place."
     )]
     Apply {
         package: PathBuf,
-        /// The directory to overlay onto.
-        #[arg(long = "to", value_name = "DIR")]
+        /// A directory (a root filesystem), or a raw disk image with an ext2/3/4 filesystem.
+        #[arg(long = "to", value_name = "DIR|IMAGE")]
         to: PathBuf,
+        /// The image's partition holding the filesystem (1-based, MBR or GPT); the whole image if not given.
+        #[arg(long, value_name = "N")]
+        partition: Option<u32>,
         /// Allow setuid and setgid bits.
         #[arg(long)]
         allow_setid: bool,
@@ -78,10 +81,21 @@ pub fn run(args: PersonalizeArgs) -> Result<()> {
         PersonalizeCommand::Apply {
             package,
             to,
+            partition,
             allow_setid,
         } => {
             check_extension(&package)?;
-            let m = apply_to_dir(&package, &to, &limits(allow_setid))?;
+            let m = if to.is_dir() {
+                if partition.is_some() {
+                    bail!(
+                        "--partition is for disk images; {} is a directory",
+                        to.display()
+                    );
+                }
+                apply_to_dir(&package, &to, &limits(allow_setid))?
+            } else {
+                apply_to_image(&package, &to, partition, &limits(allow_setid))?
+            };
             eprintln!(
                 "wrote {} entries ({} bytes) to {}",
                 m.entries.len(),

@@ -104,3 +104,56 @@ fn refused_packages_name_the_entry_and_write_nothing() {
     Run::of(cradle_command().args(["personalize", "check"]).arg(&zip))
         .fails_with(&[".tar.gz or .tgz"]);
 }
+
+#[test]
+fn apply_writes_into_an_ext4_image() {
+    let work = tempfile::tempdir().unwrap();
+    let src = work.path().join("src");
+    std::fs::create_dir_all(src.join("etc")).unwrap();
+    std::fs::write(src.join("etc/motd"), b"hello from cradle\n").unwrap();
+    let pkg = work.path().join("p.tgz");
+    tar_czf(&pkg, &src);
+    let img = work.path().join("disk.img");
+    std::fs::File::create(&img)
+        .unwrap()
+        .set_len(32 << 20)
+        .unwrap();
+    let st = Command::new("mke2fs")
+        .args(["-q", "-t", "ext4"])
+        .arg(&img)
+        .status()
+        .unwrap();
+    assert!(st.success());
+    Run::of(
+        cradle_command()
+            .args(["personalize", "apply"])
+            .arg(&pkg)
+            .arg("--to")
+            .arg(&img),
+    )
+    .success();
+    let out = Command::new("debugfs")
+        .args(["-R", "cat /etc/motd"])
+        .arg(&img)
+        .output()
+        .unwrap();
+    assert_eq!(out.stdout, b"hello from cradle\n");
+    Run::of(
+        cradle_command()
+            .args(["personalize", "apply"])
+            .arg(&pkg)
+            .arg("--to")
+            .arg(&img)
+            .args(["--partition", "1"]),
+    )
+    .fails_with(&["no MBR or GPT partition table"]);
+    Run::of(
+        cradle_command()
+            .args(["personalize", "apply"])
+            .arg(&pkg)
+            .arg("--to")
+            .arg(work.path())
+            .args(["--partition", "1"]),
+    )
+    .fails_with(&["--partition is for disk images"]);
+}

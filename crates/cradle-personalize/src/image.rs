@@ -1,0 +1,355 @@
+//! Overlaying a verified package onto an ext2/3/4 filesystem in a raw disk
+//! image, in user space: no mount, no root, no kernel filesystem code on
+//! untrusted metadata. e2fsprogs' `debugfs -w` does the writing, driven by
+//! a command file; the filesystem is the whole image or a partition found
+//! in its MBR or GPT.
+//!
+//! Only ext2, ext3 and ext4 are supported here (checked by the superblock's
+//! magic); other filesystems go through the install appliance.
+//!
+//! The order is the directory overlay's: verify the package, look up every
+//! entry's path in the image (`ls -p` of each directory involved) and refuse
+//! a symlink in the way or a kind conflict, then write. File data is
+//! unpacked to a private temporary directory on the host for `debugfs
+//! write` and removed when done, whatever happens. debugfs exits 0 even
+//! when a command fails; any message on its standard error (after its
+//! version banner) is an error.
+
+use std::collections::{BTreeSet, HashMap};
+use std::io::{Read, Seek, SeekFrom};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+use crate::package::walk;
+use crate::{Error, Kind, Limits, Manifest};
+
+/// Where the filesystem starts in the image: partition `n` (1-based) of its
+/// MBR or GPT, or the whole image.
+pub fn filesystem_offset(image: &Path, partition: Option<u32>) -> Result<u64, Error> {
+    let mut f = std::fs::File::open(image).map_err(|source| Error::Io {
+        what: format!("cannot open {}", image.display()),
+        source,
+    })?;
+    let Some(n) = partition else { return Ok(0) };
+    let bad = |reason: String| Error::Target {
+        entry: String::new(),
+        reason: format!("{}: {reason}", image.display()),
+    };
+    if n == 0 {
+        return Err(bad("partitions are numbered from 1".into()));
+    }
+    let mut mbr = [0u8; 512];
+    read_at(&mut f, 0, &mut mbr).map_err(|_| bad("too small for a partition table".into()))?;
+    if mbr[510..512] != [0x55, 0xAA] {
+        return Err(bad("no MBR or GPT partition table".into()));
+    }
+    let entry = |i: usize| &mbr[446 + 16 * i..446 + 16 * (i + 1)];
+    if entry(0)[4] == 0xEE {
+        let mut hdr = [0u8; 92];
+        read_at(&mut f, 512, &mut hdr).map_err(|_| bad("truncated GPT header".into()))?;
+        if &hdr[0..8] != b"EFI PART" {
+            return Err(bad("protective MBR without a GPT header".into()));
+        }
+        let lba = u64::from_le_bytes(hdr[72..80].try_into().unwrap());
+        let count = u32::from_le_bytes(hdr[80..84].try_into().unwrap());
+        let size = u32::from_le_bytes(hdr[84..88].try_into().unwrap()) as u64;
+        if n > count || size < 128 {
+            return Err(bad(format!("no partition {n} in its GPT")));
+        }
+        let mut e = vec![0u8; size as usize];
+        read_at(&mut f, lba * 512 + (n as u64 - 1) * size, &mut e)
+            .map_err(|_| bad("truncated GPT entries".into()))?;
+        if e[0..16].iter().all(|&b| b == 0) {
+            return Err(bad(format!("GPT partition {n} is unused")));
+        }
+        return Ok(u64::from_le_bytes(e[32..40].try_into().unwrap()) * 512);
+    }
+    if n > 4 {
+        return Err(bad(format!(
+            "no partition {n} (only MBR primary partitions 1-4)"
+        )));
+    }
+    let e = entry(n as usize - 1);
+    let start = u32::from_le_bytes(e[8..12].try_into().unwrap()) as u64;
+    if e[4] == 0 || start == 0 {
+        return Err(bad(format!("MBR partition {n} is unused")));
+    }
+    Ok(start * 512)
+}
+
+fn read_at(f: &mut std::fs::File, at: u64, buf: &mut [u8]) -> std::io::Result<()> {
+    f.seek(SeekFrom::Start(at))?;
+    f.read_exact(buf)
+}
+
+/// Verify `package`, check the ext filesystem at partition `partition` of
+/// `image` can take it, then write it there with debugfs.
+pub fn apply_to_image(
+    package: &Path,
+    image: &Path,
+    partition: Option<u32>,
+    limits: &Limits,
+) -> Result<Manifest, Error> {
+    let manifest = crate::verify(package, limits)?;
+    let offset = filesystem_offset(image, partition)?;
+    let mut magic = [0u8; 2];
+    let mut f = std::fs::File::open(image).map_err(|source| Error::Io {
+        what: format!("cannot open {}", image.display()),
+        source,
+    })?;
+    if read_at(&mut f, offset + 1024 + 56, &mut magic).is_err() || magic != [0x53, 0xEF] {
+        return Err(Error::Target {
+            entry: String::new(),
+            reason: format!(
+                "{} has no ext2/3/4 filesystem at byte {offset}; other filesystems are \
+                 personalized inside the install appliance",
+                image.display()
+            ),
+        });
+    }
+    let dev = format!("{}?offset={offset}", image.display());
+
+    // What the image holds in every directory an entry lives in.
+    let mut dirs: BTreeSet<String> = BTreeSet::new();
+    for e in &manifest.entries {
+        let mut p = String::new();
+        for c in e.path.split('/') {
+            dirs.insert(p.clone());
+            if !p.is_empty() {
+                p.push('/');
+            }
+            p.push_str(c);
+        }
+    }
+    const S_IFMT: u32 = 0o170000;
+    const S_IFDIR: u32 = 0o040000;
+    const S_IFLNK: u32 = 0o120000;
+    // Parents sort before their children: list a directory only when its
+    // parent's listing shows it is one (never through a symlink).
+    let mut listing: HashMap<String, Option<HashMap<String, u32>>> = HashMap::new();
+    for d in &dirs {
+        let is_dir = d.is_empty() || {
+            let (parent, name) = d.rsplit_once('/').unwrap_or(("", d));
+            listing
+                .get(parent)
+                .and_then(|l| l.as_ref())
+                .and_then(|l| l.get(name))
+                .is_some_and(|m| m & S_IFMT == S_IFDIR)
+        };
+        let l = if is_dir { list_dir(&dev, d)? } else { None };
+        listing.insert(d.clone(), l);
+    }
+    let mode_of = |path: &str| -> Option<u32> {
+        let (parent, name) = path.rsplit_once('/').unwrap_or(("", path));
+        listing.get(parent)?.as_ref()?.get(name).copied()
+    };
+    let mut exists: HashMap<String, u32> = HashMap::new();
+    for e in &manifest.entries {
+        let refuse = |reason: String| Error::Target {
+            entry: e.path.clone(),
+            reason,
+        };
+        let comps: Vec<&str> = e.path.split('/').collect();
+        let mut p = String::new();
+        for (i, c) in comps.iter().enumerate() {
+            if !p.is_empty() {
+                p.push('/');
+            }
+            p.push_str(c);
+            let Some(mode) = mode_of(&p) else { break };
+            let last = i + 1 == comps.len();
+            let kind = mode & S_IFMT;
+            if !last && kind == S_IFLNK {
+                return Err(refuse(format!(
+                    "/{p} in the image is a symlink; the package would write through it"
+                )));
+            }
+            if !last && kind != S_IFDIR {
+                return Err(refuse(format!("/{p} in the image is not a directory")));
+            }
+            if last {
+                match (&e.kind, kind == S_IFDIR) {
+                    (Kind::Dir, false) => {
+                        return Err(refuse(format!("/{p} in the image is not a directory")));
+                    }
+                    (Kind::Dir, true) => {}
+                    (_, true) => return Err(refuse(format!("/{p} in the image is a directory"))),
+                    (_, false) => {
+                        exists.insert(p.clone(), kind);
+                    }
+                }
+            }
+        }
+    }
+
+    // Unpack file data for debugfs, and write the command file.
+    let tmp = tempfile::Builder::new()
+        .prefix("cradle-personalize-")
+        .tempdir()
+        .map_err(|source| Error::Io {
+            what: "cannot create a temporary directory".into(),
+            source,
+        })?;
+    let mut cmds = String::new();
+    let mut made: BTreeSet<String> = dirs
+        .iter()
+        .filter(|d| d.is_empty() || mode_of(d).is_some())
+        .cloned()
+        .collect();
+    let mut links: HashMap<String, u32> = HashMap::new();
+    let mut n = 0u64;
+    walk(package, limits, |e, data| {
+        // Parents the package does not list.
+        let mut p = String::new();
+        let comps: Vec<&str> = e.path.split('/').collect();
+        for c in &comps[..comps.len() - 1] {
+            if !p.is_empty() {
+                p.push('/');
+            }
+            p.push_str(c);
+            if made.insert(p.clone()) {
+                cmds.push_str(&format!("mkdir {}\n", q(&p)));
+            }
+        }
+        let path = q(&e.path);
+        let meta = |cmds: &mut String, kind: u32, set_mode: bool| {
+            if set_mode {
+                cmds.push_str(&format!("sif {path} mode 0{:o}\n", kind | e.mode));
+            }
+            cmds.push_str(&format!("sif {path} uid {}\n", e.uid));
+            cmds.push_str(&format!("sif {path} gid {}\n", e.gid));
+            cmds.push_str(&format!("sif {path} mtime {}\n", e.mtime));
+        };
+        if !matches!(e.kind, Kind::Dir) && exists.remove(&e.path).is_some() {
+            cmds.push_str(&format!("rm {path}\n"));
+        }
+        match &e.kind {
+            Kind::Dir => {
+                if made.insert(e.path.clone()) {
+                    cmds.push_str(&format!("mkdir {path}\n"));
+                }
+                meta(&mut cmds, S_IFDIR, true);
+            }
+            Kind::File { .. } => {
+                n += 1;
+                let local: PathBuf = tmp.path().join(n.to_string());
+                let mut out = std::fs::File::create(&local).map_err(|source| Error::Io {
+                    what: format!("cannot write {}", local.display()),
+                    source,
+                })?;
+                std::io::copy(data, &mut out).map_err(|source| Error::Io {
+                    what: format!("cannot write {}", local.display()),
+                    source,
+                })?;
+                cmds.push_str(&format!("write {} {path}\n", q_local(&local)));
+                meta(&mut cmds, 0o100000, true);
+                links.insert(e.path.clone(), 1);
+            }
+            Kind::Symlink { target } => {
+                cmds.push_str(&format!("symlink {path} {}\n", q_raw(target)));
+                meta(&mut cmds, S_IFLNK, false);
+            }
+            Kind::Hardlink { target } => {
+                cmds.push_str(&format!("ln {} {path}\n", q(target)));
+                *links.entry(target.clone()).or_insert(1) += 1;
+            }
+        }
+        Ok(())
+    })?;
+    // debugfs's ln does not count links; set the counts.
+    for (p, count) in &links {
+        if *count > 1 {
+            cmds.push_str(&format!("sif {} links_count {count}\n", q(p)));
+        }
+    }
+    let cmdfile = tmp.path().join("commands");
+    std::fs::write(&cmdfile, &cmds).map_err(|source| Error::Io {
+        what: "cannot write the debugfs command file".into(),
+        source,
+    })?;
+    debugfs(&["-w", "-f"], Some(&cmdfile), &dev)?;
+    Ok(manifest)
+}
+
+/// `ls -p` of `dir` in the image: name → mode, or `None` when the directory
+/// is not there.
+fn list_dir(dev: &str, dir: &str) -> Result<Option<HashMap<String, u32>>, Error> {
+    let out = Command::new("debugfs")
+        .arg("-R")
+        .arg(format!("ls -p {}", q(dir)))
+        .arg(dev)
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|source| Error::Io {
+            what: "cannot run debugfs (e2fsprogs)".into(),
+            source,
+        })?;
+    let err = String::from_utf8_lossy(&out.stderr);
+    if err.contains("File not found") {
+        return Ok(None);
+    }
+    let mut map = HashMap::new();
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        // /inode/mode/uid/gid/name/size/
+        let f: Vec<&str> = line.split('/').collect();
+        if f.len() >= 7
+            && let Ok(mode) = u32::from_str_radix(f[2], 8)
+            && f[5] != "."
+            && f[5] != ".."
+        {
+            map.insert(f[5].to_string(), mode);
+        }
+    }
+    if map.is_empty() && !err.lines().skip(1).all(|l| l.trim().is_empty()) {
+        return Err(Error::Io {
+            what: format!("debugfs cannot list /{dir}: {}", err.trim()),
+            source: std::io::Error::other("debugfs"),
+        });
+    }
+    Ok(Some(map))
+}
+
+/// Run debugfs; any message after its banner on stderr is a failure.
+fn debugfs(flags: &[&str], cmdfile: Option<&Path>, dev: &str) -> Result<(), Error> {
+    let mut c = Command::new("debugfs");
+    c.args(flags);
+    if let Some(f) = cmdfile {
+        c.arg(f);
+    }
+    let out = c
+        .arg(dev)
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|source| Error::Io {
+            what: "cannot run debugfs (e2fsprogs)".into(),
+            source,
+        })?;
+    let err = String::from_utf8_lossy(&out.stderr);
+    let msgs: Vec<&str> = err
+        .lines()
+        .filter(|l| !l.starts_with("debugfs ") && !l.trim().is_empty())
+        .collect();
+    if !out.status.success() || !msgs.is_empty() {
+        return Err(Error::Io {
+            what: format!("debugfs failed writing the image: {}", msgs.join(" | ")),
+            source: std::io::Error::other("debugfs"),
+        });
+    }
+    Ok(())
+}
+
+/// A path in the image as one debugfs word: absolute, double-quoted, with
+/// `"` doubled (names with control characters never get here).
+fn q(p: &str) -> String {
+    format!("\"/{}\"", p.replace('"', "\"\""))
+}
+
+/// Any string (a symlink's target) as one debugfs word.
+fn q_raw(s: &str) -> String {
+    format!("\"{}\"", s.replace('"', "\"\""))
+}
+
+/// A host path as one debugfs word.
+fn q_local(p: &Path) -> String {
+    format!("\"{}\"", p.display().to_string().replace('"', "\"\""))
+}
