@@ -18,10 +18,12 @@
 //! against `..` but follows symlinks already on the target).
 
 mod dir;
+mod fetch;
 mod image;
 mod package;
 
 pub use dir::apply_to_dir;
+pub use fetch::{Credentials, Fetched, fetch};
 pub use image::{apply_to_image, filesystem_offset};
 pub use package::{Entry, Kind, Limits, Manifest, verify};
 
@@ -39,6 +41,10 @@ pub enum Error {
     /// The target cannot take the package (checked before writing).
     #[error("target refused for entry {entry:?}: {reason}")]
     Target { entry: String, reason: String },
+    /// The package could not be downloaded (the URL shown without any
+    /// credentials in it).
+    #[error("cannot fetch {url}: {reason}")]
+    Fetch { url: String, reason: String },
     #[error("{what}: {source}")]
     Io {
         what: String,

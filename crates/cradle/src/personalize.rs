@@ -5,7 +5,9 @@ use std::path::PathBuf;
 
 use anyhow::{Result, bail};
 use clap::{Args, Subcommand};
-use cradle_personalize::{Kind, Limits, Manifest, apply_to_dir, apply_to_image, verify};
+use cradle_personalize::{
+    Credentials, Kind, Limits, Manifest, apply_to_dir, apply_to_image, fetch, verify,
+};
 
 #[derive(Args, Debug)]
 pub struct PersonalizeArgs {
@@ -24,7 +26,8 @@ characters, setuid and setgid bits (unless --allow-setid), and packages over the
 compression-ratio caps. Owners are kept as numbers; modes and times are kept."
     )]
     Check {
-        package: PathBuf,
+        #[command(flatten)]
+        source: Source,
         /// Allow setuid and setgid bits.
         #[arg(long)]
         allow_setid: bool,
@@ -37,7 +40,8 @@ directory must go, or a directory where a file must go refuses the package. File
 existing ones through a temporary name renamed into place."
     )]
     Apply {
-        package: PathBuf,
+        #[command(flatten)]
+        source: Source,
         /// A directory (a root filesystem), or a raw disk image with an ext2/3/4 filesystem.
         #[arg(long = "to", value_name = "DIR|IMAGE")]
         to: PathBuf,
@@ -48,6 +52,65 @@ existing ones through a temporary name renamed into place."
         #[arg(long)]
         allow_setid: bool,
     },
+}
+
+/// Where a package comes from: a local file, or a URL fetched first.
+#[derive(Args, Debug)]
+struct Source {
+    /// A .tar.gz/.tgz file, or an http, https or file URL.
+    package: String,
+    /// Pin the package's content to this SHA-256 (hex).
+    #[arg(long, value_name = "HEX")]
+    sha256: Option<String>,
+    /// HTTP basic-auth user for the download (password from --password-file).
+    #[arg(long, value_name = "USER", requires = "password_file")]
+    http_user: Option<String>,
+    /// File holding the basic-auth password (never given on the command line).
+    #[arg(long, value_name = "FILE")]
+    password_file: Option<PathBuf>,
+    /// File holding a bearer token for the download.
+    #[arg(long, value_name = "FILE", conflicts_with = "http_user")]
+    bearer_token_file: Option<PathBuf>,
+}
+
+/// The package as a local file: fetched into a temporary file (removed when
+/// the returned value is dropped) when it is a URL.
+fn obtain(src: &Source) -> Result<(PathBuf, Option<cradle_personalize::Fetched>)> {
+    let p = &src.package;
+    if p.starts_with("http://") || p.starts_with("https://") || p.starts_with("file://") {
+        let secret = |f: &PathBuf| -> Result<String> {
+            let s = std::fs::read_to_string(f)
+                .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", f.display()))?;
+            Ok(s.trim_end_matches(['\n', '\r']).to_string())
+        };
+        let creds = match (&src.http_user, &src.password_file, &src.bearer_token_file) {
+            (Some(u), Some(pf), _) => Credentials::Basic {
+                user: u.clone(),
+                password: secret(pf)?,
+            },
+            (_, _, Some(tf)) => Credentials::Bearer(secret(tf)?),
+            _ => Credentials::None,
+        };
+        let f = fetch(
+            p,
+            &creds,
+            Limits::default().max_compressed,
+            src.sha256.as_deref(),
+        )?;
+        return Ok((f.path().to_path_buf(), Some(f)));
+    }
+    let path = PathBuf::from(p);
+    check_extension(&path)?;
+    if let Some(want) = &src.sha256 {
+        let f = fetch(
+            &format!("file://{}", std::fs::canonicalize(&path)?.display()),
+            &Credentials::None,
+            Limits::default().max_compressed,
+            Some(want),
+        )?;
+        return Ok((f.path().to_path_buf(), Some(f)));
+    }
+    Ok((path, None))
 }
 
 fn limits(allow_setid: bool) -> Limits {
@@ -71,20 +134,20 @@ fn check_extension(p: &std::path::Path) -> Result<()> {
 pub fn run(args: PersonalizeArgs) -> Result<()> {
     match args.command {
         PersonalizeCommand::Check {
-            package,
+            source,
             allow_setid,
         } => {
-            check_extension(&package)?;
+            let (package, _fetched) = obtain(&source)?;
             let m = verify(&package, &limits(allow_setid))?;
             print_manifest(&m);
         }
         PersonalizeCommand::Apply {
-            package,
+            source,
             to,
             partition,
             allow_setid,
         } => {
-            check_extension(&package)?;
+            let (package, _fetched) = obtain(&source)?;
             let m = if to.is_dir() {
                 if partition.is_some() {
                     bail!(

@@ -157,3 +157,29 @@ fn apply_writes_into_an_ext4_image() {
     )
     .fails_with(&["--partition is for disk images"]);
 }
+
+#[test]
+fn check_a_url_with_a_pinned_sha256() {
+    let work = tempfile::tempdir().unwrap();
+    let src = work.path().join("src");
+    std::fs::create_dir_all(src.join("etc")).unwrap();
+    std::fs::write(src.join("etc/motd"), b"hi\n").unwrap();
+    let pkg = work.path().join("p.tar.gz");
+    tar_czf(&pkg, &src);
+    let out = Command::new("sha256sum").arg(&pkg).output().unwrap();
+    let sum = String::from_utf8(out.stdout).unwrap();
+    let sum = sum.split_whitespace().next().unwrap();
+    let url = format!("file://{}", pkg.display());
+    let ok =
+        Run::of(cradle_command().args(["personalize", "check", &url, "--sha256", sum])).success();
+    assert!(ok.stdout.contains("etc/motd"), "{}", ok.stdout);
+    let wrong = "0".repeat(64);
+    Run::of(cradle_command().args(["personalize", "check", &url, "--sha256", &wrong]))
+        .fails_with(&["not the pinned"]);
+    Run::of(
+        cradle_command()
+            .args(["personalize", "check", "--sha256", &wrong])
+            .arg(&pkg),
+    )
+    .fails_with(&["not the pinned"]);
+}

@@ -1,0 +1,195 @@
+//! Fetching a package from its URL (`http`, `https` or `file`) into a
+//! private temporary file, streamed, under the compressed-size cap, with
+//! TLS verified (rustls with the webpki roots), at most 5 redirects, and
+//! optional HTTP credentials that are used for this one request and never
+//! logged, stored or put into an error.
+//!
+//! The temporary file is deleted when the returned [`Fetched`] is dropped,
+//! whatever happened, so nothing of the package stays on the host.
+
+use std::io::{Read, Write};
+use std::time::Duration;
+
+use sha2::{Digest, Sha256};
+
+use crate::Error;
+
+/// How to authenticate the download. Debug never shows the values.
+#[derive(Clone, Default)]
+pub enum Credentials {
+    #[default]
+    None,
+    Basic {
+        user: String,
+        password: String,
+    },
+    Bearer(String),
+}
+
+impl std::fmt::Debug for Credentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Credentials::None => "None",
+            Credentials::Basic { .. } => "Basic(<redacted>)",
+            Credentials::Bearer(_) => "Bearer(<redacted>)",
+        })
+    }
+}
+
+/// A downloaded package: a temporary file, removed on drop.
+pub struct Fetched {
+    file: tempfile::NamedTempFile,
+    pub bytes: u64,
+    pub sha256: String,
+}
+
+impl Fetched {
+    pub fn path(&self) -> &std::path::Path {
+        self.file.path()
+    }
+}
+
+/// Download `url` into a temporary file. `max_bytes` caps the download;
+/// `sha256`, when given, pins the content (hex, any case).
+pub fn fetch(
+    url: &str,
+    credentials: &Credentials,
+    max_bytes: u64,
+    sha256: Option<&str>,
+) -> Result<Fetched, Error> {
+    let err = |reason: String| Error::Fetch {
+        url: redact(url),
+        reason,
+    };
+    let name = url.split(['?', '#']).next().unwrap_or("");
+    if !(name.ends_with(".tar.gz") || name.ends_with(".tgz")) {
+        return Err(err(
+            "a personalization package URL must end in .tar.gz or .tgz (the extension decides the format)".into(),
+        ));
+    }
+    let mut file = tempfile::Builder::new()
+        .prefix("cradle-package-")
+        .tempfile()
+        .map_err(|source| Error::Io {
+            what: "cannot create a temporary file".into(),
+            source,
+        })?;
+    let mut body: Box<dyn Read> = if let Some(path) = url.strip_prefix("file://") {
+        Box::new(std::fs::File::open(path).map_err(|e| err(e.to_string()))?)
+    } else if url.starts_with("http://") || url.starts_with("https://") {
+        let client = reqwest::blocking::Client::builder()
+            .redirect(reqwest::redirect::Policy::limited(5))
+            .connect_timeout(Duration::from_secs(10))
+            .timeout(Duration::from_secs(3600))
+            .build()
+            .map_err(|e| err(format!("cannot build an HTTP client: {e}")))?;
+        let mut req = client.get(url);
+        req = match credentials {
+            Credentials::None => req,
+            Credentials::Basic { user, password } => req.basic_auth(user, Some(password)),
+            Credentials::Bearer(t) => req.bearer_auth(t),
+        };
+        // reqwest's errors name the URL, never the credentials.
+        let resp = req.send().map_err(|e| err(describe(&e)))?;
+        let status = resp.status();
+        if !status.is_success() {
+            return Err(err(format!("the server answered {status}")));
+        }
+        if let Some(len) = resp.content_length()
+            && len > max_bytes
+        {
+            return Err(Error::Limit(format!(
+                "the package is {len} bytes, over the {max_bytes}-byte cap"
+            )));
+        }
+        Box::new(resp)
+    } else {
+        return Err(err("only http, https and file URLs are fetched".into()));
+    };
+    let mut hash = Sha256::new();
+    let mut total = 0u64;
+    let mut buf = vec![0u8; 256 * 1024];
+    loop {
+        let n = body
+            .read(&mut buf)
+            .map_err(|e| err(format!("download cut short: {e}")))?;
+        if n == 0 {
+            break;
+        }
+        total += n as u64;
+        if total > max_bytes {
+            return Err(Error::Limit(format!(
+                "the package is over the {max_bytes}-byte cap"
+            )));
+        }
+        hash.update(&buf[..n]);
+        file.write_all(&buf[..n]).map_err(|source| Error::Io {
+            what: "cannot write the temporary file".into(),
+            source,
+        })?;
+    }
+    file.flush().map_err(|source| Error::Io {
+        what: "cannot write the temporary file".into(),
+        source,
+    })?;
+    let got: String = hash.finalize().iter().map(|b| format!("{b:02x}")).collect();
+    if let Some(want) = sha256
+        && !want.eq_ignore_ascii_case(&got)
+    {
+        return Err(err(format!(
+            "its sha256 is {got}, not the pinned {}",
+            want.to_ascii_lowercase()
+        )));
+    }
+    Ok(Fetched {
+        file,
+        bytes: total,
+        sha256: got,
+    })
+}
+
+/// An HTTP error in words, without a URL (the caller names it, redacted).
+fn describe(e: &reqwest::Error) -> String {
+    if e.is_redirect() {
+        "too many redirects (more than 5)".into()
+    } else if e.is_timeout() {
+        "timed out".into()
+    } else if e.is_connect() {
+        format!("cannot connect: {}", e.without_url_ref())
+    } else {
+        e.without_url_ref()
+    }
+}
+
+trait WithoutUrl {
+    fn without_url_ref(&self) -> String;
+}
+
+impl WithoutUrl for reqwest::Error {
+    fn without_url_ref(&self) -> String {
+        let mut s = self.to_string();
+        if let Some(u) = self.url() {
+            s = s.replace(u.as_str(), "");
+        }
+        let mut src = std::error::Error::source(self);
+        while let Some(e) = src {
+            s.push_str(&format!(": {e}"));
+            src = e.source();
+        }
+        s
+    }
+}
+
+/// The URL without any user:password in it.
+fn redact(url: &str) -> String {
+    match url.split_once("://") {
+        Some((scheme, rest)) => {
+            let (auth, tail) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
+            match auth.rsplit_once('@') {
+                Some((_, host)) => format!("{scheme}://<redacted>@{host}{tail}"),
+                None => url.to_string(),
+            }
+        }
+        None => url.to_string(),
+    }
+}

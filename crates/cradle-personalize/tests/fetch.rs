@@ -1,0 +1,178 @@
+//! Fetching packages from an HTTP server the test runs on 127.0.0.1, which
+//! requires basic auth; the password is a canary that must appear in no
+//! error and no Debug output, and nothing of the package may stay on disk.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpListener;
+use std::sync::{Arc, Mutex};
+
+use base64::Engine;
+use cradle_personalize::{Credentials, Error, fetch};
+
+const USER: &str = "installer";
+const CANARY: &str = "CANARY-pw-7f3a9c";
+
+struct Server {
+    base: String,
+    content: Arc<Mutex<Vec<u8>>>,
+    hits: Arc<Mutex<Vec<String>>>,
+}
+
+fn server() -> Server {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let base = format!("http://{}", l.local_addr().unwrap());
+    let content = Arc::new(Mutex::new(b"first".to_vec()));
+    let hits = Arc::new(Mutex::new(Vec::new()));
+    let (c, h) = (content.clone(), hits.clone());
+    let want = format!(
+        "Basic {}",
+        base64::engine::general_purpose::STANDARD.encode(format!("{USER}:{CANARY}"))
+    );
+    std::thread::spawn(move || {
+        for s in l.incoming().flatten() {
+            let mut r = BufReader::new(s.try_clone().unwrap());
+            let mut line = String::new();
+            r.read_line(&mut line).unwrap();
+            let path = line.split_whitespace().nth(1).unwrap_or("").to_string();
+            let mut auth = String::new();
+            loop {
+                let mut h = String::new();
+                if r.read_line(&mut h).unwrap() == 0 || h == "\r\n" {
+                    break;
+                }
+                if let Some(v) = h
+                    .strip_prefix("authorization: ")
+                    .or(h.strip_prefix("Authorization: "))
+                {
+                    auth = v.trim().to_string();
+                }
+            }
+            h.lock().unwrap().push(path.clone());
+            let mut s = s;
+            let (status, body, extra) = if path == "/loop.tgz" {
+                (
+                    "302 Found",
+                    Vec::new(),
+                    "Location: /loop.tgz\r\n".to_string(),
+                )
+            } else if auth != want {
+                ("401 Unauthorized", Vec::new(), String::new())
+            } else {
+                ("200 OK", c.lock().unwrap().clone(), String::new())
+            };
+            let _ = write!(
+                s,
+                "HTTP/1.1 {status}\r\nContent-Length: {}\r\n{extra}Connection: close\r\n\r\n",
+                body.len()
+            );
+            let _ = s.write_all(&body);
+        }
+    });
+    Server {
+        base,
+        content,
+        hits,
+    }
+}
+
+fn creds() -> Credentials {
+    Credentials::Basic {
+        user: USER.into(),
+        password: CANARY.into(),
+    }
+}
+
+fn no_canary(e: &Error) {
+    assert!(!e.to_string().contains(CANARY), "{e}");
+    assert!(!format!("{e:?}").contains(CANARY), "{e:?}");
+}
+
+#[test]
+fn basic_auth_fresh_content_pins_and_caps() {
+    let s = server();
+    let url = format!("{}/web1.tar.gz", s.base);
+
+    let e = fetch(&url, &Credentials::None, 1 << 20, None)
+        .err()
+        .unwrap();
+    assert!(e.to_string().contains("401"), "{e}");
+
+    let f = fetch(&url, &creds(), 1 << 20, None).unwrap();
+    assert_eq!(std::fs::read(f.path()).unwrap(), b"first");
+    let path = f.path().to_path_buf();
+    let first_sha = f.sha256.clone();
+    drop(f);
+    assert!(!path.exists(), "the package stayed on disk");
+
+    // The content changes between installs: fetched fresh each time.
+    *s.content.lock().unwrap() = b"second".to_vec();
+    let f = fetch(&url, &creds(), 1 << 20, None).unwrap();
+    assert_eq!(std::fs::read(f.path()).unwrap(), b"second");
+    assert_ne!(f.sha256, first_sha);
+
+    // A pin: the right one passes (any case), a wrong one is refused.
+    let pinned = f.sha256.to_ascii_uppercase();
+    fetch(&url, &creds(), 1 << 20, Some(&pinned)).unwrap();
+    let e = fetch(&url, &creds(), 1 << 20, Some(&first_sha))
+        .err()
+        .unwrap();
+    assert!(e.to_string().contains("not the pinned"), "{e}");
+    no_canary(&e);
+
+    // Over the cap, refused.
+    *s.content.lock().unwrap() = vec![0u8; 4096];
+    let e = fetch(&url, &creds(), 1000, None).err().unwrap();
+    assert!(matches!(e, Error::Limit(_)), "{e}");
+    no_canary(&e);
+
+    // A redirect loop ends.
+    let e = fetch(&format!("{}/loop.tgz", s.base), &creds(), 1 << 20, None)
+        .err()
+        .unwrap();
+    assert!(e.to_string().contains("too many redirects"), "{e}");
+    no_canary(&e);
+
+    // The extension decides the format: refused before any request.
+    let before = s.hits.lock().unwrap().len();
+    let e = fetch(&format!("{}/web1.zip", s.base), &creds(), 1 << 20, None)
+        .err()
+        .unwrap();
+    assert!(e.to_string().contains(".tar.gz or .tgz"), "{e}");
+    assert_eq!(s.hits.lock().unwrap().len(), before);
+
+    // Credentials in the URL itself are not repeated in errors.
+    let e = fetch(
+        &format!("http://{USER}:{CANARY}@127.0.0.1:1/x.tgz"),
+        &Credentials::None,
+        1 << 20,
+        None,
+    )
+    .err()
+    .unwrap();
+    no_canary(&e);
+    assert!(!format!("{:?}", creds()).contains(CANARY));
+}
+
+#[test]
+fn file_urls() {
+    let d = tempfile::tempdir().unwrap();
+    let p = d.path().join("p.tgz");
+    std::fs::write(&p, b"local").unwrap();
+    let f = fetch(
+        &format!("file://{}", p.display()),
+        &Credentials::None,
+        1 << 20,
+        None,
+    )
+    .unwrap();
+    let mut got = Vec::new();
+    std::fs::File::open(f.path())
+        .unwrap()
+        .read_to_end(&mut got)
+        .unwrap();
+    assert_eq!(got, b"local");
+    let e = fetch("ftp://h/p.tgz", &Credentials::None, 1 << 20, None)
+        .err()
+        .unwrap();
+    assert!(e.to_string().contains("only http, https and file"), "{e}");
+}
