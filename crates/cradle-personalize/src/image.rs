@@ -274,16 +274,11 @@ pub fn apply_to_image(
 /// `ls -p` of `dir` in the image: name → mode, or `None` when the directory
 /// is not there.
 fn list_dir(dev: &str, dir: &str) -> Result<Option<HashMap<String, u32>>, Error> {
-    let out = Command::new("debugfs")
-        .arg("-R")
-        .arg(format!("ls -p {}", q(dir)))
-        .arg(dev)
-        .stdin(Stdio::null())
-        .output()
-        .map_err(|source| Error::Io {
-            what: "cannot run debugfs (e2fsprogs)".into(),
-            source,
-        })?;
+    let out = run_debugfs(&[
+        "-R".as_ref(),
+        format!("ls -p {}", q(dir)).as_ref(),
+        dev.as_ref(),
+    ])?;
     let err = String::from_utf8_lossy(&out.stderr);
     if err.contains("File not found") {
         return Ok(None);
@@ -311,19 +306,12 @@ fn list_dir(dev: &str, dir: &str) -> Result<Option<HashMap<String, u32>>, Error>
 
 /// Run debugfs; any message after its banner on stderr is a failure.
 fn debugfs(flags: &[&str], cmdfile: Option<&Path>, dev: &str) -> Result<(), Error> {
-    let mut c = Command::new("debugfs");
-    c.args(flags);
+    let mut args: Vec<&std::ffi::OsStr> = flags.iter().map(|f| f.as_ref()).collect();
     if let Some(f) = cmdfile {
-        c.arg(f);
+        args.push(f.as_os_str());
     }
-    let out = c
-        .arg(dev)
-        .stdin(Stdio::null())
-        .output()
-        .map_err(|source| Error::Io {
-            what: "cannot run debugfs (e2fsprogs)".into(),
-            source,
-        })?;
+    args.push(dev.as_ref());
+    let out = run_debugfs(&args)?;
     let err = String::from_utf8_lossy(&out.stderr);
     let msgs: Vec<&str> = err
         .lines()
@@ -352,4 +340,16 @@ fn q_raw(s: &str) -> String {
 /// A host path as one debugfs word.
 fn q_local(p: &Path) -> String {
     format!("\"{}\"", p.display().to_string().replace('"', "\"\""))
+}
+
+/// debugfs with these arguments, its output collected.
+fn run_debugfs(args: &[&std::ffi::OsStr]) -> Result<std::process::Output, Error> {
+    Command::new("debugfs")
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|source| Error::Io {
+            what: "cannot run debugfs (e2fsprogs)".into(),
+            source,
+        })
 }
