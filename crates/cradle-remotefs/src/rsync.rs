@@ -75,6 +75,19 @@ impl RsyncFs {
         ]
     }
 
+    /// What every copy adds: holes for runs of zeros, progress on stdout,
+    /// and the configured compression and bandwidth limit.
+    fn copy_options(&self) -> Vec<OsString> {
+        let mut v = os(&["--sparse", "--info=progress2"]);
+        if self.s.compression {
+            v.push("--compress".into());
+        }
+        if self.s.bwlimit_kib > 0 {
+            v.push(format!("--bwlimit={}", self.s.bwlimit_kib).into());
+        }
+        v
+    }
+
     /// `host:/` or `host:.`: the transfer root on the remote side.
     fn root(&self, host: &Host, path: &RemotePath, trailing_slash: bool) -> OsString {
         let mut s = format!(
@@ -113,21 +126,12 @@ impl RsyncFs {
     }
 
     fn fail(out: &Output, host: &Host, path: &RemotePath) -> Error {
-        // Errors come on stderr; a stray one among the progress lines on
-        // stdout counts too.
-        let mut text = out.stderr.clone();
-        for line in out.stdout.split(|&b| b == b'\n' || b == b'\r') {
-            if line.starts_with(b"rsync:") || line.starts_with(b"rsync error:") {
-                text.push(b'\n');
-                text.extend_from_slice(line);
-            }
-        }
         classify(Failure {
             tool: "rsync",
             host: &host.to_string(),
             place: format!("{host}:{path}"),
             status: out.status,
-            stderr: &text,
+            stderr: &out.stderr,
         })
     }
 
@@ -137,13 +141,13 @@ impl RsyncFs {
         &self,
         (host, path): (&Host, &RemotePath),
         tmp: &Path,
-        extra: &[&str],
+        extra: &[OsString],
         verb: &str,
         op: &Op,
         total: Option<u64>,
     ) -> Result<bool> {
         let mut a = self.base(host);
-        a.extend(extra.iter().map(OsString::from));
+        a.extend_from_slice(extra);
         a.push("--relative".into());
         a.push("--".into());
         let mut src = tmp.as_os_str().as_bytes().to_vec();
@@ -154,19 +158,7 @@ impl RsyncFs {
         let what = format!("{verb} {host}:{path}");
         let out = match total {
             None => self.rsync(a, &what, false, op, |_| {}).await?,
-            Some(total) => {
-                op.report(Progress { done: 0, total });
-                let mut parser = ProgressParser::default();
-                self.rsync(a, &what, true, op, |chunk| {
-                    if let Some(done) = parser.feed(chunk) {
-                        op.report(Progress {
-                            done: done.min(total),
-                            total,
-                        });
-                    }
-                })
-                .await?
-            }
+            Some(total) => self.rsync(a, &what, true, op, reporter(op, total)).await?,
         };
         if !out.status.success() {
             return Err(Self::fail(&out, host, path));
@@ -311,6 +303,26 @@ impl RsyncFs {
     }
 }
 
+/// Arguments from string literals.
+fn os(args: &[&str]) -> Vec<OsString> {
+    args.iter().map(OsString::from).collect()
+}
+
+/// Reports progress of a copy of `total` bytes from rsync's
+/// `--info=progress2` output; starts by reporting 0.
+fn reporter(op: &Op, total: u64) -> impl FnMut(&[u8]) + '_ {
+    op.report(Progress { done: 0, total });
+    let mut parser = ProgressParser::default();
+    move |chunk| {
+        if let Some(done) = parser.feed(chunk) {
+            op.report(Progress {
+                done: done.min(total),
+                total,
+            });
+        }
+    }
+}
+
 /// `prefix` and a filter pattern as one argument.
 fn rule(prefix: &str, pattern: &[u8]) -> OsString {
     let mut v = prefix.as_bytes().to_vec();
@@ -365,7 +377,7 @@ impl RemoteFilesystem for RsyncFs {
         self.push(
             (host, path),
             tmp.path(),
-            &["--recursive"],
+            &os(&["--recursive"]),
             "mkdir",
             op,
             None,
@@ -381,11 +393,11 @@ impl RemoteFilesystem for RsyncFs {
             path: leaf.clone(),
             source,
         })?;
-        let extra = [
+        let extra = os(&[
             "--ignore-existing",
             "--itemize-changes",
             "--no-implied-dirs",
-        ];
+        ]);
         if self
             .push((host, path), tmp.path(), &extra, "touch", op, None)
             .await?
@@ -438,25 +450,13 @@ impl RemoteFilesystem for RsyncFs {
             path: leaf.clone(),
             source,
         })?;
-        let mut extra = vec![
-            "--copy-links",
-            "--no-implied-dirs",
-            "--sparse",
-            "--info=progress2",
-            "--itemize-changes",
-        ];
-        if self.s.compression {
-            extra.push("--compress");
-        }
-        let bw = format!("--bwlimit={}", self.s.bwlimit_kib);
-        if self.s.bwlimit_kib > 0 {
-            extra.push(&bw);
-        }
+        let mut extra = os(&["--copy-links", "--no-implied-dirs", "--itemize-changes"]);
+        extra.extend(self.copy_options());
         // rsync's receiver removes an empty directory to make way for a
         // file, and no filter or option stops it. So the first pass skips
         // anything already there (one connection for a new file); only if
         // it skipped is the destination looked at, and a file overwritten.
-        extra.push("--ignore-existing");
+        extra.push("--ignore-existing".into());
         let path = (host, dst);
         if self
             .push(path, tmp.path(), &extra, "copy to", op, Some(total))
@@ -501,34 +501,16 @@ impl RemoteFilesystem for RsyncFs {
                 source,
             })?;
         let mut a = self.base(host);
-        for s in ["--recursive", "--sparse", "--info=progress2"] {
-            a.push(s.into());
-        }
-        if self.s.compression {
-            a.push("--compress".into());
-        }
-        if self.s.bwlimit_kib > 0 {
-            a.push(format!("--bwlimit={}", self.s.bwlimit_kib).into());
-        }
+        a.push("--recursive".into());
+        a.extend(self.copy_options());
         a.extend(Self::path_rules(src));
         a.push("--".into());
         a.push(self.root(host, src, true));
         let mut to = tmp.path().as_os_str().as_bytes().to_vec();
         to.push(b'/');
         a.push(OsString::from_vec(to));
-        op.report(Progress { done: 0, total });
-        let mut parser = ProgressParser::default();
         let what = format!("copy {place} to {}", dst.display());
-        let out = self
-            .rsync(a, &what, true, op, |chunk| {
-                if let Some(done) = parser.feed(chunk) {
-                    op.report(Progress {
-                        done: done.min(total),
-                        total,
-                    });
-                }
-            })
-            .await?;
+        let out = self.rsync(a, &what, true, op, reporter(op, total)).await?;
         if !out.status.success() {
             return Err(Self::fail(&out, host, src));
         }

@@ -50,23 +50,34 @@ impl SshFs {
             a.push("-i".into());
             a.push(k.clone().into_os_string());
         }
+        a.push("-o".into());
+        a.push(
+            format!(
+                "Compression={}",
+                if self.s.compression { "yes" } else { "no" }
+            )
+            .into(),
+        );
+        a
+    }
+
+    /// ssh's arguments to run `script` in the remote shell.
+    fn remote_command(&self, host: &Host, script: Vec<u8>) -> Vec<OsString> {
+        let mut a = self.common(host);
+        a.push("-T".into());
+        a.push("--".into());
+        a.push(host.name().into());
+        a.push(OsString::from_vec(script));
         a
     }
 
     /// Run one command line in the remote shell.
     async fn shell(&self, host: &Host, script: Vec<u8>, what: &str, op: &Op) -> Result<Output> {
-        let mut a = self.common(host);
-        a.push("-o".into());
-        a.push(format!("Compression={}", yes_no(self.s.compression)).into());
-        a.push("-T".into());
-        a.push("--".into());
-        a.push(host.name().into());
-        a.push(OsString::from_vec(script));
         run(
             Job {
                 tool: "ssh",
                 program: &self.s.ssh,
-                args: a,
+                args: self.remote_command(host, script),
                 what,
                 timeout: op.timeout.unwrap_or(self.s.timeout),
                 stdin: Input::Null,
@@ -88,15 +99,11 @@ impl SshFs {
     ) -> Result<()> {
         let what = format!("{verb} {host}:{path}");
         let out = self.shell(host, script, &what, op).await?;
-        check(out, "ssh", host, path)
+        check(&out, "ssh", host, path)
     }
 }
 
-fn yes_no(b: bool) -> &'static str {
-    if b { "yes" } else { "no" }
-}
-
-fn check(out: Output, tool: &str, host: &Host, path: &RemotePath) -> Result<()> {
+fn check(out: &Output, tool: &str, host: &Host, path: &RemotePath) -> Result<()> {
     if out.status.success() {
         return Ok(());
     }
@@ -171,13 +178,7 @@ impl RemoteFilesystem for SshFs {
             Input::File(file)
         };
         let what = format!("copy {} to {host}:{dst}", src.display());
-        let mut a = self.common(host);
-        a.push("-o".into());
-        a.push(format!("Compression={}", yes_no(self.s.compression)).into());
-        a.push("-T".into());
-        a.push("--".into());
-        a.push(host.name().into());
-        a.push(OsString::from_vec(upload_script(dst, total, mode)));
+        let a = self.remote_command(host, upload_script(dst, total, mode));
 
         op.report(Progress { done: 0, total });
         let out = run(
@@ -207,7 +208,7 @@ impl RemoteFilesystem for SshFs {
             },
         )
         .await?;
-        check(out, "ssh", host, dst)?;
+        check(&out, "ssh", host, dst)?;
         op.report(Progress { done: total, total });
         Ok(())
     }
@@ -224,9 +225,8 @@ impl RemoteFilesystem for SshFs {
                 op,
             )
             .await?;
-        let out_stdout = out.stdout.clone();
-        check(out, "ssh", host, src)?;
-        let total = parse_stat(&out_stdout, host, src)?;
+        check(&out, "ssh", host, src)?;
+        let total = parse_stat(&out.stdout, host, src)?;
 
         let tmp = tempfile::Builder::new()
             .prefix(".cradle-copy-")
@@ -237,8 +237,6 @@ impl RemoteFilesystem for SshFs {
             })?;
         let what = format!("copy {host}:{src} to {}", dst.display());
         let mut a = self.common(host);
-        a.push("-o".into());
-        a.push(format!("Compression={}", yes_no(self.s.compression)).into());
         a.push("-q".into());
         if self.s.bwlimit_kib > 0 {
             a.push("-l".into());
@@ -273,7 +271,7 @@ impl RemoteFilesystem for SshFs {
             },
         )
         .await?;
-        check(out, "scp", host, src)?;
+        check(&out, "scp", host, src)?;
         let target = dir.join(&name);
         tmp.persist(&target).map_err(|e| Error::Local {
             path: target.clone(),
