@@ -10,6 +10,7 @@
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
+pub use cradle_remotefs::Transport;
 use serde::{Deserialize, Serialize};
 
 #[derive(Debug, thiserror::Error)]
@@ -45,21 +46,11 @@ pub struct Config {
     pub remote: Remote,
 }
 
-/// Which tools carry host-to-host file operations.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum RemoteTransport {
-    /// ssh for small operations, scp for copies.
-    #[default]
-    Ssh,
-    /// rsync alone (over ssh): works with accounts confined by rrsync.
-    Rsync,
-}
-
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Remote {
-    pub transport: RemoteTransport,
+    /// ssh (ssh and scp) or rsync (rsync alone; works with rrsync).
+    pub transport: Transport,
     /// Login user on other hosts; empty leaves it to ssh.
     pub user: String,
     pub port: u16,
@@ -87,7 +78,7 @@ pub struct Remote {
 impl Default for Remote {
     fn default() -> Self {
         Remote {
-            transport: RemoteTransport::Ssh,
+            transport: Transport::Ssh,
             user: String::new(),
             port: 22,
             identity_file: None,

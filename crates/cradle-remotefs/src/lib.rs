@@ -43,11 +43,14 @@ pub use ssh::SshFs;
 pub use target::{Host, RemotePath, parse_remote_operand};
 pub use tokio_util::sync::CancellationToken;
 
-/// Which tools carry the operations.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+/// Which tools carry the operations (`[remote] transport`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum Transport {
+    /// ssh for small operations and uploads, scp for downloads.
     #[default]
     Ssh,
+    /// rsync alone (over ssh): works with accounts confined by rrsync.
     Rsync,
 }
 

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use clap::{Args, Subcommand, ValueEnum};
-use cradle_config::{Config, RemoteTransport};
+use cradle_config::Config;
 use cradle_remotefs::{
     CancellationToken, Host, Op, Remote, RemoteFilesystem, RemotePath, Settings, Transport,
     parse_remote_operand,
@@ -113,10 +113,7 @@ process it started."
 fn settings(args: &RemoteArgs) -> Result<Settings> {
     let c = Config::load(args.config.as_deref(), std::env::vars())?.remote;
     let mut s = Settings {
-        transport: match c.transport {
-            RemoteTransport::Ssh => Transport::Ssh,
-            RemoteTransport::Rsync => Transport::Rsync,
-        },
+        transport: c.transport,
         user: (!c.user.is_empty()).then_some(c.user),
         port: c.port,
         identity_file: c.identity_file,
