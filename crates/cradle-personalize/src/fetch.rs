@@ -132,14 +132,11 @@ pub fn fetch(
         what: "cannot write the temporary file".into(),
         source,
     })?;
-    let got: String = hash.finalize().iter().map(|b| format!("{b:02x}")).collect();
+    let got = hex(&hash.finalize());
     if let Some(want) = sha256
-        && !want.eq_ignore_ascii_case(&got)
+        && let Some(why) = pin_mismatch(&got, want)
     {
-        return Err(err(format!(
-            "its sha256 is {got}, not the pinned {}",
-            want.to_ascii_lowercase()
-        )));
+        return Err(err(why));
     }
     Ok(Fetched {
         file,
@@ -192,4 +189,36 @@ fn redact(url: &str) -> String {
         }
         None => url.to_string(),
     }
+}
+
+/// Check a local package against a pinned SHA-256, reading it once.
+pub fn check_sha256(path: &std::path::Path, want: &str) -> Result<(), Error> {
+    let mut f = std::fs::File::open(path).map_err(|source| Error::Io {
+        what: format!("cannot open {}", path.display()),
+        source,
+    })?;
+    let mut hash = Sha256::new();
+    std::io::copy(&mut f, &mut hash).map_err(|source| Error::Io {
+        what: format!("cannot read {}", path.display()),
+        source,
+    })?;
+    let got = hex(&hash.finalize());
+    match pin_mismatch(&got, want) {
+        Some(why) => Err(Error::Format(format!("{}: {why}", path.display()))),
+        None => Ok(()),
+    }
+}
+
+/// Why `got` is not the pinned `want`, if it is not.
+fn pin_mismatch(got: &str, want: &str) -> Option<String> {
+    (!want.eq_ignore_ascii_case(got)).then(|| {
+        format!(
+            "its sha256 is {got}, not the pinned {}",
+            want.to_ascii_lowercase()
+        )
+    })
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }

@@ -23,7 +23,7 @@ mod image;
 mod package;
 
 pub use dir::apply_to_dir;
-pub use fetch::{Credentials, Fetched, fetch};
+pub use fetch::{Credentials, Fetched, check_sha256, fetch};
 pub use image::{apply_to_image, filesystem_offset};
 pub use package::{Entry, Kind, Limits, Manifest, verify};
 

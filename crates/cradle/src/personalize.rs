@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use anyhow::{Result, bail};
 use clap::{Args, Subcommand};
 use cradle_personalize::{
-    Credentials, Kind, Limits, Manifest, apply_to_dir, apply_to_image, fetch, verify,
+    Credentials, Kind, Limits, Manifest, apply_to_dir, apply_to_image, check_sha256, fetch, verify,
 };
 
 #[derive(Args, Debug)]
@@ -102,13 +102,7 @@ fn obtain(src: &Source) -> Result<(PathBuf, Option<cradle_personalize::Fetched>)
     let path = PathBuf::from(p);
     check_extension(&path)?;
     if let Some(want) = &src.sha256 {
-        let f = fetch(
-            &format!("file://{}", std::fs::canonicalize(&path)?.display()),
-            &Credentials::None,
-            Limits::default().max_compressed,
-            Some(want),
-        )?;
-        return Ok((f.path().to_path_buf(), Some(f)));
+        check_sha256(&path, want)?;
     }
     Ok((path, None))
 }
