@@ -11,10 +11,10 @@ use serde::{Deserialize, Deserializer, Serialize};
 use time::OffsetDateTime;
 use uuid::Uuid;
 
-use crate::Secret;
 use crate::instance::{
     HostAddr, ImdsTokens, Instance, MAX_USER_DATA, Os, OsParams, RANDOM_SEED_LEN, State,
 };
+use crate::{Secret, personalization};
 
 /// Limits, as Nova applies them to instance metadata.
 pub const MAX_METADATA_ITEMS: usize = 128;
@@ -89,6 +89,12 @@ pub struct InstanceSpec {
     pub os_type: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub os_image: Option<String>,
+    /// The personalization package's URL (http, https or file; .tar.gz or .tgz).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub personalization_url: Option<String>,
+    /// Pins the package's content (64 hex digits).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub personalization_sha256: Option<String>,
     #[serde(default)]
     pub os_params: OsParamsSpec,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -185,6 +191,11 @@ pub struct InstancePatch {
     pub os_type: Patch<String>,
     #[serde(default, skip_serializing_if = "Patch::is_absent")]
     pub os_image: Patch<String>,
+    /// Changing the URL drops the old pin unless this patch sets one.
+    #[serde(default, skip_serializing_if = "Patch::is_absent")]
+    pub personalization_url: Patch<String>,
+    #[serde(default, skip_serializing_if = "Patch::is_absent")]
+    pub personalization_sha256: Patch<String>,
     #[serde(default)]
     pub os_params: OsParamsPatch,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -232,6 +243,10 @@ pub struct InstanceView {
     pub public_ipv4: Option<Ipv4Addr>,
     pub os_type: Option<String>,
     pub os_image: Option<String>,
+    #[serde(default)]
+    pub personalization_url: Option<String>,
+    #[serde(default)]
+    pub personalization_sha256: Option<String>,
     pub os_params: OsParamsView,
     pub imds_tokens: ImdsTokens,
     pub state: State,
@@ -288,6 +303,8 @@ impl From<&Instance> for InstanceView {
             public_ipv4: i.public_ipv4,
             os_type,
             os_image,
+            personalization_url: i.personalization_url.clone(),
+            personalization_sha256: i.personalization_sha256.clone(),
             os_params: OsParamsView {
                 public: i.os_params.public.clone(),
                 private: i.os_params.private.keys().cloned().collect(),
@@ -709,6 +726,32 @@ fn check_os_params(p: &OsParams) -> Result<(), Invalid> {
     Ok(())
 }
 
+fn parse_personalization(
+    url: Option<String>,
+    sha256: Option<String>,
+) -> Result<(Option<String>, Option<String>), Invalid> {
+    if let Some(u) = &url {
+        personalization::check_url(u).or_else(|m| invalid("personalization_url", m))?;
+    }
+    let sha256 = sha256
+        .map(|h| {
+            personalization::parse_sha256(&h).or_else(|m| invalid("personalization_sha256", m))
+        })
+        .transpose()?;
+    if url.is_none() && sha256.is_some() {
+        return invalid(
+            "personalization_sha256",
+            "pins a package, but the instance has no personalization_url",
+        );
+    }
+    Ok((url, sha256))
+}
+
+fn check_params(p: &OsParams) -> Result<(), Invalid> {
+    check_os_params(p)?;
+    personalization::check_credential_params(p).or_else(|m| invalid("os_params", m))
+}
+
 fn resolve_os(os_type: Option<String>, os_image: Option<String>) -> Result<Option<Os>, Invalid> {
     match (os_type, os_image) {
         (Some(_), Some(_)) => invalid("os_type", "os_type and os_image are mutually exclusive"),
@@ -771,7 +814,9 @@ impl InstanceSpec {
             private: self.os_params.private,
             secret: self.os_params.secret,
         };
-        check_os_params(&os_params)?;
+        check_params(&os_params)?;
+        let (personalization_url, personalization_sha256) =
+            parse_personalization(self.personalization_url, self.personalization_sha256)?;
         if random_seed.len() != RANDOM_SEED_LEN {
             return invalid("random_seed", "internal: wrong length");
         }
@@ -796,6 +841,8 @@ impl InstanceSpec {
             dns_nameservers,
             public_ipv4,
             os,
+            personalization_url,
+            personalization_sha256,
             os_params,
             imds_tokens: self.imds_tokens.unwrap_or_default(),
             state: State::Registered,
@@ -913,6 +960,19 @@ impl InstancePatch {
                 other => other,
             },
         };
+        let url_changed = !self.personalization_url.is_absent();
+        let url = match self.personalization_url {
+            Patch::Absent => i.personalization_url.take(),
+            Patch::Null => None,
+            Patch::Value(u) => Some(u),
+        };
+        let sha256 = match self.personalization_sha256 {
+            Patch::Absent if url_changed => None,
+            Patch::Absent => i.personalization_sha256.take(),
+            Patch::Null => None,
+            Patch::Value(h) => Some(h),
+        };
+        (i.personalization_url, i.personalization_sha256) = parse_personalization(url, sha256)?;
         // A parameter moves between visibilities by being set in its new one.
         let p = self.os_params;
         for k in p
@@ -934,7 +994,7 @@ impl InstancePatch {
         merge(&mut i.os_params.public, p.public);
         merge(&mut i.os_params.private, p.private);
         merge(&mut i.os_params.secret, p.secret);
-        check_os_params(&i.os_params)?;
+        check_params(&i.os_params)?;
         if let Some(t) = self.imds_tokens {
             i.imds_tokens = t;
         }

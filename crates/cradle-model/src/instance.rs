@@ -51,6 +51,12 @@ pub struct Instance {
     pub dns_nameservers: Vec<IpAddr>,
     pub public_ipv4: Option<Ipv4Addr>,
     pub os: Option<Os>,
+    /// Where its personalization package comes from (http, https or file;
+    /// `.tar.gz` or `.tgz`). Credentials are never part of it: they are the
+    /// secret parameters named in [`crate::personalization`].
+    pub personalization_url: Option<String>,
+    /// The package's SHA-256 (lower-case hex), when its content is pinned.
+    pub personalization_sha256: Option<String>,
     pub os_params: OsParams,
     pub imds_tokens: ImdsTokens,
     pub state: State,

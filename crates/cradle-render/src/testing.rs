@@ -38,6 +38,8 @@ pub fn instance() -> Instance {
         dns_nameservers: vec![IpAddr::V4(Ipv4Addr::new(10, 0, 0, 2))],
         public_ipv4: Some(Ipv4Addr::new(203, 0, 113, 7)),
         os: Some(Os::Image(s("ami-12345678"))),
+        personalization_url: None,
+        personalization_sha256: None,
         os_params: OsParams {
             public: BTreeMap::from([(s("locale"), s("en_US"))]),
             private: BTreeMap::from([(s("db_url"), Secret::new(s("postgres://db")))]),

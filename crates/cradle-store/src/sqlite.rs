@@ -22,6 +22,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("../migrations/0002_injected_files.sql"),
     include_str!("../migrations/0003_roles_reasons_events.sql"),
     include_str!("../migrations/0004_security_groups.sql"),
+    include_str!("../migrations/0005_personalization.sql"),
 ];
 
 /// A [`Store`] in one SQLite file. One connection behind a mutex: cradle's
@@ -131,7 +132,8 @@ fn map_conflict(e: rusqlite::Error) -> StoreError {
 const COLUMNS: &str = "id, name, project_id, hostname, availability_zone, launch_index, \
     instance_type, user_data, metadata, public_keys, metadata_address, mac, local_ipv4, \
     gateway_ipv4, dns_nameservers, public_ipv4, os_type, os_image, os_params_public, \
-    os_params_private, imds_tokens, state, created_at, updated_at, random_seed, password, files, boot_roles, state_reason, local_ipv6, interface";
+    os_params_private, imds_tokens, state, created_at, updated_at, random_seed, password, files, boot_roles, state_reason, local_ipv6, interface, \
+    personalization_url, personalization_sha256";
 
 fn bind(i: &Instance) -> Vec<Box<dyn rusqlite::ToSql + '_>> {
     let (os_type, os_image) = match &i.os {
@@ -171,6 +173,8 @@ fn bind(i: &Instance) -> Vec<Box<dyn rusqlite::ToSql + '_>> {
         Box::new(i.state_reason.as_deref()),
         Box::new(i.local_ipv6.map(|a| a.to_string())),
         Box::new(i.interface.as_deref()),
+        Box::new(i.personalization_url.as_deref()),
+        Box::new(i.personalization_sha256.as_deref()),
     ]
 }
 
@@ -221,6 +225,8 @@ fn from_row(r: &Row<'_>) -> Result<Instance, StoreError> {
             .map(|v| v.parse().map_err(|e| corrupt("local_ipv6", e)))
             .transpose()?,
         interface: os_s(30)?,
+        personalization_url: os_s(31)?,
+        personalization_sha256: os_s(32)?,
         gateway_ipv4: ipv4("gateway_ipv4", os_s(13)?)?,
         dns_nameservers: serde_json::from_str(&s(14)?)
             .map_err(|e| corrupt("dns_nameservers", e))?,
@@ -441,7 +447,7 @@ impl Store for SqliteStore {
     }
 
     fn insert(&self, instance: &Instance, secgroups: &[Op]) -> Result<(), StoreError> {
-        let placeholders = (1..=31)
+        let placeholders = (1..=COLUMNS.split(", ").count())
             .map(|n| format!("?{n}"))
             .collect::<Vec<_>>()
             .join(", ");

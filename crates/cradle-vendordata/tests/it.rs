@@ -56,6 +56,8 @@ fn instance() -> Instance {
         dns_nameservers: Vec::new(),
         public_ipv4: None,
         os: Some(Os::Image(s("img-0001"))),
+        personalization_url: None,
+        personalization_sha256: None,
         os_params: OsParams::default(),
         imds_tokens: ImdsTokens::Optional,
         state: State::Registered,

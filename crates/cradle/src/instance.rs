@@ -127,6 +127,14 @@ struct Fields {
     /// OS image to boot from.
     #[arg(long)]
     os_image: Option<String>,
+    /// The personalization package: an http, https or file URL of a .tar.gz
+    /// or .tgz. Download credentials go in the secret parameters
+    /// personalization_user and personalization_password, or personalization_token.
+    #[arg(long, value_name = "URL")]
+    personalization_url: Option<String>,
+    /// Pin the personalization package's content to this SHA-256 (64 hex digits).
+    #[arg(long, value_name = "HEX")]
+    personalization_sha256: Option<String>,
     /// Public OS parameter NAME=VALUE or NAME=@FILE: stored, logged and shown.
     #[arg(long = "param", value_name = "NAME=VALUE")]
     params: Vec<String>,
@@ -179,6 +187,9 @@ struct ModifyArgs {
     /// Remove the interface: the firewall stops enforcing for the instance.
     #[arg(long, conflicts_with = "interface")]
     clear_interface: bool,
+    /// Remove the personalization package (its URL and its pin).
+    #[arg(long, conflicts_with_all = ["personalization_url", "personalization_sha256"])]
+    clear_personalization: bool,
 }
 
 pub fn run(args: InstanceArgs) -> Result<()> {
@@ -418,6 +429,8 @@ fn build_spec(a: AddArgs) -> Result<InstanceSpec> {
         public_ipv4: f.public_ipv4,
         os_type: f.os_type,
         os_image: f.os_image,
+        personalization_url: f.personalization_url,
+        personalization_sha256: f.personalization_sha256,
         os_params: OsParamsSpec {
             public: pairs("--param", &f.params)?,
             private: secrets("--private-param", &f.private_params)?,
@@ -536,6 +549,16 @@ fn build_patch(m: ModifyArgs) -> Result<InstancePatch> {
         },
         os_type: opt(f.os_type),
         os_image: opt(f.os_image),
+        personalization_url: if m.clear_personalization {
+            Patch::Null
+        } else {
+            opt(f.personalization_url)
+        },
+        personalization_sha256: if m.clear_personalization {
+            Patch::Null
+        } else {
+            opt(f.personalization_sha256)
+        },
         os_params,
         imds_tokens: f
             .imds_tokens
@@ -606,6 +629,14 @@ fn print_instance(out: &mut impl Write, output: Output, v: &InstanceView) -> Res
                 .unwrap_or_else(|| "-".into()),
         ),
         ("os", os),
+        (
+            "personalization",
+            match (&v.personalization_url, &v.personalization_sha256) {
+                (Some(u), Some(h)) => format!("{u} (sha256 {h})"),
+                (Some(u), None) => u.clone(),
+                _ => "-".into(),
+            },
+        ),
         ("imds tokens", v.imds_tokens.as_str().into()),
         ("metadata", join(&v.metadata)),
         (
