@@ -18,15 +18,27 @@ use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use crate::package::walk;
-use crate::{Entry, Error, Kind, Limits, Manifest};
+use crate::{Control, Entry, Error, Kind, Limits, Manifest, Phase};
 
 /// Verify `package`, check `root` can take it, then overlay it. Returns the
 /// manifest of what was written.
 pub fn apply_to_dir(package: &Path, root: &Path, limits: &Limits) -> Result<Manifest, Error> {
-    let manifest = crate::verify(package, limits)?;
+    apply_to_dir_with(package, root, limits, &Control::default())
+}
+
+/// [`apply_to_dir`], reporting progress and honouring cancellation until
+/// the first write.
+pub fn apply_to_dir_with(
+    package: &Path,
+    root: &Path,
+    limits: &Limits,
+    control: &Control,
+) -> Result<Manifest, Error> {
+    let manifest = crate::verify_with(package, limits, control)?;
     check_target(&manifest, root)?;
+    control.check()?;
     let mut dirs = Vec::new();
-    walk(package, limits, |e, data| {
+    walk(package, limits, Phase::Write, control, |e, data| {
         let dst = root.join(&e.path);
         // Parents the package does not list are made as tar makes them.
         let parent = dst.parent().expect("under root");

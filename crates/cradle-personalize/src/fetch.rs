@@ -4,10 +4,12 @@
 //! optional HTTP credentials that are used for this one request and never
 //! logged, stored or put into an error.
 //!
-//! The temporary file is deleted when the returned [`Fetched`] is dropped,
-//! whatever happened, so nothing of the package stays on the host.
+//! The temporary file has no name: it vanishes when the returned
+//! [`Fetched`] is dropped or the process dies, whatever happened, so
+//! nothing of the package stays on the host.
 
 use std::io::{Read, Write};
+use std::os::fd::AsRawFd;
 use std::time::Duration;
 
 use sha2::{Digest, Sha256};
@@ -36,18 +38,53 @@ impl std::fmt::Debug for Credentials {
     }
 }
 
-/// A downloaded package: a temporary file, removed on drop.
+impl Credentials {
+    /// An instance's download credentials, from its secret parameters
+    /// (names matched as OS scripts see them, ignoring case).
+    pub fn of(params: &cradle_model::OsParams) -> Credentials {
+        use cradle_model::personalization::{PASSWORD_PARAM, TOKEN_PARAM, USER_PARAM};
+        let get = |name: &str| {
+            params
+                .secret
+                .iter()
+                .find(|(k, _)| k.eq_ignore_ascii_case(name))
+                .map(|(_, v)| v.expose().clone())
+        };
+        match (get(USER_PARAM), get(PASSWORD_PARAM), get(TOKEN_PARAM)) {
+            (Some(user), Some(password), _) => Credentials::Basic { user, password },
+            (_, _, Some(token)) => Credentials::Bearer(token),
+            _ => Credentials::None,
+        }
+    }
+}
+
+/// A downloaded package: an anonymous temporary file (`O_TMPFILE`, or
+/// unlinked as soon as it is made), so no name of it ever exists and it is
+/// gone when the last descriptor closes, even if cradle is killed.
 pub struct Fetched {
-    file: tempfile::NamedTempFile,
+    file: std::fs::File,
+    path: std::path::PathBuf,
     pub bytes: u64,
     pub sha256: String,
 }
 
 impl Fetched {
+    /// A path that opens the package while this value lives
+    /// (`/proc/self/fd/N`), for the functions that take a path.
     pub fn path(&self) -> &std::path::Path {
-        self.file.path()
+        &self.path
+    }
+
+    /// The package as an open file, rewound to its start.
+    pub fn into_file(mut self) -> std::io::Result<std::fs::File> {
+        use std::io::Seek;
+        self.file.rewind()?;
+        Ok(self.file)
     }
 }
+
+/// Bytes received so far, and the total when the server said it.
+pub type Progress<'a> = &'a mut dyn FnMut(u64, Option<u64>);
 
 /// Download `url` into a temporary file. `max_bytes` caps the download;
 /// `sha256`, when given, pins the content (hex, any case).
@@ -57,55 +94,64 @@ pub fn fetch(
     max_bytes: u64,
     sha256: Option<&str>,
 ) -> Result<Fetched, Error> {
+    fetch_with_progress(url, credentials, max_bytes, sha256, &mut |_, _| {})
+}
+
+/// [`fetch`], reporting progress as the bytes arrive.
+pub fn fetch_with_progress(
+    url: &str,
+    credentials: &Credentials,
+    max_bytes: u64,
+    sha256: Option<&str>,
+    progress: Progress<'_>,
+) -> Result<Fetched, Error> {
     let err = |reason: String| Error::Fetch {
         url: redact(url),
         reason,
     };
-    let name = url.split(['?', '#']).next().unwrap_or("");
-    if !(name.ends_with(".tar.gz") || name.ends_with(".tgz")) {
-        return Err(err(
-            "a personalization package URL must end in .tar.gz or .tgz (the extension decides the format)".into(),
-        ));
+    if let Err(why) = cradle_model::personalization::check_url(url) {
+        return Err(err(why));
     }
-    let mut file = tempfile::Builder::new()
-        .prefix("cradle-package-")
-        .tempfile()
-        .map_err(|source| Error::Io {
-            what: "cannot create a temporary file".into(),
-            source,
-        })?;
-    let mut body: Box<dyn Read> = if let Some(path) = url.strip_prefix("file://") {
-        Box::new(std::fs::File::open(path).map_err(|e| err(e.to_string()))?)
-    } else if url.starts_with("http://") || url.starts_with("https://") {
-        let client = reqwest::blocking::Client::builder()
-            .redirect(reqwest::redirect::Policy::limited(5))
-            .connect_timeout(Duration::from_secs(10))
-            .timeout(Duration::from_secs(3600))
-            .build()
-            .map_err(|e| err(format!("cannot build an HTTP client: {e}")))?;
-        let mut req = client.get(url);
-        req = match credentials {
-            Credentials::None => req,
-            Credentials::Basic { user, password } => req.basic_auth(user, Some(password)),
-            Credentials::Bearer(t) => req.bearer_auth(t),
+    let mut file = tempfile::tempfile().map_err(|source| Error::Io {
+        what: "cannot create a temporary file".into(),
+        source,
+    })?;
+    let (mut body, expected): (Box<dyn Read>, Option<u64>) =
+        if let Some(path) = url.strip_prefix("file://") {
+            let f = std::fs::File::open(path).map_err(|e| err(e.to_string()))?;
+            let len = f.metadata().ok().map(|m| m.len());
+            (Box::new(f), len)
+        } else if url.starts_with("http://") || url.starts_with("https://") {
+            let client = reqwest::blocking::Client::builder()
+                .redirect(reqwest::redirect::Policy::limited(5))
+                .connect_timeout(Duration::from_secs(10))
+                .timeout(Duration::from_secs(3600))
+                .build()
+                .map_err(|e| err(format!("cannot build an HTTP client: {e}")))?;
+            let mut req = client.get(url);
+            req = match credentials {
+                Credentials::None => req,
+                Credentials::Basic { user, password } => req.basic_auth(user, Some(password)),
+                Credentials::Bearer(t) => req.bearer_auth(t),
+            };
+            // reqwest's errors name the URL, never the credentials.
+            let resp = req.send().map_err(|e| err(describe(&e)))?;
+            let status = resp.status();
+            if !status.is_success() {
+                return Err(err(format!("the server answered {status}")));
+            }
+            if let Some(len) = resp.content_length()
+                && len > max_bytes
+            {
+                return Err(Error::Limit(format!(
+                    "the package is {len} bytes, over the {max_bytes}-byte cap"
+                )));
+            }
+            let len = resp.content_length();
+            (Box::new(resp), len)
+        } else {
+            return Err(err("only http, https and file URLs are fetched".into()));
         };
-        // reqwest's errors name the URL, never the credentials.
-        let resp = req.send().map_err(|e| err(describe(&e)))?;
-        let status = resp.status();
-        if !status.is_success() {
-            return Err(err(format!("the server answered {status}")));
-        }
-        if let Some(len) = resp.content_length()
-            && len > max_bytes
-        {
-            return Err(Error::Limit(format!(
-                "the package is {len} bytes, over the {max_bytes}-byte cap"
-            )));
-        }
-        Box::new(resp)
-    } else {
-        return Err(err("only http, https and file URLs are fetched".into()));
-    };
     let mut hash = Sha256::new();
     let mut total = 0u64;
     let mut buf = vec![0u8; 256 * 1024];
@@ -122,6 +168,7 @@ pub fn fetch(
                 "the package is over the {max_bytes}-byte cap"
             )));
         }
+        progress(total, expected);
         hash.update(&buf[..n]);
         file.write_all(&buf[..n]).map_err(|source| Error::Io {
             what: "cannot write the temporary file".into(),
@@ -138,8 +185,10 @@ pub fn fetch(
     {
         return Err(err(why));
     }
+    let path = std::path::PathBuf::from(format!("/proc/self/fd/{}", file.as_raw_fd()));
     Ok(Fetched {
         file,
+        path,
         bytes: total,
         sha256: got,
     })

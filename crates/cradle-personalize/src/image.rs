@@ -17,11 +17,12 @@
 
 use std::collections::{BTreeSet, HashMap};
 use std::io::{Read, Seek, SeekFrom};
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
 use crate::package::walk;
-use crate::{Error, Kind, Limits, Manifest};
+use crate::{Control, Error, Kind, Limits, Manifest, Phase};
 
 /// Where the filesystem starts in the image: partition `n` (1-based) of its
 /// MBR or GPT, or the whole image.
@@ -90,7 +91,19 @@ pub fn apply_to_image(
     partition: Option<u32>,
     limits: &Limits,
 ) -> Result<Manifest, Error> {
-    let manifest = crate::verify(package, limits)?;
+    apply_to_image_with(package, image, partition, limits, &Control::default())
+}
+
+/// [`apply_to_image`], reporting progress and honouring cancellation until
+/// debugfs starts writing.
+pub fn apply_to_image_with(
+    package: &Path,
+    image: &Path,
+    partition: Option<u32>,
+    limits: &Limits,
+    control: &Control,
+) -> Result<Manifest, Error> {
+    let manifest = crate::verify_with(package, limits, control)?;
     let offset = filesystem_offset(image, partition)?;
     let mut magic = [0u8; 2];
     let mut f = std::fs::File::open(image).map_err(|source| Error::Io {
@@ -198,7 +211,7 @@ pub fn apply_to_image(
         .collect();
     let mut links: HashMap<String, u32> = HashMap::new();
     let mut n = 0u64;
-    walk(package, limits, |e, data| {
+    walk(package, limits, Phase::Stage, control, |e, data| {
         // Parents the package does not list.
         let mut p = String::new();
         let comps: Vec<&str> = e.path.split('/').collect();
@@ -267,8 +280,57 @@ pub fn apply_to_image(
         what: "cannot write the debugfs command file".into(),
         source,
     })?;
-    debugfs(&["-w", "-f"], Some(&cmdfile), &dev)?;
+    control.check()?;
+    write_with_debugfs(&cmdfile, cmds.lines().count() as u64, &dev, control)?;
     Ok(manifest)
+}
+
+/// Run the command file with `debugfs -w`, counting the commands it echoes
+/// on stdout for progress. Any message on stderr after its banner is a
+/// failure: debugfs exits 0 even when a command fails.
+fn write_with_debugfs(
+    cmdfile: &Path,
+    total: u64,
+    dev: &str,
+    control: &Control,
+) -> Result<(), Error> {
+    use std::io::BufRead;
+    let spawn_err = |source| Error::Io {
+        what: "cannot run debugfs (e2fsprogs)".into(),
+        source,
+    };
+    // Its own process group: a Ctrl-C at the terminal must not stop it
+    // halfway through the image; the caller decides whether to stop.
+    let mut child = Command::new("debugfs")
+        .process_group(0)
+        .arg("-w")
+        .arg("-f")
+        .arg(cmdfile)
+        .arg(dev)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(spawn_err)?;
+    let mut stderr = child.stderr.take().expect("piped");
+    let errors = std::thread::spawn(move || {
+        let mut buf = Vec::new();
+        let _ = stderr.read_to_end(&mut buf);
+        buf
+    });
+    let mut done = 0u64;
+    control.report(Phase::Write, 0, total);
+    let stdout = std::io::BufReader::new(child.stdout.take().expect("piped"));
+    for line in stdout.split(b'\n') {
+        let Ok(line) = line else { break };
+        if line.starts_with(b"debugfs: ") {
+            done += 1;
+            control.report(Phase::Write, done.min(total), total);
+        }
+    }
+    let status = child.wait().map_err(spawn_err)?;
+    let err = errors.join().unwrap_or_default();
+    check_debugfs(status, &err)
 }
 
 /// `ls -p` of `dir` in the image: name → mode, or `None` when the directory
@@ -304,26 +366,25 @@ fn list_dir(dev: &str, dir: &str) -> Result<Option<HashMap<String, u32>>, Error>
     Ok(Some(map))
 }
 
-/// Run debugfs; any message after its banner on stderr is a failure.
-fn debugfs(flags: &[&str], cmdfile: Option<&Path>, dev: &str) -> Result<(), Error> {
-    let mut args: Vec<&std::ffi::OsStr> = flags.iter().map(|f| f.as_ref()).collect();
-    if let Some(f) = cmdfile {
-        args.push(f.as_os_str());
-    }
-    args.push(dev.as_ref());
-    let out = run_debugfs(&args)?;
-    let err = String::from_utf8_lossy(&out.stderr);
+/// debugfs failed if it exited non-zero or said anything after its banner.
+fn check_debugfs(status: std::process::ExitStatus, stderr: &[u8]) -> Result<(), Error> {
+    let err = String::from_utf8_lossy(stderr);
     let msgs: Vec<&str> = err
         .lines()
         .filter(|l| !l.starts_with("debugfs ") && !l.trim().is_empty())
         .collect();
-    if !out.status.success() || !msgs.is_empty() {
-        return Err(Error::Io {
-            what: format!("debugfs failed writing the image: {}", msgs.join(" | ")),
-            source: std::io::Error::other("debugfs"),
-        });
+    if status.success() && msgs.is_empty() {
+        return Ok(());
     }
-    Ok(())
+    let why = if msgs.is_empty() {
+        format!("debugfs ended with {status}")
+    } else {
+        msgs.join(" | ")
+    };
+    Err(Error::Io {
+        what: "debugfs failed writing the image".into(),
+        source: std::io::Error::other(why),
+    })
 }
 
 /// A path in the image as one debugfs word: absolute, double-quoted, with

@@ -22,13 +22,66 @@ mod fetch;
 mod image;
 mod package;
 
-pub use dir::apply_to_dir;
-pub use fetch::{Credentials, Fetched, check_sha256, fetch};
-pub use image::{apply_to_image, filesystem_offset};
-pub use package::{Entry, Kind, Limits, Manifest, verify};
+pub use dir::{apply_to_dir, apply_to_dir_with};
+pub use fetch::{Credentials, Fetched, Progress, check_sha256, fetch, fetch_with_progress};
+pub use image::{apply_to_image, apply_to_image_with, filesystem_offset};
+pub use package::{Entry, Kind, Limits, Manifest, verify, verify_with};
+
+/// What an apply is doing, for a progress display.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Phase {
+    /// Reading the whole package and checking every entry.
+    Verify,
+    /// Unpacking file data for debugfs (disk images only).
+    Stage,
+    /// Writing to the target.
+    Write,
+}
+
+impl Phase {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Phase::Verify => "verifying",
+            Phase::Stage => "staging",
+            Phase::Write => "writing",
+        }
+    }
+}
+
+/// Watches and steers an apply.
+///
+/// `progress` is called with the phase, the work done and the work in
+/// all; the unit is the phase's own (package bytes read while verifying,
+/// debugfs commands while writing an image). `cancel` is honoured until
+/// the write phase begins, which leaves the target untouched; once writing
+/// has begun it runs to its end, because stopping debugfs halfway could
+/// leave a filesystem inconsistent.
+#[derive(Clone, Copy, Default)]
+pub struct Control<'a> {
+    pub progress: Option<&'a (dyn Fn(Phase, u64, u64) + Sync)>,
+    pub cancel: Option<&'a std::sync::atomic::AtomicBool>,
+}
+
+impl Control<'_> {
+    pub(crate) fn report(&self, phase: Phase, done: u64, total: u64) {
+        if let Some(p) = self.progress {
+            p(phase, done, total);
+        }
+    }
+
+    pub(crate) fn check(&self) -> Result<(), Error> {
+        match self.cancel {
+            Some(c) if c.load(std::sync::atomic::Ordering::Relaxed) => Err(Error::Cancelled),
+            _ => Ok(()),
+        }
+    }
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
+    /// Stopped on request before anything was written.
+    #[error("cancelled before anything was written; the target is unchanged")]
+    Cancelled,
     /// One entry is not allowed; the package is refused as a whole.
     #[error("entry {entry:?} refused: {reason}")]
     Refused { entry: String, reason: String },

@@ -13,7 +13,7 @@ use std::collections::{HashMap, HashSet};
 use std::io::{self, Read};
 use std::path::Path;
 
-use crate::Error;
+use crate::{Control, Error, Phase};
 
 /// Caps on what a package may hold.
 #[derive(Clone, Debug)]
@@ -113,20 +113,38 @@ impl std::error::Error for LimitHit {}
 /// Nothing is written. The same function drives [`crate::apply`], which
 /// hands `visit` each entry's reader after the whole package has passed.
 pub fn verify(package: &Path, limits: &Limits) -> Result<Manifest, Error> {
-    walk(package, limits, |_, _| Ok(()))
+    verify_with(package, limits, &Control::default())
+}
+
+/// [`verify`], reporting progress and honouring cancellation.
+pub fn verify_with(package: &Path, limits: &Limits, control: &Control) -> Result<Manifest, Error> {
+    walk(package, limits, Phase::Verify, control, |_, _| Ok(()))
 }
 
 /// Read the package, checking as [`verify`] does, and call `visit` with
-/// each entry and its data.
+/// each entry and its data. Progress is reported as package bytes read, in
+/// `phase`; cancellation is checked between entries unless `phase` is
+/// [`Phase::Write`].
 pub(crate) fn walk(
     package: &Path,
     limits: &Limits,
+    phase: Phase,
+    control: &Control,
     mut visit: impl FnMut(&Entry, &mut dyn Read) -> Result<(), Error>,
 ) -> Result<Manifest, Error> {
     let file = std::fs::File::open(package).map_err(|source| Error::Io {
         what: format!("cannot open {}", package.display()),
         source,
     })?;
+    let total = file.metadata().map(|m| m.len()).unwrap_or(0);
+    let tick = |compressed: &std::rc::Rc<std::cell::RefCell<Counted<std::fs::File>>>| {
+        control.report(phase, compressed.borrow().count.min(total), total);
+        if phase == Phase::Write {
+            Ok(())
+        } else {
+            control.check()
+        }
+    };
     let compressed = Counted {
         inner: file,
         count: 0,
@@ -151,6 +169,7 @@ pub(crate) fn walk(
     let mut symlinks: HashSet<String> = HashSet::new();
     let entries = archive.entries().map_err(stream_error)?;
     for entry in entries {
+        tick(&compressed)?;
         let mut entry = entry.map_err(stream_error)?;
         if manifest.entries.len() as u64 >= limits.max_entries {
             return Err(Error::Limit(format!(
@@ -178,6 +197,7 @@ pub(crate) fn walk(
     io::copy(&mut ratio_guard, &mut io::sink()).map_err(stream_error)?;
     manifest.uncompressed_bytes = ratio_guard.count;
     manifest.compressed_bytes = compressed.borrow().count;
+    control.report(phase, total, total);
     Ok(manifest)
 }
 
