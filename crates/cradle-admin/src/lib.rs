@@ -8,6 +8,7 @@
 #![forbid(unsafe_code)]
 
 mod error;
+mod personalization;
 mod secgroups;
 mod tokens;
 
@@ -32,6 +33,7 @@ use tokio::net::TcpListener;
 use tracing::info;
 
 pub use error::ApiError;
+pub use personalization::SHA256_HEADER;
 pub use tokens::{ADMIN_ROLE, Caller, Tokens, token_hash};
 
 /// What every handler shares.
@@ -52,7 +54,13 @@ pub struct AdminState {
     pub firewall_table: String,
     /// Whether changes reach the kernel (`[firewall] enabled`).
     pub firewall_enforced: bool,
+    /// Personalization packages fetched at once: each passes through a
+    /// temporary file of up to the compressed cap.
+    pub package_fetches: tokio::sync::Semaphore,
 }
+
+/// How many personalization packages are fetched at once.
+pub const PACKAGE_FETCHES: usize = 4;
 
 /// How many config drives are built at once.
 pub const DRIVE_BUILDS: usize = 2;
@@ -75,6 +83,10 @@ pub fn app(state: Arc<AdminState>) -> Router {
             axum::routing::post(reset_state),
         )
         .route("/v1/instances/{key}/events", get(events))
+        .route(
+            "/v1/instances/{key}/personalization",
+            get(personalization::package),
+        )
         .route("/metrics", get(metrics))
         .merge(secgroups::routes())
         .fallback(|| async { ApiError::not_found("no such route") })

@@ -82,6 +82,11 @@ impl Api {
             .json()?)
     }
 
+    /// `GET path`, its body left to read.
+    pub fn open(&self, path: &str) -> Result<Response> {
+        self.send(self.http.get(self.url(path)))
+    }
+
     /// Stream the body of `GET path` into `out`; returns the bytes copied.
     pub fn download(&self, path: &str, out: &mut impl std::io::Write) -> Result<u64> {
         let mut resp = self.send(self.http.get(self.url(path)))?;

@@ -1,16 +1,28 @@
 //! `cradle personalize`: verify a personalization package, and overlay it
-//! onto a directory tree (cradle-personalize).
+//! onto a directory tree or an ext2/3/4 disk image (cradle-personalize).
+//! The package is a local file, a URL, or an instance's own package fetched
+//! through the admin API (which holds its secret download credentials).
 
+use std::io::{Read, Write};
 use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 
-use anyhow::{Result, bail};
+use anyhow::{Context, Result, bail};
 use clap::{Args, Subcommand};
+use cradle_model::api::InstanceView;
 use cradle_personalize::{
-    Credentials, Kind, Limits, Manifest, apply_to_dir, apply_to_image, check_sha256, fetch, verify,
+    Control, Credentials, Kind, Limits, Manifest, Phase, apply_to_dir_with, apply_to_image_with,
+    check_sha256, fetch_with_progress, verify_with,
 };
+
+use crate::ApiArgs;
+use crate::client::{Api, segment};
 
 #[derive(Args, Debug)]
 pub struct PersonalizeArgs {
+    #[command(flatten)]
+    api: ApiArgs,
     #[command(subcommand)]
     command: PersonalizeCommand,
 }
@@ -54,11 +66,22 @@ existing ones through a temporary name renamed into place."
     },
 }
 
-/// Where a package comes from: a local file, or a URL fetched first.
+/// Where a package comes from: a local file, a URL fetched first, or an
+/// instance's package.
 #[derive(Args, Debug)]
 struct Source {
     /// A .tar.gz/.tgz file, or an http, https or file URL.
-    package: String,
+    #[arg(required_unless_present = "instance")]
+    package: Option<String>,
+    /// Use this instance's personalization package (its personalization_url,
+    /// fetched by the server with the instance's secret download credentials,
+    /// and checked against its personalization_sha256).
+    #[arg(
+        long,
+        value_name = "NAME|ID",
+        conflicts_with_all = ["package", "sha256", "http_user", "password_file", "bearer_token_file"]
+    )]
+    instance: Option<String>,
     /// Pin the package's content to this SHA-256 (hex).
     #[arg(long, value_name = "HEX")]
     sha256: Option<String>,
@@ -73,10 +96,31 @@ struct Source {
     bearer_token_file: Option<PathBuf>,
 }
 
-/// The package as a local file: fetched into a temporary file (removed when
-/// the returned value is dropped) when it is a URL.
-fn obtain(src: &Source) -> Result<(PathBuf, Option<cradle_personalize::Fetched>)> {
-    let p = &src.package;
+/// A package ready to read: a local path, or an anonymous temporary file
+/// (no name on disk; gone when this is dropped or the process dies).
+struct Package {
+    path: PathBuf,
+    _file: Option<std::fs::File>,
+}
+
+impl Package {
+    fn anonymous(file: std::fs::File) -> Package {
+        use std::os::fd::AsRawFd;
+        Package {
+            path: PathBuf::from(format!("/proc/self/fd/{}", file.as_raw_fd())),
+            _file: Some(file),
+        }
+    }
+}
+
+fn obtain(src: &Source, api: &ApiArgs, bar: &Bar) -> Result<Package> {
+    if let Some(instance) = &src.instance {
+        return from_instance(instance, api, bar);
+    }
+    let p = src
+        .package
+        .as_deref()
+        .expect("clap requires PACKAGE or --instance");
     if p.starts_with("http://") || p.starts_with("https://") || p.starts_with("file://") {
         let secret = |f: &PathBuf| -> Result<String> {
             let s = std::fs::read_to_string(f)
@@ -91,20 +135,70 @@ fn obtain(src: &Source) -> Result<(PathBuf, Option<cradle_personalize::Fetched>)
             (_, _, Some(tf)) => Credentials::Bearer(secret(tf)?),
             _ => Credentials::None,
         };
-        let f = fetch(
+        bar.download();
+        let f = fetch_with_progress(
             p,
             &creds,
             Limits::default().max_compressed,
             src.sha256.as_deref(),
+            &mut |done, total| bar.bytes(done, total),
         )?;
-        return Ok((f.path().to_path_buf(), Some(f)));
+        return Ok(Package::anonymous(f.into_file()?));
     }
     let path = PathBuf::from(p);
     check_extension(&path)?;
     if let Some(want) = &src.sha256 {
         check_sha256(&path, want)?;
     }
-    Ok((path, None))
+    Ok(Package { path, _file: None })
+}
+
+/// Fetch an instance's package through the admin API into an anonymous
+/// file, and check it against the pin the instance carries and the hash the
+/// server computed.
+fn from_instance(key: &str, args: &ApiArgs, bar: &Bar) -> Result<Package> {
+    let api = Api::new(args)?;
+    let view: InstanceView = api.get(&format!("/v1/instances/{}", segment(key)))?;
+    let Some(url) = &view.personalization_url else {
+        bail!("instance {} has no personalization_url", view.name);
+    };
+    bar.download();
+    let mut resp = api
+        .open(&format!("/v1/instances/{}/personalization", view.id))
+        .with_context(|| format!("cannot fetch the personalization package of {}", view.name))?;
+    let total = resp.content_length();
+    let served = resp
+        .headers()
+        .get(cradle_admin::SHA256_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string);
+    let mut file = tempfile::tempfile().context("cannot create a temporary file")?;
+    let mut buf = vec![0u8; 256 * 1024];
+    let mut done = 0u64;
+    loop {
+        let n = resp.read(&mut buf).context("the download was cut short")?;
+        if n == 0 {
+            break;
+        }
+        file.write_all(&buf[..n])
+            .context("cannot write the temporary file")?;
+        done += n as u64;
+        bar.bytes(done, total);
+    }
+    if total.is_some_and(|t| t != done) {
+        bail!(
+            "the download was cut short: {done} of {} bytes",
+            total.unwrap_or(0)
+        );
+    }
+    let package = Package::anonymous(file);
+    for want in [served.as_ref(), view.personalization_sha256.as_ref()]
+        .into_iter()
+        .flatten()
+    {
+        check_sha256(&package.path, want).with_context(|| format!("the package from {url}"))?;
+    }
+    Ok(package)
 }
 
 fn limits(allow_setid: bool) -> Limits {
@@ -126,14 +220,24 @@ fn check_extension(p: &std::path::Path) -> Result<()> {
 }
 
 pub fn run(args: PersonalizeArgs) -> Result<()> {
+    let bar = Bar::new();
+    let stop = Stop::install(bar.clone())?;
+    let control = Control {
+        progress: Some(&|phase, done, total| {
+            stop.enter(phase);
+            bar.phase(phase, done, total);
+        }),
+        cancel: Some(&stop.cancel),
+    };
     match args.command {
         PersonalizeCommand::Check {
             source,
             allow_setid,
         } => {
-            let (package, _fetched) = obtain(&source)?;
-            let m = verify(&package, &limits(allow_setid))?;
-            print_manifest(&m);
+            let package = obtain(&source, &args.api, &bar)?;
+            let m = verify_with(&package.path, &limits(allow_setid), &control);
+            bar.finish();
+            print_manifest(&m?);
         }
         PersonalizeCommand::Apply {
             source,
@@ -141,7 +245,8 @@ pub fn run(args: PersonalizeArgs) -> Result<()> {
             partition,
             allow_setid,
         } => {
-            let (package, _fetched) = obtain(&source)?;
+            let package = obtain(&source, &args.api, &bar)?;
+            let limits = limits(allow_setid);
             let m = if to.is_dir() {
                 if partition.is_some() {
                     bail!(
@@ -149,10 +254,12 @@ pub fn run(args: PersonalizeArgs) -> Result<()> {
                         to.display()
                     );
                 }
-                apply_to_dir(&package, &to, &limits(allow_setid))?
+                apply_to_dir_with(&package.path, &to, &limits, &control)
             } else {
-                apply_to_image(&package, &to, partition, &limits(allow_setid))?
+                apply_to_image_with(&package.path, &to, partition, &limits, &control)
             };
+            bar.finish();
+            let m = m?;
             eprintln!(
                 "wrote {} entries ({} bytes) to {}",
                 m.entries.len(),
@@ -162,6 +269,116 @@ pub fn run(args: PersonalizeArgs) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// One progress bar on stderr (hidden when it is not a terminal), restyled
+/// per phase: bytes while downloading, a percentage after.
+#[derive(Clone)]
+struct Bar(indicatif::ProgressBar);
+
+impl Bar {
+    fn new() -> Bar {
+        Bar(indicatif::ProgressBar::with_draw_target(
+            None,
+            indicatif::ProgressDrawTarget::stderr(),
+        ))
+    }
+
+    fn style(&self, template: &str) {
+        self.0.set_style(
+            indicatif::ProgressStyle::with_template(template).expect("a valid template"),
+        );
+    }
+
+    fn download(&self) {
+        self.style(
+            "downloading {bar:40} {binary_bytes}/{binary_total_bytes} {binary_bytes_per_sec}",
+        );
+        self.0.reset();
+    }
+
+    fn bytes(&self, done: u64, total: Option<u64>) {
+        if let Some(t) = total {
+            self.0.set_length(t);
+        }
+        self.0.set_position(done);
+    }
+
+    fn phase(&self, phase: Phase, done: u64, total: u64) {
+        if self.0.message() != phase.as_str() {
+            self.style("{msg:>10} {bar:40} {percent:>3}% {elapsed}");
+            self.0.reset();
+            self.0.set_message(phase.as_str());
+            // Without a terminal there is no bar: say each phase once.
+            if self.0.is_hidden() {
+                eprintln!("{}", phase.as_str());
+            }
+        }
+        self.0.set_length(total);
+        self.0.set_position(done);
+    }
+
+    fn finish(&self) {
+        self.0.finish_and_clear();
+    }
+}
+
+/// Ctrl-C and SIGTERM. Before anything is written, they stop the command
+/// (the fetched package has no name on disk; an image's staging directory
+/// is removed as the apply returns). Once writing has begun they are noted
+/// and the write runs to its end, so a filesystem is never left half-made.
+struct Stop {
+    cancel: Arc<AtomicBool>,
+    phase: Arc<AtomicU8>,
+}
+
+const DOWNLOAD: u8 = 0;
+
+impl Stop {
+    fn install(bar: Bar) -> Result<Stop> {
+        let cancel = Arc::new(AtomicBool::new(false));
+        let phase = Arc::new(AtomicU8::new(DOWNLOAD));
+        let (c, p) = (cancel.clone(), phase.clone());
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        // Register the handlers now, before any work, on a thread of their own.
+        let mut term = rt.block_on(async {
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        })?;
+        let mut int = rt.block_on(async {
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())
+        })?;
+        std::thread::spawn(move || {
+            rt.block_on(async move {
+                loop {
+                    tokio::select! {
+                        _ = int.recv() => {}
+                        _ = term.recv() => {}
+                    }
+                    c.store(true, Ordering::Relaxed);
+                    match p.load(Ordering::Relaxed) {
+                        x if x == DOWNLOAD || x == Phase::Verify as u8 + 1 => {
+                            bar.finish();
+                            eprintln!("error: cancelled; nothing was written");
+                            std::process::exit(130);
+                        }
+                        x if x == Phase::Write as u8 + 1 => bar.0.suspend(|| {
+                            eprintln!(
+                                "writing has begun: finishing it, so the target is not left half-written"
+                            )
+                        }),
+                        _ => {}
+                    }
+                }
+            })
+        });
+        Ok(Stop { cancel, phase })
+    }
+
+    fn enter(&self, phase: Phase) {
+        self.phase.store(phase as u8 + 1, Ordering::Relaxed);
+    }
 }
 
 fn file_bytes(m: &Manifest) -> u64 {

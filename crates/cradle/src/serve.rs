@@ -196,6 +196,7 @@ async fn serve(config: Config, demo: bool) -> Result<()> {
         vendordata: vendordata.clone(),
         drive_limits,
         drive_builds: tokio::sync::Semaphore::new(cradle_admin::DRIVE_BUILDS),
+        package_fetches: tokio::sync::Semaphore::new(cradle_admin::PACKAGE_FETCHES),
         firewall_table: config.firewall.table.clone(),
         firewall_enforced: enforced,
     });

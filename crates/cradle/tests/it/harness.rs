@@ -522,3 +522,29 @@ pub fn serve_refuses<S: AsRef<std::ffi::OsStr>>(
     assert!(stderr.starts_with("error: "), "{stderr}");
     stderr
 }
+
+/// Every file under `dir`, recursively, with its bytes.
+pub fn files_under(dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
+    let mut out = Vec::new();
+    let mut todo = vec![dir.to_path_buf()];
+    while let Some(d) = todo.pop() {
+        for e in std::fs::read_dir(&d).unwrap() {
+            let e = e.unwrap();
+            let path = e.path();
+            if e.file_type().unwrap().is_dir() {
+                todo.push(path);
+            } else {
+                // A file may vanish between listing and reading (SQLite's
+                // -shm and -wal on close); what is gone holds nothing.
+                if let Ok(bytes) = std::fs::read(&path) {
+                    out.push((path, bytes));
+                }
+            }
+        }
+    }
+    out
+}
+
+pub fn contains(hay: &[u8], needle: &str) -> bool {
+    hay.windows(needle.len()).any(|w| w == needle.as_bytes())
+}

@@ -7,7 +7,7 @@
 //! are searched for them.
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use serde_json::{Value, json};
 
@@ -307,32 +307,6 @@ fn read_back(s: &Server, seen: &mut Seen) -> BTreeMap<String, Value> {
     let m = seen.call(s, "GET", "/metrics", None);
     assert!(m.text().contains("cradle_instances 2"), "{}", m.text());
     views
-}
-
-/// Every file under `dir`, recursively, with its bytes.
-fn files_under(dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
-    let mut out = Vec::new();
-    let mut todo = vec![dir.to_path_buf()];
-    while let Some(d) = todo.pop() {
-        for e in std::fs::read_dir(&d).unwrap() {
-            let e = e.unwrap();
-            let path = e.path();
-            if e.file_type().unwrap().is_dir() {
-                todo.push(path);
-            } else {
-                // A file may vanish between listing and reading (SQLite's
-                // -shm and -wal on close); what is gone holds nothing.
-                if let Ok(bytes) = std::fs::read(&path) {
-                    out.push((path, bytes));
-                }
-            }
-        }
-    }
-    out
-}
-
-fn contains(hay: &[u8], needle: &str) -> bool {
-    hay.windows(needle.len()).any(|w| w == needle.as_bytes())
 }
 
 /// No secret in any file under the data directory; every private value of
