@@ -393,7 +393,16 @@ pub fn sha256_hex(text: &str) -> String {
         .unwrap()
         .write_all(text.as_bytes())
         .unwrap();
-    let out = child.wait_with_output().unwrap();
+    first_word(child.wait_with_output().unwrap())
+}
+
+/// SHA-256 of the file at `path`, from `sha256sum`.
+pub fn sha256_file(path: &Path) -> String {
+    first_word(Command::new("sha256sum").arg(path).output().unwrap())
+}
+
+fn first_word(out: std::process::Output) -> String {
+    assert!(out.status.success(), "sha256sum failed");
     String::from_utf8(out.stdout)
         .unwrap()
         .split_whitespace()

@@ -4,7 +4,7 @@ use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 use std::process::Command;
 
-use crate::harness::{Opts, Run, Server, contains, cradle_command, files_under};
+use crate::harness::{Opts, Run, Server, contains, cradle_command, files_under, sha256_file};
 
 fn tar_czf(out: &Path, dir: &Path) {
     let st = Command::new("tar")
@@ -442,16 +442,6 @@ impl Outputs {
         self.0.push(format!("{}\n{}", r.stdout, r.stderr));
         r
     }
-}
-
-fn sha256_file(p: &Path) -> String {
-    let out = Command::new("sha256sum").arg(p).output().unwrap();
-    String::from_utf8(out.stdout)
-        .unwrap()
-        .split_whitespace()
-        .next()
-        .unwrap()
-        .to_string()
 }
 
 /// Ctrl-C before the write leaves the image byte-identical and no staging
