@@ -2,12 +2,15 @@
 //! `cargo xtask bench metadata` (the metadata-service benchmark against nginx),
 //! `cargo xtask bench drive` (config drives against genisoimage),
 //! `cargo xtask bench vendordata` (dynamic vendordata against a slow target),
-//! `cargo xtask bench firewall` (security groups in nftables at scale)
-//! and `cargo xtask bench remote` (remotefs copies against bare scp and rsync).
+//! `cargo xtask bench firewall` (security groups in nftables at scale),
+//! `cargo xtask bench remote` (remotefs copies against bare scp and rsync)
+//! and `cargo xtask bench personalize` (packages onto ext4 images against
+//! guestfish).
 
 mod bench;
 mod bench_drive;
 mod bench_firewall;
+mod bench_personalize;
 mod bench_remote;
 mod bench_vendordata;
 mod ci;
@@ -65,6 +68,16 @@ tasks:
                        space the copies allocate; options:
       --size-mib N           size of each file in MiB [1024]
       --runs N               repeat the copies; report medians [3]
+  bench personalize    overlay a package (small files in 50 directories and one
+                       big file, made here) onto a fresh copy of an ext4 image
+                       with `cradle personalize apply` and with guestfish's
+                       tar-in (installed if missing, as root), in turn; checks
+                       both images, reports medians and guestfish/cradle, and
+                       times `cradle personalize check` alone; options:
+      --runs N               repeat the measurements; report medians [3]
+      --files N              small files in the package [5000]
+      --big-mib N            size of the big file in MiB [100]
+      --image-mib N          size of the ext4 image in MiB [1024]
 ";
 
 fn main() -> ExitCode {
@@ -107,9 +120,17 @@ fn main() -> ExitCode {
                     bench_remote::run(o)
                 }
             }),
+            Some("personalize") => bench_personalize::Options::parse(&args[2..]).and_then(|o| {
+                if cfg!(debug_assertions) {
+                    reexec_optimized(&args, "the package is made and checked in-process")
+                } else {
+                    bench_personalize::run(o)
+                }
+            }),
             _ => Err(anyhow::anyhow!(
                 "unknown benchmark; expected `bench metadata`, `bench drive`, \
-                 `bench vendordata`, `bench firewall` or `bench remote`\n\n{USAGE}"
+                 `bench vendordata`, `bench firewall`, `bench remote` or \
+                 `bench personalize`\n\n{USAGE}"
             )),
         },
         Some("-h" | "--help" | "help") => {
