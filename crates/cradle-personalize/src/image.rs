@@ -17,6 +17,7 @@
 
 use std::collections::{BTreeSet, HashMap};
 use std::io::{Read, Seek, SeekFrom};
+use std::os::unix::fs::PermissionsExt;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -225,23 +226,34 @@ pub fn apply_to_image_with(
             }
         }
         let path = q(&e.path);
-        let meta = |cmds: &mut String, kind: u32, set_mode: bool| {
+        // Only what differs from what debugfs made: a new inode is owned by
+        // 0:0, and `write` takes the mode of the staged file. Every `sif`
+        // is a path lookup and an inode write, and they are most of the
+        // command file.
+        let meta = |cmds: &mut String, kind: u32, set_mode: bool, new: bool| {
             if set_mode {
                 cmds.push_str(&format!("sif {path} mode 0{:o}\n", kind | e.mode));
             }
-            cmds.push_str(&format!("sif {path} uid {}\n", e.uid));
-            cmds.push_str(&format!("sif {path} gid {}\n", e.gid));
-            cmds.push_str(&format!("sif {path} mtime {}\n", e.mtime));
+            if !new || e.uid != 0 {
+                cmds.push_str(&format!("sif {path} uid {}\n", e.uid));
+            }
+            if !new || e.gid != 0 {
+                cmds.push_str(&format!("sif {path} gid {}\n", e.gid));
+            }
+            // `@`: seconds since the epoch. Without it debugfs first tries
+            // the digits as YYYYMMDDHHMMSS and can make a date of them.
+            cmds.push_str(&format!("sif {path} mtime @{}\n", e.mtime));
         };
         if !matches!(e.kind, Kind::Dir) && exists.remove(&e.path).is_some() {
             cmds.push_str(&format!("rm {path}\n"));
         }
         match &e.kind {
             Kind::Dir => {
-                if made.insert(e.path.clone()) {
+                let new = made.insert(e.path.clone());
+                if new {
                     cmds.push_str(&format!("mkdir {path}\n"));
                 }
-                meta(&mut cmds, S_IFDIR, true);
+                meta(&mut cmds, S_IFDIR, true, new);
             }
             Kind::File { .. } => {
                 n += 1;
@@ -254,13 +266,20 @@ pub fn apply_to_image_with(
                     what: format!("cannot write {}", local.display()),
                     source,
                 })?;
+                // debugfs reads the staged file, so it stays readable by us;
+                // a mode without owner-read is set afterwards.
+                out.set_permissions(std::fs::Permissions::from_mode(e.mode | 0o400))
+                    .map_err(|source| Error::Io {
+                        what: format!("cannot set the mode of {}", local.display()),
+                        source,
+                    })?;
                 cmds.push_str(&format!("write {} {path}\n", q_local(&local)));
-                meta(&mut cmds, 0o100000, true);
+                meta(&mut cmds, 0o100000, e.mode & 0o400 == 0, true);
                 links.insert(e.path.clone(), 1);
             }
             Kind::Symlink { target } => {
                 cmds.push_str(&format!("symlink {path} {}\n", q_raw(target)));
-                meta(&mut cmds, S_IFLNK, false);
+                meta(&mut cmds, S_IFLNK, false, true);
             }
             Kind::Hardlink { target } => {
                 cmds.push_str(&format!("ln {} {path}\n", q(target)));

@@ -4,7 +4,7 @@
 //! same tree.
 
 use std::io::Write;
-use std::os::unix::fs::MetadataExt;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
@@ -62,6 +62,17 @@ fn image(dir: &Path, seed: &Path, table: Option<&str>) -> (PathBuf, String) {
 
 fn debugfs(dev: &str, request: &str) -> String {
     run(Command::new("debugfs").arg("-R").arg(request).arg(dev))
+}
+
+/// The permission bits of `p` in the image, from `debugfs stat`.
+fn image_mode(dev: &str, p: &str) -> u32 {
+    let stat = debugfs(dev, &format!("stat \"/{p}\""));
+    let mode = stat
+        .split("Mode:")
+        .nth(1)
+        .and_then(|r| r.split_whitespace().next())
+        .unwrap_or_else(|| panic!("no mode for {p}: {stat}"));
+    u32::from_str_radix(mode, 8).unwrap()
 }
 
 fn package(dir: &Path) -> PathBuf {
@@ -176,26 +187,62 @@ fn the_same_package_on_a_directory_and_an_image_gives_the_same_tree() {
     let tree = work.path().join("tree");
     run(Command::new("cp").arg("-a").arg(&seed).arg(&tree));
     apply_to_dir(&pkg, &tree, &Limits::default()).unwrap();
+    // A second package, owned by root, over the first: directories that
+    // exist (owned by 1234) change owner, a file without owner-read and a
+    // setuid file keep their modes.
+    let src = work.path().join("pkg2");
+    std::fs::create_dir_all(src.join("etc")).unwrap();
+    std::fs::create_dir_all(src.join("usr/bin")).unwrap();
+    std::fs::write(src.join("etc/write-only"), b"w\n").unwrap();
+    std::fs::write(src.join("usr/bin/tool"), b"#!/bin/true\n").unwrap();
+    for (p, mode) in [("etc/write-only", 0o200), ("usr/bin/tool", 0o4755)] {
+        std::fs::set_permissions(src.join(p), std::fs::Permissions::from_mode(mode)).unwrap();
+    }
+    let pkg2 = work.path().join("p2.tgz");
+    run(Command::new("tar")
+        .args(["--owner=0", "--group=0", "--mtime=@1600000000", "-czf"])
+        .arg(&pkg2)
+        .arg("-C")
+        .arg(&src)
+        .arg("."));
+    let setid = Limits {
+        allow_setid: true,
+        ..Limits::default()
+    };
+    apply_to_image(&pkg2, &img, None, &setid).unwrap();
+    apply_to_dir(&pkg2, &tree, &setid).unwrap();
     let dumped = work.path().join("dumped");
     std::fs::create_dir(&dumped).unwrap();
     debugfs(&dev, &format!("rdump / {}", dumped.display()));
     for p in [
+        "etc",
         "etc/hostname",
         "etc/ssh/host key",
         "etc/hostname.link",
         "root/big",
         "etc/fstab",
+        "etc/write-only",
+        "usr/bin/tool",
     ] {
         let a = std::fs::symlink_metadata(tree.join(p)).unwrap();
         let b = std::fs::symlink_metadata(dumped.join(p)).unwrap();
-        assert_eq!(
-            std::fs::read(tree.join(p)).unwrap(),
-            std::fs::read(dumped.join(p)).unwrap(),
-            "{p}"
-        );
-        assert_eq!(a.mode(), b.mode(), "{p}");
+        if a.is_file() {
+            assert_eq!(
+                std::fs::read(tree.join(p)).unwrap(),
+                std::fs::read(dumped.join(p)).unwrap(),
+                "{p}"
+            );
+        }
+        assert_eq!(a.file_type(), b.file_type(), "{p}");
+        // From the inode itself: rdump's chown after chmod drops setuid.
+        assert_eq!(a.mode() & 0o7777, image_mode(&dev, p), "{p}");
         assert_eq!((a.uid(), a.gid()), (b.uid(), b.gid()), "{p}");
+        assert_eq!(a.mtime(), b.mtime(), "{p}");
     }
+    let etc = std::fs::metadata(dumped.join("etc")).unwrap();
+    assert_eq!((etc.uid(), etc.mtime()), (0, 1_600_000_000));
+    assert_eq!(image_mode(&dev, "usr/bin/tool"), 0o4755);
+    assert_eq!(image_mode(&dev, "etc/write-only"), 0o200);
     assert_eq!(
         std::fs::read_link(tree.join("etc/name")).unwrap(),
         std::fs::read_link(dumped.join("etc/name")).unwrap()
