@@ -21,7 +21,7 @@ use crate::client::{Api, segment};
 
 #[derive(Args, Debug)]
 pub struct PersonalizeArgs {
-    #[command(flatten)]
+    #[command(flatten, next_help_heading = "Admin API (for --instance)")]
     api: ApiArgs,
     #[command(subcommand)]
     command: PersonalizeCommand,
@@ -49,7 +49,10 @@ compression-ratio caps. Owners are kept as numbers; modes and times are kept."
         after_help = "Nothing is written unless the whole package passes, and the \
 target is checked first too: a symlink already on the target in an entry's way, a file where a \
 directory must go, or a directory where a file must go refuses the package. Files replace \
-existing ones through a temporary name renamed into place."
+existing ones through a temporary name renamed into place.\n\n\
+Progress shows per phase (downloading, verifying, staging, writing). Ctrl-C or SIGTERM before the \
+writing phase stops with the target unchanged; once writing has begun it is finished, so a \
+filesystem is never left half-written."
     )]
     Apply {
         #[command(flatten)]
