@@ -746,3 +746,25 @@ fn set_tree_readable(dir: &Path) -> Result<()> {
     }
     Ok(())
 }
+
+/// The first non-empty line a tool prints for its version, from stdout or
+/// (ssh -V, debugfs -V) stderr; empty when it cannot run.
+pub fn tool_version(program: &str, arg: &str) -> String {
+    Command::new(program)
+        .arg(arg)
+        .output()
+        .map(|o| {
+            let text = if o.stdout.is_empty() {
+                o.stderr
+            } else {
+                o.stdout
+            };
+            String::from_utf8_lossy(&text)
+                .lines()
+                .find(|l| !l.trim().is_empty())
+                .unwrap_or("")
+                .trim()
+                .to_string()
+        })
+        .unwrap_or_default()
+}

@@ -345,26 +345,6 @@ fn run_quiet(program: &str, args: &[&str]) -> Result<std::process::Output> {
     Ok(out)
 }
 
-fn version(program: &str, arg: &str) -> String {
-    Command::new(program)
-        .arg(arg)
-        .output()
-        .map(|o| {
-            let text = if o.stdout.is_empty() {
-                o.stderr
-            } else {
-                o.stdout
-            };
-            String::from_utf8_lossy(&text)
-                .lines()
-                .find(|l| !l.trim().is_empty())
-                .unwrap_or("")
-                .trim()
-                .to_string()
-        })
-        .unwrap_or_default()
-}
-
 /// Flush dirty pages everywhere (untimed, after each contender).
 fn sync() -> Result<()> {
     run_quiet("sync", &[]).map(|_| ())
@@ -618,20 +598,7 @@ fn install_from_backports(pkgs: &[&str]) -> Result<()> {
         "-o".to_string(),
         format!("Dir::State::Lists={}", lists.display()),
     ];
-    let apt = |args: &[&str]| -> Result<()> {
-        println!("    apt-get (with bookworm-backports) {}", args.join(" "));
-        let status = Command::new("apt-get")
-            .args(&opts)
-            .args(args)
-            .env("DEBIAN_FRONTEND", "noninteractive")
-            .stdin(Stdio::null())
-            .status()
-            .context("cannot run apt-get")?;
-        if !status.success() {
-            bail!("`apt-get {}` failed ({status})", args.join(" "));
-        }
-        Ok(())
-    };
+    let apt = |args: &[&str]| debian::apt_with(&opts, args);
     apt(&["update"])?;
     let mut args = vec!["install", "-y", "--no-install-recommends"];
     args.extend_from_slice(pkgs);
@@ -649,8 +616,11 @@ fn install_from_backports(pkgs: &[&str]) -> Result<()> {
 /// cannot be run.
 fn probe_guestfish(image: &Path, tmp: &Path) -> Result<Guestfish, String> {
     install_guestfish()?;
-    println!("    {}", version(GUESTFISH, "--version"));
-    println!("    {}", version("qemu-system-x86_64", "--version"));
+    println!("    {}", bench::tool_version(GUESTFISH, "--version"));
+    println!(
+        "    {}",
+        bench::tool_version("qemu-system-x86_64", "--version")
+    );
     let kvm = std::fs::OpenOptions::new()
         .read(true)
         .write(true)
@@ -791,7 +761,7 @@ pub fn run(o: Options) -> Result<()> {
     {
         debian::ensure(&["e2fsprogs"], "cradle writes ext4 images with debugfs")?;
     }
-    println!("    {}", version("debugfs", "-V"));
+    println!("    {}", bench::tool_version("debugfs", "-V"));
 
     let tmp = tempfile::Builder::new()
         .prefix("cradle-bench-personalize-")

@@ -49,7 +49,7 @@ use anyhow::{Context, Result, bail};
 use cradle_remotefs::testkit::Sshd;
 use cradle_remotefs::{Host, Op, Remote, RemoteFilesystem, RemotePath, Settings, Transport};
 
-use crate::bench::median;
+use crate::bench::{self, median};
 use crate::{debian, flags};
 
 const SSHD: &str = "/usr/sbin/sshd";
@@ -425,27 +425,6 @@ fn pairs() -> [(Contender, Contender); 3] {
     ]
 }
 
-fn tool_version(program: &str, arg: &str) -> String {
-    Command::new(program)
-        .arg(arg)
-        .output()
-        .map(|o| {
-            // ssh -V writes to stderr, rsync --version to stdout.
-            let text = if o.stdout.is_empty() {
-                o.stderr
-            } else {
-                o.stdout
-            };
-            String::from_utf8_lossy(&text)
-                .lines()
-                .next()
-                .unwrap_or("")
-                .trim()
-                .to_string()
-        })
-        .unwrap_or_default()
-}
-
 /// Flush dirty pages everywhere (untimed, between copies).
 fn sync() -> Result<()> {
     let status = Command::new("sync").status().context("cannot run sync")?;
@@ -474,8 +453,8 @@ pub fn run(o: Options) -> Result<()> {
             bail!("{p} is still missing after installing openssh and rsync");
         }
     }
-    println!("    {}", tool_version("ssh", "-V"));
-    println!("    {}", tool_version(RSYNC, "--version"));
+    println!("    {}", bench::tool_version("ssh", "-V"));
+    println!("    {}", bench::tool_version(RSYNC, "--version"));
 
     let size = o.size_mib * MIB;
     let tmp = tempfile::Builder::new()

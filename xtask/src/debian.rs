@@ -72,8 +72,15 @@ pub fn ensure(pkgs: &[&str], why: &str) -> Result<()> {
 }
 
 fn apt(args: &[&str]) -> Result<()> {
+    apt_with(&[], args)
+}
+
+/// `apt-get` with configuration `options` (`-o KEY=VALUE` pairs, already
+/// split) before `args`, non-interactive; fails unless it succeeds.
+pub fn apt_with(options: &[String], args: &[&str]) -> Result<()> {
     println!("    apt-get {}", args.join(" "));
     let status = Command::new("apt-get")
+        .args(options)
         .args(args)
         .env("DEBIAN_FRONTEND", "noninteractive")
         .stdin(Stdio::null())
