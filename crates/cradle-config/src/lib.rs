@@ -44,6 +44,30 @@ pub struct Config {
     pub security_groups: SecurityGroups,
     pub firewall: Firewall,
     pub remote: Remote,
+    pub os: Os,
+}
+
+/// OS definitions (the Ganeti OS API) and how their trusted scripts run.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Os {
+    /// Directories holding one directory per OS, `:`-separated like PATH;
+    /// an earlier one hides the same name in a later one.
+    pub search_path: String,
+    /// Who trusted scripts run as when cradle runs as root (never root).
+    pub script_user: String,
+    /// Seconds a trusted `verify` may run.
+    pub verify_timeout: u64,
+}
+
+impl Default for Os {
+    fn default() -> Self {
+        Os {
+            search_path: "/srv/cradle/os".into(),
+            script_user: "nobody".into(),
+            verify_timeout: 60,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -419,6 +443,9 @@ pub const KEYS: &[(&str, &str)] = &[
     ("remote", "bwlimit"),
     ("remote", "timeout"),
     ("remote", "copy_timeout"),
+    ("os", "search_path"),
+    ("os", "script_user"),
+    ("os", "verify_timeout"),
 ];
 
 #[cfg(test)]

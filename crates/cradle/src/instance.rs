@@ -392,7 +392,7 @@ fn injected(items: &[String]) -> Result<BTreeMap<String, String>> {
         .collect()
 }
 
-fn pairs(flag: &str, items: &[String]) -> Result<BTreeMap<String, String>> {
+pub(crate) fn pairs(flag: &str, items: &[String]) -> Result<BTreeMap<String, String>> {
     items.iter().map(|s| pair(flag, s)).collect()
 }
 

@@ -8,6 +8,7 @@ mod client;
 mod drive;
 mod firewall;
 mod instance;
+mod os;
 mod personalize;
 mod remote;
 mod secgroup;
@@ -33,7 +34,8 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 link-local metadata service that speaks EC2 (with IMDSv2), OpenStack and cradle's own format.\n\n\
 Start the service with `cradle serve`; manage instances with `cradle instance`, their \
 security groups with `cradle secgroup`, and the nftables firewall that enforces them with \
-`cradle firewall`. `cradle remote` makes, removes and copies files on other hosts.",
+`cradle firewall`. `cradle remote` makes, removes and copies files on other hosts; \
+`cradle personalize` overlays personalization packages; `cradle os` checks OS definitions.",
     propagate_version = true
 )]
 struct Cli {
@@ -63,6 +65,9 @@ enum Command {
     /// Make, remove and copy files on another host over ssh/scp or rsync.
     #[command(subcommand_required = true)]
     Remote(remote::RemoteArgs),
+    /// List, show and verify OS definitions (the Ganeti OS API, with untrusted scripts).
+    #[command(subcommand_required = true)]
+    Os(os::OsArgs),
 }
 
 /// How results are printed.
@@ -115,6 +120,7 @@ fn main() -> ExitCode {
         Command::Firewall(args) => firewall::run(args),
         Command::Remote(args) => remote::run(args),
         Command::Personalize(args) => personalize::run(args),
+        Command::Os(args) => os::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

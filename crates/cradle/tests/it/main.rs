@@ -10,6 +10,7 @@ mod drive;
 mod firewall;
 mod hop_limit;
 mod metadata;
+mod os;
 mod personalize;
 mod remote;
 mod secgroup_cli;

@@ -1,0 +1,244 @@
+//! Running a trusted OS script on the host.
+//!
+//! - No shell: the script is executed directly with an argument vector.
+//! - An unprivileged user: when cradle runs as root, the script runs as the
+//!   configured script user (never root; supplementary groups dropped).
+//! - A clean environment: only what [`Environment`] holds.
+//! - Secret parameters never reach argv or the environment. When there are
+//!   any, they are written as one JSON object (`{"name": "value"}`) to a
+//!   pipe the script inherits as descriptor 3, named by `CRADLE_SECRETS_FD`,
+//!   and the pipe is closed after it.
+//! - Its own process group, killed whole at the deadline.
+//!
+//! This is the one module of the crate with `unsafe`: `dup2` in the child
+//! between fork and exec, `getpwnam_r`, and `kill` of a process group.
+
+use std::collections::BTreeMap;
+use std::io::{Read, Write};
+use std::os::fd::AsRawFd;
+use std::os::unix::process::CommandExt;
+use std::path::Path;
+use std::process::{Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use cradle_model::Secret;
+
+use crate::{Environment, Error};
+
+/// The descriptor the secrets pipe has in the script.
+pub const SECRETS_FD: i32 = 3;
+/// How much of each output stream is kept (the end of it).
+pub const OUTPUT_TAIL: usize = 64 * 1024;
+
+/// A user trusted scripts run as.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct User {
+    pub name: String,
+    pub uid: u32,
+    pub gid: u32,
+}
+
+impl User {
+    /// Look `name` up in the user database (files, LDAP: whatever NSS has).
+    pub fn lookup(name: &str) -> Result<User, Error> {
+        let bad = |reason: String| Error::User {
+            name: name.to_string(),
+            reason,
+        };
+        let cname = std::ffi::CString::new(name).map_err(|_| bad("holds a NUL byte".into()))?;
+        let mut buf = vec![0 as libc::c_char; 16 * 1024];
+        // SAFETY: passwd is plain data; getpwnam_r writes it and the
+        // strings it points to into buf, both of which outlive the call.
+        let mut pw: libc::passwd = unsafe { std::mem::zeroed() };
+        let mut result: *mut libc::passwd = std::ptr::null_mut();
+        // SAFETY: every pointer is valid for the sizes given.
+        let rc = unsafe {
+            libc::getpwnam_r(
+                cname.as_ptr(),
+                &mut pw,
+                buf.as_mut_ptr(),
+                buf.len(),
+                &mut result,
+            )
+        };
+        if rc != 0 {
+            return Err(bad(std::io::Error::from_raw_os_error(rc).to_string()));
+        }
+        if result.is_null() {
+            return Err(bad("no such user".into()));
+        }
+        Ok(User {
+            name: name.to_string(),
+            uid: pw.pw_uid,
+            gid: pw.pw_gid,
+        })
+    }
+}
+
+/// How trusted scripts are run.
+#[derive(Clone, Debug)]
+pub struct Runner {
+    /// The user to become when cradle runs as root. Scripts never run as
+    /// root: as root without a user, nothing runs.
+    pub user: Option<User>,
+    pub timeout: Duration,
+}
+
+/// How a script ended, with the tail of what it printed.
+#[derive(Debug)]
+pub struct Finished {
+    pub status: ExitStatus,
+    pub stdout: Vec<u8>,
+    pub stderr: Vec<u8>,
+}
+
+impl Finished {
+    /// The last non-empty lines of stderr (else stdout), for a message.
+    pub fn tail(&self, lines: usize) -> String {
+        let text = if self.stderr.iter().any(|b| !b.is_ascii_whitespace()) {
+            &self.stderr
+        } else {
+            &self.stdout
+        };
+        let text = String::from_utf8_lossy(text);
+        let all: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
+        all[all.len().saturating_sub(lines)..].join("\n")
+    }
+}
+
+/// Run `script` with `args`, `env` and `secrets`, as [`Runner`] says.
+pub fn run_trusted(
+    script: &Path,
+    args: &[&str],
+    env: &Environment,
+    secrets: &BTreeMap<String, Secret<String>>,
+    runner: &Runner,
+) -> Result<Finished, Error> {
+    let what = || script.display().to_string();
+    let io = |source: std::io::Error| Error::Io {
+        what: format!("cannot run {}", what()),
+        source,
+    };
+    let mut cmd = Command::new(script);
+    cmd.args(args)
+        .env_clear()
+        .envs(env.vars())
+        .current_dir(script.parent().unwrap_or(Path::new("/")))
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .process_group(0);
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } == 0 {
+        let Some(user) = &runner.user else {
+            return Err(Error::User {
+                name: "root".into(),
+                reason: "trusted OS scripts never run as root; configure [os] script_user".into(),
+            });
+        };
+        if user.uid == 0 {
+            return Err(Error::User {
+                name: user.name.clone(),
+                reason: "is root; trusted OS scripts run as an unprivileged user".into(),
+            });
+        }
+        // std drops the supplementary groups when it changes the uid from root.
+        cmd.uid(user.uid).gid(user.gid);
+    }
+    let pipe = if secrets.is_empty() {
+        None
+    } else {
+        let (reader, writer) = std::io::pipe().map_err(io)?;
+        let fd = reader.as_raw_fd();
+        cmd.env("CRADLE_SECRETS_FD", SECRETS_FD.to_string());
+        // SAFETY: between fork and exec only dup2 or fcntl runs, both
+        // async-signal-safe; dup2 clears close-on-exec on the copy.
+        unsafe {
+            cmd.pre_exec(move || {
+                // dup2 onto itself would leave close-on-exec set.
+                let ok = if fd == SECRETS_FD {
+                    libc::fcntl(fd, libc::F_SETFD, 0) >= 0
+                } else {
+                    libc::dup2(fd, SECRETS_FD) >= 0
+                };
+                if !ok {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        Some((reader, writer))
+    };
+    let mut child = cmd.spawn().map_err(io)?;
+    let writer = pipe.map(|(reader, writer)| {
+        drop(reader);
+        let body = secrets_json(secrets);
+        std::thread::spawn(move || {
+            let mut w = writer;
+            // A script that never reads them gets EPIPE here: not an error.
+            let _ = w.write_all(body.expose().as_bytes());
+        })
+    });
+    let out = tail_reader(child.stdout.take().expect("piped"));
+    let err = tail_reader(child.stderr.take().expect("piped"));
+    let deadline = Instant::now() + runner.timeout;
+    let status = loop {
+        if let Some(s) = child.try_wait().map_err(io)? {
+            break s;
+        }
+        if Instant::now() >= deadline {
+            // SAFETY: the group is the child's own (process_group(0)) and the
+            // child is not yet reaped, so its id cannot have been reused.
+            unsafe { libc::kill(-(child.id() as i32), libc::SIGKILL) };
+            let _ = child.wait();
+            return Err(Error::Timeout {
+                script: what(),
+                after: runner.timeout,
+            });
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    // Anything the script left running in its group goes too.
+    // SAFETY: as above; after the leader is reaped the group id could only be
+    // reused by a new group leader with the same pid, which needs the pid
+    // itself to be reused first: ESRCH at worst.
+    unsafe { libc::kill(-(child.id() as i32), libc::SIGKILL) };
+    if let Some(w) = writer {
+        let _ = w.join();
+    }
+    Ok(Finished {
+        status,
+        stdout: out.join().unwrap_or_default(),
+        stderr: err.join().unwrap_or_default(),
+    })
+}
+
+/// The secrets as one JSON object, itself a secret.
+fn secrets_json(secrets: &BTreeMap<String, Secret<String>>) -> Secret<String> {
+    let exposed: BTreeMap<&str, &str> = secrets
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.expose().as_str()))
+        .collect();
+    Secret::new(serde_json::to_string(&exposed).expect("strings serialize"))
+}
+
+/// Read a stream to its end on a thread, keeping its last [`OUTPUT_TAIL`] bytes.
+fn tail_reader(mut r: impl Read + Send + 'static) -> std::thread::JoinHandle<Vec<u8>> {
+    std::thread::spawn(move || {
+        let mut kept = Vec::new();
+        let mut buf = [0u8; 8192];
+        while let Ok(n) = r.read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            kept.extend_from_slice(&buf[..n]);
+            if kept.len() > 2 * OUTPUT_TAIL {
+                kept.drain(..kept.len() - OUTPUT_TAIL);
+            }
+        }
+        if kept.len() > OUTPUT_TAIL {
+            kept.drain(..kept.len() - OUTPUT_TAIL);
+        }
+        kept
+    })
+}
