@@ -163,7 +163,7 @@ fn spec(k: usize) -> InstanceSpec {
             ),
         ]),
         files: BTreeMap::from([("/etc/cradle/bench.conf".to_string(), B64.encode(conf))]),
-        metadata_address: ip.to_string(),
+        metadata_address: Some(ip.to_string()),
         local_ipv4: Some(format!("10.{net}.{c}.{d}/16")),
         gateway_ipv4: Some(format!("10.{net}.255.254")),
         dns_nameservers: vec!["10.0.0.2".to_string(), "10.0.0.3".to_string()],

@@ -239,7 +239,7 @@ prop_compose! {
                 .map(|(name, (blob, comment))| (name, ssh_key(blob, &comment)))
                 .collect(),
             files: files.iter().map(|(p, c)| (p.clone(), b64(c))).collect(),
-            metadata_address: format!("10.{a}.{b}.{}", c.max(1)),
+            metadata_address: Some(format!("10.{a}.{b}.{}", c.max(1))),
             local_ipv6: None,
             interface: None,
             local_ipv4: Some(match addr.1 {
@@ -308,7 +308,7 @@ fn full_instance() -> Instance {
         files: (0..16u8)
             .map(|i| (format!("/etc/ü/file-{i}"), b64(&vec![i; 64 * 1024])))
             .collect(),
-        metadata_address: "10.0.0.5".to_string(),
+        metadata_address: Some("10.0.0.5".to_string()),
         ..InstanceSpec::default()
     };
     let now = OffsetDateTime::from_unix_timestamp(1_767_225_600).unwrap();

@@ -141,7 +141,7 @@ mod tests {
     fn instance(name: &str) -> Arc<Instance> {
         let spec = InstanceSpec {
             name: name.into(),
-            metadata_address: "127.0.0.2".into(),
+            metadata_address: Some("127.0.0.2".into()),
             ..Default::default()
         };
         Arc::new(

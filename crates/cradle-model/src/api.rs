@@ -69,7 +69,10 @@ pub struct InstanceSpec {
     /// Injected files: absolute guest path to base64 contents.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub files: BTreeMap<String, String>,
-    pub metadata_address: String,
+    /// Left out: cradle allocates a link-local address
+    /// ([`crate::allocate_link_local`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metadata_address: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mac: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -785,7 +788,13 @@ impl InstanceSpec {
         check_metadata(&self.metadata)?;
         check_public_keys(&self.public_keys)?;
         let files = parse_files(&self.files)?;
-        let metadata_address = parse_metadata_address(&self.metadata_address)?;
+        let Some(metadata_address) = self.metadata_address.as_deref() else {
+            return invalid(
+                "metadata_address",
+                "is required here (the registry allocates one when it is left out)",
+            );
+        };
+        let metadata_address = parse_metadata_address(metadata_address)?;
         let mac = match &self.mac {
             Some(m) => parse_mac(m)?,
             None => mac_from_id(id),

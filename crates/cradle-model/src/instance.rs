@@ -105,6 +105,19 @@ impl Instance {
     }
 }
 
+/// The first free link-local address for a guest's metadata channel, as
+/// Ganeti's communication NIC gives each instance one: from 169.254.1.1 up
+/// to 169.254.254.254 (RFC 3927's usable range), skipping every `.0` and
+/// `.255` and all of 169.254.169.0/24, where clouds put their services
+/// (169.254.169.254 is the metadata service itself). `None` when every
+/// address is taken.
+pub fn allocate_link_local(taken: impl Fn(Ipv4Addr) -> bool) -> Option<Ipv4Addr> {
+    (1u8..=254)
+        .filter(|third| *third != 169)
+        .flat_map(|third| (1u8..=254).map(move |fourth| Ipv4Addr::new(169, 254, third, fourth)))
+        .find(|a| !taken(*a))
+}
+
 /// Whether `name` is acceptable as an instance's host interface: what Linux
 /// allows (1 to 15 bytes, no `/`, `:` or whitespace) narrowed to letters,
 /// digits, `-`, `_` and `.`, so that nothing in it means something to nft
@@ -283,5 +296,33 @@ impl<'de> Deserialize<'de> for HostAddr {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let s = String::deserialize(d)?;
         s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn link_local_allocation_skips_services_and_edges() {
+        assert_eq!(
+            allocate_link_local(|_| false),
+            Some(Ipv4Addr::new(169, 254, 1, 1))
+        );
+        let first_free_after = |n: u32| {
+            allocate_link_local(|a| {
+                let o = a.octets();
+                u32::from(o[2] - 1) * 254 + u32::from(o[3] - 1) < n
+            })
+        };
+        assert_eq!(first_free_after(254), Some(Ipv4Addr::new(169, 254, 2, 1)));
+        // 168 full /24s, then 169.254.169.0/24 is skipped.
+        assert_eq!(
+            first_free_after(168 * 254),
+            Some(Ipv4Addr::new(169, 254, 170, 1))
+        );
+        assert_eq!(allocate_link_local(|_| true), None);
+        let all = (1u8..=254).filter(|t| *t != 169).count() * 254;
+        assert_eq!(all, 64262);
     }
 }

@@ -11,6 +11,6 @@ mod secret;
 
 pub use instance::{
     HostAddr, ImdsTokens, Instance, MAX_PASSWORD, MAX_USER_DATA, Os, OsParams, RANDOM_SEED_LEN,
-    State, Visibility, is_interface_name,
+    State, Visibility, allocate_link_local, is_interface_name,
 };
 pub use secret::{REDACTED, Secret};

@@ -223,11 +223,26 @@ impl Registry {
         spec: InstanceSpec,
         boot_roles: Vec<String>,
     ) -> Result<Arc<Instance>, RegistryError> {
+        let mut spec = spec;
         let mut seed = vec![0u8; RANDOM_SEED_LEN];
         rand::rng().fill_bytes(&mut seed);
+        // Held from allocation to insert, so no other create takes the address.
+        let _w = self.lock_writer();
+        if spec.metadata_address.is_none() {
+            let index = self.read();
+            let free = cradle_model::allocate_link_local(|a| {
+                index.by_address.contains_key(&IpAddr::V4(a))
+            })
+            .ok_or_else(|| {
+                RegistryError::Invalid(cradle_model::api::Invalid {
+                    field: "metadata_address".into(),
+                    message: "every link-local address cradle allocates is taken; give one".into(),
+                })
+            })?;
+            spec.metadata_address = Some(free.to_string());
+        }
         let mut instance = spec.into_instance(Uuid::new_v4(), now(), seed)?;
         instance.boot_roles = boot_roles;
-        let _w = self.lock_writer();
         Self::check_unique(&self.read(), &instance)?;
         let ops = self
             .groups_read()

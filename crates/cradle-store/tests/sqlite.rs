@@ -9,7 +9,7 @@ use uuid::Uuid;
 fn instance(name: &str, addr: &str) -> Instance {
     let mut spec = InstanceSpec {
         name: name.into(),
-        metadata_address: addr.into(),
+        metadata_address: Some(addr.into()),
         user_data: Some("aGVsbG8=".into()),
         ..Default::default()
     };

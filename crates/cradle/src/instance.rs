@@ -96,7 +96,8 @@ struct Fields {
     /// Inject a file into the guest: GUEST_PATH=@LOCAL_FILE (repeatable; at most 16, 64 KiB each).
     #[arg(long = "file", value_name = "GUEST_PATH=@LOCAL")]
     files: Vec<String>,
-    /// The address the guest's metadata requests come from.
+    /// The address the guest's metadata requests come from [add default:
+    /// the first free link-local address from 169.254.1.1].
     #[arg(long)]
     metadata_address: Option<String>,
     /// MAC address [add default: fa:16:3e and 3 bytes of the id].
@@ -398,11 +399,6 @@ pub(crate) fn pairs(flag: &str, items: &[String]) -> Result<BTreeMap<String, Str
 
 fn build_spec(a: AddArgs) -> Result<InstanceSpec> {
     let f = a.fields;
-    let Some(metadata_address) = f.metadata_address else {
-        bail!(
-            "--metadata-address is required: the address the guest's metadata requests come from"
-        );
-    };
     Ok(InstanceSpec {
         name: a.name,
         project_id: f.project,
@@ -419,7 +415,7 @@ fn build_spec(a: AddArgs) -> Result<InstanceSpec> {
         metadata: pairs("--meta", &f.meta)?,
         public_keys: pairs("--key", &f.keys)?,
         files: injected(&f.files)?,
-        metadata_address,
+        metadata_address: f.metadata_address,
         mac: f.mac,
         local_ipv4: f.local_ipv4,
         local_ipv6: f.local_ipv6,

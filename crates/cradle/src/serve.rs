@@ -391,7 +391,7 @@ fn print_demo(
             let mut spec = InstanceSpec {
                 name: "demo".into(),
                 hostname: Some("demo".into()),
-                metadata_address: DEMO_ADDRESS.into(),
+                metadata_address: Some(DEMO_ADDRESS.into()),
                 local_ipv4: Some("10.0.0.2/24".into()),
                 gateway_ipv4: Some("10.0.0.1".into()),
                 user_data: Some(base64::engine::general_purpose::STANDARD.encode(

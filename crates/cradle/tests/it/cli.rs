@@ -250,13 +250,6 @@ fn instance_errors_are_reported_on_stderr() {
         nope.stderr
     );
 
-    let no_addr = instance(&s, &["add", "x"]).failure();
-    assert!(
-        no_addr.stderr.contains("--metadata-address is required"),
-        "{}",
-        no_addr.stderr
-    );
-
     // A refusal from the server comes back with its reason.
     let bad = instance(&s, &["add", "x", "--metadata-address", "999.1.1.1"]).failure();
     assert!(
@@ -284,6 +277,27 @@ fn instance_errors_are_reported_on_stderr() {
     // None of that registered anything.
     let list = instance(&s, &["list", "-o", "json"]).success().json();
     assert_eq!(list, json!([]));
+
+    // Without an address, each instance gets the next free link-local one,
+    // and a guest is known by it.
+    let a = instance(&s, &["add", "ll-a", "-o", "json"])
+        .success()
+        .json();
+    let b = instance(&s, &["add", "ll-b", "-o", "json"])
+        .success()
+        .json();
+    assert_eq!(a["metadata_address"], "169.254.1.1", "{a}");
+    assert_eq!(b["metadata_address"], "169.254.1.2", "{b}");
+    instance(&s, &["remove", "ll-a"]).success();
+    let c = instance(&s, &["add", "ll-c", "-o", "json"])
+        .success()
+        .json();
+    assert_eq!(
+        c["metadata_address"], "169.254.1.1",
+        "freed, then reused: {c}"
+    );
+    let taken = instance(&s, &["add", "ll-d", "--metadata-address", "169.254.1.2"]).failure();
+    assert!(taken.stderr.contains("409"), "{}", taken.stderr);
 
     // The wrong token, and an unreachable server, are named as such.
     let wrong = cradle(s.data_dir.parent().unwrap())
