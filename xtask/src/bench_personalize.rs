@@ -524,28 +524,11 @@ fn install_guestfish() -> Result<(), String> {
         return Ok(());
     }
     let pkgs = ["libguestfs-tools", "linux-image-amd64"];
-    if let Err(e) = debian::ensure(
+    debian::ensure_with_qemu(
         &pkgs,
         "the benchmark compares cradle with guestfish, whose appliance boots a kernel from /boot",
-    ) {
-        // This machine image carries qemu-utils from bookworm-backports,
-        // which breaks bookworm's qemu-system-x86: take qemu (and the
-        // seabios it needs) from backports too, through a sources list of
-        // our own, leaving /etc/apt as it is.
-        let qemu_utils = version_of("qemu-utils");
-        if !qemu_utils.contains("bpo") {
-            return Err(format!("{e:#}"));
-        }
-        println!(
-            "    qemu-utils {qemu_utils} is from bookworm-backports; taking qemu-system-x86 \
-             from there too"
-        );
-        if let Err(e2) = install_from_backports(&pkgs) {
-            return Err(format!(
-                "{e:#}; and with qemu from bookworm-backports: {e2:#}"
-            ));
-        }
-    }
+    )
+    .map_err(|e| format!("{e:#}"))?;
     if !Path::new(GUESTFISH).exists() {
         return Err(format!(
             "{GUESTFISH} is still missing after installing libguestfs-tools"
@@ -559,56 +542,6 @@ fn install_guestfish() -> Result<(), String> {
         );
     }
     Ok(())
-}
-
-/// dpkg's version of an installed package, or "".
-fn version_of(pkg: &str) -> String {
-    Command::new("dpkg-query")
-        .args(["-W", "-f", "${Version}", pkg])
-        .stderr(Stdio::null())
-        .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
-        .unwrap_or_default()
-}
-
-fn install_from_backports(pkgs: &[&str]) -> Result<()> {
-    if !debian::is_root()? {
-        bail!("not root");
-    }
-    let dir = tempfile::Builder::new().prefix("cradle-apt-").tempdir()?;
-    let parts = dir.path().join("sources.list.d");
-    let lists = dir.path().join("lists");
-    std::fs::create_dir_all(lists.join("partial"))?;
-    std::fs::create_dir_all(&parts)?;
-    for e in std::fs::read_dir("/etc/apt/sources.list.d")?.flatten() {
-        let name = e.file_name();
-        let n = name.to_string_lossy();
-        if n.ends_with(".sources") || n.ends_with(".list") {
-            std::fs::copy(e.path(), parts.join(&name))?;
-        }
-    }
-    std::fs::write(
-        parts.join("bookworm-backports.sources"),
-        "Types: deb\nURIs: http://deb.debian.org/debian\nSuites: bookworm-backports\n\
-         Components: main\nSigned-By: /usr/share/keyrings/debian-archive-keyring.gpg\n",
-    )?;
-    let opts = [
-        "-o".to_string(),
-        format!("Dir::Etc::SourceParts={}", parts.display()),
-        "-o".to_string(),
-        format!("Dir::State::Lists={}", lists.display()),
-    ];
-    let apt = |args: &[&str]| debian::apt_with(&opts, args);
-    apt(&["update"])?;
-    let mut args = vec!["install", "-y", "--no-install-recommends"];
-    args.extend_from_slice(pkgs);
-    args.extend_from_slice(&[
-        "qemu-system-x86/bookworm-backports",
-        "qemu-system-common/bookworm-backports",
-        "qemu-system-data/bookworm-backports",
-        "seabios/bookworm-backports",
-    ]);
-    apt(&args)
 }
 
 /// Try guestfish on the image (read-only): cache its appliance, find out

@@ -51,6 +51,11 @@ pub fn run() -> Result<()> {
         TEST_PACKAGES,
         "the integration tests run cloud-init, botocore, ip, curl, nft, ping, sshd, scp, rsync, debugfs, sfdisk and the ISO and FAT tools",
     )?;
+    println!("==> QEMU and Debian's kernel for the hypervisor tests");
+    debian::ensure_with_qemu(
+        &["qemu-utils", "linux-image-amd64"],
+        "the hypervisor tests boot Debian's kernel under qemu-system-x86_64 and make qcow2 disks",
+    )?;
     check_python()?;
 
     println!("==> cargo fmt --check");

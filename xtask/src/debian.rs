@@ -92,6 +92,83 @@ pub fn apt_with(options: &[String], args: &[&str]) -> Result<()> {
     Ok(())
 }
 
+/// [`ensure`] `pkgs` together with qemu-system-x86. This machine image
+/// carries qemu-utils from bookworm-backports, which breaks bookworm's own
+/// qemu-system-common, so a plain install fails there: qemu-system-x86
+/// (and the seabios it needs) then come from bookworm-backports too,
+/// through a sources list and lists directory of our own; `/etc/apt` is
+/// left as it is.
+pub fn ensure_with_qemu(pkgs: &[&str], why: &str) -> Result<()> {
+    let mut all = vec!["qemu-system-x86"];
+    all.extend_from_slice(pkgs);
+    if missing(&all).is_empty() {
+        println!("    installed: {}", all.join(" "));
+        return Ok(());
+    }
+    let qemu_utils = version_of("qemu-utils");
+    if !qemu_utils.contains("bpo") {
+        return ensure(&all, why);
+    }
+    if !is_root()? {
+        bail!(
+            "missing Debian packages ({why}): {}; qemu-utils {qemu_utils} is from \
+             bookworm-backports, so take qemu-system-x86 from there too (as root)",
+            missing(&all).join(" ")
+        );
+    }
+    println!(
+        "    qemu-utils {qemu_utils} is from bookworm-backports; taking qemu-system-x86 from there too"
+    );
+    let dir = tempfile::Builder::new().prefix("cradle-apt-").tempdir()?;
+    let parts = dir.path().join("sources.list.d");
+    let lists = dir.path().join("lists");
+    std::fs::create_dir_all(lists.join("partial"))?;
+    std::fs::create_dir_all(&parts)?;
+    for e in std::fs::read_dir("/etc/apt/sources.list.d")?.flatten() {
+        let name = e.file_name();
+        let n = name.to_string_lossy();
+        if n.ends_with(".sources") || n.ends_with(".list") {
+            std::fs::copy(e.path(), parts.join(&name))?;
+        }
+    }
+    std::fs::write(
+        parts.join("bookworm-backports.sources"),
+        "Types: deb\nURIs: http://deb.debian.org/debian\nSuites: bookworm-backports\n\
+         Components: main\nSigned-By: /usr/share/keyrings/debian-archive-keyring.gpg\n",
+    )?;
+    let opts = [
+        "-o".to_string(),
+        format!("Dir::Etc::SourceParts={}", parts.display()),
+        "-o".to_string(),
+        format!("Dir::State::Lists={}", lists.display()),
+    ];
+    apt_with(&opts, &["update"])?;
+    let mut args = vec!["install", "-y", "--no-install-recommends"];
+    args.extend_from_slice(pkgs);
+    args.extend_from_slice(&[
+        "qemu-system-x86/bookworm-backports",
+        "qemu-system-common/bookworm-backports",
+        "qemu-system-data/bookworm-backports",
+        "seabios/bookworm-backports",
+    ]);
+    apt_with(&opts, &args)?;
+    let still = missing(&all);
+    if !still.is_empty() {
+        bail!("still not installed after apt-get: {}", still.join(" "));
+    }
+    Ok(())
+}
+
+/// dpkg's version of an installed package, or "".
+fn version_of(pkg: &str) -> String {
+    Command::new("dpkg-query")
+        .args(["-W", "-f", "${Version}", pkg])
+        .stderr(Stdio::null())
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_default()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

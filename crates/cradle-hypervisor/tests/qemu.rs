@@ -1,0 +1,202 @@
+//! The QEMU driver against real QEMU, booting Debian's kernel (installed
+//! by `cargo xtask ci` as linux-image-amd64) with no root filesystem: it
+//! prints its banner on the serial console and stops at the panic, which
+//! is all these tests need from a guest.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use cradle_hypervisor::{
+    Accel, Disk, DiskFormat, Hypervisor, KernelBoot, Qemu, Status, VmSpec, probe,
+};
+
+const QEMU: &str = "/usr/bin/qemu-system-x86_64";
+
+/// Debian's kernel from /boot (the newest).
+fn kernel() -> PathBuf {
+    let mut found: Vec<PathBuf> = std::fs::read_dir("/boot")
+        .expect("/boot")
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| {
+            p.file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with("vmlinuz-"))
+        })
+        .collect();
+    found.sort();
+    found
+        .pop()
+        .expect("a Debian kernel in /boot: cargo xtask ci installs linux-image-amd64")
+}
+
+/// Kills the VM whatever happens to the test.
+struct Guard<'a>(&'a Qemu, &'a str);
+
+impl Drop for Guard<'_> {
+    fn drop(&mut self) {
+        let _ = self.0.kill(self.1);
+    }
+}
+
+fn spec(name: &str, disks: Vec<Disk>, cmdline: &str) -> VmSpec {
+    VmSpec {
+        name: name.into(),
+        memory_mib: 256,
+        vcpus: 2,
+        disks,
+        kernel: Some(KernelBoot {
+            kernel: kernel(),
+            initrd: None,
+            cmdline: cmdline.into(),
+        }),
+        no_reboot: true,
+    }
+}
+
+fn wait_for_console(log: &Path, needle: &str, within: Duration) -> String {
+    let until = Instant::now() + within;
+    loop {
+        let text = String::from_utf8_lossy(&std::fs::read(log).unwrap_or_default()).into_owned();
+        if text.contains(needle) || Instant::now() > until {
+            return text;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn run(cmd: &mut Command) {
+    let out = cmd.output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn start_status_console_and_stop_with_raw_and_qcow2_disks() {
+    let work = tempfile::tempdir().unwrap();
+    let raw = work.path().join("disk, one.img");
+    std::fs::File::create(&raw)
+        .unwrap()
+        .set_len(16 << 20)
+        .unwrap();
+    let qcow2 = work.path().join("data.qcow2");
+    run(Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2"])
+        .arg(&qcow2)
+        .arg("16M"));
+    let q = Qemu::new(QEMU, work.path().join("run"), Accel::Tcg);
+    let name = "web1, the first";
+    let _guard = Guard(&q, name);
+    let vm = spec(
+        name,
+        vec![
+            Disk {
+                path: raw.clone(),
+                format: DiskFormat::Raw,
+                read_only: false,
+            },
+            Disk {
+                path: qcow2.clone(),
+                format: DiskFormat::Qcow2,
+                read_only: true,
+            },
+        ],
+        // Stay up after the panic (no root filesystem), so it can be stopped.
+        "console=ttyS0 panic=0",
+    );
+    assert_eq!(q.status(name).unwrap(), Status::Stopped);
+    q.start(&vm).unwrap();
+    assert_eq!(q.status(name).unwrap(), Status::Running);
+    let e = q.start(&vm).unwrap_err();
+    assert!(e.to_string().contains("already running"), "{e}");
+
+    // The guest's own view of its hardware, through QMP.
+    let mut qmp = q.qmp(name).unwrap();
+    let blocks = qmp.execute("query-block", None).unwrap();
+    let drives: Vec<(String, String, bool)> = blocks
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|b| {
+            let i = b.get("inserted")?;
+            Some((
+                i["file"].as_str()?.to_string(),
+                i["drv"].as_str()?.to_string(),
+                i["ro"].as_bool()?,
+            ))
+        })
+        .collect();
+    assert_eq!(
+        drives,
+        [
+            (raw.display().to_string(), "raw".into(), false),
+            (qcow2.display().to_string(), "qcow2".into(), true)
+        ]
+    );
+    let cpus = qmp.execute("query-cpus-fast", None).unwrap();
+    assert_eq!(cpus.as_array().unwrap().len(), 2);
+    let mem = qmp.execute("query-memory-size-summary", None).unwrap();
+    assert_eq!(mem["base-memory"], 256u64 << 20);
+    // QEMU serves one QMP client at a time.
+    drop(qmp);
+
+    let log = q.console_log(name).unwrap();
+    let text = wait_for_console(&log, "Linux version", Duration::from_secs(120));
+    assert!(text.contains("Linux version"), "console: {text}");
+
+    // The guest cannot power off (it panicked): stop falls back to quit.
+    let started = Instant::now();
+    q.stop(name, Duration::from_secs(1)).unwrap();
+    assert!(started.elapsed() < Duration::from_secs(10));
+    assert_eq!(q.status(name).unwrap(), Status::Stopped);
+    // Stopping a stopped VM is no error.
+    q.stop(name, Duration::from_secs(1)).unwrap();
+
+    // Started again, then killed.
+    q.start(&vm).unwrap();
+    assert_eq!(q.status(name).unwrap(), Status::Running);
+    q.kill(name).unwrap();
+    assert_eq!(q.status(name).unwrap(), Status::Stopped);
+}
+
+#[test]
+fn bad_input_is_refused_with_qemus_reason() {
+    let work = tempfile::tempdir().unwrap();
+    let q = Qemu::new(QEMU, work.path().join("run"), Accel::Tcg);
+    let missing = spec(
+        "missing-disk",
+        vec![Disk {
+            path: work.path().join("nope.img"),
+            format: DiskFormat::Raw,
+            read_only: false,
+        }],
+        "console=ttyS0",
+    );
+    let e = q.start(&missing).unwrap_err();
+    assert!(e.to_string().contains("nope.img"), "{e}");
+    assert_eq!(q.status("missing-disk").unwrap(), Status::Stopped);
+    let e = q.status("../escape").unwrap_err();
+    assert!(e.to_string().contains("cannot be used"), "{e}");
+}
+
+#[test]
+fn the_probe_picks_an_accelerator_that_boots_the_kernel() {
+    let p = probe(Path::new(QEMU), &kernel(), Duration::from_secs(10));
+    eprintln!("probe: {:?}", p);
+    assert_eq!(p.reason.is_none(), p.accel == Accel::Kvm, "{p:?}");
+    // Whatever it chose boots the kernel.
+    let work = tempfile::tempdir().unwrap();
+    let q = Qemu::new(QEMU, work.path().join("run"), p.accel);
+    let _guard = Guard(&q, "probed");
+    q.start(&spec("probed", vec![], "console=ttyS0 panic=0"))
+        .unwrap();
+    let text = wait_for_console(
+        &q.console_log("probed").unwrap(),
+        "Linux version",
+        Duration::from_secs(120),
+    );
+    assert!(text.contains("Linux version"), "{:?}: {text}", p.accel);
+}
