@@ -311,7 +311,7 @@ fn bad_requests_get_json_errors_and_change_nothing() {
         post("unknown nested field", json!({"os_params": {"hidden": {}}}), 422, "invalid", &["hidden"]),
         post("wrong type", json!({"launch_index": "three"}), 422, "invalid", &["launch_index"]),
         post("wrong nested type", json!({"metadata": {"k": 5}}), 422, "invalid", &["metadata.k"]),
-        raw("missing metadata_address", "POST", "/v1/instances", Some(r#"{"name": "fresh"}"#), 422, "invalid", &["metadata_address"]),
+        raw("metadata_address not a string", "POST", "/v1/instances", Some(r#"{"name": "fresh", "metadata_address": 5}"#), 422, "invalid", &["metadata_address"]),
         post("duplicate name", json!({"name": "taken"}), 409, "conflict", &["name"]),
         post("duplicate metadata_address", json!({"metadata_address": "127.0.0.30"}), 409, "conflict", &["metadata_address"]),
         patch("duplicate metadata_address on PATCH", json!({"metadata_address": "127.0.0.30"}), 409, "conflict", &["metadata_address"]),
