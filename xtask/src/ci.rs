@@ -77,6 +77,22 @@ pub fn run() -> Result<()> {
         "clippy found problems (listed above)",
     )?;
 
+    // The appliance's /init must be static (the initramfs has no C
+    // library); the appliance test takes it from target/release.
+    println!("==> the static cradle-agent (cargo rustc ... +crt-static)");
+    run_cargo(
+        &[
+            "rustc",
+            "-p",
+            "cradle-agent",
+            "--release",
+            "--",
+            "-C",
+            "target-feature=+crt-static",
+        ],
+        "cradle-agent would not build as a static binary",
+    )?;
+
     println!("==> cargo test");
     run_cargo(&["test", "--workspace"], "tests failed (listed above)")?;
     check_no_firewall_left()?;

@@ -4,6 +4,7 @@
 
 #![forbid(unsafe_code)]
 
+mod appliance;
 mod client;
 mod drive;
 mod firewall;
@@ -68,6 +69,9 @@ enum Command {
     /// List, show and verify OS definitions (the Ganeti OS API, with untrusted scripts).
     #[command(subcommand_required = true)]
     Os(os::OsArgs),
+    /// Build the install appliance (a kernel and an initramfs running cradle-agent).
+    #[command(subcommand_required = true)]
+    Appliance(appliance::ApplianceArgs),
 }
 
 /// How results are printed.
@@ -121,6 +125,7 @@ fn main() -> ExitCode {
         Command::Remote(args) => remote::run(args),
         Command::Personalize(args) => personalize::run(args),
         Command::Os(args) => os::run(args),
+        Command::Appliance(args) => appliance::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

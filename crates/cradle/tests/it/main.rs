@@ -5,6 +5,7 @@
 mod harness;
 
 mod admin;
+mod appliance;
 mod cli;
 mod drive;
 mod firewall;

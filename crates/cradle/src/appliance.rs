@@ -1,0 +1,71 @@
+//! `cradle appliance build`: the install appliance's kernel and initramfs
+//! (cradle-appliance).
+
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use clap::{Args, Subcommand};
+
+#[derive(Args, Debug)]
+pub struct ApplianceArgs {
+    #[command(subcommand)]
+    command: ApplianceCommand,
+}
+
+#[derive(Subcommand, Debug)]
+enum ApplianceCommand {
+    /// Make vmlinuz and initrd.img from Debian's kernel package and the static cradle-agent.
+    #[command(
+        after_help = "The kernel package is unpacked with dpkg-deb, never installed on \
+this host; without --kernel-deb, the package linux-image-amd64 points at is fetched with \
+`apt-get download`. The initramfs holds the agent as /init, the virtio and ext4 modules with \
+their dependencies (from depmod on the unpacked tree), and the order to load them in. The agent \
+must be static: cargo rustc -p cradle-agent --release -- -C target-feature=+crt-static."
+    )]
+    Build {
+        /// The kernel package (.deb) to take the kernel and modules from.
+        #[arg(long, value_name = "DEB")]
+        kernel_deb: Option<PathBuf>,
+        /// The static agent [default: cradle-agent beside this binary].
+        #[arg(long, value_name = "PATH")]
+        agent: Option<PathBuf>,
+        /// Where to write vmlinuz and initrd.img.
+        #[arg(
+            long,
+            short = 'o',
+            value_name = "DIR",
+            default_value = "./cradle-data/appliance"
+        )]
+        out: PathBuf,
+    },
+}
+
+pub fn run(args: ApplianceArgs) -> Result<()> {
+    match args.command {
+        ApplianceCommand::Build {
+            kernel_deb,
+            agent,
+            out,
+        } => {
+            let agent = match agent {
+                Some(a) => a,
+                None => std::env::current_exe()
+                    .context("cannot find this binary")?
+                    .with_file_name("cradle-agent"),
+            };
+            let download = tempfile::tempdir()?;
+            let deb = match kernel_deb {
+                Some(d) => d,
+                None => {
+                    eprintln!("downloading the kernel package (apt-get download)");
+                    cradle_appliance::download_kernel(download.path())?
+                }
+            };
+            let built = cradle_appliance::build(&deb, &agent, &out)?;
+            println!("kernel  {} ({})", built.kernel.display(), built.release);
+            println!("initrd  {}", built.initrd.display());
+            println!("modules {}", built.modules.join(" "));
+        }
+    }
+    Ok(())
+}

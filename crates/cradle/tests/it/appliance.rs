@@ -1,0 +1,115 @@
+//! `cradle appliance build` from Debian's kernel package (fetched with
+//! `apt-get download`, unpacked, never installed), booted under QEMU (TCG)
+//! with a disk: the static agent comes up as /init, loads the virtio and
+//! ext4 modules, finds the disk, says so on the console and powers off.
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use cradle_hypervisor::{Accel, Disk, DiskFormat, Hypervisor, KernelBoot, Qemu, Status, VmSpec};
+
+use crate::harness::{BIN, Run, cradle_command};
+
+/// The static agent `cargo xtask ci` builds into target/release.
+fn agent() -> PathBuf {
+    let target = PathBuf::from(BIN)
+        .parent()
+        .unwrap()
+        .parent()
+        .unwrap()
+        .to_path_buf();
+    let agent = target.join("release/cradle-agent");
+    assert!(
+        agent.exists(),
+        "{} is missing: cargo xtask ci builds it (cargo rustc -p cradle-agent --release -- -C target-feature=+crt-static)",
+        agent.display()
+    );
+    agent
+}
+
+#[test]
+fn the_appliance_boots_its_agent_which_finds_the_disk_and_powers_off() {
+    let work = tempfile::tempdir().unwrap();
+    let out = work.path().join("appliance");
+    let built = Run::of(
+        cradle_command()
+            .args(["appliance", "build", "--agent"])
+            .arg(agent())
+            .arg("-o")
+            .arg(&out),
+    )
+    .success();
+    assert!(built.stdout.contains("virtio_blk"), "{}", built.stdout);
+    assert!(built.stdout.contains("ext4"), "{}", built.stdout);
+
+    // A dynamic agent would find no C library in the appliance: refused.
+    Run::of(
+        cradle_command()
+            .args([
+                "appliance",
+                "build",
+                "--agent",
+                BIN,
+                "--kernel-deb",
+                "/nonexistent.deb",
+                "-o",
+            ])
+            .arg(work.path().join("never")),
+    )
+    .fails_with(&["dynamically linked", "+crt-static"]);
+    assert!(!work.path().join("never").exists());
+
+    let disk = work.path().join("disk.img");
+    std::fs::File::create(&disk)
+        .unwrap()
+        .set_len(16 << 20)
+        .unwrap();
+    let q = Qemu::new(
+        "/usr/bin/qemu-system-x86_64",
+        work.path().join("run"),
+        Accel::Tcg,
+    );
+    let vm = VmSpec {
+        name: "appliance-test".into(),
+        memory_mib: 256,
+        vcpus: 1,
+        disks: vec![Disk {
+            path: disk,
+            format: DiskFormat::Raw,
+            read_only: false,
+        }],
+        kernel: Some(KernelBoot {
+            kernel: out.join("vmlinuz"),
+            initrd: Some(out.join("initrd.img")),
+            cmdline: "console=ttyS0 quiet panic=-1".into(),
+        }),
+        no_reboot: true,
+    };
+    q.start(&vm).unwrap();
+    let until = Instant::now() + Duration::from_secs(180);
+    while q.status("appliance-test").unwrap() != Status::Stopped {
+        if Instant::now() > until {
+            let _ = q.kill("appliance-test");
+            panic!("the appliance did not power off within 180 s");
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let console =
+        String::from_utf8_lossy(&std::fs::read(q.console_log("appliance-test").unwrap()).unwrap())
+            .into_owned();
+    for want in [
+        "cradle-agent: started",
+        "virtio_pci",
+        "virtio_blk",
+        "ext4",
+        "cradle-agent: disks: vda",
+        "cradle-agent: powering off",
+        "reboot: Power down",
+    ] {
+        assert!(
+            console.contains(want),
+            "{want:?} not on the console:\n{console}"
+        );
+    }
+    assert!(!console.contains("cannot"), "{console}");
+}
