@@ -16,7 +16,7 @@
 //! version banner) is an error.
 
 use std::collections::{BTreeSet, HashMap};
-use std::io::{Read, Seek, SeekFrom};
+use std::io::{Read, Seek, SeekFrom, Write};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -138,10 +138,13 @@ pub fn apply_to_image_with(
     const S_IFMT: u32 = 0o170000;
     const S_IFDIR: u32 = 0o040000;
     const S_IFLNK: u32 = 0o120000;
-    // Parents sort before their children: list a directory only when its
-    // parent's listing shows it is one (never through a symlink).
-    let mut listing: HashMap<String, Option<HashMap<String, u32>>> = HashMap::new();
-    for d in &dirs {
+    // Every directory is listed in one debugfs run. Parents sort before
+    // their children, and a listing counts only when the parent's listing
+    // shows a real directory, so nothing is read through a symlink.
+    let dirs: Vec<String> = dirs.into_iter().collect();
+    let (mut listed, stderr) = list_dirs(&dev, &dirs)?;
+    let mut listing: HashMap<String, Option<Listing>> = HashMap::new();
+    for (d, l) in dirs.iter().zip(listed.iter_mut()) {
         let is_dir = d.is_empty() || {
             let (parent, name) = d.rsplit_once('/').unwrap_or(("", d));
             listing
@@ -150,8 +153,13 @@ pub fn apply_to_image_with(
                 .and_then(|l| l.get(name))
                 .is_some_and(|m| m & S_IFMT == S_IFDIR)
         };
-        let l = if is_dir { list_dir(&dev, d)? } else { None };
-        listing.insert(d.clone(), l);
+        if is_dir && l.is_none() {
+            return Err(Error::Io {
+                what: format!("debugfs cannot list /{d}"),
+                source: std::io::Error::other(stderr.trim().to_string()),
+            });
+        }
+        listing.insert(d.clone(), if is_dir { l.take() } else { None });
     }
     let mode_of = |path: &str| -> Option<u32> {
         let (parent, name) = path.rsplit_once('/').unwrap_or(("", path));
@@ -314,14 +322,7 @@ fn write_with_debugfs(
     control: &Control,
 ) -> Result<(), Error> {
     use std::io::BufRead;
-    let spawn_err = |source| Error::Io {
-        what: "cannot run debugfs (e2fsprogs)".into(),
-        source,
-    };
-    // Its own process group: a Ctrl-C at the terminal must not stop it
-    // halfway through the image; the caller decides whether to stop.
-    let mut child = Command::new("debugfs")
-        .process_group(0)
+    let mut child = debugfs()
         .arg("-w")
         .arg("-f")
         .arg(cmdfile)
@@ -330,7 +331,7 @@ fn write_with_debugfs(
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
-        .map_err(spawn_err)?;
+        .map_err(spawn_error)?;
     let mut stderr = child.stderr.take().expect("piped");
     let errors = std::thread::spawn(move || {
         let mut buf = Vec::new();
@@ -347,42 +348,62 @@ fn write_with_debugfs(
             control.report(Phase::Write, done.min(total), total);
         }
     }
-    let status = child.wait().map_err(spawn_err)?;
+    let status = child.wait().map_err(spawn_error)?;
     let err = errors.join().unwrap_or_default();
     check_debugfs(status, &err)
 }
 
-/// `ls -p` of `dir` in the image: name → mode, or `None` when the directory
-/// is not there.
-fn list_dir(dev: &str, dir: &str) -> Result<Option<HashMap<String, u32>>, Error> {
-    let out = run_debugfs(&[
-        "-R".as_ref(),
-        format!("ls -p {}", q(dir)).as_ref(),
-        dev.as_ref(),
-    ])?;
-    let err = String::from_utf8_lossy(&out.stderr);
-    if err.contains("File not found") {
-        return Ok(None);
+/// One directory of the image: name → mode.
+type Listing = HashMap<String, u32>;
+
+/// `ls -p` of every one of `dirs` in the image, in one debugfs run: for
+/// each, name → mode, or `None` when it could not be listed (not there, or
+/// not a directory); and what debugfs said on stderr.
+fn list_dirs(dev: &str, dirs: &[String]) -> Result<(Vec<Option<Listing>>, String), Error> {
+    let mut child = debugfs()
+        .arg("-f")
+        .arg("-")
+        .arg(dev)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(spawn_error)?;
+    let commands: String = dirs.iter().map(|d| format!("ls -p {}\n", q(d))).collect();
+    let mut stdin = child.stdin.take().expect("piped");
+    let writer = std::thread::spawn(move || stdin.write_all(commands.as_bytes()));
+    let out = child.wait_with_output().map_err(spawn_error)?;
+    let _ = writer.join();
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    if !out.status.success() {
+        return Err(Error::Io {
+            what: "debugfs cannot list the image".into(),
+            source: std::io::Error::other(stderr.trim().to_string()),
+        });
     }
-    let mut map = HashMap::new();
+    // Each command is echoed ("debugfs: ls -p …") before its listing; a
+    // directory that is there lists its own "." entry.
+    let mut listed: Vec<Option<Listing>> = Vec::with_capacity(dirs.len());
     for line in String::from_utf8_lossy(&out.stdout).lines() {
+        if line.starts_with("debugfs: ") {
+            listed.push(None);
+            continue;
+        }
         // /inode/mode/uid/gid/name/size/
         let f: Vec<&str> = line.split('/').collect();
-        if f.len() >= 7
-            && let Ok(mode) = u32::from_str_radix(f[2], 8)
-            && f[5] != "."
-            && f[5] != ".."
-        {
+        let (Some(current), true) = (listed.last_mut(), f.len() >= 7) else {
+            continue;
+        };
+        let Ok(mode) = u32::from_str_radix(f[2], 8) else {
+            continue;
+        };
+        let map = current.get_or_insert_with(HashMap::new);
+        if !matches!(f[5], "" | "." | "..") {
             map.insert(f[5].to_string(), mode);
         }
     }
-    if map.is_empty() && !err.lines().skip(1).all(|l| l.trim().is_empty()) {
-        return Err(Error::Io {
-            what: format!("debugfs cannot list /{dir}: {}", err.trim()),
-            source: std::io::Error::other("debugfs"),
-        });
-    }
-    Ok(Some(map))
+    listed.resize(dirs.len(), None);
+    Ok((listed, stderr))
 }
 
 /// debugfs failed if it exited non-zero or said anything after its banner.
@@ -422,14 +443,17 @@ fn q_local(p: &Path) -> String {
     format!("\"{}\"", p.display().to_string().replace('"', "\"\""))
 }
 
-/// debugfs with these arguments, its output collected.
-fn run_debugfs(args: &[&std::ffi::OsStr]) -> Result<std::process::Output, Error> {
-    Command::new("debugfs")
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .map_err(|source| Error::Io {
-            what: "cannot run debugfs (e2fsprogs)".into(),
-            source,
-        })
+/// debugfs, in a process group of its own: a Ctrl-C at the terminal must
+/// not stop it halfway through an image; the caller decides.
+fn debugfs() -> Command {
+    let mut c = Command::new("debugfs");
+    c.process_group(0);
+    c
+}
+
+fn spawn_error(source: std::io::Error) -> Error {
+    Error::Io {
+        what: "cannot run debugfs (e2fsprogs)".into(),
+        source,
+    }
 }
