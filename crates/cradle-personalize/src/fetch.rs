@@ -112,16 +112,13 @@ pub fn fetch_with_progress(
     if let Err(why) = cradle_model::personalization::check_url(url) {
         return Err(err(why));
     }
-    let mut file = tempfile::tempfile().map_err(|source| Error::Io {
-        what: "cannot create a temporary file".into(),
-        source,
-    })?;
     let (mut body, expected): (Box<dyn Read>, Option<u64>) =
         if let Some(path) = url.strip_prefix("file://") {
             let f = std::fs::File::open(path).map_err(|e| err(e.to_string()))?;
             let len = f.metadata().ok().map(|m| m.len());
             (Box::new(f), len)
-        } else if url.starts_with("http://") || url.starts_with("https://") {
+        } else {
+            // check_url let only http and https through to here.
             let client = reqwest::blocking::Client::builder()
                 .redirect(reqwest::redirect::Policy::limited(5))
                 .connect_timeout(Duration::from_secs(10))
@@ -140,18 +137,48 @@ pub fn fetch_with_progress(
             if !status.is_success() {
                 return Err(err(format!("the server answered {status}")));
             }
-            if let Some(len) = resp.content_length()
-                && len > max_bytes
-            {
-                return Err(Error::Limit(format!(
-                    "the package is {len} bytes, over the {max_bytes}-byte cap"
-                )));
-            }
             let len = resp.content_length();
             (Box::new(resp), len)
-        } else {
-            return Err(err("only http, https and file URLs are fetched".into()));
         };
+    receive(
+        &mut body,
+        expected,
+        &redact(url),
+        max_bytes,
+        sha256,
+        progress,
+    )
+}
+
+/// Stream `body` into an anonymous temporary file: under `max_bytes`
+/// (refused at once when `expected` says it is over), hashed as it
+/// arrives, checked against `sha256` when given, and refused when it ends
+/// short of `expected`. `source` names it in errors (never with
+/// credentials). [`fetch`] uses it; so does anything else that receives a
+/// package, such as a client of the admin API.
+pub fn receive(
+    body: &mut dyn Read,
+    expected: Option<u64>,
+    source: &str,
+    max_bytes: u64,
+    sha256: Option<&str>,
+    progress: Progress<'_>,
+) -> Result<Fetched, Error> {
+    let err = |reason: String| Error::Fetch {
+        url: source.to_string(),
+        reason,
+    };
+    if let Some(len) = expected
+        && len > max_bytes
+    {
+        return Err(Error::Limit(format!(
+            "the package is {len} bytes, over the {max_bytes}-byte cap"
+        )));
+    }
+    let mut file = tempfile::tempfile().map_err(|source| Error::Io {
+        what: "cannot create a temporary file".into(),
+        source,
+    })?;
     let mut hash = Sha256::new();
     let mut total = 0u64;
     let mut buf = vec![0u8; 256 * 1024];
@@ -174,6 +201,11 @@ pub fn fetch_with_progress(
             what: "cannot write the temporary file".into(),
             source,
         })?;
+    }
+    if let Some(len) = expected
+        && len != total
+    {
+        return Err(err(format!("download cut short: {total} of {len} bytes")));
     }
     file.flush().map_err(|source| Error::Io {
         what: "cannot write the temporary file".into(),

@@ -23,7 +23,9 @@ mod image;
 mod package;
 
 pub use dir::{apply_to_dir, apply_to_dir_with};
-pub use fetch::{Credentials, Fetched, Progress, check_sha256, fetch, fetch_with_progress};
+pub use fetch::{
+    Credentials, Fetched, Progress, check_sha256, fetch, fetch_with_progress, receive,
+};
 pub use image::{apply_to_image, apply_to_image_with, filesystem_offset};
 pub use package::{Entry, Kind, Limits, Manifest, verify, verify_with};
 

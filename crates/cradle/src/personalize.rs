@@ -3,7 +3,6 @@
 //! The package is a local file, a URL, or an instance's own package fetched
 //! through the admin API (which holds its secret download credentials).
 
-use std::io::{Read, Write};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
@@ -12,8 +11,8 @@ use anyhow::{Context, Result, bail};
 use clap::{Args, Subcommand};
 use cradle_model::api::InstanceView;
 use cradle_personalize::{
-    Control, Credentials, Kind, Limits, Manifest, Phase, apply_to_dir_with, apply_to_image_with,
-    check_sha256, fetch_with_progress, verify_with,
+    Control, Credentials, Fetched, Kind, Limits, Manifest, Phase, apply_to_dir_with,
+    apply_to_image_with, check_sha256, fetch_with_progress, receive, verify_with,
 };
 
 use crate::ApiArgs;
@@ -99,19 +98,19 @@ struct Source {
     bearer_token_file: Option<PathBuf>,
 }
 
-/// A package ready to read: a local path, or an anonymous temporary file
-/// (no name on disk; gone when this is dropped or the process dies).
+/// A package ready to read: a local file, or a download (an anonymous
+/// temporary file with no name on disk, gone when this is dropped or the
+/// process dies).
 struct Package {
     path: PathBuf,
-    _file: Option<std::fs::File>,
+    _download: Option<Fetched>,
 }
 
-impl Package {
-    fn anonymous(file: std::fs::File) -> Package {
-        use std::os::fd::AsRawFd;
+impl From<Fetched> for Package {
+    fn from(f: Fetched) -> Package {
         Package {
-            path: PathBuf::from(format!("/proc/self/fd/{}", file.as_raw_fd())),
-            _file: Some(file),
+            path: f.path().to_path_buf(),
+            _download: Some(f),
         }
     }
 }
@@ -146,14 +145,17 @@ fn obtain(src: &Source, api: &ApiArgs, bar: &Bar) -> Result<Package> {
             src.sha256.as_deref(),
             &mut |done, total| bar.bytes(done, total),
         )?;
-        return Ok(Package::anonymous(f.into_file()?));
+        return Ok(f.into());
     }
     let path = PathBuf::from(p);
     check_extension(&path)?;
     if let Some(want) = &src.sha256 {
         check_sha256(&path, want)?;
     }
-    Ok(Package { path, _file: None })
+    Ok(Package {
+        path,
+        _download: None,
+    })
 }
 
 /// Fetch an instance's package through the admin API into an anonymous
@@ -169,39 +171,31 @@ fn from_instance(key: &str, args: &ApiArgs, bar: &Bar) -> Result<Package> {
     let mut resp = api
         .open(&format!("/v1/instances/{}/personalization", view.id))
         .with_context(|| format!("cannot fetch the personalization package of {}", view.name))?;
-    let total = resp.content_length();
     let served = resp
         .headers()
         .get(cradle_admin::SHA256_HEADER)
         .and_then(|v| v.to_str().ok())
         .map(str::to_string);
-    let mut file = tempfile::tempfile().context("cannot create a temporary file")?;
-    let mut buf = vec![0u8; 256 * 1024];
-    let mut done = 0u64;
-    loop {
-        let n = resp.read(&mut buf).context("the download was cut short")?;
-        if n == 0 {
-            break;
-        }
-        file.write_all(&buf[..n])
-            .context("cannot write the temporary file")?;
-        done += n as u64;
-        bar.bytes(done, total);
-    }
-    if total.is_some_and(|t| t != done) {
+    let total = resp.content_length();
+    // Hashed as it arrives: the instance's pin is checked by receive, the
+    // hash the server computed here, without reading the file again.
+    let fetched = receive(
+        &mut resp,
+        total,
+        url,
+        Limits::default().max_compressed,
+        view.personalization_sha256.as_deref(),
+        &mut |done, total| bar.bytes(done, total),
+    )?;
+    if let Some(served) = served
+        && !served.eq_ignore_ascii_case(&fetched.sha256)
+    {
         bail!(
-            "the download was cut short: {done} of {} bytes",
-            total.unwrap_or(0)
+            "the package from {url}: its sha256 is {}, not the {served} the server sent",
+            fetched.sha256
         );
     }
-    let package = Package::anonymous(file);
-    for want in [served.as_ref(), view.personalization_sha256.as_ref()]
-        .into_iter()
-        .flatten()
-    {
-        check_sha256(&package.path, want).with_context(|| format!("the package from {url}"))?;
-    }
-    Ok(package)
+    Ok(fetched.into())
 }
 
 fn limits(allow_setid: bool) -> Limits {
@@ -212,8 +206,7 @@ fn limits(allow_setid: bool) -> Limits {
 }
 
 fn check_extension(p: &std::path::Path) -> Result<()> {
-    let name = p.to_string_lossy();
-    if !(name.ends_with(".tar.gz") || name.ends_with(".tgz")) {
+    if !cradle_model::personalization::has_package_extension(&p.to_string_lossy()) {
         bail!(
             "{}: a personalization package is a .tar.gz or .tgz (the extension decides the format)",
             p.display()
