@@ -4,8 +4,8 @@
 //! through the admin API (which holds its secret download credentials).
 
 use std::path::PathBuf;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 
 use anyhow::{Context, Result, bail};
 use clap::{Args, Subcommand};
@@ -325,15 +325,14 @@ impl Bar {
 /// and the write runs to its end, so a filesystem is never left half-made.
 struct Stop {
     cancel: Arc<AtomicBool>,
-    phase: Arc<AtomicU8>,
+    /// `None` while downloading.
+    phase: Arc<Mutex<Option<Phase>>>,
 }
-
-const DOWNLOAD: u8 = 0;
 
 impl Stop {
     fn install(bar: Bar) -> Result<Stop> {
         let cancel = Arc::new(AtomicBool::new(false));
-        let phase = Arc::new(AtomicU8::new(DOWNLOAD));
+        let phase = Arc::new(Mutex::new(None));
         let (c, p) = (cancel.clone(), phase.clone());
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
@@ -353,18 +352,20 @@ impl Stop {
                         _ = term.recv() => {}
                     }
                     c.store(true, Ordering::Relaxed);
-                    match p.load(Ordering::Relaxed) {
-                        x if x == DOWNLOAD || x == Phase::Verify as u8 + 1 => {
+                    let phase = *p.lock().unwrap_or_else(|e| e.into_inner());
+                    match phase {
+                        None | Some(Phase::Verify) => {
                             bar.finish();
                             eprintln!("error: cancelled; nothing was written");
                             std::process::exit(130);
                         }
-                        x if x == Phase::Write as u8 + 1 => bar.0.suspend(|| {
+                        Some(Phase::Write) => bar.0.suspend(|| {
                             eprintln!(
                                 "writing has begun: finishing it, so the target is not left half-written"
                             )
                         }),
-                        _ => {}
+                        // The apply sees the flag between entries and stops.
+                        Some(Phase::Stage) => {}
                     }
                 }
             })
@@ -373,7 +374,7 @@ impl Stop {
     }
 
     fn enter(&self, phase: Phase) {
-        self.phase.store(phase as u8 + 1, Ordering::Relaxed);
+        *self.phase.lock().unwrap_or_else(|e| e.into_inner()) = Some(phase);
     }
 }
 
