@@ -142,7 +142,7 @@ pub fn find(search: &[PathBuf], name: &str) -> Result<OsDefinition, Error> {
     if !is_name(name) {
         return Err(Error::NotFound {
             name: name.to_string(),
-            path: describe(search),
+            path: display_search_path(search),
         });
     }
     for root in search {
@@ -153,11 +153,12 @@ pub fn find(search: &[PathBuf], name: &str) -> Result<OsDefinition, Error> {
     }
     Err(Error::NotFound {
         name: name.to_string(),
-        path: describe(search),
+        path: display_search_path(search),
     })
 }
 
-fn describe(search: &[PathBuf]) -> String {
+/// A search path as it is written: directories joined by `:`.
+pub fn display_search_path(search: &[PathBuf]) -> String {
     if search.is_empty() {
         return "empty".into();
     }
@@ -344,10 +345,32 @@ fn check_not_writable_by_others(meta: &std::fs::Metadata, what: &str) -> Result<
     Ok(())
 }
 
+/// Where an operation's scripts run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Placement {
+    Host,
+    Appliance,
+    Both,
+}
+
 impl OsDefinition {
     /// The untrusted script for `op`, if the OS has one.
     pub fn untrusted_script(&self, op: Operation) -> Option<&UntrustedFile> {
         self.untrusted.get(op.as_str())
+    }
+
+    /// Where `op` runs: its trusted script on the host, its untrusted one
+    /// in the appliance, or both; `None` when the OS has neither.
+    pub fn placement(&self, op: Operation) -> Option<Placement> {
+        match (
+            self.trusted.contains_key(&op),
+            self.untrusted_script(op).is_some(),
+        ) {
+            (true, true) => Some(Placement::Both),
+            (true, false) => Some(Placement::Host),
+            (false, true) => Some(Placement::Appliance),
+            (false, false) => None,
+        }
     }
 
     /// `variant` must be one the OS lists; an OS that lists variants needs one.

@@ -14,8 +14,8 @@ pub mod env;
 pub mod run;
 
 pub use definition::{
-    API_VERSIONS, Listed, Operation, OsDefinition, Parameter, UntrustedFile, find, list, load,
-    search_path, split_name,
+    API_VERSIONS, Listed, Operation, OsDefinition, Parameter, Placement, UntrustedFile,
+    display_search_path, find, list, load, search_path, split_name,
 };
 pub use env::{Disk, Environment, osp};
 pub use run::{Finished, Runner, SECRETS_FD, User, run_trusted};

@@ -10,7 +10,7 @@ use anyhow::{Result, bail};
 use clap::{Args, Subcommand};
 use cradle_config::Config;
 use cradle_model::{OsParams, Secret};
-use cradle_os::{Environment, Operation, OsDefinition, Runner, User, run_trusted};
+use cradle_os::{Environment, Operation, OsDefinition, Placement, Runner, User, run_trusted};
 
 use crate::Output;
 use crate::instance::pairs;
@@ -113,7 +113,10 @@ pub fn run(args: OsArgs) -> Result<()> {
                 &rows,
             )?;
             if listed.is_empty() {
-                eprintln!("no OS definitions in {}", describe(&search));
+                eprintln!(
+                    "no OS definitions in {}",
+                    cradle_os::display_search_path(&search)
+                );
             }
         }
         OsCommand::Show { name } => {
@@ -130,13 +133,11 @@ pub fn run(args: OsArgs) -> Result<()> {
                 ("variants", join_or_dash(&d.variants)),
             ];
             for op in Operation::ALL {
-                let trusted = d.trusted.contains_key(&op);
-                let untrusted = d.untrusted_script(op).is_some();
-                let how = match (trusted, untrusted) {
-                    (true, true) => "trusted (host) and untrusted (appliance)",
-                    (true, false) => "trusted (host)",
-                    (false, true) => "untrusted (appliance)",
-                    (false, false) => "-",
+                let how = match d.placement(op) {
+                    Some(Placement::Both) => "trusted (host) and untrusted (appliance)",
+                    Some(Placement::Host) => "trusted (host)",
+                    Some(Placement::Appliance) => "untrusted (appliance)",
+                    None => "-",
                 };
                 rows.push((op.as_str(), how.into()));
             }
@@ -233,23 +234,18 @@ fn secret_map(m: BTreeMap<String, String>) -> BTreeMap<String, Secret<String>> {
 }
 
 fn scripts(d: &OsDefinition) -> String {
-    let mut parts = Vec::new();
-    for op in Operation::ALL {
-        let t = d.trusted.contains_key(&op);
-        let u = d.untrusted_script(op).is_some();
-        if t || u {
-            parts.push(format!(
-                "{}{}",
-                op.as_str(),
-                match (t, u) {
-                    (true, true) => "(host+appliance)",
-                    (true, false) => "",
-                    _ => "(appliance)",
-                }
-            ));
-        }
-    }
-    parts.join(",")
+    Operation::ALL
+        .iter()
+        .filter_map(|&op| {
+            let at = match d.placement(op)? {
+                Placement::Both => "(host+appliance)",
+                Placement::Host => "",
+                Placement::Appliance => "(appliance)",
+            };
+            Some(format!("{}{at}", op.as_str()))
+        })
+        .collect::<Vec<_>>()
+        .join(",")
 }
 
 fn join_or_dash(v: &[String]) -> String {
@@ -266,12 +262,4 @@ fn reason(e: &cradle_os::Error) -> String {
         cradle_os::Error::Invalid { reason, .. } => reason.clone(),
         other => other.to_string(),
     }
-}
-
-fn describe(search: &[PathBuf]) -> String {
-    search
-        .iter()
-        .map(|p| p.display().to_string())
-        .collect::<Vec<_>>()
-        .join(":")
 }
