@@ -10,7 +10,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use crate::qmp::Qmp;
-use crate::{Accel, Error, Hypervisor, Status, VmSpec};
+use crate::{Accel, Error, Hypervisor, KernelBoot, Status, VmSpec};
 
 /// How long a QMP exchange may take.
 const QMP_TIMEOUT: Duration = Duration::from_secs(10);
@@ -267,22 +267,22 @@ pub fn probe(binary: &Path, kernel: &Path, within: Duration) -> Probe {
     else {
         return tcg("cannot make a temporary directory for the probe".into());
     };
+    // The same command line a VM gets, under KVM, in the foreground.
+    let vm = VmSpec {
+        name: "kvm-probe".into(),
+        memory_mib: 256,
+        vcpus: 1,
+        disks: Vec::new(),
+        kernel: Some(KernelBoot {
+            kernel: kernel.to_path_buf(),
+            initrd: None,
+            cmdline: "console=ttyS0 panic=-1 loglevel=4".into(),
+        }),
+        no_reboot: true,
+    };
     let console = dir.path().join("console.log");
     let child = Command::new(binary)
-        .args(["-machine", "q35,accel=kvm", "-cpu", "host", "-m", "256M"])
-        .args([
-            "-nodefaults",
-            "-no-user-config",
-            "-display",
-            "none",
-            "-no-reboot",
-        ])
-        .arg("-chardev")
-        .arg(format!("file,id=console,path={}", path_opt(&console)))
-        .args(["-serial", "chardev:console"])
-        .arg("-kernel")
-        .arg(kernel)
-        .args(["-append", "console=ttyS0 panic=-1 loglevel=4"])
+        .args(Qemu::new(binary, dir.path(), Accel::Kvm).args(&vm, dir.path()))
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
