@@ -18,6 +18,31 @@ fn tar_czf(out: &Path, dir: &Path) {
     assert!(st.success());
 }
 
+/// A raw disk image of `mib` MiB holding a whole-disk ext4, made by mke2fs.
+fn ext4_image(img: &Path, mib: u64, mke2fs_args: &[&str]) {
+    std::fs::File::create(img)
+        .unwrap()
+        .set_len(mib << 20)
+        .unwrap();
+    let st = Command::new("mke2fs")
+        .args(["-q", "-t", "ext4"])
+        .args(mke2fs_args)
+        .arg(img)
+        .status()
+        .unwrap();
+    assert!(st.success());
+}
+
+/// `cradle personalize apply PKG --to TO`.
+fn apply(pkg: &Path, to: &Path) -> Command {
+    let mut c = cradle_command();
+    c.args(["personalize", "apply"])
+        .arg(pkg)
+        .arg("--to")
+        .arg(to);
+    c
+}
+
 #[test]
 fn check_and_apply_a_package_made_by_tar() {
     let work = tempfile::tempdir().unwrap();
@@ -49,14 +74,7 @@ fn check_and_apply_a_package_made_by_tar() {
     let root = work.path().join("root");
     std::fs::create_dir_all(root.join("etc")).unwrap();
     std::fs::write(root.join("etc/hostname"), b"old\n").unwrap();
-    Run::of(
-        cradle_command()
-            .args(["personalize", "apply"])
-            .arg(&pkg)
-            .arg("--to")
-            .arg(&root),
-    )
-    .success();
+    Run::of(&mut apply(&pkg, &root)).success();
     assert_eq!(std::fs::read(root.join("etc/hostname")).unwrap(), b"web1\n");
     assert_eq!(
         std::fs::read(root.join("etc/ssh/key")).unwrap(),
@@ -89,14 +107,7 @@ fn refused_packages_name_the_entry_and_write_nothing() {
         .fails_with(&["\"./pipe\"", "a FIFO"]);
     let root = work.path().join("root");
     std::fs::create_dir(&root).unwrap();
-    Run::of(
-        cradle_command()
-            .args(["personalize", "apply"])
-            .arg(&pkg)
-            .arg("--to")
-            .arg(&root),
-    )
-    .fails_with(&["a FIFO"]);
+    Run::of(&mut apply(&pkg, &root)).fails_with(&["a FIFO"]);
     assert_eq!(std::fs::read_dir(&root).unwrap().count(), 0);
 
     let zip = work.path().join("pkg.zip");
@@ -108,67 +119,30 @@ fn refused_packages_name_the_entry_and_write_nothing() {
 #[test]
 fn apply_writes_into_an_ext4_image() {
     let work = tempfile::tempdir().unwrap();
-    let src = work.path().join("src");
-    std::fs::create_dir_all(src.join("etc")).unwrap();
-    std::fs::write(src.join("etc/motd"), b"hello from cradle\n").unwrap();
     let pkg = work.path().join("p.tgz");
-    tar_czf(&pkg, &src);
+    package_of(&work.path().join("src"), &pkg, "hello from cradle\n");
     let img = work.path().join("disk.img");
-    std::fs::File::create(&img)
-        .unwrap()
-        .set_len(32 << 20)
-        .unwrap();
-    let st = Command::new("mke2fs")
-        .args(["-q", "-t", "ext4"])
-        .arg(&img)
-        .status()
-        .unwrap();
-    assert!(st.success());
-    Run::of(
-        cradle_command()
-            .args(["personalize", "apply"])
-            .arg(&pkg)
-            .arg("--to")
-            .arg(&img),
-    )
-    .success();
+    ext4_image(&img, 32, &[]);
+    Run::of(&mut apply(&pkg, &img)).success();
     let out = Command::new("debugfs")
         .args(["-R", "cat /etc/motd"])
         .arg(&img)
         .output()
         .unwrap();
     assert_eq!(out.stdout, b"hello from cradle\n");
-    Run::of(
-        cradle_command()
-            .args(["personalize", "apply"])
-            .arg(&pkg)
-            .arg("--to")
-            .arg(&img)
-            .args(["--partition", "1"]),
-    )
-    .fails_with(&["no MBR or GPT partition table"]);
-    Run::of(
-        cradle_command()
-            .args(["personalize", "apply"])
-            .arg(&pkg)
-            .arg("--to")
-            .arg(work.path())
-            .args(["--partition", "1"]),
-    )
-    .fails_with(&["--partition is for disk images"]);
+    Run::of(apply(&pkg, &img).args(["--partition", "1"]))
+        .fails_with(&["no MBR or GPT partition table"]);
+    Run::of(apply(&pkg, work.path()).args(["--partition", "1"]))
+        .fails_with(&["--partition is for disk images"]);
 }
 
 #[test]
 fn check_a_url_with_a_pinned_sha256() {
     let work = tempfile::tempdir().unwrap();
-    let src = work.path().join("src");
-    std::fs::create_dir_all(src.join("etc")).unwrap();
-    std::fs::write(src.join("etc/motd"), b"hi\n").unwrap();
     let pkg = work.path().join("p.tar.gz");
-    tar_czf(&pkg, &src);
-    let out = Command::new("sha256sum").arg(&pkg).output().unwrap();
-    let sum = String::from_utf8(out.stdout).unwrap();
-    let sum = sum.split_whitespace().next().unwrap();
+    package_of(&work.path().join("src"), &pkg, "hi\n");
+    let sum = sha256_file(&pkg);
+    let sum = sum.as_str();
     let url = format!("file://{}", pkg.display());
     let ok =
         Run::of(cradle_command().args(["personalize", "check", &url, "--sha256", sum])).success();
@@ -461,16 +435,7 @@ fn ctrl_c_stops_before_the_write_and_never_during_it() {
     let pkg = work.path().join("many.tar.gz");
     tar_czf(&pkg, &src);
     let img = work.path().join("disk.img");
-    std::fs::File::create(&img)
-        .unwrap()
-        .set_len(256 << 20)
-        .unwrap();
-    let st = Command::new("mke2fs")
-        .args(["-q", "-t", "ext4", "-N", "40000"])
-        .arg(&img)
-        .status()
-        .unwrap();
-    assert!(st.success());
+    ext4_image(&img, 256, &["-N", "40000"]);
     let tmp = work.path().join("tmp");
     std::fs::create_dir(&tmp).unwrap();
     let before = sha256_file(&img);
@@ -513,11 +478,7 @@ fn ctrl_c_stops_before_the_write_and_never_during_it() {
 fn interrupt_at(pkg: &Path, img: &Path, tmp: &Path, phase: &str) -> (bool, String) {
     use std::io::{BufRead, Read};
     use std::os::unix::process::CommandExt;
-    let mut child = cradle_command()
-        .args(["personalize", "apply"])
-        .arg(pkg)
-        .arg("--to")
-        .arg(img)
+    let mut child = apply(pkg, img)
         .env("TMPDIR", tmp)
         .stderr(std::process::Stdio::piped())
         // A group of its own, signalled whole, as a terminal's Ctrl-C is.
