@@ -768,3 +768,51 @@ pub fn tool_version(program: &str, arg: &str) -> String {
         })
         .unwrap_or_default()
 }
+
+/// A small, fast generator (xorshift64*) for bytes neither gzip nor
+/// `--sparse` can shrink.
+pub struct XorShift(u64);
+
+impl XorShift {
+    pub fn new(seed: u64) -> XorShift {
+        // Never zero, and different seeds far apart.
+        XorShift(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1)
+    }
+
+    pub fn next(&mut self) -> u64 {
+        let mut x = self.0;
+        x ^= x >> 12;
+        x ^= x << 25;
+        x ^= x >> 27;
+        self.0 = x;
+        x.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+
+    /// Fill `buf` eight bytes at a time (a tail under eight is left as is).
+    pub fn fill(&mut self, buf: &mut [u8]) {
+        for w in buf.chunks_exact_mut(8) {
+            w.copy_from_slice(&self.next().to_le_bytes());
+        }
+    }
+}
+
+/// Fill `buf` from `r` as far as it goes; how many bytes.
+pub fn read_full(r: &mut impl std::io::Read, buf: &mut [u8]) -> std::io::Result<usize> {
+    let mut n = 0;
+    while n < buf.len() {
+        match r.read(&mut buf[n..])? {
+            0 => break,
+            k => n += k,
+        }
+    }
+    Ok(n)
+}
+
+/// Flush dirty pages everywhere (untimed, between contenders).
+pub fn sync() -> Result<()> {
+    let status = Command::new("sync").status().context("cannot run sync")?;
+    if !status.success() {
+        bail!("sync failed ({status})");
+    }
+    Ok(())
+}

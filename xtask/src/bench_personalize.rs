@@ -48,7 +48,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail};
 
-use crate::bench::{self, median};
+use crate::bench::{self, XorShift, median, read_full, sync};
 use crate::{debian, flags};
 
 const GUESTFISH: &str = "/usr/bin/guestfish";
@@ -104,25 +104,6 @@ impl Options {
             bail!("--image-mib: at least {need} for this package");
         }
         Ok(o)
-    }
-}
-
-/// A small, fast generator (xorshift64*).
-struct XorShift(u64);
-
-impl XorShift {
-    fn new(seed: u64) -> XorShift {
-        // Never zero, and different seeds far apart.
-        XorShift(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1)
-    }
-
-    fn next(&mut self) -> u64 {
-        let mut x = self.0;
-        x ^= x >> 12;
-        x ^= x << 25;
-        x ^= x >> 27;
-        self.0 = x;
-        x.wrapping_mul(0x2545_f491_4f6c_dd1d)
     }
 }
 
@@ -345,11 +326,6 @@ fn run_quiet(program: &str, args: &[&str]) -> Result<std::process::Output> {
     Ok(out)
 }
 
-/// Flush dirty pages everywhere (untimed, after each contender).
-fn sync() -> Result<()> {
-    run_quiet("sync", &[]).map(|_| ())
-}
-
 /// A fresh copy of the image (untimed).
 fn fresh_copy(image: &Path, copy: &Path) -> Result<()> {
     let _ = std::fs::remove_file(copy);
@@ -455,17 +431,6 @@ fn verify(who: &str, image: &Path, pkg: &Package, dump: &Path) -> Result<()> {
     }
     std::fs::remove_file(dump)?;
     Ok(())
-}
-
-fn read_full(r: &mut impl Read, buf: &mut [u8]) -> std::io::Result<usize> {
-    let mut n = 0;
-    while n < buf.len() {
-        match r.read(&mut buf[n..])? {
-            0 => break,
-            k => n += k,
-        }
-    }
-    Ok(n)
 }
 
 /// How guestfish is run, once the probes have found out.

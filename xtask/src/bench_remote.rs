@@ -49,7 +49,7 @@ use anyhow::{Context, Result, bail};
 use cradle_remotefs::testkit::Sshd;
 use cradle_remotefs::{Host, Op, Remote, RemoteFilesystem, RemotePath, Settings, Transport};
 
-use crate::bench::{self, median};
+use crate::bench::{self, XorShift, median, read_full, sync};
 use crate::{debian, flags};
 
 const SSHD: &str = "/usr/sbin/sshd";
@@ -148,30 +148,10 @@ impl Contender {
     }
 }
 
-/// A small, fast generator (xorshift64*) for the dense file's bytes.
-struct XorShift(u64);
-
-impl XorShift {
-    fn next(&mut self) -> u64 {
-        let mut x = self.0;
-        x ^= x >> 12;
-        x ^= x << 25;
-        x ^= x >> 27;
-        self.0 = x;
-        x.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-
-    fn fill(&mut self, buf: &mut [u8]) {
-        for w in buf.chunks_exact_mut(8) {
-            w.copy_from_slice(&self.next().to_le_bytes());
-        }
-    }
-}
-
 /// `size` bytes of pseudo-random data, written 1 MiB at a time.
 fn make_dense(path: &Path, size: u64) -> Result<()> {
     let mut f = File::create(path).with_context(|| format!("creating {}", path.display()))?;
-    let mut rng = XorShift(0x9e37_79b9_7f4a_7c15);
+    let mut rng = XorShift::new(1);
     let mut buf = vec![0u8; CHUNK];
     let mut left = size;
     while left > 0 {
@@ -207,18 +187,6 @@ fn read_through(path: &Path) -> Result<()> {
     let mut buf = vec![0u8; CHUNK];
     while f.read(&mut buf)? > 0 {}
     Ok(())
-}
-
-/// Fill `buf` from `f` as far as the file goes; how many bytes.
-fn read_full(f: &mut File, buf: &mut [u8]) -> std::io::Result<usize> {
-    let mut n = 0;
-    while n < buf.len() {
-        match f.read(&mut buf[n..])? {
-            0 => break,
-            k => n += k,
-        }
-    }
-    Ok(n)
 }
 
 /// Fail unless `a` and `b` hold the same bytes.
@@ -423,15 +391,6 @@ fn pairs() -> [(Contender, Contender); 3] {
         (Contender::SshDriver, Contender::ScpLegacy),
         (Contender::RsyncDriver, Contender::Rsync),
     ]
-}
-
-/// Flush dirty pages everywhere (untimed, between copies).
-fn sync() -> Result<()> {
-    let status = Command::new("sync").status().context("cannot run sync")?;
-    if !status.success() {
-        bail!("sync failed ({status})");
-    }
-    Ok(())
 }
 
 pub fn run(o: Options) -> Result<()> {
