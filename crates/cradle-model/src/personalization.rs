@@ -27,7 +27,7 @@ pub fn has_package_extension(name: &str) -> bool {
 }
 
 /// The URL without its query and fragment: what the extension is read from.
-pub fn url_path(url: &str) -> &str {
+fn url_path(url: &str) -> &str {
     url.split(['?', '#']).next().unwrap_or("")
 }
 

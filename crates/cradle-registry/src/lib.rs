@@ -220,10 +220,9 @@ impl Registry {
     /// roles now; they stay with the instance whatever becomes of the caller.
     pub fn create(
         &self,
-        spec: InstanceSpec,
+        mut spec: InstanceSpec,
         boot_roles: Vec<String>,
     ) -> Result<Arc<Instance>, RegistryError> {
-        let mut spec = spec;
         let mut seed = vec![0u8; RANDOM_SEED_LEN];
         rand::rng().fill_bytes(&mut seed);
         // Held from allocation to insert, so no other create takes the address.
