@@ -1,5 +1,6 @@
 //! Fetching packages from an HTTP server the test runs on 127.0.0.1, which
-//! requires basic auth; the password is a canary that must appear in no
+//! requires basic auth (and from an HTTPS one whose certificate no root
+//! vouches for); the password is a canary that must appear in no
 //! error and no Debug output, and nothing of the package may stay on disk.
 
 use std::io::{BufRead, BufReader, Read, Write};
@@ -184,4 +185,69 @@ fn file_urls() {
         e.to_string().contains("scheme \"ftp\" is not supported"),
         "{e}"
     );
+}
+
+/// TLS is verified: an HTTPS server (Python's http.server wrapped in ssl)
+/// with a self-signed certificate made by openssl is refused before any
+/// byte of the package is taken, credentials or not.
+#[test]
+fn https_with_an_untrusted_certificate_is_refused() {
+    use std::process::{Command, Stdio};
+    let d = tempfile::tempdir().unwrap();
+    let (key, cert) = (d.path().join("key.pem"), d.path().join("cert.pem"));
+    let st = Command::new("openssl")
+        .args([
+            "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+        ])
+        .args([
+            "-subj",
+            "/CN=127.0.0.1",
+            "-addext",
+            "subjectAltName=IP:127.0.0.1",
+        ])
+        .arg("-keyout")
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .stderr(Stdio::null())
+        .status()
+        .unwrap();
+    assert!(st.success());
+    std::fs::write(d.path().join("p.tgz"), b"served over tls").unwrap();
+    const SCRIPT: &str = r#"
+import functools, http.server, ssl, sys
+srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(http.server.SimpleHTTPRequestHandler, directory=sys.argv[1]))
+ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+ctx.load_cert_chain(sys.argv[2], sys.argv[3])
+srv.socket = ctx.wrap_socket(srv.socket, server_side=True)
+print(srv.server_address[1], flush=True)
+srv.serve_forever()
+"#;
+    let mut child = Command::new("/usr/bin/python3")
+        .arg("-c")
+        .arg(SCRIPT)
+        .arg(d.path())
+        .arg(&cert)
+        .arg(&key)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut port = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut port)
+        .unwrap();
+    let url = format!("https://127.0.0.1:{}/p.tgz", port.trim());
+    let refused = fetch(&url, &creds(), 1 << 20, None);
+    // The server itself is fine: curl, told to skip verification, gets it.
+    let insecure = Command::new("curl").args(["-ksS", &url]).output().unwrap();
+    let _ = child.kill();
+    let _ = child.wait();
+    assert_eq!(insecure.stdout, b"served over tls");
+    let e = refused
+        .err()
+        .expect("a self-signed certificate was accepted");
+    assert!(matches!(e, Error::Fetch { .. }), "{e}");
+    assert!(e.to_string().contains("certificate"), "{e}");
+    no_canary(&e);
 }
