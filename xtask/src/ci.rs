@@ -39,6 +39,8 @@ const TEST_PACKAGES: &[&str] = &[
     // sfdisk for the MBR and GPT images the tests make.
     "e2fsprogs",
     "fdisk",
+    // The certificate for the HTTPS server that fetch must refuse.
+    "openssl",
 ];
 const DEBIAN_PYTHON: &str = "/usr/bin/python3";
 
