@@ -3,6 +3,18 @@
 //! `/init` is the static `cradle-agent`, with the kernel modules the agent
 //! needs and the order to load them in.
 //!
+//! The OS scripts the agent runs are usually `#!/bin/sh` scripts that
+//! mount disks and copy files, so the initramfs also holds Debian's static
+//! busybox (package `busybox-static`, unpacked the same way) as
+//! `/bin/busybox`, with a symlink `/bin/<applet>` → `busybox` for every
+//! applet it lists (`busybox --list`, run on the build host: the binary is
+//! static amd64, like the appliance). Everything is in `/bin`; the host
+//! hands the scripts their `PATH`.
+//!
+//! The layout: `/init` (the agent), `/bin` (busybox), `/lib/modules/*.ko`
+//! and `/lib/modules/load.order`, `/dev/console`, and the empty mount
+//! points `/dev`, `/proc`, `/sys`, `/tmp`, `/run` and `/mnt`.
+//!
 //! The initramfs is a gzip-compressed cpio archive in the `newc` format,
 //! written here: the format is a 110-byte ASCII header per entry, and the
 //! crates that write it do less than these few lines (no device nodes).
@@ -15,8 +27,27 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 /// The modules the agent loads, before their dependencies are added: the
-/// PCI transport for virtio, its disks and network, and ext4.
-pub const MODULES: &[&str] = &["virtio_pci", "virtio_blk", "virtio_net", "ext4"];
+/// PCI transport for virtio, its disks and network, ext4, and vfat.
+///
+/// `modules.dep` lists hard dependencies only; what a module asks the
+/// kernel for at run time must be here too, because the kernel cannot
+/// load it on demand (the appliance has no `/sbin/modprobe`): ext4 and
+/// jbd2 need a `crc32c` crypto driver at mount time (their softdep;
+/// `crc32c_generic`, which works on any CPU), and vfat the code page and
+/// character set it mounts with by default (Debian's kernel has
+/// `FAT_DEFAULT_CODEPAGE=437` and `FAT_DEFAULT_IOCHARSET="ascii"`).
+/// Packet sockets (`af_packet`) are not needed: the agent sets its address
+/// with ioctls, not DHCP.
+pub const MODULES: &[&str] = &[
+    "virtio_pci",
+    "virtio_blk",
+    "virtio_net",
+    "crc32c_generic",
+    "ext4",
+    "vfat",
+    "nls_cp437",
+    "nls_ascii",
+];
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -46,6 +77,8 @@ pub struct Built {
     pub release: String,
     /// Module names in the order the agent loads them.
     pub modules: Vec<String>,
+    /// The busybox applets linked in `/bin`.
+    pub applets: Vec<String>,
 }
 
 /// Run a tool with an argument vector; its stderr is the error.
@@ -75,18 +108,31 @@ pub fn download_kernel(dir: &Path) -> Result<PathBuf, Error> {
             "linux-image-amd64 depends on no linux-image package: {text}"
         )));
     };
+    apt_download(dir, pkg)
+}
+
+/// Download the package `busybox-static` into `dir` with `apt-get
+/// download` (nothing is installed).
+pub fn download_busybox(dir: &Path) -> Result<PathBuf, Error> {
+    apt_download(dir, "busybox-static")
+}
+
+/// `apt-get download PKG` in `dir`, and the `.deb` it left there.
+fn apt_download(dir: &Path, pkg: &str) -> Result<PathBuf, Error> {
     tool(
         Command::new("apt-get")
             .args(["download", pkg])
             .current_dir(dir),
     )?;
+    // The file is PKG_VERSION_ARCH.deb.
+    let prefix = format!("{pkg}_");
     std::fs::read_dir(dir)
         .map_err(io(format!("cannot read {}", dir.display())))?
         .flatten()
         .map(|e| e.path())
         .find(|p| {
             p.file_name().is_some_and(|n| {
-                n.to_string_lossy().starts_with(pkg) && n.to_string_lossy().ends_with(".deb")
+                n.to_string_lossy().starts_with(&prefix) && n.to_string_lossy().ends_with(".deb")
             })
         })
         .ok_or_else(|| {
@@ -122,34 +168,105 @@ fn is_dynamic(elf: &[u8]) -> Result<bool, String> {
     Ok(false)
 }
 
-/// Build the appliance from `kernel_deb` and `agent` into `out`
-/// (`vmlinuz` and `initrd.img`, each written to a temporary name and
-/// renamed into place).
-pub fn build(kernel_deb: &Path, agent: &Path, out: &Path) -> Result<Built, Error> {
-    let agent_bytes =
+/// Read the agent and check it is a static executable: the appliance has
+/// no C library. [`build`] does this first; a caller can do it before
+/// downloading anything.
+pub fn check_agent(agent: &Path) -> Result<Vec<u8>, Error> {
+    let bytes =
         std::fs::read(agent).map_err(io(format!("cannot read the agent {}", agent.display())))?;
-    match is_dynamic(&agent_bytes) {
+    match is_dynamic(&bytes) {
+        Ok(false) => Ok(bytes),
+        Ok(true) => Err(Error::Invalid(format!(
+            "{} is dynamically linked; the appliance has no C library. Build it static: \
+             cargo rustc -p cradle-agent --release -- -C target-feature=+crt-static",
+            agent.display()
+        ))),
+        Err(why) => Err(Error::Invalid(format!("{}: {why}", agent.display()))),
+    }
+}
+
+/// Busybox as unpacked from `deb` into `tree`: its static binary and the
+/// applets it lists.
+fn busybox(deb: &Path, tree: &Path) -> Result<(Vec<u8>, Vec<String>), Error> {
+    tool(Command::new("dpkg-deb").arg("-x").arg(deb).arg(tree))?;
+    let path = ["bin/busybox", "usr/bin/busybox"]
+        .iter()
+        .map(|p| tree.join(p))
+        .find(|p| p.is_file())
+        .ok_or_else(|| {
+            Error::Invalid(format!(
+                "{} holds no /bin/busybox (use the package busybox-static)",
+                deb.display()
+            ))
+        })?;
+    let bytes = std::fs::read(&path).map_err(io(format!("cannot read {}", path.display())))?;
+    match is_dynamic(&bytes) {
         Ok(false) => {}
         Ok(true) => {
             return Err(Error::Invalid(format!(
-                "{} is dynamically linked; the appliance has no C library. Build it static: \
-                 cargo rustc -p cradle-agent --release -- -C target-feature=+crt-static",
-                agent.display()
+                "the busybox in {} is dynamically linked; the appliance has no C library. \
+                 Use the package busybox-static",
+                deb.display()
             )));
         }
-        Err(why) => return Err(Error::Invalid(format!("{}: {why}", agent.display()))),
+        Err(why) => {
+            return Err(Error::Invalid(format!(
+                "the busybox in {}: {why}",
+                deb.display()
+            )));
+        }
     }
-    let tree = tempfile::Builder::new()
+    let list = tool(Command::new(&path).arg("--list"))?;
+    let applets = applet_names(&String::from_utf8_lossy(&list.stdout))?;
+    Ok((bytes, applets))
+}
+
+/// The applet names in `busybox --list` output, sorted, without
+/// `busybox` itself; refused if one could name anything but a file in
+/// `/bin`.
+fn applet_names(list: &str) -> Result<Vec<String>, Error> {
+    let mut names = Vec::new();
+    for name in list.lines().map(str::trim).filter(|n| !n.is_empty()) {
+        if name.contains('/') || name.starts_with('.') || name.contains('\0') {
+            return Err(Error::Invalid(format!(
+                "busybox --list gave {name:?}, which is not a plain applet name"
+            )));
+        }
+        if name != "busybox" {
+            names.push(name.to_string());
+        }
+    }
+    if names.is_empty() {
+        return Err(Error::Invalid("busybox --list gave no applets".into()));
+    }
+    names.sort();
+    names.dedup();
+    Ok(names)
+}
+
+/// Build the appliance from `kernel_deb`, `busybox_deb` and `agent` into
+/// `out` (`vmlinuz` and `initrd.img`, each written to a temporary name and
+/// renamed into place).
+pub fn build(
+    kernel_deb: &Path,
+    busybox_deb: &Path,
+    agent: &Path,
+    out: &Path,
+) -> Result<Built, Error> {
+    let agent_bytes = check_agent(agent)?;
+    let work = tempfile::Builder::new()
         .prefix("cradle-appliance-")
         .tempdir()
         .map_err(io("cannot make a temporary directory"))?;
+    let (busybox_bytes, applets) = busybox(busybox_deb, &work.path().join("busybox"))?;
+    let tree = work.path().join("kernel");
     tool(
         Command::new("dpkg-deb")
             .arg("-x")
             .arg(kernel_deb)
-            .arg(tree.path()),
+            .arg(&tree),
     )?;
-    let boot = tree.path().join("boot");
+    let boot = tree.join("boot");
     let vmlinuz = std::fs::read_dir(&boot)
         .map_err(|_| Error::Invalid(format!("{} holds no /boot", kernel_deb.display())))?
         .flatten()
@@ -169,7 +286,7 @@ pub fn build(kernel_deb: &Path, agent: &Path, out: &Path) -> Result<Built, Error
         .to_string();
     let moddir = ["lib/modules", "usr/lib/modules"]
         .iter()
-        .map(|d| tree.path().join(d).join(&release))
+        .map(|d| tree.join(d).join(&release))
         .find(|d| d.is_dir())
         .ok_or_else(|| {
             Error::Invalid(format!(
@@ -184,11 +301,25 @@ pub fn build(kernel_deb: &Path, agent: &Path, out: &Path) -> Result<Built, Error
     let modules = load_order(&dep, MODULES)?;
 
     let mut cpio = Cpio::default();
-    for d in ["dev", "proc", "sys", "lib", "lib/modules"] {
+    for d in [
+        "bin",
+        "dev",
+        "proc",
+        "sys",
+        "tmp",
+        "run",
+        "mnt",
+        "lib",
+        "lib/modules",
+    ] {
         cpio.dir(d);
     }
     cpio.char_device("dev/console", 5, 1);
     cpio.file("init", 0o755, &agent_bytes);
+    cpio.file("bin/busybox", 0o755, &busybox_bytes);
+    for applet in &applets {
+        cpio.symlink(&format!("bin/{applet}"), "busybox");
+    }
     let mut order = String::new();
     for (name, rel) in &modules {
         let bytes =
@@ -215,6 +346,7 @@ pub fn build(kernel_deb: &Path, agent: &Path, out: &Path) -> Result<Built, Error
         initrd,
         release,
         modules: modules.into_iter().map(|(n, _)| n).collect(),
+        applets,
     })
 }
 
@@ -324,6 +456,11 @@ impl Cpio {
         self.entry(name, 0o100000 | perm, (0, 0), data);
     }
 
+    /// A symbolic link: the data is the target.
+    fn symlink(&mut self, name: &str, target: &str) {
+        self.entry(name, 0o120777, (0, 0), target.as_bytes());
+    }
+
     fn char_device(&mut self, name: &str, major: u32, minor: u32) {
         self.entry(name, 0o020600, (major, minor), &[]);
     }
@@ -369,5 +506,72 @@ mod tests {
         let me = std::fs::read(std::env::current_exe().unwrap()).unwrap();
         assert_eq!(is_dynamic(&me), Ok(true), "test binaries are dynamic");
         assert!(is_dynamic(b"#!/bin/sh\n").is_err());
+    }
+
+    /// The entries of a newc archive: (name, mode, rdev major, data).
+    fn entries(mut buf: &[u8]) -> Vec<(String, u32, u32, Vec<u8>)> {
+        let field = |h: &[u8], i: usize| {
+            u32::from_str_radix(std::str::from_utf8(&h[6 + 8 * i..14 + 8 * i]).unwrap(), 16)
+                .unwrap()
+        };
+        let pad = |n: usize| n.div_ceil(4) * 4;
+        let mut out = Vec::new();
+        loop {
+            assert_eq!(&buf[..6], b"070701");
+            let (mode, size, major, namesize) = (
+                field(buf, 1),
+                field(buf, 6) as usize,
+                field(buf, 9),
+                field(buf, 11) as usize,
+            );
+            let name = std::str::from_utf8(&buf[110..110 + namesize - 1])
+                .unwrap()
+                .to_string();
+            let data_at = pad(110 + namesize);
+            let data = buf[data_at..data_at + size].to_vec();
+            buf = &buf[pad(data_at + size)..];
+            if name == "TRAILER!!!" {
+                assert!(buf.is_empty());
+                return out;
+            }
+            out.push((name, mode, major, data));
+        }
+    }
+
+    #[test]
+    fn cpio_entries_round_trip() {
+        let mut c = Cpio::default();
+        c.dir("bin");
+        c.file("bin/busybox", 0o755, b"\x7fELF...");
+        c.symlink("bin/sh", "busybox");
+        c.char_device("dev/console", 5, 1);
+        let got = entries(&c.finish());
+        assert_eq!(
+            got,
+            [
+                ("bin".to_string(), 0o040755, 0, vec![]),
+                (
+                    "bin/busybox".to_string(),
+                    0o100755,
+                    0,
+                    b"\x7fELF...".to_vec()
+                ),
+                ("bin/sh".to_string(), 0o120777, 0, b"busybox".to_vec()),
+                ("dev/console".to_string(), 0o020600, 5, vec![]),
+            ]
+        );
+    }
+
+    #[test]
+    fn applets_are_plain_names() {
+        assert_eq!(
+            applet_names("sh\nmount\n\nbusybox\n[\n[[\nsh\n").unwrap(),
+            ["[", "[[", "mount", "sh"]
+        );
+        for bad in ["sh\n../etc/passwd\n", "usr/bin/env\n", ".hidden\n"] {
+            let e = applet_names(bad).unwrap_err();
+            assert!(e.to_string().contains("not a plain applet name"), "{e}");
+        }
+        assert!(applet_names("busybox\n").is_err());
     }
 }

@@ -16,13 +16,19 @@
 //! This crate reads the archive with the `tar` and `flate2` crates; the
 //! checks are its own, because no crate makes them (tar's `unpack` guards
 //! against `..` but follows symlinks already on the target).
+//!
+//! Downloading (`fetch`) is the default feature `fetch` (reqwest, rustls,
+//! tokio underneath). Without it, the crate only verifies and applies: the
+//! install appliance's static agent uses it that way.
 
 mod dir;
+#[cfg(feature = "fetch")]
 mod fetch;
 mod image;
 mod package;
 
 pub use dir::{apply_to_dir, apply_to_dir_with};
+#[cfg(feature = "fetch")]
 pub use fetch::{
     Credentials, Fetched, Progress, check_sha256, fetch, fetch_with_progress, receive,
 };

@@ -1,7 +1,9 @@
-//! `cradle appliance build` from Debian's kernel package (fetched with
-//! `apt-get download`, unpacked, never installed), booted under QEMU (TCG)
-//! with a disk: the static agent comes up as /init, loads the virtio and
-//! ext4 modules, finds the disk, says so on the console and powers off.
+//! `cradle appliance build` from Debian's kernel and busybox-static
+//! packages (fetched with `apt-get download`, unpacked, never installed),
+//! booted under QEMU (TCG) with a disk and no `cradle.address` on the
+//! kernel command line: the static agent comes up as /init, loads the
+//! virtio, ext4 and vfat modules, finds the disk, says there is nothing to
+//! install and powers off.
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -41,8 +43,11 @@ fn the_appliance_boots_its_agent_which_finds_the_disk_and_powers_off() {
     .success();
     assert!(built.stdout.contains("virtio_blk"), "{}", built.stdout);
     assert!(built.stdout.contains("ext4"), "{}", built.stdout);
+    assert!(built.stdout.contains("vfat"), "{}", built.stdout);
+    assert!(built.stdout.contains("applets in /bin"), "{}", built.stdout);
 
-    // A dynamic agent would find no C library in the appliance: refused.
+    // A dynamic agent would find no C library in the appliance: refused
+    // before anything is downloaded or unpacked.
     Run::of(
         cradle_command()
             .args([
@@ -51,6 +56,8 @@ fn the_appliance_boots_its_agent_which_finds_the_disk_and_powers_off() {
                 "--agent",
                 BIN,
                 "--kernel-deb",
+                "/nonexistent.deb",
+                "--busybox-deb",
                 "/nonexistent.deb",
                 "-o",
             ])
@@ -83,6 +90,7 @@ fn the_appliance_boots_its_agent_which_finds_the_disk_and_powers_off() {
             initrd: Some(out.join("initrd.img")),
             cmdline: "console=ttyS0 quiet panic=-1".into(),
         }),
+        nics: Vec::new(),
         no_reboot: true,
     };
     q.start(&vm).unwrap();
@@ -102,7 +110,9 @@ fn the_appliance_boots_its_agent_which_finds_the_disk_and_powers_off() {
         "virtio_pci",
         "virtio_blk",
         "ext4",
+        "vfat",
         "cradle-agent: disks: vda",
+        "cradle-agent: no cradle.address on the kernel command line: nothing to install",
         "cradle-agent: powering off",
         "reboot: Power down",
     ] {

@@ -1,0 +1,373 @@
+//! Running the OS script, with the contract of the host's trusted runner
+//! (`cradle_os::run_trusted`):
+//!
+//! - no shell: the script is executed directly (its `#!` line names its
+//!   interpreter, usually busybox's `/bin/sh`), with no arguments;
+//! - exactly the job's environment, nothing inherited;
+//! - secret parameters only as one JSON object on an inherited pipe,
+//!   descriptor 3, named by `CRADLE_SECRETS_FD=3`; never in argv or the
+//!   environment;
+//! - stdin `/dev/null`, the working directory the scripts' own;
+//! - its own process group, killed whole once the script has exited, so
+//!   nothing it started lives on.
+//!
+//! There is no deadline here: the host owns the job's and kills the VM.
+//! Its stdout and stderr are read on two threads, split into lines
+//! ([`crate::lines::Splitter`]) and sent to the host in batches while it
+//! runs; the last lines are kept for the status.
+
+use std::collections::BTreeMap;
+use std::io::{Read, Write};
+use std::os::fd::AsRawFd;
+use std::os::unix::process::{CommandExt, ExitStatusExt};
+use std::path::Path;
+use std::process::{Command, ExitStatus, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use crate::job::Secrets;
+use crate::lines::{Batcher, Splitter, Tail};
+use crate::report::Reporter;
+use crate::system::say;
+
+/// The descriptor the secrets pipe has in the script.
+pub const SECRETS_FD: i32 = 3;
+/// How long output may still arrive once the script has exited (from what
+/// it started outside its process group, holding its stdout open).
+const DRAIN: Duration = Duration::from_secs(2);
+/// How often the script is checked on while it prints nothing.
+const TICK: Duration = Duration::from_millis(50);
+
+/// The exit code to report: the script's, or 128 + the signal that
+/// killed it.
+pub fn exit_code(status: ExitStatus) -> i32 {
+    status
+        .code()
+        .unwrap_or_else(|| 128 + status.signal().unwrap_or(0))
+}
+
+/// Why a script that did not succeed failed, e.g. `the create script
+/// exited 3`.
+pub fn describe(name: &str, status: ExitStatus) -> String {
+    match (status.code(), status.signal()) {
+        (Some(c), _) => format!("the {name} script exited {c}"),
+        (None, Some(s)) => format!("the {name} script was killed by signal {s}"),
+        (None, None) => format!("the {name} script ended with {status}"),
+    }
+}
+
+/// Run `script` as the module says, sending its output through `reporter`
+/// and keeping its last lines in `tail`.
+pub fn run(
+    script: &Path,
+    env: &BTreeMap<String, String>,
+    secrets: &Secrets,
+    reporter: &Reporter,
+    tail: &mut Tail,
+) -> Result<ExitStatus, String> {
+    let cannot = |e: std::io::Error| format!("cannot run {}: {e}", script.display());
+    let mut cmd = Command::new(script);
+    cmd.env_clear()
+        .envs(env)
+        .current_dir(script.parent().unwrap_or(Path::new("/")))
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .process_group(0);
+    let pipe = if secrets.is_empty() {
+        None
+    } else {
+        let (reader, writer) = std::io::pipe().map_err(cannot)?;
+        let fd = reader.as_raw_fd();
+        cmd.env("CRADLE_SECRETS_FD", SECRETS_FD.to_string());
+        // SAFETY: between fork and exec only dup2 or fcntl runs, both
+        // async-signal-safe; dup2 clears close-on-exec on the copy.
+        unsafe {
+            cmd.pre_exec(move || {
+                // dup2 onto itself would leave close-on-exec set.
+                let ok = if fd == SECRETS_FD {
+                    libc::fcntl(fd, libc::F_SETFD, 0) >= 0
+                } else {
+                    libc::dup2(fd, SECRETS_FD) >= 0
+                };
+                if !ok {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        Some((reader, writer))
+    };
+    let mut child = cmd.spawn().map_err(cannot)?;
+    let group = child.id() as i32;
+    let writer = pipe.map(|(reader, writer)| {
+        drop(reader);
+        let body = secrets.expose().to_string();
+        std::thread::spawn(move || {
+            let mut w = writer;
+            // A script that never reads them gets EPIPE here: not an error.
+            let _ = w.write_all(body.as_bytes());
+        })
+    });
+
+    // Lines from both streams, in the order they are read; bounded, so a
+    // host slow to take them slows the script rather than filling memory.
+    let (tx, rx) = mpsc::sync_channel::<String>(1024);
+    for stream in [
+        Box::new(child.stdout.take().expect("piped")) as Box<dyn Read + Send>,
+        Box::new(child.stderr.take().expect("piped")),
+    ] {
+        let tx = tx.clone();
+        std::thread::spawn(move || read_lines(stream, &tx));
+    }
+    drop(tx);
+
+    let mut batcher = Batcher::default();
+    let mut status = None;
+    let mut exited_at = None;
+    loop {
+        match rx.recv_timeout(TICK) {
+            Ok(line) => {
+                tail.push(&line);
+                if let Some(batch) = batcher.push(&line, Instant::now()) {
+                    reporter.log(&batch);
+                }
+            }
+            Err(mpsc::RecvTimeoutError::Timeout) => {}
+            // Both streams ended.
+            Err(mpsc::RecvTimeoutError::Disconnected) => break,
+        }
+        if batcher.due(Instant::now())
+            && let Some(batch) = batcher.take()
+        {
+            reporter.log(&batch);
+        }
+        if status.is_none()
+            && let Some(s) = child.try_wait().map_err(cannot)?
+        {
+            status = Some(s);
+            exited_at = Some(Instant::now());
+            kill_group(group);
+        }
+        if exited_at.is_some_and(|t| t.elapsed() >= DRAIN) {
+            say(
+                "the script's output is still held open by something it started; not waiting for it",
+            );
+            break;
+        }
+    }
+    let status = match status {
+        Some(s) => s,
+        None => child.wait().map_err(cannot)?,
+    };
+    // Anything the script left running in its group goes too.
+    kill_group(group);
+    if let Some(batch) = batcher.take() {
+        reporter.log(&batch);
+    }
+    if let Some(w) = writer {
+        let _ = w.join();
+    }
+    Ok(status)
+}
+
+/// Read `stream` to its end, sending its lines.
+fn read_lines(mut stream: impl Read, tx: &mpsc::SyncSender<String>) {
+    let mut splitter = Splitter::default();
+    let mut buf = [0u8; 8192];
+    loop {
+        let n = match stream.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => n,
+        };
+        for line in splitter.push(&buf[..n]) {
+            if tx.send(line).is_err() {
+                return;
+            }
+        }
+    }
+    if let Some(line) = splitter.finish() {
+        let _ = tx.send(line);
+    }
+}
+
+/// SIGKILL the script's process group.
+fn kill_group(group: i32) {
+    // SAFETY: kill(2) takes no pointers. The group is the script's own
+    // (process_group(0)); before the leader is reaped its id cannot be
+    // reused, and after, only by a new group leader with the same pid:
+    // ESRCH at worst.
+    unsafe { libc::kill(-group, libc::SIGKILL) };
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::http::Client;
+    use std::io::{BufRead, BufReader};
+    use std::net::{SocketAddrV4, TcpListener};
+    use std::os::unix::fs::PermissionsExt;
+    use std::sync::{Arc, Mutex};
+
+    /// A write channel on 127.0.0.1 that keeps every body posted to it.
+    fn channel() -> (SocketAddrV4, Arc<Mutex<Vec<String>>>) {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let std::net::SocketAddr::V4(addr) = listener.local_addr().unwrap() else {
+            unreachable!()
+        };
+        let bodies = Arc::new(Mutex::new(Vec::new()));
+        let kept = bodies.clone();
+        std::thread::spawn(move || {
+            for conn in listener.incoming() {
+                let mut conn = conn.unwrap();
+                let kept = kept.clone();
+                std::thread::spawn(move || {
+                    let mut r = BufReader::new(conn.try_clone().unwrap());
+                    loop {
+                        let mut len = 0;
+                        let mut line = String::new();
+                        if r.read_line(&mut line).unwrap_or(0) == 0 {
+                            return;
+                        }
+                        assert_eq!(line.trim_end(), "POST /cradle/latest/write HTTP/1.1");
+                        loop {
+                            line.clear();
+                            r.read_line(&mut line).unwrap();
+                            if line == "\r\n" {
+                                break;
+                            }
+                            if let Some(v) =
+                                line.to_ascii_lowercase().strip_prefix("content-length:")
+                            {
+                                len = v.trim().parse().unwrap();
+                            }
+                        }
+                        let mut body = vec![0; len];
+                        r.read_exact(&mut body).unwrap();
+                        kept.lock().unwrap().push(String::from_utf8(body).unwrap());
+                        conn.write_all(b"HTTP/1.1 201 Created\r\nContent-Length: 0\r\n\r\n")
+                            .unwrap();
+                    }
+                });
+            }
+        });
+        (addr, bodies)
+    }
+
+    /// The tests that write a script and run it take turns: a file still
+    /// open for writing in a child another test forks meanwhile would make
+    /// exec fail with ETXTBSY.
+    static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
+
+    fn script(dir: &Path, text: &str) -> std::path::PathBuf {
+        let path = dir.join("create");
+        std::fs::write(&path, text).unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+        path
+    }
+
+    #[test]
+    fn a_script_gets_exactly_its_environment_and_secrets_on_fd_3() {
+        let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+        let dir = tempfile::tempdir().unwrap();
+        let path = script(
+            dir.path(),
+            "#!/bin/sh\necho \"out $FOO\"\necho err >&2\necho \"secrets=$(cat <&3)\"\n\
+             echo \"fd=$CRADLE_SECRETS_FD\"\nenv | sed 's/=.*//' | sort | tr '\\n' ' '; echo\n\
+             i=0; while [ $i -lt 500 ]; do echo \"line $i\"; i=$((i+1)); done\nprintf tail\nexit 4\n",
+        );
+        let (addr, bodies) = channel();
+        let client = Client::new(addr);
+        let env = BTreeMap::from([
+            ("FOO".to_string(), "bar".to_string()),
+            ("PATH".to_string(), "/usr/bin:/bin".to_string()),
+        ]);
+        let secrets =
+            crate::job::secrets(br#"{"pw": ["s3\"cret", "secret"], "x": ["y", "public"]}"#)
+                .unwrap();
+        let mut tail = Tail::default();
+        let status = run(&path, &env, &secrets, &Reporter::new(&client), &mut tail).unwrap();
+        assert_eq!(exit_code(status), 4);
+
+        let mut sent = Vec::new();
+        for body in bodies.lock().unwrap().iter() {
+            assert!(body.len() <= crate::lines::MAX_BODY);
+            let v: serde_json::Value = serde_json::from_str(body).unwrap();
+            assert_eq!(v["agent"], "log");
+            for l in v["lines"].as_array().unwrap() {
+                sent.push(l.as_str().unwrap().to_string());
+            }
+        }
+        assert!(sent.contains(&"out bar".to_string()), "{sent:?}");
+        assert!(sent.contains(&"err".to_string()), "{sent:?}");
+        assert!(
+            sent.contains(&r#"secrets={"pw":"s3\"cret"}"#.to_string()),
+            "{sent:?}"
+        );
+        assert!(sent.contains(&"fd=3".to_string()), "{sent:?}");
+        // Nothing of this process's environment, only the job's and what
+        // the shell sets itself.
+        let names = sent.iter().find(|l| l.contains("FOO ")).unwrap();
+        for name in names.split_whitespace() {
+            assert!(
+                [
+                    "CRADLE_SECRETS_FD",
+                    "FOO",
+                    "PATH",
+                    "PWD",
+                    "SHLVL",
+                    "_",
+                    "OLDPWD"
+                ]
+                .contains(&name),
+                "{names}"
+            );
+        }
+        assert_eq!(sent.last().unwrap(), "tail");
+        assert_eq!(sent.len(), 506);
+        let text = tail.text(usize::MAX);
+        assert!(
+            text.starts_with("line 461\n") && text.ends_with("line 499\ntail"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn without_secrets_there_is_no_descriptor_3() {
+        let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+        let dir = tempfile::tempdir().unwrap();
+        let path = script(
+            dir.path(),
+            "#!/bin/sh\necho \"fd=${CRADLE_SECRETS_FD-unset}\"\n[ -e /proc/self/fd/3 ] && echo open\nkill -9 $$\n",
+        );
+        let (addr, bodies) = channel();
+        let client = Client::new(addr);
+        let secrets = crate::job::secrets(br#"{"x": ["y", "public"]}"#).unwrap();
+        let mut tail = Tail::default();
+        let status = run(
+            &path,
+            &BTreeMap::new(),
+            &secrets,
+            &Reporter::new(&client),
+            &mut tail,
+        )
+        .unwrap();
+        assert_eq!(exit_code(status), 128 + 9);
+        assert_eq!(tail.text(usize::MAX), "fd=unset");
+        assert_eq!(bodies.lock().unwrap().len(), 1);
+    }
+
+    #[test]
+    fn exit_codes_and_reasons() {
+        let exited = ExitStatus::from_raw(3 << 8);
+        assert_eq!(exit_code(exited), 3);
+        assert_eq!(describe("create", exited), "the create script exited 3");
+        let killed = ExitStatus::from_raw(libc::SIGKILL);
+        assert_eq!(exit_code(killed), 128 + 9);
+        assert_eq!(
+            describe("create", killed),
+            "the create script was killed by signal 9"
+        );
+        assert_eq!(exit_code(ExitStatus::from_raw(0)), 0);
+    }
+}
