@@ -53,6 +53,7 @@ impl From<RegistryError> for ApiError {
             RegistryError::Conflict(_) | RegistryError::PasswordSet => {
                 (StatusCode::CONFLICT, "conflict")
             }
+            RegistryError::Busy(_) => (StatusCode::CONFLICT, "busy"),
             RegistryError::Invalid(_) | RegistryError::PasswordTooLong => {
                 (StatusCode::UNPROCESSABLE_ENTITY, "invalid")
             }

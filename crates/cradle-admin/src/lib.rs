@@ -8,6 +8,7 @@
 #![forbid(unsafe_code)]
 
 mod error;
+mod install;
 mod personalization;
 mod secgroups;
 mod tokens;
@@ -57,6 +58,8 @@ pub struct AdminState {
     /// Personalization packages fetched at once: each passes through a
     /// temporary file of up to the compressed cap.
     pub package_fetches: tokio::sync::Semaphore,
+    /// Runs install jobs; `None` where the server runs none.
+    pub installer: Option<Arc<cradle_install::Installer>>,
 }
 
 /// How many personalization packages are fetched at once.
@@ -83,6 +86,20 @@ pub fn app(state: Arc<AdminState>) -> Router {
             axum::routing::post(reset_state),
         )
         .route("/v1/instances/{key}/events", get(events))
+        .route(
+            "/v1/instances/{key}/install",
+            get(install::show).post(install::start),
+        )
+        .route(
+            "/v1/instances/{key}/start",
+            axum::routing::post(install::start_vm),
+        )
+        .route(
+            "/v1/instances/{key}/stop",
+            axum::routing::post(install::stop_vm),
+        )
+        .route("/v1/instances/{key}/vm", get(install::vm_status))
+        .route("/v1/instances/{key}/console", get(install::console))
         .route(
             "/v1/instances/{key}/personalization",
             get(personalization::package),

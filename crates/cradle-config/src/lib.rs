@@ -45,6 +45,46 @@ pub struct Config {
     pub firewall: Firewall,
     pub remote: Remote,
     pub os: Os,
+    pub install: Install,
+}
+
+/// Install jobs: the appliance VM, its limits and its communication NIC.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Install {
+    /// The directory `cradle appliance build -o` wrote (`vmlinuz`, `initrd.img`).
+    pub appliance: PathBuf,
+    /// The QEMU system emulator.
+    pub qemu: PathBuf,
+    /// `auto` (KVM when a probe boot shows it works, else TCG), `kvm` or `tcg`.
+    pub accel: String,
+    /// Seconds an install job may run, cluster-wide. Not reset by traffic:
+    /// at the deadline the appliance is killed, whatever it is doing.
+    pub timeout: u64,
+    /// The appliance's memory, in MiB.
+    pub memory_mib: u32,
+    /// The port the appliance reaches the metadata service on, at
+    /// 169.254.169.254; 0 is the `[metadata] listen` port.
+    pub metadata_port: u16,
+    /// The `ip` command (iproute2), which makes each job's tap.
+    pub ip: PathBuf,
+    /// The `nft` command, which fences each job's tap.
+    pub nft: PathBuf,
+}
+
+impl Default for Install {
+    fn default() -> Self {
+        Install {
+            appliance: PathBuf::from("/var/lib/cradle/appliance"),
+            qemu: PathBuf::from("/usr/bin/qemu-system-x86_64"),
+            accel: "auto".into(),
+            timeout: 1800,
+            memory_mib: 512,
+            metadata_port: 0,
+            ip: PathBuf::from("ip"),
+            nft: PathBuf::from("nft"),
+        }
+    }
 }
 
 /// OS definitions (the Ganeti OS API) and how their trusted scripts run.
@@ -446,6 +486,14 @@ pub const KEYS: &[(&str, &str)] = &[
     ("os", "search_path"),
     ("os", "script_user"),
     ("os", "verify_timeout"),
+    ("install", "appliance"),
+    ("install", "qemu"),
+    ("install", "accel"),
+    ("install", "timeout"),
+    ("install", "memory_mib"),
+    ("install", "metadata_port"),
+    ("install", "ip"),
+    ("install", "nft"),
 ];
 
 #[cfg(test)]

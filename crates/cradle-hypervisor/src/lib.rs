@@ -75,8 +75,19 @@ pub struct VmSpec {
     pub vcpus: u32,
     pub disks: Vec<Disk>,
     pub kernel: Option<KernelBoot>,
+    /// Network interfaces, in order: each a tap on the host (made before
+    /// the VM starts; QEMU only opens it).
+    pub nics: Vec<Nic>,
     /// Exit instead of rebooting (the install appliance powers off once).
     pub no_reboot: bool,
+}
+
+/// A virtio NIC backed by a host tap.
+#[derive(Clone, Debug)]
+pub struct Nic {
+    pub tap: String,
+    /// Lower-case, colon-separated.
+    pub mac: String,
 }
 
 /// What a VM is doing.

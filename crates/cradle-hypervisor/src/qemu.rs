@@ -105,6 +105,15 @@ impl Qemu {
                 if d.read_only { "on" } else { "off" }
             ));
         }
+        for (i, n) in vm.nics.iter().enumerate() {
+            a.push("-netdev".into());
+            a.push(format!(
+                "tap,id=net{i},ifname={},script=no,downscript=no",
+                opt(&n.tap)
+            ));
+            a.push("-device".into());
+            a.push(format!("virtio-net-pci,netdev=net{i},mac={}", opt(&n.mac)));
+        }
         if let Some(k) = &vm.kernel {
             a.push("-kernel".into());
             a.push(k.kernel.display().to_string());
@@ -278,6 +287,7 @@ pub fn probe(binary: &Path, kernel: &Path, within: Duration) -> Probe {
             initrd: None,
             cmdline: "console=ttyS0 panic=-1 loglevel=4".into(),
         }),
+        nics: Vec::new(),
         no_reboot: true,
     };
     let console = dir.path().join("console.log");

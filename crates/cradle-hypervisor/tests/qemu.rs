@@ -50,6 +50,7 @@ fn spec(name: &str, disks: Vec<Disk>, cmdline: &str) -> VmSpec {
             initrd: None,
             cmdline: cmdline.into(),
         }),
+        nics: Vec::new(),
         no_reboot: true,
     }
 }

@@ -118,6 +118,13 @@ pub fn bind(addr: SocketAddr, workers: usize) -> std::io::Result<Vec<std::net::T
         let sock = Socket::new(Domain::for_address(at), Type::STREAM, Some(Protocol::TCP))?;
         sock.set_reuse_address(true)?;
         sock.set_reuse_port(true)?;
+        // 169.254.169.254 lives on the install jobs' taps, which come and
+        // go: the listener binds it before any exists.
+        if at.is_ipv4() {
+            sock.set_freebind_v4(true)?;
+        } else {
+            sock.set_freebind_v6(true)?;
+        }
         sock.set_nonblocking(true)?;
         sock.bind(&at.into())?;
         sock.listen(1024)?;
@@ -355,7 +362,12 @@ async fn handle(svc: &MetadataService, source: IpAddr, req: Request<Incoming>) -
             StatusCode::NOT_FOUND,
             "404 Not Found: no instance has this source address",
         ),
-        Some(i) => route(svc, i, &path, req).await,
+        Some(i) => {
+            if let Some(job) = svc.registry.running_install(i.id) {
+                job.saw_request();
+            }
+            route(svc, i, &path, req).await
+        }
     };
     let status = response.status().as_u16();
     let elapsed = started.elapsed();
@@ -423,6 +435,16 @@ async fn route(
             } else {
                 not_allowed("GET")
             };
+        }
+        [_, "latest", "install.json"]
+        | [_, "latest", "os", "scripts", _]
+        | [_, "latest", "os", "package"]
+            if native =>
+        {
+            if req.method() != Method::GET && req.method() != Method::HEAD {
+                return not_allowed("GET, HEAD");
+            }
+            return install_file(svc, inst, &segs[2..]).await;
         }
         [_, "latest", "write"] if native => {
             return if req.method() == Method::POST {
@@ -635,6 +657,13 @@ async fn channel_write(svc: &MetadataService, inst: &Instance, req: Request<Inco
         Ok(b) => b,
         Err(r) => return r,
     };
+    // While an install runs, the agent reports on the channel: its messages
+    // are the job's, not the queue's.
+    if let Some(job) = svc.registry.running_install(inst.id)
+        && job.agent_message(&body)
+    {
+        return text(StatusCode::CREATED, "");
+    }
     let (registry, id) = (svc.registry.clone(), inst.id);
     match blocking(move || registry.push_message(id, ChannelDirection::ToHost, &body)).await {
         Ok(n) => {
@@ -644,6 +673,60 @@ async fn channel_write(svc: &MetadataService, inst: &Instance, req: Request<Inco
             r
         }
         Err(e) => registry_failure(&e),
+    }
+}
+
+/// What the install appliance reads while its job runs: the manifest
+/// (`install.json`), the OS definition's untrusted scripts and the
+/// personalization package. Only the instance being installed has a job, and
+/// the listener knows instances by source address, so no other guest can
+/// read them.
+async fn install_file(svc: &MetadataService, inst: &Instance, rest: &[&str]) -> Reply {
+    let Some(job) = svc.registry.running_install(inst.id) else {
+        return text(
+            StatusCode::NOT_FOUND,
+            "404 Not Found: no install job is running for this instance",
+        );
+    };
+    match rest {
+        ["install.json"] => reply(StatusCode::OK, "application/json", job.manifest.clone()),
+        ["os", "scripts", name] => match job.scripts.get(*name) {
+            Some(b) => reply(StatusCode::OK, "application/octet-stream", b.clone()),
+            None => text(
+                StatusCode::NOT_FOUND,
+                "404 Not Found: the OS definition has no such untrusted script",
+            ),
+        },
+        _ => {
+            if job.package.is_none() {
+                return text(
+                    StatusCode::NOT_FOUND,
+                    "404 Not Found: the instance has no personalization package",
+                );
+            }
+            let read = tokio::task::spawn_blocking(move || {
+                use std::os::unix::fs::FileExt;
+                let p = job.package.as_ref().expect("checked above");
+                let mut buf = vec![0u8; usize::try_from(p.len).unwrap_or(usize::MAX)];
+                p.file
+                    .read_exact_at(&mut buf, 0)
+                    .map(|()| (buf, p.sha256.clone()))
+            })
+            .await;
+            match read {
+                Ok(Ok((bytes, sha))) => {
+                    let mut r = reply(StatusCode::OK, "application/gzip", bytes);
+                    if let Ok(v) = HeaderValue::from_str(&sha) {
+                        r.headers_mut().insert("x-cradle-package-sha256", v);
+                    }
+                    r
+                }
+                other => {
+                    warn!(instance = %inst.id, error = ?other.map(|r| r.map(|_| ()).map_err(|e| e.to_string())), "cannot read the personalization package");
+                    text(StatusCode::SERVICE_UNAVAILABLE, "503 Service Unavailable")
+                }
+            }
+        }
     }
 }
 

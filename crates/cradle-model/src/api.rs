@@ -14,6 +14,7 @@ use uuid::Uuid;
 use crate::instance::{
     HostAddr, ImdsTokens, Instance, MAX_USER_DATA, Os, OsParams, RANDOM_SEED_LEN, State,
 };
+use crate::machine::{self, Disk};
 use crate::{Secret, personalization};
 
 /// Limits, as Nova applies them to instance metadata.
@@ -100,6 +101,13 @@ pub struct InstanceSpec {
     pub personalization_sha256: Option<String>,
     #[serde(default)]
     pub os_params: OsParamsSpec,
+    /// Disk images on this host, in order.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub disks: Vec<Disk>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_mib: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vcpus: Option<u32>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub imds_tokens: Option<ImdsTokens>,
 }
@@ -201,6 +209,13 @@ pub struct InstancePatch {
     pub personalization_sha256: Patch<String>,
     #[serde(default)]
     pub os_params: OsParamsPatch,
+    /// Replaces the whole list.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disks: Option<Vec<Disk>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_mib: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vcpus: Option<u32>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub imds_tokens: Option<ImdsTokens>,
 }
@@ -251,6 +266,12 @@ pub struct InstanceView {
     #[serde(default)]
     pub personalization_sha256: Option<String>,
     pub os_params: OsParamsView,
+    #[serde(default)]
+    pub disks: Vec<Disk>,
+    #[serde(default = "default_memory")]
+    pub memory_mib: u32,
+    #[serde(default = "default_vcpus")]
+    pub vcpus: u32,
     pub imds_tokens: ImdsTokens,
     pub state: State,
     /// Why the instance is in state `error`.
@@ -264,6 +285,14 @@ pub struct InstanceView {
     pub created_at: OffsetDateTime,
     #[serde(with = "time::serde::rfc3339")]
     pub updated_at: OffsetDateTime,
+}
+
+fn default_memory() -> u32 {
+    crate::machine::DEFAULT_MEMORY_MIB
+}
+
+fn default_vcpus() -> u32 {
+    1
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -313,6 +342,9 @@ impl From<&Instance> for InstanceView {
                 private: i.os_params.private.keys().cloned().collect(),
                 secret: i.os_params.secret.keys().cloned().collect(),
             },
+            disks: i.disks.clone(),
+            memory_mib: i.memory_mib,
+            vcpus: i.vcpus,
             imds_tokens: i.imds_tokens,
             state: i.state,
             state_reason: i.state_reason.clone(),
@@ -826,6 +858,11 @@ impl InstanceSpec {
         check_params(&os_params)?;
         let (personalization_url, personalization_sha256) =
             parse_personalization(self.personalization_url, self.personalization_sha256)?;
+        machine::check_disks(&self.disks).or_else(|m| invalid("disks", m))?;
+        let memory_mib = self.memory_mib.unwrap_or(machine::DEFAULT_MEMORY_MIB);
+        machine::check_memory(memory_mib).or_else(|m| invalid("memory_mib", m))?;
+        let vcpus = self.vcpus.unwrap_or(1);
+        machine::check_vcpus(vcpus).or_else(|m| invalid("vcpus", m))?;
         if random_seed.len() != RANDOM_SEED_LEN {
             return invalid("random_seed", "internal: wrong length");
         }
@@ -853,6 +890,9 @@ impl InstanceSpec {
             personalization_url,
             personalization_sha256,
             os_params,
+            disks: self.disks,
+            memory_mib,
+            vcpus,
             imds_tokens: self.imds_tokens.unwrap_or_default(),
             state: State::Registered,
             state_reason: None,
@@ -982,6 +1022,18 @@ impl InstancePatch {
             Patch::Value(h) => Some(h),
         };
         (i.personalization_url, i.personalization_sha256) = parse_personalization(url, sha256)?;
+        if let Some(d) = self.disks {
+            machine::check_disks(&d).or_else(|m| invalid("disks", m))?;
+            i.disks = d;
+        }
+        if let Some(m) = self.memory_mib {
+            machine::check_memory(m).or_else(|e| invalid("memory_mib", e))?;
+            i.memory_mib = m;
+        }
+        if let Some(v) = self.vcpus {
+            machine::check_vcpus(v).or_else(|e| invalid("vcpus", e))?;
+            i.vcpus = v;
+        }
         // A parameter moves between visibilities by being set in its new one.
         let p = self.os_params;
         for k in p

@@ -58,6 +58,10 @@ pub struct Instance {
     /// The package's SHA-256 (lower-case hex), when its content is pinned.
     pub personalization_sha256: Option<String>,
     pub os_params: OsParams,
+    /// Its disks, in order (`vda`, `vdb`, …; `DISK_0_PATH`, …).
+    pub disks: Vec<crate::machine::Disk>,
+    pub memory_mib: u32,
+    pub vcpus: u32,
     pub imds_tokens: ImdsTokens,
     pub state: State,
     /// Why the instance is in `State::Error` (e.g. a fatal vendordata failure).
@@ -211,6 +215,8 @@ pub enum State {
     Running,
     Stopped,
     Error,
+    /// Its last install job failed (`state_reason` says why).
+    InstallFailed,
 }
 
 impl State {
@@ -221,6 +227,7 @@ impl State {
             State::Running => "running",
             State::Stopped => "stopped",
             State::Error => "error",
+            State::InstallFailed => "install_failed",
         }
     }
 }

@@ -6,6 +6,7 @@
 
 pub mod api;
 mod instance;
+pub mod machine;
 pub mod personalization;
 mod secret;
 

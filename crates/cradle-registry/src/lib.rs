@@ -12,6 +12,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod jobs;
 pub mod metrics;
 mod secgroups;
 
@@ -24,6 +25,7 @@ use cradle_model::api::{InstancePatch, InstanceSpec, Invalid};
 use cradle_model::{Instance, MAX_PASSWORD, RANDOM_SEED_LEN, State};
 use cradle_secgroups::state::{SecGroups, SgError};
 use cradle_store::{Direction, Message, Store, StoreError};
+use jobs::InstallJob;
 use rand::RngCore;
 use secgroups::enforced_identity;
 use time::OffsetDateTime;
@@ -53,6 +55,9 @@ pub enum RegistryError {
     SecGroup(#[from] SgError),
     #[error("security groups are not enabled")]
     SecGroupsDisabled,
+    /// The instance is busy (an install runs); try again later.
+    #[error("{0}")]
+    Busy(String),
     #[error("the change is saved, but the firewall could not apply it (cradle retries): {0}")]
     Firewall(String),
 }
@@ -128,6 +133,8 @@ pub struct Registry {
     enforcer: RwLock<Option<Arc<dyn cradle_secgroups::Enforce>>>,
     /// The last enforcement failed: the kernel may not match the registry.
     firewall_dirty: AtomicBool,
+    /// The last install job of each instance (memory only).
+    jobs: RwLock<HashMap<Uuid, Arc<InstallJob>>>,
 }
 
 impl Registry {
@@ -145,6 +152,7 @@ impl Registry {
             groups: None,
             enforcer: RwLock::new(None),
             firewall_dirty: AtomicBool::new(false),
+            jobs: RwLock::new(HashMap::new()),
         })
     }
 
@@ -373,6 +381,134 @@ impl Registry {
         next.password = Some(password.to_string());
         self.publish(next);
         Ok(())
+    }
+
+    /// Start an install job: the instance goes to `installing` and `job`
+    /// becomes its job. Refused while one runs.
+    pub fn begin_install(&self, job: InstallJob) -> Result<Arc<InstallJob>, RegistryError> {
+        let _w = self.lock_writer();
+        let current = self.get(&job.instance.to_string())?;
+        if current.state == State::Installing
+            || self
+                .install_job(job.instance)
+                .is_some_and(|j| j.is_running())
+        {
+            return Err(RegistryError::Busy(format!(
+                "instance {} is being installed",
+                current.name
+            )));
+        }
+        let job = Arc::new(job);
+        self.update_with(current.id, |i| {
+            i.state = State::Installing;
+            i.state_reason = None;
+        })?;
+        self.store.record_event(
+            current.id,
+            "install",
+            &format!("install job {} started", job.id),
+        )?;
+        self.jobs
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(current.id, job.clone());
+        Ok(job)
+    }
+
+    /// The instance's last install job, running or not.
+    pub fn install_job(&self, id: Uuid) -> Option<Arc<InstallJob>> {
+        self.jobs
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&id)
+            .cloned()
+    }
+
+    /// The instance's install job while it runs: what the metadata service
+    /// serves the appliance from.
+    pub fn running_install(&self, id: Uuid) -> Option<Arc<InstallJob>> {
+        self.install_job(id).filter(|j| j.is_running())
+    }
+
+    /// End an install job. Its instance goes to `stopped` (installed) or to
+    /// `install_failed` with `reason`, and loses its secret parameters: they
+    /// were served to the appliance for this job only.
+    pub fn end_install(
+        &self,
+        job: &InstallJob,
+        succeeded: bool,
+        reason: Option<String>,
+    ) -> Result<(), RegistryError> {
+        let _w = self.lock_writer();
+        job.finish(succeeded, reason.clone());
+        let event = match (&reason, succeeded) {
+            (_, true) => format!("install job {} succeeded", job.id),
+            (Some(r), false) => format!("install job {} failed: {r}", job.id),
+            (None, false) => format!("install job {} failed", job.id),
+        };
+        if self.get(&job.instance.to_string()).is_err() {
+            // Removed while it ran: nothing left to update.
+            return Ok(());
+        }
+        self.update_with(job.instance, |i| {
+            i.os_params.secret.clear();
+            if succeeded {
+                i.state = State::Stopped;
+                i.state_reason = None;
+            } else {
+                i.state = State::InstallFailed;
+                i.state_reason = reason;
+            }
+        })?;
+        self.store.record_event(job.instance, "install", &event)?;
+        Ok(())
+    }
+
+    /// Record that the instance's VM started (`running`) or stopped
+    /// (`stopped`) in run mode. Refused while it is being installed.
+    pub fn set_run_state(
+        &self,
+        id: Uuid,
+        state: State,
+        why: &str,
+    ) -> Result<Arc<Instance>, RegistryError> {
+        let _w = self.lock_writer();
+        let current = self.get(&id.to_string())?;
+        if current.state == State::Installing {
+            return Err(RegistryError::Busy(format!(
+                "instance {} is being installed",
+                current.name
+            )));
+        }
+        if current.state == state {
+            return Ok(current);
+        }
+        let next = self.update_with(id, |i| {
+            i.state = state;
+            i.state_reason = None;
+        })?;
+        self.store.record_event(id, state.as_str(), why)?;
+        Ok(next)
+    }
+
+    /// Instances left `installing` by a server that stopped mid-job: no job
+    /// runs any more, so they failed.
+    pub fn fail_interrupted_installs(&self) -> Result<Vec<String>, RegistryError> {
+        let _w = self.lock_writer();
+        let stuck: Vec<_> = self
+            .list()
+            .into_iter()
+            .filter(|i| i.state == State::Installing)
+            .collect();
+        let reason = "the server stopped while the install ran";
+        for i in &stuck {
+            self.update_with(i.id, |i| {
+                i.state = State::InstallFailed;
+                i.state_reason = Some(reason.into());
+            })?;
+            self.store.record_event(i.id, "install", reason)?;
+        }
+        Ok(stuck.iter().map(|i| i.name.clone()).collect())
     }
 
     /// Queue a message on the channel.

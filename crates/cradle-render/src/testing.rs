@@ -40,6 +40,9 @@ pub fn instance() -> Instance {
         os: Some(Os::Image(s("ami-12345678"))),
         personalization_url: None,
         personalization_sha256: None,
+        disks: Vec::new(),
+        memory_mib: 512,
+        vcpus: 1,
         os_params: OsParams {
             public: BTreeMap::from([(s("locale"), s("en_US"))]),
             private: BTreeMap::from([(s("db_url"), Secret::new(s("postgres://db")))]),

@@ -49,6 +49,53 @@ given again (with `instance modify`).\n\nExample:\n  cradle instance add web1 --
     Modify(Box<ModifyArgs>),
     /// Remove an instance, its queued messages and its secrets.
     Remove { instance: String },
+    /// Install the instance: boot the install appliance with its disks and
+    /// run its OS definition's create scripts (untrusted ones inside the
+    /// appliance, trusted ones on the host as the script user), then
+    /// overlay its personalization package.
+    #[command(
+        after_help = "The job runs on the server; without --follow this prints the job \
+and returns. --follow shows the agent's progress and the scripts' output as they come, and \
+exits 0 when the install succeeded, 1 when it failed (the instance is then install_failed, \
+and `instance show` says why). The job ends on the agent's final status, or at [install] \
+timeout, counted from the start and never extended. Secret parameters are served to the \
+appliance while the job runs, then dropped.\n\nExample:\n  cradle instance install web1 --follow"
+    )]
+    Install {
+        instance: String,
+        /// Show progress and output until the job ends.
+        #[arg(long)]
+        follow: bool,
+    },
+    /// Boot the instance's VM from its disks (run mode), with its memory,
+    /// vcpus and interface. The VM is daemonized: it outlives the server.
+    Start { instance: String },
+    /// Power the instance's VM off (ACPI, then killed after --grace seconds).
+    Stop {
+        instance: String,
+        /// Kill it at once instead of asking the guest.
+        #[arg(long)]
+        force: bool,
+        /// Seconds the guest gets to power off.
+        #[arg(long, default_value_t = 60)]
+        grace: u64,
+    },
+    /// The instance's state and what QEMU says of its VM.
+    Status { instance: String },
+    /// Print the end of the VM's serial console.
+    Console {
+        instance: String,
+        /// Bytes from the end.
+        #[arg(long, default_value_t = 65536)]
+        bytes: u64,
+    },
+    /// Show the instance's last install job (with its output).
+    InstallStatus {
+        instance: String,
+        /// Keep following while it runs.
+        #[arg(long)]
+        follow: bool,
+    },
     /// Queue a message for the guest (it reads it from /cradle/latest/read).
     Send {
         instance: String,
@@ -148,6 +195,31 @@ struct Fields {
     /// Whether IMDSv2 session tokens are required.
     #[arg(long, value_parser = ["optional", "required"])]
     imds_tokens: Option<String>,
+    /// A disk image on this host, PATH or PATH:raw or PATH:qcow2 (raw when
+    /// not said), attached in order: the first is vda and DISK_0_PATH.
+    /// Repeatable; on modify, the list given replaces the old one.
+    #[arg(long = "disk", value_name = "PATH[:FORMAT]")]
+    disks: Vec<String>,
+    /// Memory in MiB (default 512).
+    #[arg(long, value_name = "MIB")]
+    memory: Option<u32>,
+    /// Virtual CPUs (default 1).
+    #[arg(long)]
+    vcpus: Option<u32>,
+}
+
+/// `PATH`, `PATH:raw` or `PATH:qcow2`.
+fn parse_disk(arg: &str) -> cradle_model::machine::Disk {
+    use cradle_model::machine::{Disk, DiskFormat};
+    let (path, format) = match arg.rsplit_once(':') {
+        Some((p, "raw")) => (p, DiskFormat::Raw),
+        Some((p, "qcow2")) => (p, DiskFormat::Qcow2),
+        _ => (arg, DiskFormat::Raw),
+    };
+    Disk {
+        path: path.to_string(),
+        format,
+    }
 }
 
 #[derive(Args, Debug)]
@@ -254,6 +326,70 @@ pub fn run(args: InstanceArgs) -> Result<()> {
                 &patch_body(&patch)?,
             )?;
             print_instance(&mut out, output, &v)
+        }
+        InstanceCommand::Install { instance, follow } => {
+            let path = format!("/v1/instances/{}/install", segment(&instance));
+            let job: crate::install::JobView = api.post(&path, &serde_json::json!({}))?;
+            if follow {
+                drop(out);
+                crate::install::follow(&api, &path, job, output)
+            } else {
+                crate::install::print(&mut out, output, &job)
+            }
+        }
+        InstanceCommand::Start { instance } => {
+            let v: InstanceView = api.post(
+                &format!("/v1/instances/{}/start", segment(&instance)),
+                &serde_json::json!({}),
+            )?;
+            print_instance(&mut out, output, &v)
+        }
+        InstanceCommand::Stop {
+            instance,
+            force,
+            grace,
+        } => {
+            let v: InstanceView = api.post(
+                &format!(
+                    "/v1/instances/{}/stop?force={force}&grace={grace}",
+                    segment(&instance)
+                ),
+                &serde_json::json!({}),
+            )?;
+            print_instance(&mut out, output, &v)
+        }
+        InstanceCommand::Status { instance } => {
+            let v: serde_json::Value =
+                api.get(&format!("/v1/instances/{}/vm", segment(&instance)))?;
+            if output == Output::Json {
+                writeln!(out, "{}", serde_json::to_string_pretty(&v)?)?;
+            } else {
+                writeln!(
+                    out,
+                    "{}: state {}, vm {}",
+                    v["instance"].as_str().unwrap_or(&instance),
+                    v["state"].as_str().unwrap_or("?"),
+                    v["vm"].as_str().unwrap_or("?")
+                )?;
+            }
+            Ok(())
+        }
+        InstanceCommand::Console { instance, bytes } => {
+            api.download(
+                &format!("/v1/instances/{}/console?bytes={bytes}", segment(&instance)),
+                &mut out,
+            )?;
+            Ok(())
+        }
+        InstanceCommand::InstallStatus { instance, follow } => {
+            let path = format!("/v1/instances/{}/install", segment(&instance));
+            let job: crate::install::JobView = api.get(&path)?;
+            if follow {
+                drop(out);
+                crate::install::follow(&api, &path, job, output)
+            } else {
+                crate::install::print(&mut out, output, &job)
+            }
         }
         InstanceCommand::Remove { instance } => {
             api.delete(&format!("/v1/instances/{}", segment(&instance)))?;
@@ -427,6 +563,9 @@ fn build_spec(a: AddArgs) -> Result<InstanceSpec> {
         os_image: f.os_image,
         personalization_url: f.personalization_url,
         personalization_sha256: f.personalization_sha256,
+        disks: f.disks.iter().map(|d| parse_disk(d)).collect(),
+        memory_mib: f.memory,
+        vcpus: f.vcpus,
         os_params: OsParamsSpec {
             public: pairs("--param", &f.params)?,
             private: secrets("--private-param", &f.private_params)?,
@@ -555,6 +694,13 @@ fn build_patch(m: ModifyArgs) -> Result<InstancePatch> {
         } else {
             opt(f.personalization_sha256)
         },
+        disks: if f.disks.is_empty() {
+            None
+        } else {
+            Some(f.disks.iter().map(|d| parse_disk(d)).collect())
+        },
+        memory_mib: f.memory,
+        vcpus: f.vcpus,
         os_params,
         imds_tokens: f
             .imds_tokens
@@ -633,6 +779,20 @@ fn print_instance(out: &mut impl Write, output: Output, v: &InstanceView) -> Res
                 _ => "-".into(),
             },
         ),
+        (
+            "disks",
+            if v.disks.is_empty() {
+                "-".into()
+            } else {
+                v.disks
+                    .iter()
+                    .map(|d| format!("{} ({})", d.path, d.format.as_str()))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            },
+        ),
+        ("memory", format!("{} MiB", v.memory_mib)),
+        ("vcpus", v.vcpus.to_string()),
         ("imds tokens", v.imds_tokens.as_str().into()),
         ("metadata", join(&v.metadata)),
         (

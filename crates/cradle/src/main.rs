@@ -8,6 +8,7 @@ mod appliance;
 mod client;
 mod drive;
 mod firewall;
+mod install;
 mod instance;
 mod os;
 mod personalize;

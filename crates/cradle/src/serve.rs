@@ -99,6 +99,39 @@ fn init_logging(config: &Config) -> Result<()> {
     Ok(())
 }
 
+/// The installer's settings from `[install]` and `[os]`.
+fn install_settings(config: &Config, metadata_port: u16) -> Result<cradle_install::Settings> {
+    let i = &config.install;
+    if i.timeout == 0 {
+        bail!("install.timeout must be at least 1 second");
+    }
+    cradle_model::machine::check_memory(i.memory_mib)
+        .map_err(anyhow::Error::msg)
+        .context("install.memory_mib")?;
+    Ok(cradle_install::Settings {
+        appliance: i.appliance.clone(),
+        qemu: i.qemu.clone(),
+        accel: i
+            .accel
+            .parse()
+            .map_err(anyhow::Error::msg)
+            .context("install.accel")?,
+        timeout: Duration::from_secs(i.timeout),
+        memory_mib: i.memory_mib,
+        metadata_port: match i.metadata_port {
+            0 => metadata_port,
+            p => p,
+        },
+        comm: cradle_install::Comm {
+            ip: i.ip.clone(),
+            nft: i.nft.clone(),
+        },
+        run_dir: config.server.data_dir.join("run"),
+        os_search: cradle_os::search_path(&config.os.search_path),
+        script_user: config.os.script_user.clone(),
+    })
+}
+
 async fn serve(config: Config, demo: bool) -> Result<()> {
     // Validate everything before the first write to the data directory.
     let drive_limits = cradle_drive::Limits {
@@ -187,6 +220,16 @@ async fn serve(config: Config, demo: bool) -> Result<()> {
         let _ = rx.wait_for(|s| *s).await;
     };
 
+    let failed = registry
+        .fail_interrupted_installs()
+        .context("cannot mark interrupted installs")?;
+    if !failed.is_empty() {
+        warn!(instances = ?failed, "installs interrupted by a server stop are now install_failed");
+    }
+    let installer = Arc::new(cradle_install::Installer::new(
+        registry.clone(),
+        install_settings(&config, metadata_addr.port())?,
+    ));
     let admin_state = Arc::new(cradle_admin::AdminState {
         registry: registry.clone(),
         metrics: metrics.clone(),
@@ -199,6 +242,7 @@ async fn serve(config: Config, demo: bool) -> Result<()> {
         package_fetches: tokio::sync::Semaphore::new(cradle_admin::PACKAGE_FETCHES),
         firewall_table: config.firewall.table.clone(),
         firewall_enforced: enforced,
+        installer: Some(installer.clone()),
     });
     if enforced {
         tokio::spawn(retry_firewall(registry.clone()));
@@ -241,6 +285,7 @@ async fn serve(config: Config, demo: bool) -> Result<()> {
 
     shutdown_signal().await;
     info!("shutting down");
+    let _ = tokio::task::spawn_blocking(move || installer.shutdown()).await;
     let _ = stop_tx.send(true);
     admin.await.context("admin task")?.context("admin API")?;
     let workers = tokio::task::spawn_blocking(move || {

@@ -6,7 +6,7 @@
 //! when the test ends, also when it fails.
 
 #[path = "../../../cradle-secgroups/tests/common/mod.rs"]
-mod common;
+pub mod common;
 
 use common::lab::{Lab, addr, expect};
 use serde_json::{Value, json};

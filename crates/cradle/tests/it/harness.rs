@@ -21,6 +21,8 @@ pub struct Server {
     pub data_dir: PathBuf,
     pub log_path: PathBuf,
     pub token: String,
+    /// The network namespace it runs in, if any.
+    pub netns: Option<String>,
     _tmp: Option<tempfile::TempDir>,
 }
 
@@ -32,6 +34,13 @@ pub struct Opts<'a> {
     pub env: &'a [(&'a str, &'a str)],
     /// The RUST_LOG filter; default "info".
     pub log: Option<&'a str>,
+    /// Run inside this network namespace (`ip netns exec`); the CLI of
+    /// [`Server::cli`] then runs there too.
+    pub netns: Option<&'a str>,
+    /// Instead of 127.0.0.1:0.
+    pub admin_listen: Option<&'a str>,
+    /// Instead of 127.0.0.1:0.
+    pub metadata_listen: Option<&'a str>,
 }
 
 impl Server {
@@ -60,15 +69,22 @@ impl Server {
                 .as_nanos()
         ));
         let log = std::fs::File::create(&log_path).expect("log file");
-        let mut cmd = Command::new(BIN);
+        let mut cmd = match opts.netns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns, BIN]);
+                c
+            }
+            None => Command::new(BIN),
+        };
         cmd.arg("serve")
             .arg("--data-dir")
             .arg(&data_dir)
             .args([
                 "--admin-listen",
-                "127.0.0.1:0",
+                opts.admin_listen.unwrap_or("127.0.0.1:0"),
                 "--metadata-listen",
-                "127.0.0.1:0",
+                opts.metadata_listen.unwrap_or("127.0.0.1:0"),
             ])
             .args(opts.args)
             .env("RUST_LOG", opts.log.unwrap_or("info"))
@@ -130,6 +146,7 @@ impl Server {
             data_dir,
             log_path,
             token,
+            netns: opts.netns.map(str::to_string),
             _tmp: tmp,
         }
     }
@@ -175,7 +192,23 @@ impl Server {
         I: IntoIterator<Item = S>,
         S: AsRef<std::ffi::OsStr>,
     {
-        let mut cmd = cradle_command();
+        let mut cmd = match &self.netns {
+            Some(ns) => {
+                let inner = cradle_command();
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns])
+                    .arg(inner.get_program())
+                    .args(inner.get_args());
+                for (k, v) in inner.get_envs() {
+                    match v {
+                        Some(v) => c.env(k, v),
+                        None => c.env_remove(k),
+                    };
+                }
+                c
+            }
+            None => cradle_command(),
+        };
         cmd.current_dir(self.data_dir.parent().unwrap())
             .args(args)
             .arg("--url")

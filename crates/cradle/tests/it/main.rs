@@ -10,6 +10,7 @@ mod cli;
 mod drive;
 mod firewall;
 mod hop_limit;
+mod install;
 mod metadata;
 mod os;
 mod personalize;

@@ -1,0 +1,781 @@
+//! Install jobs (seed 003's `install` mode): the instance's OS definition
+//! runs its `create` scripts without untrusted code, or an untrusted
+//! filesystem, ever touching the host.
+//!
+//! [`Installer::start`] checks everything it can before anything happens
+//! (the OS definition and its variant, the disks, the appliance, the
+//! personalization package, fetched and verified now), registers an
+//! [`InstallJob`] with the registry (the instance goes to `installing`) and
+//! runs it on a task:
+//!
+//! 1. the communication NIC ([`comm`]): a tap fenced by nftables;
+//! 2. the appliance (`cradle appliance build`) boots in a throwaway QEMU VM
+//!    with the instance's disks and that tap, its address on its kernel
+//!    command line. Its agent reads the job from the metadata service
+//!    (`install.json`, the untrusted scripts, the package), runs the
+//!    scripts, overlays the package, and reports progress and a final
+//!    status on the channel;
+//! 3. at the same time the OS's trusted `create`, if it has one, runs on
+//!    the host as the unprivileged script user;
+//! 4. the job ends on the agent's explicit status (and the trusted
+//!    script's exit), on the deadline (`[install] timeout`, counted from the
+//!    start and never reset: the VM is killed), or when the appliance stops
+//!    without a status. The VM, its run directory, the tap and its table are
+//!    removed whatever happened; the instance goes to `stopped` or to
+//!    `install_failed` with the reason, and loses its secret parameters.
+
+pub mod comm;
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, Ipv4Addr};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use cradle_hypervisor::{Accel, DiskFormat, Hypervisor, KernelBoot, Nic, Qemu, Status, VmSpec};
+use cradle_model::{Instance, Os};
+use cradle_os::{Environment, Operation, OsDefinition, Placement};
+use cradle_registry::jobs::{EventKind, InstallJob, Package};
+use cradle_registry::{Registry, RegistryError};
+use tracing::{info, warn};
+
+pub use comm::{Comm, METADATA_IP};
+
+/// How the accelerator is chosen.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AccelChoice {
+    /// KVM when a probe boot shows it runs the appliance's kernel.
+    Auto,
+    Kvm,
+    Tcg,
+}
+
+impl std::str::FromStr for AccelChoice {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "auto" => Ok(AccelChoice::Auto),
+            "kvm" => Ok(AccelChoice::Kvm),
+            "tcg" => Ok(AccelChoice::Tcg),
+            other => Err(format!("accel must be auto, kvm or tcg, not {other:?}")),
+        }
+    }
+}
+
+/// What the installer needs to know.
+#[derive(Clone, Debug)]
+pub struct Settings {
+    /// `vmlinuz` and `initrd.img`, from `cradle appliance build -o`.
+    pub appliance: PathBuf,
+    pub qemu: PathBuf,
+    pub accel: AccelChoice,
+    pub timeout: Duration,
+    pub memory_mib: u32,
+    /// Where the appliance finds the metadata service at 169.254.169.254.
+    pub metadata_port: u16,
+    pub comm: Comm,
+    /// Where the appliance VMs' run directories go.
+    pub run_dir: PathBuf,
+    pub os_search: Vec<PathBuf>,
+    /// Who trusted scripts run as, when cradle is root.
+    pub script_user: String,
+}
+
+/// Why an install did not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Registry(#[from] RegistryError),
+    /// The instance cannot be installed as it is.
+    #[error("{0}")]
+    Invalid(String),
+    /// The host cannot install now (no appliance, no script user).
+    #[error("{0}")]
+    Unavailable(String),
+}
+
+/// Starts and runs install jobs.
+pub struct Installer {
+    registry: Arc<Registry>,
+    settings: Settings,
+    accel: tokio::sync::OnceCell<(Accel, Option<String>)>,
+    /// Jobs running now, with their VM and tap names.
+    running: std::sync::Mutex<std::collections::HashMap<uuid::Uuid, Running>>,
+}
+
+struct Running {
+    job: Arc<InstallJob>,
+    vm: String,
+    tap: String,
+}
+
+/// How long the probe boot may take to show the kernel's banner.
+const PROBE_WITHIN: Duration = Duration::from_secs(20);
+/// How long the appliance gets to power itself off after its status.
+const POWER_OFF_GRACE: Duration = Duration::from_secs(20);
+
+/// What the job found, before it becomes the instance's state.
+type Result2 = Result<String, String>;
+
+impl Installer {
+    pub fn new(registry: Arc<Registry>, settings: Settings) -> Installer {
+        Installer {
+            registry,
+            settings,
+            accel: tokio::sync::OnceCell::new(),
+            running: std::sync::Mutex::new(std::collections::HashMap::new()),
+        }
+    }
+
+    pub fn settings(&self) -> &Settings {
+        &self.settings
+    }
+
+    fn kernel(&self) -> PathBuf {
+        self.settings.appliance.join("vmlinuz")
+    }
+
+    fn initrd(&self) -> PathBuf {
+        self.settings.appliance.join("initrd.img")
+    }
+
+    /// The accelerator, probed once (at the first install) when `auto`.
+    async fn accel(&self) -> (Accel, Option<String>) {
+        self.accel
+            .get_or_init(|| async {
+                match self.settings.accel {
+                    AccelChoice::Kvm => (Accel::Kvm, None),
+                    AccelChoice::Tcg => (Accel::Tcg, Some("[install] accel = \"tcg\"".into())),
+                    AccelChoice::Auto => {
+                        let (qemu, kernel) = (self.settings.qemu.clone(), self.kernel());
+                        let p = tokio::task::spawn_blocking(move || {
+                            cradle_hypervisor::probe(&qemu, &kernel, PROBE_WITHIN)
+                        })
+                        .await;
+                        match p {
+                            Ok(p) => (p.accel, p.reason),
+                            Err(e) => (Accel::Tcg, Some(format!("the KVM probe failed: {e}"))),
+                        }
+                    }
+                }
+            })
+            .await
+            .clone()
+    }
+
+    /// Check `key` can be installed, register its job and start it.
+    pub async fn start(self: &Arc<Self>, key: &str) -> Result<Arc<InstallJob>, StartError> {
+        let inst = self.registry.get(key)?;
+        let this = self.clone();
+        let prepared = tokio::task::spawn_blocking(move || this.prepare(&inst).map(|p| (inst, p)))
+            .await
+            .map_err(|e| StartError::Unavailable(format!("internal task failed: {e}")))??;
+        let (inst, (job, plan)) = prepared;
+        let job = self.registry.begin_install(job)?;
+        info!(instance = %inst.id, job = %job.id, os = %plan.os.name, "install started");
+        let this = self.clone();
+        let running = job.clone();
+        tokio::spawn(async move { this.run(running, inst, plan).await });
+        Ok(job)
+    }
+
+    /// Everything that can be checked before the job exists.
+    fn prepare(&self, inst: &Instance) -> Result<(InstallJob, Plan), StartError> {
+        let bad = |m: String| Err(StartError::Invalid(m));
+        let Some(Os::Type(full)) = &inst.os else {
+            return bad(format!(
+                "instance {} has no os_type: an install runs an OS definition's create scripts",
+                inst.name
+            ));
+        };
+        let (name, variant) = cradle_os::split_name(full);
+        let os = cradle_os::find(&self.settings.os_search, name)
+            .map_err(|e| StartError::Invalid(e.to_string()))?;
+        os.check_variant(variant)
+            .map_err(|e| StartError::Invalid(e.to_string()))?;
+        // Every parameter must be one the OS takes, as Ganeti checks; the
+        // personalization credentials are cradle's own.
+        let p = &inst.os_params;
+        os.check_parameters(
+            p.public
+                .keys()
+                .chain(p.private.keys())
+                .chain(p.secret.keys())
+                .map(String::as_str)
+                .filter(|n| !cradle_model::personalization::CREDENTIAL_PARAMS.contains(n)),
+        )
+        .map_err(|e| StartError::Invalid(e.to_string()))?;
+        let Some(placement) = os.placement(Operation::Create) else {
+            return bad(format!(
+                "OS {name} has no create script, trusted or untrusted"
+            ));
+        };
+        if inst.disks.is_empty() {
+            return bad(format!(
+                "instance {} has no disks to install onto (instance modify --disk PATH)",
+                inst.name
+            ));
+        }
+        for (n, d) in inst.disks.iter().enumerate() {
+            if let Err(e) = std::fs::metadata(&d.path) {
+                return bad(format!("disk {n} ({}): {e}", d.path));
+            }
+        }
+        let guest = match inst.metadata_address {
+            IpAddr::V4(a) if a.is_link_local() && a != METADATA_IP => a,
+            other => {
+                return bad(format!(
+                    "metadata_address {other} is not a guest address in 169.254.0.0/16: the \
+                     install appliance's communication NIC needs one"
+                ));
+            }
+        };
+        let appliance = placement != Placement::Host || inst.personalization_url.is_some();
+        if appliance {
+            for f in [self.kernel(), self.initrd()] {
+                if !f.is_file() {
+                    return Err(StartError::Unavailable(format!(
+                        "no install appliance: {} is missing (build it with `cradle appliance \
+                         build -o {}`, or set [install] appliance)",
+                        f.display(),
+                        self.settings.appliance.display()
+                    )));
+                }
+            }
+        }
+        let runner_user = if placement == Placement::Appliance {
+            None
+        } else {
+            if effective_uid() == 0 {
+                Some(
+                    cradle_os::User::lookup(&self.settings.script_user)
+                        .map_err(|e| StartError::Unavailable(e.to_string()))?,
+                )
+            } else {
+                None
+            }
+        };
+        let mut scripts = BTreeMap::new();
+        for (fname, f) in &os.untrusted {
+            let bytes = std::fs::read(&f.path).map_err(|e| {
+                StartError::Invalid(format!("cannot read {}: {e}", f.path.display()))
+            })?;
+            scripts.insert(fname.clone(), bytes);
+        }
+        let package = match &inst.personalization_url {
+            Some(url) => Some(fetch_package(inst, url)?),
+            None => None,
+        };
+        // The environment inside the appliance: the disks are virtio.
+        let vdisks: Vec<cradle_os::Disk> = (0..inst.disks.len())
+            .map(|n| cradle_os::Disk {
+                path: PathBuf::from(format!("/dev/vd{}", (b'a' + n as u8) as char)),
+                writable: true,
+            })
+            .collect();
+        let env = Environment::for_os(&os, variant)
+            .instance(&inst.name, "kvm")
+            .disks(&vdisks)
+            .params(&inst.os_params)
+            .set("PATH", "/bin");
+        let manifest = serde_json::json!({
+            "operation": "create",
+            "instance": inst.name,
+            "env": env.vars(),
+            "scripts": scripts.keys().collect::<Vec<_>>(),
+            "run": os.untrusted_script(Operation::Create).map(|_| "create"),
+            "personalization": package.as_ref().map(|_| serde_json::json!({
+                "path": "/cradle/latest/os/package",
+                "disk": 0,
+                "partition": null,
+            })),
+        });
+        let manifest = serde_json::to_vec(&manifest).expect("JSON values serialize");
+        let job = InstallJob::new(inst, manifest, scripts, package);
+        Ok((
+            job,
+            Plan {
+                os,
+                variant: variant.map(str::to_string),
+                placement,
+                appliance,
+                guest,
+                runner_user,
+            },
+        ))
+    }
+
+    fn running(&self) -> std::sync::MutexGuard<'_, std::collections::HashMap<uuid::Uuid, Running>> {
+        self.running.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Stop every running job (the server is stopping): kill the VMs,
+    /// remove the taps, fail the jobs.
+    pub fn shutdown(&self) {
+        let all: Vec<Running> = self.running().drain().map(|(_, r)| r).collect();
+        for r in all {
+            let _ = self.qemu(Accel::Tcg).kill(&r.vm);
+            self.settings.comm.teardown(&r.tap);
+            let _ = std::fs::remove_dir_all(self.settings.run_dir.join(&r.vm));
+            let _ = self.registry.end_install(
+                &r.job,
+                false,
+                Some("the server stopped while the install ran".into()),
+            );
+        }
+    }
+
+    async fn run(self: Arc<Self>, job: Arc<InstallJob>, inst: Arc<Instance>, plan: Plan) {
+        let vm = format!("install-{}", inst.id);
+        let tap = format!("cri{}", &inst.id.simple().to_string()[..8]);
+        self.running().insert(
+            job.id,
+            Running {
+                job: job.clone(),
+                vm: vm.clone(),
+                tap: tap.clone(),
+            },
+        );
+        let outcome = self.drive(&job, &inst, &plan, &vm, &tap).await;
+        if self.running().remove(&job.id).is_none() {
+            // shutdown() took it.
+            return;
+        }
+        // Whatever happened: no VM, no scratch, no tap.
+        let qemu = self.qemu(Accel::Tcg);
+        let (vm2, tap2, comm) = (vm.clone(), tap.clone(), self.settings.comm.clone());
+        let run_dir = self.settings.run_dir.join(&vm);
+        let cleaned = tokio::task::spawn_blocking(move || {
+            let killed = qemu.kill(&vm2);
+            comm.teardown(&tap2);
+            let _ = std::fs::remove_dir_all(&run_dir);
+            killed
+        })
+        .await;
+        match cleaned {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                warn!(instance = %inst.id, error = %e, "cannot stop the install appliance")
+            }
+            Err(e) => warn!(instance = %inst.id, error = %e, "cannot stop the install appliance"),
+        }
+        let (ok, reason) = match outcome {
+            Ok(note) => (true, Some(note)),
+            Err(reason) => (false, Some(reason)),
+        };
+        if let Err(e) = self.registry.end_install(&job, ok, reason.clone()) {
+            warn!(instance = %inst.id, error = %e, "cannot record the end of the install");
+        }
+        info!(instance = %inst.id, job = %job.id, succeeded = ok, reason = reason.as_deref().unwrap_or(""), "install ended");
+    }
+
+    fn qemu(&self, accel: Accel) -> Qemu {
+        Qemu::new(&self.settings.qemu, &self.settings.run_dir, accel)
+    }
+
+    async fn drive(
+        &self,
+        job: &Arc<InstallJob>,
+        inst: &Arc<Instance>,
+        plan: &Plan,
+        vm: &str,
+        tap: &str,
+    ) -> Result2 {
+        let deadline = tokio::time::Instant::from_std(job.started + self.settings.timeout);
+        let timeout_reason = || {
+            format!(
+                "the install ran past its {}s timeout ([install] timeout); the appliance was killed",
+                self.settings.timeout.as_secs()
+            )
+        };
+        let trusted = if plan.placement == Placement::Appliance {
+            None
+        } else {
+            Some(self.spawn_trusted(job, inst, plan))
+        };
+        let mut agent: Option<cradle_registry::jobs::AgentStatus> = None;
+        if plan.appliance {
+            let (accel, why) = self.accel().await;
+            job.note(
+                EventKind::Job,
+                &match why {
+                    Some(w) if accel == Accel::Tcg => format!("accelerator: tcg ({w})"),
+                    _ => format!("accelerator: {}", accel.as_str()),
+                },
+            );
+            let comm = self.settings.comm.clone();
+            let (t, guest, port) = (tap.to_string(), plan.guest, self.settings.metadata_port);
+            blocking(move || comm.setup(&t, guest, port)).await?;
+            job.note(
+                EventKind::Job,
+                &format!(
+                    "communication NIC {tap}: {METADATA_IP} on the host, {} in the appliance",
+                    plan.guest
+                ),
+            );
+            let spec = self.vm_spec(inst, plan, vm, tap);
+            let qemu = self.qemu(accel);
+            let q = qemu.clone();
+            blocking(move || q.start(&spec).map_err(|e| e.to_string())).await?;
+            job.note(EventKind::Job, "appliance booting");
+            agent = Some(
+                self.wait_for_agent(job, &qemu, vm, deadline, &timeout_reason)
+                    .await?,
+            );
+            // It syncs and powers off by itself; then it is killed anyway.
+            let until = tokio::time::Instant::now() + POWER_OFF_GRACE;
+            while tokio::time::Instant::now() < until.min(deadline) {
+                let (q, name) = (qemu.clone(), vm.to_string());
+                match tokio::task::spawn_blocking(move || q.status(&name)).await {
+                    Ok(Ok(Status::Running)) => tokio::time::sleep(Duration::from_millis(200)).await,
+                    _ => break,
+                }
+            }
+        }
+        let trusted = match trusted {
+            None => None,
+            Some(handle) => match tokio::time::timeout_at(deadline, handle).await {
+                Err(_) => return Err(timeout_reason()),
+                Ok(Err(e)) => return Err(format!("the trusted create script's task failed: {e}")),
+                Ok(Ok(r)) => Some(r?),
+            },
+        };
+        if let Some(st) = &agent
+            && st.exit_code != 0
+        {
+            return Err(match &st.error {
+                Some(e) => format!("the appliance reported exit code {}: {e}", st.exit_code),
+                None => format!("the appliance reported exit code {}", st.exit_code),
+            });
+        }
+        if let Some(code) = trusted
+            && code != 0
+        {
+            return Err(format!("the trusted create script exited with {code}"));
+        }
+        Ok(match (agent.is_some(), trusted.is_some()) {
+            (true, true) => "the appliance and the trusted create script succeeded".into(),
+            (true, false) => "the appliance reported exit code 0".into(),
+            _ => "the trusted create script succeeded".into(),
+        })
+    }
+
+    fn vm_spec(&self, inst: &Instance, plan: &Plan, vm: &str, tap: &str) -> VmSpec {
+        let id = inst.id.as_bytes();
+        VmSpec {
+            name: vm.to_string(),
+            memory_mib: self.settings.memory_mib,
+            vcpus: 1,
+            disks: inst
+                .disks
+                .iter()
+                .map(|d| cradle_hypervisor::Disk {
+                    path: PathBuf::from(&d.path),
+                    format: match d.format {
+                        cradle_model::machine::DiskFormat::Raw => DiskFormat::Raw,
+                        cradle_model::machine::DiskFormat::Qcow2 => DiskFormat::Qcow2,
+                    },
+                    read_only: false,
+                })
+                .collect(),
+            kernel: Some(KernelBoot {
+                kernel: self.kernel(),
+                initrd: Some(self.initrd()),
+                cmdline: format!(
+                    "console=ttyS0 panic=-1 quiet cradle.address={} cradle.metadata={METADATA_IP}:{}",
+                    plan.guest, self.settings.metadata_port
+                ),
+            }),
+            nics: vec![Nic {
+                tap: tap.to_string(),
+                // Locally administered, from the instance's id.
+                mac: format!(
+                    "02:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
+                    id[0], id[1], id[2], id[3], id[4]
+                ),
+            }],
+            no_reboot: true,
+        }
+    }
+
+    /// Until the agent's status, the deadline, or the VM stopping without one.
+    async fn wait_for_agent(
+        &self,
+        job: &Arc<InstallJob>,
+        qemu: &Qemu,
+        vm: &str,
+        deadline: tokio::time::Instant,
+        timeout_reason: &(dyn Fn() -> String + Sync),
+    ) -> Result<cradle_registry::jobs::AgentStatus, String> {
+        let mut changed = job.subscribe();
+        loop {
+            if let Some(st) = job.status() {
+                return Ok(st);
+            }
+            let (q, name) = (qemu.clone(), vm.to_string());
+            let status = tokio::task::spawn_blocking(move || q.status(&name)).await;
+            if let Ok(Ok(Status::Stopped)) = status {
+                // The status may have come just before the power-off.
+                if let Some(st) = job.status() {
+                    return Ok(st);
+                }
+                let console = std::fs::read_to_string(qemu.console_log(vm).unwrap_or_default())
+                    .unwrap_or_default();
+                let tail: Vec<&str> = console.lines().rev().take(5).collect();
+                let tail: Vec<&str> = tail.into_iter().rev().collect();
+                return Err(format!(
+                    "the appliance stopped without reporting a status; its console ended with: {}",
+                    tail.join(" | ")
+                ));
+            }
+            tokio::select! {
+                _ = changed.changed() => {}
+                _ = tokio::time::sleep_until(deadline) => return Err(timeout_reason()),
+                _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+            }
+        }
+    }
+
+    /// The trusted `create` on the host, on a blocking thread; its output
+    /// becomes the job's `trusted` events. Yields its exit code.
+    fn spawn_trusted(
+        &self,
+        job: &Arc<InstallJob>,
+        inst: &Arc<Instance>,
+        plan: &Plan,
+    ) -> tokio::task::JoinHandle<Result<i32, String>> {
+        let script = plan.os.trusted.get(&Operation::Create).cloned();
+        let env = Environment::for_os(&plan.os, plan.variant.as_deref())
+            .instance(&inst.name, "kvm")
+            .disks(
+                &inst
+                    .disks
+                    .iter()
+                    .map(|d| cradle_os::Disk {
+                        path: PathBuf::from(&d.path),
+                        writable: true,
+                    })
+                    .collect::<Vec<_>>(),
+            )
+            .params(&inst.os_params);
+        let secrets = inst.os_params.secret.clone();
+        let runner = cradle_os::Runner {
+            user: plan.runner_user.clone(),
+            timeout: self.settings.timeout,
+        };
+        let job = job.clone();
+        tokio::task::spawn_blocking(move || {
+            let Some(script) = script else {
+                return Ok(0);
+            };
+            job.note(
+                EventKind::Job,
+                &format!("trusted create running on the host: {}", script.display()),
+            );
+            let done = cradle_os::run_trusted(&script, &[], &env, &secrets, &runner)
+                .map_err(|e| format!("the trusted create script: {e}"))?;
+            for (stream, bytes) in [("stdout", &done.stdout), ("stderr", &done.stderr)] {
+                for line in String::from_utf8_lossy(bytes).lines() {
+                    job.note(EventKind::Trusted, &format!("{stream}: {line}"));
+                }
+            }
+            Ok(exit_code(&done.status))
+        })
+    }
+}
+
+fn exit_code(s: &std::process::ExitStatus) -> i32 {
+    use std::os::unix::process::ExitStatusExt;
+    s.code()
+        .or_else(|| s.signal().map(|n| 128 + n))
+        .unwrap_or(1)
+}
+
+/// What [`Installer::prepare`] worked out.
+struct Plan {
+    os: OsDefinition,
+    variant: Option<String>,
+    placement: Placement,
+    /// Whether the appliance boots (an untrusted create, or a package).
+    appliance: bool,
+    guest: Ipv4Addr,
+    runner_user: Option<cradle_os::User>,
+}
+
+fn fetch_package(inst: &Instance, url: &str) -> Result<Package, StartError> {
+    let credentials = cradle_personalize::Credentials::of(&inst.os_params);
+    let limits = cradle_personalize::Limits::default();
+    let fetched = cradle_personalize::fetch(
+        url,
+        &credentials,
+        limits.max_compressed,
+        inst.personalization_sha256.as_deref(),
+    )
+    .map_err(|e| StartError::Invalid(format!("the personalization package: {e}")))?;
+    // Checked now, so a bad package fails the install before a VM boots.
+    cradle_personalize::verify(fetched.path(), &limits)
+        .map_err(|e| StartError::Invalid(format!("the personalization package: {e}")))?;
+    let (len, sha256) = (fetched.bytes, fetched.sha256.clone());
+    let file = fetched
+        .into_file()
+        .map_err(|e| StartError::Unavailable(format!("the personalization package: {e}")))?;
+    Ok(Package { file, len, sha256 })
+}
+
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, String> + Send + 'static,
+) -> Result<T, String> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .unwrap_or_else(|e| Err(format!("internal task failed: {e}")))
+}
+
+/// The effective uid.
+fn effective_uid() -> u32 {
+    // std has no geteuid; /proc/self/status says it without unsafe code.
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("Uid:"))
+                .and_then(|l| l.split_whitespace().nth(2))
+                .and_then(|v| v.parse().ok())
+        })
+        .unwrap_or(u32::MAX)
+}
+
+/// Run mode: the instance's own VM, from its disks, with its memory, vcpus
+/// and (when it has one) its interface as a tap with its MAC. Named
+/// `vm-<id>` in the run directory, daemonized: it outlives a restart of
+/// cradle and is found again by name.
+impl Installer {
+    fn vm_name(inst: &Instance) -> String {
+        format!("vm-{}", inst.id)
+    }
+
+    /// Start the instance's VM; its state becomes `running`.
+    pub async fn start_vm(&self, key: &str) -> Result<Arc<Instance>, StartError> {
+        let inst = self.registry.get(key)?;
+        if inst.state == cradle_model::State::Installing {
+            return Err(StartError::Registry(RegistryError::Busy(format!(
+                "instance {} is being installed",
+                inst.name
+            ))));
+        }
+        if inst.disks.is_empty() {
+            return Err(StartError::Invalid(format!(
+                "instance {} has no disks to boot from",
+                inst.name
+            )));
+        }
+        for (n, d) in inst.disks.iter().enumerate() {
+            if let Err(e) = std::fs::metadata(&d.path) {
+                return Err(StartError::Invalid(format!("disk {n} ({}): {e}", d.path)));
+            }
+        }
+        let accel = match self.settings.accel {
+            AccelChoice::Kvm => Accel::Kvm,
+            AccelChoice::Tcg => Accel::Tcg,
+            // The probe needs the appliance's kernel; without it, TCG.
+            AccelChoice::Auto if self.kernel().is_file() => self.accel().await.0,
+            AccelChoice::Auto => Accel::Tcg,
+        };
+        let spec = VmSpec {
+            name: Self::vm_name(&inst),
+            memory_mib: inst.memory_mib,
+            vcpus: inst.vcpus,
+            disks: inst
+                .disks
+                .iter()
+                .map(|d| cradle_hypervisor::Disk {
+                    path: PathBuf::from(&d.path),
+                    format: match d.format {
+                        cradle_model::machine::DiskFormat::Raw => DiskFormat::Raw,
+                        cradle_model::machine::DiskFormat::Qcow2 => DiskFormat::Qcow2,
+                    },
+                    read_only: false,
+                })
+                .collect(),
+            kernel: None,
+            nics: inst
+                .interface
+                .iter()
+                .map(|tap| Nic {
+                    tap: tap.clone(),
+                    mac: inst.mac.clone(),
+                })
+                .collect(),
+            no_reboot: false,
+        };
+        let qemu = self.qemu(accel);
+        blocking(move || qemu.start(&spec).map_err(|e| e.to_string()))
+            .await
+            .map_err(StartError::Unavailable)?;
+        Ok(self.registry.set_run_state(
+            inst.id,
+            cradle_model::State::Running,
+            &format!("started ({})", accel.as_str()),
+        )?)
+    }
+
+    /// Stop the instance's VM: ACPI power-off with `grace`, then killed
+    /// (`force`: killed at once). Its state becomes `stopped`.
+    pub async fn stop_vm(
+        &self,
+        key: &str,
+        force: bool,
+        grace: Duration,
+    ) -> Result<Arc<Instance>, StartError> {
+        let inst = self.registry.get(key)?;
+        let (qemu, name) = (self.qemu(Accel::Tcg), Self::vm_name(&inst));
+        blocking(move || {
+            if force {
+                qemu.kill(&name)
+            } else {
+                qemu.stop(&name, grace)
+            }
+            .map_err(|e| e.to_string())
+        })
+        .await
+        .map_err(StartError::Unavailable)?;
+        Ok(self.registry.set_run_state(
+            inst.id,
+            cradle_model::State::Stopped,
+            if force { "killed" } else { "stopped" },
+        )?)
+    }
+
+    /// What QEMU says of the instance's VM.
+    pub async fn vm_status(&self, key: &str) -> Result<Status, StartError> {
+        let inst = self.registry.get(key)?;
+        let (qemu, name) = (self.qemu(Accel::Tcg), Self::vm_name(&inst));
+        blocking(move || qemu.status(&name).map_err(|e| e.to_string()))
+            .await
+            .map_err(StartError::Unavailable)
+    }
+
+    /// The last `max` bytes of the VM's console (its serial port).
+    pub async fn console(&self, key: &str, max: u64) -> Result<Vec<u8>, StartError> {
+        use std::io::{Read, Seek, SeekFrom};
+        let inst = self.registry.get(key)?;
+        let path = self
+            .qemu(Accel::Tcg)
+            .console_log(&Self::vm_name(&inst))
+            .map_err(|e| StartError::Unavailable(e.to_string()))?;
+        blocking(move || {
+            let mut f = match std::fs::File::open(&path) {
+                Ok(f) => f,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+                Err(e) => return Err(format!("{}: {e}", path.display())),
+            };
+            let len = f.metadata().map(|m| m.len()).unwrap_or(0);
+            f.seek(SeekFrom::Start(len.saturating_sub(max)))
+                .map_err(|e| e.to_string())?;
+            let mut out = Vec::new();
+            f.read_to_end(&mut out).map_err(|e| e.to_string())?;
+            Ok(out)
+        })
+        .await
+        .map_err(StartError::Unavailable)
+    }
+}

@@ -1,0 +1,138 @@
+//! What an instance runs on: its disks, memory and vcpus, as the hypervisor
+//! driver and the install appliance see them.
+
+use serde::{Deserialize, Serialize};
+
+/// Disks an instance may have (virtio `vda` to `vdp`).
+pub const MAX_DISKS: usize = 16;
+/// Memory bounds, in MiB.
+pub const MEMORY_MIB: std::ops::RangeInclusive<u32> = 64..=1 << 20;
+/// Virtual CPU bounds.
+pub const VCPUS: std::ops::RangeInclusive<u32> = 1..=256;
+/// Memory when none is given, in MiB.
+pub const DEFAULT_MEMORY_MIB: u32 = 512;
+
+/// A disk image's format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DiskFormat {
+    #[default]
+    Raw,
+    Qcow2,
+}
+
+impl DiskFormat {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DiskFormat::Raw => "raw",
+            DiskFormat::Qcow2 => "qcow2",
+        }
+    }
+}
+
+/// One of an instance's disks: an image file on this host, attached in
+/// order (the first is `vda` in the guest and `DISK_0_PATH` to OS scripts).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Disk {
+    pub path: String,
+    #[serde(default)]
+    pub format: DiskFormat,
+}
+
+/// Check a list of disks: absolute paths without `..`, control characters
+/// or commas' surprises (QEMU's option syntax is quoted by the driver),
+/// each path once, at most [`MAX_DISKS`].
+pub fn check_disks(disks: &[Disk]) -> Result<(), String> {
+    if disks.len() > MAX_DISKS {
+        return Err(format!("has {} disks; at most {MAX_DISKS}", disks.len()));
+    }
+    for (n, d) in disks.iter().enumerate() {
+        let p = &d.path;
+        if !p.starts_with('/') {
+            return Err(format!("disk {n}: {p:?} is not an absolute path"));
+        }
+        if p.len() > 4096 || p.chars().any(char::is_control) {
+            return Err(format!(
+                "disk {n}: the path is longer than 4096 bytes or holds control characters"
+            ));
+        }
+        if p.split('/').any(|c| c == "..") {
+            return Err(format!("disk {n}: {p:?} holds \"..\""));
+        }
+        if disks[..n].iter().any(|o| o.path == *p) {
+            return Err(format!("disk {n}: {p:?} is given twice"));
+        }
+    }
+    Ok(())
+}
+
+pub fn check_memory(mib: u32) -> Result<(), String> {
+    if MEMORY_MIB.contains(&mib) {
+        Ok(())
+    } else {
+        Err(format!(
+            "{mib} MiB is outside {}..={} MiB",
+            MEMORY_MIB.start(),
+            MEMORY_MIB.end()
+        ))
+    }
+}
+
+pub fn check_vcpus(n: u32) -> Result<(), String> {
+    if VCPUS.contains(&n) {
+        Ok(())
+    } else {
+        Err(format!(
+            "{n} is outside {}..={}",
+            VCPUS.start(),
+            VCPUS.end()
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn d(p: &str) -> Disk {
+        Disk {
+            path: p.into(),
+            format: DiskFormat::Raw,
+        }
+    }
+
+    #[test]
+    fn disks_are_checked() {
+        assert!(check_disks(&[d("/srv/a.img"), d("/srv/b,c.img")]).is_ok());
+        assert!(
+            check_disks(&[d("rel.img")])
+                .unwrap_err()
+                .contains("absolute")
+        );
+        assert!(
+            check_disks(&[d("/a/../etc/shadow")])
+                .unwrap_err()
+                .contains("..")
+        );
+        assert!(check_disks(&[d("/a\n")]).unwrap_err().contains("control"));
+        assert!(
+            check_disks(&[d("/a"), d("/a")])
+                .unwrap_err()
+                .contains("twice")
+        );
+        let many: Vec<Disk> = (0..17).map(|i| d(&format!("/d{i}"))).collect();
+        assert!(check_disks(&many).unwrap_err().contains("at most 16"));
+        assert!(check_memory(32).is_err() && check_memory(512).is_ok());
+        assert!(check_vcpus(0).is_err() && check_vcpus(2).is_ok());
+    }
+
+    #[test]
+    fn disk_json() {
+        let v: Disk = serde_json::from_str(r#"{"path":"/x.qcow2","format":"qcow2"}"#).unwrap();
+        assert_eq!(v.format, DiskFormat::Qcow2);
+        let v: Disk = serde_json::from_str(r#"{"path":"/x.img"}"#).unwrap();
+        assert_eq!(v.format, DiskFormat::Raw);
+        assert!(serde_json::from_str::<Disk>(r#"{"path":"/x","format":"vmdk"}"#).is_err());
+    }
+}

@@ -1,0 +1,451 @@
+//! Install jobs as both listeners see them.
+//!
+//! An [`InstallJob`] is created by the installer when `cradle instance
+//! install` starts one, and lives in the registry next to its instance: the
+//! metadata service serves the appliance its manifest, its untrusted scripts
+//! and its personalization package from it (only while it runs, and only to
+//! the instance's own address), and turns the agent's messages on the
+//! `write` channel into the job's events; the admin API shows it.
+//!
+//! A job holds no secret: the log lines the appliance sends are scrubbed of
+//! the instance's secret values before they are kept, and the values used
+//! for scrubbing are dropped when the job ends. It is kept in memory only
+//! (the last job per instance), so the appliance's scratch state goes with
+//! it.
+
+use std::collections::BTreeMap;
+use std::sync::Mutex;
+use std::time::Instant;
+
+use cradle_model::Secret;
+use serde::{Deserialize, Serialize};
+use time::OffsetDateTime;
+use uuid::Uuid;
+
+/// Events kept per job; older ones are dropped (and counted).
+pub const MAX_EVENTS: usize = 10_000;
+/// Bytes kept of one log line.
+pub const MAX_LINE: usize = 1000;
+
+/// What an event is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EventKind {
+    /// The installer's own steps (booting the appliance, the timeout, …).
+    Job,
+    /// A step the agent reports.
+    Progress,
+    /// A line an untrusted script wrote (inside the appliance).
+    Log,
+    /// A line a trusted script wrote (on the host).
+    Trusted,
+    /// The agent's final status.
+    Status,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct JobEvent {
+    pub seq: u64,
+    /// Milliseconds since the job started.
+    pub ms: u64,
+    pub kind: EventKind,
+    pub text: String,
+}
+
+/// The agent's final word.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct AgentStatus {
+    pub exit_code: i32,
+    #[serde(default)]
+    pub error: Option<String>,
+    #[serde(default)]
+    pub log_tail: String,
+}
+
+/// How a job ended.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Outcome {
+    pub succeeded: bool,
+    pub reason: Option<String>,
+    pub ms: u64,
+}
+
+/// The personalization package, fetched and verified before the appliance
+/// boots: an anonymous file (no name on disk) read back with `pread`.
+pub struct Package {
+    pub file: std::fs::File,
+    pub len: u64,
+    pub sha256: String,
+}
+
+/// What the admin API shows of a job.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct JobView {
+    pub id: Uuid,
+    pub instance: Uuid,
+    pub instance_name: String,
+    /// `running`, `succeeded` or `failed`.
+    pub state: String,
+    #[serde(default)]
+    pub reason: Option<String>,
+    /// The last step the agent reported.
+    #[serde(default)]
+    pub step: Option<String>,
+    #[serde(with = "time::serde::rfc3339")]
+    pub started_at: OffsetDateTime,
+    pub elapsed_ms: u64,
+    /// When the appliance's first metadata request came, after the start.
+    #[serde(default)]
+    pub first_request_ms: Option<u64>,
+    #[serde(default)]
+    pub status: Option<AgentStatus>,
+    /// The events after the `after` asked for.
+    pub events: Vec<JobEvent>,
+    /// Ask for `after = next` to get only what is new.
+    pub next: u64,
+    /// Events dropped because the job had more than [`MAX_EVENTS`].
+    #[serde(default)]
+    pub dropped: u64,
+}
+
+#[derive(Default)]
+struct State {
+    events: std::collections::VecDeque<JobEvent>,
+    next_seq: u64,
+    dropped: u64,
+    step: Option<String>,
+    status: Option<AgentStatus>,
+    outcome: Option<Outcome>,
+    first_request_ms: Option<u64>,
+    /// Secret values to scrub from what is kept; emptied when the job ends.
+    scrub: Vec<Secret<String>>,
+}
+
+/// One install job.
+pub struct InstallJob {
+    pub id: Uuid,
+    pub instance: Uuid,
+    pub instance_name: String,
+    pub started: Instant,
+    pub started_at: OffsetDateTime,
+    /// `install.json`, as the appliance reads it.
+    pub manifest: Vec<u8>,
+    /// The OS definition's untrusted scripts, by file name.
+    pub scripts: BTreeMap<String, Vec<u8>>,
+    pub package: Option<Package>,
+    state: Mutex<State>,
+    changed: tokio::sync::watch::Sender<u64>,
+}
+
+/// An agent message on the `write` channel.
+#[derive(Deserialize)]
+#[serde(tag = "agent", rename_all = "snake_case")]
+enum AgentMessage {
+    Progress {
+        step: String,
+    },
+    Log {
+        lines: Vec<String>,
+    },
+    Status {
+        exit_code: i32,
+        #[serde(default)]
+        error: Option<String>,
+        #[serde(default)]
+        log_tail: String,
+    },
+}
+
+fn cut(s: &str, max: usize) -> String {
+    if s.len() <= max {
+        return s.to_string();
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…", &s[..end])
+}
+
+impl InstallJob {
+    pub fn new(
+        instance: &cradle_model::Instance,
+        manifest: Vec<u8>,
+        scripts: BTreeMap<String, Vec<u8>>,
+        package: Option<Package>,
+    ) -> InstallJob {
+        let scrub = instance
+            .os_params
+            .secret
+            .values()
+            .chain(instance.os_params.private.values())
+            .filter(|v| v.expose().len() >= 4)
+            .cloned()
+            .collect();
+        InstallJob {
+            id: Uuid::new_v4(),
+            instance: instance.id,
+            instance_name: instance.name.clone(),
+            started: Instant::now(),
+            started_at: OffsetDateTime::now_utc(),
+            manifest,
+            scripts,
+            package,
+            state: Mutex::new(State {
+                scrub,
+                ..State::default()
+            }),
+            changed: tokio::sync::watch::Sender::new(0),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn ms(&self) -> u64 {
+        u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX)
+    }
+
+    fn push(&self, st: &mut State, kind: EventKind, text: &str) {
+        let mut text = cut(text, MAX_LINE);
+        for s in &st.scrub {
+            if text.contains(s.expose().as_str()) {
+                text = text.replace(s.expose().as_str(), cradle_model::REDACTED);
+            }
+        }
+        st.next_seq += 1;
+        let ev = JobEvent {
+            seq: st.next_seq,
+            ms: self.ms(),
+            kind,
+            text,
+        };
+        if st.events.len() == MAX_EVENTS {
+            st.events.pop_front();
+            st.dropped += 1;
+        }
+        st.events.push_back(ev);
+    }
+
+    fn bump(&self) {
+        self.changed.send_modify(|v| *v += 1);
+    }
+
+    /// Record an event.
+    pub fn note(&self, kind: EventKind, text: &str) {
+        let mut st = self.lock();
+        self.push(&mut st, kind, text);
+        drop(st);
+        self.bump();
+    }
+
+    /// Record the appliance's first metadata request (later ones change nothing).
+    pub fn saw_request(&self) {
+        let mut st = self.lock();
+        if st.first_request_ms.is_none() {
+            st.first_request_ms = Some(self.ms());
+            let ms = st.first_request_ms.unwrap_or(0);
+            self.push(
+                &mut st,
+                EventKind::Job,
+                &format!("first metadata request from the appliance after {ms} ms"),
+            );
+            drop(st);
+            self.bump();
+        }
+    }
+
+    /// Take a message the appliance wrote on the channel, when it is the
+    /// agent's (`{"agent": …}`). Anything else is not the job's: `false`.
+    pub fn agent_message(&self, body: &[u8]) -> bool {
+        let Ok(msg) = serde_json::from_slice::<AgentMessage>(body) else {
+            return false;
+        };
+        let mut st = self.lock();
+        if st.outcome.is_some() {
+            return true;
+        }
+        match msg {
+            AgentMessage::Progress { step } => {
+                let step = cut(&step, MAX_LINE);
+                self.push(&mut st, EventKind::Progress, &step);
+                st.step = st.events.back().map(|e| e.text.clone());
+            }
+            AgentMessage::Log { lines } => {
+                for l in &lines {
+                    self.push(&mut st, EventKind::Log, l);
+                }
+            }
+            AgentMessage::Status {
+                exit_code,
+                error,
+                log_tail,
+            } => {
+                if st.status.is_none() {
+                    let text = match &error {
+                        Some(e) => format!("exit code {exit_code}: {e}"),
+                        None => format!("exit code {exit_code}"),
+                    };
+                    self.push(&mut st, EventKind::Status, &text);
+                    let scrubbed = |s: &str| {
+                        let mut s = cut(s, 8 * MAX_LINE);
+                        for v in &st.scrub {
+                            s = s.replace(v.expose().as_str(), cradle_model::REDACTED);
+                        }
+                        s
+                    };
+                    let status = AgentStatus {
+                        exit_code,
+                        error: error.as_deref().map(scrubbed),
+                        log_tail: scrubbed(&log_tail),
+                    };
+                    st.status = Some(status);
+                }
+            }
+        }
+        drop(st);
+        self.bump();
+        true
+    }
+
+    /// The agent's status, once it has sent one.
+    pub fn status(&self) -> Option<AgentStatus> {
+        self.lock().status.clone()
+    }
+
+    pub fn is_running(&self) -> bool {
+        self.lock().outcome.is_none()
+    }
+
+    pub fn outcome(&self) -> Option<Outcome> {
+        self.lock().outcome.clone()
+    }
+
+    /// End the job (once); the scrub values are dropped.
+    pub(crate) fn finish(&self, succeeded: bool, reason: Option<String>) {
+        let mut st = self.lock();
+        if st.outcome.is_some() {
+            return;
+        }
+        let text = match &reason {
+            Some(r) if succeeded => format!("install succeeded: {r}"),
+            Some(r) => format!("install failed: {r}"),
+            None if succeeded => "install succeeded".to_string(),
+            None => "install failed".to_string(),
+        };
+        self.push(&mut st, EventKind::Job, &text);
+        st.outcome = Some(Outcome {
+            succeeded,
+            reason,
+            ms: self.ms(),
+        });
+        st.scrub.clear();
+        drop(st);
+        self.bump();
+    }
+
+    /// Wakes on every change (an event, the status, the end).
+    pub fn subscribe(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.changed.subscribe()
+    }
+
+    /// The job as the admin API shows it, with the events after `after`.
+    pub fn view(&self, after: u64) -> JobView {
+        let st = self.lock();
+        let state = match &st.outcome {
+            None => "running",
+            Some(o) if o.succeeded => "succeeded",
+            Some(_) => "failed",
+        };
+        JobView {
+            id: self.id,
+            instance: self.instance,
+            instance_name: self.instance_name.clone(),
+            state: state.to_string(),
+            reason: st.outcome.as_ref().and_then(|o| o.reason.clone()),
+            step: st.step.clone(),
+            started_at: self.started_at,
+            elapsed_ms: st.outcome.as_ref().map(|o| o.ms).unwrap_or(self.ms()),
+            first_request_ms: st.first_request_ms,
+            status: st.status.clone(),
+            events: st
+                .events
+                .iter()
+                .filter(|e| e.seq > after)
+                .cloned()
+                .collect(),
+            next: st.next_seq,
+            dropped: st.dropped,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn job(secret: &str) -> InstallJob {
+        let mut i = cradle_model::api::InstanceSpec {
+            name: "a".into(),
+            metadata_address: Some("169.254.1.1".into()),
+            ..Default::default()
+        }
+        .into_instance(Uuid::new_v4(), OffsetDateTime::now_utc(), vec![0; 512])
+        .unwrap();
+        i.os_params
+            .secret
+            .insert("pw".into(), Secret::new(secret.to_string()));
+        InstallJob::new(&i, b"{}".to_vec(), BTreeMap::new(), None)
+    }
+
+    #[test]
+    fn agent_messages_become_events_and_secrets_are_scrubbed() {
+        let j = job("canary-7f3e");
+        assert!(j.agent_message(br#"{"agent":"progress","step":"running create"}"#));
+        assert!(j.agent_message(br#"{"agent":"log","lines":["a","pw is canary-7f3e!"]}"#));
+        assert!(!j.agent_message(b"hello from a script"));
+        assert!(!j.agent_message(br#"{"agent":"dance"}"#));
+        assert!(j.status().is_none());
+        assert!(j.agent_message(
+            br#"{"agent":"status","exit_code":3,"error":"create exited 3","log_tail":"canary-7f3e"}"#
+        ));
+        let v = j.view(0);
+        assert_eq!(v.state, "running");
+        assert_eq!(v.step.as_deref(), Some("running create"));
+        let texts: Vec<_> = v.events.iter().map(|e| e.text.as_str()).collect();
+        assert_eq!(
+            texts,
+            [
+                "running create",
+                "a",
+                "pw is <redacted>!",
+                "exit code 3: create exited 3"
+            ]
+        );
+        assert_eq!(v.status.as_ref().unwrap().log_tail, "<redacted>");
+        assert_eq!(j.view(v.next).events.len(), 0);
+        assert_eq!(j.view(2).events.len(), 2);
+        j.finish(false, Some("the create script exited 3".into()));
+        let v = j.view(0);
+        assert_eq!(v.state, "failed");
+        assert!(!j.is_running());
+        // Nothing after the end is taken.
+        assert!(j.agent_message(br#"{"agent":"log","lines":["late"]}"#));
+        assert_eq!(j.view(0).events.len(), v.events.len());
+    }
+
+    #[test]
+    fn long_lines_are_cut_and_old_events_dropped() {
+        let j = job("xxxxxxxx");
+        j.note(EventKind::Job, &"é".repeat(MAX_LINE));
+        assert!(j.view(0).events[0].text.len() <= MAX_LINE + "…".len());
+        for n in 0..MAX_EVENTS {
+            j.note(EventKind::Log, &n.to_string());
+        }
+        let v = j.view(0);
+        assert_eq!(v.events.len(), MAX_EVENTS);
+        assert_eq!(v.dropped, 1);
+        assert_eq!(v.events[0].text, "0");
+    }
+}
