@@ -534,16 +534,12 @@ fn a_hanging_script_is_killed_at_the_timeout_and_the_instance_is_install_failed(
         "{v}"
     );
     // The VM is gone, and its tap, fence and scratch with it.
-    let ps = Command::new("pgrep")
-        .args(["-f", "install-"])
-        .output()
-        .unwrap();
-    let pids = String::from_utf8_lossy(&ps.stdout).into_owned();
-    for pid in pids.split_whitespace() {
-        let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let cmd = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
         assert!(
-            !contains(&cmd, lab.server.data_dir.to_str().unwrap()),
-            "the appliance of a timed-out job still runs (pid {pid})"
+            !(contains(&cmd, "install-") && contains(&cmd, lab.server.data_dir.to_str().unwrap())),
+            "the appliance of a timed-out job still runs ({})",
+            entry.path().display()
         );
     }
     let (taps, tables) = lab.leftovers();
