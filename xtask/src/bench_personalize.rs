@@ -235,17 +235,17 @@ impl Package {
 
 /// A command's end: its status, how long it ran, and why it was stopped
 /// early (a timeout, or what `watch` saw), if it was.
-struct Finished {
-    status: Option<ExitStatus>,
-    secs: f64,
-    stopped: Option<String>,
+pub(crate) struct Finished {
+    pub(crate) status: Option<ExitStatus>,
+    pub(crate) secs: f64,
+    pub(crate) stopped: Option<String>,
 }
 
 /// Run `cmd` in a process group of its own (guestfish starts qemu), timed
 /// from spawn to exit. `watch` is asked every half second and may return a
 /// reason to stop it; so does the timeout. A stopped command's whole group
 /// is killed.
-fn run_timed(
+pub(crate) fn run_timed(
     mut cmd: Command,
     timeout: Duration,
     mut watch: impl FnMut() -> Option<String>,
@@ -288,19 +288,19 @@ fn run_timed(
     })
 }
 
-fn ok(f: &Finished) -> bool {
+pub(crate) fn ok(f: &Finished) -> bool {
     f.stopped.is_none() && f.status.is_some_and(|s| s.success())
 }
 
 /// The last `n` non-empty lines of a log file, for error messages.
-fn tail(path: &Path, n: usize) -> String {
+pub(crate) fn tail(path: &Path, n: usize) -> String {
     let text = std::fs::read(path).unwrap_or_default();
     let text = String::from_utf8_lossy(&text);
     let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
     lines[lines.len().saturating_sub(n)..].join("\n")
 }
 
-fn describe(f: &Finished) -> String {
+pub(crate) fn describe(f: &Finished) -> String {
     match (&f.stopped, f.status) {
         (Some(why), _) => format!("stopped: {why}"),
         (None, Some(s)) => s.to_string(),
@@ -434,13 +434,13 @@ fn verify(who: &str, image: &Path, pkg: &Package, dump: &Path) -> Result<()> {
 }
 
 /// How guestfish is run, once the probes have found out.
-struct Guestfish {
+pub(crate) struct Guestfish {
     /// `-i` or `-m /dev/sda`.
     form: Vec<&'static str>,
     form_why: String,
     /// Force TCG (`LIBGUESTFS_BACKEND_SETTINGS=force_tcg`).
-    force_tcg: bool,
-    accel: String,
+    pub(crate) force_tcg: bool,
+    pub(crate) accel: String,
 }
 
 impl Guestfish {
@@ -512,7 +512,7 @@ fn install_guestfish() -> Result<(), String> {
 /// Try guestfish on the image (read-only): cache its appliance, find out
 /// whether it boots under KVM and which form works. `Err` says why it
 /// cannot be run.
-fn probe_guestfish(image: &Path, tmp: &Path) -> Result<Guestfish, String> {
+pub(crate) fn probe_guestfish(image: &Path, tmp: &Path) -> Result<Guestfish, String> {
     install_guestfish()?;
     println!("    {}", bench::tool_version(GUESTFISH, "--version"));
     println!(

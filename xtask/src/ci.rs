@@ -81,6 +81,19 @@ pub fn run() -> Result<()> {
 
     // The appliance's /init must be static (the initramfs has no C
     // library); the appliance test takes it from target/release.
+    build_static_agent()?;
+
+    println!("==> cargo test");
+    run_cargo(&["test", "--workspace"], "tests failed (listed above)")?;
+    check_no_firewall_left()?;
+
+    println!("==> ci passed");
+    Ok(())
+}
+
+/// The appliance's `/init`, static (its initramfs has no C library), in
+/// target/release/cradle-agent.
+pub fn build_static_agent() -> Result<()> {
     println!("==> the static cradle-agent (cargo rustc ... +crt-static)");
     run_cargo(
         &[
@@ -93,14 +106,7 @@ pub fn run() -> Result<()> {
             "target-feature=+crt-static",
         ],
         "cradle-agent would not build as a static binary",
-    )?;
-
-    println!("==> cargo test");
-    run_cargo(&["test", "--workspace"], "tests failed (listed above)")?;
-    check_no_firewall_left()?;
-
-    println!("==> ci passed");
-    Ok(())
+    )
 }
 
 /// Tests apply rulesets only inside network namespaces they make; one left

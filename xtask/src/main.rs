@@ -4,12 +4,14 @@
 //! `cargo xtask bench vendordata` (dynamic vendordata against a slow target),
 //! `cargo xtask bench firewall` (security groups in nftables at scale),
 //! `cargo xtask bench remote` (remotefs copies against bare scp and rsync)
-//! and `cargo xtask bench personalize` (packages onto ext4 images against
-//! guestfish).
+//! `cargo xtask bench personalize` (packages onto ext4 images against
+//! guestfish) and `cargo xtask bench install` (install jobs against
+//! guestfish's bare appliance launch).
 
 mod bench;
 mod bench_drive;
 mod bench_firewall;
+mod bench_install;
 mod bench_personalize;
 mod bench_remote;
 mod bench_vendordata;
@@ -78,6 +80,13 @@ tasks:
       --files N              small files in the package [5000]
       --big-mib N            size of the big file in MiB [100]
       --image-mib N          size of the ext4 image in MiB [1024]
+  bench install        install a 64 MiB ext4 image (an untrusted create that
+                       mounts it and writes, then a package) through the
+                       install appliance, as root, in a namespace made here,
+                       with KVM when it works and with TCG; times the first
+                       metadata request and the whole install beside
+                       `guestfish -a /dev/null run`; options:
+      --runs N               repeat the measurements; report medians [5]
 ";
 
 fn main() -> ExitCode {
@@ -120,6 +129,9 @@ fn main() -> ExitCode {
                     bench_remote::run(o)
                 }
             }),
+            Some("install") => {
+                bench_install::Options::parse(&args[2..]).and_then(bench_install::run)
+            }
             Some("personalize") => bench_personalize::Options::parse(&args[2..]).and_then(|o| {
                 if cfg!(debug_assertions) {
                     reexec_optimized(&args, "the package is made and checked in-process")
@@ -130,7 +142,7 @@ fn main() -> ExitCode {
             _ => Err(anyhow::anyhow!(
                 "unknown benchmark; expected `bench metadata`, `bench drive`, \
                  `bench vendordata`, `bench firewall`, `bench remote` or \
-                 `bench personalize`\n\n{USAGE}"
+                 `bench personalize`, `bench install`\n\n{USAGE}"
             )),
         },
         Some("-h" | "--help" | "help") => {

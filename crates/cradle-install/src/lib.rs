@@ -466,18 +466,7 @@ impl Installer {
             name: vm.to_string(),
             memory_mib: self.settings.memory_mib,
             vcpus: 1,
-            disks: inst
-                .disks
-                .iter()
-                .map(|d| cradle_hypervisor::Disk {
-                    path: PathBuf::from(&d.path),
-                    format: match d.format {
-                        cradle_model::machine::DiskFormat::Raw => DiskFormat::Raw,
-                        cradle_model::machine::DiskFormat::Qcow2 => DiskFormat::Qcow2,
-                    },
-                    read_only: false,
-                })
-                .collect(),
+            disks: vm_disks(inst),
             kernel: Some(KernelBoot {
                 kernel: self.kernel(),
                 initrd: Some(self.initrd()),
@@ -584,6 +573,21 @@ impl Installer {
     }
 }
 
+/// The instance's disks as the VM gets them, in order.
+fn vm_disks(inst: &Instance) -> Vec<cradle_hypervisor::Disk> {
+    inst.disks
+        .iter()
+        .map(|d| cradle_hypervisor::Disk {
+            path: PathBuf::from(&d.path),
+            format: match d.format {
+                cradle_model::machine::DiskFormat::Raw => DiskFormat::Raw,
+                cradle_model::machine::DiskFormat::Qcow2 => DiskFormat::Qcow2,
+            },
+            read_only: false,
+        })
+        .collect()
+}
+
 fn exit_code(s: &std::process::ExitStatus) -> i32 {
     use std::os::unix::process::ExitStatusExt;
     s.code()
@@ -684,18 +688,7 @@ impl Installer {
             name: Self::vm_name(&inst),
             memory_mib: inst.memory_mib,
             vcpus: inst.vcpus,
-            disks: inst
-                .disks
-                .iter()
-                .map(|d| cradle_hypervisor::Disk {
-                    path: PathBuf::from(&d.path),
-                    format: match d.format {
-                        cradle_model::machine::DiskFormat::Raw => DiskFormat::Raw,
-                        cradle_model::machine::DiskFormat::Qcow2 => DiskFormat::Qcow2,
-                    },
-                    read_only: false,
-                })
-                .collect(),
+            disks: vm_disks(&inst),
             kernel: None,
             nics: inst
                 .interface

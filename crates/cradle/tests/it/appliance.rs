@@ -13,7 +13,7 @@ use cradle_hypervisor::{Accel, Disk, DiskFormat, Hypervisor, KernelBoot, Qemu, S
 use crate::harness::{BIN, Run, cradle_command};
 
 /// The static agent `cargo xtask ci` builds into target/release.
-fn agent() -> PathBuf {
+pub fn agent() -> PathBuf {
     let target = PathBuf::from(BIN)
         .parent()
         .unwrap()

@@ -15,24 +15,8 @@ use std::time::{Duration, Instant};
 use crate::firewall::common::Netns;
 use serde_json::Value;
 
+use crate::appliance::agent;
 use crate::harness::*;
-
-/// The static agent `cargo xtask ci` builds into target/release.
-fn agent() -> PathBuf {
-    let target = PathBuf::from(BIN)
-        .parent()
-        .unwrap()
-        .parent()
-        .unwrap()
-        .to_path_buf();
-    let agent = target.join("release/cradle-agent");
-    assert!(
-        agent.exists(),
-        "{} is missing: cargo xtask ci builds it (cargo rustc -p cradle-agent --release -- -C target-feature=+crt-static)",
-        agent.display()
-    );
-    agent
-}
 
 /// The appliance, built once per test run.
 fn appliance() -> &'static Path {
