@@ -331,6 +331,9 @@ pub fn run(o: Options) -> Result<()> {
     println!("==> cradle: accel = auto (the installer's KVM probe)");
     let auto = measure(&s, tmp.path(), "auto", o.runs)?;
     println!("    accelerator: {}", auto.accel);
+    println!(
+        "    (run 1 of auto may include the installer's KVM probe, when serve had not finished it)"
+    );
     let tcg = if auto.accel.starts_with("tcg") {
         println!("    (KVM does not run the appliance here: auto is TCG, measured once)");
         None
@@ -371,7 +374,7 @@ pub fn run(o: Options) -> Result<()> {
         let install = median(m.runs.iter().map(|r| r.1).collect());
         println!(
             "    {:<28} {:>12.3} s {:>10.3} s {:>21.2}×",
-            format!("cradle ({})", m.accel),
+            format!("cradle ({})", m.accel.split(' ').next().unwrap_or("?")),
             first,
             install,
             install / launch

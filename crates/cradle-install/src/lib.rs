@@ -163,6 +163,20 @@ impl Installer {
             .clone()
     }
 
+    /// Settle the accelerator now (the probe boots a kernel, up to 20 s),
+    /// so the first install does not wait for it. Without an appliance
+    /// there is nothing to probe yet.
+    pub async fn warm_up(&self) {
+        if self.kernel().is_file() {
+            let (accel, why) = self.accel().await;
+            info!(
+                accel = accel.as_str(),
+                reason = why.as_deref().unwrap_or(""),
+                "install accelerator"
+            );
+        }
+    }
+
     /// Check `key` can be installed, register its job and start it.
     pub async fn start(self: &Arc<Self>, key: &str) -> Result<Arc<InstallJob>, StartError> {
         let inst = self.registry.get(key)?;

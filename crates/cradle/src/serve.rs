@@ -230,6 +230,10 @@ async fn serve(config: Config, demo: bool) -> Result<()> {
         registry.clone(),
         install_settings(&config, metadata_addr.port())?,
     ));
+    {
+        let installer = installer.clone();
+        tokio::spawn(async move { installer.warm_up().await });
+    }
     let admin_state = Arc::new(cradle_admin::AdminState {
         registry: registry.clone(),
         metrics: metrics.clone(),
