@@ -41,6 +41,8 @@ const TEST_PACKAGES: &[&str] = &[
     "fdisk",
     // The certificate for the HTTPS server that fetch must refuse.
     "openssl",
+    // DHCP for self-installing guests, one dnsmasq per job.
+    "dnsmasq-base",
 ];
 const DEBIAN_PYTHON: &str = "/usr/bin/python3";
 

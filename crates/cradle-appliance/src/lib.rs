@@ -408,6 +408,21 @@ pub fn load_order(modules_dep: &str, wanted: &[&str]) -> Result<Vec<(String, Str
     Ok(out)
 }
 
+/// A gzipped newc archive of regular files `(path, mode, bytes)`, to
+/// append to an initrd: the kernel unpacks concatenated archives in order,
+/// later files replacing earlier ones (how a test gives the appliance's
+/// kernel and busybox another `/init`).
+pub fn overlay_archive(files: &[(&str, u32, &[u8])]) -> Result<Vec<u8>, Error> {
+    let mut cpio = Cpio::default();
+    for (name, mode, data) in files {
+        cpio.file(name, *mode, data);
+    }
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+    gz.write_all(&cpio.finish())
+        .map_err(io("cannot compress the archive"))?;
+    gz.finish().map_err(io("cannot compress the archive"))
+}
+
 /// A cpio archive in the `newc` format, built in memory.
 #[derive(Default)]
 struct Cpio {

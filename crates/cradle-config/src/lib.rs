@@ -70,6 +70,10 @@ pub struct Install {
     pub ip: PathBuf,
     /// The `nft` command, which fences each job's tap.
     pub nft: PathBuf,
+    /// `qemu-img`, which writes a self_install's os_image onto disk 0.
+    pub qemu_img: PathBuf,
+    /// `dnsmasq`, which gives a self-installing guest its address by DHCP.
+    pub dnsmasq: PathBuf,
 }
 
 impl Default for Install {
@@ -83,6 +87,8 @@ impl Default for Install {
             metadata_port: 0,
             ip: PathBuf::from("ip"),
             nft: PathBuf::from("nft"),
+            qemu_img: PathBuf::from("qemu-img"),
+            dnsmasq: PathBuf::from("dnsmasq"),
         }
     }
 }
@@ -494,6 +500,8 @@ pub const KEYS: &[(&str, &str)] = &[
     ("install", "metadata_port"),
     ("install", "ip"),
     ("install", "nft"),
+    ("install", "qemu_img"),
+    ("install", "dnsmasq"),
 ];
 
 #[cfg(test)]

@@ -78,6 +78,10 @@ pub struct VmSpec {
     /// Network interfaces, in order: each a tap on the host (made before
     /// the VM starts; QEMU only opens it).
     pub nics: Vec<Nic>,
+    /// An installation CD-ROM image, attached read-only.
+    pub cdrom: Option<PathBuf>,
+    /// Boot from the CD-ROM first.
+    pub boot_cdrom: bool,
     /// Exit instead of rebooting (the install appliance powers off once).
     pub no_reboot: bool,
 }

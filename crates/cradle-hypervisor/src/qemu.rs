@@ -105,6 +105,19 @@ impl Qemu {
                 if d.read_only { "on" } else { "off" }
             ));
         }
+        if let Some(iso) = &vm.cdrom {
+            a.push("-drive".into());
+            a.push(format!(
+                "file={},format=raw,if=none,id=cd0,media=cdrom,readonly=on",
+                path_opt(iso)
+            ));
+            a.push("-device".into());
+            a.push(if vm.boot_cdrom {
+                "ide-cd,drive=cd0,bootindex=0".into()
+            } else {
+                "ide-cd,drive=cd0".into()
+            });
+        }
         for (i, n) in vm.nics.iter().enumerate() {
             a.push("-netdev".into());
             a.push(format!(
@@ -288,6 +301,8 @@ pub fn probe(binary: &Path, kernel: &Path, within: Duration) -> Probe {
             cmdline: "console=ttyS0 panic=-1 loglevel=4".into(),
         }),
         nics: Vec::new(),
+        cdrom: None,
+        boot_cdrom: false,
         no_reboot: true,
     };
     let console = dir.path().join("console.log");

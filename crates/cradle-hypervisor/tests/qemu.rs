@@ -51,6 +51,8 @@ fn spec(name: &str, disks: Vec<Disk>, cmdline: &str) -> VmSpec {
             cmdline: cmdline.into(),
         }),
         nics: Vec::new(),
+        cdrom: None,
+        boot_cdrom: false,
         no_reboot: true,
     }
 }

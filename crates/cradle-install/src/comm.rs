@@ -1,5 +1,6 @@
 //! The communication NIC, as Ganeti built it: per install job a tap on the
-//! host holding 169.254.169.254/32, a /32 route to the instance's own
+//! host holding 169.254.169.254 (a /16 without its prefix route, so that
+//! dnsmasq can serve the link), a /32 route to the instance's own
 //! link-local address, and an nftables table of its own that lets in only
 //! TCP from that address to the metadata port.
 //!
@@ -33,14 +34,22 @@ pub fn table_name(tap: &str) -> String {
     format!("cradle_comm_{}", tap.replace('-', "_"))
 }
 
-/// The ruleset for `tap`: only `guest` → 169.254.169.254:`port` over TCP.
-pub fn ruleset(tap: &str, guest: Ipv4Addr, port: u16) -> String {
+/// The ruleset for `tap`: only `guest` → 169.254.169.254:`port` over TCP,
+/// and with `dhcp` the guest's DHCP requests (from 0.0.0.0 before it has
+/// its address).
+pub fn ruleset(tap: &str, guest: Ipv4Addr, port: u16, dhcp: bool) -> String {
     let t = table_name(tap);
+    let dhcp = if dhcp {
+        format!("\t\tiifname \"{tap}\" udp sport 68 udp dport 67 accept\n")
+    } else {
+        String::new()
+    };
     format!(
         "table inet {t} {{\n\
          \tchain ingress {{\n\
          \t\ttype filter hook prerouting priority raw; policy accept;\n\
          \t\tiifname \"{tap}\" ip saddr {guest} ip daddr {METADATA_IP} tcp dport {port} accept\n\
+         {dhcp}\
          \t\tiifname \"{tap}\" counter drop\n\
          \t}}\n\
          }}\n"
@@ -82,16 +91,22 @@ impl Comm {
 
     /// Make `tap` for the guest at `guest` and fence it. Leftovers of a
     /// job that died with the server are removed first.
-    pub fn setup(&self, tap: &str, guest: Ipv4Addr, port: u16) -> Result<(), String> {
+    pub fn setup(&self, tap: &str, guest: Ipv4Addr, port: u16, dhcp: bool) -> Result<(), String> {
         self.teardown(tap);
         let ip = |args: &[&str]| self.run(&self.ip, args, None);
-        let host = format!("{METADATA_IP}/32");
+        // A /16 without its prefix route: only the /32 route below leads
+        // into this tap, and dnsmasq sees the network it hands out.
+        let host = format!("{METADATA_IP}/16");
         let route = format!("{guest}/32");
         let meta = METADATA_IP.to_string();
         let fenced = self
-            .run(&self.nft, &["-f", "-"], Some(&ruleset(tap, guest, port)))
+            .run(
+                &self.nft,
+                &["-f", "-"],
+                Some(&ruleset(tap, guest, port, dhcp)),
+            )
             .and_then(|()| ip(&["tuntap", "add", "dev", tap, "mode", "tap"]))
-            .and_then(|()| ip(&["addr", "add", &host, "dev", tap]))
+            .and_then(|()| ip(&["addr", "add", &host, "dev", tap, "noprefixroute"]))
             .and_then(|()| ip(&["link", "set", "dev", tap, "up"]))
             .and_then(|()| {
                 ip(&[
@@ -116,13 +131,40 @@ impl Comm {
     }
 }
 
+/// dnsmasq for one self-installing guest: DHCP only (no DNS), on `tap`
+/// alone, one static lease (`mac` → `guest`, a /16 with no router and no
+/// name server: 169.254.169.254 is on the link), no lease file, in the
+/// foreground, as nobody.
+pub fn dnsmasq_args(tap: &str, mac: &str, guest: Ipv4Addr) -> Vec<String> {
+    vec![
+        "--keep-in-foreground".into(),
+        "--conf-file=/dev/null".into(),
+        "--no-resolv".into(),
+        "--no-hosts".into(),
+        "--port=0".into(),
+        format!("--interface={tap}"),
+        "--bind-interfaces".into(),
+        "--dhcp-range=169.254.0.0,static,255.255.0.0,1h".into(),
+        format!("--dhcp-host={mac},{guest}"),
+        "--dhcp-option=3".into(),
+        "--dhcp-option=6".into(),
+        "--dhcp-leasefile=/dev/null".into(),
+        "--pid-file=".into(),
+        "--user=nobody".into(),
+        "--log-facility=-".into(),
+    ]
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
     fn the_ruleset_lets_only_the_guest_reach_the_metadata_port() {
-        let r = ruleset("cri0123abcd", Ipv4Addr::new(169, 254, 1, 7), 8775);
+        let r = ruleset("cri0123abcd", Ipv4Addr::new(169, 254, 1, 7), 8775, false);
+        assert!(!r.contains("udp"));
+        let d = ruleset("cri0123abcd", Ipv4Addr::new(169, 254, 1, 7), 8775, true);
+        assert!(d.contains("iifname \"cri0123abcd\" udp sport 68 udp dport 67 accept"));
         assert!(r.starts_with("table inet cradle_comm_cri0123abcd {"));
         assert!(r.contains("hook prerouting priority raw"));
         assert!(r.contains(

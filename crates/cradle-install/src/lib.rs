@@ -79,6 +79,10 @@ pub struct Settings {
     pub os_search: Vec<PathBuf>,
     /// Who trusted scripts run as, when cradle is root.
     pub script_user: String,
+    /// Writes a self_install's `os_image` onto disk 0.
+    pub qemu_img: PathBuf,
+    /// Answers a self-installing guest's DHCP with its own address.
+    pub dnsmasq: PathBuf,
 }
 
 /// Why an install did not start.
@@ -113,6 +117,9 @@ struct Running {
 const PROBE_WITHIN: Duration = Duration::from_secs(20);
 /// How long the appliance gets to power itself off after its status.
 const POWER_OFF_GRACE: Duration = Duration::from_secs(20);
+
+/// How a VM that powered off without a status is reported.
+const STOPPED_WITHOUT_STATUS: &str = "the VM stopped without reporting a status";
 
 /// What the job found, before it becomes the instance's state.
 type Result2 = Result<String, String>;
@@ -186,22 +193,111 @@ impl Installer {
             .map_err(|e| StartError::Unavailable(format!("internal task failed: {e}")))??;
         let (inst, (job, plan)) = prepared;
         let job = self.registry.begin_install(job)?;
-        info!(instance = %inst.id, job = %job.id, os = %plan.os.name, "install started");
+        info!(instance = %inst.id, job = %job.id, mode = plan.mode(), "install started");
         let this = self.clone();
         let running = job.clone();
         tokio::spawn(async move { this.run(running, inst, plan).await });
         Ok(job)
     }
 
-    /// Everything that can be checked before the job exists.
-    fn prepare(&self, inst: &Instance) -> Result<(InstallJob, Plan), StartError> {
+    /// Everything that can be checked before the job exists: `install`
+    /// for an `os_type`, `self_install` for an `os_image`.
+    fn prepare(&self, inst: &Instance) -> Result<(InstallJob, Work), StartError> {
+        match &inst.os {
+            Some(Os::Type(full)) => self
+                .prepare_install(inst, full)
+                .map(|(j, p)| (j, Work::Install(p))),
+            Some(Os::Image(image)) => self
+                .prepare_self_install(inst, image)
+                .map(|(j, p)| (j, Work::SelfInstall(p))),
+            None => Err(StartError::Invalid(format!(
+                "instance {} has no os_type (install: an OS definition's create scripts in \
+                 the appliance) and no os_image (self_install: the guest installs itself)",
+                inst.name
+            ))),
+        }
+    }
+
+    /// Disks present, and the guest's address one the NIC can carry.
+    fn check_machine(inst: &Instance) -> Result<Ipv4Addr, StartError> {
         let bad = |m: String| Err(StartError::Invalid(m));
-        let Some(Os::Type(full)) = &inst.os else {
+        if inst.disks.is_empty() {
             return bad(format!(
-                "instance {} has no os_type: an install runs an OS definition's create scripts",
+                "instance {} has no disks to install onto (instance modify --disk PATH)",
                 inst.name
             ));
+        }
+        for (n, d) in inst.disks.iter().enumerate() {
+            if let Err(e) = std::fs::metadata(&d.path) {
+                return bad(format!("disk {n} ({}): {e}", d.path));
+            }
+        }
+        match inst.metadata_address {
+            IpAddr::V4(a) if a.is_link_local() && a != METADATA_IP => Ok(a),
+            other => bad(format!(
+                "metadata_address {other} is not a guest address in 169.254.0.0/16: the \
+                 communication NIC needs one"
+            )),
+        }
+    }
+
+    /// `self_install`: the instance boots its own disks (with `os_image`
+    /// written onto disk 0 first when it names a file) and its install
+    /// parameters, the communication NIC on, and configures itself from
+    /// metadata. No OS script runs; the package is only served.
+    fn prepare_self_install(
+        &self,
+        inst: &Instance,
+        image: &str,
+    ) -> Result<(InstallJob, SelfPlan), StartError> {
+        let guest = Self::check_machine(inst)?;
+        let bad = |m: String| Err(StartError::Invalid(m));
+        let p = &inst.install_params;
+        for (what, path) in [
+            ("cdrom", &p.cdrom),
+            ("kernel", &p.kernel),
+            ("initrd", &p.initrd),
+        ] {
+            if let Some(path) = path
+                && let Err(e) = std::fs::metadata(path)
+            {
+                return bad(format!("install_params.{what} ({path}): {e}"));
+            }
+        }
+        let source = image.strip_prefix("file://").unwrap_or(image);
+        let source = if source.starts_with('/') {
+            if let Err(e) = std::fs::metadata(source) {
+                return bad(format!("os_image {source}: {e}"));
+            }
+            Some(PathBuf::from(source))
+        } else {
+            None
         };
+        let package = match &inst.personalization_url {
+            Some(url) => Some(fetch_package(inst, url)?),
+            None => None,
+        };
+        let manifest = serde_json::json!({
+            "operation": "self_install",
+            "instance": inst.name,
+            "run": null,
+            "scripts": [],
+            "personalization": package.as_ref().map(|_| serde_json::json!({
+                "path": "/cradle/latest/os/package",
+            })),
+        });
+        let manifest = serde_json::to_vec(&manifest).expect("JSON values serialize");
+        let job = InstallJob::new(inst, manifest, BTreeMap::new(), package);
+        Ok((job, SelfPlan { guest, source }))
+    }
+
+    /// `install`: the OS definition's create scripts.
+    fn prepare_install(
+        &self,
+        inst: &Instance,
+        full: &str,
+    ) -> Result<(InstallJob, Plan), StartError> {
+        let bad = |m: String| Err(StartError::Invalid(m));
         let (name, variant) = cradle_os::split_name(full);
         let os = cradle_os::find(&self.settings.os_search, name)
             .map_err(|e| StartError::Invalid(e.to_string()))?;
@@ -224,26 +320,7 @@ impl Installer {
                 "OS {name} has no create script, trusted or untrusted"
             ));
         };
-        if inst.disks.is_empty() {
-            return bad(format!(
-                "instance {} has no disks to install onto (instance modify --disk PATH)",
-                inst.name
-            ));
-        }
-        for (n, d) in inst.disks.iter().enumerate() {
-            if let Err(e) = std::fs::metadata(&d.path) {
-                return bad(format!("disk {n} ({}): {e}", d.path));
-            }
-        }
-        let guest = match inst.metadata_address {
-            IpAddr::V4(a) if a.is_link_local() && a != METADATA_IP => a,
-            other => {
-                return bad(format!(
-                    "metadata_address {other} is not a guest address in 169.254.0.0/16: the \
-                     install appliance's communication NIC needs one"
-                ));
-            }
-        };
+        let guest = Self::check_machine(inst)?;
         let appliance = placement != Placement::Host || inst.personalization_url.is_some();
         if appliance {
             for f in [self.kernel(), self.initrd()] {
@@ -339,7 +416,7 @@ impl Installer {
         }
     }
 
-    async fn run(self: Arc<Self>, job: Arc<InstallJob>, inst: Arc<Instance>, plan: Plan) {
+    async fn run(self: Arc<Self>, job: Arc<InstallJob>, inst: Arc<Instance>, work: Work) {
         let vm = format!("install-{}", inst.id);
         let tap = format!("cri{}", &inst.id.simple().to_string()[..8]);
         self.running().insert(
@@ -350,7 +427,11 @@ impl Installer {
                 tap: tap.clone(),
             },
         );
-        let outcome = self.drive(&job, &inst, &plan, &vm, &tap).await;
+        job.note(EventKind::Job, &format!("mode: {}", work.mode()));
+        let outcome = match &work {
+            Work::Install(plan) => self.drive(&job, &inst, plan, &vm, &tap).await,
+            Work::SelfInstall(plan) => self.drive_self_install(&job, &inst, plan, &vm, &tap).await,
+        };
         if self.running().remove(&job.id).is_none() {
             // shutdown() took it.
             return;
@@ -419,7 +500,7 @@ impl Installer {
             );
             let comm = self.settings.comm.clone();
             let (t, guest, port) = (tap.to_string(), plan.guest, self.settings.metadata_port);
-            blocking(move || comm.setup(&t, guest, port)).await?;
+            blocking(move || comm.setup(&t, guest, port, false)).await?;
             job.note(
                 EventKind::Job,
                 &format!(
@@ -474,6 +555,125 @@ impl Installer {
         })
     }
 
+    /// A `self_install`: disk 0 from `os_image` when it is a file, then
+    /// the instance's own VM with its install parameters and the
+    /// communication NIC (DHCP from dnsmasq: a static lease of its
+    /// metadata address to its MAC). It ends on a status on the channel
+    /// (the agent's format), on power-off (the guest's own installer is
+    /// done: there is no agent to report), or at the deadline.
+    async fn drive_self_install(
+        &self,
+        job: &Arc<InstallJob>,
+        inst: &Arc<Instance>,
+        plan: &SelfPlan,
+        vm: &str,
+        tap: &str,
+    ) -> Result2 {
+        let deadline = tokio::time::Instant::from_std(job.started + self.settings.timeout);
+        let timeout_reason = || {
+            format!(
+                "the install ran past its {}s timeout ([install] timeout); the VM was killed",
+                self.settings.timeout.as_secs()
+            )
+        };
+        if let Some(src) = &plan.source {
+            job.note(
+                EventKind::Job,
+                &format!("writing the os_image {} onto disk 0", src.display()),
+            );
+            let disk = &inst.disks[0];
+            let mut cmd = tokio::process::Command::new(&self.settings.qemu_img);
+            cmd.args(["convert", "-n", "-O", disk.format.as_str()])
+                .arg(src)
+                .arg(&disk.path)
+                .stdin(std::process::Stdio::null())
+                .kill_on_drop(true);
+            let out = tokio::time::timeout_at(deadline, cmd.output())
+                .await
+                .map_err(|_| timeout_reason())?
+                .map_err(|e| format!("cannot run {}: {e}", self.settings.qemu_img.display()))?;
+            if !out.status.success() {
+                return Err(format!(
+                    "writing the os_image onto disk 0 failed: {}",
+                    String::from_utf8_lossy(&out.stderr).trim()
+                ));
+            }
+        }
+        let (accel, _) = self.accel().await;
+        job.note(EventKind::Job, &format!("accelerator: {}", accel.as_str()));
+        let comm = self.settings.comm.clone();
+        let (t, guest, port) = (tap.to_string(), plan.guest, self.settings.metadata_port);
+        blocking(move || comm.setup(&t, guest, port, true)).await?;
+        let mut dnsmasq = tokio::process::Command::new(&self.settings.dnsmasq);
+        dnsmasq
+            .args(comm::dnsmasq_args(tap, &inst.mac, plan.guest))
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .kill_on_drop(true);
+        let mut dhcp = dnsmasq
+            .spawn()
+            .map_err(|e| format!("cannot run {}: {e}", self.settings.dnsmasq.display()))?;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        if let Ok(Some(status)) = dhcp.try_wait() {
+            let mut err = String::new();
+            if let Some(mut e) = dhcp.stderr.take() {
+                use tokio::io::AsyncReadExt;
+                let _ = e.read_to_string(&mut err).await;
+            }
+            return Err(format!("dnsmasq exited ({status}): {}", err.trim()));
+        }
+        job.note(
+            EventKind::Job,
+            &format!(
+                "communication NIC {tap}: {METADATA_IP} on the host, DHCP gives {} to {}",
+                plan.guest, inst.mac
+            ),
+        );
+        let p = &inst.install_params;
+        let spec = VmSpec {
+            name: vm.to_string(),
+            memory_mib: inst.memory_mib,
+            vcpus: inst.vcpus,
+            disks: vm_disks(inst),
+            kernel: p.kernel.as_ref().map(|k| KernelBoot {
+                kernel: PathBuf::from(k),
+                initrd: p.initrd.as_ref().map(PathBuf::from),
+                cmdline: p.cmdline.clone().unwrap_or_default(),
+            }),
+            nics: vec![Nic {
+                tap: tap.to_string(),
+                mac: inst.mac.clone(),
+            }],
+            cdrom: p.cdrom.as_ref().map(PathBuf::from),
+            boot_cdrom: p.cdrom.is_some()
+                && p.boot != Some(cradle_model::machine::BootDevice::Disk),
+            no_reboot: true,
+        };
+        let qemu = self.qemu(accel);
+        let q = qemu.clone();
+        blocking(move || q.start(&spec).map_err(|e| e.to_string())).await?;
+        job.note(
+            EventKind::Job,
+            "the instance is booting in self_install mode",
+        );
+        let ended = self
+            .wait_for_agent(job, &qemu, vm, deadline, &timeout_reason)
+            .await;
+        let _ = dhcp.kill().await;
+        match ended {
+            Ok(st) if st.exit_code == 0 => Ok("the guest reported exit code 0".into()),
+            Ok(st) => Err(match &st.error {
+                Some(e) => format!("the guest reported exit code {}: {e}", st.exit_code),
+                None => format!("the guest reported exit code {}", st.exit_code),
+            }),
+            Err(e) if e.starts_with(STOPPED_WITHOUT_STATUS) => {
+                Ok("the guest powered off (self_install: its installer is done)".into())
+            }
+            Err(e) => Err(e),
+        }
+    }
+
     fn vm_spec(&self, inst: &Instance, plan: &Plan, vm: &str, tap: &str) -> VmSpec {
         let id = inst.id.as_bytes();
         VmSpec {
@@ -497,6 +697,8 @@ impl Installer {
                     id[0], id[1], id[2], id[3], id[4]
                 ),
             }],
+            cdrom: None,
+            boot_cdrom: false,
             no_reboot: true,
         }
     }
@@ -527,7 +729,7 @@ impl Installer {
                 let tail: Vec<&str> = console.lines().rev().take(5).collect();
                 let tail: Vec<&str> = tail.into_iter().rev().collect();
                 return Err(format!(
-                    "the appliance stopped without reporting a status; its console ended with: {}",
+                    "{STOPPED_WITHOUT_STATUS}; its console ended with: {}",
                     tail.join(" | ")
                 ));
             }
@@ -610,6 +812,28 @@ fn exit_code(s: &std::process::ExitStatus) -> i32 {
 }
 
 /// What [`Installer::prepare`] worked out.
+enum Work {
+    Install(Plan),
+    SelfInstall(SelfPlan),
+}
+
+impl Work {
+    fn mode(&self) -> &'static str {
+        match self {
+            Work::Install(_) => "install",
+            Work::SelfInstall(_) => "self_install",
+        }
+    }
+}
+
+/// A `self_install`.
+struct SelfPlan {
+    guest: Ipv4Addr,
+    /// The image file written onto disk 0 first.
+    source: Option<PathBuf>,
+}
+
+/// An `install`.
 struct Plan {
     os: OsDefinition,
     variant: Option<String>,
@@ -712,6 +936,8 @@ impl Installer {
                     mac: inst.mac.clone(),
                 })
                 .collect(),
+            cdrom: None,
+            boot_cdrom: false,
             no_reboot: false,
         };
         let qemu = self.qemu(accel);

@@ -14,7 +14,7 @@ use uuid::Uuid;
 use crate::instance::{
     HostAddr, ImdsTokens, Instance, MAX_USER_DATA, Os, OsParams, RANDOM_SEED_LEN, State,
 };
-use crate::machine::{self, Disk};
+use crate::machine::{self, Disk, InstallParams};
 use crate::{Secret, personalization};
 
 /// Limits, as Nova applies them to instance metadata.
@@ -108,6 +108,9 @@ pub struct InstanceSpec {
     pub memory_mib: Option<u32>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub vcpus: Option<u32>,
+    /// What a `self_install` boots with (on PATCH: replaces the whole set).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub install_params: Option<InstallParams>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub imds_tokens: Option<ImdsTokens>,
 }
@@ -216,6 +219,9 @@ pub struct InstancePatch {
     pub memory_mib: Option<u32>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub vcpus: Option<u32>,
+    /// What a `self_install` boots with (on PATCH: replaces the whole set).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub install_params: Option<InstallParams>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub imds_tokens: Option<ImdsTokens>,
 }
@@ -272,6 +278,8 @@ pub struct InstanceView {
     pub memory_mib: u32,
     #[serde(default = "default_vcpus")]
     pub vcpus: u32,
+    #[serde(default)]
+    pub install_params: InstallParams,
     pub imds_tokens: ImdsTokens,
     pub state: State,
     /// Why the instance is in state `error`.
@@ -345,6 +353,7 @@ impl From<&Instance> for InstanceView {
             disks: i.disks.clone(),
             memory_mib: i.memory_mib,
             vcpus: i.vcpus,
+            install_params: i.install_params.clone(),
             imds_tokens: i.imds_tokens,
             state: i.state,
             state_reason: i.state_reason.clone(),
@@ -863,6 +872,8 @@ impl InstanceSpec {
         machine::check_memory(memory_mib).or_else(|m| invalid("memory_mib", m))?;
         let vcpus = self.vcpus.unwrap_or(1);
         machine::check_vcpus(vcpus).or_else(|m| invalid("vcpus", m))?;
+        let install_params = self.install_params.unwrap_or_default();
+        machine::check_install_params(&install_params).or_else(|m| invalid("install_params", m))?;
         if random_seed.len() != RANDOM_SEED_LEN {
             return invalid("random_seed", "internal: wrong length");
         }
@@ -893,6 +904,7 @@ impl InstanceSpec {
             disks: self.disks,
             memory_mib,
             vcpus,
+            install_params,
             imds_tokens: self.imds_tokens.unwrap_or_default(),
             state: State::Registered,
             state_reason: None,
@@ -1033,6 +1045,10 @@ impl InstancePatch {
         if let Some(v) = self.vcpus {
             machine::check_vcpus(v).or_else(|e| invalid("vcpus", e))?;
             i.vcpus = v;
+        }
+        if let Some(p) = self.install_params {
+            machine::check_install_params(&p).or_else(|e| invalid("install_params", e))?;
+            i.install_params = p;
         }
         // A parameter moves between visibilities by being set in its new one.
         let p = self.os_params;

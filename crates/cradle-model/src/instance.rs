@@ -62,6 +62,8 @@ pub struct Instance {
     pub disks: Vec<crate::machine::Disk>,
     pub memory_mib: u32,
     pub vcpus: u32,
+    /// What a `self_install` boots with (stored apart from the run setup).
+    pub install_params: crate::machine::InstallParams,
     pub imds_tokens: ImdsTokens,
     pub state: State,
     /// Why the instance is in `State::Error` (e.g. a fatal vendordata failure).

@@ -136,3 +136,106 @@ mod tests {
         assert!(serde_json::from_str::<Disk>(r#"{"path":"/x","format":"vmdk"}"#).is_err());
     }
 }
+
+/// What a `self_install` boots with besides the instance's disks, stored
+/// apart from what it runs with, so a reinstall repeats it (seed 003: "the
+/// set of self_install parameters will be stored as part of the instance
+/// configuration"). Paths are files on this host.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InstallParams {
+    /// An installation CD-ROM image (ISO), attached read-only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cdrom: Option<String>,
+    /// A kernel booted directly (network installers, live kernels).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kernel: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub initrd: Option<String>,
+    /// The kernel's command line (with `kernel` only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cmdline: Option<String>,
+    /// Boot from `disk` or `cdrom` (default: the CD-ROM when there is one).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub boot: Option<BootDevice>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BootDevice {
+    Disk,
+    Cdrom,
+}
+
+impl InstallParams {
+    pub fn is_empty(&self) -> bool {
+        *self == InstallParams::default()
+    }
+}
+
+fn check_path(what: &str, p: &str) -> Result<(), String> {
+    if !p.starts_with('/') {
+        return Err(format!("{what}: {p:?} is not an absolute path"));
+    }
+    if p.len() > 4096 || p.chars().any(char::is_control) || p.split('/').any(|c| c == "..") {
+        return Err(format!(
+            "{what}: the path is longer than 4096 bytes, holds control characters or \"..\""
+        ));
+    }
+    Ok(())
+}
+
+/// Check install parameters: absolute paths, an initrd or command line only
+/// with a kernel, booting from a CD-ROM only with one.
+pub fn check_install_params(p: &InstallParams) -> Result<(), String> {
+    for (what, v) in [
+        ("cdrom", &p.cdrom),
+        ("kernel", &p.kernel),
+        ("initrd", &p.initrd),
+    ] {
+        if let Some(v) = v {
+            check_path(what, v)?;
+        }
+    }
+    if p.kernel.is_none() && (p.initrd.is_some() || p.cmdline.is_some()) {
+        return Err("initrd and cmdline need a kernel".into());
+    }
+    if let Some(c) = &p.cmdline
+        && (c.len() > 4096 || c.chars().any(char::is_control))
+    {
+        return Err("cmdline: longer than 4096 bytes or holds control characters".into());
+    }
+    if p.boot == Some(BootDevice::Cdrom) && p.cdrom.is_none() {
+        return Err("boot = cdrom needs a cdrom".into());
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod install_params_tests {
+    use super::*;
+
+    #[test]
+    fn install_params_are_checked() {
+        let ok = InstallParams {
+            cdrom: Some("/srv/iso/debian.iso".into()),
+            kernel: Some("/srv/k".into()),
+            initrd: Some("/srv/i".into()),
+            cmdline: Some("console=ttyS0".into()),
+            boot: Some(BootDevice::Cdrom),
+        };
+        assert!(check_install_params(&ok).is_ok());
+        let bad = |f: fn(&mut InstallParams)| {
+            let mut p = ok.clone();
+            f(&mut p);
+            check_install_params(&p).unwrap_err()
+        };
+        assert!(bad(|p| p.cdrom = Some("x.iso".into())).contains("absolute"));
+        assert!(bad(|p| p.kernel = None).contains("need a kernel"));
+        assert!(bad(|p| p.cmdline = Some("a\nb".into())).contains("control"));
+        assert!(bad(|p| p.cdrom = None).contains("needs a cdrom"));
+        let v: InstallParams = serde_json::from_str(r#"{"boot":"disk"}"#).unwrap();
+        assert_eq!(v.boot, Some(BootDevice::Disk));
+        assert!(serde_json::from_str::<InstallParams>(r#"{"floppy":"/x"}"#).is_err());
+    }
+}

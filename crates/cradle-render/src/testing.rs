@@ -43,6 +43,7 @@ pub fn instance() -> Instance {
         disks: Vec::new(),
         memory_mib: 512,
         vcpus: 1,
+        install_params: Default::default(),
         os_params: OsParams {
             public: BTreeMap::from([(s("locale"), s("en_US"))]),
             private: BTreeMap::from([(s("db_url"), Secret::new(s("postgres://db")))]),

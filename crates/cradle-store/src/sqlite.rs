@@ -24,6 +24,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("../migrations/0004_security_groups.sql"),
     include_str!("../migrations/0005_personalization.sql"),
     include_str!("../migrations/0006_machine.sql"),
+    include_str!("../migrations/0007_install_params.sql"),
 ];
 
 /// A [`Store`] in one SQLite file. One connection behind a mutex: cradle's
@@ -134,7 +135,7 @@ const COLUMNS: &str = "id, name, project_id, hostname, availability_zone, launch
     instance_type, user_data, metadata, public_keys, metadata_address, mac, local_ipv4, \
     gateway_ipv4, dns_nameservers, public_ipv4, os_type, os_image, os_params_public, \
     os_params_private, imds_tokens, state, created_at, updated_at, random_seed, password, files, boot_roles, state_reason, local_ipv6, interface, \
-    personalization_url, personalization_sha256, disks, memory_mib, vcpus";
+    personalization_url, personalization_sha256, disks, memory_mib, vcpus, install_params";
 
 fn bind(i: &Instance) -> Vec<Box<dyn rusqlite::ToSql + '_>> {
     let (os_type, os_image) = match &i.os {
@@ -179,6 +180,7 @@ fn bind(i: &Instance) -> Vec<Box<dyn rusqlite::ToSql + '_>> {
         Box::new(json(&i.disks)),
         Box::new(i64::from(i.memory_mib)),
         Box::new(i64::from(i.vcpus)),
+        Box::new(json(&i.install_params)),
     ]
 }
 
@@ -234,6 +236,7 @@ fn from_row(r: &Row<'_>) -> Result<Instance, StoreError> {
         disks: serde_json::from_str(&s(33)?).map_err(|e| corrupt("disks", e))?,
         memory_mib: u32::try_from(r.get::<_, i64>(34)?).map_err(|e| corrupt("memory_mib", e))?,
         vcpus: u32::try_from(r.get::<_, i64>(35)?).map_err(|e| corrupt("vcpus", e))?,
+        install_params: serde_json::from_str(&s(36)?).map_err(|e| corrupt("install_params", e))?,
         gateway_ipv4: ipv4("gateway_ipv4", os_s(13)?)?,
         dns_nameservers: serde_json::from_str(&s(14)?)
             .map_err(|e| corrupt("dns_nameservers", e))?,

@@ -61,6 +61,7 @@ fn instance() -> Instance {
         disks: Vec::new(),
         memory_mib: 512,
         vcpus: 1,
+        install_params: Default::default(),
         os_params: OsParams::default(),
         imds_tokens: ImdsTokens::Optional,
         state: State::Registered,

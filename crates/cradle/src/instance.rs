@@ -206,6 +206,44 @@ struct Fields {
     /// Virtual CPUs (default 1).
     #[arg(long)]
     vcpus: Option<u32>,
+    /// self_install: an installation CD-ROM image (ISO) to attach. The
+    /// --install-* flags are stored apart from the run setup, so a
+    /// reinstall repeats them; on modify, any of them replaces the whole set.
+    #[arg(long, value_name = "ISO")]
+    install_cdrom: Option<String>,
+    /// self_install: a kernel to boot directly.
+    #[arg(long, value_name = "PATH")]
+    install_kernel: Option<String>,
+    /// self_install: the initrd for --install-kernel.
+    #[arg(long, value_name = "PATH")]
+    install_initrd: Option<String>,
+    /// self_install: the command line for --install-kernel.
+    #[arg(long, value_name = "TEXT")]
+    install_cmdline: Option<String>,
+    /// self_install: boot from disk or cdrom (default: the CD-ROM if any).
+    #[arg(long, value_parser = ["disk", "cdrom"])]
+    install_boot: Option<String>,
+}
+
+impl Fields {
+    /// The --install-* flags, when any is given.
+    fn install_params(&self) -> Option<cradle_model::machine::InstallParams> {
+        use cradle_model::machine::{BootDevice, InstallParams};
+        let p = InstallParams {
+            cdrom: self.install_cdrom.clone(),
+            kernel: self.install_kernel.clone(),
+            initrd: self.install_initrd.clone(),
+            cmdline: self.install_cmdline.clone(),
+            boot: self.install_boot.as_deref().map(|b| {
+                if b == "cdrom" {
+                    BootDevice::Cdrom
+                } else {
+                    BootDevice::Disk
+                }
+            }),
+        };
+        (!p.is_empty()).then_some(p)
+    }
 }
 
 /// `PATH`, `PATH:raw` or `PATH:qcow2`.
@@ -263,6 +301,9 @@ struct ModifyArgs {
     /// Remove the personalization package (its URL and its pin).
     #[arg(long, conflicts_with_all = ["personalization_url", "personalization_sha256"])]
     clear_personalization: bool,
+    /// Remove the self_install parameters (--install-*).
+    #[arg(long, conflicts_with_all = ["install_cdrom", "install_kernel", "install_initrd", "install_cmdline", "install_boot"])]
+    clear_install_params: bool,
 }
 
 pub fn run(args: InstanceArgs) -> Result<()> {
@@ -535,6 +576,7 @@ pub(crate) fn pairs(flag: &str, items: &[String]) -> Result<BTreeMap<String, Str
 
 fn build_spec(a: AddArgs) -> Result<InstanceSpec> {
     let f = a.fields;
+    let install_params = f.install_params();
     Ok(InstanceSpec {
         name: a.name,
         project_id: f.project,
@@ -566,6 +608,7 @@ fn build_spec(a: AddArgs) -> Result<InstanceSpec> {
         disks: f.disks.iter().map(|d| parse_disk(d)).collect(),
         memory_mib: f.memory,
         vcpus: f.vcpus,
+        install_params,
         os_params: OsParamsSpec {
             public: pairs("--param", &f.params)?,
             private: secrets("--private-param", &f.private_params)?,
@@ -628,6 +671,7 @@ fn some_map<V>(m: BTreeMap<String, V>) -> BTreeMap<String, Option<V>> {
 
 fn build_patch(m: ModifyArgs) -> Result<InstancePatch> {
     let f = m.fields;
+    let install_params = f.install_params();
     let mut metadata = some_map(pairs("--meta", &f.meta)?);
     metadata.extend(m.unset_meta.into_iter().map(|k| (k, None)));
     let mut public_keys = some_map(pairs("--key", &f.keys)?);
@@ -701,6 +745,11 @@ fn build_patch(m: ModifyArgs) -> Result<InstancePatch> {
         },
         memory_mib: f.memory,
         vcpus: f.vcpus,
+        install_params: if m.clear_install_params {
+            Some(Default::default())
+        } else {
+            install_params
+        },
         os_params,
         imds_tokens: f
             .imds_tokens
@@ -792,6 +841,14 @@ fn print_instance(out: &mut impl Write, output: Output, v: &InstanceView) -> Res
             },
         ),
         ("memory", format!("{} MiB", v.memory_mib)),
+        (
+            "install params",
+            if v.install_params.is_empty() {
+                "-".into()
+            } else {
+                serde_json::to_string(&v.install_params).unwrap_or_default()
+            },
+        ),
         ("vcpus", v.vcpus.to_string()),
         ("imds tokens", v.imds_tokens.as_str().into()),
         ("metadata", join(&v.metadata)),

@@ -129,6 +129,8 @@ fn install_settings(config: &Config, metadata_port: u16) -> Result<cradle_instal
         run_dir: config.server.data_dir.join("run"),
         os_search: cradle_os::search_path(&config.os.search_path),
         script_user: config.os.script_user.clone(),
+        qemu_img: i.qemu_img.clone(),
+        dnsmasq: i.dnsmasq.clone(),
     })
 }
 

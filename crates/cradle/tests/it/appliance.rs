@@ -91,6 +91,8 @@ fn the_appliance_boots_its_agent_which_finds_the_disk_and_powers_off() {
             cmdline: "console=ttyS0 quiet panic=-1".into(),
         }),
         nics: Vec::new(),
+        cdrom: None,
+        boot_cdrom: false,
         no_reboot: true,
     };
     q.start(&vm).unwrap();

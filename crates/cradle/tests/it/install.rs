@@ -598,3 +598,149 @@ fn run_mode_starts_reports_and_stops_the_instances_vm() {
     cli(&["instance", "start", "vm3"]).fails_with(&["no disks"]);
     cli(&["instance", "install", "vm3"]).fails_with(&["no os_type"]);
 }
+
+/// `/init` of a guest that installs itself: the appliance's kernel and
+/// busybox, this script instead of the agent. It gets its address by DHCP
+/// (nothing on its command line), reads its hostname from the metadata
+/// service, writes on its disk and reports its status on the channel.
+const SELF_INIT: &str = r#"#!/bin/sh
+mount -t proc proc /proc
+mount -t sysfs sysfs /sys
+mount -t devtmpfs devtmpfs /dev
+for m in $(cat /lib/modules/load.order); do insmod "/lib/modules/$m.ko"; done
+ip link set lo up
+n=0
+while [ ! -e /sys/class/net/eth0 ] && [ $n -lt 10 ]; do sleep 1; n=$((n+1)); done
+ip link set eth0 up
+udhcpc -i eth0 -n -q -t 20 -T 1 -s /udhcpc.sh > /dev/console 2>&1
+addr=$(ip -4 -o addr show dev eth0 | sed -n 's/.* inet \([0-9./]*\).*/\1/p')
+get() { printf 'GET %s HTTP/1.0\r\n\r\n' "$1" | nc -w 5 169.254.169.254 80; }
+host=$(get /latest/meta-data/hostname | sed '1,/^\r$/d')
+mount -t ext4 /dev/vda /mnt
+echo "$host" > /mnt/hostname-from-metadata
+echo "$addr" > /mnt/dhcp-address
+umount /mnt
+status="{\"agent\":\"status\",\"exit_code\":0,\"log_tail\":\"self-installed as $host at $addr\"}"
+printf 'POST /cradle/latest/write HTTP/1.0\r\nContent-Length: %s\r\n\r\n%s' "${#status}" "$status" | nc -w 5 169.254.169.254 80 > /dev/console
+sync
+poweroff -f
+"#;
+
+const UDHCPC_SCRIPT: &str = r#"#!/bin/sh
+case "$1" in
+  bound|renew) ip addr flush dev "$interface"; ip addr add "$ip/$mask" dev "$interface" ;;
+esac
+"#;
+
+#[test]
+fn a_self_install_writes_the_image_boots_the_instance_and_it_configures_itself_by_dhcp() {
+    let lab = lab(180);
+    let w = lab.work.path();
+    // The OS image: an ext4 filesystem with a marker, written onto disk 0.
+    let seed = w.join("image-seed");
+    write(&seed.join("from-image"), "written by mke2fs\n", 0o644);
+    let image = w.join("os.img");
+    let out = Command::new("mke2fs")
+        .args(["-q", "-F", "-t", "ext4", "-d"])
+        .arg(&seed)
+        .arg(&image)
+        .arg("16M")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let disk = w.join("selfy.img");
+    std::fs::File::create(&disk)
+        .unwrap()
+        .set_len(32 << 20)
+        .unwrap();
+    // Its install media: the appliance's kernel, and its initrd with
+    // another /init appended.
+    let mut initrd = std::fs::read(appliance().join("initrd.img")).unwrap();
+    initrd.extend(
+        cradle_appliance::overlay_archive(&[
+            ("init", 0o755, SELF_INIT.as_bytes()),
+            ("udhcpc.sh", 0o755, UDHCPC_SCRIPT.as_bytes()),
+        ])
+        .unwrap(),
+    );
+    let initrd_path = w.join("self-initrd.img");
+    std::fs::write(&initrd_path, initrd).unwrap();
+    let kernel = appliance().join("vmlinuz");
+    lab.cli(&[
+        "instance",
+        "add",
+        "selfy",
+        "--hostname",
+        "selfy",
+        "--metadata-address",
+        "169.254.1.77",
+        "--os-image",
+        &format!("file://{}", image.display()),
+        "--disk",
+        disk.to_str().unwrap(),
+        "--memory",
+        "256",
+        "--install-kernel",
+        kernel.to_str().unwrap(),
+        "--install-initrd",
+        initrd_path.to_str().unwrap(),
+        "--install-cmdline",
+        "console=ttyS0 quiet panic=-1",
+    ])
+    .success();
+    let r = lab
+        .cli(&["instance", "install", "selfy", "--follow"])
+        .success();
+    let text = format!("{}{}", r.stdout, r.stderr);
+    eprintln!("{text}");
+    for want in [
+        "mode: self_install",
+        "writing the os_image",
+        "DHCP gives 169.254.1.77",
+        "the instance is booting in self_install mode",
+        "exit code 0",
+        "install of selfy succeeded",
+    ] {
+        assert!(text.contains(want), "{want:?} missing from:\n{text}");
+    }
+    // The image went onto disk 0; the guest knew itself from metadata,
+    // with the address DHCP gave it.
+    assert_eq!(debugfs(&disk, "cat /from-image"), "written by mke2fs\n");
+    assert!(
+        debugfs(&disk, "cat /hostname-from-metadata").starts_with("selfy"),
+        "{}",
+        debugfs(&disk, "cat /hostname-from-metadata")
+    );
+    assert_eq!(debugfs(&disk, "cat /dhcp-address"), "169.254.1.77/16\n");
+    // The install parameters stay, for a reinstall; nothing is left running.
+    let show = lab
+        .cli(&["instance", "show", "selfy", "-o", "json"])
+        .success();
+    let v: Value = serde_json::from_str(&show.stdout).unwrap();
+    assert_eq!(v["state"], "stopped", "{v}");
+    assert_eq!(
+        v["install_params"]["kernel"],
+        kernel.to_str().unwrap(),
+        "{v}"
+    );
+    let (taps, tables) = lab.leftovers();
+    assert!(
+        taps.is_empty() && tables.is_empty(),
+        "left: {taps} {tables}"
+    );
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let cmd = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
+        assert!(
+            !(contains(&cmd, "dnsmasq") && contains(&cmd, "169.254.1.77")),
+            "the job's dnsmasq still runs ({})",
+            entry.path().display()
+        );
+    }
+    // Bad install parameters are named.
+    lab.cli(&["instance", "modify", "selfy", "--install-initrd", "/x"])
+        .fails_with(&["install_params", "need a kernel"]);
+}
