@@ -769,6 +769,7 @@ impl Installer {
             timeout: self.settings.timeout,
         };
         let job = job.clone();
+        let (registry, id) = (self.registry.clone(), inst.id);
         tokio::task::spawn_blocking(move || {
             let Some(script) = script else {
                 return Ok(0);
@@ -777,13 +778,31 @@ impl Installer {
                 EventKind::Job,
                 &format!("trusted create running on the host: {}", script.display()),
             );
-            let done = cradle_os::run_trusted(&script, &[], &env, &secrets, &runner)
-                .map_err(|e| format!("the trusted create script: {e}"))?;
-            for (stream, bytes) in [("stdout", &done.stdout), ("stderr", &done.stderr)] {
-                for line in String::from_utf8_lossy(bytes).lines() {
-                    job.note(EventKind::Trusted, &format!("{stream}: {line}"));
-                }
-            }
+            // Its lines go to the job as they come, and its standard output
+            // to the appliance too (it reads them from /cradle/latest/read);
+            // what the appliance writes on the channel comes in on its
+            // standard input.
+            let (tx, rx) = std::sync::mpsc::channel();
+            job.set_forward(Some(tx));
+            let lines = job.clone();
+            let streams = cradle_os::Streams {
+                on_line: Some(Box::new(move |stream, line| {
+                    lines.note(EventKind::Trusted, &format!("{stream}: {line}"));
+                    if stream == "stdout"
+                        && let Err(e) = registry.push_message(
+                            id,
+                            cradle_registry::ChannelDirection::ToGuest,
+                            line.as_bytes(),
+                        )
+                    {
+                        warn!(instance = %id, error = %e, "cannot queue the trusted script's line for the appliance");
+                    }
+                })),
+                stdin: Some(rx),
+            };
+            let done = cradle_os::run_trusted_with(&script, &[], &env, &secrets, &runner, streams);
+            job.set_forward(None);
+            let done = done.map_err(|e| format!("the trusted create script: {e}"))?;
             Ok(exit_code(&done.status))
         })
     }

@@ -200,7 +200,11 @@ async fn serve_one(
     http.timer(TokioTimer::new())
         .header_read_timeout(service.settings.header_timeout)
         .max_buf_size(16 * 1024)
-        .keep_alive(true);
+        .keep_alive(true)
+        // A client may shut its side down once its request is sent (busybox
+        // nc does). Without half-close hyper drops the request in flight,
+        // and a channel read would consume a message nobody receives.
+        .half_close(true);
     tokio::pin!(shutdown);
     loop {
         let permit = tokio::select! {
@@ -659,8 +663,10 @@ async fn channel_write(svc: &MetadataService, inst: &Instance, req: Request<Inco
     };
     // While an install runs, the agent reports on the channel: its messages
     // are the job's, not the queue's.
+    // Anything else goes to the job's trusted script, when one runs: the
+    // two halves of an OS definition talk through the channel.
     if let Some(job) = svc.registry.running_install(inst.id)
-        && job.agent_message(&body)
+        && (job.agent_message(&body) || job.forward(&body))
     {
         return text(StatusCode::CREATED, "");
     }

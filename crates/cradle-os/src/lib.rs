@@ -18,7 +18,7 @@ pub use definition::{
     display_search_path, find, list, load, search_path, split_name,
 };
 pub use env::{Disk, Environment, osp};
-pub use run::{Finished, Runner, SECRETS_FD, User, run_trusted};
+pub use run::{Finished, Runner, SECRETS_FD, Streams, User, run_trusted, run_trusted_with};
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {

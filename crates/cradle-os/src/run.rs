@@ -9,6 +9,10 @@
 //!   pipe the script inherits as descriptor 3, named by `CRADLE_SECRETS_FD`,
 //!   and the pipe is closed after it.
 //! - Its own process group, killed whole at the deadline.
+//! - Optionally ([`Streams`]): its output lines handed over as they come,
+//!   and messages fed to its standard input, one line each (how a trusted
+//!   script talks with the untrusted one in the appliance over the
+//!   channel). Otherwise its standard input is empty.
 //!
 //! This is the one module of the crate with `unsafe`: `dup2` in the child
 //! between fork and exec, `getpwnam_r`, and `kill` of a process group.
@@ -106,6 +110,18 @@ impl Finished {
     }
 }
 
+/// Called with `"stdout"` or `"stderr"` and each line (without its end).
+pub type LineSink = Box<dyn Fn(&'static str, &str) + Send + Sync>;
+
+/// What a running script's output lines go to, and what feeds its input.
+#[derive(Default)]
+pub struct Streams {
+    pub on_line: Option<LineSink>,
+    /// Each message becomes one line of the script's standard input, until
+    /// the sender is dropped (then the script reads end of file).
+    pub stdin: Option<std::sync::mpsc::Receiver<Vec<u8>>>,
+}
+
 /// Run `script` with `args`, `env` and `secrets`, as [`Runner`] says.
 pub fn run_trusted(
     script: &Path,
@@ -113,6 +129,18 @@ pub fn run_trusted(
     env: &Environment,
     secrets: &BTreeMap<String, Secret<String>>,
     runner: &Runner,
+) -> Result<Finished, Error> {
+    run_trusted_with(script, args, env, secrets, runner, Streams::default())
+}
+
+/// [`run_trusted`], with its output lines and its input through `streams`.
+pub fn run_trusted_with(
+    script: &Path,
+    args: &[&str],
+    env: &Environment,
+    secrets: &BTreeMap<String, Secret<String>>,
+    runner: &Runner,
+    streams: Streams,
 ) -> Result<Finished, Error> {
     let what = || script.display().to_string();
     let io = |source: std::io::Error| Error::Io {
@@ -124,7 +152,11 @@ pub fn run_trusted(
         .env_clear()
         .envs(env.vars())
         .current_dir(script.parent().unwrap_or(Path::new("/")))
-        .stdin(Stdio::null())
+        .stdin(if streams.stdin.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .process_group(0);
@@ -179,8 +211,24 @@ pub fn run_trusted(
             let _ = w.write_all(body.expose().as_bytes());
         })
     });
-    let out = tail_reader(child.stdout.take().expect("piped"));
-    let err = tail_reader(child.stderr.take().expect("piped"));
+    let on_line = streams.on_line.map(std::sync::Arc::from);
+    let out = tail_reader(
+        child.stdout.take().expect("piped"),
+        "stdout",
+        on_line.clone(),
+    );
+    let err = tail_reader(child.stderr.take().expect("piped"), "stderr", on_line);
+    if let (Some(rx), Some(mut input)) = (streams.stdin, child.stdin.take()) {
+        std::thread::spawn(move || {
+            for mut msg in rx {
+                msg.push(b'\n');
+                // A script that stopped reading: nothing more to feed.
+                if input.write_all(&msg).and_then(|()| input.flush()).is_err() {
+                    break;
+                }
+            }
+        });
+    }
     let deadline = Instant::now() + runner.timeout;
     let status = loop {
         if let Some(s) = child.try_wait().map_err(io)? {
@@ -222,16 +270,35 @@ fn secrets_json(secrets: &BTreeMap<String, Secret<String>>) -> Secret<String> {
     Secret::new(serde_json::to_string(&exposed).expect("strings serialize"))
 }
 
-/// Read a stream to its end on a thread, keeping its last [`OUTPUT_TAIL`] bytes.
-fn tail_reader(mut r: impl Read + Send + 'static) -> std::thread::JoinHandle<Vec<u8>> {
+type OnLine = std::sync::Arc<dyn Fn(&'static str, &str) + Send + Sync>;
+
+/// Read a stream to its end on a thread, keeping its last [`OUTPUT_TAIL`]
+/// bytes and handing each line to `on_line`.
+fn tail_reader(
+    r: impl Read + Send + 'static,
+    stream: &'static str,
+    on_line: Option<OnLine>,
+) -> std::thread::JoinHandle<Vec<u8>> {
     std::thread::spawn(move || {
+        use std::io::BufRead;
+        let mut r = std::io::BufReader::new(r);
         let mut kept = Vec::new();
-        let mut buf = [0u8; 8192];
-        while let Ok(n) = r.read(&mut buf) {
+        let mut line = Vec::new();
+        // A line is cut at OUTPUT_TAIL bytes: a script that never ends one
+        // cannot make this grow without bound.
+        while let Ok(n) = (&mut r)
+            .take(OUTPUT_TAIL as u64)
+            .read_until(b'\n', &mut line)
+        {
             if n == 0 {
                 break;
             }
-            kept.extend_from_slice(&buf[..n]);
+            if let Some(f) = &on_line {
+                let text = String::from_utf8_lossy(&line);
+                f(stream, text.trim_end_matches(['\n', '\r']));
+            }
+            kept.extend_from_slice(&line);
+            line.clear();
             if kept.len() > 2 * OUTPUT_TAIL {
                 kept.drain(..kept.len() - OUTPUT_TAIL);
             }

@@ -135,6 +135,9 @@ pub struct InstallJob {
     pub package: Option<Package>,
     state: Mutex<State>,
     changed: tokio::sync::watch::Sender<u64>,
+    /// The trusted script's standard input, while it runs: what the
+    /// appliance writes on the channel (other than the agent's reports).
+    forward: Mutex<Option<std::sync::mpsc::Sender<Vec<u8>>>>,
 }
 
 /// An agent message on the `write` channel.
@@ -196,6 +199,7 @@ impl InstallJob {
                 ..State::default()
             }),
             changed: tokio::sync::watch::Sender::new(0),
+            forward: Mutex::new(None),
         }
     }
 
@@ -309,6 +313,18 @@ impl InstallJob {
         true
     }
 
+    /// Hand what the appliance writes on the channel to the trusted script
+    /// from now on (`None`: no longer).
+    pub fn set_forward(&self, to: Option<std::sync::mpsc::Sender<Vec<u8>>>) {
+        *self.forward.lock().unwrap_or_else(|e| e.into_inner()) = to;
+    }
+
+    /// Give a channel message to the trusted script, when one listens.
+    pub fn forward(&self, body: &[u8]) -> bool {
+        let f = self.forward.lock().unwrap_or_else(|e| e.into_inner());
+        f.as_ref().is_some_and(|tx| tx.send(body.to_vec()).is_ok())
+    }
+
     /// The agent's status, once it has sent one.
     pub fn status(&self) -> Option<AgentStatus> {
         self.lock().status.clone()
@@ -342,6 +358,7 @@ impl InstallJob {
         });
         st.scrub.clear();
         drop(st);
+        self.set_forward(None);
         self.bump();
     }
 

@@ -182,14 +182,17 @@ out=OUTDIR
 id -u > "$out/uid"
 env | sort > "$out/env"
 tr '\0' ' ' < /proc/$$/cmdline > "$out/argv"
-cat <&"${CRADLE_SECRETS_FD:-0}" | sha256sum | cut -d' ' -f1 > "$out/secrets.sha256"
+if [ -n "${CRADLE_SECRETS_FD:-}" ]; then cat <&"$CRADLE_SECRETS_FD"; fi | sha256sum | cut -d' ' -f1 > "$out/secrets.sha256"
 echo "trusted create: hello from the host, disk $DISK_0_PATH"
+# The appliance's messages on the channel arrive on standard input.
+msg=$(timeout 120 head -n 1)
+echo "trusted create: the appliance said: $msg"
 "#;
 
 /// Runs inside the appliance.
 const UNTRUSTED_CREATE: &str = r#"#!/bin/sh
 echo "create: $INSTANCE_NAME disk $DISK_0_PATH flavor $OSP_FLAVOR"
-secrets=$(cat <&"${CRADLE_SECRETS_FD:-0}")
+secrets=$(if [ -n "${CRADLE_SECRETS_FD:-}" ]; then cat <&"$CRADLE_SECRETS_FD"; fi)
 echo "create: my secrets are $secrets"
 mount -t ext4 "$DISK_0_PATH" /mnt || exit 5
 echo "written inside the appliance for $INSTANCE_NAME" > /mnt/created-by-script
@@ -214,6 +217,16 @@ case "$(get 80 /cradle/latest/os/parameters.json)" in
 esac
 ip addr flush dev eth0
 ip addr add "$own/16" dev eth0
+# Talk with the trusted script on the host, through the channel.
+n=0
+while [ $n -lt 60 ]; do
+  heard=$(get 80 /cradle/latest/read | sed '1,/^\r$/d')
+  case "$heard" in *"hello from the host"*) break ;; esac
+  n=$((n+1)); sleep 1
+done
+echo "create: the host said: $heard"
+note="hello host, this is $INSTANCE_NAME"
+printf 'POST /cradle/latest/write HTTP/1.0\r\nContent-Length: %s\r\n\r\n%s' "${#note}" "$note" | nc -w 3 169.254.169.254 80 > /dev/null
 echo "create: done"
 "#;
 
@@ -315,9 +328,6 @@ fn an_install_runs_its_scripts_in_the_appliance_and_on_the_host_and_overlays_the
                     String::from_utf8_lossy(&out.stderr)
                 );
                 let v: Value = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
-                if std::env::var_os("CRADLE_TEST_DEBUG").is_some() {
-                    eprintln!("{v}");
-                }
                 let n: u64 = v["nftables"]
                     .as_array()
                     .map(|items| {
@@ -354,6 +364,8 @@ fn an_install_runs_its_scripts_in_the_appliance_and_on_the_host_and_overlays_the
         "fence: spoofed request unanswered",
         "create: done",
         "trusted create: hello from the host",
+        "create: the host said: trusted create: hello from the host, disk",
+        "trusted create: the appliance said: hello host, this is inst1",
         "status",
         "exit code 0",
         "install succeeded",
