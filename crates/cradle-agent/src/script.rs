@@ -17,21 +17,22 @@
 //! runs; the last lines are kept for the status.
 
 use std::collections::BTreeMap;
-use std::io::{Read, Write};
-use std::os::fd::AsRawFd;
+use std::io::Read;
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::Path;
 use std::process::{Command, ExitStatus, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
+use cradle_model::Secret;
+pub use cradle_os::SECRETS_FD;
+use cradle_os::SecretsHandoff;
+
 use crate::job::Secrets;
 use crate::lines::{Batcher, Splitter, Tail};
 use crate::report::Reporter;
 use crate::system::say;
 
-/// The descriptor the secrets pipe has in the script.
-pub const SECRETS_FD: i32 = 3;
 /// How long output may still arrive once the script has exited (from what
 /// it started outside its process group, holding its stdout open).
 const DRAIN: Duration = Duration::from_secs(2);
@@ -74,41 +75,14 @@ pub fn run(
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .process_group(0);
-    let pipe = if secrets.is_empty() {
+    let handoff = if secrets.is_empty() {
         None
     } else {
-        let (reader, writer) = std::io::pipe().map_err(cannot)?;
-        let fd = reader.as_raw_fd();
-        cmd.env("CRADLE_SECRETS_FD", SECRETS_FD.to_string());
-        // SAFETY: between fork and exec only dup2 or fcntl runs, both
-        // async-signal-safe; dup2 clears close-on-exec on the copy.
-        unsafe {
-            cmd.pre_exec(move || {
-                // dup2 onto itself would leave close-on-exec set.
-                let ok = if fd == SECRETS_FD {
-                    libc::fcntl(fd, libc::F_SETFD, 0) >= 0
-                } else {
-                    libc::dup2(fd, SECRETS_FD) >= 0
-                };
-                if !ok {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
-        Some((reader, writer))
+        Some(SecretsHandoff::prepare(&mut cmd).map_err(cannot)?)
     };
     let mut child = cmd.spawn().map_err(cannot)?;
     let group = child.id() as i32;
-    let writer = pipe.map(|(reader, writer)| {
-        drop(reader);
-        let body = secrets.expose().to_string();
-        std::thread::spawn(move || {
-            let mut w = writer;
-            // A script that never reads them gets EPIPE here: not an error.
-            let _ = w.write_all(body.as_bytes());
-        })
-    });
+    let writer = handoff.map(|h| h.send(Secret::new(secrets.expose().to_string())));
 
     // Lines from both streams, in the order they are read; bounded, so a
     // host slow to take them slows the script rather than filling memory.
@@ -204,7 +178,7 @@ fn kill_group(group: i32) {
 mod tests {
     use super::*;
     use crate::http::Client;
-    use std::io::{BufRead, BufReader};
+    use std::io::{BufRead, BufReader, Write};
     use std::net::{SocketAddrV4, TcpListener};
     use std::os::unix::fs::PermissionsExt;
     use std::sync::{Arc, Mutex};

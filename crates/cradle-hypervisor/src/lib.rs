@@ -34,21 +34,9 @@ impl Accel {
     }
 }
 
-/// A disk image's format.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum DiskFormat {
-    Raw,
-    Qcow2,
-}
-
-impl DiskFormat {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            DiskFormat::Raw => "raw",
-            DiskFormat::Qcow2 => "qcow2",
-        }
-    }
-}
+/// A disk image's format: the model's, so an instance's disks need no
+/// translation on their way to QEMU.
+pub use cradle_model::machine::DiskFormat;
 
 /// One disk, attached as a virtio block device in order (`vda`, `vdb`, …).
 #[derive(Clone, Debug)]

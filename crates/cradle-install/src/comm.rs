@@ -1,8 +1,9 @@
 //! The communication NIC, as Ganeti built it: per install job a tap on the
-//! host holding 169.254.169.254 (a /16 without its prefix route, so that
-//! dnsmasq can serve the link), a /32 route to the instance's own
+//! host holding 169.254.169.254/32 (a /16 without its prefix route when
+//! dnsmasq must serve the link), a /32 route to the instance's own
 //! link-local address, and an nftables table of its own that lets in only
-//! TCP from that address to the metadata port.
+//! TCP from that address to the metadata port (and, for a self-installing
+//! guest, its DHCP requests).
 //!
 //! The table hooks `prerouting` at priority `raw`, before conntrack and the
 //! routing decision: a packet from a spoofed source, anything aimed at
@@ -11,13 +12,15 @@
 //! listener then knows the guest by its source address. One table per tap
 //! means removing a job's fence is deleting its table.
 //!
-//! `ip` and `nft` are run with argument vectors; the ruleset reaches nft on
-//! its standard input. Tap names are cradle's own (`cri` and 8 hex digits).
+//! `ip` is run with argument vectors; the ruleset reaches nft on its
+//! standard input through the firewall's runner (`cradle_secgroups::nft`).
+//! Tap names are cradle's own (`cri` and 8 hex digits).
 
-use std::io::Write;
 use std::net::Ipv4Addr;
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
+
+use cradle_secgroups::nft::Nft;
 
 /// The host side of every communication NIC.
 pub const METADATA_IP: Ipv4Addr = Ipv4Addr::new(169, 254, 169, 254);
@@ -57,27 +60,16 @@ pub fn ruleset(tap: &str, guest: Ipv4Addr, port: u16, dhcp: bool) -> String {
 }
 
 impl Comm {
-    fn run(&self, program: &PathBuf, args: &[&str], stdin: Option<&str>) -> Result<(), String> {
-        let mut cmd = Command::new(program);
-        cmd.args(args)
-            .stdin(if stdin.is_some() {
-                Stdio::piped()
-            } else {
-                Stdio::null()
-            })
+    /// `ip ARGS`, which must succeed.
+    fn ip(&self, args: &[&str]) -> Result<(), String> {
+        let what = || format!("{} {}", self.ip.display(), args.join(" "));
+        let out = Command::new(&self.ip)
+            .args(args)
+            .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(Stdio::piped());
-        let what = || format!("{} {}", program.display(), args.join(" "));
-        let mut child = cmd
-            .spawn()
+            .stderr(Stdio::piped())
+            .output()
             .map_err(|e| format!("cannot run {}: {e}", what()))?;
-        if let (Some(text), Some(mut pipe)) = (stdin, child.stdin.take()) {
-            pipe.write_all(text.as_bytes())
-                .map_err(|e| format!("{}: {e}", what()))?;
-        }
-        let out = child
-            .wait_with_output()
-            .map_err(|e| format!("{}: {e}", what()))?;
         if out.status.success() {
             Ok(())
         } else {
@@ -89,24 +81,35 @@ impl Comm {
         }
     }
 
+    fn nft(&self) -> Nft {
+        Nft {
+            program: self.nft.clone(),
+            netns: None,
+        }
+    }
+
     /// Make `tap` for the guest at `guest` and fence it. Leftovers of a
     /// job that died with the server are removed first.
     pub fn setup(&self, tap: &str, guest: Ipv4Addr, port: u16, dhcp: bool) -> Result<(), String> {
         self.teardown(tap);
-        let ip = |args: &[&str]| self.run(&self.ip, args, None);
-        // A /16 without its prefix route: only the /32 route below leads
-        // into this tap, and dnsmasq sees the network it hands out.
-        let host = format!("{METADATA_IP}/16");
+        let ip = |args: &[&str]| self.ip(args);
+        // The host side is 169.254.169.254/32. With DHCP it is a /16
+        // without its prefix route instead, so that dnsmasq sees the
+        // network it hands out; either way only the /32 route below leads
+        // into this tap.
+        let host = format!("{METADATA_IP}/{}", if dhcp { 16 } else { 32 });
+        let mut addr = vec!["addr", "add", host.as_str(), "dev", tap];
+        if dhcp {
+            addr.push("noprefixroute");
+        }
         let route = format!("{guest}/32");
         let meta = METADATA_IP.to_string();
         let fenced = self
-            .run(
-                &self.nft,
-                &["-f", "-"],
-                Some(&ruleset(tap, guest, port, dhcp)),
-            )
+            .nft()
+            .apply_text(&ruleset(tap, guest, port, dhcp))
+            .map_err(|e| e.to_string())
             .and_then(|()| ip(&["tuntap", "add", "dev", tap, "mode", "tap"]))
-            .and_then(|()| ip(&["addr", "add", &host, "dev", tap, "noprefixroute"]))
+            .and_then(|()| ip(&addr))
             .and_then(|()| ip(&["link", "set", "dev", tap, "up"]))
             .and_then(|()| {
                 ip(&[
@@ -122,12 +125,10 @@ impl Comm {
     /// Remove `tap` (its address and route go with it) and its table.
     /// Whatever is already gone is not an error.
     pub fn teardown(&self, tap: &str) {
-        let _ = self.run(&self.ip, &["link", "del", "dev", tap], None);
-        let _ = self.run(
-            &self.nft,
-            &["delete", "table", "inet", &table_name(tap)],
-            None,
-        );
+        let _ = self.ip(&["link", "del", "dev", tap]);
+        let _ = self
+            .nft()
+            .apply_text(&format!("delete table inet {}\n", table_name(tap)));
     }
 }
 

@@ -32,7 +32,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use cradle_hypervisor::{Accel, DiskFormat, Hypervisor, KernelBoot, Nic, Qemu, Status, VmSpec};
+use cradle_hypervisor::{Accel, Hypervisor, KernelBoot, Nic, Qemu, Status, VmSpec};
 use cradle_model::{Instance, Os};
 use cradle_os::{Environment, Operation, OsDefinition, Placement};
 use cradle_registry::jobs::{EventKind, InstallJob, Package};
@@ -337,7 +337,7 @@ impl Installer {
         let runner_user = if placement == Placement::Appliance {
             None
         } else {
-            if effective_uid() == 0 {
+            if cradle_os::running_as_root() {
                 Some(
                     cradle_os::User::lookup(&self.settings.script_user)
                         .map_err(|e| StartError::Unavailable(e.to_string()))?,
@@ -464,6 +464,23 @@ impl Installer {
         info!(instance = %inst.id, job = %job.id, succeeded = ok, reason = reason.as_deref().unwrap_or(""), "install ended");
     }
 
+    /// When `job` must end (`[install] timeout` from its start, never
+    /// extended), and how that end is reported.
+    fn deadline(
+        &self,
+        job: &InstallJob,
+    ) -> (tokio::time::Instant, impl Fn() -> String + Sync + use<>) {
+        let secs = self.settings.timeout.as_secs();
+        (
+            tokio::time::Instant::from_std(job.started + self.settings.timeout),
+            move || {
+                format!(
+                    "the install ran past its {secs}s timeout ([install] timeout); the VM was killed"
+                )
+            },
+        )
+    }
+
     fn qemu(&self, accel: Accel) -> Qemu {
         Qemu::new(&self.settings.qemu, &self.settings.run_dir, accel)
     }
@@ -476,13 +493,7 @@ impl Installer {
         vm: &str,
         tap: &str,
     ) -> Result2 {
-        let deadline = tokio::time::Instant::from_std(job.started + self.settings.timeout);
-        let timeout_reason = || {
-            format!(
-                "the install ran past its {}s timeout ([install] timeout); the appliance was killed",
-                self.settings.timeout.as_secs()
-            )
-        };
+        let (deadline, timeout_reason) = self.deadline(job);
         let trusted = if plan.placement == Placement::Appliance {
             None
         } else {
@@ -569,13 +580,7 @@ impl Installer {
         vm: &str,
         tap: &str,
     ) -> Result2 {
-        let deadline = tokio::time::Instant::from_std(job.started + self.settings.timeout);
-        let timeout_reason = || {
-            format!(
-                "the install ran past its {}s timeout ([install] timeout); the VM was killed",
-                self.settings.timeout.as_secs()
-            )
-        };
+        let (deadline, timeout_reason) = self.deadline(job);
         if let Some(src) = &plan.source {
             job.note(
                 EventKind::Job,
@@ -814,10 +819,7 @@ fn vm_disks(inst: &Instance) -> Vec<cradle_hypervisor::Disk> {
         .iter()
         .map(|d| cradle_hypervisor::Disk {
             path: PathBuf::from(&d.path),
-            format: match d.format {
-                cradle_model::machine::DiskFormat::Raw => DiskFormat::Raw,
-                cradle_model::machine::DiskFormat::Qcow2 => DiskFormat::Qcow2,
-            },
+            format: d.format,
             read_only: false,
         })
         .collect()
@@ -889,20 +891,6 @@ async fn blocking<T: Send + 'static>(
     tokio::task::spawn_blocking(f)
         .await
         .unwrap_or_else(|e| Err(format!("internal task failed: {e}")))
-}
-
-/// The effective uid.
-fn effective_uid() -> u32 {
-    // std has no geteuid; /proc/self/status says it without unsafe code.
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("Uid:"))
-                .and_then(|l| l.split_whitespace().nth(2))
-                .and_then(|v| v.parse().ok())
-        })
-        .unwrap_or(u32::MAX)
 }
 
 /// Run mode: the instance's own VM, from its disks, with its memory, vcpus

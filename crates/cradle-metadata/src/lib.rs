@@ -26,7 +26,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
-use cradle_model::{ImdsTokens, Instance};
+use cradle_model::{ImdsTokens, Instance, State};
 use cradle_registry::metrics::Metrics;
 use cradle_registry::{ChannelDirection, Registry, RegistryError};
 use cradle_render::{Context, Resolved};
@@ -367,7 +367,11 @@ async fn handle(svc: &MetadataService, source: IpAddr, req: Request<Incoming>) -
             "404 Not Found: no instance has this source address",
         ),
         Some(i) => {
-            if let Some(job) = svc.registry.running_install(i.id) {
+            // Only an instance being installed has a job: the state in hand
+            // says so without taking the jobs' lock on every request.
+            if i.state == State::Installing
+                && let Some(job) = svc.registry.running_install(i.id)
+            {
                 job.saw_request();
             }
             route(svc, i, &path, req).await

@@ -18,7 +18,10 @@ pub use definition::{
     display_search_path, find, list, load, search_path, split_name,
 };
 pub use env::{Disk, Environment, osp};
-pub use run::{Finished, Runner, SECRETS_FD, Streams, User, run_trusted, run_trusted_with};
+pub use run::{
+    Finished, Runner, SECRETS_FD, SecretsHandoff, Streams, User, run_trusted, run_trusted_with,
+    running_as_root,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {

@@ -113,6 +113,60 @@ impl Finished {
 /// Called with `"stdout"` or `"stderr"` and each line (without its end).
 pub type LineSink = Box<dyn Fn(&'static str, &str) + Send + Sync>;
 
+/// The secrets pipe of one script: prepared on its `Command` before the
+/// spawn (descriptor [`SECRETS_FD`] in the child, named by
+/// `CRADLE_SECRETS_FD`), fed once after it. Shared by the host's trusted
+/// runner and the appliance's agent, so the one piece of `pre_exec` code
+/// that hands secrets to a script exists once.
+pub struct SecretsHandoff {
+    reader: std::io::PipeReader,
+    writer: std::io::PipeWriter,
+}
+
+impl SecretsHandoff {
+    /// Give `cmd` the pipe's read end as descriptor 3, and say so in its
+    /// environment.
+    pub fn prepare(cmd: &mut Command) -> std::io::Result<SecretsHandoff> {
+        let (reader, writer) = std::io::pipe()?;
+        let fd = reader.as_raw_fd();
+        cmd.env("CRADLE_SECRETS_FD", SECRETS_FD.to_string());
+        // SAFETY: between fork and exec only dup2 or fcntl runs, both
+        // async-signal-safe; dup2 clears close-on-exec on the copy.
+        unsafe {
+            cmd.pre_exec(move || {
+                // dup2 onto itself would leave close-on-exec set.
+                let ok = if fd == SECRETS_FD {
+                    libc::fcntl(fd, libc::F_SETFD, 0) >= 0
+                } else {
+                    libc::dup2(fd, SECRETS_FD) >= 0
+                };
+                if !ok {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        Ok(SecretsHandoff { reader, writer })
+    }
+
+    /// After the spawn: close our copy of the read end and write `body` on
+    /// a thread (a script that reads late must not block the caller). A
+    /// script that never reads gets its pipe closed: EPIPE, not an error.
+    pub fn send(self, body: Secret<String>) -> std::thread::JoinHandle<()> {
+        drop(self.reader);
+        let mut w = self.writer;
+        std::thread::spawn(move || {
+            let _ = w.write_all(body.expose().as_bytes());
+        })
+    }
+}
+
+/// Whether this process runs as root (scripts then need a script user).
+pub fn running_as_root() -> bool {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    unsafe { libc::geteuid() == 0 }
+}
+
 /// What a running script's output lines go to, and what feeds its input.
 #[derive(Default)]
 pub struct Streams {
@@ -160,8 +214,7 @@ pub fn run_trusted_with(
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .process_group(0);
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } == 0 {
+    if running_as_root() {
         let Some(user) = &runner.user else {
             return Err(Error::User {
                 name: "root".into(),
@@ -177,40 +230,13 @@ pub fn run_trusted_with(
         // std drops the supplementary groups when it changes the uid from root.
         cmd.uid(user.uid).gid(user.gid);
     }
-    let pipe = if secrets.is_empty() {
+    let handoff = if secrets.is_empty() {
         None
     } else {
-        let (reader, writer) = std::io::pipe().map_err(io)?;
-        let fd = reader.as_raw_fd();
-        cmd.env("CRADLE_SECRETS_FD", SECRETS_FD.to_string());
-        // SAFETY: between fork and exec only dup2 or fcntl runs, both
-        // async-signal-safe; dup2 clears close-on-exec on the copy.
-        unsafe {
-            cmd.pre_exec(move || {
-                // dup2 onto itself would leave close-on-exec set.
-                let ok = if fd == SECRETS_FD {
-                    libc::fcntl(fd, libc::F_SETFD, 0) >= 0
-                } else {
-                    libc::dup2(fd, SECRETS_FD) >= 0
-                };
-                if !ok {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
-        Some((reader, writer))
+        Some(SecretsHandoff::prepare(&mut cmd).map_err(io)?)
     };
     let mut child = cmd.spawn().map_err(io)?;
-    let writer = pipe.map(|(reader, writer)| {
-        drop(reader);
-        let body = secrets_json(secrets);
-        std::thread::spawn(move || {
-            let mut w = writer;
-            // A script that never reads them gets EPIPE here: not an error.
-            let _ = w.write_all(body.expose().as_bytes());
-        })
-    });
+    let writer = handoff.map(|h| h.send(secrets_json(secrets)));
     let on_line = streams.on_line.map(std::sync::Arc::from);
     let out = tail_reader(
         child.stdout.take().expect("piped"),

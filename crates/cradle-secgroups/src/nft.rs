@@ -1533,6 +1533,14 @@ impl Nft {
         self.run(&["-j", "-f", "-"], Some(bytes)).map(drop)
     }
 
+    /// Apply a ruleset written in nft's own language (`nft -f -`), as one
+    /// transaction: for small fixed tables whose text is clearer than
+    /// their JSON (the install jobs' fences).
+    pub fn apply_text(&self, script: &str) -> Result<(), NftError> {
+        self.run(&["-f", "-"], Some(script.as_bytes().to_vec()))
+            .map(drop)
+    }
+
     /// Check `doc` without applying it (`nft -c -j -f -`).
     pub fn check<T: Serialize + ?Sized>(&self, doc: &T) -> Result<(), NftError> {
         let bytes = serde_json::to_vec(doc).expect("nft documents serialize");

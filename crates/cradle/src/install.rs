@@ -25,6 +25,15 @@ fn line(e: &JobEvent) -> String {
     format!("[{:>7.1}s] {kind:<9} {}", e.ms as f64 / 1000.0, e.text)
 }
 
+/// A job just started or looked up: followed to its end, or printed.
+pub fn show(api: &Api, path: &str, job: JobView, follow_it: bool, output: Output) -> Result<()> {
+    if follow_it {
+        follow(api, path, job, output)
+    } else {
+        print(&mut std::io::stdout().lock(), output, &job)
+    }
+}
+
 /// Print a job and its events.
 pub fn print(out: &mut impl Write, output: Output, job: &JobView) -> Result<()> {
     if output == Output::Json {

@@ -370,13 +370,8 @@ pub fn run(args: InstanceArgs) -> Result<()> {
         }
         InstanceCommand::Install { instance, follow } => {
             let path = format!("/v1/instances/{}/install", segment(&instance));
-            let job: crate::install::JobView = api.post(&path, &serde_json::json!({}))?;
-            if follow {
-                drop(out);
-                crate::install::follow(&api, &path, job, output)
-            } else {
-                crate::install::print(&mut out, output, &job)
-            }
+            let job = api.post(&path, &serde_json::json!({}))?;
+            crate::install::show(&api, &path, job, follow, output)
         }
         InstanceCommand::Start { instance } => {
             let v: InstanceView = api.post(
@@ -424,13 +419,8 @@ pub fn run(args: InstanceArgs) -> Result<()> {
         }
         InstanceCommand::InstallStatus { instance, follow } => {
             let path = format!("/v1/instances/{}/install", segment(&instance));
-            let job: crate::install::JobView = api.get(&path)?;
-            if follow {
-                drop(out);
-                crate::install::follow(&api, &path, job, output)
-            } else {
-                crate::install::print(&mut out, output, &job)
-            }
+            let job = api.get(&path)?;
+            crate::install::show(&api, &path, job, follow, output)
         }
         InstanceCommand::Remove { instance } => {
             api.delete(&format!("/v1/instances/{}", segment(&instance)))?;

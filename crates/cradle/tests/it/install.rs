@@ -54,11 +54,17 @@ fn ext4_image(work: &Path, name: &str) -> PathBuf {
     let seed = work.join(format!("{name}-seed"));
     write(&seed.join("etc/hostname"), "before-install\n", 0o644);
     let img = work.join(format!("{name}.img"));
+    mke2fs(&seed, &img, "32M");
+    img
+}
+
+/// `mke2fs -t ext4 -d SEED IMG SIZE`.
+fn mke2fs(seed: &Path, img: &Path, size: &str) {
     let out = Command::new("mke2fs")
         .args(["-q", "-F", "-t", "ext4", "-L", "root", "-d"])
-        .arg(&seed)
-        .arg(&img)
-        .arg("32M")
+        .arg(seed)
+        .arg(img)
+        .arg(size)
         .output()
         .unwrap();
     assert!(
@@ -66,7 +72,6 @@ fn ext4_image(work: &Path, name: &str) -> PathBuf {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    img
 }
 
 fn debugfs(img: &Path, request: &str) -> String {
@@ -127,30 +132,9 @@ impl Lab {
         Run::of(&mut self.server.cli(args))
     }
 
-    /// Every (table, packets) of the fences' drop counters now.
+    /// The packets the fences' drop counters have counted, now.
     fn fence_drops(&self) -> u64 {
-        let out = self
-            .ns
-            .command("nft")
-            .args(["-j", "list", "ruleset"])
-            .output()
-            .unwrap();
-        let v: Value = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
-        v["nftables"]
-            .as_array()
-            .map(|items| {
-                items
-                    .iter()
-                    .filter(|i| {
-                        i["rule"]["table"]
-                            .as_str()
-                            .is_some_and(|t| t.starts_with("cradle_comm_"))
-                    })
-                    .flat_map(|i| i["rule"]["expr"].as_array().cloned().unwrap_or_default())
-                    .filter_map(|e| e["counter"]["packets"].as_u64())
-                    .sum()
-            })
-            .unwrap_or(0)
+        fence_drops(&self.ns.nft())
     }
 
     /// Taps and fences left in the namespace.
@@ -174,6 +158,29 @@ impl Lab {
             .join("\n");
         (taps, tables)
     }
+}
+
+/// The packets counted by the drop rules of every install fence
+/// (`cradle_comm_*` tables) in the namespace `nft` works in.
+fn fence_drops(nft: &cradle_secgroups::nft::Nft) -> u64 {
+    let v = nft
+        .list(&["list", "ruleset"])
+        .expect("nft lists the ruleset");
+    v["nftables"]
+        .as_array()
+        .map(|items| {
+            items
+                .iter()
+                .filter(|i| {
+                    i["rule"]["table"]
+                        .as_str()
+                        .is_some_and(|t| t.starts_with("cradle_comm_"))
+                })
+                .flat_map(|i| i["rule"]["expr"].as_array().cloned().unwrap_or_default())
+                .filter_map(|e| e["counter"]["packets"].as_u64())
+                .sum()
+        })
+        .unwrap_or(0)
 }
 
 /// Runs on the host as nobody: records what it was given.
@@ -315,30 +322,10 @@ fn an_install_runs_its_scripts_in_the_appliance_and_on_the_host_and_overlays_the
     let drops = Arc::new(AtomicU64::new(0));
     let done = Arc::new(AtomicBool::new(false));
     let watcher = {
-        let (drops, done, ns) = (drops.clone(), done.clone(), lab.ns.name.clone());
+        let (drops, done, nft) = (drops.clone(), done.clone(), lab.ns.nft());
         std::thread::spawn(move || {
             while !done.load(Ordering::SeqCst) {
-                let out = Command::new("ip")
-                    .args(["netns", "exec", &ns, "nft", "-j", "list", "ruleset"])
-                    .output()
-                    .unwrap();
-                assert!(
-                    out.status.success(),
-                    "nft: {}",
-                    String::from_utf8_lossy(&out.stderr)
-                );
-                let v: Value = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
-                let n: u64 = v["nftables"]
-                    .as_array()
-                    .map(|items| {
-                        items
-                            .iter()
-                            .flat_map(|i| i["rule"]["expr"].as_array().cloned().unwrap_or_default())
-                            .filter_map(|e| e["counter"]["packets"].as_u64())
-                            .sum()
-                    })
-                    .unwrap_or(0);
-                drops.fetch_max(n, Ordering::SeqCst);
+                drops.fetch_max(fence_drops(&nft), Ordering::SeqCst);
                 std::thread::sleep(Duration::from_millis(200));
             }
         })
@@ -652,18 +639,7 @@ fn a_self_install_writes_the_image_boots_the_instance_and_it_configures_itself_b
     let seed = w.join("image-seed");
     write(&seed.join("from-image"), "written by mke2fs\n", 0o644);
     let image = w.join("os.img");
-    let out = Command::new("mke2fs")
-        .args(["-q", "-F", "-t", "ext4", "-d"])
-        .arg(&seed)
-        .arg(&image)
-        .arg("16M")
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    mke2fs(&seed, &image, "16M");
     let disk = w.join("selfy.img");
     std::fs::File::create(&disk)
         .unwrap()
