@@ -169,225 +169,30 @@ impl Firewall {
             let instances = update.instances.values().flatten().cloned().collect();
             return Some(self.plan_full(instances, &update.groups));
         }
-        let mut skipped = Vec::new();
-
-        // What each touched instance becomes.
-        let mut claimed: HashMap<&str, Uuid> = HashMap::new();
-        let mut next: BTreeMap<Uuid, Option<&Enforced>> = BTreeMap::new();
-        for (id, new) in &update.instances {
-            let new = match new {
-                Some(e) if e.instance != *id => {
-                    skipped.push(Skipped {
-                        instance: *id,
-                        reason: format!("its entry is for instance {}", e.instance),
-                    });
-                    None
-                }
-                Some(e) => match admissible(e) {
-                    Err(reason) => {
-                        skipped.push(Skipped {
-                            instance: *id,
-                            reason,
-                        });
-                        None
-                    }
-                    Ok(()) => {
-                        let holder = self
-                            .ifaces
-                            .get(&e.interface)
-                            .filter(|h| **h != *id && !update.instances.contains_key(h))
-                            .or_else(|| claimed.get(e.interface.as_str()));
-                        match holder {
-                            Some(h) => {
-                                skipped.push(Skipped {
-                                    instance: *id,
-                                    reason: format!("interface {} is instance {h}'s", e.interface),
-                                });
-                                None
-                            }
-                            None => {
-                                claimed.insert(&e.interface, *id);
-                                Some(e)
-                            }
-                        }
-                    }
-                },
-                None => None,
-            };
-            if self.instances.get(id) != new {
-                next.insert(*id, new);
-            }
-        }
-
-        // Which groups are named afterwards.
-        let mut refs_delta: BTreeMap<Uuid, isize> = BTreeMap::new();
-        for (id, new) in &next {
-            if let Some(old) = self.instances.get(id) {
-                for g in referenced_groups(old) {
-                    *refs_delta.entry(g).or_default() -= 1;
-                }
-            }
-            if let Some(new) = new {
-                for g in referenced_groups(new) {
-                    *refs_delta.entry(g).or_default() += 1;
-                }
-            }
-        }
-        let mut groups: BTreeMap<Uuid, Option<Members>> = BTreeMap::new();
-        let mut created: Vec<Uuid> = Vec::new();
-        let mut deleted: Vec<Uuid> = Vec::new();
-        for (g, delta) in &refs_delta {
-            let now = self.refs.get(g).copied().unwrap_or(0) as isize;
-            match (self.groups.contains_key(g), now + delta > 0) {
-                (false, true) => {
-                    created.push(*g);
-                    groups.insert(*g, Some(update.groups.get(g).cloned().unwrap_or_default()));
-                }
-                (true, false) => {
-                    deleted.push(*g);
-                    groups.insert(*g, None);
-                }
-                _ => {}
-            }
-        }
-        let mut member_changes: Vec<(Uuid, &Members, &Members)> = Vec::new();
-        for (g, m) in &update.groups {
-            if groups.contains_key(g) {
-                continue;
-            }
-            if let Some(old) = self.groups.get(g)
-                && old != m
-            {
-                member_changes.push((*g, old, m));
-                groups.insert(*g, Some(m.clone()));
-            }
-        }
-
-        let skips_change = skipped
-            .iter()
-            .any(|s| self.unenforced.get(&s.instance) != Some(&s.reason))
-            || update.instances.keys().any(|id| {
-                self.unenforced.contains_key(id) && !skipped.iter().any(|s| s.instance == *id)
-            });
-        if next.is_empty() && groups.is_empty() && !skips_change {
+        let (next, skipped) = self.next_instances(update);
+        let mut groups = self.group_set_changes(&next, update);
+        self.member_changes(update, &mut groups);
+        let skips_change = self.skips_change(update, &skipped);
+        if next.is_empty() && groups.sets.is_empty() && !skips_change {
             return None;
         }
 
         let mut c = Cmds::new(&self.table);
-        // Group sets first, so the rules below can use them.
-        for g in &created {
-            if let Some(Some(m)) = groups.get(g) {
-                add_group_set(&mut c, *g, m);
-            }
-        }
-        for (g, old, new) in &member_changes {
-            let (s4, s6) = (group_set4(*g), group_set6(*g));
-            c.elements(
-                Verb::Delete,
-                &s4,
-                addr_elems(old.ipv4.difference(&new.ipv4)),
-            );
-            c.elements(
-                Verb::Delete,
-                &s6,
-                addr_elems(old.ipv6.difference(&new.ipv6)),
-            );
-            c.elements(Verb::Add, &s4, addr_elems(new.ipv4.difference(&old.ipv4)));
-            c.elements(Verb::Add, &s6, addr_elems(new.ipv6.difference(&old.ipv6)));
-        }
-
-        let rendered: Vec<(Option<Rendered>, Option<Rendered>)> = next
-            .iter()
-            .map(|(id, new)| {
-                (
-                    self.instances.get(id).map(render_instance),
-                    new.map(render_instance),
-                )
-            })
-            .collect();
-
-        // Elements that go: before their chains are deleted, and before an
-        // interface moves to another instance.
-        let gone = rendered.iter().flat_map(|(old, new)| {
-            let keep: &[Elem] = new.as_ref().map_or(&[], |n| &n.elems);
-            old.iter()
-                .flat_map(|o| &o.elems)
-                .filter(move |e| !keep.contains(e))
-        });
-        add_elements(&mut c, Verb::Delete, gone);
-
-        // Empty the chains that change or go; make the new ones.
-        let mut refill: Vec<(&Name, &Vec<Rule>)> = Vec::new();
-        let mut drop_chains: Vec<&Name> = Vec::new();
-        let mut new_chains: Vec<&Name> = Vec::new();
-        for (old, new) in &rendered {
-            let Some(r) = new.as_ref().or(old.as_ref()) else {
-                continue;
-            };
-            let pairs = [
-                (
-                    &r.in_chain,
-                    old.as_ref().map(|o| &o.ingress),
-                    new.as_ref().map(|n| &n.ingress),
-                ),
-                (
-                    &r.out_chain,
-                    old.as_ref().and_then(|o| o.egress.as_ref()),
-                    new.as_ref().and_then(|n| n.egress.as_ref()),
-                ),
-            ];
-            for (chain, old, new) in pairs {
-                match (old, new) {
-                    (Some(o), Some(n)) if o == n => {}
-                    (Some(_), Some(n)) => {
-                        c.chain(Verb::Flush, chain);
-                        refill.push((chain, n));
-                    }
-                    (Some(_), None) => {
-                        c.chain(Verb::Flush, chain);
-                        drop_chains.push(chain);
-                    }
-                    (None, Some(n)) => {
-                        new_chains.push(chain);
-                        refill.push((chain, n));
-                    }
-                    (None, None) => {}
-                }
-            }
-        }
-        for chain in new_chains {
-            c.chain(Verb::Add, chain);
-        }
-        for (chain, rules) in refill {
-            for rule in rules {
-                c.rule(chain, rule.clone());
-            }
-        }
-
-        // Elements that come, once their chains exist.
-        let come = rendered.iter().flat_map(|(old, new)| {
-            let had: &[Elem] = old.as_ref().map_or(&[], |o| &o.elems);
-            new.iter()
-                .flat_map(|n| &n.elems)
-                .filter(move |e| !had.contains(e))
-        });
-        add_elements(&mut c, Verb::Add, come);
-
-        for chain in drop_chains {
-            c.chain(Verb::Delete, chain);
-        }
-        // Group sets last: nothing uses them any more.
-        for g in &deleted {
-            c.set(Verb::Delete, group_set4(*g), None);
-            c.set(Verb::Delete, group_set6(*g), None);
-        }
+        add_group_sets(&mut c, &groups);
+        change_group_members(&mut c, &groups.members);
+        let rendered = self.render_changes(&next);
+        delete_gone_elements(&mut c, &rendered);
+        let dropped = flush_and_refill_chains(&mut c, &rendered);
+        add_new_elements(&mut c, &rendered);
+        delete_dropped_chains(&mut c, dropped);
+        delete_group_sets(&mut c, &groups.deleted);
 
         Some(Plan {
             cmds: c.out,
             change: Change::Delta {
                 touched: update.instances.keys().copied().collect(),
                 instances: next.into_iter().map(|(id, e)| (id, e.cloned())).collect(),
-                groups,
+                groups: groups.sets,
             },
             skipped,
         })
@@ -451,6 +256,295 @@ impl Firewall {
         for s in plan.skipped {
             self.unenforced.insert(s.instance, s.reason);
         }
+    }
+}
+
+// ---- the steps of a delta ------------------------------------------------
+//
+// `plan_update` first works out what changes (instances, group sets, their
+// members, the unenforced list), then emits commands in the one order nft
+// takes in a single transaction: a set or chain exists before anything
+// refers to it, and stops being referred to before it is deleted.
+
+/// What an update does to the group sets.
+struct GroupChanges<'a> {
+    /// Every set that changes: `Some`, it exists afterwards with these
+    /// members; `None`, it is deleted.
+    sets: BTreeMap<Uuid, Option<Members>>,
+    /// Sets to make: a rule names their group now and none did.
+    created: Vec<Uuid>,
+    /// Sets to delete: no rule names their group any more.
+    deleted: Vec<Uuid>,
+    /// Sets that stay but whose members change: the group, its applied
+    /// members, its new ones.
+    members: Vec<(Uuid, &'a Members, &'a Members)>,
+}
+
+/// An instance that changes, rendered as applied and as it becomes (`None`
+/// where it is not there).
+type Rerendered = (Option<Rendered>, Option<Rendered>);
+
+impl Firewall {
+    /// What each touched instance becomes, for those that change (`None`:
+    /// it goes, or can no longer be enforced), and the touched instances
+    /// left out, and why.
+    fn next_instances<'u>(
+        &self,
+        update: &'u Update,
+    ) -> (BTreeMap<Uuid, Option<&'u Enforced>>, Vec<Skipped>) {
+        let mut skipped = Vec::new();
+        let mut claimed: HashMap<&str, Uuid> = HashMap::new();
+        let mut next: BTreeMap<Uuid, Option<&Enforced>> = BTreeMap::new();
+        for (id, new) in &update.instances {
+            let new = match new {
+                Some(e) if e.instance != *id => {
+                    skipped.push(Skipped {
+                        instance: *id,
+                        reason: format!("its entry is for instance {}", e.instance),
+                    });
+                    None
+                }
+                Some(e) => match admissible(e) {
+                    Err(reason) => {
+                        skipped.push(Skipped {
+                            instance: *id,
+                            reason,
+                        });
+                        None
+                    }
+                    Ok(()) => {
+                        let holder = self
+                            .ifaces
+                            .get(&e.interface)
+                            .filter(|h| **h != *id && !update.instances.contains_key(h))
+                            .or_else(|| claimed.get(e.interface.as_str()));
+                        match holder {
+                            Some(h) => {
+                                skipped.push(Skipped {
+                                    instance: *id,
+                                    reason: format!("interface {} is instance {h}'s", e.interface),
+                                });
+                                None
+                            }
+                            None => {
+                                claimed.insert(&e.interface, *id);
+                                Some(e)
+                            }
+                        }
+                    }
+                },
+                None => None,
+            };
+            if self.instances.get(id) != new {
+                next.insert(*id, new);
+            }
+        }
+        (next, skipped)
+    }
+
+    /// Which group sets are made or deleted: by how many rules name each
+    /// group once the instances in `next` changed. A new set gets its
+    /// members from the update.
+    fn group_set_changes<'a>(
+        &self,
+        next: &BTreeMap<Uuid, Option<&Enforced>>,
+        update: &Update,
+    ) -> GroupChanges<'a> {
+        let mut refs_delta: BTreeMap<Uuid, isize> = BTreeMap::new();
+        for (id, new) in next {
+            if let Some(old) = self.instances.get(id) {
+                for g in referenced_groups(old) {
+                    *refs_delta.entry(g).or_default() -= 1;
+                }
+            }
+            if let Some(new) = new {
+                for g in referenced_groups(new) {
+                    *refs_delta.entry(g).or_default() += 1;
+                }
+            }
+        }
+        let mut groups: BTreeMap<Uuid, Option<Members>> = BTreeMap::new();
+        let mut created: Vec<Uuid> = Vec::new();
+        let mut deleted: Vec<Uuid> = Vec::new();
+        for (g, delta) in &refs_delta {
+            let now = self.refs.get(g).copied().unwrap_or(0) as isize;
+            match (self.groups.contains_key(g), now + delta > 0) {
+                (false, true) => {
+                    created.push(*g);
+                    groups.insert(*g, Some(update.groups.get(g).cloned().unwrap_or_default()));
+                }
+                (true, false) => {
+                    deleted.push(*g);
+                    groups.insert(*g, None);
+                }
+                _ => {}
+            }
+        }
+        GroupChanges {
+            sets: groups,
+            created,
+            deleted,
+            members: Vec::new(),
+        }
+    }
+
+    /// The sets that stay but whose members the update changes, added to
+    /// `groups`. Members of a group without a set are not kept.
+    fn member_changes<'a>(&'a self, update: &'a Update, groups: &mut GroupChanges<'a>) {
+        for (g, m) in &update.groups {
+            if groups.sets.contains_key(g) {
+                continue;
+            }
+            if let Some(old) = self.groups.get(g)
+                && old != m
+            {
+                groups.members.push((*g, old, m));
+                groups.sets.insert(*g, Some(m.clone()));
+            }
+        }
+    }
+
+    /// Whether the list of unenforced instances changes: a touched instance
+    /// is skipped now for another reason than before, or not any more.
+    fn skips_change(&self, update: &Update, skipped: &[Skipped]) -> bool {
+        skipped
+            .iter()
+            .any(|s| self.unenforced.get(&s.instance) != Some(&s.reason))
+            || update.instances.keys().any(|id| {
+                self.unenforced.contains_key(id) && !skipped.iter().any(|s| s.instance == *id)
+            })
+    }
+
+    /// The instances that change, rendered before and after.
+    fn render_changes(&self, next: &BTreeMap<Uuid, Option<&Enforced>>) -> Vec<Rerendered> {
+        next.iter()
+            .map(|(id, new)| {
+                (
+                    self.instances.get(id).map(render_instance),
+                    new.map(render_instance),
+                )
+            })
+            .collect()
+    }
+}
+
+/// The new group sets with their members: first, so that the rules below
+/// can use them.
+fn add_group_sets(c: &mut Cmds, groups: &GroupChanges) {
+    for g in &groups.created {
+        if let Some(Some(m)) = groups.sets.get(g) {
+            add_group_set(c, *g, m);
+        }
+    }
+}
+
+/// The members that leave or join the sets that stay.
+fn change_group_members(c: &mut Cmds, members: &[(Uuid, &Members, &Members)]) {
+    for (g, old, new) in members {
+        let (s4, s6) = (group_set4(*g), group_set6(*g));
+        c.elements(
+            Verb::Delete,
+            &s4,
+            addr_elems(old.ipv4.difference(&new.ipv4)),
+        );
+        c.elements(
+            Verb::Delete,
+            &s6,
+            addr_elems(old.ipv6.difference(&new.ipv6)),
+        );
+        c.elements(Verb::Add, &s4, addr_elems(new.ipv4.difference(&old.ipv4)));
+        c.elements(Verb::Add, &s6, addr_elems(new.ipv6.difference(&old.ipv6)));
+    }
+}
+
+/// Elements that go: before their chains are deleted, and before an
+/// interface moves to another instance.
+fn delete_gone_elements(c: &mut Cmds, rendered: &[Rerendered]) {
+    let gone = rendered.iter().flat_map(|(old, new)| {
+        let keep: &[Elem] = new.as_ref().map_or(&[], |n| &n.elems);
+        old.iter()
+            .flat_map(|o| &o.elems)
+            .filter(move |e| !keep.contains(e))
+    });
+    add_elements(c, Verb::Delete, gone);
+}
+
+/// Empty the chains that change or go; make the new ones; fill the new and
+/// changed ones. Returns the chains that go, emptied here and deleted once
+/// no element jumps to them.
+fn flush_and_refill_chains<'r>(c: &mut Cmds, rendered: &'r [Rerendered]) -> Vec<&'r Name> {
+    let mut refill: Vec<(&Name, &Vec<Rule>)> = Vec::new();
+    let mut drop_chains: Vec<&Name> = Vec::new();
+    let mut new_chains: Vec<&Name> = Vec::new();
+    for (old, new) in rendered {
+        let Some(r) = new.as_ref().or(old.as_ref()) else {
+            continue;
+        };
+        let pairs = [
+            (
+                &r.in_chain,
+                old.as_ref().map(|o| &o.ingress),
+                new.as_ref().map(|n| &n.ingress),
+            ),
+            (
+                &r.out_chain,
+                old.as_ref().and_then(|o| o.egress.as_ref()),
+                new.as_ref().and_then(|n| n.egress.as_ref()),
+            ),
+        ];
+        for (chain, old, new) in pairs {
+            match (old, new) {
+                (Some(o), Some(n)) if o == n => {}
+                (Some(_), Some(n)) => {
+                    c.chain(Verb::Flush, chain);
+                    refill.push((chain, n));
+                }
+                (Some(_), None) => {
+                    c.chain(Verb::Flush, chain);
+                    drop_chains.push(chain);
+                }
+                (None, Some(n)) => {
+                    new_chains.push(chain);
+                    refill.push((chain, n));
+                }
+                (None, None) => {}
+            }
+        }
+    }
+    for chain in new_chains {
+        c.chain(Verb::Add, chain);
+    }
+    for (chain, rules) in refill {
+        for rule in rules {
+            c.rule(chain, rule.clone());
+        }
+    }
+    drop_chains
+}
+
+/// Elements that come, once their chains exist.
+fn add_new_elements(c: &mut Cmds, rendered: &[Rerendered]) {
+    let come = rendered.iter().flat_map(|(old, new)| {
+        let had: &[Elem] = old.as_ref().map_or(&[], |o| &o.elems);
+        new.iter()
+            .flat_map(|n| &n.elems)
+            .filter(move |e| !had.contains(e))
+    });
+    add_elements(c, Verb::Add, come);
+}
+
+/// The emptied chains that go, now that no element jumps to them.
+fn delete_dropped_chains(c: &mut Cmds, chains: Vec<&Name>) {
+    for chain in chains {
+        c.chain(Verb::Delete, chain);
+    }
+}
+
+/// Group sets last: nothing uses them any more.
+fn delete_group_sets(c: &mut Cmds, deleted: &[Uuid]) {
+    for g in deleted {
+        c.set(Verb::Delete, group_set4(*g), None);
+        c.set(Verb::Delete, group_set6(*g), None);
     }
 }
 
