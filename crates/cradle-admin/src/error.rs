@@ -2,9 +2,8 @@
 
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
+use cradle_core::{Error, Kind};
 use cradle_model::api::{ErrorBody, ErrorDetail, Invalid};
-use cradle_registry::RegistryError;
-use cradle_secgroups::state::SgError;
 use tracing::error;
 
 #[derive(Debug)]
@@ -46,46 +45,28 @@ impl From<Invalid> for ApiError {
     }
 }
 
-impl From<RegistryError> for ApiError {
-    fn from(e: RegistryError) -> Self {
-        let status = match &e {
-            RegistryError::NotFound(_) => return ApiError::not_found(e.to_string()),
-            RegistryError::Conflict(_) | RegistryError::PasswordSet => {
-                (StatusCode::CONFLICT, "conflict")
-            }
-            RegistryError::Busy(_) => (StatusCode::CONFLICT, "busy"),
-            RegistryError::Invalid(_) | RegistryError::PasswordTooLong => {
-                (StatusCode::UNPROCESSABLE_ENTITY, "invalid")
-            }
-            RegistryError::QueueFull(_) => (StatusCode::TOO_MANY_REQUESTS, "queue_full"),
-            RegistryError::MessageTooLarge(..) => (StatusCode::PAYLOAD_TOO_LARGE, "too_large"),
-            RegistryError::SecGroup(sg) => match sg {
-                SgError::Invalid(_) => (StatusCode::BAD_REQUEST, "invalid"),
-                SgError::NoGroup(_)
-                | SgError::NoRule(_)
-                | SgError::NoDefault(_)
-                | SgError::NotAttached(_) => (StatusCode::NOT_FOUND, "not_found"),
-                SgError::Conflict(_) => (StatusCode::CONFLICT, "conflict"),
-                SgError::InUse(_) => (StatusCode::CONFLICT, "in_use"),
-                SgError::TooManyRules(_) => (StatusCode::CONFLICT, "quota"),
-            },
-            RegistryError::SecGroupsDisabled => {
-                return ApiError::not_found("no such route (security groups are disabled)");
-            }
-            RegistryError::Firewall(msg) => {
-                error!(error = %msg, "firewall update failed");
-                (StatusCode::SERVICE_UNAVAILABLE, "firewall")
-            }
-            RegistryError::Store(inner) => {
-                error!(error = %inner, "storage failure");
-                return ApiError::new(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "storage",
-                    "storage failed; see the server log",
-                );
-            }
+/// The one place an operation's failure becomes an HTTP status. What is
+/// not the caller's doing is logged here with its detail; the caller gets
+/// only the public message.
+impl From<Error> for ApiError {
+    fn from(e: Error) -> Self {
+        let status = match e.kind() {
+            Kind::BadRequest => StatusCode::BAD_REQUEST,
+            Kind::Unauthorized => StatusCode::UNAUTHORIZED,
+            Kind::Forbidden => StatusCode::FORBIDDEN,
+            Kind::NotFound => StatusCode::NOT_FOUND,
+            Kind::Conflict => StatusCode::CONFLICT,
+            Kind::Invalid => StatusCode::UNPROCESSABLE_ENTITY,
+            Kind::TooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            Kind::TooMany => StatusCode::TOO_MANY_REQUESTS,
+            Kind::Upstream => StatusCode::BAD_GATEWAY,
+            Kind::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
+            Kind::Internal => StatusCode::INTERNAL_SERVER_ERROR,
         };
-        ApiError::new(status.0, status.1, e.to_string())
+        if e.is_server_side() {
+            error!(error = %e, code = e.code(), "admin request failed");
+        }
+        ApiError::new(status, e.code(), e.public_message())
     }
 }
 

@@ -2,7 +2,7 @@
 //! under `/v1.0/{tenant}/`, the native API under `/v1/tenants/{tenant}/`,
 //! and the firewall under `/v1/firewall`.
 //!
-//! Every lookup is filtered by the tenant in the path: another tenant's group
+//! Every operation names the tenant from the path; another tenant's group
 //! or rule answers 404, as if it did not exist (Trove's show-by-instance did
 //! not filter; this does). With `[security_groups] enabled = false` every
 //! route here answers 404.
@@ -12,21 +12,22 @@
 
 use std::sync::Arc;
 
-use axum::Router;
-use axum::extract::{Path, RawQuery, State};
+use axum::extract::{RawQuery, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post, put};
-use cradle_registry::{Registry, RegistryError};
-use cradle_secgroups::nft::{Firewall, Plan};
-use cradle_secgroups::{GroupView, RuleRequest, RuleView};
-use serde::{Deserialize, Serialize};
-use serde_json::{Value, json};
-use tracing::info;
+use axum::{Extension, Router};
+use cradle_core::{Caller, FirewallPlan};
+use cradle_model::answers::FirewallApplied;
+use cradle_secgroups::RuleRequest;
+use cradle_secgroups::api::{
+    DefaultRules, GroupPatch, GroupRequest, Groups, OneDefaultRule, OneGroup, OneRule, Rules,
+    TroveGroup, TroveRule,
+};
+use serde_json::Value;
 
-use crate::{AdminState, ApiError, Caller, Json, run};
-
-type Shared = State<Arc<AdminState>>;
+use crate::extract::{Json, Params};
+use crate::{AdminState, ApiError, Shared};
 
 pub fn routes() -> Router<Arc<AdminState>> {
     Router::new()
@@ -72,21 +73,10 @@ pub fn routes() -> Router<Arc<AdminState>> {
         .route("/v1/firewall/apply", post(firewall_apply))
 }
 
-fn bad_body(e: serde_json::Error) -> ApiError {
-    ApiError::new(
-        StatusCode::BAD_REQUEST,
-        "invalid",
-        format!(
-            "the rule does not fit: {}",
-            crate::error::describe_json_error(&e)
-        ),
-    )
-}
-
 fn rule_request(body: Value) -> Result<RuleRequest, ApiError> {
     serde_path_to_error::deserialize(body).map_err(|e| {
         let path = e.path().to_string();
-        let inner = bad_body(e.into_inner());
+        let inner = invalid_body("the rule does not fit", e.into_inner());
         match path.as_str() {
             "" | "." => inner,
             _ => ApiError::new(
@@ -98,238 +88,190 @@ fn rule_request(body: Value) -> Result<RuleRequest, ApiError> {
     })
 }
 
-/// Run a registry change off the async threads; 204 when it succeeds.
-async fn no_content(
-    s: &AdminState,
-    change: impl FnOnce(&Registry) -> Result<(), RegistryError> + Send + 'static,
-) -> Result<StatusCode, ApiError> {
-    let registry = s.registry.clone();
-    run(move || change(&registry)).await?;
-    Ok(StatusCode::NO_CONTENT)
+fn invalid_body(what: &str, e: serde_json::Error) -> ApiError {
+    ApiError::new(
+        StatusCode::BAD_REQUEST,
+        "invalid",
+        format!("{what}: {}", crate::error::describe_json_error(&e)),
+    )
 }
 
 // ---- native -------------------------------------------------------------
 
-async fn list(State(s): Shared, Path(tenant): Path<String>) -> Result<Response, ApiError> {
-    let groups = s.registry.sg_list(&tenant)?;
-    Ok(axum::Json(json!({ "security_groups": groups })).into_response())
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct NewGroup {
-    name: String,
-    #[serde(default)]
-    description: String,
+async fn list(
+    State(s): Shared,
+    Extension(caller): Extension<Caller>,
+    Params(tenant): Params<String>,
+) -> Result<Response, ApiError> {
+    let security_groups = s.core.security_groups(&caller, &tenant)?;
+    Ok(axum::Json(Groups { security_groups }).into_response())
 }
 
 async fn create(
     State(s): Shared,
-    Path(tenant): Path<String>,
+    Extension(caller): Extension<Caller>,
+    Params(tenant): Params<String>,
     Json(body): Json<Value>,
 ) -> Result<Response, ApiError> {
-    let g: NewGroup = serde_json::from_value(body).map_err(|e| {
-        ApiError::new(
-            StatusCode::BAD_REQUEST,
-            "invalid",
-            format!(
-                "a group is {{\"name\", \"description\"}}: {}",
-                crate::error::describe_json_error(&e)
-            ),
-        )
-    })?;
-    let registry = s.registry.clone();
-    let view = run(move || registry.sg_create(&tenant, &g.name, &g.description)).await?;
-    info!(group = %view.id, tenant = %view.tenant, "security group created");
-    Ok((
-        StatusCode::CREATED,
-        axum::Json(json!({ "security_group": view })),
-    )
-        .into_response())
+    let g: GroupRequest = serde_json::from_value(body)
+        .map_err(|e| invalid_body("a group is {\"name\", \"description\"}", e))?;
+    let security_group = s
+        .core
+        .create_security_group(&caller, &tenant, g.name, g.description)
+        .await?;
+    Ok((StatusCode::CREATED, axum::Json(OneGroup { security_group })).into_response())
 }
 
 async fn show(
     State(s): Shared,
-    Path((tenant, id)): Path<(String, String)>,
+    Extension(caller): Extension<Caller>,
+    Params((tenant, id)): Params<(String, String)>,
 ) -> Result<Response, ApiError> {
-    let g = s.registry.sg_show(&tenant, &id)?;
-    Ok(axum::Json(json!({ "security_group": g })).into_response())
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct GroupPatch {
-    #[serde(default)]
-    name: Option<String>,
-    #[serde(default)]
-    description: Option<String>,
+    let security_group = s.core.security_group(&caller, &tenant, &id)?;
+    Ok(axum::Json(OneGroup { security_group }).into_response())
 }
 
 async fn update(
     State(s): Shared,
-    Path((tenant, id)): Path<(String, String)>,
+    Extension(caller): Extension<Caller>,
+    Params((tenant, id)): Params<(String, String)>,
     Json(body): Json<Value>,
 ) -> Result<Response, ApiError> {
-    let p: GroupPatch = serde_json::from_value(body).map_err(|e| {
-        ApiError::new(
-            StatusCode::BAD_REQUEST,
-            "invalid",
-            format!(
-                "a group change is {{\"name\", \"description\"}}: {}",
-                crate::error::describe_json_error(&e)
-            ),
-        )
-    })?;
-    let registry = s.registry.clone();
-    let view =
-        run(move || registry.sg_update(&tenant, &id, p.name.as_deref(), p.description.as_deref()))
-            .await?;
-    Ok(axum::Json(json!({ "security_group": view })).into_response())
+    let p: GroupPatch = serde_json::from_value(body)
+        .map_err(|e| invalid_body("a group change is {\"name\", \"description\"}", e))?;
+    let security_group = s
+        .core
+        .update_security_group(&caller, &tenant, &id, p.name, p.description)
+        .await?;
+    Ok(axum::Json(OneGroup { security_group }).into_response())
 }
 
 async fn remove(
     State(s): Shared,
-    Path((tenant, id)): Path<(String, String)>,
+    Extension(caller): Extension<Caller>,
+    Params((tenant, id)): Params<(String, String)>,
 ) -> Result<StatusCode, ApiError> {
-    no_content(&s, move |r| r.sg_delete(&tenant, &id)).await
+    s.core.delete_security_group(&caller, &tenant, &id).await?;
+    Ok(StatusCode::NO_CONTENT)
 }
 
 async fn rules(
     State(s): Shared,
-    Path((tenant, id)): Path<(String, String)>,
+    Extension(caller): Extension<Caller>,
+    Params((tenant, id)): Params<(String, String)>,
 ) -> Result<Response, ApiError> {
-    let g = s.registry.sg_show(&tenant, &id)?;
-    Ok(axum::Json(json!({ "security_group_rules": g.rules })).into_response())
+    let g = s.core.security_group(&caller, &tenant, &id)?;
+    Ok(axum::Json(Rules {
+        security_group_rules: g.rules,
+    })
+    .into_response())
 }
 
 async fn add_rule(
     State(s): Shared,
-    Path((tenant, id)): Path<(String, String)>,
+    Extension(caller): Extension<Caller>,
+    Params((tenant, id)): Params<(String, String)>,
     Json(body): Json<Value>,
 ) -> Result<Response, ApiError> {
     let rule = rule_request(body)?;
-    let registry = s.registry.clone();
-    let view = run(move || registry.sg_add_rule(&tenant, &id, &rule)).await?;
-    info!(rule = %view.id, "security group rule added");
+    let security_group_rule = s.core.add_rule(&caller, &tenant, &id, rule).await?;
     Ok((
         StatusCode::CREATED,
-        axum::Json(json!({ "security_group_rule": view })),
+        axum::Json(OneRule {
+            security_group_rule,
+        }),
     )
         .into_response())
 }
 
 async fn delete_rule(
     State(s): Shared,
-    Path((tenant, id)): Path<(String, String)>,
+    Extension(caller): Extension<Caller>,
+    Params((tenant, id)): Params<(String, String)>,
 ) -> Result<StatusCode, ApiError> {
-    no_content(&s, move |r| r.sg_delete_rule(&tenant, &id)).await
+    s.core.delete_rule(&caller, &tenant, &id).await?;
+    Ok(StatusCode::NO_CONTENT)
 }
 
 async fn attach(
     State(s): Shared,
-    Path((tenant, id, instance)): Path<(String, String, String)>,
+    Extension(caller): Extension<Caller>,
+    Params((tenant, id, instance)): Params<(String, String, String)>,
 ) -> Result<StatusCode, ApiError> {
-    no_content(&s, move |r| r.sg_attach(&tenant, &id, &instance)).await
+    s.core
+        .attach_group(&caller, &tenant, &id, &instance)
+        .await?;
+    Ok(StatusCode::NO_CONTENT)
 }
 
 async fn detach(
     State(s): Shared,
-    Path((tenant, id, instance)): Path<(String, String, String)>,
+    Extension(caller): Extension<Caller>,
+    Params((tenant, id, instance)): Params<(String, String, String)>,
 ) -> Result<StatusCode, ApiError> {
-    no_content(&s, move |r| r.sg_detach(&tenant, &id, &instance)).await
+    s.core
+        .detach_group(&caller, &tenant, &id, &instance)
+        .await?;
+    Ok(StatusCode::NO_CONTENT)
 }
 
-async fn defaults(State(s): Shared, Path(tenant): Path<String>) -> Result<Response, ApiError> {
-    let rules = s.registry.sg_defaults(&tenant)?;
-    Ok(axum::Json(json!({ "default_rules": rules })).into_response())
+async fn defaults(
+    State(s): Shared,
+    Extension(caller): Extension<Caller>,
+    Params(tenant): Params<String>,
+) -> Result<Response, ApiError> {
+    let default_rules = s.core.default_rules(&caller, &tenant)?;
+    Ok(axum::Json(DefaultRules { default_rules }).into_response())
 }
 
 async fn add_default(
     State(s): Shared,
-    Path(tenant): Path<String>,
+    Extension(caller): Extension<Caller>,
+    Params(tenant): Params<String>,
     Json(body): Json<Value>,
 ) -> Result<Response, ApiError> {
     let rule = rule_request(body)?;
-    let registry = s.registry.clone();
-    let view = run(move || registry.sg_add_default(&tenant, &rule)).await?;
+    let default_rule = s.core.add_default_rule(&caller, &tenant, rule).await?;
     Ok((
         StatusCode::CREATED,
-        axum::Json(json!({ "default_rule": view })),
+        axum::Json(OneDefaultRule { default_rule }),
     )
         .into_response())
 }
 
 async fn delete_default(
     State(s): Shared,
-    Path((tenant, id)): Path<(String, String)>,
+    Extension(caller): Extension<Caller>,
+    Params((tenant, id)): Params<(String, String)>,
 ) -> Result<StatusCode, ApiError> {
-    no_content(&s, move |r| r.sg_delete_default(&tenant, &id)).await
+    s.core.delete_default_rule(&caller, &tenant, &id).await?;
+    Ok(StatusCode::NO_CONTENT)
 }
 
-async fn instance_groups(State(s): Shared, Path(key): Path<String>) -> Result<Response, ApiError> {
-    let groups = s.registry.sg_instance_groups(&key)?;
-    Ok(axum::Json(json!({ "security_groups": groups })).into_response())
+async fn instance_groups(
+    State(s): Shared,
+    Extension(caller): Extension<Caller>,
+    Params(key): Params<String>,
+) -> Result<Response, ApiError> {
+    let security_groups = s.core.instance_groups(&caller, &key)?;
+    Ok(axum::Json(Groups { security_groups }).into_response())
 }
 
 // ---- firewall -------------------------------------------------------------
 
 /// The whole table as it would be applied now. A plan serializes straight
 /// to the `{"nftables": [...]}` document, several times faster than going
-/// through a `Value` (seconds for 10,000 instances), on a blocking thread.
-async fn ruleset(s: &Arc<AdminState>) -> Result<Plan, ApiError> {
-    if !s.registry.security_groups_enabled() {
-        return Err(ApiError::not_found(
-            "no such route (security groups are disabled)",
-        ));
-    }
-    let (registry, table) = (s.registry.clone(), s.firewall_table.clone());
-    tokio::task::spawn_blocking(move || {
-        let (instances, groups) = registry.firewall_desired();
-        Firewall::new(table).plan_full(instances, &groups)
-    })
-    .await
-    .map_err(|_| ApiError::internal())
-}
-
-#[derive(Serialize)]
-struct Shown<'a> {
-    #[serde(skip_serializing_if = "Option::is_none")]
-    enforced: Option<bool>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    dirty: Option<bool>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    table: Option<&'a str>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    applied: Option<bool>,
-    ruleset: &'a Plan,
-}
-
-async fn firewall_show(State(s): Shared) -> Result<Response, ApiError> {
-    let ruleset = ruleset(&s).await?;
-    Ok(axum::Json(Shown {
-        enforced: Some(s.firewall_enforced),
-        dirty: Some(s.registry.firewall_dirty()),
-        table: Some(&s.firewall_table),
-        applied: None,
-        ruleset: &ruleset,
-    })
-    .into_response())
-}
-
-fn applied(applied: bool, ruleset: &Plan) -> Response {
-    axum::Json(Shown {
-        enforced: None,
-        dirty: None,
-        table: None,
-        applied: Some(applied),
-        ruleset,
-    })
-    .into_response()
+/// through a `Value` (seconds for 10,000 instances).
+async fn firewall_show(
+    State(s): Shared,
+    Extension(caller): Extension<Caller>,
+) -> Result<Response, ApiError> {
+    Ok(axum::Json(s.core.firewall(&caller).await?).into_response())
 }
 
 async fn firewall_apply(
     State(s): Shared,
-    axum::Extension(caller): axum::Extension<Caller>,
+    Extension(caller): Extension<Caller>,
     RawQuery(query): RawQuery,
 ) -> Result<Response, ApiError> {
     let mut dry_run = false;
@@ -349,82 +291,36 @@ async fn firewall_apply(
             }
         };
     }
-    let ruleset = ruleset(&s).await?;
-    if dry_run {
-        return Ok(applied(false, &ruleset));
-    }
-    if !caller.roles.iter().any(|r| r == crate::ADMIN_ROLE) {
-        return Err(ApiError::new(
-            StatusCode::FORBIDDEN,
-            "forbidden",
-            "applying the firewall needs the admin role",
-        ));
-    }
-    if !s.firewall_enforced {
-        return Err(ApiError::new(
-            StatusCode::CONFLICT,
-            "firewall_off",
-            "the firewall is off ([firewall] enabled = false); use --dry-run to see the ruleset",
-        ));
-    }
-    let registry = s.registry.clone();
-    run(move || registry.enforce_all()).await?;
-    info!(by = %caller.name, "firewall re-applied");
-    Ok(applied(true, &ruleset))
+    let ruleset: FirewallPlan = s.core.apply_firewall(&caller, dry_run).await?;
+    Ok(axum::Json(FirewallApplied {
+        applied: !dry_run,
+        ruleset,
+    })
+    .into_response())
 }
 
 // ---- Trove-compatible ---------------------------------------------------
 
-/// A group as Trove shows it.
-fn trove_group(g: &GroupView) -> Value {
-    json!({
-        "id": g.id,
-        "name": g.name,
-        "description": g.description,
-        "instance_id": g.instance_id,
-        "rules": g.rules.iter().map(trove_rule).collect::<Vec<_>>(),
-        "links": [],
-        "created": g.created_at.format(&time::format_description::well_known::Rfc3339).ok(),
-        "updated": g.created_at.format(&time::format_description::well_known::Rfc3339).ok(),
-    })
-}
-
-/// A rule as Trove shows it: ICMP type and code in the port fields, as Nova
-/// and Trove put them.
-fn trove_rule(r: &RuleView) -> Value {
-    let q = &r.rule;
-    let (from, to) = match (q.from_port, q.icmp_type) {
-        (Some(_), _) => (q.from_port, q.to_port),
-        (None, Some(t)) => (Some(t), Some(q.icmp_code.unwrap_or(-1))),
-        (None, None) => (None, None),
-    };
-    json!({
-        "id": r.id,
-        "group_id": r.group_id,
-        "security_group_id": r.group_id,
-        "direction": q.direction,
-        "ethertype": q.ethertype,
-        "protocol": q.protocol,
-        "from_port": from,
-        "to_port": to,
-        "cidr": q.cidr,
-        "remote_group_id": q.remote_group_id,
-        "created": r.created_at.format(&time::format_description::well_known::Rfc3339).ok(),
-    })
-}
-
-async fn trove_list(State(s): Shared, Path(tenant): Path<String>) -> Result<Response, ApiError> {
-    let groups = s.registry.sg_list(&tenant)?;
-    let groups: Vec<Value> = groups.iter().map(trove_group).collect();
-    Ok(axum::Json(json!({ "security_groups": groups })).into_response())
+async fn trove_list(
+    State(s): Shared,
+    Extension(caller): Extension<Caller>,
+    Params(tenant): Params<String>,
+) -> Result<Response, ApiError> {
+    let groups = s.core.security_groups(&caller, &tenant)?;
+    let security_groups: Vec<TroveGroup> = groups.iter().map(TroveGroup::from).collect();
+    Ok(axum::Json(Groups { security_groups }).into_response())
 }
 
 async fn trove_show(
     State(s): Shared,
-    Path((tenant, id)): Path<(String, String)>,
+    Extension(caller): Extension<Caller>,
+    Params((tenant, id)): Params<(String, String)>,
 ) -> Result<Response, ApiError> {
-    let g = s.registry.sg_show(&tenant, &id)?;
-    Ok(axum::Json(json!({ "security_group": trove_group(&g) })).into_response())
+    let g = s.core.security_group(&caller, &tenant, &id)?;
+    Ok(axum::Json(OneGroup {
+        security_group: TroveGroup::from(&g),
+    })
+    .into_response())
 }
 
 /// A number or a numeric string, as Trove clients send either.
@@ -471,7 +367,8 @@ fn text(field: &str, v: &Value) -> Result<Option<String>, ApiError> {
 /// ports are the type and code, `-1` meaning any.
 async fn trove_add_rule(
     State(s): Shared,
-    Path(tenant): Path<String>,
+    Extension(caller): Extension<Caller>,
+    Params(tenant): Params<String>,
     Json(body): Json<Value>,
 ) -> Result<Response, ApiError> {
     let bad = |m: &str| ApiError::new(StatusCode::BAD_REQUEST, "invalid", m.to_string());
@@ -504,12 +401,12 @@ async fn trove_add_rule(
         icmp_code: if is_icmp { any(to) } else { None },
         ..RuleRequest::default()
     };
-    let registry = s.registry.clone();
-    let view = run(move || registry.sg_add_rule(&tenant, &group, &request)).await?;
-    info!(rule = %view.id, "security group rule added (trove API)");
+    let view = s.core.add_rule(&caller, &tenant, &group, request).await?;
     Ok((
         StatusCode::CREATED,
-        axum::Json(json!({ "security_group_rule": [trove_rule(&view)] })),
+        axum::Json(OneRule {
+            security_group_rule: vec![TroveRule::from(&view)],
+        }),
     )
         .into_response())
 }

@@ -17,27 +17,12 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::SystemTime;
 
+use cradle_core::{ADMIN_ROLE, Caller};
 use cradle_model::Secret;
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 use tracing::warn;
-
-/// The role that may do operator-only things (reset an instance's state).
-pub const ADMIN_ROLE: &str = "admin";
-
-/// An authenticated caller.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Caller {
-    pub name: String,
-    pub roles: Vec<String>,
-}
-
-impl Caller {
-    pub fn has(&self, role: &str) -> bool {
-        self.roles.iter().any(|r| r == role)
-    }
-}
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -121,14 +106,18 @@ impl Tokens {
         })
     }
 
-    /// The caller a presented bearer token belongs to, if any.
-    pub fn authenticate(&self, presented: &str) -> Option<Caller> {
-        if bool::from(presented.as_bytes().ct_eq(self.admin.expose().as_bytes())) {
-            return Some(Caller {
-                name: "admin".into(),
-                roles: vec![ADMIN_ROLE.into()],
-            });
-        }
+    /// The main admin token's caller, when `presented` is it. Memory only.
+    pub fn main(&self, presented: &str) -> Option<Caller> {
+        bool::from(presented.as_bytes().ct_eq(self.admin.expose().as_bytes())).then(|| Caller {
+            name: "admin".into(),
+            roles: vec![ADMIN_ROLE.into()],
+        })
+    }
+
+    /// The caller a named token from the tokens file belongs to, if any.
+    /// Looks at the file (and re-reads it when it changed): call it off
+    /// the async workers.
+    pub fn named(&self, presented: &str) -> Option<Caller> {
         let path = self.file.as_ref()?;
         let hash = token_hash(presented);
         let mut named = self.named.lock().unwrap_or_else(|e| e.into_inner());

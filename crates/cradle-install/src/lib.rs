@@ -35,7 +35,7 @@ use std::time::Duration;
 use cradle_hypervisor::{Accel, Hypervisor, KernelBoot, Nic, Qemu, Status, VmSpec};
 use cradle_model::{Instance, Os};
 use cradle_os::{Environment, Operation, OsDefinition, Placement};
-use cradle_registry::jobs::{EventKind, InstallJob, Package};
+use cradle_registry::jobs::{Artifacts, EventKind, InstallJob, Package};
 use cradle_registry::{Registry, RegistryError};
 use tracing::{info, warn};
 
@@ -184,15 +184,23 @@ impl Installer {
         }
     }
 
-    /// Check `key` can be installed, register its job and start it.
-    pub async fn start(self: &Arc<Self>, key: &str) -> Result<Arc<InstallJob>, StartError> {
-        let inst = self.registry.get(key)?;
+    /// Check `inst` can be installed, register its job and start it. The
+    /// caller (the operations layer) has looked it up and authorized it.
+    pub async fn start(
+        self: &Arc<Self>,
+        inst: Arc<Instance>,
+    ) -> Result<Arc<InstallJob>, StartError> {
         let this = self.clone();
-        let prepared = tokio::task::spawn_blocking(move || this.prepare(&inst).map(|p| (inst, p)))
-            .await
-            .map_err(|e| StartError::Unavailable(format!("internal task failed: {e}")))??;
-        let (inst, (job, plan)) = prepared;
-        let job = self.registry.begin_install(job)?;
+        // Files, the OS definition, the package download and the store
+        // write all block: none of it on the runtime's workers.
+        let prepared = tokio::task::spawn_blocking(move || {
+            let (job, plan) = this.prepare(&inst)?;
+            let job = this.registry.begin_install(job)?;
+            Ok::<_, StartError>((inst, job, plan))
+        })
+        .await
+        .map_err(|e| StartError::Unavailable(format!("internal task failed: {e}")))??;
+        let (inst, job, plan) = prepared;
         info!(instance = %inst.id, job = %job.id, mode = plan.mode(), "install started");
         let this = self.clone();
         let running = job.clone();
@@ -287,7 +295,14 @@ impl Installer {
             })),
         });
         let manifest = serde_json::to_vec(&manifest).expect("JSON values serialize");
-        let job = InstallJob::new(inst, manifest, BTreeMap::new(), package);
+        let job = InstallJob::new(
+            inst,
+            Artifacts {
+                manifest: manifest.into(),
+                scripts: BTreeMap::new(),
+                package,
+            },
+        );
         Ok((job, SelfPlan { guest, source }))
     }
 
@@ -351,7 +366,7 @@ impl Installer {
             let bytes = std::fs::read(&f.path).map_err(|e| {
                 StartError::Invalid(format!("cannot read {}: {e}", f.path.display()))
             })?;
-            scripts.insert(fname.clone(), bytes);
+            scripts.insert(fname.clone(), bytes.into());
         }
         let package = match &inst.personalization_url {
             Some(url) => Some(fetch_package(inst, url)?),
@@ -382,7 +397,14 @@ impl Installer {
             })),
         });
         let manifest = serde_json::to_vec(&manifest).expect("JSON values serialize");
-        let job = InstallJob::new(inst, manifest, scripts, package);
+        let job = InstallJob::new(
+            inst,
+            Artifacts {
+                manifest: manifest.into(),
+                scripts,
+                package,
+            },
+        );
         Ok((
             job,
             Plan {
@@ -458,8 +480,17 @@ impl Installer {
             Ok(note) => (true, Some(note)),
             Err(reason) => (false, Some(reason)),
         };
-        if let Err(e) = self.registry.end_install(&job, ok, reason.clone()) {
-            warn!(instance = %inst.id, error = %e, "cannot record the end of the install");
+        let (registry, ended, why) = (self.registry.clone(), job.clone(), reason.clone());
+        let recorded =
+            tokio::task::spawn_blocking(move || registry.end_install(&ended, ok, why)).await;
+        match recorded {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                warn!(instance = %inst.id, error = %e, "cannot record the end of the install")
+            }
+            Err(e) => {
+                warn!(instance = %inst.id, error = %e, "cannot record the end of the install")
+            }
         }
         info!(instance = %inst.id, job = %job.id, succeeded = ok, reason = reason.as_deref().unwrap_or(""), "install ended");
     }
@@ -786,30 +817,48 @@ impl Installer {
             // Its lines go to the job as they come, and its standard output
             // to the appliance too (it reads them from /cradle/latest/read);
             // what the appliance writes on the channel comes in on its
-            // standard input.
-            let (tx, rx) = std::sync::mpsc::channel();
-            job.set_forward(Some(tx));
+            // standard input, through a bounded queue.
+            let stdin = job.forward_to_script();
             let lines = job.clone();
             let streams = cradle_os::Streams {
                 on_line: Some(Box::new(move |stream, line| {
                     lines.note(EventKind::Trusted, &format!("{stream}: {line}"));
-                    if stream == "stdout"
-                        && let Err(e) = registry.push_message(
-                            id,
-                            cradle_registry::ChannelDirection::ToGuest,
-                            line.as_bytes(),
-                        )
-                    {
-                        warn!(instance = %id, error = %e, "cannot queue the trusted script's line for the appliance");
+                    if stream == "stdout" {
+                        to_appliance(&registry, &lines, id, line);
                     }
                 })),
-                stdin: Some(rx),
+                stdin: Some(stdin),
             };
             let done = cradle_os::run_trusted_with(&script, &[], &env, &secrets, &runner, streams);
-            job.set_forward(None);
+            job.stop_forwarding();
             let done = done.map_err(|e| format!("the trusted create script: {e}"))?;
             Ok(exit_code(&done.status))
         })
+    }
+}
+
+/// Queue a line of the trusted script's output for the appliance. The
+/// queue is bounded (`[channel] queue_len`): while it is full the script's
+/// reader waits here, so the script itself is slowed by its full pipe; the
+/// line is dropped only when the job ends first.
+fn to_appliance(registry: &Registry, job: &InstallJob, id: uuid::Uuid, line: &str) {
+    let mut pause = Duration::from_millis(5);
+    loop {
+        match registry.push_message(
+            id,
+            cradle_registry::ChannelDirection::ToGuest,
+            line.as_bytes(),
+        ) {
+            Ok(_) => return,
+            Err(RegistryError::QueueFull(_)) if job.is_running() => {
+                std::thread::sleep(pause);
+                pause = (pause * 2).min(Duration::from_millis(200));
+            }
+            Err(e) => {
+                warn!(instance = %id, error = %e, "cannot queue the trusted script's line for the appliance");
+                return;
+            }
+        }
     }
 }
 
@@ -878,11 +927,17 @@ fn fetch_package(inst: &Instance, url: &str) -> Result<Package, StartError> {
     // Checked now, so a bad package fails the install before a VM boots.
     cradle_personalize::verify(fetched.path(), &limits)
         .map_err(|e| StartError::Invalid(format!("the personalization package: {e}")))?;
-    let (len, sha256) = (fetched.bytes, fetched.sha256.clone());
-    let file = fetched
+    let sha256 = fetched.sha256.clone();
+    // Read once into the one buffer every request is served from.
+    let mut bytes = Vec::with_capacity(usize::try_from(fetched.bytes).unwrap_or(0));
+    fetched
         .into_file()
+        .and_then(|mut f| std::io::Read::read_to_end(&mut f, &mut bytes))
         .map_err(|e| StartError::Unavailable(format!("the personalization package: {e}")))?;
-    Ok(Package { file, len, sha256 })
+    Ok(Package {
+        bytes: bytes.into(),
+        sha256,
+    })
 }
 
 async fn blocking<T: Send + 'static>(
@@ -903,8 +958,7 @@ impl Installer {
     }
 
     /// Start the instance's VM; its state becomes `running`.
-    pub async fn start_vm(&self, key: &str) -> Result<Arc<Instance>, StartError> {
-        let inst = self.registry.get(key)?;
+    pub async fn start_vm(&self, inst: Arc<Instance>) -> Result<Arc<Instance>, StartError> {
         if inst.state == cradle_model::State::Installing {
             return Err(StartError::Registry(RegistryError::Busy(format!(
                 "instance {} is being installed",
@@ -951,22 +1005,36 @@ impl Installer {
         blocking(move || qemu.start(&spec).map_err(|e| e.to_string()))
             .await
             .map_err(StartError::Unavailable)?;
-        Ok(self.registry.set_run_state(
+        self.record_run_state(
             inst.id,
             cradle_model::State::Running,
-            &format!("started ({})", accel.as_str()),
-        )?)
+            format!("started ({})", accel.as_str()),
+        )
+        .await
+    }
+
+    /// The run state, written to the store on the blocking pool.
+    async fn record_run_state(
+        &self,
+        id: uuid::Uuid,
+        state: cradle_model::State,
+        why: String,
+    ) -> Result<Arc<Instance>, StartError> {
+        let registry = self.registry.clone();
+        tokio::task::spawn_blocking(move || registry.set_run_state(id, state, &why))
+            .await
+            .map_err(|e| StartError::Unavailable(format!("internal task failed: {e}")))?
+            .map_err(StartError::from)
     }
 
     /// Stop the instance's VM: ACPI power-off with `grace`, then killed
     /// (`force`: killed at once). Its state becomes `stopped`.
     pub async fn stop_vm(
         &self,
-        key: &str,
+        inst: Arc<Instance>,
         force: bool,
         grace: Duration,
     ) -> Result<Arc<Instance>, StartError> {
-        let inst = self.registry.get(key)?;
         let (qemu, name) = (self.qemu(Accel::Tcg), Self::vm_name(&inst));
         blocking(move || {
             if force {
@@ -978,29 +1046,25 @@ impl Installer {
         })
         .await
         .map_err(StartError::Unavailable)?;
-        Ok(self.registry.set_run_state(
-            inst.id,
-            cradle_model::State::Stopped,
-            if force { "killed" } else { "stopped" },
-        )?)
+        let why = if force { "killed" } else { "stopped" };
+        self.record_run_state(inst.id, cradle_model::State::Stopped, why.into())
+            .await
     }
 
     /// What QEMU says of the instance's VM.
-    pub async fn vm_status(&self, key: &str) -> Result<Status, StartError> {
-        let inst = self.registry.get(key)?;
-        let (qemu, name) = (self.qemu(Accel::Tcg), Self::vm_name(&inst));
+    pub async fn vm_status(&self, inst: &Instance) -> Result<Status, StartError> {
+        let (qemu, name) = (self.qemu(Accel::Tcg), Self::vm_name(inst));
         blocking(move || qemu.status(&name).map_err(|e| e.to_string()))
             .await
             .map_err(StartError::Unavailable)
     }
 
     /// The last `max` bytes of the VM's console (its serial port).
-    pub async fn console(&self, key: &str, max: u64) -> Result<Vec<u8>, StartError> {
+    pub async fn console(&self, inst: &Instance, max: u64) -> Result<Vec<u8>, StartError> {
         use std::io::{Read, Seek, SeekFrom};
-        let inst = self.registry.get(key)?;
         let path = self
             .qemu(Accel::Tcg)
-            .console_log(&Self::vm_name(&inst))
+            .console_log(&Self::vm_name(inst))
             .map_err(|e| StartError::Unavailable(e.to_string()))?;
         blocking(move || {
             let mut f = match std::fs::File::open(&path) {

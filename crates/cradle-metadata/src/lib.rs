@@ -5,9 +5,11 @@
 //! whose `metadata_address` equals the peer address. Unknown sources get 404.
 //! No operator route exists here; the admin API is another listener.
 //!
-//! Content comes from `cradle-render`; this crate only routes, checks IMDSv2
-//! tokens, and carries the two side effects a guest may cause: setting its
-//! password once and using the host-guest channel.
+//! Everything a guest may do is an operation of `cradle-core` (its
+//! documents, IMDSv2 tokens, the channel, its password, the appliance's
+//! install files); this crate parses a request, calls one, and shapes the
+//! answer as plain text. It holds no state and touches no store: the
+//! operations run what blocks on the blocking pool.
 //!
 //! Hardening: a bounded number of connections, a deadline for request
 //! headers and another for bodies, size limits on both, replies sent with IP
@@ -16,20 +18,14 @@
 
 #![forbid(unsafe_code)]
 
-mod cache;
-mod token;
-
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use cradle_model::{ImdsTokens, Instance, State};
-use cradle_registry::metrics::Metrics;
-use cradle_registry::{ChannelDirection, Registry, RegistryError};
-use cradle_render::{Context, Resolved};
+use cradle_core::{Core, Error, Guest, InstallFile, Kind, Written};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 use hyper::header::{ALLOW, CONTENT_TYPE, HeaderValue};
@@ -38,8 +34,6 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 use tracing::{debug, info, warn};
-
-pub use token::{TokenError, TokenKey};
 
 const TOKEN_PATH: &str = "/latest/api/token";
 const TOKEN_HEADER: &str = "x-aws-ec2-metadata-token";
@@ -53,9 +47,6 @@ pub struct Settings {
     pub header_timeout: Duration,
     pub body_timeout: Duration,
     pub max_body_bytes: usize,
-    pub max_token_ttl: u32,
-    /// Bytes of rendered EC2 and OpenStack answers kept; 0 disables.
-    pub cache_bytes: usize,
 }
 
 impl Default for Settings {
@@ -66,41 +57,19 @@ impl Default for Settings {
             header_timeout: Duration::from_secs(5),
             body_timeout: Duration::from_secs(10),
             max_body_bytes: 128 * 1024,
-            max_token_ttl: 21600,
-            cache_bytes: 64 * 1024 * 1024,
         }
     }
 }
 
 /// Everything the listener needs; cheap to share.
 pub struct MetadataService {
-    registry: Arc<Registry>,
-    metrics: Arc<Metrics>,
-    tokens: TokenKey,
-    vendor_data: serde_json::Value,
+    core: Arc<Core>,
     settings: Settings,
-    cache: cache::RenderCache,
-    vendordata: Arc<cradle_vendordata::Vendordata>,
 }
 
 impl MetadataService {
-    pub fn new(
-        registry: Arc<Registry>,
-        metrics: Arc<Metrics>,
-        vendor_data: serde_json::Value,
-        vendordata: Arc<cradle_vendordata::Vendordata>,
-        settings: Settings,
-    ) -> Self {
-        let cache = cache::RenderCache::new(settings.cache_bytes);
-        MetadataService {
-            registry,
-            metrics,
-            tokens: TokenKey::generate(),
-            vendor_data,
-            settings,
-            cache,
-            vendordata,
-        }
+    pub fn new(core: Arc<Core>, settings: Settings) -> Self {
+        MetadataService { core, settings }
     }
 }
 
@@ -331,58 +300,31 @@ fn segments(path: &str) -> Option<Vec<&str>> {
     Some(segs)
 }
 
-/// Milliseconds since the Unix epoch. Token expiry is kept in milliseconds:
-/// in whole seconds a token issued late in a second would lose most of its
-/// first second (a one-second token could be dead on arrival).
-fn unix_now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
-}
-
-/// Days since the epoch: cached answers are valid for one day, since the
-/// OpenStack versions offered depend on the date.
-fn unix_day() -> u64 {
-    unix_now_ms() / 86_400_000
-}
-
-fn today() -> String {
-    cradle_render::date(time::OffsetDateTime::now_utc())
-}
-
 async fn handle(svc: &MetadataService, source: IpAddr, req: Request<Incoming>) -> Reply {
     let started = Instant::now();
     let method = req.method().clone();
     let path = req.uri().path().to_string();
-    let instance = svc.registry.by_address(source);
-    let ns = if instance.is_some() {
+    let guest = svc.core.guest(source);
+    let ns = if guest.is_some() {
         namespace(&path)
     } else {
         "none"
     };
-    let response = match &instance {
+    let response = match &guest {
         None => text(
             StatusCode::NOT_FOUND,
             "404 Not Found: no instance has this source address",
         ),
-        Some(i) => {
-            // Only an instance being installed has a job: the state in hand
-            // says so without taking the jobs' lock on every request.
-            if i.state == State::Installing
-                && let Some(job) = svc.registry.running_install(i.id)
-            {
-                job.saw_request();
-            }
-            route(svc, i, &path, req).await
-        }
+        Some(g) => route(svc, g, &path, req).await,
     };
     let status = response.status().as_u16();
     let elapsed = started.elapsed();
-    svc.metrics.observe(ns, status, elapsed.as_secs_f64());
-    match &instance {
-        Some(i) => info!(
-            instance = %i.id, %method, path = %path, status, latency_us = elapsed.as_micros() as u64,
+    svc.core
+        .metrics()
+        .observe(ns, status, elapsed.as_secs_f64());
+    match &guest {
+        Some(g) => info!(
+            instance = %g.id(), %method, path = %path, status, latency_us = elapsed.as_micros() as u64,
             "metadata request"
         ),
         None => {
@@ -392,54 +334,29 @@ async fn handle(svc: &MetadataService, source: IpAddr, req: Request<Incoming>) -
     response
 }
 
-async fn route(
-    svc: &MetadataService,
-    inst: &Arc<Instance>,
-    path: &str,
-    req: Request<Incoming>,
-) -> Reply {
+async fn route(svc: &MetadataService, guest: &Guest, path: &str, req: Request<Incoming>) -> Reply {
     let Some(segs) = segments(path) else {
         return text(StatusCode::BAD_REQUEST, "400 Bad Request: malformed path");
     };
 
     if path.trim_end_matches('/') == TOKEN_PATH {
         return if req.method() == Method::PUT {
-            issue_token(svc, inst, &req)
+            issue_token(svc, guest, &req)
         } else {
             not_allowed("PUT")
         };
     }
 
-    // A token that is presented must be good; one that is missing must not
-    // be required. This guards every namespace: an SSRF that reaches
-    // /openstack would otherwise read what EC2 protects.
-    match req.headers().get(TOKEN_HEADER) {
-        Some(t) => {
-            let ok = t
-                .to_str()
-                .ok()
-                .map(|t| svc.tokens.check(t, inst.id, unix_now_ms()));
-            if ok != Some(Ok(())) {
-                return text(
-                    StatusCode::UNAUTHORIZED,
-                    "401 Unauthorized: invalid or expired token",
-                );
-            }
-        }
-        None if inst.imds_tokens == ImdsTokens::Required => {
-            return text(
-                StatusCode::UNAUTHORIZED,
-                "401 Unauthorized: this instance requires an IMDSv2 token",
-            );
-        }
-        None => {}
+    let token = req.headers().get(TOKEN_HEADER).map(|t| t.as_bytes());
+    if let Err(e) = svc.core.authorize_guest(guest, token) {
+        return failure(&e);
     }
 
     let native = matches!(segs.first(), Some(&"cradle") | Some(&"ganeti"));
     match segs.as_slice() {
         [_, "latest", "read"] if native => {
             return if req.method() == Method::GET {
-                channel_read(svc, inst).await
+                channel_read(svc, guest).await
             } else {
                 not_allowed("GET")
             };
@@ -452,18 +369,18 @@ async fn route(
             if req.method() != Method::GET && req.method() != Method::HEAD {
                 return not_allowed("GET, HEAD");
             }
-            return install_file(svc, inst, &segs[2..]).await;
+            return install_file(svc, guest, &segs[2..]);
         }
         [_, "latest", "write"] if native => {
             return if req.method() == Method::POST {
-                channel_write(svc, inst, req).await
+                channel_write(svc, guest, req).await
             } else {
                 not_allowed("POST")
             };
         }
         ["openstack", version, "password"] if req.method() == Method::POST => {
             let version = version.to_string();
-            return set_password(svc, inst, &version, req).await;
+            return set_password(svc, guest, &version, req).await;
         }
         _ => {}
     }
@@ -477,78 +394,47 @@ async fn route(
         });
     }
 
-    // Dynamic vendordata has its own cache (per target TTLs, single flight);
-    // a fatal failure puts the instance in error and the guest gets 503.
-    let dynamic = match segs.as_slice() {
-        ["openstack", _, "vendor_data2.json"] if !svc.vendordata.is_empty() => {
-            match svc.vendordata.fetch(inst).await {
-                Ok(d) => Some(d.entries),
-                Err(fatal) => return vendordata_failed(svc, inst, &fatal).await,
-            }
-        }
-        _ => None,
-    };
-    // The native namespace carries OS parameters: never cached.
-    let cacheable = !native && dynamic.is_none();
-    let day = unix_day();
-    if cacheable && let Some(doc) = svc.cache.get(inst, day, path) {
-        return reply(StatusCode::OK, doc.content_type, doc.body);
+    match svc.core.document(guest, path, &segs).await {
+        Ok(doc) => reply(StatusCode::OK, doc.content_type, doc.body),
+        Err(e) if e.code() == "vendordata_failed" => text(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "503 Service Unavailable: vendordata is unavailable",
+        ),
+        Err(e) => failure(&e),
     }
-    let today = today();
-    let ctx = match &dynamic {
-        Some(d) => Context::new(&today, &svc.vendor_data).with_dynamic(d),
-        None => Context::new(&today, &svc.vendor_data),
-    };
-    let root = cradle_render::root(inst, &ctx);
-    let doc = match root.resolve(&segs) {
-        Some(Resolved::File(bytes)) => {
-            let last = segs.last().copied().unwrap_or("");
-            let content_type = if last.ends_with(".json") || last == "document" {
-                "application/json"
-            } else if last == "user-data" || last == "user_data" {
-                "application/octet-stream"
-            } else {
-                "text/plain; charset=utf-8"
-            };
-            cache::Doc {
-                content_type,
-                body: bytes.into(),
-            }
-        }
-        Some(Resolved::Listing(bytes)) => cache::Doc {
-            content_type: "text/plain; charset=utf-8",
-            body: bytes.into(),
-        },
-        None => return text(StatusCode::NOT_FOUND, "404 Not Found"),
-    };
-    if cacheable {
-        svc.cache.put(inst, day, path, doc.clone());
-    }
-    reply(StatusCode::OK, doc.content_type, doc.body)
 }
 
-/// A fatal vendordata failure: the instance moves to state `error` (with an
-/// event), and the guest is told to come back later.
-async fn vendordata_failed(
-    svc: &MetadataService,
-    inst: &Instance,
-    fatal: &cradle_vendordata::Fatal,
-) -> Reply {
-    let reason = fatal.to_string();
-    warn!(instance = %inst.id, reason = %reason, "fatal vendordata failure; instance set to error");
-    let (registry, id) = (svc.registry.clone(), inst.id);
-    if let Err(e) =
-        blocking(move || registry.set_error(id, "vendordata", &reason).map(|_| ())).await
-    {
-        warn!(instance = %inst.id, error = %e, "cannot record the vendordata failure");
+/// An operation's failure as a guest sees it: a status line, and what the
+/// operation said when that is the guest's to know.
+fn failure(e: &Error) -> Reply {
+    let said = |status: StatusCode, line: &str| {
+        reply(status, "text/plain; charset=utf-8", format!("{line}: {e}"))
+    };
+    match e.kind() {
+        Kind::NotFound => text(StatusCode::NOT_FOUND, "404 Not Found"),
+        Kind::Unauthorized => said(StatusCode::UNAUTHORIZED, "401 Unauthorized"),
+        Kind::TooMany => text(
+            StatusCode::TOO_MANY_REQUESTS,
+            "429 Too Many Requests: queue full",
+        ),
+        Kind::TooLarge => text(StatusCode::PAYLOAD_TOO_LARGE, "413 Payload Too Large"),
+        Kind::Conflict => text(StatusCode::CONFLICT, "409 Conflict: password already set"),
+        Kind::Invalid | Kind::BadRequest => said(StatusCode::BAD_REQUEST, "400 Bad Request"),
+        Kind::Internal => {
+            warn!(error = %e, "metadata request failed");
+            text(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "500 Internal Server Error",
+            )
+        }
+        Kind::Forbidden | Kind::Upstream | Kind::Unavailable => {
+            warn!(error = %e, "metadata request failed");
+            text(StatusCode::SERVICE_UNAVAILABLE, "503 Service Unavailable")
+        }
     }
-    text(
-        StatusCode::SERVICE_UNAVAILABLE,
-        "503 Service Unavailable: vendordata is unavailable",
-    )
 }
 
-fn issue_token(svc: &MetadataService, inst: &Instance, req: &Request<Incoming>) -> Reply {
+fn issue_token(svc: &MetadataService, guest: &Guest, req: &Request<Incoming>) -> Reply {
     // A proxy in front of the listener would make every guest look alike;
     // refusing forwarded requests keeps tokens from being minted through one.
     if req.headers().contains_key("x-forwarded-for") {
@@ -563,17 +449,14 @@ fn issue_token(svc: &MetadataService, inst: &Instance, req: &Request<Incoming>) 
         .and_then(|v| v.to_str().ok())
         .map(str::trim)
         .filter(|v| !v.is_empty() && v.bytes().all(|b| b.is_ascii_digit()))
-        .and_then(|v| v.parse::<u32>().ok())
-        .filter(|t| (1..=svc.settings.max_token_ttl).contains(t));
-    let Some(ttl) = ttl else {
+        .and_then(|v| v.parse::<u32>().ok());
+    let Some(Ok(token)) = ttl.map(|t| svc.core.issue_token(guest, t).map(|tok| (t, tok))) else {
         return text(
             StatusCode::BAD_REQUEST,
             "400 Bad Request: X-aws-ec2-metadata-token-ttl-seconds must be a whole number of seconds from 1 to 21600",
         );
     };
-    let token = svc
-        .tokens
-        .issue(inst.id, unix_now_ms() + u64::from(ttl) * 1000);
+    let (ttl, token) = token;
     let mut r = reply(StatusCode::OK, "text/plain; charset=utf-8", token);
     r.headers_mut().insert(TTL_HEADER, HeaderValue::from(ttl));
     r
@@ -606,44 +489,8 @@ async fn read_body(
     }
 }
 
-async fn blocking<T: Send + 'static>(
-    f: impl FnOnce() -> Result<T, RegistryError> + Send + 'static,
-) -> Result<T, RegistryError> {
-    match tokio::task::spawn_blocking(f).await {
-        Ok(r) => r,
-        Err(e) => Err(RegistryError::NotFound(format!(
-            "internal task failed: {e}"
-        ))),
-    }
-}
-
-fn registry_failure(e: &RegistryError) -> Reply {
-    match e {
-        RegistryError::NotFound(_) => text(StatusCode::NOT_FOUND, "404 Not Found"),
-        RegistryError::QueueFull(_) => text(
-            StatusCode::TOO_MANY_REQUESTS,
-            "429 Too Many Requests: queue full",
-        ),
-        RegistryError::MessageTooLarge(..) => {
-            text(StatusCode::PAYLOAD_TOO_LARGE, "413 Payload Too Large")
-        }
-        RegistryError::PasswordSet => {
-            text(StatusCode::CONFLICT, "409 Conflict: password already set")
-        }
-        RegistryError::PasswordTooLong => text(
-            StatusCode::BAD_REQUEST,
-            "400 Bad Request: password too long",
-        ),
-        other => {
-            warn!(error = %other, "metadata request failed");
-            text(StatusCode::SERVICE_UNAVAILABLE, "503 Service Unavailable")
-        }
-    }
-}
-
-async fn channel_read(svc: &MetadataService, inst: &Instance) -> Reply {
-    let (registry, id) = (svc.registry.clone(), inst.id);
-    match blocking(move || registry.pop_message(id, ChannelDirection::ToGuest)).await {
+async fn channel_read(svc: &MetadataService, guest: &Guest) -> Reply {
+    match svc.core.read_message(guest).await {
         Ok(Some(m)) => {
             let mut r = reply(StatusCode::OK, "application/octet-stream", m.body);
             r.headers_mut()
@@ -655,104 +502,62 @@ async fn channel_read(svc: &MetadataService, inst: &Instance) -> Reply {
             *r.status_mut() = StatusCode::NO_CONTENT;
             r
         }
-        Err(e) => registry_failure(&e),
+        Err(e) => failure(&e),
     }
 }
 
-async fn channel_write(svc: &MetadataService, inst: &Instance, req: Request<Incoming>) -> Reply {
-    let cap = svc.registry.limits().message_bytes;
-    let body = match read_body(svc, req, cap).await {
+async fn channel_write(svc: &MetadataService, guest: &Guest, req: Request<Incoming>) -> Reply {
+    let body = match read_body(svc, req, svc.core.max_message_bytes()).await {
         Ok(b) => b,
         Err(r) => return r,
     };
-    // While an install runs, the agent reports on the channel: its messages
-    // are the job's, not the queue's.
-    // Anything else goes to the job's trusted script, when one runs: the
-    // two halves of an OS definition talk through the channel.
-    if let Some(job) = svc.registry.running_install(inst.id)
-        && (job.agent_message(&body) || job.forward(&body))
-    {
-        return text(StatusCode::CREATED, "");
-    }
-    let (registry, id) = (svc.registry.clone(), inst.id);
-    match blocking(move || registry.push_message(id, ChannelDirection::ToHost, &body)).await {
-        Ok(n) => {
+    match svc.core.write_message(guest, body).await {
+        Ok(Written::Job) => text(StatusCode::CREATED, ""),
+        Ok(Written::Queued(n)) => {
             let mut r = text(StatusCode::CREATED, "");
             r.headers_mut()
                 .insert("x-cradle-message-id", HeaderValue::from(n));
             r
         }
-        Err(e) => registry_failure(&e),
+        Err(e) => failure(&e),
     }
 }
 
 /// What the install appliance reads while its job runs: the manifest
 /// (`install.json`), the OS definition's untrusted scripts and the
-/// personalization package. Only the instance being installed has a job, and
-/// the listener knows instances by source address, so no other guest can
-/// read them.
-async fn install_file(svc: &MetadataService, inst: &Instance, rest: &[&str]) -> Reply {
-    let Some(job) = svc.registry.running_install(inst.id) else {
-        return text(
-            StatusCode::NOT_FOUND,
-            "404 Not Found: no install job is running for this instance",
-        );
+/// personalization package, the last from the job's one buffer.
+fn install_file(svc: &MetadataService, guest: &Guest, rest: &[&str]) -> Reply {
+    let (file, content_type) = match rest {
+        ["install.json"] => (InstallFile::Manifest, "application/json"),
+        ["os", "scripts", name] => (InstallFile::Script(name), "application/octet-stream"),
+        _ => (InstallFile::Package, "application/gzip"),
     };
-    match rest {
-        ["install.json"] => reply(StatusCode::OK, "application/json", job.manifest.clone()),
-        ["os", "scripts", name] => match job.scripts.get(*name) {
-            Some(b) => reply(StatusCode::OK, "application/octet-stream", b.clone()),
-            None => text(
-                StatusCode::NOT_FOUND,
-                "404 Not Found: the OS definition has no such untrusted script",
-            ),
-        },
-        _ => {
-            if job.package.is_none() {
-                return text(
-                    StatusCode::NOT_FOUND,
-                    "404 Not Found: the instance has no personalization package",
-                );
+    match svc.core.install_file(guest, file) {
+        Ok((bytes, sha256)) => {
+            let mut r = reply(StatusCode::OK, content_type, bytes);
+            if let Some(v) = sha256.and_then(|s| HeaderValue::from_str(&s).ok()) {
+                r.headers_mut()
+                    .insert(cradle_model::answers::PACKAGE_SHA256_HEADER, v);
             }
-            let read = tokio::task::spawn_blocking(move || {
-                use std::os::unix::fs::FileExt;
-                let p = job.package.as_ref().expect("checked above");
-                let mut buf = vec![0u8; usize::try_from(p.len).unwrap_or(usize::MAX)];
-                p.file
-                    .read_exact_at(&mut buf, 0)
-                    .map(|()| (buf, p.sha256.clone()))
-            })
-            .await;
-            match read {
-                Ok(Ok((bytes, sha))) => {
-                    let mut r = reply(StatusCode::OK, "application/gzip", bytes);
-                    if let Ok(v) = HeaderValue::from_str(&sha) {
-                        r.headers_mut().insert("x-cradle-package-sha256", v);
-                    }
-                    r
-                }
-                other => {
-                    warn!(instance = %inst.id, error = ?other.map(|r| r.map(|_| ()).map_err(|e| e.to_string())), "cannot read the personalization package");
-                    text(StatusCode::SERVICE_UNAVAILABLE, "503 Service Unavailable")
-                }
-            }
+            r
         }
+        Err(e) if e.kind() == Kind::NotFound => reply(
+            StatusCode::NOT_FOUND,
+            "text/plain; charset=utf-8",
+            format!("404 Not Found: {e}"),
+        ),
+        Err(e) => failure(&e),
     }
 }
 
 async fn set_password(
     svc: &MetadataService,
-    inst: &Instance,
+    guest: &Guest,
     version: &str,
     req: Request<Incoming>,
 ) -> Reply {
     // Only versions that have a password file take one.
-    let today = today();
-    let ctx = Context::new(&today, &svc.vendor_data);
-    let has_password = cradle_render::openstack_versions(inst, &ctx)
-        .resolve(&[version, "password"])
-        .is_some();
-    if !has_password {
+    if !svc.core.has_password_file(guest, version) {
         return text(StatusCode::NOT_FOUND, "404 Not Found");
     }
     let body = match read_body(svc, req, cradle_model::MAX_PASSWORD).await {
@@ -771,10 +576,9 @@ async fn set_password(
             "400 Bad Request: password is not UTF-8",
         );
     };
-    let (registry, id) = (svc.registry.clone(), inst.id);
-    match blocking(move || registry.set_password(id, &password)).await {
+    match svc.core.set_password(guest, password).await {
         Ok(()) => text(StatusCode::OK, ""),
-        Err(e) => registry_failure(&e),
+        Err(e) => failure(&e),
     }
 }
 

@@ -99,7 +99,10 @@ pub struct InstanceSpec {
     /// Pins the package's content (64 hex digits).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub personalization_sha256: Option<String>,
-    #[serde(default)]
+    /// Never serialized: `Secret` would print `<redacted>` for the values
+    /// anyway. The typed client writes them out in its request body, the
+    /// one place they must go.
+    #[serde(default, skip_serializing)]
     pub os_params: OsParamsSpec,
     /// Disk images on this host, in order.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -210,7 +213,8 @@ pub struct InstancePatch {
     pub personalization_url: Patch<String>,
     #[serde(default, skip_serializing_if = "Patch::is_absent")]
     pub personalization_sha256: Patch<String>,
-    #[serde(default)]
+    /// Never serialized, as [`InstanceSpec::os_params`].
+    #[serde(default, skip_serializing)]
     pub os_params: OsParamsPatch,
     /// Replaces the whole list.
     #[serde(default, skip_serializing_if = "Option::is_none")]

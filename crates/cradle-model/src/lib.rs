@@ -4,8 +4,10 @@
 
 #![forbid(unsafe_code)]
 
+pub mod answers;
 pub mod api;
 mod instance;
+pub mod job;
 pub mod machine;
 pub mod personalization;
 mod secret;

@@ -15,8 +15,10 @@
 
 use std::collections::BTreeMap;
 use std::sync::Mutex;
+use std::sync::mpsc::{Receiver, SyncSender, TrySendError};
 use std::time::Instant;
 
+use bytes::Bytes;
 use cradle_model::Secret;
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
@@ -26,41 +28,11 @@ use uuid::Uuid;
 pub const MAX_EVENTS: usize = 10_000;
 /// Bytes kept of one log line.
 pub const MAX_LINE: usize = 1000;
+/// Messages from the appliance waiting for the trusted script to read them;
+/// beyond this the appliance is told to slow down (429).
+pub const FORWARD_QUEUE: usize = 64;
 
-/// What an event is.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum EventKind {
-    /// The installer's own steps (booting the appliance, the timeout, …).
-    Job,
-    /// A step the agent reports.
-    Progress,
-    /// A line an untrusted script wrote (inside the appliance).
-    Log,
-    /// A line a trusted script wrote (on the host).
-    Trusted,
-    /// The agent's final status.
-    Status,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct JobEvent {
-    pub seq: u64,
-    /// Milliseconds since the job started.
-    pub ms: u64,
-    pub kind: EventKind,
-    pub text: String,
-}
-
-/// The agent's final word.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct AgentStatus {
-    pub exit_code: i32,
-    #[serde(default)]
-    pub error: Option<String>,
-    #[serde(default)]
-    pub log_tail: String,
-}
+pub use cradle_model::job::{AgentStatus, EventKind, JobEvent, JobView};
 
 /// How a job ended.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -71,41 +43,32 @@ pub struct Outcome {
 }
 
 /// The personalization package, fetched and verified before the appliance
-/// boots: an anonymous file (no name on disk) read back with `pread`.
+/// boots, held once: every request for it is served from this one buffer.
 pub struct Package {
-    pub file: std::fs::File,
-    pub len: u64,
+    pub bytes: Bytes,
     pub sha256: String,
 }
 
-/// What the admin API shows of a job.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct JobView {
-    pub id: Uuid,
-    pub instance: Uuid,
-    pub instance_name: String,
-    /// `running`, `succeeded` or `failed`.
-    pub state: String,
-    #[serde(default)]
-    pub reason: Option<String>,
-    /// The last step the agent reported.
-    #[serde(default)]
-    pub step: Option<String>,
-    #[serde(with = "time::serde::rfc3339")]
-    pub started_at: OffsetDateTime,
-    pub elapsed_ms: u64,
-    /// When the appliance's first metadata request came, after the start.
-    #[serde(default)]
-    pub first_request_ms: Option<u64>,
-    #[serde(default)]
-    pub status: Option<AgentStatus>,
-    /// The events after the `after` asked for.
-    pub events: Vec<JobEvent>,
-    /// Ask for `after = next` to get only what is new.
-    pub next: u64,
-    /// Events dropped because the job had more than [`MAX_EVENTS`].
-    #[serde(default)]
-    pub dropped: u64,
+/// What the appliance is served while the job runs. Dropped when the job
+/// ends: the manifest carries private values (as `OSP_*`), the package may
+/// be large.
+pub struct Artifacts {
+    /// `install.json`, as the appliance reads it.
+    pub manifest: Bytes,
+    /// The OS definition's untrusted scripts, by file name.
+    pub scripts: BTreeMap<String, Bytes>,
+    pub package: Option<Package>,
+}
+
+/// What became of a message handed to the trusted script.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Forwarded {
+    /// Queued for its standard input.
+    Sent,
+    /// Its queue is full: the writer must slow down.
+    Full,
+    /// No trusted script listens.
+    NoListener,
 }
 
 #[derive(Default)]
@@ -128,16 +91,13 @@ pub struct InstallJob {
     pub instance_name: String,
     pub started: Instant,
     pub started_at: OffsetDateTime,
-    /// `install.json`, as the appliance reads it.
-    pub manifest: Vec<u8>,
-    /// The OS definition's untrusted scripts, by file name.
-    pub scripts: BTreeMap<String, Vec<u8>>,
-    pub package: Option<Package>,
+    /// `None` once the job has ended.
+    artifacts: Mutex<Option<std::sync::Arc<Artifacts>>>,
     state: Mutex<State>,
     changed: tokio::sync::watch::Sender<u64>,
     /// The trusted script's standard input, while it runs: what the
     /// appliance writes on the channel (other than the agent's reports).
-    forward: Mutex<Option<std::sync::mpsc::Sender<Vec<u8>>>>,
+    forward: Mutex<Option<SyncSender<Vec<u8>>>>,
 }
 
 /// An agent message on the `write` channel.
@@ -159,6 +119,17 @@ enum AgentMessage {
     },
 }
 
+/// `text` with every value of `secrets` in it replaced by `<redacted>`.
+fn scrub(secrets: &[Secret<String>], text: &str) -> String {
+    let mut text = text.to_string();
+    for s in secrets {
+        if text.contains(s.expose().as_str()) {
+            text = text.replace(s.expose().as_str(), cradle_model::REDACTED);
+        }
+    }
+    text
+}
+
 fn cut(s: &str, max: usize) -> String {
     if s.len() <= max {
         return s.to_string();
@@ -171,12 +142,7 @@ fn cut(s: &str, max: usize) -> String {
 }
 
 impl InstallJob {
-    pub fn new(
-        instance: &cradle_model::Instance,
-        manifest: Vec<u8>,
-        scripts: BTreeMap<String, Vec<u8>>,
-        package: Option<Package>,
-    ) -> InstallJob {
+    pub fn new(instance: &cradle_model::Instance, artifacts: Artifacts) -> InstallJob {
         let scrub = instance
             .os_params
             .secret
@@ -191,9 +157,7 @@ impl InstallJob {
             instance_name: instance.name.clone(),
             started: Instant::now(),
             started_at: OffsetDateTime::now_utc(),
-            manifest,
-            scripts,
-            package,
+            artifacts: Mutex::new(Some(std::sync::Arc::new(artifacts))),
             state: Mutex::new(State {
                 scrub,
                 ..State::default()
@@ -201,6 +165,14 @@ impl InstallJob {
             changed: tokio::sync::watch::Sender::new(0),
             forward: Mutex::new(None),
         }
+    }
+
+    /// What the appliance is served, while the job runs.
+    pub fn artifacts(&self) -> Option<std::sync::Arc<Artifacts>> {
+        self.artifacts
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
@@ -212,12 +184,9 @@ impl InstallJob {
     }
 
     fn push(&self, st: &mut State, kind: EventKind, text: &str) {
-        let mut text = cut(text, MAX_LINE);
-        for s in &st.scrub {
-            if text.contains(s.expose().as_str()) {
-                text = text.replace(s.expose().as_str(), cradle_model::REDACTED);
-            }
-        }
+        // Scrubbed whole, then cut: a cut first could leave the start of a
+        // secret that no longer matches in full.
+        let text = cut(&scrub(&st.scrub, text), MAX_LINE);
         st.next_seq += 1;
         let ev = JobEvent {
             seq: st.next_seq,
@@ -272,7 +241,6 @@ impl InstallJob {
         }
         match msg {
             AgentMessage::Progress { step } => {
-                let step = cut(&step, MAX_LINE);
                 self.push(&mut st, EventKind::Progress, &step);
                 st.step = st.events.back().map(|e| e.text.clone());
             }
@@ -292,13 +260,7 @@ impl InstallJob {
                         None => format!("exit code {exit_code}"),
                     };
                     self.push(&mut st, EventKind::Status, &text);
-                    let scrubbed = |s: &str| {
-                        let mut s = cut(s, 8 * MAX_LINE);
-                        for v in &st.scrub {
-                            s = s.replace(v.expose().as_str(), cradle_model::REDACTED);
-                        }
-                        s
-                    };
+                    let scrubbed = |s: &str| cut(&scrub(&st.scrub, s), 8 * MAX_LINE);
                     let status = AgentStatus {
                         exit_code,
                         error: error.as_deref().map(scrubbed),
@@ -314,15 +276,28 @@ impl InstallJob {
     }
 
     /// Hand what the appliance writes on the channel to the trusted script
-    /// from now on (`None`: no longer).
-    pub fn set_forward(&self, to: Option<std::sync::mpsc::Sender<Vec<u8>>>) {
-        *self.forward.lock().unwrap_or_else(|e| e.into_inner()) = to;
+    /// from now on, through a queue of [`FORWARD_QUEUE`] messages: the
+    /// receiving end feeds its standard input.
+    pub fn forward_to_script(&self) -> Receiver<Vec<u8>> {
+        let (tx, rx) = std::sync::mpsc::sync_channel(FORWARD_QUEUE);
+        *self.forward.lock().unwrap_or_else(|e| e.into_inner()) = Some(tx);
+        rx
+    }
+
+    /// No trusted script listens any more.
+    pub fn stop_forwarding(&self) {
+        *self.forward.lock().unwrap_or_else(|e| e.into_inner()) = None;
     }
 
     /// Give a channel message to the trusted script, when one listens.
-    pub fn forward(&self, body: &[u8]) -> bool {
+    /// Never waits: a full queue is the writer's to retry.
+    pub fn forward(&self, body: &[u8]) -> Forwarded {
         let f = self.forward.lock().unwrap_or_else(|e| e.into_inner());
-        f.as_ref().is_some_and(|tx| tx.send(body.to_vec()).is_ok())
+        match f.as_ref().map(|tx| tx.try_send(body.to_vec())) {
+            None | Some(Err(TrySendError::Disconnected(_))) => Forwarded::NoListener,
+            Some(Err(TrySendError::Full(_))) => Forwarded::Full,
+            Some(Ok(())) => Forwarded::Sent,
+        }
     }
 
     /// The agent's status, once it has sent one.
@@ -358,7 +333,11 @@ impl InstallJob {
         });
         st.scrub.clear();
         drop(st);
-        self.set_forward(None);
+        self.artifacts
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        self.stop_forwarding();
         self.bump();
     }
 
@@ -413,7 +392,17 @@ mod tests {
         i.os_params
             .secret
             .insert("pw".into(), Secret::new(secret.to_string()));
-        InstallJob::new(&i, b"{}".to_vec(), BTreeMap::new(), None)
+        InstallJob::new(
+            &i,
+            Artifacts {
+                manifest: Bytes::from_static(b"{}"),
+                scripts: BTreeMap::new(),
+                package: Some(Package {
+                    bytes: Bytes::from(vec![7u8; 1 << 20]),
+                    sha256: "x".into(),
+                }),
+            },
+        )
     }
 
     #[test]
@@ -464,5 +453,53 @@ mod tests {
         assert_eq!(v.events.len(), MAX_EVENTS);
         assert_eq!(v.dropped, 1);
         assert_eq!(v.events[0].text, "0");
+    }
+
+    #[test]
+    fn a_secret_across_the_cut_is_scrubbed_whole() {
+        let secret = "canary-secret-across-the-cut";
+        let j = job(secret);
+        // The secret starts 5 bytes before the cut: cut first, its first
+        // part would survive, no longer matching the whole value.
+        let line = format!("{}{secret}", "x".repeat(MAX_LINE - 5));
+        j.note(EventKind::Trusted, &line);
+        assert!(j.agent_message(format!(r#"{{"agent":"progress","step":"{line}"}}"#).as_bytes()));
+        for e in j.view(0).events {
+            assert!(!e.text.contains("canar"), "{}", e.text);
+        }
+    }
+
+    #[test]
+    fn artifacts_go_when_the_job_ends() {
+        let j = job("xxxxxxxx");
+        let a = j.artifacts().expect("served while it runs");
+        assert_eq!(a.package.as_ref().unwrap().bytes.len(), 1 << 20);
+        // Two requests share one buffer.
+        let b = j.artifacts().unwrap();
+        assert_eq!(
+            a.package.as_ref().unwrap().bytes.as_ptr(),
+            b.package.as_ref().unwrap().bytes.as_ptr()
+        );
+        drop((a, b));
+        j.finish(true, None);
+        assert!(j.artifacts().is_none());
+    }
+
+    #[test]
+    fn the_forward_queue_is_bounded() {
+        let j = job("xxxxxxxx");
+        assert_eq!(j.forward(b"nobody"), Forwarded::NoListener);
+        let rx = j.forward_to_script();
+        for _ in 0..FORWARD_QUEUE {
+            assert_eq!(j.forward(b"m"), Forwarded::Sent);
+        }
+        assert_eq!(j.forward(b"one too many"), Forwarded::Full);
+        rx.recv().unwrap();
+        assert_eq!(j.forward(b"room again"), Forwarded::Sent);
+        drop(rx);
+        assert_eq!(j.forward(b"reader gone"), Forwarded::NoListener);
+        let _rx = j.forward_to_script();
+        j.finish(false, None);
+        assert_eq!(j.forward(b"after the end"), Forwarded::NoListener);
     }
 }

@@ -353,7 +353,8 @@ impl Registry {
         Ok(self.store.events(id)?)
     }
 
-    /// Remove an instance, its queued messages and its secrets.
+    /// Remove an instance, its queued messages, its secrets and its last
+    /// install job.
     pub fn remove(&self, key: &str) -> Result<Arc<Instance>, RegistryError> {
         let _w = self.lock_writer();
         let current = self.get(key)?;
@@ -363,6 +364,11 @@ impl Registry {
             .unwrap_or_default();
         self.store.delete(current.id, &ops)?;
         self.write().take(current.id);
+        // Its last job goes too (a running one ends by itself).
+        self.jobs
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&current.id);
         self.apply_groups(&ops)?;
         Ok(current)
     }

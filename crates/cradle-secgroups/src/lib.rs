@@ -3,6 +3,8 @@
 //! group's members, and their enforcement with nftables.
 //!
 //! - [`model`]: groups, rules and their validation.
+//! - [`api`]: what the security-group routes take and answer (envelopes,
+//!   the Trove shapes), shared by the admin API and the typed client.
 //! - [`state`]: every group, rule, attachment and default in memory, with
 //!   the checks that span them (tenancy, duplicates, caps, what is in use).
 //!   Pure: the registry persists each [`state::Op`] before applying it here.
@@ -12,6 +14,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod api;
 pub mod model;
 pub mod nft;
 pub mod state;

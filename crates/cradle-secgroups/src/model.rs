@@ -544,7 +544,7 @@ mod tests {
 }
 
 /// A rule as the APIs show it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RuleView {
     pub id: Uuid,
     /// The group (for a tenant default rule: absent).
@@ -577,7 +577,7 @@ impl RuleView {
 }
 
 /// A group as the native API shows it: its rules and its members.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct GroupView {
     pub id: Uuid,
     pub tenant: String,

@@ -21,8 +21,9 @@ without --kernel-deb, the package linux-image-amd64 points at is fetched with `a
 download`, and without --busybox-deb, busybox-static. The initramfs holds the agent as /init, \
 busybox as /bin/busybox with a symlink in /bin for each of its applets (so OS scripts can be \
 #!/bin/sh), the virtio, ext4 and vfat modules with their dependencies (from depmod on the \
-unpacked tree), and the order to load them in. The agent and busybox must be static: cargo \
-rustc -p cradle-agent --release -- -C target-feature=+crt-static."
+unpacked tree), and the order to load them in. The agent and busybox must be static: build \
+the agent with `cargo xtask agent`, which puts it beside the release cradle binary (the default \
+--agent)."
     )]
     Build {
         /// The kernel package (.deb) to take the kernel and modules from.

@@ -7,8 +7,9 @@ use std::path::PathBuf;
 use anyhow::{Context, Result, bail};
 use clap::{Args, Subcommand, ValueEnum};
 
+use cradle_client::route;
+
 use crate::ApiArgs;
-use crate::client::{Api, segment};
 
 #[derive(Args, Debug)]
 pub struct DriveArgs {
@@ -46,7 +47,7 @@ enum DriveFormat {
 }
 
 pub fn run(args: DriveArgs) -> Result<()> {
-    let api = Api::new(&args.api)?;
+    let api = crate::client::connect(&args.api)?;
     match args.command {
         DriveCommand::Build {
             instance,
@@ -57,10 +58,6 @@ pub fn run(args: DriveArgs) -> Result<()> {
                 DriveFormat::Iso9660 => "iso9660",
                 DriveFormat::Vfat => "vfat",
             };
-            let path = format!(
-                "/v1/instances/{}/config-drive?format={format}",
-                segment(&instance)
-            );
             let dir = match out.parent() {
                 Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
                 _ => PathBuf::from("."),
@@ -73,7 +70,10 @@ pub fn run(args: DriveArgs) -> Result<()> {
             }
             let mut tmp = tempfile::NamedTempFile::new_in(&dir)
                 .with_context(|| format!("cannot create a temporary file in {}", dir.display()))?;
-            let written = api.download(&path, tmp.as_file_mut())?;
+            let written = api.download(
+                route::config_drive(&instance, Some(format)),
+                tmp.as_file_mut(),
+            )?;
             tmp.as_file_mut().flush()?;
             tmp.as_file().sync_all()?;
             tmp.persist(&out)

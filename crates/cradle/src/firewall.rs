@@ -4,9 +4,9 @@ use std::io::Write;
 
 use anyhow::{Result, bail};
 use clap::{Args, Subcommand};
-use serde_json::{Value, json};
+use cradle_client::route;
+use serde_json::Value;
 
-use crate::client::Api;
 use crate::{ApiArgs, Output};
 
 const ABOUT_FIREWALL: &str = "\
@@ -45,48 +45,42 @@ enum FirewallCommand {
 }
 
 pub fn run(args: FirewallArgs) -> Result<()> {
-    let api = Api::new(&args.api)?;
+    let api = crate::client::connect(&args.api)?;
     let output = args.output;
     let mut out = std::io::stdout().lock();
     match args.command {
         FirewallCommand::Show => {
-            let v: Value = api.get("/v1/firewall")?;
-            let table = v["table"].as_str().unwrap_or("?");
-            let state = match (v["enforced"].as_bool(), v["dirty"].as_bool()) {
-                (Some(true), Some(true)) => format!(
+            let v = api.send(route::firewall())?;
+            let table = &v.table;
+            let state = match (v.enforced, v.dirty) {
+                (true, true) => format!(
                     "firewall: enforced in table {table}, but the last apply failed; \
                      `cradle firewall apply` retries"
                 ),
-                (Some(true), _) => format!("firewall: enforced in table {table}"),
-                (Some(false), _) => format!(
+                (true, false) => format!("firewall: enforced in table {table}"),
+                (false, _) => format!(
                     "firewall: not enforced ([firewall] enabled = false); \
                      this is what table {table} would hold"
                 ),
-                (None, _) => bail!("the admin API answered an unexpected firewall state: {v}"),
             };
             eprintln!("{state}");
             match output {
                 Output::Json => writeln!(out, "{}", serde_json::to_string_pretty(&v)?)?,
-                Output::Table => ruleset(&mut out, &v)?,
+                Output::Table => ruleset(&mut out, &v.ruleset)?,
             }
             Ok(())
         }
         FirewallCommand::Apply { dry_run } => {
-            let path = if dry_run {
-                "/v1/firewall/apply?dry_run=true"
-            } else {
-                "/v1/firewall/apply"
-            };
-            let v: Value = api.post(path, &json!({}))?;
+            let v = api.send(route::apply_firewall(dry_run))?;
             match output {
                 Output::Json => writeln!(out, "{}", serde_json::to_string_pretty(&v)?)?,
                 Output::Table if dry_run => {
                     eprintln!("firewall: dry run, nothing applied");
-                    ruleset(&mut out, &v)?;
+                    ruleset(&mut out, &v.ruleset)?;
                 }
                 Output::Table => {
-                    if v["applied"].as_bool() != Some(true) {
-                        bail!("the admin API did not apply the ruleset: {v}");
+                    if !v.applied {
+                        bail!("the admin API did not apply the ruleset");
                     }
                     writeln!(out, "firewall re-applied")?;
                 }
@@ -96,10 +90,9 @@ pub fn run(args: FirewallArgs) -> Result<()> {
     }
 }
 
-fn ruleset(out: &mut impl Write, v: &Value) -> Result<()> {
-    let r = &v["ruleset"];
+fn ruleset(out: &mut impl Write, r: &Value) -> Result<()> {
     if !r.is_object() {
-        bail!("the admin API answered without a ruleset: {v}");
+        bail!("the admin API answered without a ruleset: {r}");
     }
     writeln!(out, "{}", serde_json::to_string_pretty(r)?)?;
     Ok(())

@@ -4,15 +4,17 @@
 
 use std::io::{IsTerminal, Write};
 
+use std::time::Duration;
+
 use anyhow::{Result, bail};
+use cradle_client::route;
+use cradle_model::job::{EventKind, JobEvent, JobView};
 
 use crate::Output;
 use crate::client::Api;
 
-pub use cradle_registry::jobs::{EventKind, JobEvent, JobView};
-
-/// Seconds each follow request waits for news.
-const WAIT: u64 = 30;
+/// How long each follow request waits for news.
+const WAIT: Duration = Duration::from_secs(30);
 
 fn line(e: &JobEvent) -> String {
     let kind = match e.kind {
@@ -26,9 +28,15 @@ fn line(e: &JobEvent) -> String {
 }
 
 /// A job just started or looked up: followed to its end, or printed.
-pub fn show(api: &Api, path: &str, job: JobView, follow_it: bool, output: Output) -> Result<()> {
+pub fn show(
+    api: &Api,
+    instance: &str,
+    job: JobView,
+    follow_it: bool,
+    output: Output,
+) -> Result<()> {
     if follow_it {
-        follow(api, path, job, output)
+        follow(api, instance, job, output)
     } else {
         print(&mut std::io::stdout().lock(), output, &job)
     }
@@ -55,7 +63,7 @@ pub fn print(out: &mut impl Write, output: Output, job: &JobView) -> Result<()> 
 }
 
 /// Show the job's events as they come until it ends; an error when it failed.
-pub fn follow(api: &Api, path: &str, mut job: JobView, output: Output) -> Result<()> {
+pub fn follow(api: &Api, instance: &str, mut job: JobView, output: Output) -> Result<()> {
     let bar = (output == Output::Table && std::io::stderr().is_terminal()).then(|| {
         let b = indicatif::ProgressBar::new_spinner();
         b.set_style(
@@ -83,7 +91,7 @@ pub fn follow(api: &Api, path: &str, mut job: JobView, output: Output) -> Result
         if job.state != "running" {
             break;
         }
-        job = api.get(&format!("{path}?after={}&wait={WAIT}", job.next))?;
+        job = api.send(route::install_job(instance, job.next, WAIT))?;
     }
     if let Some(b) = bar {
         b.finish_and_clear();

@@ -8,14 +8,12 @@ use anyhow::{Context, Result, bail};
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD as B64;
 use clap::{Args, Subcommand};
+use cradle_client::route;
 use cradle_model::api::{
-    InstancePatch, InstanceSpec, InstanceView, MessageIn, MessageView, OsParamsPatch, OsParamsSpec,
-    Patch,
+    InstancePatch, InstanceSpec, InstanceView, MessageIn, OsParamsPatch, OsParamsSpec, Patch,
 };
 use cradle_model::{ImdsTokens, Secret};
-use serde::Deserialize;
 
-use crate::client::{Api, segment};
 use crate::{ApiArgs, Output};
 
 #[derive(Args, Debug)]
@@ -307,26 +305,21 @@ struct ModifyArgs {
 }
 
 pub fn run(args: InstanceArgs) -> Result<()> {
-    let api = Api::new(&args.api)?;
+    let api = crate::client::connect(&args.api)?;
     let output = args.output;
     let mut out = std::io::stdout().lock();
     match args.command {
         InstanceCommand::Add(a) => {
             let spec = build_spec(*a)?;
-            let v: InstanceView = api.post("/v1/instances", &spec_body(&spec)?)?;
+            let v = api.send(route::create_instance(&spec))?;
             print_instance(&mut out, output, &v)
         }
         InstanceCommand::List => {
-            #[derive(Deserialize)]
-            struct List {
-                instances: Vec<InstanceView>,
-            }
-            let l: List = api.get("/v1/instances")?;
+            let instances = api.send(route::instances())?;
             match output {
-                Output::Json => writeln!(out, "{}", serde_json::to_string_pretty(&l.instances)?)?,
+                Output::Json => writeln!(out, "{}", serde_json::to_string_pretty(&instances)?)?,
                 Output::Table => {
-                    let rows: Vec<Vec<String>> = l
-                        .instances
+                    let rows: Vec<Vec<String>> = instances
                         .iter()
                         .map(|i| {
                             vec![
@@ -356,28 +349,21 @@ pub fn run(args: InstanceArgs) -> Result<()> {
             Ok(())
         }
         InstanceCommand::Show { instance } => {
-            let v: InstanceView = api.get(&format!("/v1/instances/{}", segment(&instance)))?;
+            let v = api.send(route::instance(&instance))?;
             print_instance(&mut out, output, &v)
         }
         InstanceCommand::Modify(m) => {
             let key = m.instance.clone();
             let patch = build_patch(*m)?;
-            let v: InstanceView = api.patch(
-                &format!("/v1/instances/{}", segment(&key)),
-                &patch_body(&patch)?,
-            )?;
+            let v = api.send(route::modify_instance(&key, &patch))?;
             print_instance(&mut out, output, &v)
         }
         InstanceCommand::Install { instance, follow } => {
-            let path = format!("/v1/instances/{}/install", segment(&instance));
-            let job = api.post(&path, &serde_json::json!({}))?;
-            crate::install::show(&api, &path, job, follow, output)
+            let job = api.send(route::start_install(&instance))?;
+            crate::install::show(&api, &instance, job, follow, output)
         }
         InstanceCommand::Start { instance } => {
-            let v: InstanceView = api.post(
-                &format!("/v1/instances/{}/start", segment(&instance)),
-                &serde_json::json!({}),
-            )?;
+            let v = api.send(route::start_vm(&instance))?;
             print_instance(&mut out, output, &v)
         }
         InstanceCommand::Stop {
@@ -385,45 +371,29 @@ pub fn run(args: InstanceArgs) -> Result<()> {
             force,
             grace,
         } => {
-            let v: InstanceView = api.post(
-                &format!(
-                    "/v1/instances/{}/stop?force={force}&grace={grace}",
-                    segment(&instance)
-                ),
-                &serde_json::json!({}),
-            )?;
+            let grace = std::time::Duration::from_secs(grace);
+            let v = api.send(route::stop_vm(&instance, force, grace))?;
             print_instance(&mut out, output, &v)
         }
         InstanceCommand::Status { instance } => {
-            let v: serde_json::Value =
-                api.get(&format!("/v1/instances/{}/vm", segment(&instance)))?;
+            let v = api.send(route::vm_status(&instance))?;
             if output == Output::Json {
                 writeln!(out, "{}", serde_json::to_string_pretty(&v)?)?;
             } else {
-                writeln!(
-                    out,
-                    "{}: state {}, vm {}",
-                    v["instance"].as_str().unwrap_or(&instance),
-                    v["state"].as_str().unwrap_or("?"),
-                    v["vm"].as_str().unwrap_or("?")
-                )?;
+                writeln!(out, "{}: state {}, vm {}", v.instance, v.state, v.vm)?;
             }
             Ok(())
         }
         InstanceCommand::Console { instance, bytes } => {
-            api.download(
-                &format!("/v1/instances/{}/console?bytes={bytes}", segment(&instance)),
-                &mut out,
-            )?;
+            api.download(route::console(&instance, bytes), &mut out)?;
             Ok(())
         }
         InstanceCommand::InstallStatus { instance, follow } => {
-            let path = format!("/v1/instances/{}/install", segment(&instance));
-            let job = api.get(&path)?;
-            crate::install::show(&api, &path, job, follow, output)
+            let job = api.send(route::install_job(&instance, 0, std::time::Duration::ZERO))?;
+            crate::install::show(&api, &instance, job, follow, output)
         }
         InstanceCommand::Remove { instance } => {
-            api.delete(&format!("/v1/instances/{}", segment(&instance)))?;
+            api.send(route::remove_instance(&instance))?;
             if output == Output::Json {
                 writeln!(out, "{}", serde_json::json!({ "removed": instance }))?;
             } else {
@@ -449,39 +419,33 @@ pub fn run(args: InstanceArgs) -> Result<()> {
                     }
                 }
             };
-            let r: serde_json::Value = api.post(
-                &format!("/v1/instances/{}/messages", segment(&instance)),
-                &msg,
-            )?;
+            let id = api.send(route::send_message(&instance, &msg))?;
             if output == Output::Json {
-                writeln!(out, "{r}")?;
+                writeln!(out, "{}", serde_json::json!({ "id": id }))?;
             } else {
-                writeln!(out, "queued message {} for {instance}", r["id"])?;
+                writeln!(out, "queued message {id} for {instance}")?;
             }
             Ok(())
         }
         InstanceCommand::ResetState { instance } => {
-            let v: InstanceView = api.post(
-                &format!("/v1/instances/{}/reset-state", segment(&instance)),
-                &serde_json::json!({}),
-            )?;
+            let v = api.send(route::reset_state(&instance))?;
             print_instance(&mut out, output, &v)
         }
         InstanceCommand::Events { instance } => {
-            let e: serde_json::Value =
-                api.get(&format!("/v1/instances/{}/events", segment(&instance)))?;
+            let events = api.send(route::events(&instance))?;
             match output {
-                Output::Json => writeln!(out, "{}", serde_json::to_string_pretty(&e["events"])?)?,
+                Output::Json => writeln!(out, "{}", serde_json::to_string_pretty(&events)?)?,
                 Output::Table => {
-                    let rows: Vec<Vec<String>> = e["events"]
-                        .as_array()
-                        .into_iter()
-                        .flatten()
+                    let rows: Vec<Vec<String>> = events
+                        .iter()
                         .map(|ev| {
-                            ["created_at", "kind", "message"]
-                                .iter()
-                                .map(|k| ev[*k].as_str().unwrap_or_default().to_string())
-                                .collect()
+                            vec![
+                                ev.created_at
+                                    .format(&time::format_description::well_known::Rfc3339)
+                                    .unwrap_or_default(),
+                                ev.kind.clone(),
+                                ev.message.clone(),
+                            ]
                         })
                         .collect();
                     table(&mut out, &["TIME", "KIND", "MESSAGE"], &rows)?;
@@ -490,15 +454,11 @@ pub fn run(args: InstanceArgs) -> Result<()> {
             Ok(())
         }
         InstanceCommand::Receive { instance } => {
-            #[derive(Deserialize)]
-            struct Drained {
-                messages: Vec<MessageView>,
-            }
-            let d: Drained = api.get(&format!("/v1/instances/{}/messages", segment(&instance)))?;
+            let messages = api.send(route::receive_messages(&instance))?;
             match output {
-                Output::Json => writeln!(out, "{}", serde_json::to_string_pretty(&d.messages)?)?,
+                Output::Json => writeln!(out, "{}", serde_json::to_string_pretty(&messages)?)?,
                 Output::Table => {
-                    for m in &d.messages {
+                    for m in &messages {
                         match &m.text {
                             Some(t) => writeln!(out, "{}", t)?,
                             None => writeln!(
@@ -609,43 +569,6 @@ fn build_spec(a: AddArgs) -> Result<InstanceSpec> {
             .map(|t| t.parse::<ImdsTokens>().map_err(anyhow::Error::msg))
             .transpose()?,
     })
-}
-
-/// The body of `POST /v1/instances`. `Secret` serializes as `<redacted>`, so
-/// that a spec cannot leak through a log; the request to the server is the one
-/// place the values must go, so they are written out here explicitly.
-fn spec_body(spec: &InstanceSpec) -> Result<serde_json::Value> {
-    let mut body = serde_json::to_value(spec)?;
-    let p = &spec.os_params;
-    body["os_params"]["private"] = exposed(p.private.iter().map(|(k, v)| (k, Some(v))));
-    body["os_params"]["secret"] = exposed(p.secret.iter().map(|(k, v)| (k, Some(v))));
-    Ok(body)
-}
-
-/// The body of `PATCH /v1/instances/{id}`, with parameter values exposed as
-/// in [`spec_body`] (and `null` for a removal).
-fn patch_body(patch: &InstancePatch) -> Result<serde_json::Value> {
-    let mut body = serde_json::to_value(patch)?;
-    let p = &patch.os_params;
-    if !p.private.is_empty() {
-        body["os_params"]["private"] = exposed(p.private.iter().map(|(k, v)| (k, v.as_ref())));
-    }
-    if !p.secret.is_empty() {
-        body["os_params"]["secret"] = exposed(p.secret.iter().map(|(k, v)| (k, v.as_ref())));
-    }
-    Ok(body)
-}
-
-fn exposed<'a>(
-    params: impl Iterator<Item = (&'a String, Option<&'a Secret<String>>)>,
-) -> serde_json::Value {
-    params
-        .map(|(k, v)| {
-            let value = v.map_or(serde_json::Value::Null, |v| v.expose().as_str().into());
-            (k.clone(), value)
-        })
-        .collect::<serde_json::Map<_, _>>()
-        .into()
 }
 
 fn secrets(flag: &str, items: &[String]) -> Result<BTreeMap<String, Secret<String>>> {

@@ -16,7 +16,7 @@ use cradle_personalize::{
 };
 
 use crate::ApiArgs;
-use crate::client::{Api, segment};
+use cradle_client::route;
 
 #[derive(Args, Debug)]
 pub struct PersonalizeArgs {
@@ -162,18 +162,18 @@ fn obtain(src: &Source, api: &ApiArgs, bar: &Bar) -> Result<Package> {
 /// file, and check it against the pin the instance carries and the hash the
 /// server computed.
 fn from_instance(key: &str, args: &ApiArgs, bar: &Bar) -> Result<Package> {
-    let api = Api::new(args)?;
-    let view: InstanceView = api.get(&format!("/v1/instances/{}", segment(key)))?;
+    let api = crate::client::connect(args)?;
+    let view: InstanceView = api.send(route::instance(key))?;
     let Some(url) = &view.personalization_url else {
         bail!("instance {} has no personalization_url", view.name);
     };
     bar.download();
     let mut resp = api
-        .open(&format!("/v1/instances/{}/personalization", view.id))
+        .open(route::personalization_package(&view.id.to_string()))
         .with_context(|| format!("cannot fetch the personalization package of {}", view.name))?;
     let served = resp
         .headers()
-        .get(cradle_admin::SHA256_HEADER)
+        .get(cradle_client::SHA256_HEADER)
         .and_then(|v| v.to_str().ok())
         .map(str::to_string);
     let total = resp.content_length();

@@ -9,10 +9,12 @@ use std::io::Write;
 
 use anyhow::{Context, Result, bail};
 use clap::{Args, Subcommand};
-use serde::Deserialize;
+use cradle_client::route;
+use cradle_secgroups::api::{GroupPatch, GroupRequest};
+use cradle_secgroups::{GroupView, RuleRequest, RuleView};
 use serde_json::{Value, json};
 
-use crate::client::{Api, segment};
+use crate::client::Api;
 use crate::instance::table;
 use crate::{ApiArgs, Output};
 
@@ -216,57 +218,30 @@ struct RuleFlags {
     remote_group: Option<String>,
 }
 
-/// A group as the API shows it (the fields the tables use).
-#[derive(Deserialize)]
-struct Group {
-    id: String,
-    name: String,
-    tenant: String,
-    description: String,
-    instance_id: Option<String>,
-    rules: Vec<Rule>,
-    instances: Vec<String>,
-    created_at: String,
-}
-
-/// A rule or default rule as the API shows it.
-#[derive(Deserialize)]
-struct Rule {
-    id: String,
-    direction: Option<String>,
-    ethertype: Option<String>,
-    protocol: Option<String>,
-    from_port: Option<i64>,
-    to_port: Option<i64>,
-    icmp_type: Option<i64>,
-    icmp_code: Option<i64>,
-    cidr: Option<String>,
-    remote_group_id: Option<String>,
-}
-
 pub fn run(args: SecgroupArgs) -> Result<()> {
-    let api = Api::new(&args.api)?;
+    let api = crate::client::connect(&args.api)?;
     let output = args.output;
     let mut out = std::io::stdout().lock();
     match args.command {
         SecgroupCommand::List { tenant } => {
-            let groups = list(&api, &tenant.tenant)?;
+            let groups = api.send(route::security_groups(&tenant.tenant))?;
             match output {
                 Output::Json => writeln!(out, "{}", serde_json::to_string_pretty(&groups)?)?,
                 Output::Table => {
-                    let rows = groups
+                    let rows: Vec<Vec<String>> = groups
                         .into_iter()
                         .map(|g| {
-                            let g: Group = serde_json::from_value(g)?;
-                            Ok(vec![
-                                g.id,
+                            vec![
+                                g.id.to_string(),
                                 g.name,
-                                g.instance_id.unwrap_or_else(|| "-".into()),
+                                g.instance_id
+                                    .map(|i| i.to_string())
+                                    .unwrap_or_else(|| "-".into()),
                                 g.rules.len().to_string(),
                                 g.instances.len().to_string(),
-                            ])
+                            ]
                         })
-                        .collect::<Result<Vec<_>>>()?;
+                        .collect();
                     table(
                         &mut out,
                         &["ID", "NAME", "INSTANCE", "RULES", "MEMBERS"],
@@ -279,8 +254,8 @@ pub fn run(args: SecgroupArgs) -> Result<()> {
         SecgroupCommand::Show { group, tenant } => {
             let t = &tenant.tenant;
             let key = resolve_group(&api, t, &group)?;
-            let v: Value = api.get(&group_path(t, &key))?;
-            print_group(&api, &mut out, output, t, &v["security_group"])
+            let g = api.send(route::security_group(t, &key))?;
+            print_group(&api, &mut out, output, t, &g)
         }
         SecgroupCommand::Create {
             name,
@@ -288,11 +263,9 @@ pub fn run(args: SecgroupArgs) -> Result<()> {
             tenant,
         } => {
             let t = &tenant.tenant;
-            let v: Value = api.post(
-                &format!("/v1/tenants/{}/security-groups", segment(t)),
-                &json!({ "name": name, "description": description }),
-            )?;
-            print_group(&api, &mut out, output, t, &v["security_group"])
+            let request = GroupRequest { name, description };
+            let g = api.send(route::create_security_group(t, &request))?;
+            print_group(&api, &mut out, output, t, &g)
         }
         SecgroupCommand::Update {
             group,
@@ -305,20 +278,14 @@ pub fn run(args: SecgroupArgs) -> Result<()> {
                 anyhow::bail!("nothing to change: give --name, --description or both");
             }
             let key = resolve_group(&api, t, &group)?;
-            let mut body = serde_json::Map::new();
-            if let Some(n) = name {
-                body.insert("name".into(), n.into());
-            }
-            if let Some(d) = description {
-                body.insert("description".into(), d.into());
-            }
-            let v: Value = api.patch(&group_path(t, &key), &body)?;
-            print_group(&api, &mut out, output, t, &v["security_group"])
+            let patch = GroupPatch { name, description };
+            let g = api.send(route::update_security_group(t, &key, &patch))?;
+            print_group(&api, &mut out, output, t, &g)
         }
         SecgroupCommand::Delete { group, tenant } => {
             let t = &tenant.tenant;
             let key = resolve_group(&api, t, &group)?;
-            api.delete(&group_path(t, &key))?;
+            api.send(route::delete_security_group(t, &key))?;
             done(
                 &mut out,
                 output,
@@ -333,11 +300,7 @@ pub fn run(args: SecgroupArgs) -> Result<()> {
         } => {
             let t = &tenant.tenant;
             let key = resolve_group(&api, t, &group)?;
-            api.put(&format!(
-                "{}/instances/{}",
-                group_path(t, &key),
-                segment(&instance)
-            ))?;
+            api.send(route::attach_group(t, &key, &instance))?;
             done(
                 &mut out,
                 output,
@@ -352,11 +315,7 @@ pub fn run(args: SecgroupArgs) -> Result<()> {
         } => {
             let t = &tenant.tenant;
             let key = resolve_group(&api, t, &group)?;
-            api.delete(&format!(
-                "{}/instances/{}",
-                group_path(t, &key),
-                segment(&instance)
-            ))?;
+            api.send(route::detach_group(t, &key, &instance))?;
             done(
                 &mut out,
                 output,
@@ -371,16 +330,12 @@ pub fn run(args: SecgroupArgs) -> Result<()> {
         }) => {
             let t = &tenant.tenant;
             let key = resolve_group(&api, t, &group)?;
-            let body = rule_body(&api, t, rule)?;
-            let v: Value = api.post(&format!("{}/rules", group_path(t, &key)), &body)?;
-            print_new_rule(&mut out, output, &v["security_group_rule"])
+            let request = rule_request(&api, t, rule)?;
+            let r = api.send(route::add_rule(t, &key, &request))?;
+            print_new_rule(&mut out, output, &r)
         }
         SecgroupCommand::Rule(RuleCommand::Delete { rule_id, tenant }) => {
-            api.delete(&format!(
-                "/v1/tenants/{}/security-group-rules/{}",
-                segment(&tenant.tenant),
-                segment(&rule_id)
-            ))?;
+            api.send(route::delete_rule(&tenant.tenant, &rule_id))?;
             done(
                 &mut out,
                 output,
@@ -389,33 +344,21 @@ pub fn run(args: SecgroupArgs) -> Result<()> {
             )
         }
         SecgroupCommand::Default(DefaultCommand::List { tenant }) => {
-            let v: Value = api.get(&format!(
-                "/v1/tenants/{}/default-rules",
-                segment(&tenant.tenant)
-            ))?;
-            let rules = &v["default_rules"];
+            let rules = api.send(route::default_rules(&tenant.tenant))?;
             match output {
-                Output::Json => writeln!(out, "{}", serde_json::to_string_pretty(rules)?)?,
-                Output::Table => {
-                    let rules: Vec<Rule> = serde_json::from_value(rules.clone())
-                        .context("the admin API answered an unexpected list of default rules")?;
-                    rules_table(&mut out, &rules, &HashMap::new())?;
-                }
+                Output::Json => writeln!(out, "{}", serde_json::to_string_pretty(&rules)?)?,
+                Output::Table => rules_table(&mut out, &rules, &HashMap::new())?,
             }
             Ok(())
         }
         SecgroupCommand::Default(DefaultCommand::Add { rule, tenant }) => {
             let t = &tenant.tenant;
-            let body = rule_body(&api, t, rule)?;
-            let v: Value = api.post(&format!("/v1/tenants/{}/default-rules", segment(t)), &body)?;
-            print_new_rule(&mut out, output, &v["default_rule"])
+            let request = rule_request(&api, t, rule)?;
+            let r = api.send(route::add_default_rule(t, &request))?;
+            print_new_rule(&mut out, output, &r)
         }
         SecgroupCommand::Default(DefaultCommand::Delete { id, tenant }) => {
-            api.delete(&format!(
-                "/v1/tenants/{}/default-rules/{}",
-                segment(&tenant.tenant),
-                segment(&id)
-            ))?;
+            api.send(route::delete_default_rule(&tenant.tenant, &id))?;
             done(
                 &mut out,
                 output,
@@ -423,22 +366,6 @@ pub fn run(args: SecgroupArgs) -> Result<()> {
                 &format!("deleted default rule {id}"),
             )
         }
-    }
-}
-
-fn group_path(tenant: &str, key: &str) -> String {
-    format!(
-        "/v1/tenants/{}/security-groups/{}",
-        segment(tenant),
-        segment(key)
-    )
-}
-
-fn list(api: &Api, tenant: &str) -> Result<Vec<Value>> {
-    let v: Value = api.get(&format!("/v1/tenants/{}/security-groups", segment(tenant)))?;
-    match v["security_groups"].as_array() {
-        Some(a) => Ok(a.clone()),
-        None => bail!("the admin API answered an unexpected list of groups: {v}"),
     }
 }
 
@@ -462,20 +389,19 @@ fn resolve_group(api: &Api, tenant: &str, key: &str) -> Result<String> {
     if is_uuid(key) {
         return Ok(key.to_string());
     }
-    for g in list(api, tenant)? {
-        if g["name"].as_str() == Some(key)
-            && let Some(id) = g["id"].as_str()
-        {
-            return Ok(id.to_string());
-        }
+    if let Some(g) = api
+        .send(route::security_groups(tenant))?
+        .into_iter()
+        .find(|g| g.name == key)
+    {
+        return Ok(g.id.to_string());
     }
     // An instance name: its own group. Another tenant's instance is as good
     // as missing.
-    if let Ok(i) = api.get::<Value>(&format!("/v1/instances/{}", segment(key)))
-        && i["project_id"].as_str() == Some(tenant)
-        && let Some(id) = i["id"].as_str()
+    if let Ok(i) = api.send(route::instance(key))
+        && i.project_id == tenant
     {
-        return Ok(id.to_string());
+        return Ok(i.id.to_string());
     }
     bail!(
         "tenant {tenant:?} has no security group or instance named {key:?} \
@@ -487,16 +413,15 @@ fn resolve_group(api: &Api, tenant: &str, key: &str) -> Result<String> {
 /// there, so an instance (id or name) is looked up to its own group's id.
 fn remote_group(api: &Api, tenant: &str, key: &str) -> Result<String> {
     let key = resolve_group(api, tenant, key)?;
-    let v: Value = api.get(&group_path(tenant, &key))?;
-    match v["security_group"]["id"].as_str() {
-        Some(id) => Ok(id.to_string()),
-        None => bail!("the admin API answered an unexpected group: {v}"),
-    }
+    Ok(api
+        .send(route::security_group(tenant, &key))?
+        .id
+        .to_string())
 }
 
-/// The body of a new rule: the flags as given, with `--ports` split and
+/// A new rule: the flags as given, with `--ports` split and
 /// `--remote-group` resolved to an id.
-fn rule_body(api: &Api, tenant: &str, f: RuleFlags) -> Result<Value> {
+fn rule_request(api: &Api, tenant: &str, f: RuleFlags) -> Result<RuleRequest> {
     let (from_port, to_port) = match (f.port, f.ports.as_deref()) {
         (Some(p), _) => (Some(p), Some(p)),
         (None, Some(range)) => {
@@ -510,22 +435,17 @@ fn rule_body(api: &Api, tenant: &str, f: RuleFlags) -> Result<Value> {
         .as_deref()
         .map(|g| remote_group(api, tenant, g).context("--remote-group"))
         .transpose()?;
-    let mut body = serde_json::Map::new();
-    let mut put = |k: &str, v: Value| {
-        if !v.is_null() {
-            body.insert(k.to_string(), v);
-        }
-    };
-    put("direction", json!(f.direction));
-    put("ethertype", json!(f.ethertype));
-    put("protocol", json!(f.protocol));
-    put("from_port", json!(from_port));
-    put("to_port", json!(to_port));
-    put("icmp_type", json!(f.icmp_type));
-    put("icmp_code", json!(f.icmp_code));
-    put("cidr", json!(f.cidr));
-    put("remote_group_id", json!(remote_group_id));
-    Ok(Value::Object(body))
+    Ok(RuleRequest {
+        direction: f.direction,
+        ethertype: f.ethertype,
+        protocol: f.protocol,
+        from_port,
+        to_port,
+        icmp_type: f.icmp_type,
+        icmp_code: f.icmp_code,
+        cidr: f.cidr,
+        remote_group_id,
+    })
 }
 
 /// `FROM-TO`, two whole numbers. Whether they make a valid range is the
@@ -552,13 +472,10 @@ fn done(out: &mut impl Write, output: Output, json: Value, text: &str) -> Result
 }
 
 /// A new rule: its id alone (for scripts), or the whole rule as JSON.
-fn print_new_rule(out: &mut impl Write, output: Output, rule: &Value) -> Result<()> {
+fn print_new_rule(out: &mut impl Write, output: Output, rule: &RuleView) -> Result<()> {
     match output {
         Output::Json => writeln!(out, "{}", serde_json::to_string_pretty(rule)?)?,
-        Output::Table => match rule["id"].as_str() {
-            Some(id) => writeln!(out, "{id}")?,
-            None => bail!("the admin API answered without a rule id: {rule}"),
-        },
+        Output::Table => writeln!(out, "{}", rule.id)?,
     }
     Ok(())
 }
@@ -568,14 +485,12 @@ fn print_group(
     out: &mut impl Write,
     output: Output,
     tenant: &str,
-    v: &Value,
+    g: &GroupView,
 ) -> Result<()> {
     if output == Output::Json {
-        writeln!(out, "{}", serde_json::to_string_pretty(v)?)?;
+        writeln!(out, "{}", serde_json::to_string_pretty(g)?)?;
         return Ok(());
     }
-    let g: Group = serde_json::from_value(v.clone())
-        .with_context(|| format!("the admin API answered an unexpected group: {v}"))?;
     let dash = |s: &str| {
         if s.is_empty() {
             "-".to_string()
@@ -583,17 +498,25 @@ fn print_group(
             s.to_string()
         }
     };
+    let members: Vec<String> = g.instances.iter().map(|i| i.to_string()).collect();
     let rows = [
-        ("id", g.id.clone()),
+        ("id", g.id.to_string()),
         ("name", g.name.clone()),
         ("tenant", g.tenant.clone()),
         ("description", dash(&g.description)),
         (
             "instance",
-            g.instance_id.clone().unwrap_or_else(|| "-".into()),
+            g.instance_id
+                .map(|i| i.to_string())
+                .unwrap_or_else(|| "-".into()),
         ),
-        ("members", dash(&g.instances.join(", "))),
-        ("created", g.created_at.clone()),
+        ("members", dash(&members.join(", "))),
+        (
+            "created",
+            g.created_at
+                .format(&time::format_description::well_known::Rfc3339)
+                .unwrap_or_default(),
+        ),
     ];
     for (k, val) in rows {
         writeln!(out, "{k:<12} {val}")?;
@@ -601,11 +524,9 @@ fn print_group(
     writeln!(out)?;
     // Name the remote groups, when some rule has one.
     let mut names = HashMap::new();
-    if g.rules.iter().any(|r| r.remote_group_id.is_some()) {
-        for other in list(api, tenant).unwrap_or_default() {
-            if let (Some(id), Some(name)) = (other["id"].as_str(), other["name"].as_str()) {
-                names.insert(id.to_string(), name.to_string());
-            }
+    if g.rules.iter().any(|r| r.rule.remote_group_id.is_some()) {
+        for other in api.send(route::security_groups(tenant)).unwrap_or_default() {
+            names.insert(other.id.to_string(), other.name);
         }
     }
     rules_table(out, &g.rules, &names)
@@ -613,13 +534,14 @@ fn print_group(
 
 fn rules_table(
     out: &mut impl Write,
-    rules: &[Rule],
+    rules: &[RuleView],
     group_names: &HashMap<String, String>,
 ) -> Result<()> {
     let opt = |s: &Option<String>| s.clone().unwrap_or_else(|| "-".into());
     let rows: Vec<Vec<String>> = rules
         .iter()
-        .map(|r| {
+        .map(|v| {
+            let r = &v.rule;
             let matches = match (r.from_port, r.to_port, r.icmp_type, r.icmp_code) {
                 (Some(f), Some(t), _, _) if f == t => format!("port {f}"),
                 (Some(f), Some(t), _, _) => format!("ports {f}-{t}"),
@@ -637,7 +559,7 @@ fn rules_table(
                 (None, None) => "-".into(),
             };
             vec![
-                r.id.clone(),
+                v.id.to_string(),
                 opt(&r.direction),
                 opt(&r.ethertype),
                 opt(&r.protocol),

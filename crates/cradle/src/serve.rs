@@ -9,11 +9,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
+use base64::Engine;
 use cradle_config::{Config, LogFormat};
+use cradle_core::{Caller, ChannelLimits, Core, Metrics};
 use cradle_model::Secret;
-use cradle_model::api::InstanceSpec;
-use cradle_registry::metrics::Metrics;
-use cradle_registry::{ChannelLimits, Registry, RegistryError};
+use cradle_model::api::{InstanceSpec, InstanceView};
+use cradle_registry::Registry;
 use cradle_store::SqliteStore;
 use rand::RngCore;
 use tokio::net::TcpListener;
@@ -228,31 +229,24 @@ async fn serve(config: Config, demo: bool) -> Result<()> {
     if !failed.is_empty() {
         warn!(instances = ?failed, "installs interrupted by a server stop are now install_failed");
     }
-    let installer = Arc::new(cradle_install::Installer::new(
-        registry.clone(),
-        install_settings(&config, metadata_addr.port())?,
-    ));
-    {
-        let installer = installer.clone();
-        tokio::spawn(async move { installer.warm_up().await });
-    }
-    let admin_state = Arc::new(cradle_admin::AdminState {
-        registry: registry.clone(),
-        metrics: metrics.clone(),
-        tokens,
-        max_body_bytes: config.admin.max_body_bytes,
-        vendor_data: Arc::new(vendor_data.clone()),
-        vendordata: vendordata.clone(),
+    let core = Core::new(cradle_core::Parts {
+        registry,
+        install: install_settings(&config, metadata_addr.port())?,
+        metrics,
+        vendor_data,
+        vendordata,
         drive_limits,
-        drive_builds: tokio::sync::Semaphore::new(cradle_admin::DRIVE_BUILDS),
-        package_fetches: tokio::sync::Semaphore::new(cradle_admin::PACKAGE_FETCHES),
         firewall_table: config.firewall.table.clone(),
         firewall_enforced: enforced,
-        installer: Some(installer.clone()),
+        render_cache_bytes: config.metadata.cache_bytes,
+        max_token_ttl: config.metadata.max_token_ttl,
     });
-    if enforced {
-        tokio::spawn(retry_firewall(registry.clone()));
-    }
+    core.spawn_maintenance();
+    let admin_state = Arc::new(cradle_admin::AdminState {
+        core: core.clone(),
+        tokens,
+        max_body_bytes: config.admin.max_body_bytes,
+    });
     let admin = tokio::spawn(cradle_admin::serve(
         admin_listener,
         admin_state,
@@ -264,34 +258,37 @@ async fn serve(config: Config, demo: bool) -> Result<()> {
         header_timeout: Duration::from_secs(config.metadata.header_timeout),
         body_timeout: Duration::from_secs(config.metadata.body_timeout),
         max_body_bytes: config.metadata.max_body_bytes,
-        max_token_ttl: config.metadata.max_token_ttl,
-        cache_bytes: config.metadata.cache_bytes,
     };
     let service = Arc::new(cradle_metadata::MetadataService::new(
-        registry.clone(),
-        metrics,
-        vendor_data,
-        vendordata,
+        core.clone(),
         settings,
     ));
     let metadata = cradle_metadata::serve_workers(metadata_listeners, service, stop_rx)
         .context("cannot start the metadata workers")?;
 
-    info!(instances = registry.len(), data_dir = %data_dir.display(), "cradle started");
+    info!(instances = core.instance_count(), data_dir = %data_dir.display(), "cradle started");
     // These two lines are the contract with scripts and tests that start
     // cradle on port 0: they name the ports actually bound.
+    let demo_instance = match demo {
+        true => Some(demo_instance(&core).await?),
+        false => None,
+    };
     let mut out = std::io::stdout().lock();
-    writeln!(out, "admin API listening on http://{admin_addr}")?;
-    writeln!(out, "metadata service listening on http://{metadata_addr}")?;
-    if demo {
-        print_demo(&mut out, &registry, admin_addr, metadata_addr, data_dir)?;
+    writeln!(out, "{}", cradle_client::announce::admin_line(admin_addr))?;
+    writeln!(
+        out,
+        "{}",
+        cradle_client::announce::metadata_line(metadata_addr)
+    )?;
+    if let Some(demo) = &demo_instance {
+        print_demo(&mut out, demo, admin_addr, metadata_addr, data_dir)?;
     }
     out.flush()?;
     drop(out);
 
     shutdown_signal().await;
     info!("shutting down");
-    let _ = tokio::task::spawn_blocking(move || installer.shutdown()).await;
+    core.shutdown().await;
     let _ = stop_tx.send(true);
     admin.await.context("admin task")?.context("admin API")?;
     let workers = tokio::task::spawn_blocking(move || {
@@ -333,24 +330,6 @@ fn start_firewall(config: &Config, registry: &Arc<Registry>, demo: bool) -> Resu
     )?;
     info!(table = %config.firewall.table, "firewall applied");
     Ok(true)
-}
-
-/// After a failed change the kernel may differ from the registry: apply the
-/// whole ruleset again until it takes.
-async fn retry_firewall(registry: Arc<Registry>) {
-    let mut tick = tokio::time::interval(Duration::from_secs(5));
-    loop {
-        tick.tick().await;
-        if !registry.firewall_dirty() {
-            continue;
-        }
-        let r = registry.clone();
-        match tokio::task::spawn_blocking(move || r.enforce_all()).await {
-            Ok(Ok(())) => info!("firewall re-applied after an earlier failure"),
-            Ok(Err(e)) => warn!(error = %e, "firewall re-apply failed; retrying"),
-            Err(_) => warn!("firewall re-apply panicked; retrying"),
-        }
-    }
 }
 
 async fn shutdown_signal() {
@@ -427,45 +406,50 @@ fn demo_key() -> String {
     )
 }
 
+/// The demo instance: the one at [`DEMO_ADDRESS`] if there is one (a
+/// restart keeps it), else registered now.
+async fn demo_instance(core: &Core) -> Result<InstanceView> {
+    let system = Caller::system();
+    if let Some(i) = core
+        .instances(&system)?
+        .into_iter()
+        .find(|i| i.metadata_address.to_string() == DEMO_ADDRESS)
+    {
+        return Ok(i);
+    }
+    let mut spec = InstanceSpec {
+        name: "demo".into(),
+        hostname: Some("demo".into()),
+        metadata_address: Some(DEMO_ADDRESS.into()),
+        local_ipv4: Some("10.0.0.2/24".into()),
+        gateway_ipv4: Some("10.0.0.1".into()),
+        user_data: Some(
+            base64::engine::general_purpose::STANDARD
+                .encode("#cloud-config\nhostname: demo\nruncmd:\n  - echo provisioned by cradle\n"),
+        ),
+        ..Default::default()
+    };
+    spec.metadata.insert("role".into(), "demo".into());
+    spec.public_keys.insert("demo".into(), demo_key());
+    spec.os_params
+        .public
+        .insert("greeting".into(), "hello".into());
+    match core.create_instance(&system, spec).await {
+        Ok(i) => Ok(i),
+        Err(e) if e.kind() == cradle_core::Kind::Conflict => {
+            bail!("cannot register the demo instance: {e}")
+        }
+        Err(e) => Err(e).context("cannot register the demo instance"),
+    }
+}
+
 fn print_demo(
     out: &mut impl Write,
-    registry: &Registry,
+    instance: &InstanceView,
     admin: SocketAddr,
     metadata: SocketAddr,
     data_dir: &Path,
 ) -> Result<()> {
-    use base64::Engine;
-    let existing = registry.by_address(DEMO_ADDRESS.parse()?);
-    let instance = match existing {
-        Some(i) => i,
-        None => {
-            let mut spec = InstanceSpec {
-                name: "demo".into(),
-                hostname: Some("demo".into()),
-                metadata_address: Some(DEMO_ADDRESS.into()),
-                local_ipv4: Some("10.0.0.2/24".into()),
-                gateway_ipv4: Some("10.0.0.1".into()),
-                user_data: Some(base64::engine::general_purpose::STANDARD.encode(
-                    "#cloud-config\nhostname: demo\nruncmd:\n  - echo provisioned by cradle\n",
-                )),
-                ..Default::default()
-            };
-            spec.metadata.insert("role".into(), "demo".into());
-            spec.public_keys.insert("demo".into(), demo_key());
-            spec.os_params
-                .public
-                .insert("greeting".into(), "hello".into());
-            match registry.create(spec, Vec::new()) {
-                Ok(i) => i,
-                Err(RegistryError::Conflict(what)) => {
-                    bail!(
-                        "cannot register the demo instance: another instance already has its {what}"
-                    )
-                }
-                Err(e) => return Err(e).context("cannot register the demo instance"),
-            }
-        }
-    };
     let m = metadata;
     writeln!(out)?;
     writeln!(

@@ -1,0 +1,190 @@
+//! Instances, the channel, events, config drives, personalization packages
+//! and metrics.
+
+use std::sync::Arc;
+
+use axum::body::Body;
+use axum::extract::State;
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Extension, Router};
+use cradle_core::{Caller, DriveFormat};
+use cradle_model::answers::{
+    EventList, InstanceList, MessageList, MessageQueued, PACKAGE_SHA256_HEADER,
+};
+use cradle_model::api::{InstancePatch, InstanceSpec, MessageIn};
+use serde::Deserialize;
+
+use crate::extract::{Json, Params, Query};
+use crate::{AdminState, ApiError, Shared};
+
+pub fn routes() -> Router<Arc<AdminState>> {
+    Router::new()
+        .route("/v1/instances", get(list).post(create))
+        .route(
+            "/v1/instances/{key}",
+            get(show).patch(modify).delete(remove),
+        )
+        .route("/v1/instances/{key}/messages", get(receive).post(send))
+        .route("/v1/instances/{key}/config-drive", get(config_drive))
+        .route("/v1/instances/{key}/reset-state", post(reset_state))
+        .route("/v1/instances/{key}/events", get(events))
+        .route("/v1/instances/{key}/personalization", get(package))
+        .route("/metrics", get(metrics))
+}
+
+async fn list(
+    State(s): Shared,
+    Extension(caller): Extension<Caller>,
+) -> Result<impl IntoResponse, ApiError> {
+    let instances = s.core.instances(&caller)?;
+    Ok(axum::Json(InstanceList { instances }))
+}
+
+async fn create(
+    State(s): Shared,
+    Extension(caller): Extension<Caller>,
+    Json(spec): Json<InstanceSpec>,
+) -> Result<Response, ApiError> {
+    let created = s.core.create_instance(&caller, spec).await?;
+    let location = HeaderValue::from_str(&format!("/v1/instances/{}", created.id));
+    let mut r = (StatusCode::CREATED, axum::Json(created)).into_response();
+    if let Ok(loc) = location {
+        r.headers_mut().insert(header::LOCATION, loc);
+    }
+    Ok(r)
+}
+
+async fn show(
+    State(s): Shared,
+    Extension(caller): Extension<Caller>,
+    Params(key): Params<String>,
+) -> Result<impl IntoResponse, ApiError> {
+    Ok(axum::Json(s.core.instance(&caller, &key)?))
+}
+
+async fn modify(
+    State(s): Shared,
+    Extension(caller): Extension<Caller>,
+    Params(key): Params<String>,
+    Json(patch): Json<InstancePatch>,
+) -> Result<impl IntoResponse, ApiError> {
+    Ok(axum::Json(
+        s.core.modify_instance(&caller, &key, patch).await?,
+    ))
+}
+
+async fn remove(
+    State(s): Shared,
+    Extension(caller): Extension<Caller>,
+    Params(key): Params<String>,
+) -> Result<StatusCode, ApiError> {
+    s.core.remove_instance(&caller, &key).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn send(
+    State(s): Shared,
+    Extension(caller): Extension<Caller>,
+    Params(key): Params<String>,
+    Json(msg): Json<MessageIn>,
+) -> Result<impl IntoResponse, ApiError> {
+    let id = s.core.send_message(&caller, &key, msg).await?;
+    Ok((StatusCode::ACCEPTED, axum::Json(MessageQueued { id })))
+}
+
+async fn receive(
+    State(s): Shared,
+    Extension(caller): Extension<Caller>,
+    Params(key): Params<String>,
+) -> Result<impl IntoResponse, ApiError> {
+    let messages = s.core.receive_messages(&caller, &key).await?;
+    Ok(axum::Json(MessageList { messages }))
+}
+
+async fn reset_state(
+    State(s): Shared,
+    Extension(caller): Extension<Caller>,
+    Params(key): Params<String>,
+) -> Result<impl IntoResponse, ApiError> {
+    Ok(axum::Json(s.core.reset_state(&caller, &key).await?))
+}
+
+async fn events(
+    State(s): Shared,
+    Extension(caller): Extension<Caller>,
+    Params(key): Params<String>,
+) -> Result<impl IntoResponse, ApiError> {
+    let events = s.core.events(&caller, &key).await?;
+    Ok(axum::Json(EventList { events }))
+}
+
+#[derive(Deserialize)]
+struct DriveQuery {
+    format: Option<String>,
+}
+
+/// The instance's config drive, built now.
+async fn config_drive(
+    State(s): Shared,
+    Extension(caller): Extension<Caller>,
+    Params(key): Params<String>,
+    Query(q): Query<DriveQuery>,
+) -> Result<Response, ApiError> {
+    let drive = s
+        .core
+        .config_drive(&caller, &key, q.format.as_deref())
+        .await?;
+    let (content_type, extension) = match drive.format {
+        DriveFormat::Iso9660 => ("application/x-iso9660-image", "iso"),
+        DriveFormat::Vfat => ("application/octet-stream", "img"),
+    };
+    let disposition = format!(
+        "attachment; filename=\"config-drive-{}.{extension}\"",
+        drive.instance
+    );
+    let mut r = (StatusCode::OK, drive.image).into_response();
+    r.headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+    if let Ok(v) = HeaderValue::from_str(&disposition) {
+        r.headers_mut().insert(header::CONTENT_DISPOSITION, v);
+    }
+    Ok(r)
+}
+
+/// The instance's personalization package, fetched now by the server (its
+/// credentials are secret parameters, which exist only in the server's
+/// memory) and streamed from an anonymous file that goes with the response.
+async fn package(
+    State(s): Shared,
+    Extension(caller): Extension<Caller>,
+    Params(key): Params<String>,
+) -> Result<Response, ApiError> {
+    let p = s.core.personalization_package(&caller, &key).await?;
+    let stream = tokio_util::io::ReaderStream::new(tokio::fs::File::from_std(p.file));
+    let mut r = (StatusCode::OK, Body::from_stream(stream)).into_response();
+    let h = r.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/gzip"),
+    );
+    h.insert(header::CONTENT_LENGTH, HeaderValue::from(p.bytes));
+    if let Ok(v) = HeaderValue::from_str(&p.sha256) {
+        h.insert(PACKAGE_SHA256_HEADER, v);
+    }
+    Ok(r)
+}
+
+async fn metrics(
+    State(s): Shared,
+    Extension(caller): Extension<Caller>,
+) -> Result<impl IntoResponse, ApiError> {
+    Ok((
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        s.core.metrics_text(&caller)?,
+    ))
+}

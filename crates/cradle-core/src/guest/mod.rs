@@ -1,0 +1,329 @@
+//! What a guest may do. A [`Guest`] is the instance whose metadata address
+//! is the source address of a connection, found by [`Core::guest`]; that
+//! is the only identity a guest has. Its IMDSv2 token, when it presents
+//! one, is checked by [`Core::authorize_guest`] before anything else. Then
+//! it reads its own documents (from the one renderer, through the cache),
+//! uses the channel, sets its password once, and, while it is being
+//! installed, reads its install files.
+//!
+//! Nothing here blocks the metadata service's single-threaded workers: the
+//! store is reached on the blocking pool, and the appliance's package is
+//! served from the one buffer its job holds.
+
+mod cache;
+mod token;
+
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use cradle_model::{ImdsTokens, Instance, State};
+use cradle_registry::ChannelDirection;
+use cradle_registry::jobs::Forwarded;
+use cradle_render::{Context, Resolved};
+use tracing::warn;
+
+pub use cache::Doc;
+pub use token::TokenError;
+
+use crate::{Core, Error, Kind, blocking};
+
+/// The guest-side state: the token key (drawn at start, so tokens die with
+/// the process) and the render cache.
+pub(crate) struct Guests {
+    tokens: token::TokenKey,
+    cache: cache::RenderCache,
+    max_token_ttl: u32,
+}
+
+impl Guests {
+    pub(crate) fn new(cache_bytes: usize, max_token_ttl: u32) -> Guests {
+        Guests {
+            tokens: token::TokenKey::generate(),
+            cache: cache::RenderCache::new(cache_bytes),
+            max_token_ttl,
+        }
+    }
+}
+
+/// A guest, known by the source address of its connection.
+#[derive(Clone)]
+pub struct Guest {
+    instance: Arc<Instance>,
+}
+
+impl Guest {
+    pub fn id(&self) -> uuid::Uuid {
+        self.instance.id
+    }
+
+    fn native(segs: &[&str]) -> bool {
+        matches!(segs.first(), Some(&"cradle") | Some(&"ganeti"))
+    }
+}
+
+/// A file of the running install job, for the appliance.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum InstallFile<'a> {
+    /// `install.json`.
+    Manifest,
+    /// An untrusted script of the OS definition, by name.
+    Script(&'a str),
+    /// The personalization package.
+    Package,
+}
+
+/// Where a message the guest wrote went.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Written {
+    /// Its install job took it (an agent report, or input for the trusted
+    /// script).
+    Job,
+    /// Queued for the operator, with this id.
+    Queued(i64),
+}
+
+/// Milliseconds since the Unix epoch. Token expiry is kept in milliseconds:
+/// in whole seconds a token issued late in a second would lose most of its
+/// first second (a one-second token could be dead on arrival).
+fn unix_now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// Days since the epoch: cached answers are valid for one day, since the
+/// OpenStack versions offered depend on the date.
+fn unix_day() -> u64 {
+    unix_now_ms() / 86_400_000
+}
+
+fn today() -> String {
+    cradle_render::date(time::OffsetDateTime::now_utc())
+}
+
+impl Core {
+    /// The guest whose requests come from `source`: the only way a guest is
+    /// identified. While it is being installed, its job notes the
+    /// appliance's first request.
+    pub fn guest(&self, source: IpAddr) -> Option<Guest> {
+        let instance = self.registry.by_address(source)?;
+        // Only an instance being installed has a running job: its state
+        // says so without taking the jobs' lock on every request.
+        if instance.state == State::Installing
+            && let Some(job) = self.registry.running_install(instance.id)
+        {
+            job.saw_request();
+        }
+        Some(Guest { instance })
+    }
+
+    /// Check the IMDSv2 token a request presents. A token that is presented
+    /// must be good; one that is missing must not be required. This guards
+    /// every namespace: an SSRF that reaches /openstack would otherwise
+    /// read what EC2 protects.
+    pub fn authorize_guest(&self, guest: &Guest, token: Option<&[u8]>) -> Result<(), Error> {
+        match token {
+            Some(t) => {
+                let ok = std::str::from_utf8(t).ok().map(|t| {
+                    self.guests
+                        .tokens
+                        .check(t, guest.instance.id, unix_now_ms())
+                });
+                match ok {
+                    Some(Ok(())) => Ok(()),
+                    _ => Err(Error::Unauthorized("invalid or expired token")),
+                }
+            }
+            None if guest.instance.imds_tokens == ImdsTokens::Required => Err(Error::Unauthorized(
+                "this instance requires an IMDSv2 token",
+            )),
+            None => Ok(()),
+        }
+    }
+
+    /// The longest token a guest may ask for, in seconds.
+    pub fn max_token_ttl(&self) -> u32 {
+        self.guests.max_token_ttl
+    }
+
+    /// An IMDSv2 session token for the guest, valid `ttl` seconds (1 up to
+    /// [`Core::max_token_ttl`]).
+    pub fn issue_token(&self, guest: &Guest, ttl: u32) -> Result<String, Error> {
+        if !(1..=self.guests.max_token_ttl).contains(&ttl) {
+            return Err(Error::refused(
+                Kind::BadRequest,
+                "bad_request",
+                format!(
+                    "the TTL must be from 1 to {} seconds",
+                    self.guests.max_token_ttl
+                ),
+            ));
+        }
+        Ok(self
+            .guests
+            .tokens
+            .issue(guest.instance.id, unix_now_ms() + u64::from(ttl) * 1000))
+    }
+
+    /// The document at `path` (split into `segs`) of the guest's own trees.
+    /// Dynamic vendordata has its own cache; a fatal failure of it puts the
+    /// instance in state `error` (with an event) and answers
+    /// `vendordata_failed`.
+    pub async fn document(&self, guest: &Guest, path: &str, segs: &[&str]) -> Result<Doc, Error> {
+        let inst = &guest.instance;
+        let dynamic = match segs {
+            ["openstack", _, "vendor_data2.json"] if !self.vendordata.is_empty() => {
+                match self.vendordata.fetch(inst).await {
+                    Ok(d) => Some(d.entries),
+                    Err(fatal) => return Err(self.vendordata_failed(inst, &fatal).await),
+                }
+            }
+            _ => None,
+        };
+        // The native namespace carries OS parameters: never cached.
+        let cacheable = !Guest::native(segs) && dynamic.is_none();
+        let day = unix_day();
+        if cacheable && let Some(doc) = self.guests.cache.get(inst, day, path) {
+            return Ok(doc);
+        }
+        let today = today();
+        let ctx = match &dynamic {
+            Some(d) => Context::new(&today, &self.vendor_data).with_dynamic(d),
+            None => Context::new(&today, &self.vendor_data),
+        };
+        let doc = match cradle_render::root(inst, &ctx).resolve(segs) {
+            Some(Resolved::File(bytes)) => {
+                let last = segs.last().copied().unwrap_or("");
+                let content_type = if last.ends_with(".json") || last == "document" {
+                    "application/json"
+                } else if last == "user-data" || last == "user_data" {
+                    "application/octet-stream"
+                } else {
+                    "text/plain; charset=utf-8"
+                };
+                Doc {
+                    content_type,
+                    body: bytes.into(),
+                }
+            }
+            Some(Resolved::Listing(bytes)) => Doc {
+                content_type: "text/plain; charset=utf-8",
+                body: bytes.into(),
+            },
+            None => return Err(Error::not_found("not_found", "no such document")),
+        };
+        if cacheable {
+            self.guests.cache.put(inst, day, path, doc.clone());
+        }
+        Ok(doc)
+    }
+
+    async fn vendordata_failed(&self, inst: &Instance, fatal: &cradle_vendordata::Fatal) -> Error {
+        let reason = fatal.to_string();
+        warn!(instance = %inst.id, reason = %reason, "fatal vendordata failure; instance set to error");
+        let (registry, id, why) = (self.registry.clone(), inst.id, reason.clone());
+        if let Err(e) =
+            blocking(move || Ok(registry.set_error(id, "vendordata", &why).map(|_| ())?)).await
+        {
+            warn!(instance = %inst.id, error = %e, "cannot record the vendordata failure");
+        }
+        Error::unavailable("vendordata_failed", reason)
+    }
+
+    /// Whether the guest's OpenStack `version` has a password file (only
+    /// those take a password).
+    pub fn has_password_file(&self, guest: &Guest, version: &str) -> bool {
+        let today = today();
+        let ctx = Context::new(&today, &self.vendor_data);
+        cradle_render::openstack_versions(&guest.instance, &ctx)
+            .resolve(&[version, "password"])
+            .is_some()
+    }
+
+    /// Set the guest's password, once.
+    pub async fn set_password(&self, guest: &Guest, password: String) -> Result<(), Error> {
+        let (registry, id) = (self.registry.clone(), guest.instance.id);
+        blocking(move || Ok(registry.set_password(id, &password)?)).await
+    }
+
+    /// The largest message the guest may write on the channel.
+    pub fn max_message_bytes(&self) -> usize {
+        self.registry.limits().message_bytes
+    }
+
+    /// Take the oldest message queued for the guest, if any.
+    pub async fn read_message(
+        &self,
+        guest: &Guest,
+    ) -> Result<Option<cradle_store::Message>, Error> {
+        let (registry, id) = (self.registry.clone(), guest.instance.id);
+        blocking(move || Ok(registry.pop_message(id, ChannelDirection::ToGuest)?)).await
+    }
+
+    /// A message the guest wrote. While it is being installed, the agent's
+    /// reports are its job's, and anything else goes to the job's trusted
+    /// script when one runs (the two halves of an OS definition talk through
+    /// the channel); a trusted script that has not caught up makes the
+    /// writer wait (`queue_full`). Otherwise it is queued for the operator.
+    pub async fn write_message(&self, guest: &Guest, body: Bytes) -> Result<Written, Error> {
+        if let Some(job) = self.registry.running_install(guest.instance.id) {
+            if job.agent_message(&body) {
+                return Ok(Written::Job);
+            }
+            match job.forward(&body) {
+                Forwarded::Sent => return Ok(Written::Job),
+                Forwarded::Full => {
+                    return Err(cradle_registry::RegistryError::QueueFull(
+                        cradle_registry::jobs::FORWARD_QUEUE,
+                    )
+                    .into());
+                }
+                Forwarded::NoListener => {}
+            }
+        }
+        let (registry, id) = (self.registry.clone(), guest.instance.id);
+        let n = blocking(move || Ok(registry.push_message(id, ChannelDirection::ToHost, &body)?))
+            .await?;
+        Ok(Written::Queued(n))
+    }
+
+    /// A file of the guest's running install job: only the instance being
+    /// installed has one, and only while it runs. The package's SHA-256
+    /// comes with it.
+    pub fn install_file(
+        &self,
+        guest: &Guest,
+        file: InstallFile<'_>,
+    ) -> Result<(Bytes, Option<String>), Error> {
+        let artifacts = self
+            .registry
+            .running_install(guest.instance.id)
+            .and_then(|job| job.artifacts())
+            .ok_or_else(|| {
+                Error::not_found(
+                    "no_install_job",
+                    "no install job is running for this instance",
+                )
+            })?;
+        match file {
+            InstallFile::Manifest => Ok((artifacts.manifest.clone(), None)),
+            InstallFile::Script(name) => match artifacts.scripts.get(name) {
+                Some(b) => Ok((b.clone(), None)),
+                None => Err(Error::not_found(
+                    "no_script",
+                    "the OS definition has no such untrusted script",
+                )),
+            },
+            InstallFile::Package => match &artifacts.package {
+                Some(p) => Ok((p.bytes.clone(), Some(p.sha256.clone()))),
+                None => Err(Error::not_found(
+                    "no_personalization",
+                    "the instance has no personalization package",
+                )),
+            },
+        }
+    }
+}

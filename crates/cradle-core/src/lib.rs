@@ -1,0 +1,173 @@
+//! The operations layer: every change and query that a front end (the
+//! admin API, the metadata service, the CLI through the typed client)
+//! needs is a method of [`Core`]. Each takes who asks (a [`Caller`], or a
+//! [`Guest`] known by its source address), decides in
+//! [`caller::authorize`] whether they may, and does the work; front ends
+//! parse a request, call one operation and shape its answer.
+//!
+//! Underneath are the parts the operations drive: the registry (instances
+//! in memory over the store, security groups, install jobs), the installer
+//! (the appliance VMs and run mode), the renderer, config drives,
+//! vendordata and personalization packages. No front end reaches them but
+//! through here.
+//!
+//! Anything that blocks (the store, files, QEMU, nft, downloads) runs on
+//! tokio's blocking pool inside the operation, so no front end's worker
+//! thread ever waits on it; the operations that stay synchronous read
+//! memory only.
+//!
+//! - `instances.rs`: instances, their events and the channel (operator side).
+//! - `artifacts.rs`: config drives and personalization packages.
+//! - `install.rs`: install jobs and run mode.
+//! - `secgroups.rs`: security groups and the firewall.
+//! - `guest/`: what a guest may do (documents, IMDSv2 tokens, the channel,
+//!   its password, the appliance's install files), with the render cache.
+
+#![forbid(unsafe_code)]
+
+mod artifacts;
+mod caller;
+mod error;
+mod guest;
+mod install;
+mod instances;
+mod secgroups;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use cradle_install::Installer;
+use cradle_registry::Registry;
+use tracing::{info, warn};
+
+pub use artifacts::{ConfigDrive, PackageDownload};
+pub use caller::{ADMIN_ROLE, Caller};
+pub use cradle_drive::Format as DriveFormat;
+pub use cradle_registry::ChannelLimits;
+pub use cradle_registry::metrics::Metrics;
+pub use cradle_secgroups::nft::Plan as FirewallPlan;
+pub use error::{Error, Kind};
+pub use guest::{Doc, Guest, InstallFile, TokenError, Written};
+pub use install::{MAX_FOLLOW_WAIT, StopRequest};
+
+/// What the operations run on, built by `cradle serve`.
+pub struct Parts {
+    pub registry: Arc<Registry>,
+    pub install: cradle_install::Settings,
+    pub metrics: Arc<Metrics>,
+    /// Static vendordata (`[vendordata] static_file`).
+    pub vendor_data: serde_json::Value,
+    pub vendordata: Arc<cradle_vendordata::Vendordata>,
+    pub drive_limits: cradle_drive::Limits,
+    /// The nftables table security groups render into.
+    pub firewall_table: String,
+    /// Whether security-group changes reach the kernel.
+    pub firewall_enforced: bool,
+    /// Bytes of rendered guest answers kept; 0 disables the cache.
+    pub render_cache_bytes: usize,
+    /// Longest IMDSv2 token a guest may ask for, in seconds.
+    pub max_token_ttl: u32,
+}
+
+/// How many config drives are built at once: each may hold a whole image
+/// (64 MiB for vfat) in memory, so a burst queues instead of exhausting it.
+const DRIVE_BUILDS: usize = 2;
+/// How many personalization packages are fetched at once: each passes
+/// through a temporary file of up to the compressed cap.
+const PACKAGE_FETCHES: usize = 4;
+
+/// Every operation, over the parts they drive.
+pub struct Core {
+    registry: Arc<Registry>,
+    installer: Arc<Installer>,
+    metrics: Arc<Metrics>,
+    vendor_data: Arc<serde_json::Value>,
+    vendordata: Arc<cradle_vendordata::Vendordata>,
+    drive_limits: cradle_drive::Limits,
+    drive_builds: tokio::sync::Semaphore,
+    package_fetches: tokio::sync::Semaphore,
+    firewall_table: String,
+    firewall_enforced: bool,
+    guests: guest::Guests,
+}
+
+impl Core {
+    pub fn new(parts: Parts) -> Arc<Core> {
+        let installer = Arc::new(Installer::new(parts.registry.clone(), parts.install));
+        parts.metrics.instances.set(parts.registry.len() as i64);
+        Arc::new(Core {
+            guests: guest::Guests::new(parts.render_cache_bytes, parts.max_token_ttl),
+            registry: parts.registry,
+            installer,
+            metrics: parts.metrics,
+            vendor_data: Arc::new(parts.vendor_data),
+            vendordata: parts.vendordata,
+            drive_limits: parts.drive_limits,
+            drive_builds: tokio::sync::Semaphore::new(DRIVE_BUILDS),
+            package_fetches: tokio::sync::Semaphore::new(PACKAGE_FETCHES),
+            firewall_table: parts.firewall_table,
+            firewall_enforced: parts.firewall_enforced,
+        })
+    }
+
+    /// The metrics both listeners record their requests in.
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
+    }
+
+    /// How many instances are registered (for start-up logs).
+    pub fn instance_count(&self) -> usize {
+        self.registry.len()
+    }
+
+    /// Start what runs beside the listeners: settling the installer's
+    /// accelerator (a probe boot of up to 20 s, so the first install does
+    /// not wait for it) and, when the firewall is enforced, re-applying the
+    /// whole ruleset after a failed change until it takes.
+    pub fn spawn_maintenance(self: &Arc<Self>) {
+        let installer = self.installer.clone();
+        tokio::spawn(async move { installer.warm_up().await });
+        if self.firewall_enforced {
+            tokio::spawn(retry_firewall(self.registry.clone()));
+        }
+    }
+
+    /// The server is stopping: kill the install VMs, remove their taps,
+    /// fail their jobs.
+    pub async fn shutdown(&self) {
+        let installer = self.installer.clone();
+        let _ = tokio::task::spawn_blocking(move || installer.shutdown()).await;
+    }
+
+    fn count_instances(&self) {
+        self.metrics.instances.set(self.registry.len() as i64);
+    }
+}
+
+/// Run `f` on the blocking pool. A task that panicked or was cancelled is
+/// an internal error, never something a caller could mistake for theirs.
+pub(crate) async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, Error> + Send + 'static,
+) -> Result<T, Error> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| Error::Internal(format!("a blocking task failed: {e}")))?
+}
+
+/// After a failed change the kernel may differ from the registry: apply the
+/// whole ruleset again until it takes.
+async fn retry_firewall(registry: Arc<Registry>) {
+    let mut tick = tokio::time::interval(Duration::from_secs(5));
+    loop {
+        tick.tick().await;
+        if !registry.firewall_dirty() {
+            continue;
+        }
+        let r = registry.clone();
+        match tokio::task::spawn_blocking(move || r.enforce_all()).await {
+            Ok(Ok(())) => info!("firewall re-applied after an earlier failure"),
+            Ok(Err(e)) => warn!(error = %e, "firewall re-apply failed; retrying"),
+            Err(_) => warn!("firewall re-apply panicked; retrying"),
+        }
+    }
+}

@@ -1,0 +1,208 @@
+//! Security groups and the firewall. Every group operation names its
+//! tenant; another tenant's group, rule or instance answers as a missing
+//! one (the registry looks everything up within the tenant).
+
+use cradle_model::answers::FirewallView;
+use cradle_registry::RegistryError;
+use cradle_secgroups::nft::{Firewall, Plan};
+use cradle_secgroups::{GroupView, RuleRequest, RuleView};
+use tracing::info;
+
+use crate::caller::{Action, authorize};
+use crate::{Caller, Core, Error, Kind, blocking};
+
+impl Core {
+    /// The tenant's groups, with their rules and members.
+    pub fn security_groups(&self, caller: &Caller, tenant: &str) -> Result<Vec<GroupView>, Error> {
+        authorize(caller, Action::Tenant)?;
+        Ok(self.registry.sg_list(tenant)?)
+    }
+
+    /// A group by its id or its instance's id.
+    pub fn security_group(
+        &self,
+        caller: &Caller,
+        tenant: &str,
+        key: &str,
+    ) -> Result<GroupView, Error> {
+        authorize(caller, Action::Tenant)?;
+        Ok(self.registry.sg_show(tenant, key)?)
+    }
+
+    pub async fn create_security_group(
+        &self,
+        caller: &Caller,
+        tenant: &str,
+        name: String,
+        description: String,
+    ) -> Result<GroupView, Error> {
+        authorize(caller, Action::Tenant)?;
+        let (registry, t) = (self.registry.clone(), tenant.to_string());
+        let view = blocking(move || Ok(registry.sg_create(&t, &name, &description)?)).await?;
+        info!(group = %view.id, tenant = %view.tenant, by = %caller.name, "security group created");
+        Ok(view)
+    }
+
+    /// Rename a tenant group or change its description.
+    pub async fn update_security_group(
+        &self,
+        caller: &Caller,
+        tenant: &str,
+        key: &str,
+        name: Option<String>,
+        description: Option<String>,
+    ) -> Result<GroupView, Error> {
+        authorize(caller, Action::Tenant)?;
+        let (registry, t, k) = (self.registry.clone(), tenant.to_string(), key.to_string());
+        blocking(move || Ok(registry.sg_update(&t, &k, name.as_deref(), description.as_deref())?))
+            .await
+    }
+
+    pub async fn delete_security_group(
+        &self,
+        caller: &Caller,
+        tenant: &str,
+        key: &str,
+    ) -> Result<(), Error> {
+        authorize(caller, Action::Tenant)?;
+        let (registry, t, k) = (self.registry.clone(), tenant.to_string(), key.to_string());
+        blocking(move || Ok(registry.sg_delete(&t, &k)?)).await
+    }
+
+    pub async fn add_rule(
+        &self,
+        caller: &Caller,
+        tenant: &str,
+        group: &str,
+        rule: RuleRequest,
+    ) -> Result<RuleView, Error> {
+        authorize(caller, Action::Tenant)?;
+        let (registry, t, g) = (self.registry.clone(), tenant.to_string(), group.to_string());
+        let view = blocking(move || Ok(registry.sg_add_rule(&t, &g, &rule)?)).await?;
+        info!(rule = %view.id, by = %caller.name, "security group rule added");
+        Ok(view)
+    }
+
+    pub async fn delete_rule(&self, caller: &Caller, tenant: &str, id: &str) -> Result<(), Error> {
+        authorize(caller, Action::Tenant)?;
+        let (registry, t, id) = (self.registry.clone(), tenant.to_string(), id.to_string());
+        blocking(move || Ok(registry.sg_delete_rule(&t, &id)?)).await
+    }
+
+    /// Put one of the tenant's instances (by id or name) in a tenant group.
+    pub async fn attach_group(
+        &self,
+        caller: &Caller,
+        tenant: &str,
+        group: &str,
+        instance: &str,
+    ) -> Result<(), Error> {
+        authorize(caller, Action::Tenant)?;
+        let (registry, t, g, i) = (
+            self.registry.clone(),
+            tenant.to_string(),
+            group.to_string(),
+            instance.to_string(),
+        );
+        blocking(move || Ok(registry.sg_attach(&t, &g, &i)?)).await
+    }
+
+    pub async fn detach_group(
+        &self,
+        caller: &Caller,
+        tenant: &str,
+        group: &str,
+        instance: &str,
+    ) -> Result<(), Error> {
+        authorize(caller, Action::Tenant)?;
+        let (registry, t, g, i) = (
+            self.registry.clone(),
+            tenant.to_string(),
+            group.to_string(),
+            instance.to_string(),
+        );
+        blocking(move || Ok(registry.sg_detach(&t, &g, &i)?)).await
+    }
+
+    /// The rules every new instance of the tenant starts with.
+    pub fn default_rules(&self, caller: &Caller, tenant: &str) -> Result<Vec<RuleView>, Error> {
+        authorize(caller, Action::Tenant)?;
+        Ok(self.registry.sg_defaults(tenant)?)
+    }
+
+    pub async fn add_default_rule(
+        &self,
+        caller: &Caller,
+        tenant: &str,
+        rule: RuleRequest,
+    ) -> Result<RuleView, Error> {
+        authorize(caller, Action::Tenant)?;
+        let (registry, t) = (self.registry.clone(), tenant.to_string());
+        blocking(move || Ok(registry.sg_add_default(&t, &rule)?)).await
+    }
+
+    pub async fn delete_default_rule(
+        &self,
+        caller: &Caller,
+        tenant: &str,
+        id: &str,
+    ) -> Result<(), Error> {
+        authorize(caller, Action::Tenant)?;
+        let (registry, t, id) = (self.registry.clone(), tenant.to_string(), id.to_string());
+        blocking(move || Ok(registry.sg_delete_default(&t, &id)?)).await
+    }
+
+    /// The groups an instance (by id or name) is in, its own first.
+    pub fn instance_groups(&self, caller: &Caller, key: &str) -> Result<Vec<GroupView>, Error> {
+        let i = self.visible(caller, key)?;
+        Ok(self.registry.sg_instance_groups(&i.id.to_string())?)
+    }
+
+    /// The whole table as it would be applied now, rendered on the blocking
+    /// pool (seconds for 10,000 instances).
+    async fn ruleset(&self) -> Result<Plan, Error> {
+        if !self.registry.security_groups_enabled() {
+            return Err(RegistryError::SecGroupsDisabled.into());
+        }
+        let (registry, table) = (self.registry.clone(), self.firewall_table.clone());
+        blocking(move || {
+            let (instances, groups) = registry.firewall_desired();
+            Ok(Firewall::new(table).plan_full(instances, &groups))
+        })
+        .await
+    }
+
+    /// The ruleset, and whether it is enforced.
+    pub async fn firewall(&self, caller: &Caller) -> Result<FirewallView<Plan>, Error> {
+        authorize(caller, Action::SeeServer)?;
+        let ruleset = self.ruleset().await?;
+        Ok(FirewallView {
+            enforced: self.firewall_enforced,
+            dirty: self.registry.firewall_dirty(),
+            table: self.firewall_table.clone(),
+            ruleset,
+        })
+    }
+
+    /// Re-apply the whole ruleset (operators only), or with `dry_run` only
+    /// say what would be applied. Answers the ruleset.
+    pub async fn apply_firewall(&self, caller: &Caller, dry_run: bool) -> Result<Plan, Error> {
+        authorize(caller, Action::SeeServer)?;
+        let ruleset = self.ruleset().await?;
+        if dry_run {
+            return Ok(ruleset);
+        }
+        authorize(caller, Action::ApplyFirewall)?;
+        if !self.firewall_enforced {
+            return Err(Error::refused(
+                Kind::Conflict,
+                "firewall_off",
+                "the firewall is off ([firewall] enabled = false); use --dry-run to see the ruleset",
+            ));
+        }
+        let registry = self.registry.clone();
+        blocking(move || Ok(registry.enforce_all()?)).await?;
+        info!(by = %caller.name, "firewall re-applied");
+        Ok(ruleset)
+    }
+}

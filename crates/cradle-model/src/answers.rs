@@ -1,0 +1,76 @@
+//! What the admin API answers besides an instance: lists, events, queued
+//! messages, a VM's state and the firewall. The admin API builds them and
+//! the typed client reads them, so the two cannot disagree on a field name.
+
+use serde::{Deserialize, Serialize};
+use time::OffsetDateTime;
+
+use crate::api::{InstanceView, MessageView};
+
+/// The header a personalization package is served with (to operators and
+/// to the install appliance): its SHA-256, lower-case hex.
+pub const PACKAGE_SHA256_HEADER: &str = "x-cradle-package-sha256";
+
+/// `GET /v1/instances`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct InstanceList {
+    pub instances: Vec<InstanceView>,
+}
+
+/// `POST /v1/instances/{key}/messages`: the queued message's id.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
+pub struct MessageQueued {
+    pub id: i64,
+}
+
+/// `GET /v1/instances/{key}/messages`: every message the guest wrote, now
+/// taken off its queue.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct MessageList {
+    pub messages: Vec<MessageView>,
+}
+
+/// Something that happened to an instance.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct EventView {
+    pub id: i64,
+    #[serde(with = "time::serde::rfc3339")]
+    pub created_at: OffsetDateTime,
+    pub kind: String,
+    pub message: String,
+}
+
+/// `GET /v1/instances/{key}/events`, oldest first.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct EventList {
+    pub events: Vec<EventView>,
+}
+
+/// `GET /v1/instances/{key}/vm`: the instance's state and what QEMU says of
+/// its VM (`stopped`, `running`, `paused`, or QEMU's own word).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct VmView {
+    pub instance: String,
+    pub state: String,
+    pub vm: String,
+}
+
+/// `GET /v1/firewall`. `R` is the ruleset: the server writes its plan
+/// straight out, a reader takes nft's JSON document as a value.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct FirewallView<R> {
+    /// Whether changes reach the kernel (`[firewall] enabled`).
+    pub enforced: bool,
+    /// Whether the last apply failed (a full apply is due).
+    pub dirty: bool,
+    pub table: String,
+    pub ruleset: R,
+}
+
+/// `POST /v1/firewall/apply[?dry_run=true]`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct FirewallApplied<R> {
+    /// False for a dry run.
+    pub applied: bool,
+    pub ruleset: R,
+}
