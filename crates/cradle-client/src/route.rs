@@ -356,8 +356,10 @@ pub fn apply_firewall(dry_run: bool) -> Request<FirewallApplied<serde_json::Valu
 
 // ---- for tests ----------------------------------------------------------
 
-/// A request to a path the API does not have, for tests of how it answers
-/// those (a JSON 404 or 405). Every route the API has is a function above.
+/// A request the functions above cannot make (a path the API does not
+/// have, another method on one it has, a path no key encodes to: `%FF` is
+/// not UTF-8), for tests of how the API answers those. Every route the API
+/// has is a function above.
 pub fn unlisted(method: Method, path: &str) -> Request<serde_json::Value> {
     Request::new(method, path.to_string(), json)
 }

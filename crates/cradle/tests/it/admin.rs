@@ -1,8 +1,34 @@
 //! The admin API, against a running server.
 
+use cradle_client::Method;
+use cradle_model::api::{InstancePatch, InstanceSpec};
+use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
 
 use crate::harness::*;
+
+/// `v` read as a typed request body (`InstanceSpec`, `InstancePatch`,
+/// `RuleRequest`, …); it must read as one.
+#[track_caller]
+pub fn typed<B: DeserializeOwned>(v: &Value) -> B {
+    serde_json::from_value(v.clone())
+        .unwrap_or_else(|e| panic!("not a {} ({e}): {v}", std::any::type_name::<B>()))
+}
+
+/// Send the route `route` makes of `body` read as its typed request (`B`).
+/// A body that does not read as one (malformed JSON, unknown fields, wrong
+/// types: what the typed request cannot say) goes as raw text on the same
+/// route instead.
+pub fn fetch_body<B: DeserializeOwned + Default, T>(
+    admin: &Admin,
+    body: &str,
+    route: impl FnOnce(&B) -> Request<T>,
+) -> Answer {
+    match serde_json::from_str::<B>(body) {
+        Ok(b) => admin.fetch(route(&b)),
+        Err(_) => admin.fetch_raw(route(&B::default()), body),
+    }
+}
 
 #[test]
 fn serve_generates_a_private_token_and_answers_with_it() {
@@ -13,7 +39,7 @@ fn serve_generates_a_private_token_and_answers_with_it() {
         .permissions()
         .mode();
     assert_eq!(mode & 0o777, 0o600);
-    assert_eq!(s.admin().call("GET", "/v1/instances", None).status, 200);
+    assert_eq!(s.admin().fetch(route::instances()).status, 200);
 }
 
 /// `xxxxxxxx-xxxx-4xxx-[89ab]xxx-xxxxxxxxxxxx`, lower-case hex.
@@ -94,7 +120,7 @@ fn instance_lifecycle_create_read_patch_delete() {
     });
 
     // Create.
-    let a = admin.call("POST", "/v1/instances", Some(&spec.to_string()));
+    let a = admin.fetch(route::create_instance(&typed(&spec)));
     assert_eq!(a.status, 201, "{}", a.text());
     assert!(!a.text().contains("private-value-1") && !a.text().contains("secret-value-1"));
     let created = a.json();
@@ -123,11 +149,11 @@ fn instance_lifecycle_create_read_patch_delete() {
     assert_eq!(created["password_set"], false);
 
     // Read: in the list, by id, by name, and as the guest.
-    assert!(ids(&admin.call("GET", "/v1/instances", None)).contains(&id));
-    let by_id = admin.call("GET", &format!("/v1/instances/{id}"), None);
+    assert!(ids(&admin.fetch(route::instances())).contains(&id));
+    let by_id = admin.fetch(route::instance(&id));
     assert_eq!(by_id.status, 200);
     assert_eq!(by_id.json(), created);
-    let by_name = admin.call("GET", "/v1/instances/crud1", None);
+    let by_name = admin.fetch(route::instance("crud1"));
     assert_eq!(by_name.status, 200);
     assert_eq!(by_name.json(), created);
     let ud = guest.get("/openstack/latest/user_data");
@@ -146,7 +172,7 @@ fn instance_lifecycle_create_read_patch_delete() {
         "os_params": {"secret": {"moving": "now-a-secret"}},
         "imds_tokens": "required"
     });
-    let a = admin.call("PATCH", "/v1/instances/crud1", Some(&patch.to_string()));
+    let a = admin.fetch(route::modify_instance("crud1", &typed(&patch)));
     assert_eq!(a.status, 200, "{}", a.text());
     assert!(!a.text().contains("now-a-secret"));
     let patched = a.json();
@@ -167,16 +193,14 @@ fn instance_lifecycle_create_read_patch_delete() {
     assert_eq!(patched["user_data"], b64(&user_data));
     assert_eq!(patched["created_at"], created["created_at"]);
 
-    let again = admin.call("GET", &format!("/v1/instances/{id}"), None);
+    let again = admin.fetch(route::instance(&id));
     assert_eq!(again.json(), patched);
     assert_eq!(
-        admin
-            .call("GET", "/v1/instances/crud1-renamed", None)
-            .json(),
+        admin.fetch(route::instance("crud1-renamed")).json(),
         patched
     );
     assert_error(
-        &admin.call("GET", "/v1/instances/crud1", None),
+        &admin.fetch(route::instance("crud1")),
         404,
         "not_found",
         &["crud1"],
@@ -211,24 +235,19 @@ fn instance_lifecycle_create_read_patch_delete() {
     );
 
     // Delete.
-    let a = admin.call("DELETE", &format!("/v1/instances/{id}"), None);
+    let a = admin.fetch(route::remove_instance(&id));
     assert_eq!(a.status, 204, "{}", a.text());
     assert!(a.body.is_empty());
+    assert_error(&admin.fetch(route::instance(&id)), 404, "not_found", &[&id]);
     assert_error(
-        &admin.call("GET", &format!("/v1/instances/{id}"), None),
-        404,
-        "not_found",
-        &[&id],
-    );
-    assert_error(
-        &admin.call("GET", "/v1/instances/crud1-renamed", None),
+        &admin.fetch(route::instance("crud1-renamed")),
         404,
         "not_found",
         &[],
     );
-    assert!(!ids(&admin.call("GET", "/v1/instances", None)).contains(&id));
+    assert!(!ids(&admin.fetch(route::instances())).contains(&id));
     assert_error(
-        &admin.call("DELETE", &format!("/v1/instances/{id}"), None),
+        &admin.fetch(route::remove_instance(&id)),
         404,
         "not_found",
         &[],
@@ -262,42 +281,88 @@ fn bad_requests_get_json_errors_and_change_nothing() {
 
     struct Case {
         what: &'static str,
-        method: &'static str,
-        path: String,
-        body: Option<String>,
+        /// Sends the request.
+        send: Box<dyn Fn(&Admin) -> Answer>,
         status: u16,
         code: &'static str,
         /// Words the message must hold.
         needles: Vec<&'static str>,
     }
-    let raw = |what, method, path: &str, body: Option<&str>, status, code, needles: &[_]| Case {
+    let case = |what, send: Box<dyn Fn(&Admin) -> Answer>, status, code, needles: &[_]| Case {
         what,
-        method,
-        path: path.to_string(),
-        body: body.map(str::to_string),
+        send,
         status,
         code,
         needles: needles.to_vec(),
     };
-    // A create: a valid spec with `extra` laid over it.
-    let post = |what, extra: Value, status, code, needles: &[_]| {
-        raw(
+    // A create with `text` as its body: typed when it reads as a spec, else
+    // raw (malformed JSON, unknown fields, wrong types).
+    let post_text = |what, text: &str, status, code, needles: &[_]| {
+        let text = text.to_string();
+        case(
             what,
-            "POST",
-            "/v1/instances",
-            Some(&base(extra)),
+            Box::new(move |admin| fetch_body(admin, &text, route::create_instance)),
             status,
             code,
             needles,
         )
     };
+    // A create: a valid spec with `extra` laid over it.
+    let post = |what, extra: Value, status, code, needles: &[_]| {
+        post_text(what, &base(extra), status, code, needles)
+    };
     let patch = |what, body: Value, status, code, needles: &[_]| {
         let body = body.to_string();
-        raw(
+        case(
             what,
-            "PATCH",
-            "/v1/instances/other",
-            Some(&body),
+            Box::new(move |admin| {
+                fetch_body(admin, &body, |p: &InstancePatch| {
+                    route::modify_instance("other", p)
+                })
+            }),
+            status,
+            code,
+            needles,
+        )
+    };
+    // A path the typed client has no route for (no such route, a method the
+    // route does not take, a key that is not UTF-8), with an optional raw body.
+    let unlisted = |what,
+                    method: Method,
+                    path: &'static str,
+                    body: Option<&str>,
+                    status,
+                    code,
+                    needles: &[_]| {
+        let body = body.map(str::to_string);
+        case(
+            what,
+            Box::new(move |admin| {
+                let req = route::unlisted(method.clone(), path);
+                match &body {
+                    Some(b) => admin.fetch_raw(req, b),
+                    None => admin.fetch(req),
+                }
+            }),
+            status,
+            code,
+            needles,
+        )
+    };
+    let fetch = |what, req: fn() -> Request<Value>, status, code, needles: &[_]| {
+        case(
+            what,
+            Box::new(move |admin| admin.fetch(req())),
+            status,
+            code,
+            needles,
+        )
+    };
+    let message = |what, key: &'static str, body: &str, status, code, needles: &[_]| {
+        let body = body.to_string();
+        case(
+            what,
+            Box::new(move |admin| fetch_body(admin, &body, |m| route::send_message(key, m))),
             status,
             code,
             needles,
@@ -305,13 +370,13 @@ fn bad_requests_get_json_errors_and_change_nothing() {
     };
     #[rustfmt::skip]
     let cases = [
-        raw("malformed JSON", "POST", "/v1/instances", Some(r#"{"name": "x","#), 400, "bad_request", &["malformed JSON"]),
-        raw("trailing garbage", "POST", "/v1/instances", Some(&format!("{} x", base(json!({})))), 400, "bad_request", &["malformed JSON"]),
+        post_text("malformed JSON", r#"{"name": "x","#, 400, "bad_request", &["malformed JSON"]),
+        post_text("trailing garbage", &format!("{} x", base(json!({}))), 400, "bad_request", &["malformed JSON"]),
         post("unknown field", json!({"colour": "red"}), 422, "invalid", &["colour"]),
         post("unknown nested field", json!({"os_params": {"hidden": {}}}), 422, "invalid", &["hidden"]),
         post("wrong type", json!({"launch_index": "three"}), 422, "invalid", &["launch_index"]),
         post("wrong nested type", json!({"metadata": {"k": 5}}), 422, "invalid", &["metadata.k"]),
-        raw("metadata_address not a string", "POST", "/v1/instances", Some(r#"{"name": "fresh", "metadata_address": 5}"#), 422, "invalid", &["metadata_address"]),
+        post_text("metadata_address not a string", r#"{"name": "fresh", "metadata_address": 5}"#, 422, "invalid", &["metadata_address"]),
         post("duplicate name", json!({"name": "taken"}), 409, "conflict", &["name"]),
         post("duplicate metadata_address", json!({"metadata_address": "127.0.0.30"}), 409, "conflict", &["metadata_address"]),
         patch("duplicate metadata_address on PATCH", json!({"metadata_address": "127.0.0.30"}), 409, "conflict", &["metadata_address"]),
@@ -334,45 +399,46 @@ fn bad_requests_get_json_errors_and_change_nothing() {
         patch("rename to a UUID", json!({"name": uuid_name}), 422, "invalid", &["name"]),
         post("empty name", json!({"name": ""}), 422, "invalid", &["name"]),
         post("bad imds_tokens", json!({"imds_tokens": "sometimes"}), 422, "invalid", &["imds_tokens"]),
-        raw("path not UTF-8", "GET", "/v1/instances/%FF%FE", None, 400, "bad_request", &["UTF-8"]),
-        raw("PATCH path not UTF-8", "PATCH", "/v1/instances/%FF%FE", Some("{}"), 400, "bad_request", &["UTF-8"]),
-        raw("no such instance", "GET", "/v1/instances/nobody", None, 404, "not_found", &["nobody"]),
-        raw("unknown route", "GET", "/v2/instances", None, 404, "not_found", &[]),
-        raw("unknown route under /v1", "GET", "/v1/instances/taken/nothing", None, 404, "not_found", &[]),
-        raw("wrong method", "PUT", "/v1/instances", Some(&base(json!({}))), 405, "method_not_allowed", &[]),
-        raw("wrong method on an instance", "POST", "/v1/instances/taken", Some("{}"), 405, "method_not_allowed", &[]),
-        raw("message with text and data", "POST", "/v1/instances/taken/messages", Some(r#"{"text": "a", "data": "YQ=="}"#), 422, "invalid", &["text", "data"]),
+        // A key is text: the typed route cannot name one that is not UTF-8.
+        unlisted("path not UTF-8", Method::GET, "/v1/instances/%FF%FE", None, 400, "bad_request", &["UTF-8"]),
+        unlisted("PATCH path not UTF-8", Method::PATCH, "/v1/instances/%FF%FE", Some("{}"), 400, "bad_request", &["UTF-8"]),
+        unlisted("tenant not UTF-8", Method::GET, "/v1/tenants/%FF/security-groups", None, 400, "bad_request", &["UTF-8"]),
+        unlisted("group id not UTF-8", Method::DELETE, "/v1/tenants/t1/security-groups/%FF", None, 400, "bad_request", &["UTF-8"]),
+        // Query strings that do not fit their route are ours too, not
+        // axum's plain-text rejection.
+        fetch("query value that is not a number", || route::install_job("taken", 0, std::time::Duration::ZERO).with_query("after", "soon").as_json(), 400, "bad_request", &["query string"]),
+        fetch("query value that is not a boolean", || route::stop_vm("taken", false, std::time::Duration::ZERO).with_query("force", "maybe").as_json(), 400, "bad_request", &["query string"]),
+        fetch("no such instance", || route::instance("nobody").as_json(), 404, "not_found", &["nobody"]),
+        unlisted("unknown route", Method::GET, "/v2/instances", None, 404, "not_found", &[]),
+        unlisted("unknown route under /v1", Method::GET, "/v1/instances/taken/nothing", None, 404, "not_found", &[]),
+        unlisted("wrong method", Method::PUT, "/v1/instances", Some(&base(json!({}))), 405, "method_not_allowed", &[]),
+        unlisted("wrong method on an instance", Method::POST, "/v1/instances/taken", Some("{}"), 405, "method_not_allowed", &[]),
+        message("message with text and data", "taken", r#"{"text": "a", "data": "YQ=="}"#, 422, "invalid", &["text", "data"]),
     ];
     for Case {
         what,
-        method,
-        path,
-        body,
+        send,
         status,
         code,
         needles,
     } in &cases
     {
-        let a = admin.call(method, path, body.as_deref());
+        let a = send(&admin);
         let message = assert_error(&a, *status, code, needles);
         eprintln!("{what}: {status} {message}");
         assert!(s.alive(), "server died after {what}");
-        assert_eq!(
-            admin.call("GET", "/v1/instances", None).status,
-            200,
-            "after {what}"
-        );
+        assert_eq!(admin.fetch(route::instances()).status, 200, "after {what}");
     }
 
     // A refused change changed nothing, and nothing was created.
-    let list = admin.call("GET", "/v1/instances", None);
+    let list = admin.fetch(route::instances());
     let mut listed = ids(&list);
     listed.sort();
     let mut expected = [&taken, &other].map(|i| i["id"].as_str().unwrap().to_string());
     expected.sort();
     assert_eq!(listed, expected);
-    assert_eq!(admin.call("GET", "/v1/instances/taken", None).json(), taken);
-    assert_eq!(admin.call("GET", "/v1/instances/other", None).json(), other);
+    assert_eq!(admin.fetch(route::instance("taken")).json(), taken);
+    assert_eq!(admin.fetch(route::instance("other")).json(), other);
     // The same bodies, made valid, are accepted: the refusals were for the
     // reasons named, not for anything else in the request.
     admin.create(
@@ -383,59 +449,54 @@ fn bad_requests_get_json_errors_and_change_nothing() {
 #[test]
 fn a_missing_or_wrong_token_is_401() {
     let mut s = Server::start();
-    let http = reqwest::blocking::Client::builder()
-        .no_proxy()
-        .build()
-        .unwrap();
-    let url = |p: &str| format!("{}{}", s.admin_url, p);
-    let bodies = [
-        ("GET", "/v1/instances", None),
-        ("GET", "/metrics", None),
-        (
-            "POST",
-            "/v1/instances",
-            Some(r#"{"name":"x","metadata_address":"127.0.0.33"}"#),
-        ),
-        ("GET", "/no/such/route", None),
+    let requests: [fn() -> Request<Value>; 4] = [
+        || route::instances().as_json(),
+        || route::metrics().as_json(),
+        || {
+            route::create_instance(&InstanceSpec {
+                name: "x".into(),
+                metadata_address: Some("127.0.0.33".into()),
+                ..Default::default()
+            })
+            .as_json()
+        },
+        || route::unlisted(Method::GET, "/no/such/route"),
     ];
-    for (method, path, body) in bodies {
-        for auth in [
-            None,
-            Some("Bearer wrong"),
+    let admin = s.admin();
+    // The Authorization header each caller sends (none at all, a wrong
+    // bearer token, another scheme, an empty bearer token).
+    let callers = [
+        (None, admin.presented(Presented::Anonymous)),
+        (Some("Bearer wrong"), admin.with_token("wrong")),
+        (
             Some("Basic YWRtaW46YWRtaW4="),
-            Some("Bearer "),
-        ] {
-            let mut req = http.request(method.parse().unwrap(), url(path));
-            if let Some(a) = auth {
-                req = req.header("authorization", a);
-            }
-            if let Some(b) = body {
-                req = req.header("content-type", "application/json").body(b);
-            }
-            let r = req.send().unwrap();
+            admin
+                .with_token("Basic YWRtaW46YWRtaW4=")
+                .presented(Presented::Authorization),
+        ),
+        (Some("Bearer "), admin.with_token("")),
+    ];
+    for request in requests {
+        for (auth, caller) in &callers {
+            let req = request();
+            let (method, path) = (req.method().clone(), req.path().to_string());
+            let a = caller.fetch(req);
             assert_eq!(
-                r.headers()
+                a.headers
                     .get("www-authenticate")
                     .and_then(|v| v.to_str().ok()),
                 Some("Bearer"),
                 "{method} {path} {auth:?}"
             );
-            let status = r.status().as_u16();
-            let a = Answer {
-                status,
-                headers: r.headers().clone(),
-                body: r.bytes().unwrap().to_vec(),
-            };
             assert_error(&a, 401, "unauthorized", &["token"]);
         }
     }
     // A token with the right prefix is still wrong.
-    let mut admin = s.admin();
-    admin.token.truncate(admin.token.len() - 1);
-    assert_eq!(admin.call("GET", "/v1/instances", None).status, 401);
+    let truncated = admin.with_token(&s.token[..s.token.len() - 1]);
+    assert_eq!(truncated.fetch(route::instances()).status, 401);
     // Nothing was created without a token, and the server is fine.
     assert!(s.alive());
-    let list = s.admin().call("GET", "/v1/instances", None);
+    let list = s.admin().fetch(route::instances());
     assert!(ids(&list).is_empty());
 }
 
@@ -455,17 +516,23 @@ fn a_body_over_the_limit_is_413() {
         assert_eq!(text.len(), len);
         text
     };
-    let a = admin.call("POST", "/v1/instances", Some(&padded(8 * 1024)));
+    // The bodies go as raw text: their length in bytes is the point, and
+    // the typed request would write its own.
+    let create = || route::create_instance(&InstanceSpec::default());
+    let a = admin.fetch_raw(create(), &padded(8 * 1024));
     assert_error(&a, 413, "too_large", &["too large"]);
     assert!(s.alive());
-    let a = admin.call("PATCH", "/v1/instances/big", Some(&padded(8 * 1024)));
+    let a = admin.fetch_raw(
+        route::modify_instance("big", &InstancePatch::default()),
+        &padded(8 * 1024),
+    );
     assert_error(&a, 413, "too_large", &[]);
     // Under the limit, the same kind of body gets through to validation
     // (the pad is over the 255-character metadata limit).
-    let a = admin.call("POST", "/v1/instances", Some(&padded(4000)));
+    let a = admin.fetch_raw(create(), &padded(4000));
     assert_error(&a, 422, "invalid", &["metadata.pad"]);
     assert!(s.alive());
-    assert_eq!(admin.call("GET", "/v1/instances", None).status, 200);
+    assert_eq!(admin.fetch(route::instances()).status, 200);
 }
 
 /// A mistyped value that might be a secret is refused without being echoed.
@@ -484,26 +551,27 @@ fn mistyped_values_are_not_echoed() {
         json!({"name": "m", "metadata_address": "127.0.0.35", "os_params": {"public": {"k": "v"}, "secret": {"k": canary}}}),
         json!({"name": "m", "metadata_address": "127.0.0.35", "os_params": {"secret": {"k": 12345}}}),
     ];
+    let post = |body: &Value| fetch_body(&admin, &body.to_string(), route::create_instance);
     for body in &bodies {
-        let a = admin.call("POST", "/v1/instances", Some(&body.to_string()));
+        let a = post(body);
         let message = assert_error(&a, 422, "invalid", &[]);
         assert!(!a.text().contains("SECRETCANARY"), "echoed: {}", a.text());
         eprintln!("{message}");
         assert!(s.alive());
     }
     // The messages still say where the problem is.
-    let a = admin.call("POST", "/v1/instances", Some(&bodies[0].to_string()));
+    let a = post(&bodies[0]);
     assert_error(&a, 422, "invalid", &["launch_index"]);
-    let a = admin.call("POST", "/v1/instances", Some(&bodies[1].to_string()));
+    let a = post(&bodies[1]);
     assert_error(&a, 422, "invalid", &["imds_tokens", "optional", "required"]);
-    let a = admin.call("POST", "/v1/instances", Some(&bodies[7].to_string()));
+    let a = post(&bodies[7]);
     assert_error(&a, 422, "invalid", &["os_params.secret.k"]);
     // In a PATCH too.
     admin.create(&json!({"name": "m", "metadata_address": "127.0.0.35"}));
-    let a = admin.call(
-        "PATCH",
-        "/v1/instances/m",
-        Some(&json!({"launch_index": canary}).to_string()),
+    let a = fetch_body(
+        &admin,
+        &json!({"launch_index": canary}).to_string(),
+        |p: &InstancePatch| route::modify_instance("m", p),
     );
     assert_error(&a, 422, "invalid", &["launch_index"]);
     assert!(!a.text().contains("SECRETCANARY"));
@@ -539,7 +607,7 @@ fn metrics_count_requests_by_namespace_and_instances() {
     );
     assert_eq!(s.guest("127.0.0.99").get("/latest/meta-data/").status, 404);
 
-    let m = admin.call("GET", "/metrics", None);
+    let m = admin.fetch(route::metrics());
     assert_eq!(m.status, 200);
     let ct = m.headers.get("content-type").unwrap().to_str().unwrap();
     assert!(ct.contains("text"), "{ct}");
@@ -588,13 +656,12 @@ fn metrics_count_requests_by_namespace_and_instances() {
     }
     assert_eq!(sample(&text, "cradle_instances", &[]), Some(3.0), "{text}");
 
-    assert_eq!(admin.call("DELETE", "/v1/instances/m2", None).status, 204);
-    let text = admin.call("GET", "/metrics", None).text();
+    assert_eq!(admin.fetch(route::remove_instance("m2")).status, 204);
+    let text = admin.fetch(route::metrics()).text();
     assert_eq!(sample(&text, "cradle_instances", &[]), Some(2.0), "{text}");
 
-    let mut anon = s.admin();
-    anon.token = String::new();
-    let a = anon.call("GET", "/metrics", None);
+    let anon = s.admin().with_token("");
+    let a = anon.fetch(route::metrics());
     assert_error(&a, 401, "unauthorized", &[]);
     assert!(!a.text().contains("cradle_requests_total"));
 }
@@ -618,8 +685,7 @@ fn boot_roles_are_the_callers_roles_at_creation_and_never_change() {
         env: &[("CRADLE_ADMIN_TOKENS_FILE", &tokens_path)],
         ..Default::default()
     });
-    let mut provisioner = s.admin();
-    provisioner.token = "provisioner-secret-token".into();
+    let provisioner = s.admin().with_token("provisioner-secret-token");
 
     let first = provisioner.create(&json!({"name": "mail1", "metadata_address": "127.0.0.2"}));
     assert_eq!(first["boot_roles"], json!(["mail-server"]));
@@ -628,33 +694,28 @@ fn boot_roles_are_the_callers_roles_at_creation_and_never_change() {
     write_tokens(r#"["web-server", "extra"]"#);
     let second = provisioner.create(&json!({"name": "web1", "metadata_address": "127.0.0.3"}));
     assert_eq!(second["boot_roles"], json!(["web-server", "extra"]));
-    let again = s.admin().call("GET", "/v1/instances/mail1", None).json();
+    let again = s.admin().fetch(route::instance("mail1")).json();
     assert_eq!(
         again["boot_roles"],
         json!(["mail-server"]),
         "roles stored at creation never change"
     );
     // PATCH cannot set them either.
-    let a = s.admin().call(
-        "PATCH",
-        "/v1/instances/mail1",
-        Some(r#"{"boot_roles": ["x"]}"#),
+    let a = fetch_body(
+        &s.admin(),
+        r#"{"boot_roles": ["x"]}"#,
+        |p: &InstancePatch| route::modify_instance("mail1", p),
     );
     assert_eq!(a.status, 422, "{}", a.text());
 
     // The main token has the admin role; the provisioner does not.
-    let a = provisioner.call("POST", "/v1/instances/mail1/reset-state", None);
+    let a = provisioner.fetch(route::reset_state("mail1"));
     assert_eq!(a.status, 403, "{}", a.text());
     assert_eq!(a.json()["error"]["code"], "forbidden");
-    let a = s
-        .admin()
-        .call("POST", "/v1/instances/mail1/reset-state", None);
+    let a = s.admin().fetch(route::reset_state("mail1"));
     assert_eq!(a.status, 200, "{}", a.text());
     assert_eq!(a.json()["state"], "registered");
-    let events = s
-        .admin()
-        .call("GET", "/v1/instances/mail1/events", None)
-        .json();
+    let events = s.admin().fetch(route::events("mail1")).json();
     assert_eq!(events["events"][0]["kind"], "reset-state");
     assert!(
         events["events"][0]["message"]
@@ -666,7 +727,6 @@ fn boot_roles_are_the_callers_roles_at_creation_and_never_change() {
 
     // A token not in the file (or a removed one) is refused.
     write_tokens(r#"["web-server"]"#);
-    let mut stranger = s.admin();
-    stranger.token = "not-a-token".into();
-    assert_eq!(stranger.call("GET", "/v1/instances", None).status, 401);
+    let stranger = s.admin().with_token("not-a-token");
+    assert_eq!(stranger.fetch(route::instances()).status, 401);
 }

@@ -8,6 +8,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
+use cradle_client::announce::Announced;
 use serde_json::{Value, json};
 
 use crate::harness::*;
@@ -473,8 +474,8 @@ fn spawn_bare(cwd: &Path) -> Bare {
         stderr,
     };
     let deadline = Instant::now() + Duration::from_secs(30);
-    let mut metadata = false;
-    while bare.admin_url.is_empty() || !metadata {
+    let mut announced = Announced::default();
+    let listening = loop {
         let left = deadline.saturating_duration_since(Instant::now());
         let Ok(line) = rx.recv_timeout(left) else {
             panic!(
@@ -482,11 +483,11 @@ fn spawn_bare(cwd: &Path) -> Bare {
                 std::fs::read_to_string(&bare.stderr).unwrap_or_default()
             );
         };
-        if let Some(u) = line.strip_prefix("admin API listening on ") {
-            bare.admin_url = u.to_string();
+        if let Some(both) = announced.feed(&line) {
+            break both;
         }
-        metadata |= line.starts_with("metadata service listening on http://");
-    }
+    };
+    bare.admin_url = listening.admin_url();
     std::thread::spawn(move || for _ in rx {});
     bare
 }

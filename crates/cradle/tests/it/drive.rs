@@ -12,6 +12,7 @@ use std::time::Duration;
 
 use serde_json::{Value, json};
 
+use crate::admin::typed;
 use crate::harness::*;
 
 /// The source address of the test instance's guest.
@@ -109,13 +110,14 @@ fn create(s: &Server, spec: &Value) -> String {
         .to_string()
 }
 
-fn drive_path(key: &str, format: &str) -> String {
-    format!("/v1/instances/{key}/config-drive?format={format}")
+/// `GET` the drive of `key` in `format` through the admin API.
+fn drive(admin: &Admin, key: &str, format: &str) -> Answer {
+    admin.fetch(route::config_drive(key, Some(format)))
 }
 
 /// Download a drive through the admin API; it must succeed.
 fn download(s: &Server, key: &str, format: &str) -> Vec<u8> {
-    let a = s.admin().call("GET", &drive_path(key, format), None);
+    let a = drive(&s.admin(), key, format);
     assert_eq!(a.status, 200, "GET config-drive {format}: {}", a.text());
     let content_type = a.headers["content-type"].to_str().unwrap();
     let extension = match format {
@@ -690,11 +692,10 @@ fn drives_are_deterministic() {
     assert_eq!(first_vfat.len(), VFAT_BYTES);
 
     let changed = "changed-metadata-value-81f2";
-    let a = s.admin().call(
-        "PATCH",
-        &format!("/v1/instances/{id}"),
-        Some(&json!({"metadata": {"canary": changed}}).to_string()),
-    );
+    let a = s.admin().fetch(route::modify_instance(
+        &id,
+        &typed(&json!({"metadata": {"canary": changed}})),
+    ));
     assert_eq!(a.status, 200, "PATCH: {}", a.text());
     let patched_iso = download(&s, &id, "iso9660");
     let patched_vfat = download(&s, &id, "vfat");
@@ -729,11 +730,10 @@ fn create_with_files(s: &Server, spec: &Value, files: BTreeMap<String, String>) 
     let files: Vec<_> = files.into_iter().collect();
     for batch in files.chunks(4) {
         let batch: BTreeMap<_, _> = batch.iter().cloned().collect();
-        let a = s.admin().call(
-            "PATCH",
-            &format!("/v1/instances/{id}"),
-            Some(&json!({ "files": batch }).to_string()),
-        );
+        let a = s.admin().fetch(route::modify_instance(
+            &id,
+            &typed(&json!({ "files": batch })),
+        ));
         assert_eq!(a.status, 200, "PATCH files: {}", a.text());
     }
     id
@@ -742,7 +742,7 @@ fn create_with_files(s: &Server, spec: &Value, files: BTreeMap<String, String>) 
 /// The `error` of a refused drive: 422 `drive_too_large`; returns the message.
 #[track_caller]
 fn refused(s: &Server, key: &str, format: &str) -> String {
-    let a = s.admin().call("GET", &drive_path(key, format), None);
+    let a = drive(&s.admin(), key, format);
     assert_eq!(a.status, 422, "{format}: {}", a.text());
     let body = a.json();
     assert_eq!(body["error"]["code"], "drive_too_large", "{body}");
@@ -849,7 +849,7 @@ fn a_drive_over_the_limit_is_refused_and_nothing_is_left_behind() {
     // A bad format is a 400, an unknown instance a 404.
     let admin = s.admin();
     for format in ["iso", "ISO9660", "", "fat32"] {
-        let a = admin.call("GET", &drive_path(&id, format), None);
+        let a = drive(&admin, &id, format);
         assert_eq!(a.status, 400, "format {format:?}: {}", a.text());
         let body = a.json();
         assert_eq!(body["error"]["code"], "bad_request");
@@ -862,7 +862,7 @@ fn a_drive_over_the_limit_is_refused_and_nothing_is_left_behind() {
         );
     }
     for key in ["nonesuch", "6f1c2a3b-4d5e-4f60-8a7b-9c0d1e2f3a4b"] {
-        let a = admin.call("GET", &drive_path(key, "iso9660"), None);
+        let a = drive(&admin, key, "iso9660");
         assert_eq!(a.status, 404, "{key}: {}", a.text());
         assert_eq!(a.json()["error"]["code"], "not_found");
     }

@@ -9,8 +9,10 @@
 pub mod common;
 
 use common::lab::{Lab, addr, expect};
+use cradle_secgroups::api::GroupRequest;
 use serde_json::{Value, json};
 
+use crate::admin::typed;
 use crate::harness::*;
 
 fn start(lab: &Lab, data_dir: Option<&std::path::Path>) -> Server {
@@ -35,25 +37,14 @@ fn ok(a: Answer, status: u16) -> Value {
 
 fn rule(s: &Server, group: &str, body: Value) -> String {
     let v = ok(
-        s.admin().call(
-            "POST",
-            &format!("/v1/tenants/t/security-groups/{group}/rules"),
-            Some(&body.to_string()),
-        ),
+        s.admin().fetch(route::add_rule("t", group, &typed(&body))),
         201,
     );
     v["security_group_rule"]["id"].as_str().unwrap().to_string()
 }
 
 fn unrule(s: &Server, id: &str) {
-    ok(
-        s.admin().call(
-            "DELETE",
-            &format!("/v1/tenants/t/security-group-rules/{id}"),
-            None,
-        ),
-        204,
-    );
+    ok(s.admin().fetch(route::delete_rule("t", id)), 204);
 }
 
 #[test]
@@ -105,11 +96,13 @@ fn cradle_enforces_rules_as_they_change_and_after_a_restart() {
 
     // A rule sourced from a tenant group: its members, as they change.
     let clients = ok(
-        s.admin().call(
-            "POST",
-            "/v1/tenants/t/security-groups",
-            Some(r#"{"name":"clients"}"#),
-        ),
+        s.admin().fetch(route::create_security_group(
+            "t",
+            &GroupRequest {
+                name: "clients".into(),
+                ..Default::default()
+            },
+        )),
         201,
     )["security_group"]["id"]
         .as_str()
@@ -121,11 +114,10 @@ fn cradle_enforces_rules_as_they_change_and_after_a_restart() {
         json!({"protocol": "tcp", "from_port": 80, "remote_group_id": clients}),
     );
     expect("tcp 2→1:80, group still empty", lab.tcp(2, 1, 80), false);
-    let members = format!("/v1/tenants/t/security-groups/{clients}/instances/{b}");
-    ok(s.admin().call("PUT", &members, None), 204);
+    ok(s.admin().fetch(route::attach_group("t", &clients, &b)), 204);
     expect("tcp 2→1:80 once g2 is a member", lab.tcp(2, 1, 80), true);
     expect("tcp 3→1:80, g3 is not a member", lab.tcp(3, 1, 80), false);
-    ok(s.admin().call("DELETE", &members, None), 204);
+    ok(s.admin().fetch(route::detach_group("t", &clients, &b)), 204);
     expect("tcp 2→1:80 after g2 left", lab.tcp(2, 1, 80), false);
 
     // Egress: once g3 has an egress rule, only that leaves it.
@@ -186,7 +178,7 @@ fn cradle_enforces_rules_as_they_change_and_after_a_restart() {
     let s = start(&lab, Some(&data_dir));
     expect("tcp 2→1:22 after the restart", lab.tcp(2, 1, 22), true);
     expect("tcp 3→1:80 after the restart", lab.tcp(3, 1, 80), false);
-    let fw = ok(s.admin().call("GET", "/v1/firewall", None), 200);
+    let fw = ok(s.admin().fetch(route::firewall()), 200);
     assert_eq!(fw["enforced"], true);
     assert_eq!(fw["dirty"], false);
     let text = fw["ruleset"].to_string();

@@ -1,4 +1,5 @@
-//! Start `cradle serve` for a test and talk to it as the operator or as a guest.
+//! Start `cradle serve` for a test and talk to it as the operator (through
+//! the typed client, `cradle-client`, as the CLI does) or as a guest.
 
 #![allow(dead_code)]
 
@@ -9,6 +10,8 @@ use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::Duration;
 
+use cradle_client::Target;
+pub use cradle_client::{Presented, Request, route};
 use serde_json::Value;
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_cradle");
@@ -108,8 +111,8 @@ impl Server {
                 }
             }
         });
-        let (mut admin, mut metadata) = (None, None);
-        while admin.is_none() || metadata.is_none() {
+        let mut announced = cradle_client::announce::Announced::default();
+        let listening = loop {
             let line = match rx.recv_timeout(Duration::from_secs(30)) {
                 Ok(l) => l,
                 Err(_) => {
@@ -120,12 +123,10 @@ impl Server {
                     );
                 }
             };
-            if let Some(u) = line.strip_prefix("admin API listening on ") {
-                admin = Some(u.to_string());
-            } else if let Some(u) = line.strip_prefix("metadata service listening on http://") {
-                metadata = Some(u.parse().unwrap());
+            if let Some(both) = announced.feed(&line) {
+                break both;
             }
-        }
+        };
         // Keep draining stdout so the server never blocks on a full pipe.
         std::thread::spawn(move || for _ in rx {});
         let token = std::fs::read_to_string(data_dir.join("admin.token"))
@@ -141,8 +142,8 @@ impl Server {
             .to_string();
         Server {
             child: Some(child),
-            admin_url: admin.unwrap(),
-            metadata: metadata.unwrap(),
+            admin_url: listening.admin_url(),
+            metadata: listening.metadata,
             data_dir,
             log_path,
             token,
@@ -176,15 +177,15 @@ impl Server {
         std::fs::read_to_string(&self.log_path).unwrap_or_default()
     }
 
+    /// The admin API through the typed client, with the main token.
     pub fn admin(&self) -> Admin {
-        Admin {
-            base: self.admin_url.clone(),
-            token: self.token.clone(),
-            http: client(None),
-        }
+        Admin::new(
+            Target::new(&self.admin_url, self.token.clone())
+                .no_proxy()
+                .timeout(Duration::from_secs(30)),
+        )
     }
 
-    /// A client whose connections come from `source` (e.g. "127.0.0.2").
     /// `cradle <args> --url … --token-file …` against this server, run from
     /// beside its data dir; add environment, then run it.
     pub fn cli<I, S>(&self, args: I) -> Command
@@ -218,6 +219,7 @@ impl Server {
         cmd
     }
 
+    /// A guest whose connections come from `source` (e.g. "127.0.0.2").
     pub fn guest(&self, source: &str) -> Guest {
         Guest {
             base: format!("http://{}", self.metadata),
@@ -275,31 +277,77 @@ fn answer(r: reqwest::blocking::Response) -> Answer {
     }
 }
 
+/// The operator's side: every call is a route of `cradle_client::route`.
 pub struct Admin {
-    pub base: String,
-    pub token: String,
-    pub http: reqwest::blocking::Client,
+    api: cradle_client::blocking::Client,
+}
+
+fn answered(r: Result<cradle_client::Reply, cradle_client::Error>) -> Answer {
+    let r = r.unwrap_or_else(|e| panic!("the admin API did not answer: {e}"));
+    Answer {
+        status: r.status,
+        headers: r.headers,
+        body: r.body.to_vec(),
+    }
 }
 
 impl Admin {
-    /// Send `method path` with an optional raw JSON body, authenticated.
-    pub fn call(&self, method: &str, path: &str, body: Option<&str>) -> Answer {
-        let mut req = self
-            .http
-            .request(method.parse().unwrap(), format!("{}{}", self.base, path))
-            .bearer_auth(&self.token);
-        if let Some(b) = body {
-            req = req
-                .header("content-type", "application/json")
-                .body(b.to_string());
+    fn new(target: Target) -> Admin {
+        Admin {
+            api: cradle_client::blocking::Client::new(target).expect("an HTTP client"),
         }
-        answer(req.send().unwrap())
     }
 
+    /// Send `req`; its whole answer, whatever the status.
+    pub fn fetch<T>(&self, req: Request<T>) -> Answer {
+        answered(self.api.fetch(&req))
+    }
+
+    /// Send `req` with `body` (JSON text) instead of its own: for bodies
+    /// the typed request cannot say (malformed, unknown fields, wrong types).
+    pub fn fetch_raw<T>(&self, req: Request<T>, body: &str) -> Answer {
+        answered(self.api.fetch(&req.with_body(body)))
+    }
+
+    /// Send `req`; its answer as the route's view.
+    #[track_caller]
+    pub fn send<T>(&self, req: Request<T>) -> T {
+        match self.api.send(req) {
+            Ok(v) => v,
+            Err(e) => panic!("the admin API refused: {e}"),
+        }
+    }
+
+    /// Send `req`; the API's refusal (it must refuse).
+    #[track_caller]
+    pub fn refused<T: std::fmt::Debug>(&self, req: Request<T>) -> cradle_client::Error {
+        match self.api.send(req) {
+            Ok(v) => panic!("the admin API accepted what it should refuse: {v:?}"),
+            Err(e) => e,
+        }
+    }
+
+    /// The same API as the caller of `token`.
+    pub fn with_token(&self, token: &str) -> Admin {
+        Admin::new(self.api.target().with_token(token))
+    }
+
+    /// The same API, the token presented as `presented` says.
+    pub fn presented(&self, presented: Presented) -> Admin {
+        Admin::new(self.api.target().presented(presented))
+    }
+
+    /// Register an instance from a JSON spec, through the typed request (so
+    /// the client's own body, private and secret values included, is what
+    /// reaches the server). The view, as JSON.
+    #[track_caller]
     pub fn create(&self, spec: &Value) -> Value {
-        let a = self.call("POST", "/v1/instances", Some(&spec.to_string()));
-        assert_eq!(a.status, 201, "create failed: {}", a.text());
-        a.json()
+        let spec: cradle_model::api::InstanceSpec = serde_json::from_value(spec.clone())
+            .unwrap_or_else(|e| {
+                panic!("not an InstanceSpec ({e}); send a raw body with fetch_raw: {spec}")
+            });
+        let view = self.send(route::create_instance(&spec));
+        serde_json::to_value(view).unwrap()
     }
 }
 
@@ -501,11 +549,7 @@ impl Run {
 /// holds it.
 #[track_caller]
 pub fn sg_group(s: &Server, tenant: &str, key: &str) -> Value {
-    let a = s.admin().call(
-        "GET",
-        &format!("/v1/tenants/{tenant}/security-groups/{key}"),
-        None,
-    );
+    let a = s.admin().fetch(route::security_group(tenant, key));
     assert_eq!(a.status, 200, "{}", a.text());
     a.json()["security_group"].clone()
 }

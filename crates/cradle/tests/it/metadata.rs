@@ -7,6 +7,7 @@ use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 
+use cradle_model::api::MessageIn;
 use serde_json::{Value, json};
 
 use crate::harness::*;
@@ -661,11 +662,13 @@ fn a_guest_sees_only_its_own_instance_on_every_path() {
         ]);
     }
     // A message queued for A is not B's to read.
-    let queued = s.admin().call(
-        "POST",
-        &format!("/v1/instances/{id_a}/messages"),
-        Some(r#"{"text": "alpha-message-q7z"}"#),
-    );
+    let queued = s.admin().fetch(route::send_message(
+        &id_a,
+        &MessageIn {
+            text: Some("alpha-message-q7z".into()),
+            data: None,
+        },
+    ));
     assert_eq!(queued.status, 202);
     let read_b = b.get("/cradle/latest/read");
     assert_eq!((read_b.status, read_b.body.len()), (204, 0));
@@ -987,10 +990,7 @@ fn openstack_password_can_be_set_once() {
     assert_eq!(g.get("/openstack/2013-04-04/password").text(), "pw1");
     assert_eq!(post(&g, "/openstack/latest/password", b"pw2"), 409);
     assert_eq!(g.get("/openstack/latest/password").text(), "pw1");
-    let view = s
-        .admin()
-        .call("GET", &format!("/v1/instances/{id}"), None)
-        .json();
+    let view = s.admin().fetch(route::instance(&id)).json();
     assert_eq!(view["password_set"], true);
 
     // Nova's limit is 1020 bytes; one more is refused and sets nothing.
@@ -1062,16 +1062,21 @@ fn channel_carries_messages_both_ways_exactly_once() {
     let s = Server::start();
     let id = create(&s, json!({"name": "ch", "metadata_address": "127.0.0.2"}));
     let admin = s.admin();
-    let messages = format!("/v1/instances/{id}/messages");
     let g = s.guest("127.0.0.2");
 
     // Host → guest, in order, each once.
     let binary = [0x00u8, 0xff, 0x10, 0x80, b'\n'];
     for body in [
-        r#"{"text": "m1"}"#.to_string(),
-        json!({"data": b64(&binary)}).to_string(),
+        MessageIn {
+            text: Some("m1".into()),
+            data: None,
+        },
+        MessageIn {
+            text: None,
+            data: Some(b64(&binary)),
+        },
     ] {
-        assert_eq!(admin.call("POST", &messages, Some(&body)).status, 202);
+        assert_eq!(admin.fetch(route::send_message(&id, &body)).status, 202);
     }
     // HEAD is not a read: it must not pop a message.
     assert_eq!(
@@ -1095,13 +1100,13 @@ fn channel_carries_messages_both_ways_exactly_once() {
     let w = g.request("POST", "/cradle/latest/write", &[], Some(b"hello".to_vec()));
     assert_eq!(w.status, 201);
     assert!(w.headers.contains_key("x-cradle-message-id"));
-    let drained = admin.call("GET", &messages, None).json();
+    let drained = admin.fetch(route::receive_messages(&id)).json();
     let got = drained["messages"].as_array().unwrap();
     assert_eq!(got.len(), 1, "{drained}");
     assert_eq!(got[0]["text"], "hello");
     assert_eq!(got[0]["data"], b64(b"hello"));
     assert_eq!(
-        admin.call("GET", &messages, None).json()["messages"],
+        admin.fetch(route::receive_messages(&id)).json()["messages"],
         json!([])
     );
     let a = g.request("GET", "/cradle/latest/write", &[], None);
@@ -1119,7 +1124,7 @@ fn channel_carries_messages_both_ways_exactly_once() {
         Some(vec![0u8; 64 * 1024 + 1]),
     );
     assert_eq!(w.status, 413);
-    let drained = admin.call("GET", &messages, None).json();
+    let drained = admin.fetch(route::receive_messages(&id)).json();
     let got = drained["messages"].as_array().unwrap();
     assert_eq!(got.len(), 1, "only the 64 KiB message was queued");
     assert_eq!(got[0]["data"], b64(&max));
@@ -1147,10 +1152,7 @@ fn channel_write_gets_429_when_the_queue_is_full() {
         assert_eq!(write(&format!("w{n}")), 201, "write {n}");
     }
     assert_eq!(write("w4"), 429);
-    let drained = s
-        .admin()
-        .call("GET", &format!("/v1/instances/{id}/messages"), None)
-        .json();
+    let drained = s.admin().fetch(route::receive_messages(&id)).json();
     let texts: Vec<&str> = drained["messages"]
         .as_array()
         .unwrap()

@@ -421,14 +421,7 @@ fn secgroup_verbs_manage_groups_rules_and_members() {
         format!("attached security group {web} to instance web1")
     );
     assert_eq!(sg_group(&s, "t1", &web)["instances"], json!([web1]));
-    let of_web1 = s
-        .admin()
-        .call(
-            "GET",
-            &format!("/v1/instances/{web1}/security-groups"),
-            None,
-        )
-        .json();
+    let of_web1 = s.admin().fetch(route::instance_groups(&web1)).json();
     let ids: Vec<&str> = of_web1["security_groups"]
         .as_array()
         .unwrap()
@@ -492,11 +485,7 @@ fn secgroup_verbs_manage_groups_rules_and_members() {
         .success()
         .json();
     assert_eq!(gone, json!({"deleted": web}));
-    let a = s.admin().call(
-        "GET",
-        &format!("/v1/tenants/t1/security-groups/{web}"),
-        None,
-    );
+    let a = s.admin().fetch(route::security_group("t1", &web));
     assert_eq!(a.status, 404, "{}", a.text());
     sg(&s, "t1", &["show", &web]).fails_with(&["HTTP 404"]);
     sg(&s, "t1", &["delete", "clients"]).success();
@@ -539,10 +528,7 @@ fn secgroup_bad_rules_exit_non_zero_naming_the_problem() {
     sg(&s, "t1", &["default", "add", "--cidr", "10.0.0.1/24"]).fails_with(&["host bits"]);
     // Nothing was added.
     assert_eq!(sg_group(&s, "t1", &web1)["rules"], json!([]));
-    let defaults = s
-        .admin()
-        .call("GET", "/v1/tenants/t1/default-rules", None)
-        .json();
+    let defaults = s.admin().fetch(route::default_rules("t1")).json();
     assert_eq!(defaults["default_rules"], json!([]));
 
     // The tenant: required, or from CRADLE_TENANT.

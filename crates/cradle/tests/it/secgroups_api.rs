@@ -2,9 +2,11 @@
 //! extension switch, and groups living and dying with their instances,
 //! against a running server.
 
+use cradle_secgroups::RuleRequest;
+use cradle_secgroups::api::{GroupPatch, GroupRequest, TroveRuleRequest};
 use serde_json::{Value, json};
 
-use crate::admin::assert_error;
+use crate::admin::{assert_error, fetch_body, typed};
 use crate::harness::*;
 
 fn instance(s: &Server, name: &str, tenant: &str, addr: &str) -> String {
@@ -14,12 +16,32 @@ fn instance(s: &Server, name: &str, tenant: &str, addr: &str) -> String {
     v["id"].as_str().unwrap().to_string()
 }
 
+/// A native rule: the typed request when `rule` reads as one, else `rule`
+/// as raw text (wrong types, unknown fields).
 fn add_rule(s: &Server, tenant: &str, group: &str, rule: Value) -> Answer {
-    s.admin().call(
-        "POST",
-        &format!("/v1/tenants/{tenant}/security-groups/{group}/rules"),
-        Some(&rule.to_string()),
-    )
+    fetch_body(&s.admin(), &rule.to_string(), |r: &RuleRequest| {
+        route::add_rule(tenant, group, r)
+    })
+}
+
+/// A Trove rule, `rule` being what goes in its `security_group_rule`: the
+/// typed request when it reads as one, else raw text in the same envelope.
+fn trove_rule(s: &Server, tenant: &str, rule: Value) -> Answer {
+    match serde_json::from_value::<TroveRuleRequest>(rule.clone()) {
+        Ok(r) => s.admin().fetch(route::trove_add_rule(tenant, &r)),
+        Err(_) => s.admin().fetch_raw(
+            route::trove_add_rule(tenant, &TroveRuleRequest::default()),
+            &json!({ "security_group_rule": rule }).to_string(),
+        ),
+    }
+}
+
+/// Create a shared group of `tenant` from `body`: the typed request when it
+/// reads as one, else `body` as raw text.
+fn create_group(s: &Server, tenant: &str, body: &str) -> Answer {
+    fetch_body(&s.admin(), body, |g: &GroupRequest| {
+        route::create_security_group(tenant, g)
+    })
 }
 
 #[test]
@@ -98,19 +120,12 @@ fn every_bad_rule_is_a_400_naming_the_problem() {
         &["already has this rule"],
     );
     // The Trove body gets the same checks.
-    let a = s.admin().call(
-        "POST",
-        "/v1.0/t1/security-group-rules",
-        Some(&json!({"security_group_rule": {"group_id": g, "cidr": "10.0.0.1/8"}}).to_string()),
-    );
+    let a = trove_rule(&s, "t1", json!({"group_id": g, "cidr": "10.0.0.1/8"}));
     assert_error(&a, 400, "invalid", &["host bits"]);
-    let a = s.admin().call(
-        "POST",
-        "/v1.0/t1/security-group-rules",
-        Some(
-            &json!({"security_group_rule": {"group_id": g, "protocol": "tcp", "from_port": "x"}})
-                .to_string(),
-        ),
+    let a = trove_rule(
+        &s,
+        "t1",
+        json!({"group_id": g, "protocol": "tcp", "from_port": "x"}),
     );
     assert_error(&a, 400, "invalid", &["from_port"]);
     // A group of another tenant as the remote is refused.
@@ -127,22 +142,20 @@ fn every_bad_rule_is_a_400_naming_the_problem() {
 fn an_interface_belongs_to_one_instance() {
     let s = Server::start();
     let spec = |name: &str, addr: &str| {
-        json!({"name": name, "metadata_address": addr, "interface": "tap7"}).to_string()
+        typed(&json!({"name": name, "metadata_address": addr, "interface": "tap7"}))
     };
     assert_eq!(
         s.admin()
-            .call("POST", "/v1/instances", Some(&spec("a", "127.0.0.51")))
+            .fetch(route::create_instance(&spec("a", "127.0.0.51")))
             .status,
         201
     );
     let b = s
         .admin()
-        .call("POST", "/v1/instances", Some(&spec("b", "127.0.0.52")));
+        .fetch(route::create_instance(&spec("b", "127.0.0.52")));
     assert_error(&b, 409, "conflict", &["interface"]);
     let bad = json!({"name": "c", "metadata_address": "127.0.0.53", "interface": "tap 7"});
-    let c = s
-        .admin()
-        .call("POST", "/v1/instances", Some(&bad.to_string()));
+    let c = s.admin().fetch(route::create_instance(&typed(&bad)));
     assert_error(&c, 422, "invalid", &["interface"]);
 }
 
@@ -169,10 +182,8 @@ fn tenants_see_only_their_own_groups() {
     let g_b1 = sg_group(&s, "t2", &b1)["id"].as_str().unwrap().to_string();
 
     // Lists are per tenant.
-    let list = |t: &str, prefix: &str| {
-        let a = s
-            .admin()
-            .call("GET", &format!("{prefix}/{t}/security-groups"), None);
+    let list = |req: Request<Value>| {
+        let a = s.admin().fetch(req);
         assert_eq!(a.status, 200);
         a.json()["security_groups"]
             .as_array()
@@ -181,34 +192,35 @@ fn tenants_see_only_their_own_groups() {
             .map(|g| g["instance_id"].as_str().unwrap().to_string())
             .collect::<Vec<_>>()
     };
-    assert_eq!(list("t1", "/v1/tenants"), std::slice::from_ref(&a1));
-    assert_eq!(list("t1", "/v1.0"), std::slice::from_ref(&a1));
-    assert_eq!(list("t2", "/v1.0"), std::slice::from_ref(&b1));
+    assert_eq!(
+        list(route::security_groups("t1").as_json()),
+        std::slice::from_ref(&a1)
+    );
+    assert_eq!(
+        list(route::trove_security_groups("t1").as_json()),
+        std::slice::from_ref(&a1)
+    );
+    assert_eq!(
+        list(route::trove_security_groups("t2").as_json()),
+        std::slice::from_ref(&b1)
+    );
 
     // Another tenant's group, by group id or instance id, is 404 on both APIs.
-    for path in [
-        format!("/v1.0/t1/security-groups/{g_b1}"),
-        format!("/v1.0/t1/security-groups/{b1}"),
-        format!("/v1/tenants/t1/security-groups/{g_b1}"),
+    for req in [
+        route::trove_security_group("t1", &g_b1).as_json(),
+        route::trove_security_group("t1", &b1).as_json(),
+        route::security_group("t1", &g_b1).as_json(),
     ] {
-        assert_error(&s.admin().call("GET", &path, None), 404, "not_found", &[]);
+        assert_error(&s.admin().fetch(req), 404, "not_found", &[]);
     }
     // Nor can it add, and then delete, rules there.
-    let a = s.admin().call(
-        "POST",
-        "/v1.0/t1/security-group-rules",
-        Some(&json!({"security_group_rule": {"group_id": g_b1, "cidr": "10.0.0.0/8"}}).to_string()),
-    );
+    let a = trove_rule(&s, "t1", json!({"group_id": g_b1, "cidr": "10.0.0.0/8"}));
     assert_error(&a, 404, "not_found", &[]);
     let rule = add_rule(&s, "t2", &g_b1, json!({"cidr": "10.0.0.0/8"})).json()["security_group_rule"]["id"]
         .as_str()
         .unwrap()
         .to_string();
-    let a = s.admin().call(
-        "DELETE",
-        &format!("/v1.0/t1/security-group-rules/{rule}"),
-        None,
-    );
+    let a = s.admin().fetch(route::trove_delete_rule("t1", &rule));
     assert_error(&a, 404, "not_found", &[]);
     assert_eq!(
         sg_group(&s, "t2", &b1)["rules"].as_array().unwrap().len(),
@@ -216,29 +228,15 @@ fn tenants_see_only_their_own_groups() {
     );
     // Nor attach its own group to the other tenant's instance.
     let (st, body) = {
-        let a = s.admin().call(
-            "POST",
-            "/v1/tenants/t1/security-groups",
-            Some(r#"{"name":"web"}"#),
-        );
+        let a = create_group(&s, "t1", r#"{"name":"web"}"#);
         (a.status, a.json())
     };
     assert_eq!(st, 201);
     let web = body["security_group"]["id"].as_str().unwrap().to_string();
-    let a = s.admin().call(
-        "PUT",
-        &format!("/v1/tenants/t1/security-groups/{web}/instances/{b1}"),
-        None,
-    );
+    let a = s.admin().fetch(route::attach_group("t1", &web, &b1));
     assert_error(&a, 404, "not_found", &[]);
     assert_eq!(
-        s.admin()
-            .call(
-                "PUT",
-                &format!("/v1/tenants/t1/security-groups/{web}/instances/{a1}"),
-                None
-            )
-            .status,
+        s.admin().fetch(route::attach_group("t1", &web, &a1)).status,
         204
     );
     // An instance id as the remote means its own group, as in paths.
@@ -260,13 +258,7 @@ fn tenants_see_only_their_own_groups() {
             .unwrap()
             .to_string();
     assert_eq!(
-        s.admin()
-            .call(
-                "DELETE",
-                &format!("/v1.0/t1/security-group-rules/{r}"),
-                None
-            )
-            .status,
+        s.admin().fetch(route::trove_delete_rule("t1", &r)).status,
         204
     );
 }
@@ -274,11 +266,10 @@ fn tenants_see_only_their_own_groups() {
 #[test]
 fn groups_live_and_die_with_their_instances_and_defaults_seed_them() {
     let s = Server::start();
-    let d = s.admin().call(
-        "POST",
-        "/v1/tenants/t1/default-rules",
-        Some(&json!({"protocol": "tcp", "from_port": 22, "cidr": "10.0.0.0/8"}).to_string()),
-    );
+    let d = s.admin().fetch(route::add_default_rule(
+        "t1",
+        &typed(&json!({"protocol": "tcp", "from_port": 22, "cidr": "10.0.0.0/8"})),
+    ));
     assert_eq!(d.status, 201, "{}", d.text());
     let default_id = d.json()["default_rule"]["id"].as_str().unwrap().to_string();
     let a = instance(&s, "a", "t1", "127.0.0.21");
@@ -290,11 +281,7 @@ fn groups_live_and_die_with_their_instances_and_defaults_seed_them() {
     // Removing the default leaves existing groups as they are.
     assert_eq!(
         s.admin()
-            .call(
-                "DELETE",
-                &format!("/v1/tenants/t1/default-rules/{default_id}"),
-                None
-            )
+            .fetch(route::delete_default_rule("t1", &default_id))
             .status,
         204
     );
@@ -305,31 +292,19 @@ fn groups_live_and_die_with_their_instances_and_defaults_seed_them() {
     // An instance group cannot be deleted, attached elsewhere, or named like one.
     let ga = g["id"].as_str().unwrap();
     assert_error(
-        &s.admin().call(
-            "DELETE",
-            &format!("/v1/tenants/t1/security-groups/{ga}"),
-            None,
-        ),
+        &s.admin().fetch(route::delete_security_group("t1", ga)),
         409,
         "in_use",
         &["belongs to instance"],
     );
     assert_error(
-        &s.admin().call(
-            "PUT",
-            &format!("/v1/tenants/t1/security-groups/{ga}/instances/{b}"),
-            None,
-        ),
+        &s.admin().fetch(route::attach_group("t1", ga, &b)),
         400,
         "invalid",
         &["own group"],
     );
     assert_error(
-        &s.admin().call(
-            "POST",
-            "/v1/tenants/t1/security-groups",
-            Some(r#"{"name":"cradle-sg-x"}"#),
-        ),
+        &create_group(&s, "t1", r#"{"name":"cradle-sg-x"}"#),
         400,
         "invalid",
         &["cradle-sg-"],
@@ -337,24 +312,17 @@ fn groups_live_and_die_with_their_instances_and_defaults_seed_them() {
 
     // A shared group with a rule sourced from a's group, attached to b: in
     // use until detached and the rule is gone with a.
-    let web = s
-        .admin()
-        .call(
-            "POST",
-            "/v1/tenants/t1/security-groups",
-            Some(r#"{"name":"web","description":"shared"}"#),
-        )
-        .json()["security_group"]["id"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let web =
+        create_group(&s, "t1", r#"{"name":"web","description":"shared"}"#).json()["security_group"]
+            ["id"]
+            .as_str()
+            .unwrap()
+            .to_string();
     // Renamed and described; instance groups stay as they are.
     let patch = |id: &str, body: &str| {
-        s.admin().call(
-            "PATCH",
-            &format!("/v1/tenants/t1/security-groups/{id}"),
-            Some(body),
-        )
+        fetch_body(&s.admin(), body, |p: &GroupPatch| {
+            route::update_security_group("t1", id, p)
+        })
     };
     let renamed = patch(&web, r#"{"name":"www","description":"front"}"#);
     assert_eq!(renamed.status, 200, "{}", renamed.text());
@@ -375,11 +343,7 @@ fn groups_live_and_die_with_their_instances_and_defaults_seed_them() {
         &["colour"],
     );
     assert_error(
-        &s.admin().call(
-            "POST",
-            "/v1/tenants/t1/security-groups",
-            Some(r#"{"name":"web"}"#),
-        ),
+        &create_group(&s, "t1", r#"{"name":"web"}"#),
         409,
         "conflict",
         &["web"],
@@ -395,29 +359,16 @@ fn groups_live_and_die_with_their_instances_and_defaults_seed_them() {
         201
     );
     assert_eq!(
-        s.admin()
-            .call(
-                "PUT",
-                &format!("/v1/tenants/t1/security-groups/{web}/instances/{b}"),
-                None
-            )
-            .status,
+        s.admin().fetch(route::attach_group("t1", &web, &b)).status,
         204
     );
     assert_error(
-        &s.admin().call(
-            "PUT",
-            &format!("/v1/tenants/t1/security-groups/{web}/instances/{b}"),
-            None,
-        ),
+        &s.admin().fetch(route::attach_group("t1", &web, &b)),
         409,
         "conflict",
         &["already attached"],
     );
-    let of_b = s
-        .admin()
-        .call("GET", &format!("/v1/instances/{b}/security-groups"), None)
-        .json();
+    let of_b = s.admin().fetch(route::instance_groups(&b)).json();
     let names: Vec<&str> = of_b["security_groups"]
         .as_array()
         .unwrap()
@@ -426,21 +377,12 @@ fn groups_live_and_die_with_their_instances_and_defaults_seed_them() {
         .collect();
     assert_eq!(names, [format!("cradle-sg-{b}").as_str(), "web"]);
     assert_error(
-        &s.admin().call(
-            "DELETE",
-            &format!("/v1/tenants/t1/security-groups/{web}"),
-            None,
-        ),
+        &s.admin().fetch(route::delete_security_group("t1", &web)),
         409,
         "in_use",
         &["attached"],
     );
-    assert_eq!(
-        s.admin()
-            .call("DELETE", &format!("/v1/instances/{a}"), None)
-            .status,
-        204
-    );
+    assert_eq!(s.admin().fetch(route::remove_instance(&a)).status, 204);
     let web_now = sg_group(&s, "t1", &web);
     assert_eq!(
         web_now["rules"],
@@ -448,38 +390,26 @@ fn groups_live_and_die_with_their_instances_and_defaults_seed_them() {
         "the rule sourced from a's group went with a"
     );
     assert_error(
-        &s.admin()
-            .call("GET", &format!("/v1/tenants/t1/security-groups/{ga}"), None),
+        &s.admin().fetch(route::security_group("t1", ga)),
         404,
         "not_found",
         &[],
     );
     assert_eq!(
-        s.admin()
-            .call(
-                "DELETE",
-                &format!("/v1/tenants/t1/security-groups/{web}/instances/{b}"),
-                None
-            )
-            .status,
+        s.admin().fetch(route::detach_group("t1", &web, &b)).status,
         204
     );
     assert_eq!(
         s.admin()
-            .call(
-                "DELETE",
-                &format!("/v1/tenants/t1/security-groups/{web}"),
-                None
-            )
+            .fetch(route::delete_security_group("t1", &web))
             .status,
         204
     );
     // A tenant change would strand the instance's groups.
-    let a = s.admin().call(
-        "PATCH",
-        &format!("/v1/instances/{b}"),
-        Some(r#"{"project_id":"t9"}"#),
-    );
+    let a = s.admin().fetch(route::modify_instance(
+        &b,
+        &typed(&json!({"project_id": "t9"})),
+    ));
     assert_error(&a, 422, "invalid", &["project_id"]);
 }
 
@@ -508,27 +438,28 @@ fn the_extension_switch_turns_every_route_off() {
         ..Default::default()
     });
     let a = instance(&s, "a", "t1", "127.0.0.41");
-    for (method, path, body) in [
-        ("GET", "/v1.0/t1/security-groups".to_string(), None),
-        ("GET", format!("/v1.0/t1/security-groups/{a}"), None),
-        (
-            "POST",
-            "/v1.0/t1/security-group-rules".to_string(),
-            Some(json!({"security_group_rule": {"group_id": a, "cidr": "10.0.0.0/8"}}).to_string()),
-        ),
-        ("DELETE", format!("/v1.0/t1/security-group-rules/{a}"), None),
-        ("GET", "/v1/tenants/t1/security-groups".to_string(), None),
-        (
-            "POST",
-            "/v1/tenants/t1/security-groups".to_string(),
-            Some(r#"{"name":"x"}"#.to_string()),
-        ),
-        ("GET", "/v1/tenants/t1/default-rules".to_string(), None),
-        ("GET", format!("/v1/instances/{a}/security-groups"), None),
-        ("GET", "/v1/firewall".to_string(), None),
-        ("POST", "/v1/firewall/apply?dry_run=true".to_string(), None),
+    let rule = TroveRuleRequest {
+        group_id: a.clone(),
+        cidr: Some("10.0.0.0/8".into()),
+        ..Default::default()
+    };
+    let group = GroupRequest {
+        name: "x".into(),
+        ..Default::default()
+    };
+    for req in [
+        route::trove_security_groups("t1").as_json(),
+        route::trove_security_group("t1", &a).as_json(),
+        route::trove_add_rule("t1", &rule).as_json(),
+        route::trove_delete_rule("t1", &a).as_json(),
+        route::security_groups("t1").as_json(),
+        route::create_security_group("t1", &group).as_json(),
+        route::default_rules("t1").as_json(),
+        route::instance_groups(&a).as_json(),
+        route::firewall().as_json(),
+        route::apply_firewall(true).as_json(),
     ] {
-        let r = s.admin().call(method, &path, body.as_deref());
+        let r = s.admin().fetch(req);
         assert_error(&r, 404, "not_found", &[]);
     }
     // Turned on later, the instance made while it was off gets its group.

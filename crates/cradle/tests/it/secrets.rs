@@ -9,8 +9,12 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
+use cradle_client::Method;
+use cradle_model::api::{InstancePatch, MessageIn};
+use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
 
+use crate::admin::{fetch_body, typed};
 use crate::harness::*;
 
 /// One guest of the test: its name, address and the canaries it holds.
@@ -62,15 +66,39 @@ struct Seen {
 }
 
 impl Seen {
-    fn call(&mut self, s: &Server, method: &str, path: &str, body: Option<&Value>) -> Answer {
-        self.raw(s, method, path, body.map(|b| b.to_string()).as_deref())
+    /// Send `req`, keep its answer.
+    fn fetch<T>(&mut self, s: &Server, req: Request<T>) -> Answer {
+        let what = format!("{} {}", req.method(), req.path());
+        let a = s.admin().fetch(req);
+        self.keep(what, a)
     }
 
-    fn raw(&mut self, s: &Server, method: &str, path: &str, body: Option<&str>) -> Answer {
-        let a = s.admin().call(method, path, body);
+    /// Send the route `route` makes of `body`: typed when `body` reads as
+    /// its request (`B`), else as raw text (what the typed request cannot
+    /// say: malformed JSON, wrong types). Keep its answer.
+    fn body<B: DeserializeOwned + Default, T>(
+        &mut self,
+        s: &Server,
+        body: &str,
+        route: impl Fn(&B) -> Request<T>,
+    ) -> Answer {
+        let what = {
+            let req = route(&B::default());
+            format!("{} {}", req.method(), req.path())
+        };
+        let a = fetch_body(&s.admin(), body, route);
+        self.keep(what, a)
+    }
+
+    fn keep(&mut self, what: String, a: Answer) -> Answer {
         self.admin
-            .push((format!("{method} {path} → {}", a.status), a.text()));
+            .push((format!("{what} → {}", a.status), a.text()));
         a
+    }
+
+    /// What the last admin request was, and its status.
+    fn last(&self) -> &str {
+        &self.admin.last().unwrap().0
     }
 
     fn guest(&mut self, who: &Who, path: &str, a: &Answer) {
@@ -154,9 +182,14 @@ fn guest_writes(s: &Server, who: &Who, seen: &mut Seen, first_run: bool) {
     assert_eq!(a.text(), pw);
 
     // Host → guest and back.
-    let msg = json!({"text": format!("to {}", who.name)});
-    let path = format!("/v1/instances/{}/messages", who.name);
-    assert_eq!(seen.call(s, "POST", &path, Some(&msg)).status, 202);
+    let msg = MessageIn {
+        text: Some(format!("to {}", who.name)),
+        data: None,
+    };
+    assert_eq!(
+        seen.fetch(s, route::send_message(who.name, &msg)).status,
+        202
+    );
     let a = g.get("/cradle/latest/read");
     assert_eq!(a.text(), format!("to {}", who.name));
     seen.guest(who, "/cradle/latest/read", &a);
@@ -167,7 +200,7 @@ fn guest_writes(s: &Server, who: &Who, seen: &mut Seen, first_run: bool) {
         Some(format!("from {}", who.name).into_bytes()),
     );
     assert_eq!(a.status, 201);
-    let a = seen.call(s, "GET", &path, None);
+    let a = seen.fetch(s, route::receive_messages(who.name));
     assert_eq!(
         a.json()["messages"][0]["text"],
         format!("from {}", who.name)
@@ -178,76 +211,78 @@ fn guest_writes(s: &Server, who: &Who, seen: &mut Seen, first_run: bool) {
 fn bad_requests(s: &Server, c: &Canaries, seen: &mut Seen) {
     let rs = c.refused("S");
     let rp = c.refused("P");
-    let cases: Vec<(String, &str, &str, u16)> = vec![
+    // Where each body goes: a create, or a PATCH of the instance named.
+    enum To {
+        Create,
+        Patch(&'static str),
+    }
+    let cases: Vec<(String, To, u16)> = vec![
         // A create refused for a conflict: its parameters must not be kept.
         (
             json!({"name": A.name, "metadata_address": "127.0.0.59",
                    "os_params": {"private": {"rp": rp}, "secret": {"rs": rs}}})
             .to_string(),
-            "POST",
-            "/v1/instances",
+            To::Create,
             409,
         ),
         (
             json!({"name": "fresh", "metadata_address": "127.0.0.59",
                    "os_params": {"private": {"rp": rp}, "secret": {"rs": rs}}, "mac": "bad"})
             .to_string(),
-            "POST",
-            "/v1/instances",
+            To::Create,
             422,
         ),
         (
             json!({"name": "fresh", "metadata_address": "127.0.0.59", "launch_index": rs})
                 .to_string(),
-            "POST",
-            "/v1/instances",
+            To::Create,
             422,
         ),
         (
             json!({"name": "fresh", "metadata_address": "127.0.0.59", "imds_tokens": rs})
                 .to_string(),
-            "POST",
-            "/v1/instances",
+            To::Create,
             422,
         ),
         (
             json!({"os_params": {"secret": {"bad-name": rs}}}).to_string(),
-            "PATCH",
-            "/v1/instances/inst-a",
+            To::Patch("inst-a"),
             422,
         ),
         (
             json!({"os_params": {"private": {"rp": rp}, "secret": {"rp": rs}}}).to_string(),
-            "PATCH",
-            "/v1/instances/inst-a",
+            To::Patch("inst-a"),
             422,
         ),
         (
             json!({"os_params": {"private": {"rp": rp}, "secret": {"rs": rs}}, "hostname": "-"})
                 .to_string(),
-            "PATCH",
-            "/v1/instances/inst-b",
+            To::Patch("inst-b"),
             422,
         ),
         (
             format!(r#"{{"os_params": {{"secret": {{"rs": "{rs}""#),
-            "PATCH",
-            "/v1/instances/inst-a",
+            To::Patch("inst-a"),
             400,
         ),
         (
             json!({"os_params": {"secret": {"rs": rs}}}).to_string(),
-            "PATCH",
-            "/v1/instances/nobody",
+            To::Patch("nobody"),
             404,
         ),
     ];
-    for (body, method, path, status) in cases {
-        let a = seen.raw(s, method, path, Some(&body));
-        assert_eq!(a.status, status, "{method} {path} {body}: {}", a.text());
+    for (body, to, status) in cases {
+        let a = match to {
+            To::Create => seen.body(s, &body, route::create_instance),
+            To::Patch(key) => {
+                seen.body(s, &body, |p: &InstancePatch| route::modify_instance(key, p))
+            }
+        };
+        assert_eq!(a.status, status, "{} {body}: {}", seen.last(), a.text());
         assert!(a.json()["error"]["message"].is_string());
     }
-    let a = seen.raw(s, "GET", "/v1/instances/%FF%FE", None);
+    // A key is text: the typed route cannot name one that is not UTF-8.
+    let a = seen.fetch(s, route::unlisted(Method::GET, "/v1/instances/%FF%FE"));
     assert_eq!(a.status, 400);
 }
 
@@ -264,7 +299,7 @@ fn register(s: &Server, c: &Canaries, seen: &mut Seen) {
                 "secret": {format!("{}1", who.s): c.secret(who, 1)}
             }
         });
-        let a = seen.call(s, "POST", "/v1/instances", Some(&spec));
+        let a = seen.fetch(s, route::create_instance(&typed(&spec)));
         assert_eq!(a.status, 201, "{}", a.text());
     }
 }
@@ -276,35 +311,25 @@ fn add_generation(s: &Server, c: &Canaries, seen: &mut Seen, generation: u32) {
             "private": {format!("{}{generation}", who.p): c.private(who, generation)},
             "secret": {format!("{}{generation}", who.s): c.secret(who, generation)}
         }});
-        let a = seen.call(
-            s,
-            "PATCH",
-            &format!("/v1/instances/{}", who.name),
-            Some(&patch),
-        );
+        let a = seen.fetch(s, route::modify_instance(who.name, &typed(&patch)));
         assert_eq!(a.status, 200, "{}", a.text());
     }
 }
 
 /// Read everything back through the admin API; returns the views by name.
 fn read_back(s: &Server, seen: &mut Seen) -> BTreeMap<String, Value> {
-    let list = seen.call(s, "GET", "/v1/instances", None);
+    let list = seen.fetch(s, route::instances());
     assert_eq!(list.status, 200);
     let mut views = BTreeMap::new();
     for v in list.json()["instances"].as_array().unwrap() {
         let name = v["name"].as_str().unwrap().to_string();
-        let by_id = seen.call(
-            s,
-            "GET",
-            &format!("/v1/instances/{}", v["id"].as_str().unwrap()),
-            None,
-        );
-        let by_name = seen.call(s, "GET", &format!("/v1/instances/{name}"), None);
+        let by_id = seen.fetch(s, route::instance(v["id"].as_str().unwrap()));
+        let by_name = seen.fetch(s, route::instance(&name));
         assert_eq!(by_id.json(), *v);
         assert_eq!(by_name.json(), *v);
         views.insert(name, v.clone());
     }
-    let m = seen.call(s, "GET", "/metrics", None);
+    let m = seen.fetch(s, route::metrics());
     assert!(m.text().contains("cradle_instances 2"), "{}", m.text());
     views
 }

@@ -35,6 +35,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
+use crate::admin::typed;
 use crate::harness::*;
 
 /// What pip installs. The venv's directory is named after it, so changing it
@@ -311,17 +312,17 @@ impl Drop for Trove {
     }
 }
 
-/// `GET path` on the admin API the way Trove clients authenticate.
-fn get_with_auth_token(s: &Server, path: &str) -> (u16, Value) {
-    let r = s
+/// `GET` a tenant's Trove security group, the token presented the way
+/// Trove clients present it (`X-Auth-Token`).
+fn get_with_auth_token(s: &Server, tenant: &str, id: &str) -> (u16, Value) {
+    let a = s
         .admin()
-        .http
-        .get(format!("{}{path}", s.admin_url))
-        .header("X-Auth-Token", &s.token)
-        .send()
-        .unwrap();
-    let status = r.status().as_u16();
-    (status, r.json().unwrap_or(Value::Null))
+        .presented(Presented::AuthToken)
+        .fetch(route::trove_security_group(tenant, id));
+    (
+        a.status,
+        serde_json::from_slice(&a.body).unwrap_or(Value::Null),
+    )
 }
 
 fn instance(s: &Server, name: &str, project: &str, address: &str) -> String {
@@ -335,11 +336,9 @@ fn instance(s: &Server, name: &str, project: &str, address: &str) -> String {
 
 /// A native rule; its id.
 fn native_rule(s: &Server, tenant: &str, group: &str, rule: Value) -> String {
-    let a = s.admin().call(
-        "POST",
-        &format!("/v1/tenants/{tenant}/security-groups/{group}/rules"),
-        Some(&rule.to_string()),
-    );
+    let a = s
+        .admin()
+        .fetch(route::add_rule(tenant, group, &typed(&rule)));
     assert_eq!(a.status, 201, "{}", a.text());
     a.json()["security_group_rule"]["id"]
         .as_str()
@@ -365,11 +364,7 @@ fn troveclient_lists_shows_adds_and_deletes_rules() {
     let a2 = instance(&s, "db-b", "p1", "127.0.0.12");
     let b1 = instance(&s, "db-c", "p2", "127.0.0.13");
     let own_group = |tenant: &str, inst: &str| -> String {
-        let a = s.admin().call(
-            "GET",
-            &format!("/v1/tenants/{tenant}/security-groups"),
-            None,
-        );
+        let a = s.admin().fetch(route::security_groups(tenant));
         assert_eq!(a.status, 200, "{}", a.text());
         let list = a.json()["security_groups"].as_array().unwrap().clone();
         let g = list
@@ -394,10 +389,10 @@ fn troveclient_lists_shows_adds_and_deletes_rules() {
     // Another tenant's group does not exist for p1, by group id or by
     // instance id.
     for id in [&other, &b1] {
-        let (status, body) = get_with_auth_token(&s, &format!("/v1.0/p1/security-groups/{id}"));
+        let (status, body) = get_with_auth_token(&s, "p1", id);
         assert_eq!(status, 404, "p2's group through p1 by {id}: {body}");
     }
-    let (status, body) = get_with_auth_token(&s, &format!("/v1.0/p2/security-groups/{other}"));
+    let (status, body) = get_with_auth_token(&s, "p2", &other);
     assert_eq!(status, 200, "p2's group through p2: {body}");
 
     let endpoint = format!("{}/v1.0/p1", s.admin_url);

@@ -225,7 +225,7 @@ fn cli(s: &Server, args: &[&str]) -> (bool, String, String) {
 
 /// The value of an unlabelled-but-for-`target` sample on `/metrics`.
 fn metric(s: &Server, name: &str, target: &str) -> Option<u64> {
-    let a = s.admin().call("GET", "/metrics", None);
+    let a = s.admin().fetch(route::metrics());
     assert_eq!(a.status, 200, "{}", a.text());
     let prefix = format!("{name}{{target=\"{target}\"}} ");
     a.text()
@@ -337,11 +337,7 @@ failure = "fatal"
     assert_eq!(target.requests().len(), 1);
 
     // The config drive carries the very same bytes.
-    let drive = s.admin().call(
-        "GET",
-        &format!("/v1/instances/{id}/config-drive?format=iso9660"),
-        None,
-    );
+    let drive = s.admin().fetch(route::config_drive(&id, Some("iso9660")));
     assert_eq!(drive.status, 200, "{}", drive.text());
     let on_drive = iso_file(&drive.body, tmp.path(), V2);
     assert_eq!(
@@ -381,8 +377,7 @@ url = "{url}"
         url = target.url,
     );
     let s = serve(tmp.path(), &config, None);
-    let mut provisioner = s.admin();
-    provisioner.token = "provisioner-token-81aa".into();
+    let provisioner = s.admin().with_token("provisioner-token-81aa");
 
     let a = provisioner.create(&json!({"name": "mail", "metadata_address": "127.0.0.2"}));
     assert_eq!(a["boot_roles"], json!(["mail-server"]));
@@ -450,7 +445,7 @@ failure = "fatal"
     }
     assert_eq!(target.requests().len(), 2, "failures are not cached");
 
-    let view = admin.call("GET", "/v1/instances/fragile", None).json();
+    let view = admin.fetch(route::instance("fragile")).json();
     assert_eq!(view["state"], "error", "{view}");
     let reason = view["state_reason"].as_str().expect("a state_reason");
     assert!(
@@ -458,7 +453,7 @@ failure = "fatal"
         "{reason}"
     );
 
-    let events = admin.call("GET", "/v1/instances/fragile/events", None);
+    let events = admin.fetch(route::events("fragile"));
     assert_eq!(events.status, 200, "{}", events.text());
     let events = events.json()["events"].as_array().unwrap().clone();
     let vendordata: Vec<&Value> = events
@@ -488,19 +483,17 @@ failure = "fatal"
         assert_eq!(a.status, 200, "{path}: {}", a.text());
     }
     // A config drive needs the vendordata too.
-    let drive = admin.call("GET", "/v1/instances/fragile/config-drive", None);
+    let drive = admin.fetch(route::config_drive("fragile", None));
     assert_eq!(drive.status, 503, "{}", drive.text());
     assert_eq!(drive.json()["error"]["code"], "vendordata_failed");
 
     let (ok, out, err) = cli(&s, &["reset-state", "fragile"]);
     assert!(ok, "{err}");
     assert!(out.contains("registered"), "{out}");
-    let view = admin.call("GET", "/v1/instances/fragile", None).json();
+    let view = admin.fetch(route::instance("fragile")).json();
     assert_eq!(view["state"], "registered", "{view}");
     assert!(view["state_reason"].is_null(), "{view}");
-    let events = admin
-        .call("GET", "/v1/instances/fragile/events", None)
-        .json();
+    let events = admin.fetch(route::events("fragile")).json();
     assert_eq!(
         events["events"].as_array().unwrap().last().unwrap()["kind"],
         "reset-state",
@@ -515,7 +508,7 @@ failure = "fatal"
         a.json(),
         json!({"static": static_value, "billing": {"ok": true}})
     );
-    let view = admin.call("GET", "/v1/instances/fragile", None).json();
+    let view = admin.fetch(route::instance("fragile")).json();
     assert_eq!(view["state"], "registered", "{view}");
 }
 
@@ -563,13 +556,10 @@ read_timeout = 1
     assert_eq!(broken.requests().len(), 1);
     assert_eq!(slow.requests().len(), 1);
 
-    let view = s.admin().call("GET", "/v1/instances/sturdy", None).json();
+    let view = s.admin().fetch(route::instance("sturdy")).json();
     assert_eq!(view["state"], "registered", "{view}");
     assert!(view["state_reason"].is_null(), "{view}");
-    let events = s
-        .admin()
-        .call("GET", "/v1/instances/sturdy/events", None)
-        .json();
+    let events = s.admin().fetch(route::events("sturdy")).json();
     assert_eq!(events["events"], json!([]), "{events}");
 
     // The reasons are logged.
