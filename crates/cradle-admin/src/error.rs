@@ -114,6 +114,21 @@ pub fn describe_json_error(e: &serde_json::Error) -> String {
 mod tests {
     use super::*;
 
+    #[test]
+    fn an_internal_failure_is_a_500_with_the_json_body() {
+        let r = ApiError::from(Error::Internal("a task panicked at /some/path".into()));
+        assert_eq!(r.status, StatusCode::INTERNAL_SERVER_ERROR);
+        assert_eq!(r.code, "internal");
+        assert!(!r.message.contains("/some/path"), "{}", r.message);
+        let missing = ApiError::from(Error::Refused {
+            kind: Kind::NotFound,
+            code: "no_install_job",
+            message: "instance web has no install job".into(),
+        });
+        assert_eq!(missing.status, StatusCode::NOT_FOUND);
+        assert_eq!(missing.code, "no_install_job");
+    }
+
     fn error_for(json: &str) -> String {
         #[derive(Debug, serde::Deserialize)]
         #[allow(dead_code)]

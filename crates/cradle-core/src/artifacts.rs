@@ -10,6 +10,7 @@ use crate::caller::authorize_package;
 use crate::{Caller, Core, Error, Kind};
 
 /// A config drive image, whole in memory.
+#[derive(Debug)]
 pub struct ConfigDrive {
     pub instance: uuid::Uuid,
     pub format: Format,
@@ -18,6 +19,7 @@ pub struct ConfigDrive {
 
 /// A personalization package fetched for the caller: an anonymous file (no
 /// name on disk, gone with the last handle) of `bytes` bytes, rewound.
+#[derive(Debug)]
 pub struct PackageDownload {
     pub file: std::fs::File,
     pub bytes: u64,

@@ -171,3 +171,18 @@ async fn retry_firewall(registry: Arc<Registry>) {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_failed_blocking_task_is_an_internal_error_not_the_callers() {
+        let e = blocking(|| -> Result<(), Error> { panic!("a bug, not the caller's doing") })
+            .await
+            .unwrap_err();
+        assert_eq!((e.kind(), e.code()), (Kind::Internal, "internal"));
+        // What the caller is told names no detail.
+        assert_eq!(e.public_message(), "internal error; see the server log");
+    }
+}

@@ -1083,3 +1083,74 @@ impl Installer {
         .map_err(StartError::Unavailable)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use cradle_registry::ChannelDirection;
+
+    fn registry(queue_len: usize) -> (Arc<Registry>, tempfile::TempDir) {
+        let tmp = tempfile::tempdir().unwrap();
+        let store = cradle_store::SqliteStore::open(&tmp.path().join("db")).unwrap();
+        let limits = cradle_registry::ChannelLimits {
+            queue_len,
+            message_bytes: 1024,
+        };
+        (
+            Arc::new(Registry::open(Arc::new(store), limits).unwrap()),
+            tmp,
+        )
+    }
+
+    fn running_job(registry: &Registry) -> (Arc<InstallJob>, uuid::Uuid) {
+        let spec = cradle_model::api::InstanceSpec {
+            name: "web".into(),
+            metadata_address: Some("169.254.7.7".into()),
+            ..Default::default()
+        };
+        let inst = registry.create(spec, Vec::new()).unwrap();
+        let artifacts = Artifacts {
+            manifest: bytes::Bytes::from_static(b"{}"),
+            scripts: BTreeMap::new(),
+            package: None,
+        };
+        let job = registry
+            .begin_install(InstallJob::new(&inst, artifacts))
+            .unwrap();
+        (job, inst.id)
+    }
+
+    #[test]
+    fn a_trusted_scripts_lines_wait_for_room_and_none_is_dropped() {
+        let (registry, _tmp) = registry(2);
+        let (job, id) = running_job(&registry);
+        let (r, j) = (registry.clone(), job.clone());
+        let writer = std::thread::spawn(move || {
+            for n in 0..6 {
+                to_appliance(&r, &j, id, &format!("line {n}"));
+            }
+        });
+        let mut read = Vec::new();
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while read.len() < 6 && std::time::Instant::now() < deadline {
+            match registry.pop_message(id, ChannelDirection::ToGuest).unwrap() {
+                Some(m) => read.push(String::from_utf8(m.body).unwrap()),
+                None => std::thread::sleep(Duration::from_millis(20)),
+            }
+        }
+        writer.join().unwrap();
+        let want: Vec<String> = (0..6).map(|n| format!("line {n}")).collect();
+        assert_eq!(read, want);
+    }
+
+    #[test]
+    fn a_full_queue_holds_the_script_only_while_the_job_runs() {
+        let (registry, _tmp) = registry(1);
+        let (job, id) = running_job(&registry);
+        to_appliance(&registry, &job, id, "fills the queue");
+        registry.end_install(&job, false, None).unwrap();
+        let started = std::time::Instant::now();
+        to_appliance(&registry, &job, id, "nobody will read this");
+        assert!(started.elapsed() < Duration::from_secs(5));
+    }
+}

@@ -587,6 +587,12 @@ mod tests {
     use super::*;
 
     #[test]
+    fn an_internal_failure_is_a_500_never_a_404() {
+        let r = failure(&Error::Internal("a task panicked".into()));
+        assert_eq!(r.status(), StatusCode::INTERNAL_SERVER_ERROR);
+    }
+
+    #[test]
     fn ambiguous_paths_are_refused() {
         assert_eq!(segments("/"), Some(vec![]));
         assert_eq!(

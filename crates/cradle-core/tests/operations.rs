@@ -1,0 +1,294 @@
+//! The operations layer over a real SQLite store: who may do what, what a
+//! guest's channel does while an install job runs, and what a job keeps.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use cradle_core::{Caller, Core, Error, InstallFile, Kind, Written};
+use cradle_model::Secret;
+use cradle_model::api::{InstancePatch, InstanceSpec, Patch};
+use cradle_registry::jobs::{Artifacts, FORWARD_QUEUE, InstallJob, Package};
+use cradle_registry::{ChannelLimits, Registry};
+
+struct Setup {
+    core: Arc<Core>,
+    registry: Arc<Registry>,
+    _tmp: tempfile::TempDir,
+}
+
+fn setup() -> Setup {
+    let tmp = tempfile::tempdir().unwrap();
+    let store = cradle_store::SqliteStore::open(&tmp.path().join("cradle.db")).unwrap();
+    let registry = Registry::open(
+        Arc::new(store),
+        ChannelLimits {
+            queue_len: 4,
+            message_bytes: 1024,
+        },
+    )
+    .unwrap()
+    .enable_security_groups(Default::default())
+    .unwrap();
+    let registry = Arc::new(registry);
+    let mut metrics = cradle_core::Metrics::new();
+    let vendordata =
+        cradle_vendordata::Vendordata::new(Vec::new(), metrics.registry_mut()).unwrap();
+    let core = Core::new(cradle_core::Parts {
+        registry: registry.clone(),
+        install: cradle_install::Settings {
+            appliance: tmp.path().join("appliance"),
+            qemu: "qemu-system-x86_64".into(),
+            accel: cradle_install::AccelChoice::Tcg,
+            timeout: Duration::from_secs(60),
+            memory_mib: 256,
+            metadata_port: 80,
+            comm: cradle_install::Comm {
+                ip: "ip".into(),
+                nft: "nft".into(),
+            },
+            run_dir: tmp.path().join("run"),
+            os_search: Vec::new(),
+            script_user: "nobody".into(),
+            qemu_img: "qemu-img".into(),
+            dnsmasq: "dnsmasq".into(),
+        },
+        metrics: Arc::new(metrics),
+        vendor_data: serde_json::json!({}),
+        vendordata: Arc::new(vendordata),
+        drive_limits: Default::default(),
+        firewall_table: "cradle".into(),
+        firewall_enforced: false,
+        render_cache_bytes: 1 << 20,
+        max_token_ttl: 21600,
+    });
+    Setup {
+        core,
+        registry,
+        _tmp: tmp,
+    }
+}
+
+fn operator(name: &str) -> Caller {
+    Caller {
+        name: name.into(),
+        roles: vec!["provisioner".into()],
+    }
+}
+
+fn spec(name: &str, address: &str) -> InstanceSpec {
+    InstanceSpec {
+        name: name.into(),
+        metadata_address: Some(address.into()),
+        ..Default::default()
+    }
+}
+
+#[track_caller]
+fn kind(r: Result<impl std::fmt::Debug, Error>) -> (Kind, &'static str) {
+    let e = r.expect_err("the operation should have been refused");
+    (e.kind(), e.code())
+}
+
+#[tokio::test]
+async fn operator_only_operations_are_refused_to_other_callers() {
+    let s = setup();
+    let (admin, other) = (Caller::system(), operator("provisioner"));
+    let mut web = spec("web", "169.254.3.1");
+    web.personalization_url = Some("file:///etc/hostname.tar.gz".into());
+    s.core.create_instance(&other, web).await.unwrap();
+
+    assert_eq!(
+        kind(s.core.reset_state(&other, "web").await),
+        (Kind::Forbidden, "forbidden")
+    );
+    s.core.reset_state(&admin, "web").await.unwrap();
+
+    // A file:// package is read with the server's rights: for serving it
+    // and for installing with it alike, decided in one place.
+    let e = s
+        .core
+        .personalization_package(&other, "web")
+        .await
+        .unwrap_err();
+    assert_eq!(e.kind(), Kind::Forbidden);
+    assert!(e.to_string().contains("serving a file:// package"), "{e}");
+    let e = s.core.start_install(&other, "web").await.unwrap_err();
+    assert_eq!(e.kind(), Kind::Forbidden);
+    assert!(
+        e.to_string().contains("installing with a file:// package"),
+        "{e}"
+    );
+
+    // The ruleset is anyone's to see; applying it is an operator's.
+    s.core.apply_firewall(&other, true).await.unwrap();
+    assert_eq!(
+        kind(s.core.apply_firewall(&other, false).await),
+        (Kind::Forbidden, "forbidden")
+    );
+    assert_eq!(
+        kind(s.core.apply_firewall(&admin, false).await),
+        (Kind::Conflict, "firewall_off")
+    );
+
+    // Something missing is missing, whoever asks.
+    assert_eq!(
+        kind(s.core.instance(&other, "nope")),
+        (Kind::NotFound, "not_found")
+    );
+}
+
+#[tokio::test]
+async fn views_carry_parameter_names_never_values() {
+    let s = setup();
+    let mut web = spec("web", "169.254.3.2");
+    web.os_params
+        .private
+        .insert("db".into(), Secret::new("private-canary-1".into()));
+    web.os_params
+        .secret
+        .insert("pw".into(), Secret::new("secret-canary-2".into()));
+    let created = s.core.create_instance(&operator("p"), web).await.unwrap();
+    let mut patch = InstancePatch {
+        hostname: Some("web-2".into()),
+        user_data: Patch::Absent,
+        ..Default::default()
+    };
+    patch
+        .os_params
+        .secret
+        .insert("pw2".into(), Some(Secret::new("secret-canary-3".into())));
+    let modified = s
+        .core
+        .modify_instance(&operator("p"), "web", patch)
+        .await
+        .unwrap();
+    let shown = s.core.instance(&operator("p"), "web").unwrap();
+    let listed = s.core.instances(&operator("p")).unwrap();
+    let all = serde_json::to_string(&(created, modified, &shown, listed)).unwrap();
+    assert!(!all.contains("canary"), "{all}");
+    assert_eq!(shown.os_params.secret, ["pw", "pw2"]);
+    assert_eq!(shown.os_params.private, ["db"]);
+}
+
+fn artifacts() -> Artifacts {
+    Artifacts {
+        manifest: Bytes::from_static(br#"{"operation":"create"}"#),
+        scripts: BTreeMap::from([("create".to_string(), Bytes::from_static(b"#!/bin/sh\n"))]),
+        package: Some(Package {
+            bytes: Bytes::from(vec![1u8; 4096]),
+            sha256: "ab".repeat(32),
+        }),
+    }
+}
+
+#[tokio::test]
+async fn a_guest_being_installed_writes_to_its_job_and_is_slowed_when_the_script_lags() {
+    let s = setup();
+    let view = s
+        .core
+        .create_instance(&operator("p"), spec("web", "169.254.3.3"))
+        .await
+        .unwrap();
+    let inst = s.registry.get("web").unwrap();
+    let job = s
+        .registry
+        .begin_install(InstallJob::new(&inst, artifacts()))
+        .unwrap();
+    let guest = s
+        .core
+        .guest(view.metadata_address)
+        .expect("known by its address");
+
+    // What the job serves, from its one buffer.
+    let (a, sha) = s.core.install_file(&guest, InstallFile::Package).unwrap();
+    let (b, _) = s.core.install_file(&guest, InstallFile::Package).unwrap();
+    assert_eq!(a.as_ptr(), b.as_ptr(), "one buffer, not a copy per request");
+    assert_eq!(sha.unwrap(), "ab".repeat(32));
+    assert_eq!(
+        kind(s.core.install_file(&guest, InstallFile::Script("nope"))),
+        (Kind::NotFound, "no_script")
+    );
+
+    // The agent's reports are the job's.
+    let report = Bytes::from_static(br#"{"agent":"progress","step":"partitioning"}"#);
+    assert_eq!(
+        s.core.write_message(&guest, report).await.unwrap(),
+        Written::Job
+    );
+    assert_eq!(job.view(0).step.as_deref(), Some("partitioning"));
+
+    // Anything else goes to the trusted script, through a bounded queue.
+    let script_stdin = job.forward_to_script();
+    for n in 0..FORWARD_QUEUE {
+        let line = Bytes::from(format!("line {n}"));
+        assert_eq!(
+            s.core.write_message(&guest, line).await.unwrap(),
+            Written::Job
+        );
+    }
+    let full = Bytes::from_static(b"one too many");
+    assert_eq!(
+        kind(s.core.write_message(&guest, full.clone()).await),
+        (Kind::TooMany, "queue_full")
+    );
+    assert_eq!(script_stdin.recv().unwrap(), b"line 0");
+    assert_eq!(
+        s.core.write_message(&guest, full).await.unwrap(),
+        Written::Job
+    );
+
+    // When the job ends, what it served is gone, and the channel is the
+    // operator's again.
+    s.registry.end_install(&job, true, None).unwrap();
+    assert_eq!(
+        kind(s.core.install_file(&guest, InstallFile::Manifest)),
+        (Kind::NotFound, "no_install_job")
+    );
+    assert!(job.artifacts().is_none());
+    let after = Bytes::from_static(b"hello operator");
+    assert!(matches!(
+        s.core.write_message(&guest, after).await.unwrap(),
+        Written::Queued(_)
+    ));
+
+    // Its record goes with the instance.
+    assert!(s.registry.install_job(inst.id).is_some());
+    s.core.remove_instance(&operator("p"), "web").await.unwrap();
+    assert!(s.registry.install_job(inst.id).is_none());
+    assert!(s.core.guest(view.metadata_address).is_none());
+}
+
+#[tokio::test]
+async fn a_guest_token_is_checked_before_anything_else() {
+    let s = setup();
+    let mut web = spec("web", "169.254.3.4");
+    web.imds_tokens = Some(cradle_model::ImdsTokens::Required);
+    let view = s.core.create_instance(&operator("p"), web).await.unwrap();
+    let other = s
+        .core
+        .create_instance(&operator("p"), spec("db", "169.254.3.5"))
+        .await
+        .unwrap();
+    let guest = s.core.guest(view.metadata_address).unwrap();
+    let db = s.core.guest(other.metadata_address).unwrap();
+    assert_eq!(
+        kind(s.core.authorize_guest(&guest, None)),
+        (Kind::Unauthorized, "unauthorized")
+    );
+    let token = s.core.issue_token(&guest, 60).unwrap();
+    s.core
+        .authorize_guest(&guest, Some(token.as_bytes()))
+        .unwrap();
+    // Another guest's token is no token of this one's.
+    assert_eq!(
+        kind(s.core.authorize_guest(&db, Some(token.as_bytes()))),
+        (Kind::Unauthorized, "unauthorized")
+    );
+    assert_eq!(
+        kind(s.core.issue_token(&guest, 0)),
+        (Kind::BadRequest, "bad_request")
+    );
+    assert!(s.core.issue_token(&guest, 21601).is_err());
+}
