@@ -22,6 +22,9 @@ use crate::flags;
 use anyhow::{Context, Result, bail};
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD as B64;
+use cradle_client::announce::{Announced, Listening};
+use cradle_client::route;
+use cradle_model::api::InstanceSpec;
 use serde_json::json;
 use tokio::task::JoinSet;
 
@@ -36,7 +39,7 @@ const PATHS: &[&str] = &[
     "/latest/meta-data/instance-id",
 ];
 const NGINX: &str = "/usr/sbin/nginx";
-/// Concurrent admin API connections used to register instances.
+/// Concurrent admin API requests used to register instances.
 pub(crate) const REGISTER_CONNECTIONS: usize = 8;
 
 pub struct Options {
@@ -174,9 +177,29 @@ pub(crate) fn start_cradle(
             let _ = tx.send(line);
         }
     });
-    let (mut admin, mut metadata) = (None, None);
+    let listening = wait_for_addresses(&rx, log)?;
+    let token = std::fs::read_to_string(data_dir.join("admin.token"))
+        .context("cannot read the admin token")?
+        .trim()
+        .to_string();
+    Ok(Cradle {
+        proc,
+        admin: listening.admin,
+        metadata: listening.metadata,
+        token,
+        log: log.to_path_buf(),
+    })
+}
+
+/// The addresses a starting `cradle serve` announces on standard output
+/// (its lines arriving on `rx`), within 30 s; `log` is shown otherwise.
+pub(crate) fn wait_for_addresses(
+    rx: &std::sync::mpsc::Receiver<String>,
+    log: &Path,
+) -> Result<Listening> {
+    let mut announced = Announced::default();
     let deadline = Instant::now() + Duration::from_secs(30);
-    while admin.is_none() || metadata.is_none() {
+    loop {
         let left = deadline.saturating_duration_since(Instant::now());
         let Ok(line) = rx.recv_timeout(left) else {
             bail!(
@@ -184,23 +207,10 @@ pub(crate) fn start_cradle(
                 std::fs::read_to_string(log).unwrap_or_default()
             );
         };
-        if let Some(a) = line.strip_prefix("admin API listening on http://") {
-            admin = Some(a.trim().parse().context("admin address")?);
-        } else if let Some(a) = line.strip_prefix("metadata service listening on http://") {
-            metadata = Some(a.trim().parse().context("metadata address")?);
+        if let Some(both) = announced.feed(&line) {
+            return Ok(both);
         }
     }
-    let token = std::fs::read_to_string(data_dir.join("admin.token"))
-        .context("cannot read the admin token")?
-        .trim()
-        .to_string();
-    Ok(Cradle {
-        proc,
-        admin: admin.unwrap(),
-        metadata: metadata.unwrap(),
-        token,
-        log: log.to_path_buf(),
-    })
 }
 
 impl Cradle {
@@ -215,54 +225,28 @@ impl Cradle {
     }
 }
 
-/// Register instances 0..n through the admin API over a few keep-alive
-/// connections at once.
+/// Register instances 0..n through the admin API, with the typed client,
+/// a few requests at once.
 pub(crate) async fn register(admin: SocketAddr, token: &str, n: usize) -> Result<Duration> {
+    let api = cradle_client::Client::new(
+        cradle_client::Target::new(&format!("http://{admin}"), token).no_proxy(),
+    )?;
     let next = Arc::new(AtomicUsize::new(0));
     let done = Arc::new(AtomicUsize::new(0));
     let started = Instant::now();
     let mut tasks = JoinSet::new();
     for _ in 0..REGISTER_CONNECTIONS.min(n) {
-        let (next, done) = (next.clone(), done.clone());
-        let token = token.to_string();
+        let (next, done, api) = (next.clone(), done.clone(), api.clone());
         tasks.spawn(async move {
-            let mut conn: Option<Conn> = None;
             loop {
                 let k = next.fetch_add(1, Ordering::Relaxed);
                 if k >= n {
                     return Ok::<(), anyhow::Error>(());
                 }
-                let c = match conn.as_mut() {
-                    Some(c) => c,
-                    None => conn.insert(
-                        Conn::connect(None, admin)
-                            .await
-                            .context("cannot connect to the admin API")?,
-                    ),
-                };
-                let body = spec(k).to_string();
-                let mut req = format!(
-                    "POST /v1/instances HTTP/1.1\r\nHost: {admin}\r\n\
-                     Authorization: Bearer {token}\r\nContent-Type: application/json\r\n\
-                     Content-Length: {}\r\n\r\n",
-                    body.len()
-                )
-                .into_bytes();
-                req.extend_from_slice(body.as_bytes());
-                let r = c
-                    .request(&req)
+                let spec: InstanceSpec = serde_json::from_value(spec(k))?;
+                api.send(route::create_instance(&spec))
                     .await
                     .with_context(|| format!("registering bench-{k:05}"))?;
-                if r.status != 201 {
-                    bail!(
-                        "registering bench-{k:05}: status {}: {}",
-                        r.status,
-                        String::from_utf8_lossy(r.body)
-                    );
-                }
-                if c.closed() {
-                    conn = None;
-                }
                 let d = done.fetch_add(1, Ordering::Relaxed) + 1;
                 if d % 1000 == 0 {
                     let s = started.elapsed().as_secs_f64();

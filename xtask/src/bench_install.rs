@@ -138,18 +138,13 @@ fn start_serve(s: &Setup, ns: &str, data: &Path, accel: &str) -> Result<Serve> {
     let out = child.stdout.take().expect("piped");
     let serve = Serve(child);
     use std::io::BufRead;
-    let mut lines = std::io::BufReader::new(out).lines();
-    loop {
-        match lines.next() {
-            Some(Ok(l)) if l.starts_with("metadata service listening") => break,
-            Some(Ok(_)) => {}
-            _ => bail!(
-                "cradle serve did not start: {}",
-                std::fs::read_to_string(data.with_extension("log")).unwrap_or_default()
-            ),
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(out).lines().map_while(|l| l.ok()) {
+            let _ = tx.send(line);
         }
-    }
-    std::thread::spawn(move || for _ in lines {});
+    });
+    crate::bench::wait_for_addresses(&rx, &data.with_extension("log"))?;
     Ok(serve)
 }
 

@@ -366,16 +366,13 @@ fn contains(haystack: &[u8], needle: &[u8]) -> bool {
 /// cradle's vendordata counters for TARGET, from `/metrics` on the admin
 /// API: (upstream calls, cache hits, cache misses, failures).
 async fn cradle_counters(admin: SocketAddr, token: &str) -> Result<[u64; 4]> {
-    let mut conn = Conn::connect(None, admin)
+    let api = cradle_client::Client::new(
+        cradle_client::Target::new(&format!("http://{admin}"), token).no_proxy(),
+    )?;
+    let text = api
+        .send(cradle_client::route::metrics())
         .await
-        .context("cannot connect to the admin API")?;
-    let req =
-        format!("GET /metrics HTTP/1.1\r\nHost: {admin}\r\nAuthorization: Bearer {token}\r\n\r\n");
-    let r = conn.request(req.as_bytes()).await.context("GET /metrics")?;
-    if r.status != 200 {
-        bail!("GET /metrics: status {}", r.status);
-    }
-    let text = String::from_utf8_lossy(r.body);
+        .context("GET /metrics")?;
     let names = ["upstream_calls", "cache_hits", "cache_misses", "failures"];
     let mut out = [0u64; 4];
     for (slot, name) in out.iter_mut().zip(names) {

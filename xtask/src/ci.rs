@@ -81,8 +81,12 @@ pub fn run() -> Result<()> {
         "clippy found problems (listed above)",
     )?;
 
+    // The README's first command, exactly as a newcomer runs it.
+    crate::readme::check()?;
+
     // The appliance's /init must be static (the initramfs has no C
-    // library); the appliance test takes it from target/release.
+    // library); the appliance test takes it from target/release. The
+    // README names this step (`cargo xtask agent`).
     build_static_agent()?;
 
     println!("==> cargo test");
@@ -93,14 +97,19 @@ pub fn run() -> Result<()> {
     Ok(())
 }
 
-/// The appliance's `/init`, static (its initramfs has no C library), in
-/// target/release/cradle-agent.
+/// `cargo xtask agent`: the appliance's `/init`, static (its initramfs has
+/// no C library), in target/release/cradle-agent, beside the release
+/// `cradle`, where `cradle appliance build` looks for it. Only the agent
+/// itself is linked with `+crt-static` (`cargo rustc` passes the flag to
+/// the last crate alone), so its dependencies are the release build's own.
 pub fn build_static_agent() -> Result<()> {
-    println!("==> the static cradle-agent (cargo rustc ... +crt-static)");
+    println!("==> the static cradle-agent (cargo xtask agent)");
     run_cargo(
         &[
             "rustc",
             "-p",
+            "cradle-agent",
+            "--bin",
             "cradle-agent",
             "--release",
             "--",
@@ -108,7 +117,12 @@ pub fn build_static_agent() -> Result<()> {
             "target-feature=+crt-static",
         ],
         "cradle-agent would not build as a static binary",
-    )
+    )?;
+    println!(
+        "    {}",
+        crate::target_dir().join("release/cradle-agent").display()
+    );
+    Ok(())
 }
 
 /// Tests apply rulesets only inside network namespaces they make; one left

@@ -1,4 +1,6 @@
-//! Project tasks: `cargo xtask ci` (what `.ci/run` runs),
+//! Project tasks: `cargo xtask ci` (what `.ci/run` runs), `cargo xtask
+//! agent` (the appliance's static agent), `cargo xtask readme` (the
+//! README's first command, run and checked),
 //! `cargo xtask bench metadata` (the metadata-service benchmark against nginx),
 //! `cargo xtask bench drive` (config drives against genisoimage),
 //! `cargo xtask bench vendordata` (dynamic vendordata against a slow target),
@@ -21,6 +23,7 @@ mod flags;
 mod http;
 mod load;
 mod procs;
+mod readme;
 
 use std::ffi::OsString;
 use std::path::PathBuf;
@@ -33,7 +36,15 @@ usage: cargo xtask <task>
 
 tasks:
   ci                   install the Debian packages the tests need (as root), then
-                       cargo fmt --check, cargo clippy -D warnings, cargo test
+                       cargo fmt --check, cargo clippy -D warnings, the
+                       README's first command (as `readme`), the static agent
+                       (as `agent`), cargo test
+  agent                build the install appliance's /init, cradle-agent, as a
+                       static binary into target/release (beside cradle, where
+                       `cradle appliance build` takes it from)
+  readme               run the README's first command as written from the
+                       repository root, read the demo guest's metadata as
+                       127.0.0.2, check another source gets 404, stop it
   bench metadata       benchmark cradle's metadata service against nginx serving
                        the same bytes; options:
       --duration SECS        measured seconds per load phase [10]
@@ -93,6 +104,8 @@ fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let result = match args.first().map(String::as_str) {
         Some("ci") if args.len() == 1 => ci::run(),
+        Some("agent") if args.len() == 1 => ci::build_static_agent(),
+        Some("readme") if args.len() == 1 => readme::check(),
         Some("bench") => match args.get(1).map(String::as_str) {
             Some("metadata") => bench::Options::parse(&args[2..]).and_then(|o| {
                 if cfg!(debug_assertions) {

@@ -172,13 +172,15 @@ fn is_dynamic(elf: &[u8]) -> Result<bool, String> {
 /// no C library. [`build`] does this first; a caller can do it before
 /// downloading anything.
 pub fn check_agent(agent: &Path) -> Result<Vec<u8>, Error> {
-    let bytes =
-        std::fs::read(agent).map_err(io(format!("cannot read the agent {}", agent.display())))?;
+    let bytes = std::fs::read(agent).map_err(io(format!(
+        "cannot read the agent {} (build it with `cargo xtask agent`)",
+        agent.display()
+    )))?;
     match is_dynamic(&bytes) {
         Ok(false) => Ok(bytes),
         Ok(true) => Err(Error::Invalid(format!(
-            "{} is dynamically linked; the appliance has no C library. Build it static: \
-             cargo rustc -p cradle-agent --release -- -C target-feature=+crt-static",
+            "{} is dynamically linked; the appliance has no C library. Build it static \
+             with `cargo xtask agent` (it lands in target/release/cradle-agent)",
             agent.display()
         ))),
         Err(why) => Err(Error::Invalid(format!("{}: {why}", agent.display()))),

@@ -1,0 +1,201 @@
+//! The README's first command, run as a newcomer runs it: the first line
+//! of the "Set up" block is read out of README.md (so the check and the
+//! README cannot drift), split into words (no shell) and started from the
+//! root of the checkout. Then the demo guest must answer: its OpenStack
+//! metadata as 127.0.0.2, a 404 to any other source address. Then it is
+//! stopped. A README whose first command fails makes CI fail.
+
+use std::io::{BufRead, BufReader};
+use std::net::{IpAddr, SocketAddr};
+use std::os::unix::process::CommandExt;
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use cradle_client::announce::{Announced, Listening};
+
+use crate::http::{self, Conn};
+use crate::repo_root;
+
+/// The address the demo guest's requests come from (`serve --demo`).
+const DEMO_GUEST: &str = "127.0.0.2";
+/// How long the first command may take to print its addresses: it builds
+/// the release binary first.
+const START_WITHIN: Duration = Duration::from_secs(1800);
+
+/// The first command of the README's "Set up" block, as its words.
+pub fn first_command(readme: &str) -> Result<Vec<String>> {
+    let mut lines = readme.lines().skip_while(|l| l.trim() != "## Set up");
+    if lines.next().is_none() {
+        bail!("README.md has no \"## Set up\" section");
+    }
+    let mut lines = lines.skip_while(|l| !l.trim_start().starts_with("```"));
+    if lines.next().is_none() {
+        bail!("README.md's Set up section has no code block");
+    }
+    let line = lines
+        .map(str::trim)
+        .find(|l| !l.is_empty())
+        .filter(|l| !l.starts_with("```"))
+        .context("README.md's Set up code block is empty")?;
+    let command = line.split(" #").next().unwrap_or(line);
+    if command.contains(['"', '\'', '$', '`', '|', '&', ';', '<', '>', '\\']) {
+        bail!(
+            "README.md's first command {command:?} needs a shell; \
+             the check runs it as plain words"
+        );
+    }
+    Ok(command.split_whitespace().map(str::to_string).collect())
+}
+
+/// A process group killed (SIGTERM, then SIGKILL) when dropped.
+struct Started(Child);
+
+impl Started {
+    fn stop(&mut self) -> Result<std::process::ExitStatus> {
+        let group = format!("-{}", self.0.id());
+        let _ = Command::new("kill").args(["-TERM", "--", &group]).status();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            if let Some(s) = self.0.try_wait()? {
+                return Ok(s);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = Command::new("kill").args(["-KILL", "--", &group]).status();
+        bail!("the first command did not stop within 20 s of SIGTERM");
+    }
+}
+
+impl Drop for Started {
+    fn drop(&mut self) {
+        if matches!(self.0.try_wait(), Ok(None)) {
+            let _ = self.stop();
+        }
+    }
+}
+
+/// Run the README's first command and check the demo guest.
+pub fn check() -> Result<()> {
+    let root = repo_root();
+    let readme =
+        std::fs::read_to_string(root.join("README.md")).context("cannot read README.md")?;
+    let words = first_command(&readme)?;
+    println!(
+        "==> the README's first command, as written: {}",
+        words.join(" ")
+    );
+    let mut cmd = Command::new(&words[0]);
+    cmd.args(&words[1..])
+        .current_dir(&root)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .process_group(0);
+    let mut child = Started(
+        cmd.spawn()
+            .with_context(|| format!("cannot run {}", words[0]))?,
+    );
+    let stdout = child.0.stdout.take().context("no stdout")?;
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(|l| l.ok()) {
+            println!("    | {line}");
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let listening = wait_for_demo(&rx, &mut child)?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(ask_as_guests(listening.metadata))?;
+    let status = child.stop()?;
+    println!("    stopped ({status})");
+    Ok(())
+}
+
+/// Until the server has announced both addresses and the demo guest.
+fn wait_for_demo(rx: &mpsc::Receiver<String>, child: &mut Started) -> Result<Listening> {
+    let deadline = Instant::now() + START_WITHIN;
+    let mut seen = Announced::default();
+    let mut listening = None;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let line = match rx.recv_timeout(left.min(Duration::from_secs(1))) {
+            Ok(l) => l,
+            Err(mpsc::RecvTimeoutError::Timeout) if !left.is_zero() => {
+                if let Some(status) = child.0.try_wait()? {
+                    bail!("the README's first command exited ({status}) before serving");
+                }
+                continue;
+            }
+            Err(mpsc::RecvTimeoutError::Timeout) => {
+                bail!("the README's first command did not serve the demo guest in time")
+            }
+            Err(mpsc::RecvTimeoutError::Disconnected) => {
+                let status = child.0.wait()?;
+                bail!("the README's first command exited ({status}) before serving");
+            }
+        };
+        if let Some(l) = seen.feed(&line) {
+            listening = Some(l);
+        }
+        if line.starts_with("demo instance ") {
+            return listening.context("the demo was announced before the listeners");
+        }
+    }
+}
+
+/// The demo guest reads its metadata; any other source gets 404.
+async fn ask_as_guests(metadata: SocketAddr) -> Result<()> {
+    let path = "/openstack/latest/meta_data.json";
+    let host = metadata.to_string();
+    let guest: IpAddr = DEMO_GUEST.parse()?;
+    let mut conn = Conn::connect(Some(guest), metadata)
+        .await
+        .with_context(|| format!("cannot connect to {metadata} from {guest}"))?;
+    let r = conn.request(&http::get(&host, path)).await?;
+    let doc: serde_json::Value = serde_json::from_slice(r.body).with_context(|| {
+        format!(
+            "{path} as {guest} is not JSON: {}",
+            String::from_utf8_lossy(r.body)
+        )
+    })?;
+    if r.status != 200 || doc["name"] != "demo" {
+        bail!("{path} as {guest}: HTTP {} {doc}", r.status);
+    }
+    println!("    {path} as {guest}: 200, name {}", doc["name"]);
+    let other: IpAddr = "127.0.0.1".parse()?;
+    let mut conn = Conn::connect(Some(other), metadata).await?;
+    let r = conn.request(&http::get(&host, path)).await?;
+    if r.status != 404 {
+        bail!(
+            "{path} as {other}, which is no instance, answered HTTP {} instead of 404",
+            r.status
+        );
+    }
+    println!("    {path} as {other}: 404");
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_first_set_up_line_is_the_command() {
+        let readme = "# x\n\n## Set up\n\n```sh\ncargo run --release -- serve --demo   # run it\ncargo xtask ci\n```\n";
+        assert_eq!(
+            first_command(readme).unwrap(),
+            ["cargo", "run", "--release", "--", "serve", "--demo"]
+        );
+        assert!(first_command("## Set up\n```\nFOO=$(x) run\n```\n").is_err());
+        assert!(first_command("no such section").is_err());
+        // The real README's.
+        let real = std::fs::read_to_string(repo_root().join("README.md")).unwrap();
+        assert_eq!(first_command(&real).unwrap()[..2], ["cargo", "run"]);
+    }
+}
