@@ -3,7 +3,7 @@
 //! one (the registry looks everything up within the tenant).
 
 use cradle_model::answers::FirewallView;
-use cradle_registry::RegistryError;
+use cradle_registry::{Registry, RegistryError};
 use cradle_secgroups::nft::{Firewall, Plan};
 use cradle_secgroups::{GroupView, RuleRequest, RuleView};
 use tracing::info;
@@ -97,14 +97,8 @@ impl Core {
         group: &str,
         instance: &str,
     ) -> Result<(), Error> {
-        authorize(caller, Action::Tenant)?;
-        let (registry, t, g, i) = (
-            self.registry.clone(),
-            tenant.to_string(),
-            group.to_string(),
-            instance.to_string(),
-        );
-        blocking(move || Ok(registry.sg_attach(&t, &g, &i)?)).await
+        self.membership(caller, tenant, group, instance, Registry::sg_attach)
+            .await
     }
 
     pub async fn detach_group(
@@ -114,6 +108,18 @@ impl Core {
         group: &str,
         instance: &str,
     ) -> Result<(), Error> {
+        self.membership(caller, tenant, group, instance, Registry::sg_detach)
+            .await
+    }
+
+    async fn membership(
+        &self,
+        caller: &Caller,
+        tenant: &str,
+        group: &str,
+        instance: &str,
+        change: fn(&Registry, &str, &str, &str) -> Result<(), RegistryError>,
+    ) -> Result<(), Error> {
         authorize(caller, Action::Tenant)?;
         let (registry, t, g, i) = (
             self.registry.clone(),
@@ -121,7 +127,7 @@ impl Core {
             group.to_string(),
             instance.to_string(),
         );
-        blocking(move || Ok(registry.sg_detach(&t, &g, &i)?)).await
+        blocking(move || Ok(change(&registry, &t, &g, &i)?)).await
     }
 
     /// The rules every new instance of the tenant starts with.
