@@ -112,6 +112,7 @@ async fn authenticate(State(s): Shared, mut req: Request, next: Next) -> Respons
         None => None,
         Some(token) => match s.tokens.main(&token) {
             Some(c) => Some(c),
+            None if !s.tokens.has_file() => None,
             // A named token means looking at the tokens file (it is re-read
             // when it changes): file work, on the blocking pool.
             None => {

@@ -114,6 +114,11 @@ impl Tokens {
         })
     }
 
+    /// Whether named tokens come from a file.
+    pub fn has_file(&self) -> bool {
+        self.file.is_some()
+    }
+
     /// The caller a named token from the tokens file belongs to, if any.
     /// Looks at the file (and re-reads it when it changed): call it off
     /// the async workers.
