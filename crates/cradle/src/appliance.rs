@@ -78,6 +78,7 @@ pub fn run(args: ApplianceArgs) -> Result<()> {
                 }
             };
             let built = cradle_appliance::build(&kernel_deb, &busybox_deb, &agent, &out)?;
+            println!("agent   {}", agent.display());
             println!("kernel  {} ({})", built.kernel.display(), built.release);
             println!("initrd  {}", built.initrd.display());
             println!("modules {}", built.modules.join(" "));

@@ -10,37 +10,54 @@ use std::time::{Duration, Instant};
 
 use cradle_hypervisor::{Accel, Disk, DiskFormat, Hypervisor, KernelBoot, Qemu, Status, VmSpec};
 
-use crate::harness::{BIN, Run, cradle_command};
+use crate::harness::{BIN, Run, command_of, cradle_command};
 
-/// The static agent `cargo xtask agent` builds into target/release.
-pub fn agent() -> PathBuf {
+/// A file of target/release, which `cargo xtask ci` builds: `cradle` by
+/// the README's first command, `cradle-agent` by `cargo xtask agent`.
+fn release(name: &str) -> PathBuf {
     let target = PathBuf::from(BIN)
         .parent()
         .unwrap()
         .parent()
         .unwrap()
         .to_path_buf();
-    let agent = target.join("release/cradle-agent");
+    let file = target.join("release").join(name);
     assert!(
-        agent.exists(),
-        "{} is missing: `cargo xtask agent` builds it (`cargo xtask ci` runs it)",
-        agent.display()
+        file.exists(),
+        "{} is missing: `cargo xtask ci` builds it (`cargo run --release` and `cargo xtask agent`)",
+        file.display()
     );
-    agent
+    file
+}
+
+/// The static agent `cargo xtask agent` builds into target/release.
+pub fn agent() -> PathBuf {
+    release("cradle-agent")
 }
 
 #[test]
 fn the_appliance_boots_its_agent_which_finds_the_disk_and_powers_off() {
     let work = tempfile::tempdir().unwrap();
     let out = work.path().join("appliance");
+    // As a newcomer makes it after the README's commands: the release
+    // binary, with the agent `cargo xtask agent` put beside it (no --agent).
+    let agent = agent();
     let built = Run::of(
-        cradle_command()
-            .args(["appliance", "build", "--agent"])
-            .arg(agent())
-            .arg("-o")
+        command_of(&release("cradle"))
+            .args(["appliance", "build", "-o"])
             .arg(&out),
     )
     .success();
+    let used = built
+        .stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("agent   "))
+        .unwrap_or_else(|| panic!("no agent line: {}", built.stdout));
+    assert_eq!(
+        std::fs::canonicalize(used).unwrap(),
+        std::fs::canonicalize(&agent).unwrap(),
+        "the agent beside the release binary"
+    );
     assert!(built.stdout.contains("virtio_blk"), "{}", built.stdout);
     assert!(built.stdout.contains("ext4"), "{}", built.stdout);
     assert!(built.stdout.contains("vfat"), "{}", built.stdout);

@@ -444,7 +444,12 @@ pub fn python(script: &str, args: &[&str]) -> String {
 /// The binary, with nothing from the caller's environment that would change
 /// where it connects or which token it uses.
 pub fn cradle_command() -> Command {
-    let mut cmd = Command::new(BIN);
+    command_of(Path::new(BIN))
+}
+
+/// [`cradle_command`] for another build of the binary (the release one).
+pub fn command_of(bin: &Path) -> Command {
+    let mut cmd = Command::new(bin);
     cmd.stdin(Stdio::null())
         .env("NO_PROXY", "*")
         .env("no_proxy", "*");
