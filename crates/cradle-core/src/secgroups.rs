@@ -64,9 +64,7 @@ impl Core {
         tenant: &str,
         key: &str,
     ) -> Result<(), Error> {
-        authorize(caller, Action::Tenant)?;
-        let (registry, t, k) = (self.registry.clone(), tenant.to_string(), key.to_string());
-        blocking(move || Ok(registry.sg_delete(&t, &k)?)).await
+        self.delete(caller, tenant, key, Registry::sg_delete).await
     }
 
     pub async fn add_rule(
@@ -84,9 +82,8 @@ impl Core {
     }
 
     pub async fn delete_rule(&self, caller: &Caller, tenant: &str, id: &str) -> Result<(), Error> {
-        authorize(caller, Action::Tenant)?;
-        let (registry, t, id) = (self.registry.clone(), tenant.to_string(), id.to_string());
-        blocking(move || Ok(registry.sg_delete_rule(&t, &id)?)).await
+        self.delete(caller, tenant, id, Registry::sg_delete_rule)
+            .await
     }
 
     /// Put one of the tenant's instances (by id or name) in a tenant group.
@@ -153,9 +150,21 @@ impl Core {
         tenant: &str,
         id: &str,
     ) -> Result<(), Error> {
+        self.delete(caller, tenant, id, Registry::sg_delete_default)
+            .await
+    }
+
+    /// A removal of the tenant's group, rule or default rule by id.
+    async fn delete(
+        &self,
+        caller: &Caller,
+        tenant: &str,
+        id: &str,
+        remove: fn(&Registry, &str, &str) -> Result<(), RegistryError>,
+    ) -> Result<(), Error> {
         authorize(caller, Action::Tenant)?;
         let (registry, t, id) = (self.registry.clone(), tenant.to_string(), id.to_string());
-        blocking(move || Ok(registry.sg_delete_default(&t, &id)?)).await
+        blocking(move || Ok(remove(&registry, &t, &id)?)).await
     }
 
     /// The groups an instance (by id or name) is in, its own first.
