@@ -3,7 +3,7 @@
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use cradle_core::{Error, Kind};
-use cradle_model::api::{ErrorBody, ErrorDetail, Invalid};
+use cradle_model::api::{ErrorBody, ErrorDetail};
 use tracing::error;
 
 #[derive(Debug)]
@@ -29,19 +29,6 @@ impl ApiError {
     }
     pub fn not_found(message: impl Into<String>) -> Self {
         Self::new(StatusCode::NOT_FOUND, "not_found", message)
-    }
-    pub fn internal() -> Self {
-        Self::new(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "internal",
-            "internal error; see the server log",
-        )
-    }
-}
-
-impl From<Invalid> for ApiError {
-    fn from(e: Invalid) -> Self {
-        ApiError::unprocessable(e.to_string())
     }
 }
 

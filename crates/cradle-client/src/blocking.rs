@@ -27,16 +27,6 @@ impl Client {
         &self.target
     }
 
-    /// The same API as another caller.
-    pub fn with_token(&self, token: impl Into<String>) -> Result<Client, Error> {
-        Client::new(self.target.with_token(token))
-    }
-
-    /// The same API, the token presented another way.
-    pub fn presented(&self, presented: crate::Presented) -> Result<Client, Error> {
-        Client::new(self.target.presented(presented))
-    }
-
     fn start<T>(&self, req: &Request<T>) -> Result<Response, Error> {
         let mut r = self
             .http

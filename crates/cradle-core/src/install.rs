@@ -12,7 +12,7 @@ use crate::caller::authorize_package;
 use crate::{Caller, Core, Error};
 
 /// Longest a follow request waits for news, in seconds.
-pub const MAX_FOLLOW_WAIT: u64 = 60;
+const MAX_FOLLOW_WAIT: u64 = 60;
 
 /// How to stop a VM.
 #[derive(Debug, Clone, Copy)]

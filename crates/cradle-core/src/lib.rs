@@ -43,12 +43,11 @@ use tracing::{info, warn};
 pub use artifacts::{ConfigDrive, PackageDownload};
 pub use caller::{ADMIN_ROLE, Caller};
 pub use cradle_drive::Format as DriveFormat;
-pub use cradle_registry::ChannelLimits;
 pub use cradle_registry::metrics::Metrics;
 pub use cradle_secgroups::nft::Plan as FirewallPlan;
 pub use error::{Error, Kind};
-pub use guest::{Doc, Guest, InstallFile, TokenError, Written};
-pub use install::{MAX_FOLLOW_WAIT, StopRequest};
+pub use guest::{Doc, Guest, InstallFile, Written};
+pub use install::StopRequest;
 
 /// What the operations run on, built by `cradle serve`.
 pub struct Parts {
@@ -94,7 +93,6 @@ pub struct Core {
 impl Core {
     pub fn new(parts: Parts) -> Arc<Core> {
         let installer = Arc::new(Installer::new(parts.registry.clone(), parts.install));
-        parts.metrics.instances.set(parts.registry.len() as i64);
         Arc::new(Core {
             guests: guest::Guests::new(parts.render_cache_bytes, parts.max_token_ttl),
             registry: parts.registry,
@@ -137,10 +135,6 @@ impl Core {
     pub async fn shutdown(&self) {
         let installer = self.installer.clone();
         let _ = tokio::task::spawn_blocking(move || installer.shutdown()).await;
-    }
-
-    fn count_instances(&self) {
-        self.metrics.instances.set(self.registry.len() as i64);
     }
 }
 

@@ -396,10 +396,6 @@ async fn route(svc: &MetadataService, guest: &Guest, path: &str, req: Request<In
 
     match svc.core.document(guest, path, &segs).await {
         Ok(doc) => reply(StatusCode::OK, doc.content_type, doc.body),
-        Err(e) if e.code() == "vendordata_failed" => text(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "503 Service Unavailable: vendordata is unavailable",
-        ),
         Err(e) => failure(&e),
     }
 }
@@ -450,13 +446,17 @@ fn issue_token(svc: &MetadataService, guest: &Guest, req: &Request<Incoming>) ->
         .map(str::trim)
         .filter(|v| !v.is_empty() && v.bytes().all(|b| b.is_ascii_digit()))
         .and_then(|v| v.parse::<u32>().ok());
-    let Some(Ok(token)) = ttl.map(|t| svc.core.issue_token(guest, t).map(|tok| (t, tok))) else {
-        return text(
+    let issued = ttl.and_then(|t| svc.core.issue_token(guest, t).ok().map(|tok| (t, tok)));
+    let Some((ttl, token)) = issued else {
+        return reply(
             StatusCode::BAD_REQUEST,
-            "400 Bad Request: X-aws-ec2-metadata-token-ttl-seconds must be a whole number of seconds from 1 to 21600",
+            "text/plain; charset=utf-8",
+            format!(
+                "400 Bad Request: X-aws-ec2-metadata-token-ttl-seconds must be a whole number of seconds from 1 to {}",
+                svc.core.max_token_ttl()
+            ),
         );
     };
-    let (ttl, token) = token;
     let mut r = reply(StatusCode::OK, "text/plain; charset=utf-8", token);
     r.headers_mut().insert(TTL_HEADER, HeaderValue::from(ttl));
     r

@@ -121,13 +121,9 @@ enum AgentMessage {
 
 /// `text` with every value of `secrets` in it replaced by `<redacted>`.
 fn scrub(secrets: &[Secret<String>], text: &str) -> String {
-    let mut text = text.to_string();
-    for s in secrets {
-        if text.contains(s.expose().as_str()) {
-            text = text.replace(s.expose().as_str(), cradle_model::REDACTED);
-        }
-    }
-    text
+    secrets.iter().fold(text.to_string(), |t, s| {
+        t.replace(s.expose().as_str(), cradle_model::REDACTED)
+    })
 }
 
 fn cut(s: &str, max: usize) -> String {

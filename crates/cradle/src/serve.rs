@@ -11,10 +11,10 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail};
 use base64::Engine;
 use cradle_config::{Config, LogFormat};
-use cradle_core::{Caller, ChannelLimits, Core, Metrics};
+use cradle_core::{Caller, Core, Metrics};
 use cradle_model::Secret;
 use cradle_model::api::{InstanceSpec, InstanceView};
-use cradle_registry::Registry;
+use cradle_registry::{ChannelLimits, Registry};
 use cradle_store::SqliteStore;
 use rand::RngCore;
 use tokio::net::TcpListener;
@@ -196,7 +196,6 @@ async fn serve(config: Config, demo: bool) -> Result<()> {
             .context("cannot load security groups")?;
     }
     let registry = Arc::new(registry);
-    metrics.instances.set(registry.len() as i64);
     let enforced = start_firewall(&config, &registry, demo)?;
 
     let admin_listener = TcpListener::bind(config.admin.listen)

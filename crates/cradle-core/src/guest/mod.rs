@@ -25,7 +25,6 @@ use cradle_render::{Context, Resolved};
 use tracing::warn;
 
 pub use cache::Doc;
-pub use token::TokenError;
 
 use crate::{Core, Error, Kind, blocking};
 
