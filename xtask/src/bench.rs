@@ -22,7 +22,7 @@ use crate::flags;
 use anyhow::{Context, Result, bail};
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD as B64;
-use cradle_client::announce::{Announced, Listening};
+use cradle_client::announce::{self, Listening};
 use cradle_client::route;
 use cradle_model::api::InstanceSpec;
 use serde_json::json;
@@ -197,19 +197,12 @@ pub(crate) fn wait_for_addresses(
     rx: &std::sync::mpsc::Receiver<String>,
     log: &Path,
 ) -> Result<Listening> {
-    let mut announced = Announced::default();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let left = deadline.saturating_duration_since(Instant::now());
-        let Ok(line) = rx.recv_timeout(left) else {
-            bail!(
-                "cradle serve did not print its addresses; its log:\n{}",
-                std::fs::read_to_string(log).unwrap_or_default()
-            );
-        };
-        if let Some(both) = announced.feed(&line) {
-            return Ok(both);
-        }
+    match announce::wait(rx, Duration::from_secs(30)) {
+        Some(both) => Ok(both),
+        None => bail!(
+            "cradle serve did not print its addresses; its log:\n{}",
+            std::fs::read_to_string(log).unwrap_or_default()
+        ),
     }
 }
 

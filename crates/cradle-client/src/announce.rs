@@ -5,6 +5,8 @@
 //! wording lives here only.
 
 use std::net::SocketAddr;
+use std::sync::mpsc::Receiver;
+use std::time::{Duration, Instant};
 
 const ADMIN: &str = "admin API listening on http://";
 const METADATA: &str = "metadata service listening on http://";
@@ -62,6 +64,20 @@ impl Announced {
     }
 }
 
+/// Both addresses from a starting server's standard output, its lines
+/// arriving on `lines`, if they come within `within`. Lines after them are
+/// left on `lines`.
+pub fn wait(lines: &Receiver<String>, within: Duration) -> Option<Listening> {
+    let deadline = Instant::now() + within;
+    let mut seen = Announced::default();
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if let Some(both) = seen.feed(&lines.recv_timeout(left).ok()?) {
+            return Some(both);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -79,5 +95,17 @@ mod tests {
         assert_eq!((both.admin, both.metadata), (a, m));
         assert_eq!(both.admin_url(), "http://127.0.0.1:8774");
         assert_eq!(both.metadata_url(), "http://[::1]:80");
+    }
+
+    #[test]
+    fn waiting_ends_at_both_lines_or_the_deadline() {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let a: SocketAddr = "127.0.0.1:1".parse().unwrap();
+        for l in ["compiling", &admin_line(a), &metadata_line(a), "after"] {
+            tx.send(l.to_string()).unwrap();
+        }
+        assert_eq!(wait(&rx, Duration::from_secs(5)).unwrap().admin, a);
+        assert_eq!(rx.recv().unwrap(), "after");
+        assert!(wait(&rx, Duration::from_millis(50)).is_none());
     }
 }

@@ -6,9 +6,9 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use cradle_client::announce::Announced;
+use cradle_client::announce;
 use serde_json::{Value, json};
 
 use crate::harness::*;
@@ -473,19 +473,11 @@ fn spawn_bare(cwd: &Path) -> Bare {
         admin_url: String::new(),
         stderr,
     };
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let mut announced = Announced::default();
-    let listening = loop {
-        let left = deadline.saturating_duration_since(Instant::now());
-        let Ok(line) = rx.recv_timeout(left) else {
-            panic!(
-                "serve did not start: {}",
-                std::fs::read_to_string(&bare.stderr).unwrap_or_default()
-            );
-        };
-        if let Some(both) = announced.feed(&line) {
-            break both;
-        }
+    let Some(listening) = announce::wait(&rx, Duration::from_secs(30)) else {
+        panic!(
+            "serve did not start: {}",
+            std::fs::read_to_string(&bare.stderr).unwrap_or_default()
+        );
     };
     bare.admin_url = listening.admin_url();
     std::thread::spawn(move || for _ in rx {});

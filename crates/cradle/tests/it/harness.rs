@@ -111,21 +111,12 @@ impl Server {
                 }
             }
         });
-        let mut announced = cradle_client::announce::Announced::default();
-        let listening = loop {
-            let line = match rx.recv_timeout(Duration::from_secs(30)) {
-                Ok(l) => l,
-                Err(_) => {
-                    let _ = child.kill();
-                    panic!(
-                        "cradle serve did not start; log:\n{}",
-                        std::fs::read_to_string(&log_path).unwrap_or_default()
-                    );
-                }
-            };
-            if let Some(both) = announced.feed(&line) {
-                break both;
-            }
+        let Some(listening) = cradle_client::announce::wait(&rx, Duration::from_secs(30)) else {
+            let _ = child.kill();
+            panic!(
+                "cradle serve did not start; log:\n{}",
+                std::fs::read_to_string(&log_path).unwrap_or_default()
+            );
         };
         // Keep draining stdout so the server never blocks on a full pipe.
         std::thread::spawn(move || for _ in rx {});
