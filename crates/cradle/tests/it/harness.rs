@@ -309,15 +309,6 @@ impl Admin {
         }
     }
 
-    /// Send `req`; the API's refusal (it must refuse).
-    #[track_caller]
-    pub fn refused<T: std::fmt::Debug>(&self, req: Request<T>) -> cradle_client::Error {
-        match self.api.send(req) {
-            Ok(v) => panic!("the admin API accepted what it should refuse: {v:?}"),
-            Err(e) => e,
-        }
-    }
-
     /// The same API as the caller of `token`.
     pub fn with_token(&self, token: &str) -> Admin {
         Admin::new(self.api.target().with_token(token))
