@@ -14,7 +14,7 @@ use std::sync::Arc;
 
 use axum::extract::{RawQuery, State};
 use axum::http::StatusCode;
-use axum::response::{IntoResponse, Response};
+use axum::response::IntoResponse;
 use axum::routing::{delete, get, post, put};
 use axum::{Extension, Router};
 use cradle_core::{Caller, FirewallPlan};
@@ -102,9 +102,9 @@ async fn list(
     State(s): Shared,
     Extension(caller): Extension<Caller>,
     Params(tenant): Params<String>,
-) -> Result<Response, ApiError> {
+) -> Result<impl IntoResponse, ApiError> {
     let security_groups = s.core.security_groups(&caller, &tenant)?;
-    Ok(axum::Json(Groups { security_groups }).into_response())
+    Ok(axum::Json(Groups { security_groups }))
 }
 
 async fn create(
@@ -112,23 +112,23 @@ async fn create(
     Extension(caller): Extension<Caller>,
     Params(tenant): Params<String>,
     Json(body): Json<Value>,
-) -> Result<Response, ApiError> {
+) -> Result<impl IntoResponse, ApiError> {
     let g: GroupRequest = serde_json::from_value(body)
         .map_err(|e| invalid_body("a group is {\"name\", \"description\"}", e))?;
     let security_group = s
         .core
         .create_security_group(&caller, &tenant, g.name, g.description)
         .await?;
-    Ok((StatusCode::CREATED, axum::Json(OneGroup { security_group })).into_response())
+    Ok((StatusCode::CREATED, axum::Json(OneGroup { security_group })))
 }
 
 async fn show(
     State(s): Shared,
     Extension(caller): Extension<Caller>,
     Params((tenant, id)): Params<(String, String)>,
-) -> Result<Response, ApiError> {
+) -> Result<impl IntoResponse, ApiError> {
     let security_group = s.core.security_group(&caller, &tenant, &id)?;
-    Ok(axum::Json(OneGroup { security_group }).into_response())
+    Ok(axum::Json(OneGroup { security_group }))
 }
 
 async fn update(
@@ -136,14 +136,14 @@ async fn update(
     Extension(caller): Extension<Caller>,
     Params((tenant, id)): Params<(String, String)>,
     Json(body): Json<Value>,
-) -> Result<Response, ApiError> {
+) -> Result<impl IntoResponse, ApiError> {
     let p: GroupPatch = serde_json::from_value(body)
         .map_err(|e| invalid_body("a group change is {\"name\", \"description\"}", e))?;
     let security_group = s
         .core
         .update_security_group(&caller, &tenant, &id, p.name, p.description)
         .await?;
-    Ok(axum::Json(OneGroup { security_group }).into_response())
+    Ok(axum::Json(OneGroup { security_group }))
 }
 
 async fn remove(
@@ -159,12 +159,11 @@ async fn rules(
     State(s): Shared,
     Extension(caller): Extension<Caller>,
     Params((tenant, id)): Params<(String, String)>,
-) -> Result<Response, ApiError> {
+) -> Result<impl IntoResponse, ApiError> {
     let g = s.core.security_group(&caller, &tenant, &id)?;
     Ok(axum::Json(Rules {
         security_group_rules: g.rules,
-    })
-    .into_response())
+    }))
 }
 
 async fn add_rule(
@@ -172,7 +171,7 @@ async fn add_rule(
     Extension(caller): Extension<Caller>,
     Params((tenant, id)): Params<(String, String)>,
     Json(body): Json<Value>,
-) -> Result<Response, ApiError> {
+) -> Result<impl IntoResponse, ApiError> {
     let rule = rule_request(body)?;
     let security_group_rule = s.core.add_rule(&caller, &tenant, &id, rule).await?;
     Ok((
@@ -180,8 +179,7 @@ async fn add_rule(
         axum::Json(OneRule {
             security_group_rule,
         }),
-    )
-        .into_response())
+    ))
 }
 
 async fn delete_rule(
@@ -219,9 +217,9 @@ async fn defaults(
     State(s): Shared,
     Extension(caller): Extension<Caller>,
     Params(tenant): Params<String>,
-) -> Result<Response, ApiError> {
+) -> Result<impl IntoResponse, ApiError> {
     let default_rules = s.core.default_rules(&caller, &tenant)?;
-    Ok(axum::Json(DefaultRules { default_rules }).into_response())
+    Ok(axum::Json(DefaultRules { default_rules }))
 }
 
 async fn add_default(
@@ -229,14 +227,13 @@ async fn add_default(
     Extension(caller): Extension<Caller>,
     Params(tenant): Params<String>,
     Json(body): Json<Value>,
-) -> Result<Response, ApiError> {
+) -> Result<impl IntoResponse, ApiError> {
     let rule = rule_request(body)?;
     let default_rule = s.core.add_default_rule(&caller, &tenant, rule).await?;
     Ok((
         StatusCode::CREATED,
         axum::Json(OneDefaultRule { default_rule }),
-    )
-        .into_response())
+    ))
 }
 
 async fn delete_default(
@@ -252,9 +249,9 @@ async fn instance_groups(
     State(s): Shared,
     Extension(caller): Extension<Caller>,
     Params(key): Params<String>,
-) -> Result<Response, ApiError> {
+) -> Result<impl IntoResponse, ApiError> {
     let security_groups = s.core.instance_groups(&caller, &key)?;
-    Ok(axum::Json(Groups { security_groups }).into_response())
+    Ok(axum::Json(Groups { security_groups }))
 }
 
 // ---- firewall -------------------------------------------------------------
@@ -265,15 +262,15 @@ async fn instance_groups(
 async fn firewall_show(
     State(s): Shared,
     Extension(caller): Extension<Caller>,
-) -> Result<Response, ApiError> {
-    Ok(axum::Json(s.core.firewall(&caller).await?).into_response())
+) -> Result<impl IntoResponse, ApiError> {
+    Ok(axum::Json(s.core.firewall(&caller).await?))
 }
 
 async fn firewall_apply(
     State(s): Shared,
     Extension(caller): Extension<Caller>,
     RawQuery(query): RawQuery,
-) -> Result<Response, ApiError> {
+) -> Result<impl IntoResponse, ApiError> {
     let mut dry_run = false;
     for pair in query
         .as_deref()
@@ -295,8 +292,7 @@ async fn firewall_apply(
     Ok(axum::Json(FirewallApplied {
         applied: !dry_run,
         ruleset,
-    })
-    .into_response())
+    }))
 }
 
 // ---- Trove-compatible ---------------------------------------------------
@@ -305,22 +301,21 @@ async fn trove_list(
     State(s): Shared,
     Extension(caller): Extension<Caller>,
     Params(tenant): Params<String>,
-) -> Result<Response, ApiError> {
+) -> Result<impl IntoResponse, ApiError> {
     let groups = s.core.security_groups(&caller, &tenant)?;
     let security_groups: Vec<TroveGroup> = groups.iter().map(TroveGroup::from).collect();
-    Ok(axum::Json(Groups { security_groups }).into_response())
+    Ok(axum::Json(Groups { security_groups }))
 }
 
 async fn trove_show(
     State(s): Shared,
     Extension(caller): Extension<Caller>,
     Params((tenant, id)): Params<(String, String)>,
-) -> Result<Response, ApiError> {
+) -> Result<impl IntoResponse, ApiError> {
     let g = s.core.security_group(&caller, &tenant, &id)?;
     Ok(axum::Json(OneGroup {
         security_group: TroveGroup::from(&g),
-    })
-    .into_response())
+    }))
 }
 
 /// A number or a numeric string, as Trove clients send either.
@@ -370,7 +365,7 @@ async fn trove_add_rule(
     Extension(caller): Extension<Caller>,
     Params(tenant): Params<String>,
     Json(body): Json<Value>,
-) -> Result<Response, ApiError> {
+) -> Result<impl IntoResponse, ApiError> {
     let bad = |m: &str| ApiError::new(StatusCode::BAD_REQUEST, "invalid", m.to_string());
     let rule = body
         .get("security_group_rule")
@@ -407,6 +402,5 @@ async fn trove_add_rule(
         axum::Json(OneRule {
             security_group_rule: vec![TroveRule::from(&view)],
         }),
-    )
-        .into_response())
+    ))
 }
