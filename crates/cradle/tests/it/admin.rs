@@ -730,3 +730,52 @@ fn boot_roles_are_the_callers_roles_at_creation_and_never_change() {
     let stranger = s.admin().with_token("not-a-token");
     assert_eq!(stranger.fetch(route::instances()).status, 401);
 }
+
+/// The async face sends the same routes as the blocking one (the next
+/// issue's host-to-host calls use it): a create, a read back, a refusal.
+#[test]
+fn the_async_client_sends_the_same_routes() {
+    let s = Server::start();
+    let target = cradle_client::Target::new(&s.admin_url, s.token.clone()).no_proxy();
+    let api = cradle_client::Client::new(target).unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let created = rt.block_on(async {
+        let mut spec = InstanceSpec {
+            name: "async1".into(),
+            metadata_address: Some("127.0.0.41".into()),
+            ..Default::default()
+        };
+        spec.os_params.secret.insert(
+            "pw".into(),
+            cradle_model::Secret::new("async-canary".into()),
+        );
+        let created = api.send(route::create_instance(&spec)).await.unwrap();
+        assert_eq!(created.os_params.secret, ["pw"]);
+        let shown = api.send(route::instance("async1")).await.unwrap();
+        assert_eq!(shown.id, created.id);
+        assert_eq!(api.send(route::instances()).await.unwrap().len(), 1);
+        let e = api.send(route::instance("nobody")).await.unwrap_err();
+        assert_eq!((e.status(), e.code()), (Some(404), Some("not_found")));
+        created
+    });
+    // The secret went in the async face's body: the guest has it.
+    let params = s
+        .guest("127.0.0.41")
+        .get("/cradle/latest/os/parameters.json");
+    assert_eq!(
+        params.json()["pw"],
+        json!(["async-canary", "secret"]),
+        "{}",
+        params.text()
+    );
+    rt.block_on(async {
+        api.send(route::remove_instance(&created.id.to_string()))
+            .await
+            .unwrap();
+        assert!(api.send(route::instances()).await.unwrap().is_empty());
+    });
+    assert!(!s.log().contains("async-canary"));
+}
