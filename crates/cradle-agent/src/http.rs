@@ -1,6 +1,8 @@
 //! Plain HTTP to the metadata service, with ureq (no TLS: the service is
 //! on a link-local address on the host's side of the tap, and knows the
-//! instance by its source address).
+//! instance by its source address). Every request carries
+//! `Metadata-Flavor: cradle`, without which the native namespace answers
+//! nothing.
 //!
 //! Every request connects within [`CONNECT_TIMEOUT`] and gets each read
 //! within [`READ_TIMEOUT`] (a stalled download fails, a slow one does
@@ -12,6 +14,8 @@ use std::io::Read;
 use std::net::SocketAddrV4;
 use std::path::Path;
 use std::time::{Duration, Instant};
+
+use cradle_model::answers::{METADATA_FLAVOR, METADATA_FLAVOR_HEADER};
 
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 pub const READ_TIMEOUT: Duration = Duration::from_secs(30);
@@ -64,7 +68,12 @@ impl Client {
     /// GET `path`: `None` on 404.
     fn get(&self, path: &str) -> Result<Option<ureq::Response>, Failure> {
         let url = self.url(path);
-        match self.agent.get(&url).call() {
+        match self
+            .agent
+            .get(&url)
+            .set(METADATA_FLAVOR_HEADER, METADATA_FLAVOR)
+            .call()
+        {
             Ok(r) => success("GET", &url, r).map(Some),
             Err(ureq::Error::Status(404, _)) => Ok(None),
             Err(e) => Err(failure("GET", &url, e)),
@@ -145,6 +154,7 @@ impl Client {
         let url = self.url("/cradle/latest/write");
         self.agent
             .post(&url)
+            .set(METADATA_FLAVOR_HEADER, METADATA_FLAVOR)
             .set("Content-Type", "application/json")
             .send_string(body)
             .map_err(|e| failure("POST", &url, e))

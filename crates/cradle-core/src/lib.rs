@@ -46,7 +46,7 @@ pub use cradle_drive::Format as DriveFormat;
 pub use cradle_registry::metrics::Metrics;
 pub use cradle_secgroups::nft::Plan as FirewallPlan;
 pub use error::{Error, Kind};
-pub use guest::{Doc, Guest, InstallFile, Written};
+pub use guest::{Doc, Guest, InstallFile, Namespace, Presented, Written};
 pub use install::StopRequest;
 
 /// What the operations run on, built by `cradle serve`.

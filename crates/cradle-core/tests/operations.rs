@@ -262,33 +262,86 @@ async fn a_guest_being_installed_writes_to_its_job_and_is_slowed_when_the_script
 
 #[tokio::test]
 async fn a_guest_token_is_checked_before_anything_else() {
+    use cradle_core::{Namespace, Presented};
+    use cradle_model::ImdsTokens;
     let s = setup();
-    let mut web = spec("web", "169.254.3.4");
-    web.imds_tokens = Some(cradle_model::ImdsTokens::Required);
-    let view = s.core.create_instance(&operator("p"), web).await.unwrap();
-    let other = s
-        .core
-        .create_instance(&operator("p"), spec("db", "169.254.3.5"))
-        .await
-        .unwrap();
-    let guest = s.core.guest(view.metadata_address).unwrap();
-    let db = s.core.guest(other.metadata_address).unwrap();
-    assert_eq!(
-        kind(s.core.authorize_guest(&guest, None)),
-        (Kind::Unauthorized, "unauthorized")
-    );
-    let token = s.core.issue_token(&guest, 60).unwrap();
-    s.core
-        .authorize_guest(&guest, Some(token.as_bytes()))
-        .unwrap();
+    let mut guests = Vec::new();
+    for (n, tokens) in [
+        ImdsTokens::Optional,
+        ImdsTokens::Required,
+        ImdsTokens::Strict,
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let mut web = spec(&format!("web{n}"), &format!("169.254.3.{}", n + 4));
+        web.imds_tokens = Some(tokens);
+        let view = s.core.create_instance(&operator("p"), web).await.unwrap();
+        guests.push((tokens, s.core.guest(view.metadata_address).unwrap()));
+    }
+    let bare = Presented::default();
+    let flavor = Presented {
+        flavor: true,
+        ..Presented::default()
+    };
+    let unauthorized = Err((Kind::Unauthorized, "unauthorized"));
+    let forbidden = Err((Kind::Forbidden, "forbidden"));
+    for (tokens, guest) in &guests {
+        let check = |ns, p| {
+            s.core
+                .authorize_guest(guest, ns, p)
+                .map_err(|e| (e.kind(), e.code()))
+        };
+        // The table of docs/metadata-api.md, without a token.
+        let (ec2, openstack) = match tokens {
+            ImdsTokens::Optional => (Ok(()), Ok(())),
+            ImdsTokens::Required => (unauthorized, Ok(())),
+            ImdsTokens::Strict => (unauthorized, unauthorized),
+        };
+        assert_eq!(check(Namespace::Ec2, bare), ec2, "{tokens:?} ec2");
+        assert_eq!(
+            check(Namespace::OpenStack, bare),
+            openstack,
+            "{tokens:?} openstack"
+        );
+        assert_eq!(
+            check(Namespace::Native, bare),
+            forbidden,
+            "{tokens:?} native"
+        );
+        // The header opens the native namespace, and nothing else.
+        assert_eq!(check(Namespace::Native, flavor), Ok(()), "{tokens:?}");
+        assert_eq!(check(Namespace::Ec2, flavor), ec2, "{tokens:?}");
+        // A good token opens every namespace; a bad one none.
+        let token = s.core.issue_token(guest, 60).unwrap();
+        let good = Presented {
+            token: Some(token.as_bytes()),
+            flavor: false,
+        };
+        let bad = Presented {
+            token: Some(b"garbage"),
+            flavor: true,
+        };
+        for ns in [Namespace::Ec2, Namespace::OpenStack, Namespace::Native] {
+            assert_eq!(check(ns, good), Ok(()), "{tokens:?} {ns:?}");
+            assert_eq!(check(ns, bad), unauthorized, "{tokens:?} {ns:?}");
+        }
+    }
     // Another guest's token is no token of this one's.
+    let (_, web0) = &guests[0];
+    let (_, web1) = &guests[1];
+    let token = s.core.issue_token(web0, 60).unwrap();
+    let theirs = Presented {
+        token: Some(token.as_bytes()),
+        flavor: false,
+    };
     assert_eq!(
-        kind(s.core.authorize_guest(&db, Some(token.as_bytes()))),
+        kind(s.core.authorize_guest(web1, Namespace::Ec2, theirs)),
         (Kind::Unauthorized, "unauthorized")
     );
     assert_eq!(
-        kind(s.core.issue_token(&guest, 0)),
+        kind(s.core.issue_token(web0, 0)),
         (Kind::BadRequest, "bad_request")
     );
-    assert!(s.core.issue_token(&guest, 21601).is_err());
+    assert!(s.core.issue_token(web0, 21601).is_err());
 }

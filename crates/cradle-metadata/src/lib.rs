@@ -8,7 +8,9 @@
 //! Everything a guest may do is an operation of `cradle-core` (its
 //! documents, IMDSv2 tokens, the channel, its password, the appliance's
 //! install files); this crate parses a request, calls one, and shapes the
-//! answer as plain text. It holds no state and touches no store: the
+//! answer as plain text. Whether a request may read what it asks for
+//! (its token, its `Metadata-Flavor` header, the namespace) is decided
+//! there too, by `Core::authorize_guest`, before any route. It holds no state and touches no store: the
 //! operations run what blocks on the blocking pool.
 //!
 //! Hardening: a bounded number of connections, a deadline for request
@@ -25,7 +27,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use cradle_core::{Core, Error, Guest, InstallFile, Kind, Written};
+use cradle_core::{Core, Error, Guest, InstallFile, Kind, Namespace, Presented, Written};
+use cradle_model::answers::{METADATA_FLAVOR, METADATA_FLAVOR_HEADER};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 use hyper::header::{ALLOW, CONTENT_TYPE, HeaderValue};
@@ -274,12 +277,10 @@ fn not_allowed(allow: &'static str) -> Reply {
 
 /// The label a request is counted under.
 fn namespace(path: &str) -> &'static str {
-    match path.split('/').nth(1).unwrap_or("") {
-        "openstack" => "openstack",
-        "cradle" | "ganeti" => "cradle",
-        _ if path == TOKEN_PATH => "token",
-        _ => "ec2",
+    if path.trim_end_matches('/') == TOKEN_PATH {
+        return "token";
     }
+    Namespace::of(&[path.split('/').nth(1).unwrap_or("")]).label()
 }
 
 /// Split a path into segments, refusing anything ambiguous. A trailing
@@ -347,12 +348,19 @@ async fn route(svc: &MetadataService, guest: &Guest, path: &str, req: Request<In
         };
     }
 
-    let token = req.headers().get(TOKEN_HEADER).map(|t| t.as_bytes());
-    if let Err(e) = svc.core.authorize_guest(guest, token) {
+    let presented = Presented {
+        token: req.headers().get(TOKEN_HEADER).map(|t| t.as_bytes()),
+        flavor: req.headers().get(METADATA_FLAVOR_HEADER).is_some_and(|v| {
+            v.as_bytes()
+                .eq_ignore_ascii_case(METADATA_FLAVOR.as_bytes())
+        }),
+    };
+    let ns = Namespace::of(&segs);
+    if let Err(e) = svc.core.authorize_guest(guest, ns, presented) {
         return failure(&e);
     }
 
-    let native = matches!(segs.first(), Some(&"cradle") | Some(&"ganeti"));
+    let native = ns == Namespace::Native;
     match segs.as_slice() {
         [_, "latest", "read"] if native => {
             return if req.method() == Method::GET {
@@ -423,7 +431,8 @@ fn failure(e: &Error) -> Reply {
                 "500 Internal Server Error",
             )
         }
-        Kind::Forbidden | Kind::Upstream | Kind::Unavailable => {
+        Kind::Forbidden => said(StatusCode::FORBIDDEN, "403 Forbidden"),
+        Kind::Upstream | Kind::Unavailable => {
             warn!(error = %e, "metadata request failed");
             text(StatusCode::SERVICE_UNAVAILABLE, "503 Service Unavailable")
         }

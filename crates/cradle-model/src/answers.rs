@@ -11,6 +11,14 @@ use crate::api::{InstanceView, MessageView};
 /// to the install appliance): its SHA-256, lower-case hex.
 pub const PACKAGE_SHA256_HEADER: &str = "x-cradle-package-sha256";
 
+/// The header every read of the metadata service's native namespace
+/// carries (or else an IMDSv2 token), with [`METADATA_FLAVOR`] as its value:
+/// a request whose only choice is the URL cannot add it.
+pub const METADATA_FLAVOR_HEADER: &str = "metadata-flavor";
+
+/// The value of [`METADATA_FLAVOR_HEADER`].
+pub const METADATA_FLAVOR: &str = "cradle";
+
 /// `GET /v1/instances`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct InstanceList {

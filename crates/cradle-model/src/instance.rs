@@ -175,20 +175,32 @@ impl Visibility {
     }
 }
 
-/// Whether EC2 IMDSv2 session tokens are required for this guest's reads.
+/// Which of this guest's reads need an EC2 IMDSv2 session token. The
+/// native namespace is ruled apart (it takes a token or the
+/// `Metadata-Flavor: cradle` header whatever this says); see the table in
+/// docs/metadata-api.md.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum ImdsTokens {
+    /// No read needs a token; a token that is sent must be good.
     #[default]
     Optional,
+    /// EC2 paths need a token, as on an EC2 instance set to IMDSv2 only.
+    /// OpenStack paths do not: no OpenStack client sends one.
     Required,
+    /// EC2 and OpenStack paths need a token: for guests whose every
+    /// metadata client speaks IMDSv2.
+    Strict,
 }
 
 impl ImdsTokens {
+    pub const NAMES: &'static [&'static str] = &["optional", "required", "strict"];
+
     pub fn as_str(self) -> &'static str {
         match self {
             ImdsTokens::Optional => "optional",
             ImdsTokens::Required => "required",
+            ImdsTokens::Strict => "strict",
         }
     }
 }
@@ -199,8 +211,9 @@ impl FromStr for ImdsTokens {
         match s {
             "optional" => Ok(ImdsTokens::Optional),
             "required" => Ok(ImdsTokens::Required),
+            "strict" => Ok(ImdsTokens::Strict),
             other => Err(format!(
-                "imds_tokens must be optional or required, not {other:?}"
+                "imds_tokens must be optional, required or strict, not {other:?}"
             )),
         }
     }

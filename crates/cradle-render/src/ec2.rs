@@ -13,8 +13,15 @@ use time::macros::format_description;
 
 use crate::{Context, Entry, Node, json_object};
 
-/// The EC2 metadata versions served, oldest first. `latest` is accepted too
-/// and means the last of these.
+/// The EC2 metadata versions served, oldest first: every version EC2
+/// itself lists at `GET http://169.254.169.254/` ("Get the available
+/// versions of the instance metadata" in the EC2 User Guide's instance
+/// metadata examples; the last three are what EC2 has listed since, up to
+/// 2024-04-11). Clients pin whichever they were written against (afterburn
+/// asks for 2021-01-03, cloud-init for 2021-03-23, 2018-09-24 or
+/// 2016-09-02), so every one answers. `latest` is accepted too and means
+/// the last of these. A version added here serves what its predecessor
+/// does; a key it introduced needs its gate in [`meta_data`].
 pub const EC2_VERSIONS: &[&str] = &[
     "1.0",
     "2007-01-19",
@@ -25,9 +32,25 @@ pub const EC2_VERSIONS: &[&str] = &[
     "2008-02-01",
     "2008-09-01",
     "2009-04-04",
+    "2011-01-01",
+    "2011-05-01",
+    "2012-01-12",
+    "2014-02-25",
+    "2014-11-05",
+    "2015-10-20",
+    "2016-04-19",
+    "2016-06-30",
     "2016-09-02",
+    "2018-03-28",
+    "2018-08-17",
     "2018-09-24",
+    "2019-10-01",
+    "2020-10-27",
+    "2021-01-03",
     "2021-03-23",
+    "2021-07-15",
+    "2022-09-24",
+    "2024-04-11",
 ];
 
 /// A served version, as its position in [`EC2_VERSIONS`]. Positions order
@@ -139,7 +162,9 @@ fn meta_data<'a>(inst: &'a Instance, ctx: &'a Context<'a>, v: Version) -> Vec<En
     if v.has("2008-02-01") {
         e.push(Entry::dir("placement", move || {
             let mut p = vec![Entry::text("availability-zone", &inst.availability_zone)];
-            if v.has("2016-09-02") {
+            // EC2's table dates it 2020-08-24, a version it never listed:
+            // the first listed one after is where it appears.
+            if v.has("2020-10-27") {
                 p.push(Entry::text("region", inst.region()));
             }
             p
@@ -148,9 +173,8 @@ fn meta_data<'a>(inst: &'a Instance, ctx: &'a Context<'a>, v: Version) -> Vec<En
     if v.has("2008-09-01") {
         e.push(Entry::text("instance-action", "none"));
     }
-    // Nova introduces these with 2011-01-01, which cradle does not list, so
-    // the first listed version after it is where they appear.
-    if v.has("2016-09-02") {
+    // EC2 introduced the interface tree with 2011-01-01, as Nova gates it.
+    if v.has("2011-01-01") {
         e.push(Entry::text("mac", &inst.mac));
         e.push(Entry::dir("network", move || {
             vec![Entry::dir("interfaces", move || {
@@ -337,8 +361,8 @@ mod tests {
         assert!(!has("2008-02-01", "instance-action"));
         assert!(has("2008-09-01", "instance-action"));
         assert!(!has("2009-04-04", "mac"));
-        assert!(has("2016-09-02", "mac"));
-        assert!(has("2016-09-02", "network/"));
+        assert!(has("2011-01-01", "mac"));
+        assert!(has("2011-01-01", "network/"));
         assert_eq!(
             md("1.0"),
             "ami-id\nami-launch-index\nami-manifest-path\nhostname\ninstance-id\nlocal-ipv4\n\
@@ -347,16 +371,16 @@ mod tests {
     }
 
     #[test]
-    fn placement_region_only_from_2016_09_02() {
+    fn placement_region_only_from_2020_10_27() {
         let inst = instance();
-        at(&inst, "2009-04-04", |n| {
+        at(&inst, "2019-10-01", |n| {
             assert_eq!(
                 listing(n, "meta-data/placement").unwrap(),
                 "availability-zone"
             );
             assert!(n.resolve(&["meta-data", "placement", "region"]).is_none());
         });
-        at(&inst, "2016-09-02", |n| {
+        at(&inst, "2020-10-27", |n| {
             assert_eq!(
                 listing(n, "meta-data/placement").unwrap(),
                 "availability-zone\nregion"
@@ -476,8 +500,16 @@ mod tests {
     fn unknown_versions_and_paths() {
         let inst = instance();
         with_ctx("2025-06-01", |ctx| {
-            assert!(ec2_version(&inst, ctx, "2011-01-01").is_none());
-            assert!(ec2_version(&inst, ctx, "").is_none());
+            for never in [
+                "2011-01-02",
+                "2010-01-01",
+                "2025-01-01",
+                "1.1",
+                "",
+                "LATEST",
+            ] {
+                assert!(ec2_version(&inst, ctx, never).is_none(), "{never}");
+            }
         });
         at(&inst, "latest", |n| {
             assert!(n.resolve(&["meta-data", "nonesuch"]).is_none());
@@ -504,7 +536,7 @@ mod tests {
                 "ssh-ed25519 AAAAalice alice@example"
             );
             assert_eq!(json["public-keys"]["0"]["_name"], "0=alice");
-            // Gated like the tree: no mac before 2016-09-02.
+            // Gated like the tree: no mac before 2011-01-01.
             assert!(json.get("mac").is_none());
             let node = ec2_version(&inst, ctx, "2009-04-04").unwrap();
             let Some(crate::Resolved::File(id)) = node.resolve(&["meta-data", "instance-id"])

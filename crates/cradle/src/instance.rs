@@ -190,8 +190,12 @@ struct Fields {
     /// Secret OS parameter: held in memory only, never written anywhere.
     #[arg(long = "secret-param", value_name = "NAME=VALUE")]
     secret_params: Vec<String>,
-    /// Whether IMDSv2 session tokens are required.
-    #[arg(long, value_parser = ["optional", "required"])]
+    /// Which metadata reads need an IMDSv2 session token: none (optional,
+    /// the default), EC2 paths (required; OpenStack paths stay open, as no
+    /// OpenStack client sends a token) or EC2 and OpenStack paths (strict).
+    /// The native namespace always takes a token or the header
+    /// `Metadata-Flavor: cradle`.
+    #[arg(long, value_parser = clap::builder::PossibleValuesParser::new(cradle_model::ImdsTokens::NAMES))]
     imds_tokens: Option<String>,
     /// A disk image on this host, PATH or PATH:raw or PATH:qcow2 (raw when
     /// not said), attached in order: the first is vda and DISK_0_PATH.

@@ -466,7 +466,7 @@ fn print_demo(
     )?;
     writeln!(
         out,
-        "  curl --interface {DEMO_ADDRESS} http://{m}/cradle/latest/os/parameters.json"
+        "  curl --interface {DEMO_ADDRESS} -H 'Metadata-Flavor: cradle' http://{m}/cradle/latest/os/parameters.json"
     )?;
     writeln!(out, "IMDSv2:")?;
     writeln!(

@@ -1,7 +1,8 @@
 //! What a guest may do. A [`Guest`] is the instance whose metadata address
 //! is the source address of a connection, found by [`Core::guest`]; that
-//! is the only identity a guest has. Its IMDSv2 token, when it presents
-//! one, is checked by [`Core::authorize_guest`] before anything else. Then
+//! is the only identity a guest has. What its request presents (an IMDSv2
+//! token, the `Metadata-Flavor` header) is checked against the namespace it
+//! reads by [`Core::authorize_guest`] before anything else. Then
 //! it reads its own documents (from the one renderer, through the cache),
 //! uses the channel, sets its password once, and, while it is being
 //! installed, reads its install files.
@@ -56,10 +57,46 @@ impl Guest {
     pub fn id(&self) -> uuid::Uuid {
         self.instance.id
     }
+}
 
-    fn native(segs: &[&str]) -> bool {
-        matches!(segs.first(), Some(&"cradle") | Some(&"ganeti"))
+/// The three trees a guest reads, each with its own token rule.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Namespace {
+    /// `/`, `/<version>/…` and `/latest/…`: EC2's.
+    Ec2,
+    /// `/openstack/…`.
+    OpenStack,
+    /// `/cradle/…` (alias `/ganeti/…`).
+    Native,
+}
+
+impl Namespace {
+    /// The namespace of a path split into segments.
+    pub fn of(segs: &[&str]) -> Namespace {
+        match segs.first() {
+            Some(&"cradle") | Some(&"ganeti") => Namespace::Native,
+            Some(&"openstack") => Namespace::OpenStack,
+            _ => Namespace::Ec2,
+        }
     }
+
+    /// The label the metadata service's requests are counted under.
+    pub fn label(self) -> &'static str {
+        match self {
+            Namespace::Ec2 => "ec2",
+            Namespace::OpenStack => "openstack",
+            Namespace::Native => "cradle",
+        }
+    }
+}
+
+/// What a guest's request presents besides its source address.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Presented<'a> {
+    /// `X-aws-ec2-metadata-token`, when the request has one.
+    pub token: Option<&'a [u8]>,
+    /// Whether it carries `Metadata-Flavor: cradle`.
+    pub flavor: bool,
 }
 
 /// A file of the running install job, for the appliance.
@@ -119,27 +156,50 @@ impl Core {
         Some(Guest { instance })
     }
 
-    /// Check the IMDSv2 token a request presents. A token that is presented
-    /// must be good; one that is missing must not be required. This guards
-    /// every namespace: an SSRF that reaches /openstack would otherwise
-    /// read what EC2 protects.
-    pub fn authorize_guest(&self, guest: &Guest, token: Option<&[u8]>) -> Result<(), Error> {
-        match token {
-            Some(t) => {
-                let ok = std::str::from_utf8(t).ok().map(|t| {
-                    self.guests
-                        .tokens
-                        .check(t, guest.instance.id, unix_now_ms())
-                });
-                match ok {
-                    Some(Ok(())) => Ok(()),
-                    _ => Err(Error::Unauthorized("invalid or expired token")),
-                }
-            }
-            None if guest.instance.imds_tokens == ImdsTokens::Required => Err(Error::Unauthorized(
-                "this instance requires an IMDSv2 token",
+    /// Whether a request may read `namespace`, by what it presents (the
+    /// table in docs/metadata-api.md). A token that is presented must be
+    /// good, in every namespace. Without one, the instance's `imds_tokens`
+    /// rules the EC2 and OpenStack paths, and the native namespace, where
+    /// private and secret parameters leave cradle, wants the
+    /// `Metadata-Flavor: cradle` header: a request whose only choice is the
+    /// URL (an SSRF, a browser's cross-site request) gets nothing there.
+    pub fn authorize_guest(
+        &self,
+        guest: &Guest,
+        namespace: Namespace,
+        presented: Presented<'_>,
+    ) -> Result<(), Error> {
+        if let Some(t) = presented.token {
+            let ok = std::str::from_utf8(t).ok().map(|t| {
+                self.guests
+                    .tokens
+                    .check(t, guest.instance.id, unix_now_ms())
+            });
+            return match ok {
+                Some(Ok(())) => Ok(()),
+                _ => Err(Error::Unauthorized(
+                    "the IMDSv2 token in X-aws-ec2-metadata-token is invalid or expired; \
+                     get a new one with PUT /latest/api/token",
+                )),
+            };
+        }
+        let tokens = guest.instance.imds_tokens;
+        match namespace {
+            Namespace::Native if presented.flavor => Ok(()),
+            Namespace::Native => Err(Error::forbidden(
+                "the native namespace needs the header Metadata-Flavor: cradle \
+                 (or an IMDSv2 token in X-aws-ec2-metadata-token)",
             )),
-            None => Ok(()),
+            Namespace::Ec2 if tokens != ImdsTokens::Optional => Err(Error::Unauthorized(
+                "this instance requires an IMDSv2 token: PUT /latest/api/token with \
+                 X-aws-ec2-metadata-token-ttl-seconds, then send it in X-aws-ec2-metadata-token",
+            )),
+            Namespace::OpenStack if tokens == ImdsTokens::Strict => Err(Error::Unauthorized(
+                "this instance requires an IMDSv2 token on OpenStack paths too \
+                 (imds_tokens = strict): PUT /latest/api/token with \
+                 X-aws-ec2-metadata-token-ttl-seconds, then send it in X-aws-ec2-metadata-token",
+            )),
+            Namespace::Ec2 | Namespace::OpenStack => Ok(()),
         }
     }
 
@@ -183,7 +243,7 @@ impl Core {
             _ => None,
         };
         // The native namespace carries OS parameters: never cached.
-        let cacheable = !Guest::native(segs) && dynamic.is_none();
+        let cacheable = Namespace::of(segs) != Namespace::Native && dynamic.is_none();
         let day = unix_day();
         if cacheable && let Some(doc) = self.guests.cache.get(inst, day, path) {
             return Ok(doc);

@@ -208,7 +208,7 @@ fn instance_lifecycle_create_read_patch_delete() {
 
     // The guest sees the change: tokens now required, new metadata, the
     // moved parameter as secret.
-    assert_eq!(guest.get("/openstack/latest/meta_data.json").status, 401);
+    assert_eq!(guest.get("/latest/meta-data/instance-id").status, 401);
     let token = guest.token(60);
     let with_token = |path: &str| {
         guest.request(

@@ -210,11 +210,22 @@ impl Server {
         cmd
     }
 
-    /// A guest whose connections come from `source` (e.g. "127.0.0.2").
+    /// A guest whose connections come from `source` (e.g. "127.0.0.2"),
+    /// sending `Metadata-Flavor: cradle` on every request as cradle's own
+    /// agent does.
     pub fn guest(&self, source: &str) -> Guest {
         Guest {
             base: format!("http://{}", self.metadata),
-            http: client(Some(source.parse().unwrap())),
+            http: client(Some(source.parse().unwrap()), true),
+        }
+    }
+
+    /// A guest at `source` that sends no header of its own: a client of
+    /// another cloud, or an SSRF that can only choose the URL.
+    pub fn bare_guest(&self, source: &str) -> Guest {
+        Guest {
+            base: format!("http://{}", self.metadata),
+            http: client(Some(source.parse().unwrap()), false),
         }
     }
 
@@ -229,10 +240,18 @@ impl Drop for Server {
     }
 }
 
-fn client(source: Option<IpAddr>) -> reqwest::blocking::Client {
+fn client(source: Option<IpAddr>, flavor: bool) -> reqwest::blocking::Client {
     let mut b = reqwest::blocking::Client::builder()
         .no_proxy()
         .timeout(Duration::from_secs(10));
+    if flavor {
+        let mut headers = reqwest::header::HeaderMap::new();
+        headers.insert(
+            cradle_model::answers::METADATA_FLAVOR_HEADER,
+            reqwest::header::HeaderValue::from_static(cradle_model::answers::METADATA_FLAVOR),
+        );
+        b = b.default_headers(headers);
+    }
     if let Some(ip) = source {
         b = b.local_address(ip);
     }

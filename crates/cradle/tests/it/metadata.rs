@@ -324,6 +324,47 @@ emit({"read": res, "ssh_keys": sorted(sources.normalize_pubkey_data(md["public_k
 }
 
 #[test]
+fn cloud_init_openstack_reader_works_where_ec2_tokens_are_required() {
+    let s = Server::start();
+    let key = ssh_key(3, "carol@desk");
+    let id = create(
+        &s,
+        json!({
+            "name": "os-required",
+            "hostname": "os-required",
+            "public_keys": {"carol": key},
+            "metadata_address": "127.0.0.2",
+            "imds_tokens": "required",
+        }),
+    );
+    // The OpenStack datasource sends no token: its OpenStack reads answer,
+    // its EC2 reads are refused, which it takes as "no EC2 data".
+    let out = python_guest(
+        &s,
+        "127.0.0.2",
+        r#"
+from cloudinit.sources.helpers import openstack
+res = openstack.MetadataReader(URL, timeout=5, retries=0).read_v2()
+emit({"uuid": res["metadata"]["uuid"], "keys": res["metadata"]["public_keys"],
+      "ec2": res["ec2-metadata"]})
+"#,
+    );
+    assert_eq!(out["uuid"], id);
+    assert_eq!(out["keys"], json!({"carol": key}));
+    assert_eq!(out["ec2"], json!({}));
+    // Set to strict, the OpenStack paths want a token as well.
+    s.admin().send(route::modify_instance(
+        "os-required",
+        &cradle_model::api::InstancePatch {
+            imds_tokens: Some(cradle_model::ImdsTokens::Strict),
+            ..Default::default()
+        },
+    ));
+    let g = s.bare_guest("127.0.0.2");
+    assert_eq!(g.get("/openstack/latest/meta_data.json").status, 401);
+}
+
+#[test]
 fn cloud_init_ec2_reader_reads_the_instance() {
     let s = Server::start();
     let (alice, bob) = (ssh_key(1, "alice"), ssh_key(2, "bob"));
@@ -499,16 +540,24 @@ fn tokens_are_bound_to_their_instance_and_always_checked() {
     // A's token is no good from B's address, even though B requires one.
     assert_eq!(with(&b, "/latest/meta-data/hostname", &ta).status, 401);
 
-    // `required`: nothing without a token, in any namespace.
-    for path in [
-        "/latest/meta-data/hostname",
-        "/",
-        "/openstack/latest/meta_data.json",
-        "/cradle/latest/os/parameters.json",
-        "/ganeti/latest/meta_data.json",
-    ] {
-        assert_eq!(b.get(path).status, 401, "{path}");
+    // `required`: EC2 paths need a token; OpenStack paths, which no
+    // OpenStack client sends one to, do not; the native namespace takes the
+    // header (which the harness's guest sends, as cradle's agent does).
+    for path in ["/latest/meta-data/hostname", "/", "/2021-01-03/meta-data/"] {
+        let a = b.get(path);
+        assert_eq!(a.status, 401, "{path}");
+        assert!(
+            a.text().contains("X-aws-ec2-metadata-token"),
+            "{path}: {}",
+            a.text()
+        );
     }
+    assert_eq!(
+        b.get("/openstack/latest/meta_data.json").json()["name"],
+        "b"
+    );
+    assert_eq!(b.get("/cradle/latest/meta_data.json").json()["name"], "b");
+    assert_eq!(b.get("/ganeti/latest/os/parameters.json").status, 200);
     let tb = b.token(300);
     let ok = with(&b, "/latest/meta-data/hostname", &tb);
     assert_eq!((ok.status, ok.text().as_str()), (200, "b"));
@@ -833,11 +882,9 @@ fn ec2_tree_has_the_documented_shape() {
         a.text()
     };
 
-    assert_eq!(
-        text("/"),
-        "1.0\n2007-01-19\n2007-03-01\n2007-08-29\n2007-10-10\n2007-12-15\n2008-02-01\n\
-         2008-09-01\n2009-04-04\n2016-09-02\n2018-09-24\n2021-03-23\nlatest"
-    );
+    let mut versions: Vec<&str> = EC2_DOCUMENTED.to_vec();
+    versions.push("latest");
+    assert_eq!(text("/"), versions.join("\n"));
     // Sub-trees carry a trailing slash, as docs/metadata-api.md says.
     assert_eq!(text("/latest/"), "dynamic/\nmeta-data/\nuser-data");
     assert_eq!(text("/latest"), text("/latest/"));
@@ -895,8 +942,203 @@ fn ec2_tree_has_the_documented_shape() {
     assert_eq!(bare.get("/latest/meta-data/public-keys/").status, 404);
     // local-ipv4 falls back to the address the guest asks from.
     assert_eq!(bare.get("/latest/meta-data/local-ipv4").text(), "127.0.0.3");
-    assert_eq!(g.get("/2011-01-01/meta-data/").status, 404);
+    assert_eq!(g.get("/2011-01-02/meta-data/").status, 404);
     assert_eq!(g.get("/latest/meta-data/nonesuch").status, 404);
+}
+
+/// Every version EC2 lists at `GET /` (the EC2 User Guide's example, and
+/// what EC2 has added since, to 2024-04-11), written out here apart from
+/// the renderer's own list.
+const EC2_DOCUMENTED: &[&str] = &[
+    "1.0",
+    "2007-01-19",
+    "2007-03-01",
+    "2007-08-29",
+    "2007-10-10",
+    "2007-12-15",
+    "2008-02-01",
+    "2008-09-01",
+    "2009-04-04",
+    "2011-01-01",
+    "2011-05-01",
+    "2012-01-12",
+    "2014-02-25",
+    "2014-11-05",
+    "2015-10-20",
+    "2016-04-19",
+    "2016-06-30",
+    "2016-09-02",
+    "2018-03-28",
+    "2018-08-17",
+    "2018-09-24",
+    "2019-10-01",
+    "2020-10-27",
+    "2021-01-03",
+    "2021-03-23",
+    "2021-07-15",
+    "2022-09-24",
+    "2024-04-11",
+];
+
+#[test]
+fn every_documented_ec2_version_answers_and_no_other() {
+    let s = Server::start();
+    let id = create(&s, json!({"name": "v", "metadata_address": "127.0.0.2"}));
+    let g = s.bare_guest("127.0.0.2");
+    for v in EC2_DOCUMENTED.iter().chain(&["latest"]) {
+        let a = g.get(&format!("/{v}/meta-data/instance-id"));
+        assert_eq!((a.status, a.text()), (200, ec2_instance_id(&id)), "{v}");
+        assert!(
+            g.get(&format!("/{v}/")).text().contains("meta-data/"),
+            "{v}"
+        );
+    }
+    // The identity document from 2009-04-04 on, as EC2 serves it.
+    assert_eq!(
+        g.get("/2008-09-01/dynamic/instance-identity/document")
+            .status,
+        404
+    );
+    let doc = g.get("/2021-01-03/dynamic/instance-identity/document");
+    assert_eq!(doc.json()["instanceId"], ec2_instance_id(&id));
+    for never in [
+        "2011-01-02",
+        "2010-01-01",
+        "2025-01-01",
+        "1.1",
+        "2.0",
+        "Latest",
+    ] {
+        let a = g.get(&format!("/{never}/meta-data/instance-id"));
+        assert_eq!(a.status, 404, "{never}");
+    }
+}
+
+#[test]
+fn the_native_namespace_answers_only_with_the_header_or_a_token() {
+    let s = Server::start();
+    create(
+        &s,
+        json!({
+            "name": "n",
+            "metadata_address": "127.0.0.2",
+            "os_params": {"secret": {"db_password": "native-canary"}},
+        }),
+    );
+    let g = s.bare_guest("127.0.0.2");
+    let paths = [
+        "/cradle/latest/meta_data.json",
+        "/cradle/latest/os/parameters.json",
+        "/ganeti/latest/os/parameters.json",
+        "/cradle/latest/read",
+        "/cradle/",
+    ];
+    // What an SSRF can send: a URL, perhaps with the wrong flavor.
+    for path in paths {
+        for headers in [
+            &[][..],
+            &[("Metadata-Flavor", "Google")][..],
+            &[("Metadata", "true")][..],
+        ] {
+            let a = g.request("GET", path, headers, None);
+            assert_eq!(a.status, 403, "{path} {headers:?}");
+            assert!(!a.text().contains("native-canary"));
+            assert_eq!(
+                a.text(),
+                "403 Forbidden: the native namespace needs the header Metadata-Flavor: cradle \
+                 (or an IMDSv2 token in X-aws-ec2-metadata-token)"
+            );
+        }
+    }
+    let w = g.request("POST", "/cradle/latest/write", &[], Some(b"hello".to_vec()));
+    assert_eq!(w.status, 403);
+    // With the header, or with a token instead, it answers.
+    let flavored = [("Metadata-Flavor", "cradle")];
+    let params = g.request("GET", "/cradle/latest/os/parameters.json", &flavored, None);
+    assert_eq!(params.status, 200);
+    assert_eq!(
+        params.json()["db_password"],
+        json!(["native-canary", "secret"])
+    );
+    let token = g.token(60);
+    let with_token = [("X-aws-ec2-metadata-token", token.as_str())];
+    let a = g.request("GET", "/cradle/latest/meta_data.json", &with_token, None);
+    assert_eq!((a.status, a.json()["name"].clone()), (200, json!("n")));
+    // A bad token is refused even beside the header.
+    let a = g.request(
+        "GET",
+        "/cradle/latest/meta_data.json",
+        &[
+            ("Metadata-Flavor", "cradle"),
+            ("X-aws-ec2-metadata-token", "garbage"),
+        ],
+        None,
+    );
+    assert_eq!(a.status, 401);
+    // EC2 and OpenStack paths need no header.
+    assert_eq!(g.get("/latest/meta-data/hostname").status, 200);
+    assert_eq!(g.get("/openstack/latest/meta_data.json").status, 200);
+    assert!(!s.log().contains("native-canary"));
+}
+
+#[test]
+fn token_rules_follow_each_namespace() {
+    let s = Server::start();
+    for (n, tokens) in ["optional", "required", "strict"].iter().enumerate() {
+        let address = format!("127.0.0.{}", n + 2);
+        create(
+            &s,
+            json!({"name": tokens, "metadata_address": address, "imds_tokens": tokens}),
+        );
+        let g = s.bare_guest(&address);
+        let (ec2, openstack) = match *tokens {
+            "optional" => (200, 200),
+            "required" => (401, 200),
+            _ => (401, 401),
+        };
+        let status = |path: &str| g.get(path).status;
+        assert_eq!(status("/latest/meta-data/instance-id"), ec2, "{tokens}");
+        assert_eq!(
+            status("/2009-04-04/user-data"),
+            if ec2 == 200 { 404 } else { 401 }
+        );
+        assert_eq!(
+            status("/openstack/latest/meta_data.json"),
+            openstack,
+            "{tokens}"
+        );
+        assert_eq!(
+            status("/openstack/2012-08-10/meta_data.json"),
+            openstack,
+            "{tokens}"
+        );
+        assert_eq!(status("/cradle/latest/meta_data.json"), 403, "{tokens}");
+        let refused = g.get("/openstack/latest/meta_data.json");
+        if openstack == 401 {
+            assert!(
+                refused.text().contains("imds_tokens = strict"),
+                "{}",
+                refused.text()
+            );
+        }
+        // A token opens all three.
+        let token = g.token(60);
+        let t = [("X-aws-ec2-metadata-token", token.as_str())];
+        for path in [
+            "/latest/meta-data/instance-id",
+            "/openstack/latest/meta_data.json",
+            "/cradle/latest/meta_data.json",
+        ] {
+            assert_eq!(
+                g.request("GET", path, &t, None).status,
+                200,
+                "{tokens} {path}"
+            );
+        }
+    }
+    // The instance's view says which it is.
+    let v = s.admin().send(route::instance("strict"));
+    assert_eq!(v.imds_tokens.as_str(), "strict");
 }
 
 #[test]
