@@ -2,8 +2,11 @@
 //! of the "Set up" block is read out of README.md (so the check and the
 //! README cannot drift), split into words (no shell) and started from the
 //! root of the checkout. Then the demo guest must answer: its OpenStack
-//! metadata as 127.0.0.2, a 404 to any other source address. Then it is
-//! stopped. A README whose first command fails makes CI fail.
+//! metadata as 127.0.0.2, a 404 to any other source address. Then the
+//! `curl` lines of the tour's first block run as written (split as a shell
+//! would, with shlex, then run without one), and each must print the
+//! document it names. Then the server is stopped. A README whose first
+//! command or tour fails makes CI fail.
 
 use std::io::{BufRead, BufReader};
 use std::net::{IpAddr, SocketAddr};
@@ -47,6 +50,60 @@ pub fn first_command(readme: &str) -> Result<Vec<String>> {
         );
     }
     Ok(command.split_whitespace().map(str::to_string).collect())
+}
+
+/// The `curl` commands of the first code block of "A short tour", as the
+/// words a shell would make of them.
+pub fn tour_commands(readme: &str) -> Result<Vec<Vec<String>>> {
+    let mut lines = readme.lines().skip_while(|l| l.trim() != "## A short tour");
+    if lines.next().is_none() {
+        bail!("README.md has no \"## A short tour\" section");
+    }
+    let block = lines
+        .skip_while(|l| !l.trim_start().starts_with("```"))
+        .skip(1)
+        .take_while(|l| !l.trim_start().starts_with("```"));
+    let mut out = Vec::new();
+    for line in block.map(str::trim).filter(|l| l.starts_with("curl ")) {
+        if line.contains(['$', '`', '|', '&', ';', '<', '>', '\\']) {
+            bail!("the tour's command {line:?} needs more of a shell than quoting");
+        }
+        out.push(shlex::split(line).with_context(|| format!("cannot split {line:?}"))?);
+    }
+    if out.is_empty() {
+        bail!("README.md's tour has no curl command in its first code block");
+    }
+    Ok(out)
+}
+
+/// Run one tour command against the demo; it must print a document: JSON
+/// for a `.json` URL, a listing otherwise, never an error status line.
+fn run_tour_command(words: &[String]) -> Result<()> {
+    let shown = shlex::try_join(words.iter().map(String::as_str)).unwrap_or(words.join(" "));
+    let out = Command::new(&words[0])
+        .args(&words[1..])
+        .output()
+        .with_context(|| format!("cannot run {shown}"))?;
+    let body = String::from_utf8_lossy(&out.stdout);
+    if !out.status.success() {
+        bail!(
+            "the README's `{shown}` failed ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    let status_line = body.len() > 4
+        && body.as_bytes()[..3].iter().all(u8::is_ascii_digit)
+        && body.as_bytes()[3] == b' ';
+    let is_json = words.last().is_some_and(|u| u.ends_with(".json"));
+    if body.trim().is_empty()
+        || status_line
+        || (is_json && serde_json::from_str::<serde_json::Value>(&body).is_err())
+    {
+        bail!("the README's `{shown}` printed no document: {body:?}");
+    }
+    println!("    {shown}: {} bytes", body.len());
+    Ok(())
 }
 
 /// A process group killed (SIGTERM, then SIGKILL) when dropped.
@@ -112,6 +169,9 @@ pub fn check() -> Result<()> {
         .enable_all()
         .build()?;
     rt.block_on(ask_as_guests(listening.metadata))?;
+    for words in tour_commands(&readme)? {
+        run_tour_command(&words)?;
+    }
     let status = child.stop()?;
     println!("    stopped ({status})");
     Ok(())
@@ -197,5 +257,21 @@ mod tests {
         // The real README's.
         let real = std::fs::read_to_string(repo_root().join("README.md")).unwrap();
         assert_eq!(first_command(&real).unwrap()[..2], ["cargo", "run"]);
+    }
+
+    #[test]
+    fn the_tour_curls_are_split_as_a_shell_would() {
+        let readme = "## A short tour\n\ntext\n\n```sh\ncurl -H 'A: b' http://x/y.json\nother\n```\n\n```sh\ncurl http://later\n```\n";
+        assert_eq!(
+            tour_commands(readme).unwrap(),
+            [vec!["curl", "-H", "A: b", "http://x/y.json"]]
+        );
+        assert!(tour_commands("## A short tour\n```\ncurl $(x)\n```\n").is_err());
+        let real = std::fs::read_to_string(repo_root().join("README.md")).unwrap();
+        let tour = tour_commands(&real).unwrap();
+        assert!(
+            tour.iter()
+                .any(|w| w.iter().any(|a| a == "Metadata-Flavor: cradle"))
+        );
     }
 }
