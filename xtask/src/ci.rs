@@ -43,6 +43,9 @@ const TEST_PACKAGES: &[&str] = &[
     "openssl",
     // DHCP for self-installing guests, one dnsmasq per job.
     "dnsmasq-base",
+    // afterburn looks up the user whose ssh keys it writes with getpwnam;
+    // nss_wrapper answers from a passwd file the test owns.
+    "libnss-wrapper",
 ];
 const DEBIAN_PYTHON: &str = "/usr/bin/python3";
 
@@ -53,7 +56,7 @@ pub fn run() -> Result<()> {
     );
     debian::ensure(
         TEST_PACKAGES,
-        "the integration tests run cloud-init, botocore, ip, curl, nft, ping, sshd, scp, rsync, debugfs, sfdisk and the ISO and FAT tools",
+        "the integration tests run cloud-init, botocore, ip, curl, nft, ping, sshd, scp, rsync, debugfs, sfdisk, nss_wrapper and the ISO and FAT tools",
     )?;
     println!("==> QEMU and Debian's kernel for the hypervisor tests");
     debian::ensure_with_qemu(
@@ -88,6 +91,9 @@ pub fn run() -> Result<()> {
     // library); the appliance test takes it from target/release. The
     // README names this step (`cargo xtask agent`).
     build_static_agent()?;
+
+    // A peer a test runs, built once into a cache outside the checkout.
+    crate::afterburn::ensure()?;
 
     println!("==> cargo test");
     run_cargo(&["test", "--workspace"], "tests failed (listed above)")?;

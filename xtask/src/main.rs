@@ -10,6 +10,7 @@
 //! guestfish) and `cargo xtask bench install` (install jobs against
 //! guestfish's bare appliance launch).
 
+mod afterburn;
 mod bench;
 mod bench_drive;
 mod bench_firewall;
@@ -38,10 +39,13 @@ tasks:
   ci                   install the Debian packages the tests need (as root), then
                        cargo fmt --check, cargo clippy -D warnings, the
                        README's first command (as `readme`), the static agent
-                       (as `agent`), cargo test
+                       (as `agent`), afterburn (as `afterburn`), cargo test
   agent                build the install appliance's /init, cradle-agent, as a
                        static binary into target/release (beside cradle, where
                        `cradle appliance build` takes it from)
+  afterburn            build afterburn (the Fedora CoreOS and Flatcar metadata
+                       agent) from crates.io, once, into ~/.cache/cradle-ci,
+                       for the test that runs it against cradle
   readme               run the README's first command as written from the
                        repository root, read the demo guest's metadata as
                        127.0.0.2, check another source gets 404, stop it
@@ -106,6 +110,7 @@ fn main() -> ExitCode {
         Some("ci") if args.len() == 1 => ci::run(),
         Some("agent") if args.len() == 1 => ci::build_static_agent(),
         Some("readme") if args.len() == 1 => readme::check(),
+        Some("afterburn") if args.len() == 1 => afterburn::ensure().map(|_| ()),
         Some("bench") => match args.get(1).map(String::as_str) {
             Some("metadata") => bench::Options::parse(&args[2..]).and_then(|o| {
                 if cfg!(debug_assertions) {
