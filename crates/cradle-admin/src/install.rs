@@ -8,26 +8,28 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use axum::Extension;
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::IntoResponse;
-use axum::routing::{get, post};
-use axum::{Extension, Router};
 use cradle_core::{Caller, StopRequest};
 use serde::Deserialize;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 use crate::extract::{Params, Query};
 use crate::{AdminState, ApiError, Shared};
 
-pub fn routes() -> Router<Arc<AdminState>> {
-    Router::new()
-        .route("/v1/instances/{key}/install", get(show).post(start))
-        .route("/v1/instances/{key}/start", post(start_vm))
-        .route("/v1/instances/{key}/stop", post(stop_vm))
-        .route("/v1/instances/{key}/vm", get(vm_status))
-        .route("/v1/instances/{key}/console", get(console))
+pub fn routes() -> OpenApiRouter<Arc<AdminState>> {
+    OpenApiRouter::new()
+        .routes(routes!(show, start))
+        .routes(routes!(start_vm))
+        .routes(routes!(stop_vm))
+        .routes(routes!(vm_status))
+        .routes(routes!(console))
 }
 
+#[utoipa::path(post, path = "/v1/instances/{key}/install", tag = "install")]
 async fn start(
     State(s): Shared,
     Extension(caller): Extension<Caller>,
@@ -45,6 +47,7 @@ struct Follow {
     wait: u64,
 }
 
+#[utoipa::path(get, path = "/v1/instances/{key}/install", tag = "install")]
 async fn show(
     State(s): Shared,
     Extension(caller): Extension<Caller>,
@@ -58,6 +61,7 @@ async fn show(
 }
 
 /// `POST /v1/instances/{key}/start`: boot its VM in run mode.
+#[utoipa::path(post, path = "/v1/instances/{key}/start", tag = "install")]
 async fn start_vm(
     State(s): Shared,
     Extension(caller): Extension<Caller>,
@@ -80,6 +84,7 @@ fn default_grace() -> u64 {
 }
 
 /// `POST /v1/instances/{key}/stop?force=false&grace=60`.
+#[utoipa::path(post, path = "/v1/instances/{key}/stop", tag = "install")]
 async fn stop_vm(
     State(s): Shared,
     Extension(caller): Extension<Caller>,
@@ -94,6 +99,7 @@ async fn stop_vm(
 }
 
 /// `GET /v1/instances/{key}/vm`: the instance's state and what QEMU says.
+#[utoipa::path(get, path = "/v1/instances/{key}/vm", tag = "install")]
 async fn vm_status(
     State(s): Shared,
     Extension(caller): Extension<Caller>,
@@ -114,6 +120,7 @@ fn default_console() -> u64 {
 }
 
 /// `GET /v1/instances/{key}/console?bytes=N`: the end of its serial console.
+#[utoipa::path(get, path = "/v1/instances/{key}/console", tag = "install")]
 async fn console(
     State(s): Shared,
     Extension(caller): Extension<Caller>,

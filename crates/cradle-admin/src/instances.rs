@@ -1,39 +1,44 @@
-//! Instances, the channel, events, config drives, personalization packages
-//! and metrics.
+//! Instances, the channel, events, config drives, personalization packages,
+//! metrics, and who the caller is.
 
 use std::sync::Arc;
 
+use axum::Extension;
 use axum::body::Body;
 use axum::extract::State;
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
-use axum::{Extension, Router};
 use cradle_core::{Caller, DriveFormat};
 use cradle_model::answers::{
     EventList, InstanceList, MessageList, MessageQueued, PACKAGE_SHA256_HEADER,
 };
 use cradle_model::api::{InstancePatch, InstanceSpec, MessageIn};
 use serde::Deserialize;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 use crate::extract::{Json, Params, Query};
 use crate::{AdminState, ApiError, Shared};
 
-pub fn routes() -> Router<Arc<AdminState>> {
-    Router::new()
-        .route("/v1/instances", get(list).post(create))
-        .route(
-            "/v1/instances/{key}",
-            get(show).patch(modify).delete(remove),
-        )
-        .route("/v1/instances/{key}/messages", get(receive).post(send))
-        .route("/v1/instances/{key}/config-drive", get(config_drive))
-        .route("/v1/instances/{key}/reset-state", post(reset_state))
-        .route("/v1/instances/{key}/events", get(events))
-        .route("/v1/instances/{key}/personalization", get(package))
-        .route("/metrics", get(metrics))
+pub fn routes() -> OpenApiRouter<Arc<AdminState>> {
+    OpenApiRouter::new()
+        .routes(routes!(list, create))
+        .routes(routes!(show, modify, remove))
+        .routes(routes!(receive, send))
+        .routes(routes!(config_drive))
+        .routes(routes!(reset_state))
+        .routes(routes!(events))
+        .routes(routes!(package))
+        .routes(routes!(metrics))
+        .routes(routes!(whoami))
 }
 
+#[utoipa::path(get, path = "/v1/whoami", tag = "instances")]
+async fn whoami(State(s): Shared, Extension(caller): Extension<Caller>) -> impl IntoResponse {
+    axum::Json(s.core.whoami(&caller))
+}
+
+#[utoipa::path(get, path = "/v1/instances", tag = "instances")]
 async fn list(
     State(s): Shared,
     Extension(caller): Extension<Caller>,
@@ -42,6 +47,7 @@ async fn list(
     Ok(axum::Json(InstanceList { instances }))
 }
 
+#[utoipa::path(post, path = "/v1/instances", tag = "instances")]
 async fn create(
     State(s): Shared,
     Extension(caller): Extension<Caller>,
@@ -56,6 +62,7 @@ async fn create(
     Ok(r)
 }
 
+#[utoipa::path(get, path = "/v1/instances/{key}", tag = "instances")]
 async fn show(
     State(s): Shared,
     Extension(caller): Extension<Caller>,
@@ -64,6 +71,7 @@ async fn show(
     Ok(axum::Json(s.core.instance(&caller, &key)?))
 }
 
+#[utoipa::path(patch, path = "/v1/instances/{key}", tag = "instances")]
 async fn modify(
     State(s): Shared,
     Extension(caller): Extension<Caller>,
@@ -75,6 +83,7 @@ async fn modify(
     ))
 }
 
+#[utoipa::path(delete, path = "/v1/instances/{key}", tag = "instances")]
 async fn remove(
     State(s): Shared,
     Extension(caller): Extension<Caller>,
@@ -84,6 +93,7 @@ async fn remove(
     Ok(StatusCode::NO_CONTENT)
 }
 
+#[utoipa::path(post, path = "/v1/instances/{key}/messages", tag = "instances")]
 async fn send(
     State(s): Shared,
     Extension(caller): Extension<Caller>,
@@ -94,6 +104,7 @@ async fn send(
     Ok((StatusCode::ACCEPTED, axum::Json(MessageQueued { id })))
 }
 
+#[utoipa::path(get, path = "/v1/instances/{key}/messages", tag = "instances")]
 async fn receive(
     State(s): Shared,
     Extension(caller): Extension<Caller>,
@@ -103,6 +114,7 @@ async fn receive(
     Ok(axum::Json(MessageList { messages }))
 }
 
+#[utoipa::path(post, path = "/v1/instances/{key}/reset-state", tag = "instances")]
 async fn reset_state(
     State(s): Shared,
     Extension(caller): Extension<Caller>,
@@ -111,6 +123,7 @@ async fn reset_state(
     Ok(axum::Json(s.core.reset_state(&caller, &key).await?))
 }
 
+#[utoipa::path(get, path = "/v1/instances/{key}/events", tag = "instances")]
 async fn events(
     State(s): Shared,
     Extension(caller): Extension<Caller>,
@@ -126,6 +139,7 @@ struct DriveQuery {
 }
 
 /// The instance's config drive, built now.
+#[utoipa::path(get, path = "/v1/instances/{key}/config-drive", tag = "instances")]
 async fn config_drive(
     State(s): Shared,
     Extension(caller): Extension<Caller>,
@@ -156,6 +170,7 @@ async fn config_drive(
 /// The instance's personalization package, fetched now by the server (its
 /// credentials are secret parameters, which exist only in the server's
 /// memory) and streamed from an anonymous file that goes with the response.
+#[utoipa::path(get, path = "/v1/instances/{key}/personalization", tag = "instances")]
 async fn package(
     State(s): Shared,
     Extension(caller): Extension<Caller>,
@@ -176,6 +191,7 @@ async fn package(
     Ok(r)
 }
 
+#[utoipa::path(get, path = "/metrics", tag = "instances")]
 async fn metrics(
     State(s): Shared,
     Extension(caller): Extension<Caller>,

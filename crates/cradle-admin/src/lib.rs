@@ -37,6 +37,7 @@ use axum::response::{IntoResponse, Response};
 use cradle_core::Core;
 use tokio::net::TcpListener;
 use tracing::info;
+use utoipa_axum::router::OpenApiRouter;
 
 pub use error::ApiError;
 pub use tokens::{Tokens, token_hash};
@@ -50,13 +51,47 @@ pub struct AdminState {
 
 type Shared = State<Arc<AdminState>>;
 
-/// The admin router. Tests can drive it without a socket.
-pub fn app(state: Arc<AdminState>) -> Router {
-    let limit = state.max_body_bytes;
-    Router::new()
+/// Every route, and the OpenAPI document of them: one declaration per
+/// handler (`#[utoipa::path]`) makes both, so neither can miss one.
+fn api() -> (Router<Arc<AdminState>>, utoipa::openapi::OpenApi) {
+    OpenApiRouter::new()
         .merge(instances::routes())
         .merge(install::routes())
         .merge(secgroups::routes())
+        .split_for_parts()
+}
+
+/// Every route of the admin router as (method, path), from the router's
+/// own declarations, in a stable order. The isolation tests walk it, so
+/// a route added later without a row fails them.
+pub fn route_table() -> Vec<(String, String)> {
+    let (_, doc) = api();
+    let mut out = Vec::new();
+    for (path, item) in doc.paths.paths {
+        for (method, op) in [
+            ("GET", &item.get),
+            ("PUT", &item.put),
+            ("POST", &item.post),
+            ("DELETE", &item.delete),
+            ("PATCH", &item.patch),
+            ("HEAD", &item.head),
+            ("OPTIONS", &item.options),
+            ("TRACE", &item.trace),
+        ] {
+            if op.is_some() {
+                out.push((method.to_string(), path.clone()));
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+/// The admin router. Tests can drive it without a socket.
+pub fn app(state: Arc<AdminState>) -> Router {
+    let limit = state.max_body_bytes;
+    let (routes, _) = api();
+    routes
         .fallback(|| async { ApiError::not_found("no such route") })
         .method_not_allowed_fallback(|| async {
             ApiError::new(

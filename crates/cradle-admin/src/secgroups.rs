@@ -12,11 +12,10 @@
 
 use std::sync::Arc;
 
+use axum::Extension;
 use axum::extract::{RawQuery, State};
 use axum::http::StatusCode;
 use axum::response::IntoResponse;
-use axum::routing::{delete, get, post, put};
-use axum::{Extension, Router};
 use cradle_core::{Caller, FirewallPlan};
 use cradle_model::answers::FirewallApplied;
 use cradle_secgroups::RuleRequest;
@@ -25,52 +24,30 @@ use cradle_secgroups::api::{
     TroveGroup, TroveRule,
 };
 use serde_json::Value;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 use crate::extract::{Json, Params};
 use crate::{AdminState, ApiError, Shared};
 
-pub fn routes() -> Router<Arc<AdminState>> {
-    Router::new()
+pub fn routes() -> OpenApiRouter<Arc<AdminState>> {
+    OpenApiRouter::new()
         // Trove-compatible.
-        .route("/v1.0/{tenant}/security-groups", get(trove_list))
-        .route("/v1.0/{tenant}/security-groups/{id}", get(trove_show))
-        .route("/v1.0/{tenant}/security-group-rules", post(trove_add_rule))
-        .route(
-            "/v1.0/{tenant}/security-group-rules/{id}",
-            delete(delete_rule),
-        )
+        .routes(routes!(trove_list))
+        .routes(routes!(trove_show))
+        .routes(routes!(trove_add_rule))
+        .routes(routes!(trove_delete_rule))
         // Native.
-        .route(
-            "/v1/tenants/{tenant}/security-groups",
-            get(list).post(create),
-        )
-        .route(
-            "/v1/tenants/{tenant}/security-groups/{id}",
-            get(show).patch(update).delete(remove),
-        )
-        .route(
-            "/v1/tenants/{tenant}/security-groups/{id}/rules",
-            get(rules).post(add_rule),
-        )
-        .route(
-            "/v1/tenants/{tenant}/security-groups/{id}/instances/{instance}",
-            put(attach).delete(detach),
-        )
-        .route(
-            "/v1/tenants/{tenant}/security-group-rules/{id}",
-            delete(delete_rule),
-        )
-        .route(
-            "/v1/tenants/{tenant}/default-rules",
-            get(defaults).post(add_default),
-        )
-        .route(
-            "/v1/tenants/{tenant}/default-rules/{id}",
-            delete(delete_default),
-        )
-        .route("/v1/instances/{key}/security-groups", get(instance_groups))
-        .route("/v1/firewall", get(firewall_show))
-        .route("/v1/firewall/apply", post(firewall_apply))
+        .routes(routes!(list, create))
+        .routes(routes!(show, update, remove))
+        .routes(routes!(rules, add_rule))
+        .routes(routes!(attach, detach))
+        .routes(routes!(delete_rule))
+        .routes(routes!(defaults, add_default))
+        .routes(routes!(delete_default))
+        .routes(routes!(instance_groups))
+        .routes(routes!(firewall_show))
+        .routes(routes!(firewall_apply))
 }
 
 fn rule_request(body: Value) -> Result<RuleRequest, ApiError> {
@@ -98,6 +75,11 @@ fn invalid_body(what: &str, e: serde_json::Error) -> ApiError {
 
 // ---- native -------------------------------------------------------------
 
+#[utoipa::path(
+    get,
+    path = "/v1/tenants/{tenant}/security-groups",
+    tag = "security-groups"
+)]
 async fn list(
     State(s): Shared,
     Extension(caller): Extension<Caller>,
@@ -107,6 +89,11 @@ async fn list(
     Ok(axum::Json(Groups { security_groups }))
 }
 
+#[utoipa::path(
+    post,
+    path = "/v1/tenants/{tenant}/security-groups",
+    tag = "security-groups"
+)]
 async fn create(
     State(s): Shared,
     Extension(caller): Extension<Caller>,
@@ -122,6 +109,11 @@ async fn create(
     Ok((StatusCode::CREATED, axum::Json(OneGroup { security_group })))
 }
 
+#[utoipa::path(
+    get,
+    path = "/v1/tenants/{tenant}/security-groups/{id}",
+    tag = "security-groups"
+)]
 async fn show(
     State(s): Shared,
     Extension(caller): Extension<Caller>,
@@ -131,6 +123,11 @@ async fn show(
     Ok(axum::Json(OneGroup { security_group }))
 }
 
+#[utoipa::path(
+    patch,
+    path = "/v1/tenants/{tenant}/security-groups/{id}",
+    tag = "security-groups"
+)]
 async fn update(
     State(s): Shared,
     Extension(caller): Extension<Caller>,
@@ -146,6 +143,11 @@ async fn update(
     Ok(axum::Json(OneGroup { security_group }))
 }
 
+#[utoipa::path(
+    delete,
+    path = "/v1/tenants/{tenant}/security-groups/{id}",
+    tag = "security-groups"
+)]
 async fn remove(
     State(s): Shared,
     Extension(caller): Extension<Caller>,
@@ -155,6 +157,11 @@ async fn remove(
     Ok(StatusCode::NO_CONTENT)
 }
 
+#[utoipa::path(
+    get,
+    path = "/v1/tenants/{tenant}/security-groups/{id}/rules",
+    tag = "security-groups"
+)]
 async fn rules(
     State(s): Shared,
     Extension(caller): Extension<Caller>,
@@ -166,6 +173,11 @@ async fn rules(
     }))
 }
 
+#[utoipa::path(
+    post,
+    path = "/v1/tenants/{tenant}/security-groups/{id}/rules",
+    tag = "security-groups"
+)]
 async fn add_rule(
     State(s): Shared,
     Extension(caller): Extension<Caller>,
@@ -182,6 +194,11 @@ async fn add_rule(
     ))
 }
 
+#[utoipa::path(
+    delete,
+    path = "/v1/tenants/{tenant}/security-group-rules/{id}",
+    tag = "security-groups"
+)]
 async fn delete_rule(
     State(s): Shared,
     Extension(caller): Extension<Caller>,
@@ -191,6 +208,24 @@ async fn delete_rule(
     Ok(StatusCode::NO_CONTENT)
 }
 
+#[utoipa::path(
+    delete,
+    path = "/v1.0/{tenant}/security-group-rules/{id}",
+    tag = "trove"
+)]
+async fn trove_delete_rule(
+    state: Shared,
+    caller: Extension<Caller>,
+    params: Params<(String, String)>,
+) -> Result<StatusCode, ApiError> {
+    delete_rule(state, caller, params).await
+}
+
+#[utoipa::path(
+    put,
+    path = "/v1/tenants/{tenant}/security-groups/{id}/instances/{instance}",
+    tag = "security-groups"
+)]
 async fn attach(
     State(s): Shared,
     Extension(caller): Extension<Caller>,
@@ -202,6 +237,11 @@ async fn attach(
     Ok(StatusCode::NO_CONTENT)
 }
 
+#[utoipa::path(
+    delete,
+    path = "/v1/tenants/{tenant}/security-groups/{id}/instances/{instance}",
+    tag = "security-groups"
+)]
 async fn detach(
     State(s): Shared,
     Extension(caller): Extension<Caller>,
@@ -213,6 +253,11 @@ async fn detach(
     Ok(StatusCode::NO_CONTENT)
 }
 
+#[utoipa::path(
+    get,
+    path = "/v1/tenants/{tenant}/default-rules",
+    tag = "security-groups"
+)]
 async fn defaults(
     State(s): Shared,
     Extension(caller): Extension<Caller>,
@@ -222,6 +267,11 @@ async fn defaults(
     Ok(axum::Json(DefaultRules { default_rules }))
 }
 
+#[utoipa::path(
+    post,
+    path = "/v1/tenants/{tenant}/default-rules",
+    tag = "security-groups"
+)]
 async fn add_default(
     State(s): Shared,
     Extension(caller): Extension<Caller>,
@@ -236,6 +286,11 @@ async fn add_default(
     ))
 }
 
+#[utoipa::path(
+    delete,
+    path = "/v1/tenants/{tenant}/default-rules/{id}",
+    tag = "security-groups"
+)]
 async fn delete_default(
     State(s): Shared,
     Extension(caller): Extension<Caller>,
@@ -245,6 +300,11 @@ async fn delete_default(
     Ok(StatusCode::NO_CONTENT)
 }
 
+#[utoipa::path(
+    get,
+    path = "/v1/instances/{key}/security-groups",
+    tag = "security-groups"
+)]
 async fn instance_groups(
     State(s): Shared,
     Extension(caller): Extension<Caller>,
@@ -259,6 +319,7 @@ async fn instance_groups(
 /// The whole table as it would be applied now. A plan serializes straight
 /// to the `{"nftables": [...]}` document, several times faster than going
 /// through a `Value` (seconds for 10,000 instances).
+#[utoipa::path(get, path = "/v1/firewall", tag = "security-groups")]
 async fn firewall_show(
     State(s): Shared,
     Extension(caller): Extension<Caller>,
@@ -266,6 +327,7 @@ async fn firewall_show(
     Ok(axum::Json(s.core.firewall(&caller).await?))
 }
 
+#[utoipa::path(post, path = "/v1/firewall/apply", tag = "security-groups")]
 async fn firewall_apply(
     State(s): Shared,
     Extension(caller): Extension<Caller>,
@@ -297,6 +359,7 @@ async fn firewall_apply(
 
 // ---- Trove-compatible ---------------------------------------------------
 
+#[utoipa::path(get, path = "/v1.0/{tenant}/security-groups", tag = "security-groups")]
 async fn trove_list(
     State(s): Shared,
     Extension(caller): Extension<Caller>,
@@ -307,6 +370,11 @@ async fn trove_list(
     Ok(axum::Json(Groups { security_groups }))
 }
 
+#[utoipa::path(
+    get,
+    path = "/v1.0/{tenant}/security-groups/{id}",
+    tag = "security-groups"
+)]
 async fn trove_show(
     State(s): Shared,
     Extension(caller): Extension<Caller>,
@@ -360,6 +428,11 @@ fn text(field: &str, v: &Value) -> Result<Option<String>, ApiError> {
 /// `{"security_group_rule": {"group_id", "cidr", "protocol", "from_port",
 /// "to_port"}}`. Unlike Trove, protocol and ports are honoured; for ICMP the
 /// ports are the type and code, `-1` meaning any.
+#[utoipa::path(
+    post,
+    path = "/v1.0/{tenant}/security-group-rules",
+    tag = "security-groups"
+)]
 async fn trove_add_rule(
     State(s): Shared,
     Extension(caller): Extension<Caller>,

@@ -1,5 +1,7 @@
 //! Who is calling the admin API: the main admin token, or a named token
-//! from the tokens file, each with roles.
+//! from the tokens file, each with roles and the projects it acts for (the
+//! main token and the `admin` role act for all of them; a token that names
+//! none may only ask who it is).
 //!
 //! The tokens file holds only SHA-256 hashes of tokens, so reading it gives
 //! nobody a credential. It is re-read when it changes (size or modification
@@ -10,6 +12,7 @@
 //! [[token]]
 //! name = "provisioner"
 //! roles = ["mail-server"]
+//! projects = ["tenant-a"]
 //! sha256 = "5e884898da28047151d0e56f8dc6292773603d0d6aabbdd62a11ef721d1542d8"
 //! ```
 
@@ -17,7 +20,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::SystemTime;
 
-use cradle_core::{ADMIN_ROLE, Caller};
+use cradle_core::Caller;
 use cradle_model::Secret;
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
@@ -30,6 +33,8 @@ struct NamedToken {
     name: String,
     #[serde(default)]
     roles: Vec<String>,
+    #[serde(default)]
+    projects: Vec<String>,
     sha256: String,
 }
 
@@ -70,6 +75,13 @@ fn load(path: &Path) -> Result<Vec<NamedToken>, String> {
         if t.name.is_empty() {
             return Err(format!("{}: a token has an empty name", path.display()));
         }
+        if let Some(p) = t.projects.iter().find(|p| p.is_empty() || p.len() > 255) {
+            return Err(format!(
+                "{}: token {:?}: project {p:?} must be 1 to 255 bytes",
+                path.display(),
+                t.name
+            ));
+        }
     }
     Ok(parsed
         .token
@@ -108,10 +120,8 @@ impl Tokens {
 
     /// The main admin token's caller, when `presented` is it. Memory only.
     pub fn main(&self, presented: &str) -> Option<Caller> {
-        bool::from(presented.as_bytes().ct_eq(self.admin.expose().as_bytes())).then(|| Caller {
-            name: "admin".into(),
-            roles: vec![ADMIN_ROLE.into()],
-        })
+        bool::from(presented.as_bytes().ct_eq(self.admin.expose().as_bytes()))
+            .then(|| Caller::admin("admin"))
     }
 
     /// Whether named tokens come from a file.
@@ -138,9 +148,6 @@ impl Tokens {
             .1
             .iter()
             .find(|t| bool::from(t.sha256.as_bytes().ct_eq(hash.as_bytes())))
-            .map(|t| Caller {
-                name: t.name.clone(),
-                roles: t.roles.clone(),
-            })
+            .map(|t| Caller::named(&t.name, t.roles.clone(), t.projects.iter().cloned()))
     }
 }

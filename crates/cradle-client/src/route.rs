@@ -6,8 +6,8 @@
 use std::time::Duration;
 
 use cradle_model::answers::{
-    EventList, EventView, FirewallApplied, FirewallView, InstanceList, MessageList, MessageQueued,
-    VmView,
+    CallerView, EventList, EventView, FirewallApplied, FirewallView, InstanceList, MessageList,
+    MessageQueued, VmView,
 };
 use cradle_model::api::{InstancePatch, InstanceSpec, InstanceView, MessageIn, MessageView};
 use cradle_model::job::JobView;
@@ -185,6 +185,11 @@ pub fn vm_status(key: &str) -> Request<VmView> {
 /// `GET /v1/instances/{key}/console?bytes=N`: the end of its serial console.
 pub fn console(key: &str, bytes_from_end: u64) -> Request<Vec<u8>> {
     Request::new(Method::GET, of_instance(key, "console"), bytes).query("bytes", bytes_from_end)
+}
+
+/// `GET /v1/whoami`: the presented token's name, roles and projects.
+pub fn whoami() -> Request<CallerView> {
+    Request::new(Method::GET, "/v1/whoami".into(), json)
 }
 
 /// `GET /metrics`: Prometheus' text exposition.

@@ -7,39 +7,79 @@ use std::sync::Arc;
 
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD as B64;
-use cradle_model::Instance;
-use cradle_model::answers::EventView;
-use cradle_model::api::{InstancePatch, InstanceSpec, InstanceView, MessageIn, MessageView};
+use cradle_model::answers::{CallerView, EventView};
+use cradle_model::api::{
+    DEFAULT_PROJECT, InstancePatch, InstanceSpec, InstanceView, MessageIn, MessageView, Patch,
+};
+use cradle_model::{Instance, personalization};
 use cradle_registry::ChannelDirection;
 use tracing::info;
 
-use crate::caller::{Action, authorize};
+use crate::caller::{Action, Projects, authorize};
 use crate::{Caller, Core, Error, blocking};
 
+/// Whether `patch` points the package URL at another host while the
+/// instance holds download credentials that the patch does not give (or
+/// remove) again: they would go to the new host.
+fn repoints_credentials(current: &Instance, patch: &InstancePatch) -> bool {
+    let Patch::Value(url) = &patch.personalization_url else {
+        return false;
+    };
+    let old = current
+        .personalization_url
+        .as_deref()
+        .map(personalization::origin);
+    if old == Some(personalization::origin(url)) {
+        return false;
+    }
+    personalization::CREDENTIAL_PARAMS.iter().any(|c| {
+        let is = |k: &String| k.eq_ignore_ascii_case(c);
+        current.os_params.secret.keys().any(is) && !patch.os_params.secret.keys().any(is)
+    })
+}
+
 impl Core {
-    /// The instance by id or name, if `caller` may see it. One it may not
-    /// see answers as one that does not exist.
+    /// The instance by id or name, if `caller` may see it. One of a
+    /// project it does not act for answers exactly as one that does not
+    /// exist.
     pub(crate) fn visible(&self, caller: &Caller, key: &str) -> Result<Arc<Instance>, Error> {
         let i = self.registry.get(key)?;
-        authorize(caller, Action::See)
-            .map_err(|_| cradle_registry::RegistryError::NotFound(key.to_string()))?;
+        authorize(
+            caller,
+            Action::See {
+                project: &i.project_id,
+            },
+        )
+        .map_err(|_| cradle_registry::RegistryError::NotFound(key.to_string()))?;
         Ok(i)
     }
 
     /// The instance by id or name, if `caller` may change it.
     pub(crate) fn changeable(&self, caller: &Caller, key: &str) -> Result<Arc<Instance>, Error> {
         let i = self.visible(caller, key)?;
-        authorize(caller, Action::Change)?;
+        authorize(
+            caller,
+            Action::Change {
+                project: &i.project_id,
+            },
+        )?;
         Ok(i)
     }
 
-    /// Every instance the caller may see, oldest first.
+    /// Every instance of the projects the caller acts for, oldest first.
     pub fn instances(&self, caller: &Caller) -> Result<Vec<InstanceView>, Error> {
-        authorize(caller, Action::See)?;
+        if let Projects::Only(p) = &caller.projects
+            && p.is_empty()
+        {
+            return Err(Error::forbidden(
+                "this token acts for no project: give it projects in the tokens file",
+            ));
+        }
         Ok(self
             .registry
             .list()
             .iter()
+            .filter(|i| caller.acts_for(&i.project_id))
             .map(|i| InstanceView::from(&**i))
             .collect())
     }
@@ -56,7 +96,8 @@ impl Core {
         caller: &Caller,
         spec: InstanceSpec,
     ) -> Result<InstanceView, Error> {
-        authorize(caller, Action::Create)?;
+        let project = spec.project_id.as_deref().unwrap_or(DEFAULT_PROJECT);
+        authorize(caller, Action::Create { project })?;
         let (registry, roles) = (self.registry.clone(), caller.roles.clone());
         let created = blocking(move || Ok(registry.create(spec, roles)?)).await?;
         info!(instance = %created.id, name = %created.name, by = %caller.name, "instance registered");
@@ -70,7 +111,18 @@ impl Core {
         key: &str,
         patch: InstancePatch,
     ) -> Result<InstanceView, Error> {
-        let id = self.changeable(caller, key)?.id.to_string();
+        let current = self.changeable(caller, key)?;
+        if patch
+            .project_id
+            .as_ref()
+            .is_some_and(|p| *p != current.project_id)
+        {
+            authorize(caller, Action::MoveProject)?;
+        }
+        if repoints_credentials(&current, &patch) {
+            authorize(caller, Action::CarryCredentials)?;
+        }
+        let id = current.id.to_string();
         let registry = self.registry.clone();
         let changed = blocking(move || Ok(registry.modify(&id, patch)?)).await?;
         info!(instance = %changed.id, by = %caller.name, "instance modified");
@@ -149,6 +201,21 @@ impl Core {
 
     /// The Prometheus text exposition. The instance gauge is read off the
     /// registry here, the one place it is shown.
+    /// Who the caller is: its name, roles and projects. The one thing a
+    /// token that acts for no project may ask.
+    pub fn whoami(&self, caller: &Caller) -> CallerView {
+        let projects = match &caller.projects {
+            Projects::All => None,
+            Projects::Only(p) => Some(p.iter().cloned().collect()),
+        };
+        CallerView {
+            name: caller.name.clone(),
+            roles: caller.roles.clone(),
+            all_projects: projects.is_none(),
+            projects: projects.unwrap_or_default(),
+        }
+    }
+
     pub fn metrics_text(&self, caller: &Caller) -> Result<String, Error> {
         authorize(caller, Action::SeeServer)?;
         self.metrics.instances.set(self.registry.len() as i64);

@@ -41,7 +41,7 @@ use cradle_registry::Registry;
 use tracing::{info, warn};
 
 pub use artifacts::{ConfigDrive, PackageDownload};
-pub use caller::{ADMIN_ROLE, Caller};
+pub use caller::{ADMIN_ROLE, Caller, Projects};
 pub use cradle_drive::Format as DriveFormat;
 pub use cradle_registry::metrics::Metrics;
 pub use cradle_secgroups::nft::Plan as FirewallPlan;

@@ -14,7 +14,7 @@ use crate::{Caller, Core, Error, Kind, blocking};
 impl Core {
     /// The tenant's groups, with their rules and members.
     pub fn security_groups(&self, caller: &Caller, tenant: &str) -> Result<Vec<GroupView>, Error> {
-        authorize(caller, Action::Tenant)?;
+        authorize(caller, Action::Tenant { tenant })?;
         Ok(self.registry.sg_list(tenant)?)
     }
 
@@ -25,7 +25,7 @@ impl Core {
         tenant: &str,
         key: &str,
     ) -> Result<GroupView, Error> {
-        authorize(caller, Action::Tenant)?;
+        authorize(caller, Action::Tenant { tenant })?;
         Ok(self.registry.sg_show(tenant, key)?)
     }
 
@@ -36,7 +36,7 @@ impl Core {
         name: String,
         description: String,
     ) -> Result<GroupView, Error> {
-        authorize(caller, Action::Tenant)?;
+        authorize(caller, Action::Tenant { tenant })?;
         let (registry, t) = (self.registry.clone(), tenant.to_string());
         let view = blocking(move || Ok(registry.sg_create(&t, &name, &description)?)).await?;
         info!(group = %view.id, tenant = %view.tenant, by = %caller.name, "security group created");
@@ -52,7 +52,7 @@ impl Core {
         name: Option<String>,
         description: Option<String>,
     ) -> Result<GroupView, Error> {
-        authorize(caller, Action::Tenant)?;
+        authorize(caller, Action::Tenant { tenant })?;
         let (registry, t, k) = (self.registry.clone(), tenant.to_string(), key.to_string());
         blocking(move || Ok(registry.sg_update(&t, &k, name.as_deref(), description.as_deref())?))
             .await
@@ -74,7 +74,7 @@ impl Core {
         group: &str,
         rule: RuleRequest,
     ) -> Result<RuleView, Error> {
-        authorize(caller, Action::Tenant)?;
+        authorize(caller, Action::Tenant { tenant })?;
         let (registry, t, g) = (self.registry.clone(), tenant.to_string(), group.to_string());
         let view = blocking(move || Ok(registry.sg_add_rule(&t, &g, &rule)?)).await?;
         info!(rule = %view.id, by = %caller.name, "security group rule added");
@@ -117,7 +117,7 @@ impl Core {
         instance: &str,
         change: fn(&Registry, &str, &str, &str) -> Result<(), RegistryError>,
     ) -> Result<(), Error> {
-        authorize(caller, Action::Tenant)?;
+        authorize(caller, Action::Tenant { tenant })?;
         let (registry, t, g, i) = (
             self.registry.clone(),
             tenant.to_string(),
@@ -129,7 +129,7 @@ impl Core {
 
     /// The rules every new instance of the tenant starts with.
     pub fn default_rules(&self, caller: &Caller, tenant: &str) -> Result<Vec<RuleView>, Error> {
-        authorize(caller, Action::Tenant)?;
+        authorize(caller, Action::Tenant { tenant })?;
         Ok(self.registry.sg_defaults(tenant)?)
     }
 
@@ -139,7 +139,7 @@ impl Core {
         tenant: &str,
         rule: RuleRequest,
     ) -> Result<RuleView, Error> {
-        authorize(caller, Action::Tenant)?;
+        authorize(caller, Action::Tenant { tenant })?;
         let (registry, t) = (self.registry.clone(), tenant.to_string());
         blocking(move || Ok(registry.sg_add_default(&t, &rule)?)).await
     }
@@ -162,7 +162,7 @@ impl Core {
         id: &str,
         remove: fn(&Registry, &str, &str) -> Result<(), RegistryError>,
     ) -> Result<(), Error> {
-        authorize(caller, Action::Tenant)?;
+        authorize(caller, Action::Tenant { tenant })?;
         let (registry, t, id) = (self.registry.clone(), tenant.to_string(), id.to_string());
         blocking(move || Ok(remove(&registry, &t, &id)?)).await
     }

@@ -70,11 +70,9 @@ fn setup() -> Setup {
     }
 }
 
+/// A token of the default project, without the admin role.
 fn operator(name: &str) -> Caller {
-    Caller {
-        name: name.into(),
-        roles: vec!["provisioner".into()],
-    }
+    Caller::named(name, vec!["provisioner".into()], ["default".to_string()])
 }
 
 fn spec(name: &str, address: &str) -> InstanceSpec {
@@ -121,10 +119,19 @@ async fn operator_only_operations_are_refused_to_other_callers() {
         "{e}"
     );
 
-    // The ruleset is anyone's to see; applying it is an operator's.
-    s.core.apply_firewall(&other, true).await.unwrap();
+    // The ruleset spans every project: a project's token sees none of it;
+    // one acting for all may, and applying it is an operator's.
     assert_eq!(
-        kind(s.core.apply_firewall(&other, false).await),
+        kind(s.core.apply_firewall(&other, true).await),
+        (Kind::Forbidden, "forbidden")
+    );
+    let everywhere = Caller {
+        projects: cradle_core::Projects::All,
+        ..operator("everywhere")
+    };
+    s.core.apply_firewall(&everywhere, true).await.unwrap();
+    assert_eq!(
+        kind(s.core.apply_firewall(&everywhere, false).await),
         (Kind::Forbidden, "forbidden")
     );
     assert_eq!(
@@ -344,4 +351,157 @@ async fn a_guest_token_is_checked_before_anything_else() {
         (Kind::BadRequest, "bad_request")
     );
     assert!(s.core.issue_token(web0, 21601).is_err());
+}
+
+#[tokio::test]
+async fn a_caller_sees_and_changes_only_its_projects() {
+    let s = setup();
+    let a = Caller::named("a", vec![], ["tenA".to_string()]);
+    let b = Caller::named("b", vec![], ["tenB".to_string()]);
+    let nobody = Caller::named("nobody", vec!["provisioner".into()], []);
+    let admin = Caller::named("root", vec![cradle_core::ADMIN_ROLE.into()], []);
+    let mut web = spec("web", "169.254.4.1");
+    web.project_id = Some("tenA".into());
+    let created = s.core.create_instance(&a, web).await.unwrap();
+
+    // B may not create in A's project, nor see, change or remove A's
+    // instance: to B it is as missing as one that never existed.
+    let mut theirs = spec("theirs", "169.254.4.2");
+    theirs.project_id = Some("tenA".into());
+    assert_eq!(
+        kind(s.core.create_instance(&b, theirs).await),
+        (Kind::Forbidden, "forbidden")
+    );
+    let missing = kind(s.core.instance(&b, "no-such-instance"));
+    for key in ["web", created.id.to_string().as_str()] {
+        assert_eq!(kind(s.core.instance(&b, key)), missing, "{key}");
+        assert_eq!(kind(s.core.events(&b, key).await), missing);
+        assert_eq!(
+            kind(
+                s.core
+                    .modify_instance(&b, key, InstancePatch::default())
+                    .await
+            ),
+            missing
+        );
+        assert_eq!(kind(s.core.remove_instance(&b, key).await), missing);
+        assert_eq!(kind(s.core.instance_groups(&b, key)), missing);
+    }
+    assert!(s.core.instances(&b).unwrap().is_empty());
+    assert_eq!(s.core.instances(&a).unwrap().len(), 1);
+    assert_eq!(s.core.instances(&admin).unwrap().len(), 1);
+    // A token of no project can only ask who it is.
+    assert_eq!(
+        kind(s.core.instances(&nobody)),
+        (Kind::Forbidden, "forbidden")
+    );
+    assert_eq!(kind(s.core.instance(&nobody, "web")), missing);
+    let me = s.core.whoami(&nobody);
+    assert_eq!((me.all_projects, me.projects.len()), (false, 0));
+    assert!(s.core.whoami(&admin).all_projects);
+
+    // A tenant's security groups are its own; naming another is 403.
+    assert_eq!(
+        kind(s.core.security_groups(&b, "tenA")),
+        (Kind::Forbidden, "forbidden")
+    );
+    assert_eq!(s.core.security_groups(&a, "tenA").unwrap().len(), 1);
+    assert!(s.core.security_groups(&b, "tenB").unwrap().is_empty());
+
+    // Moving an instance to another project is the admin role's.
+    let to_b = InstancePatch {
+        project_id: Some("tenB".into()),
+        ..Default::default()
+    };
+    assert_eq!(
+        kind(s.core.modify_instance(&a, "web", to_b.clone()).await),
+        (Kind::Forbidden, "forbidden")
+    );
+    // Past authorization, the registry has its own reason: groups belong
+    // to their tenant.
+    assert_eq!(
+        kind(s.core.modify_instance(&admin, "web", to_b).await),
+        (Kind::Invalid, "invalid")
+    );
+}
+
+#[tokio::test]
+async fn download_credentials_do_not_follow_a_url_to_another_host() {
+    let s = setup();
+    let a = Caller::named("a", vec![], ["default".to_string()]);
+    let mut web = spec("web", "169.254.5.1");
+    web.personalization_url = Some("https://pkg.example/web.tar.gz".into());
+    for (k, v) in [
+        ("personalization_user", "u"),
+        ("personalization_password", "p"),
+    ] {
+        web.os_params.secret.insert(k.into(), Secret::new(v.into()));
+    }
+    s.core.create_instance(&a, web).await.unwrap();
+    let repoint = |url: &str| InstancePatch {
+        personalization_url: cradle_model::api::Patch::Value(url.into()),
+        ..Default::default()
+    };
+    // The same host (another path, another case) keeps them.
+    s.core
+        .modify_instance(&a, "web", repoint("https://PKG.example/v2/web.tar.gz"))
+        .await
+        .unwrap();
+    // Another host, or another port, is refused without them...
+    for url in [
+        "https://attacker.example/web.tar.gz",
+        "https://pkg.example:8443/web.tar.gz",
+        "http://pkg.example/web.tar.gz",
+    ] {
+        let e = s
+            .core
+            .modify_instance(&a, "web", repoint(url))
+            .await
+            .unwrap_err();
+        assert_eq!(e.kind(), Kind::Forbidden, "{url}");
+        assert!(e.to_string().contains("personalization_"), "{e}");
+    }
+    // ...and allowed with them given again, or removed.
+    let mut again = repoint("https://mirror.example/web.tar.gz");
+    for (k, v) in [
+        ("personalization_user", "u2"),
+        ("personalization_password", "p2"),
+    ] {
+        again
+            .os_params
+            .secret
+            .insert(k.into(), Some(Secret::new(v.into())));
+    }
+    s.core.modify_instance(&a, "web", again).await.unwrap();
+    let mut dropped = repoint("https://other.example/web.tar.gz");
+    for k in ["personalization_user", "personalization_password"] {
+        dropped.os_params.secret.insert(k.into(), None);
+    }
+    let v = s.core.modify_instance(&a, "web", dropped).await.unwrap();
+    assert!(v.os_params.secret.is_empty());
+    // With nothing held, any host will do.
+    s.core
+        .modify_instance(&a, "web", repoint("https://any.example/web.tar.gz"))
+        .await
+        .unwrap();
+    // The admin role may carry them, knowingly.
+    let mut db = spec("db", "169.254.5.2");
+    db.personalization_url = Some("https://pkg.example/db.tar.gz".into());
+    db.os_params
+        .secret
+        .insert("personalization_token".into(), Secret::new("t".into()));
+    s.core.create_instance(&a, db).await.unwrap();
+    let moved = repoint("https://mirror.example/db.tar.gz");
+    assert!(
+        s.core
+            .modify_instance(&a, "db", moved.clone())
+            .await
+            .is_err()
+    );
+    let v = s
+        .core
+        .modify_instance(&Caller::system(), "db", moved)
+        .await
+        .unwrap();
+    assert_eq!(v.os_params.secret, ["personalization_token"]);
 }

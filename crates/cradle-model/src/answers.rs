@@ -19,6 +19,17 @@ pub const METADATA_FLAVOR_HEADER: &str = "metadata-flavor";
 /// The value of [`METADATA_FLAVOR_HEADER`].
 pub const METADATA_FLAVOR: &str = "cradle";
 
+/// `GET /v1/whoami`: who the presented token is.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CallerView {
+    pub name: String,
+    pub roles: Vec<String>,
+    /// Whether it acts for every project (the main token, the admin role).
+    pub all_projects: bool,
+    /// The projects it acts for, when not all.
+    pub projects: Vec<String>,
+}
+
 /// `GET /v1/instances`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct InstanceList {

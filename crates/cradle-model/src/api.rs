@@ -163,6 +163,9 @@ impl<T> Patch<T> {
     }
 }
 
+/// The project of an instance registered without one.
+pub const DEFAULT_PROJECT: &str = "default";
+
 /// `PATCH /v1/instances/{id}`. Scalars replace; maps merge as in RFC 7396
 /// (a key set to `null` is removed); a nullable field set to `null` is cleared.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -819,7 +822,9 @@ impl InstanceSpec {
         random_seed: Vec<u8>,
     ) -> Result<Instance, Invalid> {
         check_name(&self.name)?;
-        let project_id = self.project_id.unwrap_or_else(|| "default".to_string());
+        let project_id = self
+            .project_id
+            .unwrap_or_else(|| DEFAULT_PROJECT.to_string());
         check_text("project_id", &project_id, 255)?;
         let hostname = match &self.hostname {
             Some(h) => parse_hostname(h)?,

@@ -79,6 +79,18 @@ pub fn check_url(url: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// Where a package URL's request goes: its scheme and authority, lower
+/// case (`https://pkg.example:8443`); `file://` for every file URL. Two
+/// URLs with the same origin get the same credentials.
+pub fn origin(url: &str) -> String {
+    let (scheme, rest) = url.split_once("://").unwrap_or(("", url));
+    let authority = match scheme {
+        "file" => "",
+        _ => rest.split(['/', '?', '#']).next().unwrap_or(""),
+    };
+    format!("{scheme}://{authority}").to_ascii_lowercase()
+}
+
 /// A SHA-256 pin: 64 hex digits, returned lower-case.
 pub fn parse_sha256(v: &str) -> Result<String, String> {
     if v.len() != 64 || !v.bytes().all(|b| b.is_ascii_hexdigit()) {

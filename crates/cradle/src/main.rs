@@ -15,6 +15,7 @@ mod personalize;
 mod remote;
 mod secgroup;
 mod serve;
+mod whoami;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -73,6 +74,8 @@ enum Command {
     /// Build the install appliance (a kernel and an initramfs running cradle-agent).
     #[command(subcommand_required = true)]
     Appliance(appliance::ApplianceArgs),
+    /// Show the token's name, roles and the projects it acts for.
+    Whoami(whoami::WhoamiArgs),
 }
 
 /// How results are printed.
@@ -127,6 +130,7 @@ fn main() -> ExitCode {
         Command::Personalize(args) => personalize::run(args),
         Command::Os(args) => os::run(args),
         Command::Appliance(args) => appliance::run(args),
+        Command::Whoami(args) => whoami::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -674,7 +674,7 @@ fn boot_roles_are_the_callers_roles_at_creation_and_never_change() {
     let tokens = tmp.path().join("tokens.toml");
     let write_tokens = |roles: &str| {
         let text = format!(
-            "[[token]]\nname = \"provisioner\"\nroles = {roles}\nsha256 = \"{}\"\n",
+            "[[token]]\nname = \"provisioner\"\nroles = {roles}\nprojects = [\"default\"]\nsha256 = \"{}\"\n",
             sha256_hex("provisioner-secret-token")
         );
         std::fs::write(&tokens, text).unwrap();

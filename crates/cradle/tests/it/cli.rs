@@ -384,6 +384,48 @@ fn the_token_is_read_from_the_data_dir() {
 }
 
 #[test]
+fn whoami_shows_the_tokens_roles_and_projects() {
+    let tmp = tempfile::tempdir().unwrap();
+    let tokens = tmp.path().join("tokens.toml");
+    std::fs::write(
+        &tokens,
+        format!(
+            "[[token]]\nname = \"acme-ops\"\nroles = [\"provisioner\"]\nprojects = [\"acme\", \"beta\"]\nsha256 = \"{}\"\n\
+             [[token]]\nname = \"idle\"\nsha256 = \"{}\"\n",
+            sha256_hex("acme-token"),
+            sha256_hex("idle-token")
+        ),
+    )
+    .unwrap();
+    let tokens = tokens.to_str().unwrap().to_string();
+    let s = Server::start_with(Opts {
+        env: &[("CRADLE_ADMIN_TOKENS_FILE", &tokens)],
+        ..Default::default()
+    });
+    let main = Run::of(&mut s.cli(["whoami"])).success();
+    assert_eq!(
+        main.stdout,
+        "name      admin\nroles     admin\nprojects  (all)\n"
+    );
+    let acme = Run::of(&mut s.cli(["whoami", "-o", "json", "--token", "acme-token"])).success();
+    assert_eq!(
+        acme.json(),
+        json!({"name": "acme-ops", "roles": ["provisioner"], "all_projects": false,
+               "projects": ["acme", "beta"]})
+    );
+    // A token of no project may ask who it is, and nothing else.
+    let idle = Run::of(&mut s.cli(["whoami", "--token", "idle-token"])).success();
+    assert!(
+        idle.stdout.ends_with("projects  (none)\n"),
+        "{}",
+        idle.stdout
+    );
+    Run::of(&mut s.cli(["instance", "list", "--token", "idle-token"]))
+        .fails_with(&["acts for no project"]);
+    Run::of(&mut s.cli(["whoami", "--token", "wrong"])).fails_with(&["401"]);
+}
+
+#[test]
 fn help_names_the_verbs_and_key_flags() {
     let cwd = std::env::temp_dir();
     let help = |args: &[&str]| Run::from(cradle(&cwd).args(args).output().unwrap()).success();

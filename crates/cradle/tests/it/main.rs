@@ -12,6 +12,7 @@ mod drive;
 mod firewall;
 mod hop_limit;
 mod install;
+mod isolation;
 mod metadata;
 mod os;
 mod personalize;

@@ -520,3 +520,51 @@ fn troveclient_lists_shows_adds_and_deletes_rules() {
     assert_eq!(refused["error"]["class"], "Unauthorized", "{refused}");
     assert_eq!(refused.get("ok"), None);
 }
+
+#[test]
+fn troveclient_with_a_project_token_reaches_its_tenant_and_no_other() {
+    let venv = troveclient_venv();
+    let tmp = tempfile::tempdir().unwrap();
+    let tokens = tmp.path().join("tokens.toml");
+    std::fs::write(
+        &tokens,
+        format!(
+            "[[token]]\nname = \"p1-operator\"\nprojects = [\"p1\"]\nsha256 = \"{}\"\n",
+            sha256_hex("p1-project-token")
+        ),
+    )
+    .unwrap();
+    let tokens = tokens.to_str().unwrap().to_string();
+    let s = Server::start_with(Opts {
+        env: &[("CRADLE_ADMIN_TOKENS_FILE", &tokens)],
+        ..Default::default()
+    });
+    let mine = instance(&s, "db-mine", "p1", "127.0.0.21");
+    instance(&s, "db-theirs", "p2", "127.0.0.22");
+
+    let own = format!("{}/v1.0/p1", s.admin_url);
+    let mut trove = Trove::start(&venv, &own, "p1-project-token");
+    let listed = trove.ok(json!({"op": "list"}));
+    let instances: Vec<&str> = listed
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|g| g["instance_id"].as_str().unwrap_or(""))
+        .collect();
+    assert_eq!(instances, [mine.as_str()], "{listed}");
+
+    // The same token at another tenant's endpoint: troveclient's Forbidden,
+    // with cradle's message, and nothing of p2's.
+    let theirs = format!("{}/v1.0/p2", s.admin_url);
+    let mut trove = Trove::start(&venv, &theirs, "p1-project-token");
+    let refused = trove.call(json!({"op": "list"}));
+    assert_eq!(refused["error"]["status"], 403, "{refused}");
+    assert_eq!(refused["error"]["class"], "Forbidden", "{refused}");
+    assert!(
+        refused["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("\"p2\" is not one this token acts for")),
+        "{refused}"
+    );
+    assert!(!refused.to_string().contains("db-theirs"));
+}

@@ -353,7 +353,7 @@ fn boot_roles_reach_the_target_and_survive_a_role_change() {
     let tokens = tmp.path().join("tokens.toml");
     let write_tokens = |roles: &str| {
         let text = format!(
-            "[[token]]\nname = \"provisioner\"\nroles = {roles}\nsha256 = \"{}\"\n",
+            "[[token]]\nname = \"provisioner\"\nroles = {roles}\nprojects = [\"default\"]\nsha256 = \"{}\"\n",
             sha256_hex("provisioner-token-81aa")
         );
         replace(&tokens, &text);
