@@ -617,3 +617,112 @@ fn no_caller_reaches_another_projects_objects_on_any_route() {
         wrong.join("\n")
     );
 }
+
+/// An HTTP server on 127.0.0.1 that answers 404 to everything and keeps
+/// every request's head.
+struct Recorder {
+    url: String,
+    heads: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+}
+
+fn recorder() -> Recorder {
+    use std::io::{BufRead, BufReader, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let heads = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let seen = heads.clone();
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(mut conn) = conn else { break };
+            let mut head = String::new();
+            let mut reader = BufReader::new(conn.try_clone().unwrap());
+            loop {
+                let mut line = String::new();
+                if reader.read_line(&mut line).unwrap_or(0) == 0 || line == "\r\n" {
+                    break;
+                }
+                head += &line;
+            }
+            seen.lock().unwrap().push(head);
+            let _ = conn.write_all(
+                b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+            );
+        }
+    });
+    Recorder { url, heads }
+}
+
+#[test]
+fn a_project_token_cannot_send_download_credentials_to_its_own_server() {
+    let tmp = tempfile::tempdir().unwrap();
+    let tokens = tmp.path().join("tokens.toml");
+    std::fs::write(
+        &tokens,
+        format!(
+            "[[token]]\nname = \"alice\"\nprojects = [\"tenA\"]\nsha256 = \"{}\"\n",
+            sha256_hex("token-ten-a")
+        ),
+    )
+    .unwrap();
+    let tokens = tokens.to_str().unwrap().to_string();
+    let s = Server::start_with(Opts {
+        env: &[("CRADLE_ADMIN_TOKENS_FILE", &tokens)],
+        ..Default::default()
+    });
+    let (legit, evil) = (recorder(), recorder());
+    s.admin().create(&json!({
+        "name": "web", "project_id": "tenA", "metadata_address": "127.0.0.2",
+        "personalization_url": format!("{}/web.tar.gz", legit.url),
+        "os_params": {"secret": {
+            "personalization_user": "pkg-user-canary",
+            "personalization_password": "pkg-password-canary",
+        }},
+    }));
+    let alice = s.admin().with_token("token-ten-a");
+    let repoint = |extra: Value| {
+        let mut patch = json!({"personalization_url": format!("{}/web.tar.gz", evil.url)});
+        patch
+            .as_object_mut()
+            .unwrap()
+            .extend(extra.as_object().unwrap().clone());
+        alice.fetch_raw(
+            route::modify_instance("web", &Default::default()),
+            &patch.to_string(),
+        )
+    };
+    // Another origin without the credentials again: refused, and the URL
+    // stays where it was.
+    let refused = repoint(json!({}));
+    assert_eq!(refused.status, 403, "{}", refused.text());
+    assert!(
+        refused.text().contains("personalization_"),
+        "{}",
+        refused.text()
+    );
+    let view = alice.fetch(route::instance("web")).json();
+    assert!(
+        view["personalization_url"]
+            .as_str()
+            .unwrap()
+            .starts_with(&legit.url)
+    );
+    // The package is fetched from the legitimate host, with them.
+    alice.fetch(route::personalization_package("web"));
+    // Removing them in the same request lets the URL move; the fetch that
+    // follows goes out bare.
+    let moved = repoint(json!({"os_params": {"secret": {
+        "personalization_user": null, "personalization_password": null,
+    }}}));
+    assert_eq!(moved.status, 200, "{}", moved.text());
+    alice.fetch(route::personalization_package("web"));
+
+    let basic = b64(b"pkg-user-canary:pkg-password-canary");
+    let legit_heads = legit.heads.lock().unwrap().join("\n");
+    assert!(legit_heads.contains(&basic), "{legit_heads}");
+    let evil_heads = evil.heads.lock().unwrap().clone();
+    assert_eq!(evil_heads.len(), 1, "{evil_heads:?}");
+    for h in &evil_heads {
+        assert!(!h.to_ascii_lowercase().contains("authorization"), "{h}");
+        assert!(!h.contains(&basic) && !h.contains("canary"), "{h}");
+    }
+}
