@@ -206,7 +206,7 @@ echo "written inside the appliance for $INSTANCE_NAME" > /mnt/created-by-script
 printf '%s' "$secrets" | sha256sum | cut -d' ' -f1 > /mnt/secrets.sha256
 umount /mnt
 # Debian's busybox-static wget crashes (SIGSEGV); nc speaks HTTP well enough.
-get() { printf 'GET %s HTTP/1.0\r\n\r\n' "$2" | nc -w 3 169.254.169.254 "$1"; }
+get() { printf 'GET %s HTTP/1.0\r\nMetadata-Flavor: cradle\r\n\r\n' "$2" | nc -w 3 169.254.169.254 "$1"; }
 own=$(sed -n 's/.*cradle.address=\([0-9.]*\).*/\1/p' /proc/cmdline)
 case "$(get 80 /cradle/latest/meta_data.json)" in
   *"HTTP/1."?" 200 "*) echo "fence: own metadata answered" ;;
@@ -233,7 +233,7 @@ while [ $n -lt 60 ]; do
 done
 echo "create: the host said: $heard"
 note="hello host, this is $INSTANCE_NAME"
-printf 'POST /cradle/latest/write HTTP/1.0\r\nContent-Length: %s\r\n\r\n%s' "${#note}" "$note" | nc -w 3 169.254.169.254 80 > /dev/null
+printf 'POST /cradle/latest/write HTTP/1.0\r\nMetadata-Flavor: cradle\r\nContent-Length: %s\r\n\r\n%s' "${#note}" "$note" | nc -w 3 169.254.169.254 80 > /dev/null
 echo "create: done"
 "#;
 
@@ -613,14 +613,14 @@ while [ ! -e /sys/class/net/eth0 ] && [ $n -lt 10 ]; do sleep 1; n=$((n+1)); don
 ip link set eth0 up
 udhcpc -i eth0 -n -q -t 20 -T 1 -s /udhcpc.sh > /dev/console 2>&1
 addr=$(ip -4 -o addr show dev eth0 | sed -n 's/.* inet \([0-9./]*\).*/\1/p')
-get() { printf 'GET %s HTTP/1.0\r\n\r\n' "$1" | nc -w 5 169.254.169.254 80; }
+get() { printf 'GET %s HTTP/1.0\r\nMetadata-Flavor: cradle\r\n\r\n' "$1" | nc -w 5 169.254.169.254 80; }
 host=$(get /latest/meta-data/hostname | sed '1,/^\r$/d')
 mount -t ext4 /dev/vda /mnt
 echo "$host" > /mnt/hostname-from-metadata
 echo "$addr" > /mnt/dhcp-address
 umount /mnt
 status="{\"agent\":\"status\",\"exit_code\":0,\"log_tail\":\"self-installed as $host at $addr\"}"
-printf 'POST /cradle/latest/write HTTP/1.0\r\nContent-Length: %s\r\n\r\n%s' "${#status}" "$status" | nc -w 5 169.254.169.254 80 > /dev/console
+printf 'POST /cradle/latest/write HTTP/1.0\r\nMetadata-Flavor: cradle\r\nContent-Length: %s\r\n\r\n%s' "${#status}" "$status" | nc -w 5 169.254.169.254 80 > /dev/console
 sync
 poweroff -f
 "#;
