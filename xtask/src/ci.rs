@@ -63,6 +63,7 @@ pub fn run() -> Result<()> {
         &["qemu-utils", "linux-image-amd64"],
         "the hypervisor tests boot Debian's kernel under qemu-system-x86_64 and make qcow2 disks",
     )?;
+    debian::ensure_kernel_downloadable()?;
     check_python()?;
 
     println!("==> cargo fmt --check");

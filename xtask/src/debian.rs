@@ -159,6 +159,46 @@ pub fn ensure_with_qemu(pkgs: &[&str], why: &str) -> Result<()> {
     Ok(())
 }
 
+/// The appliance tests download the installed kernel's package
+/// (`cradle appliance build`, with the machine's own package lists). Those
+/// lists can be older than the kernel when it came in through the
+/// backports lists of [`ensure_with_qemu`]; then refresh them, once.
+pub fn ensure_kernel_downloadable() -> Result<()> {
+    let depends = Command::new("apt-cache")
+        .args(["depends", "linux-image-amd64"])
+        .output()
+        .context("cannot run apt-cache")?;
+    let text = String::from_utf8_lossy(&depends.stdout);
+    let Some(pkg) = text
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("Depends: "))
+        .find(|p| p.starts_with("linux-image-"))
+    else {
+        bail!("linux-image-amd64 depends on no linux-image package:\n{text}");
+    };
+    let downloadable = || {
+        Command::new("apt-get")
+            .args(["download", "--print-uris", pkg])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+    };
+    if downloadable() {
+        println!("    {pkg}: downloadable");
+        return Ok(());
+    }
+    if !is_root()? {
+        bail!("the package lists do not know the installed {pkg}; run `apt-get update` as root");
+    }
+    println!("    the package lists do not know the installed {pkg}; refreshing them");
+    apt(&["update"])?;
+    if !downloadable() {
+        bail!("apt-get cannot download the installed {pkg}, even after apt-get update");
+    }
+    Ok(())
+}
+
 /// dpkg's version of an installed package, or "".
 fn version_of(pkg: &str) -> String {
     Command::new("dpkg-query")
