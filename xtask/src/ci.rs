@@ -18,6 +18,8 @@ use crate::{debian, run_cargo};
 const TEST_PACKAGES: &[&str] = &[
     "cloud-init",
     "python3-botocore",
+    // Checks answers against docs/openapi.json's schemas.
+    "python3-jsonschema",
     "iproute2",
     "curl",
     "genisoimage",
@@ -100,6 +102,10 @@ pub fn run() -> Result<()> {
     run_cargo(&["test", "--workspace"], "tests failed (listed above)")?;
     check_no_firewall_left()?;
 
+    // The admin API against its OpenAPI document: a short pass, seeded so
+    // that CI does the same each time (`cargo xtask fuzz-api` for more).
+    crate::fuzz_api::run(&crate::fuzz_api::Options::ci())?;
+
     println!("==> ci passed");
     Ok(())
 }
@@ -153,7 +159,7 @@ fn check_no_firewall_left() -> Result<()> {
 
 /// Debian's Python must import the packages the tests drive.
 fn check_python() -> Result<()> {
-    let script = "import cloudinit, botocore";
+    let script = "import cloudinit, botocore, jsonschema";
     println!("    {DEBIAN_PYTHON} -c \"{script}\"");
     let out = Command::new(DEBIAN_PYTHON)
         .args(["-c", script])
@@ -162,7 +168,7 @@ fn check_python() -> Result<()> {
         .with_context(|| format!("cannot run {DEBIAN_PYTHON} (Debian's python3)"))?;
     if !out.status.success() {
         bail!(
-            "{DEBIAN_PYTHON} cannot import cloudinit and botocore ({}):\n{}",
+            "{DEBIAN_PYTHON} cannot import cloudinit, botocore and jsonschema ({}):\n{}",
             out.status,
             String::from_utf8_lossy(&out.stderr).trim_end()
         );

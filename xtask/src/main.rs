@@ -21,8 +21,10 @@ mod bench_vendordata;
 mod ci;
 mod debian;
 mod flags;
+mod fuzz_api;
 mod http;
 mod load;
+mod openapi;
 mod procs;
 mod readme;
 
@@ -39,13 +41,22 @@ tasks:
   ci                   install the Debian packages the tests need (as root), then
                        cargo fmt --check, cargo clippy -D warnings, the
                        README's first command (as `readme`), the static agent
-                       (as `agent`), afterburn (as `afterburn`), cargo test
+                       (as `agent`), afterburn (as `afterburn`), cargo test,
+                       schemathesis (as `fuzz-api --examples 10 --seed 1`)
   agent                build the install appliance's /init, cradle-agent, as a
                        static binary into target/release (beside cradle, where
                        `cradle appliance build` takes it from)
   afterburn            build afterburn (the Fedora CoreOS and Flatcar metadata
                        agent) from crates.io, once, into ~/.cache/cradle-ci,
                        for the test that runs it against cradle
+  openapi              write docs/openapi.json, the admin API's OpenAPI document,
+                       from the code (a test fails while it differs)
+  fuzz-api             schemathesis (from PyPI, in a venv under ~/.cache/cradle-ci)
+                       against a live cradle serve, from docs/openapi.json: no
+                       server errors, only declared statuses and content types,
+                       answers that fit their schemas; options:
+      --examples N           examples per operation and phase [100]
+      --seed N               schemathesis' seed [random]
   readme               run the README's first command as written from the
                        repository root, read the demo guest's metadata as
                        127.0.0.2, check another source gets 404, stop it
@@ -111,6 +122,8 @@ fn main() -> ExitCode {
         Some("agent") if args.len() == 1 => ci::build_static_agent(),
         Some("readme") if args.len() == 1 => readme::check(),
         Some("afterburn") if args.len() == 1 => afterburn::ensure().map(|_| ()),
+        Some("openapi") if args.len() == 1 => openapi::write(),
+        Some("fuzz-api") => fuzz_api::Options::parse(&args[1..]).and_then(|o| fuzz_api::run(&o)),
         Some("bench") => match args.get(1).map(String::as_str) {
             Some("metadata") => bench::Options::parse(&args[2..]).and_then(|o| {
                 if cfg!(debug_assertions) {

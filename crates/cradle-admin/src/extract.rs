@@ -11,7 +11,8 @@ use crate::ApiError;
 use crate::error::describe_json_error;
 
 /// A JSON body: 400 for malformed JSON, 413 for too large, 422 for JSON
-/// that does not fit the request type (naming the field).
+/// that does not fit the request type (naming the field) or is not an
+/// object.
 pub struct Json<T>(pub T);
 
 impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for Json<T> {
@@ -29,6 +30,19 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for Json<T> {
                 ApiError::bad_request("the request body could not be read")
             }
         })?;
+        // Every body of this API is an object. serde would fill a struct
+        // from an array too (`[null, null]` made a rule open to all).
+        if bytes.trim_ascii_start().first() != Some(&b'{') {
+            return Err(
+                match serde_json::from_slice::<serde::de::IgnoredAny>(&bytes) {
+                    Ok(_) => ApiError::unprocessable("the request body must be a JSON object"),
+                    Err(e) => ApiError::bad_request(format!(
+                        "malformed JSON: {}",
+                        describe_json_error(&e)
+                    )),
+                },
+            );
+        }
         let mut de = serde_json::Deserializer::from_slice(&bytes);
         // The path names the field that did not fit ("os_params.secret.k"),
         // which serde_json's own message leaves out.

@@ -13,6 +13,9 @@ use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::IntoResponse;
 use cradle_core::{Caller, StopRequest};
+use cradle_model::answers::VmView;
+use cradle_model::api::InstanceView;
+use cradle_model::job::JobView;
 use serde::Deserialize;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
@@ -29,7 +32,15 @@ pub fn routes() -> OpenApiRouter<Arc<AdminState>> {
         .routes(routes!(console))
 }
 
-#[utoipa::path(post, path = "/v1/instances/{key}/install", tag = "install")]
+#[utoipa::path(
+    operation_id = "install_start",
+    post,
+    path = "/v1/instances/{key}/install",
+    tag = "install",
+    summary = "Start an install job",
+    params(("key" = String, Path, description = "The instance: its id or its name")),
+    responses((status = 202, description = "Started", body = JobView), crate::openapi::Errors)
+)]
 async fn start(
     State(s): Shared,
     Extension(caller): Extension<Caller>,
@@ -47,7 +58,15 @@ struct Follow {
     wait: u64,
 }
 
-#[utoipa::path(get, path = "/v1/instances/{key}/install", tag = "install")]
+#[utoipa::path(
+    operation_id = "install_show",
+    get,
+    path = "/v1/instances/{key}/install",
+    tag = "install",
+    summary = "The last install job, waiting for news while it runs",
+    params(("key" = String, Path, description = "The instance: its id or its name"), ("after" = Option<u64>, Query, description = "Events after this sequence number"), ("wait" = Option<u64>, Query, description = "Seconds to wait for something new (at most 60)")),
+    responses((status = 200, description = "The job", body = JobView), crate::openapi::Errors)
+)]
 async fn show(
     State(s): Shared,
     Extension(caller): Extension<Caller>,
@@ -61,7 +80,15 @@ async fn show(
 }
 
 /// `POST /v1/instances/{key}/start`: boot its VM in run mode.
-#[utoipa::path(post, path = "/v1/instances/{key}/start", tag = "install")]
+#[utoipa::path(
+    operation_id = "install_start_vm",
+    post,
+    path = "/v1/instances/{key}/start",
+    tag = "install",
+    summary = "Boot the instance's VM (run mode)",
+    params(("key" = String, Path, description = "The instance: its id or its name")),
+    responses((status = 200, description = "Running", body = InstanceView), crate::openapi::Errors)
+)]
 async fn start_vm(
     State(s): Shared,
     Extension(caller): Extension<Caller>,
@@ -84,7 +111,15 @@ fn default_grace() -> u64 {
 }
 
 /// `POST /v1/instances/{key}/stop?force=false&grace=60`.
-#[utoipa::path(post, path = "/v1/instances/{key}/stop", tag = "install")]
+#[utoipa::path(
+    operation_id = "install_stop_vm",
+    post,
+    path = "/v1/instances/{key}/stop",
+    tag = "install",
+    summary = "Stop the instance's VM",
+    params(("key" = String, Path, description = "The instance: its id or its name"), ("force" = Option<bool>, Query, description = "Kill it at once"), ("grace" = Option<u64>, Query, description = "Seconds to power off after the ACPI request (60)")),
+    responses((status = 200, description = "Stopped", body = InstanceView), crate::openapi::Errors)
+)]
 async fn stop_vm(
     State(s): Shared,
     Extension(caller): Extension<Caller>,
@@ -99,7 +134,15 @@ async fn stop_vm(
 }
 
 /// `GET /v1/instances/{key}/vm`: the instance's state and what QEMU says.
-#[utoipa::path(get, path = "/v1/instances/{key}/vm", tag = "install")]
+#[utoipa::path(
+    operation_id = "install_vm_status",
+    get,
+    path = "/v1/instances/{key}/vm",
+    tag = "install",
+    summary = "The instance's state and what QEMU says",
+    params(("key" = String, Path, description = "The instance: its id or its name")),
+    responses((status = 200, description = "The VM", body = VmView), crate::openapi::Errors)
+)]
 async fn vm_status(
     State(s): Shared,
     Extension(caller): Extension<Caller>,
@@ -120,7 +163,15 @@ fn default_console() -> u64 {
 }
 
 /// `GET /v1/instances/{key}/console?bytes=N`: the end of its serial console.
-#[utoipa::path(get, path = "/v1/instances/{key}/console", tag = "install")]
+#[utoipa::path(
+    operation_id = "install_console",
+    get,
+    path = "/v1/instances/{key}/console",
+    tag = "install",
+    summary = "The end of the serial console",
+    params(("key" = String, Path, description = "The instance: its id or its name"), ("bytes" = Option<u64>, Query, description = "Bytes from the end (64 KiB; at most 16 MiB)")),
+    responses((status = 200, description = "The console text", body = String, content_type = "text/plain"), crate::openapi::Errors)
+)]
 async fn console(
     State(s): Shared,
     Extension(caller): Extension<Caller>,

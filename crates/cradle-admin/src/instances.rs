@@ -9,10 +9,11 @@ use axum::extract::State;
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use cradle_core::{Caller, DriveFormat};
+use cradle_model::answers::CallerView;
 use cradle_model::answers::{
     EventList, InstanceList, MessageList, MessageQueued, PACKAGE_SHA256_HEADER,
 };
-use cradle_model::api::{InstancePatch, InstanceSpec, MessageIn};
+use cradle_model::api::{InstancePatch, InstanceSpec, InstanceView, MessageIn};
 use serde::Deserialize;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
@@ -33,12 +34,26 @@ pub fn routes() -> OpenApiRouter<Arc<AdminState>> {
         .routes(routes!(whoami))
 }
 
-#[utoipa::path(get, path = "/v1/whoami", tag = "instances")]
+#[utoipa::path(
+    operation_id = "instances_whoami",
+    get,
+    path = "/v1/whoami",
+    tag = "instances",
+    summary = "Who the presented token is: name, roles, projects",
+    responses((status = 200, description = "The caller", body = CallerView), crate::openapi::Errors)
+)]
 async fn whoami(State(s): Shared, Extension(caller): Extension<Caller>) -> impl IntoResponse {
     axum::Json(s.core.whoami(&caller))
 }
 
-#[utoipa::path(get, path = "/v1/instances", tag = "instances")]
+#[utoipa::path(
+    operation_id = "instances_list",
+    get,
+    path = "/v1/instances",
+    tag = "instances",
+    summary = "Every instance of the projects the token acts for, oldest first",
+    responses((status = 200, description = "The instances", body = InstanceList), crate::openapi::Errors)
+)]
 async fn list(
     State(s): Shared,
     Extension(caller): Extension<Caller>,
@@ -47,7 +62,15 @@ async fn list(
     Ok(axum::Json(InstanceList { instances }))
 }
 
-#[utoipa::path(post, path = "/v1/instances", tag = "instances")]
+#[utoipa::path(
+    operation_id = "instances_create",
+    post,
+    path = "/v1/instances",
+    tag = "instances",
+    summary = "Register an instance",
+    request_body = InstanceSpec,
+    responses((status = 201, description = "Registered", body = InstanceView), crate::openapi::Errors)
+)]
 async fn create(
     State(s): Shared,
     Extension(caller): Extension<Caller>,
@@ -62,7 +85,15 @@ async fn create(
     Ok(r)
 }
 
-#[utoipa::path(get, path = "/v1/instances/{key}", tag = "instances")]
+#[utoipa::path(
+    operation_id = "instances_show",
+    get,
+    path = "/v1/instances/{key}",
+    tag = "instances",
+    summary = "One instance",
+    params(("key" = String, Path, description = "The instance: its id or its name")),
+    responses((status = 200, description = "The instance", body = InstanceView), crate::openapi::Errors)
+)]
 async fn show(
     State(s): Shared,
     Extension(caller): Extension<Caller>,
@@ -71,7 +102,16 @@ async fn show(
     Ok(axum::Json(s.core.instance(&caller, &key)?))
 }
 
-#[utoipa::path(patch, path = "/v1/instances/{key}", tag = "instances")]
+#[utoipa::path(
+    operation_id = "instances_modify",
+    patch,
+    path = "/v1/instances/{key}",
+    tag = "instances",
+    summary = "Change an instance; nothing changes unless all of the patch is valid",
+    params(("key" = String, Path, description = "The instance: its id or its name")),
+    request_body = InstancePatch,
+    responses((status = 200, description = "Changed", body = InstanceView), crate::openapi::Errors)
+)]
 async fn modify(
     State(s): Shared,
     Extension(caller): Extension<Caller>,
@@ -83,7 +123,15 @@ async fn modify(
     ))
 }
 
-#[utoipa::path(delete, path = "/v1/instances/{key}", tag = "instances")]
+#[utoipa::path(
+    operation_id = "instances_remove",
+    delete,
+    path = "/v1/instances/{key}",
+    tag = "instances",
+    summary = "Remove an instance, its messages, secrets and last job",
+    params(("key" = String, Path, description = "The instance: its id or its name")),
+    responses((status = 204, description = "Removed"), crate::openapi::Errors)
+)]
 async fn remove(
     State(s): Shared,
     Extension(caller): Extension<Caller>,
@@ -93,7 +141,16 @@ async fn remove(
     Ok(StatusCode::NO_CONTENT)
 }
 
-#[utoipa::path(post, path = "/v1/instances/{key}/messages", tag = "instances")]
+#[utoipa::path(
+    operation_id = "instances_send",
+    post,
+    path = "/v1/instances/{key}/messages",
+    tag = "instances",
+    summary = "Queue a message for the guest",
+    params(("key" = String, Path, description = "The instance: its id or its name")),
+    request_body = MessageIn,
+    responses((status = 202, description = "Queued", body = MessageQueued), crate::openapi::Errors)
+)]
 async fn send(
     State(s): Shared,
     Extension(caller): Extension<Caller>,
@@ -104,7 +161,15 @@ async fn send(
     Ok((StatusCode::ACCEPTED, axum::Json(MessageQueued { id })))
 }
 
-#[utoipa::path(get, path = "/v1/instances/{key}/messages", tag = "instances")]
+#[utoipa::path(
+    operation_id = "instances_receive",
+    get,
+    path = "/v1/instances/{key}/messages",
+    tag = "instances",
+    summary = "Take every message the guest wrote",
+    params(("key" = String, Path, description = "The instance: its id or its name")),
+    responses((status = 200, description = "The messages, oldest first", body = MessageList), crate::openapi::Errors)
+)]
 async fn receive(
     State(s): Shared,
     Extension(caller): Extension<Caller>,
@@ -114,7 +179,15 @@ async fn receive(
     Ok(axum::Json(MessageList { messages }))
 }
 
-#[utoipa::path(post, path = "/v1/instances/{key}/reset-state", tag = "instances")]
+#[utoipa::path(
+    operation_id = "instances_reset_state",
+    post,
+    path = "/v1/instances/{key}/reset-state",
+    tag = "instances",
+    summary = "Clear an error state (admin role)",
+    params(("key" = String, Path, description = "The instance: its id or its name")),
+    responses((status = 200, description = "Back to registered", body = InstanceView), crate::openapi::Errors)
+)]
 async fn reset_state(
     State(s): Shared,
     Extension(caller): Extension<Caller>,
@@ -123,7 +196,15 @@ async fn reset_state(
     Ok(axum::Json(s.core.reset_state(&caller, &key).await?))
 }
 
-#[utoipa::path(get, path = "/v1/instances/{key}/events", tag = "instances")]
+#[utoipa::path(
+    operation_id = "instances_events",
+    get,
+    path = "/v1/instances/{key}/events",
+    tag = "instances",
+    summary = "What happened to the instance, oldest first",
+    params(("key" = String, Path, description = "The instance: its id or its name")),
+    responses((status = 200, description = "The events", body = EventList), crate::openapi::Errors)
+)]
 async fn events(
     State(s): Shared,
     Extension(caller): Extension<Caller>,
@@ -139,7 +220,15 @@ struct DriveQuery {
 }
 
 /// The instance's config drive, built now.
-#[utoipa::path(get, path = "/v1/instances/{key}/config-drive", tag = "instances")]
+#[utoipa::path(
+    operation_id = "instances_config_drive",
+    get,
+    path = "/v1/instances/{key}/config-drive",
+    tag = "instances",
+    summary = "The instance's config drive, built now",
+    params(("key" = String, Path, description = "The instance: its id or its name"), ("format" = Option<String>, Query, description = "iso9660 (the default) or vfat")),
+    responses((status = 200, description = "The image (vfat drives as application/octet-stream)", body = Vec<u8>, content_type = "application/x-iso9660-image"), crate::openapi::Errors)
+)]
 async fn config_drive(
     State(s): Shared,
     Extension(caller): Extension<Caller>,
@@ -170,7 +259,15 @@ async fn config_drive(
 /// The instance's personalization package, fetched now by the server (its
 /// credentials are secret parameters, which exist only in the server's
 /// memory) and streamed from an anonymous file that goes with the response.
-#[utoipa::path(get, path = "/v1/instances/{key}/personalization", tag = "instances")]
+#[utoipa::path(
+    operation_id = "instances_package",
+    get,
+    path = "/v1/instances/{key}/personalization",
+    tag = "instances",
+    summary = "The personalization package, fetched now with its credentials",
+    params(("key" = String, Path, description = "The instance: its id or its name")),
+    responses((status = 200, description = "The package (X-Cradle-Package-Sha256 gives its SHA-256)", body = Vec<u8>, content_type = "application/gzip"), crate::openapi::Errors)
+)]
 async fn package(
     State(s): Shared,
     Extension(caller): Extension<Caller>,
@@ -191,7 +288,14 @@ async fn package(
     Ok(r)
 }
 
-#[utoipa::path(get, path = "/metrics", tag = "instances")]
+#[utoipa::path(
+    operation_id = "instances_metrics",
+    get,
+    path = "/metrics",
+    tag = "instances",
+    summary = "Prometheus text exposition (a token acting for every project)",
+    responses((status = 200, description = "The metrics", body = String, content_type = "application/openmetrics-text; version=1.0.0; charset=utf-8"), crate::openapi::Errors)
+)]
 async fn metrics(
     State(s): Shared,
     Extension(caller): Extension<Caller>,

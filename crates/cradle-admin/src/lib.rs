@@ -15,6 +15,7 @@
 //!   firewall.
 //! - `extract.rs`: the extractors whose every failure is one of ours.
 //! - `tokens.rs`: who a bearer token belongs to.
+//! - `openapi.rs`: the OpenAPI document, from the handlers' declarations.
 
 #![forbid(unsafe_code)]
 
@@ -22,6 +23,7 @@ mod error;
 mod extract;
 mod install;
 mod instances;
+mod openapi;
 mod secgroups;
 mod tokens;
 
@@ -54,11 +56,28 @@ type Shared = State<Arc<AdminState>>;
 /// Every route, and the OpenAPI document of them: one declaration per
 /// handler (`#[utoipa::path]`) makes both, so neither can miss one.
 fn api() -> (Router<Arc<AdminState>>, utoipa::openapi::OpenApi) {
-    OpenApiRouter::new()
+    use utoipa::OpenApi;
+    OpenApiRouter::with_openapi(openapi::Base::openapi())
+        .routes(utoipa_axum::routes!(openapi::document))
         .merge(instances::routes())
         .merge(install::routes())
         .merge(secgroups::routes())
         .split_for_parts()
+}
+
+/// The OpenAPI 3.1 document of the admin API, as `GET /v1/openapi.json`
+/// serves it and docs/openapi.json holds it.
+pub fn document() -> serde_json::Value {
+    let mut doc = serde_json::to_value(api().1).expect("the document always serializes");
+    openapi::open_flattened(&mut doc);
+    doc
+}
+
+/// [`document`] as the pretty JSON committed in docs/openapi.json.
+pub fn document_json() -> String {
+    let mut text = serde_json::to_string_pretty(&document()).expect("a value serializes");
+    text.push('\n');
+    text
 }
 
 /// Every route of the admin router as (method, path), from the router's

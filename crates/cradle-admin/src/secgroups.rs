@@ -17,12 +17,12 @@ use axum::extract::{RawQuery, State};
 use axum::http::StatusCode;
 use axum::response::IntoResponse;
 use cradle_core::{Caller, FirewallPlan};
-use cradle_model::answers::FirewallApplied;
-use cradle_secgroups::RuleRequest;
+use cradle_model::answers::{FirewallApplied, FirewallView};
 use cradle_secgroups::api::{
     DefaultRules, GroupPatch, GroupRequest, Groups, OneDefaultRule, OneGroup, OneRule, Rules,
-    TroveGroup, TroveRule,
+    TroveGroup, TroveRule, TroveRuleRequest,
 };
+use cradle_secgroups::{GroupView, RuleRequest, RuleView};
 use serde_json::Value;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
@@ -76,9 +76,13 @@ fn invalid_body(what: &str, e: serde_json::Error) -> ApiError {
 // ---- native -------------------------------------------------------------
 
 #[utoipa::path(
+    operation_id = "sg_list",
     get,
     path = "/v1/tenants/{tenant}/security-groups",
-    tag = "security-groups"
+    tag = "security-groups",
+    summary = "The tenant's groups",
+    params(("tenant" = String, Path, description = "The tenant (project) that owns the groups")),
+    responses((status = 200, description = "The groups", body = Groups<GroupView>), crate::openapi::Errors)
 )]
 async fn list(
     State(s): Shared,
@@ -90,9 +94,14 @@ async fn list(
 }
 
 #[utoipa::path(
+    operation_id = "sg_create",
     post,
     path = "/v1/tenants/{tenant}/security-groups",
-    tag = "security-groups"
+    tag = "security-groups",
+    summary = "Create a shared group",
+    params(("tenant" = String, Path, description = "The tenant (project) that owns the groups")),
+    request_body = GroupRequest,
+    responses((status = 201, description = "Created", body = OneGroup<GroupView>), crate::openapi::Errors)
 )]
 async fn create(
     State(s): Shared,
@@ -110,9 +119,13 @@ async fn create(
 }
 
 #[utoipa::path(
+    operation_id = "sg_show",
     get,
     path = "/v1/tenants/{tenant}/security-groups/{id}",
-    tag = "security-groups"
+    tag = "security-groups",
+    summary = "One group",
+    params(("tenant" = String, Path, description = "The tenant (project) that owns the groups"), ("id" = String, Path, description = "The group: its id, or the id of the instance whose own group it is")),
+    responses((status = 200, description = "The group", body = OneGroup<GroupView>), crate::openapi::Errors)
 )]
 async fn show(
     State(s): Shared,
@@ -124,9 +137,14 @@ async fn show(
 }
 
 #[utoipa::path(
+    operation_id = "sg_update",
     patch,
     path = "/v1/tenants/{tenant}/security-groups/{id}",
-    tag = "security-groups"
+    tag = "security-groups",
+    summary = "Rename a group or change its description",
+    params(("tenant" = String, Path, description = "The tenant (project) that owns the groups"), ("id" = String, Path, description = "The group: its id, or the id of the instance whose own group it is")),
+    request_body = GroupPatch,
+    responses((status = 200, description = "Changed", body = OneGroup<GroupView>), crate::openapi::Errors)
 )]
 async fn update(
     State(s): Shared,
@@ -144,9 +162,13 @@ async fn update(
 }
 
 #[utoipa::path(
+    operation_id = "sg_remove",
     delete,
     path = "/v1/tenants/{tenant}/security-groups/{id}",
-    tag = "security-groups"
+    tag = "security-groups",
+    summary = "Delete a shared group",
+    params(("tenant" = String, Path, description = "The tenant (project) that owns the groups"), ("id" = String, Path, description = "The group: its id, or the id of the instance whose own group it is")),
+    responses((status = 204, description = "Deleted"), crate::openapi::Errors)
 )]
 async fn remove(
     State(s): Shared,
@@ -158,9 +180,13 @@ async fn remove(
 }
 
 #[utoipa::path(
+    operation_id = "sg_rules",
     get,
     path = "/v1/tenants/{tenant}/security-groups/{id}/rules",
-    tag = "security-groups"
+    tag = "security-groups",
+    summary = "A group's rules",
+    params(("tenant" = String, Path, description = "The tenant (project) that owns the groups"), ("id" = String, Path, description = "The group: its id, or the id of the instance whose own group it is")),
+    responses((status = 200, description = "The rules", body = Rules), crate::openapi::Errors)
 )]
 async fn rules(
     State(s): Shared,
@@ -174,9 +200,14 @@ async fn rules(
 }
 
 #[utoipa::path(
+    operation_id = "sg_add_rule",
     post,
     path = "/v1/tenants/{tenant}/security-groups/{id}/rules",
-    tag = "security-groups"
+    tag = "security-groups",
+    summary = "Add a rule to a group",
+    params(("tenant" = String, Path, description = "The tenant (project) that owns the groups"), ("id" = String, Path, description = "The group: its id, or the id of the instance whose own group it is")),
+    request_body = RuleRequest,
+    responses((status = 201, description = "Added", body = OneRule<RuleView>), crate::openapi::Errors)
 )]
 async fn add_rule(
     State(s): Shared,
@@ -195,9 +226,13 @@ async fn add_rule(
 }
 
 #[utoipa::path(
+    operation_id = "sg_delete_rule",
     delete,
     path = "/v1/tenants/{tenant}/security-group-rules/{id}",
-    tag = "security-groups"
+    tag = "security-groups",
+    summary = "Delete a rule",
+    params(("tenant" = String, Path, description = "The tenant (project) that owns the groups"), ("id" = String, Path, description = "The rule's id")),
+    responses((status = 204, description = "Deleted"), crate::openapi::Errors)
 )]
 async fn delete_rule(
     State(s): Shared,
@@ -209,9 +244,13 @@ async fn delete_rule(
 }
 
 #[utoipa::path(
+    operation_id = "sg_trove_delete_rule",
     delete,
     path = "/v1.0/{tenant}/security-group-rules/{id}",
-    tag = "trove"
+    tag = "trove",
+    summary = "Delete a rule (Trove)",
+    params(("tenant" = String, Path, description = "The tenant (project) that owns the groups"), ("id" = String, Path, description = "The rule's id")),
+    responses((status = 204, description = "Deleted"), crate::openapi::Errors)
 )]
 async fn trove_delete_rule(
     state: Shared,
@@ -222,9 +261,13 @@ async fn trove_delete_rule(
 }
 
 #[utoipa::path(
+    operation_id = "sg_attach",
     put,
     path = "/v1/tenants/{tenant}/security-groups/{id}/instances/{instance}",
-    tag = "security-groups"
+    tag = "security-groups",
+    summary = "Put one of the tenant's instances in a group",
+    params(("tenant" = String, Path, description = "The tenant (project) that owns the groups"), ("id" = String, Path, description = "The group: its id, or the id of the instance whose own group it is"), ("instance" = String, Path, description = "The instance: its id or its name")),
+    responses((status = 204, description = "Attached"), crate::openapi::Errors)
 )]
 async fn attach(
     State(s): Shared,
@@ -238,9 +281,13 @@ async fn attach(
 }
 
 #[utoipa::path(
+    operation_id = "sg_detach",
     delete,
     path = "/v1/tenants/{tenant}/security-groups/{id}/instances/{instance}",
-    tag = "security-groups"
+    tag = "security-groups",
+    summary = "Take an instance out of a group",
+    params(("tenant" = String, Path, description = "The tenant (project) that owns the groups"), ("id" = String, Path, description = "The group: its id, or the id of the instance whose own group it is"), ("instance" = String, Path, description = "The instance: its id or its name")),
+    responses((status = 204, description = "Detached"), crate::openapi::Errors)
 )]
 async fn detach(
     State(s): Shared,
@@ -254,9 +301,13 @@ async fn detach(
 }
 
 #[utoipa::path(
+    operation_id = "sg_defaults",
     get,
     path = "/v1/tenants/{tenant}/default-rules",
-    tag = "security-groups"
+    tag = "security-groups",
+    summary = "The rules every new instance of the tenant starts with",
+    params(("tenant" = String, Path, description = "The tenant (project) that owns the groups")),
+    responses((status = 200, description = "The default rules", body = DefaultRules), crate::openapi::Errors)
 )]
 async fn defaults(
     State(s): Shared,
@@ -268,9 +319,14 @@ async fn defaults(
 }
 
 #[utoipa::path(
+    operation_id = "sg_add_default",
     post,
     path = "/v1/tenants/{tenant}/default-rules",
-    tag = "security-groups"
+    tag = "security-groups",
+    summary = "Add a default rule",
+    params(("tenant" = String, Path, description = "The tenant (project) that owns the groups")),
+    request_body = RuleRequest,
+    responses((status = 201, description = "Added", body = OneDefaultRule), crate::openapi::Errors)
 )]
 async fn add_default(
     State(s): Shared,
@@ -287,9 +343,13 @@ async fn add_default(
 }
 
 #[utoipa::path(
+    operation_id = "sg_delete_default",
     delete,
     path = "/v1/tenants/{tenant}/default-rules/{id}",
-    tag = "security-groups"
+    tag = "security-groups",
+    summary = "Delete a default rule",
+    params(("tenant" = String, Path, description = "The tenant (project) that owns the groups"), ("id" = String, Path, description = "The rule's id")),
+    responses((status = 204, description = "Deleted"), crate::openapi::Errors)
 )]
 async fn delete_default(
     State(s): Shared,
@@ -301,9 +361,13 @@ async fn delete_default(
 }
 
 #[utoipa::path(
+    operation_id = "sg_instance_groups",
     get,
     path = "/v1/instances/{key}/security-groups",
-    tag = "security-groups"
+    tag = "security-groups",
+    summary = "The groups an instance is in, its own first",
+    params(("key" = String, Path, description = "The instance: its id or its name")),
+    responses((status = 200, description = "The groups", body = Groups<GroupView>), crate::openapi::Errors)
 )]
 async fn instance_groups(
     State(s): Shared,
@@ -319,7 +383,14 @@ async fn instance_groups(
 /// The whole table as it would be applied now. A plan serializes straight
 /// to the `{"nftables": [...]}` document, several times faster than going
 /// through a `Value` (seconds for 10,000 instances).
-#[utoipa::path(get, path = "/v1/firewall", tag = "security-groups")]
+#[utoipa::path(
+    operation_id = "sg_firewall_show",
+    get,
+    path = "/v1/firewall",
+    tag = "firewall",
+    summary = "The nftables ruleset and whether it is enforced (a token acting for every project)",
+    responses((status = 200, description = "The ruleset", body = FirewallView<serde_json::Value>), crate::openapi::Errors)
+)]
 async fn firewall_show(
     State(s): Shared,
     Extension(caller): Extension<Caller>,
@@ -327,7 +398,15 @@ async fn firewall_show(
     Ok(axum::Json(s.core.firewall(&caller).await?))
 }
 
-#[utoipa::path(post, path = "/v1/firewall/apply", tag = "security-groups")]
+#[utoipa::path(
+    operation_id = "sg_firewall_apply",
+    post,
+    path = "/v1/firewall/apply",
+    tag = "firewall",
+    summary = "Re-apply the whole ruleset (admin role), or only show it",
+    params(("dry_run" = Option<bool>, Query, description = "Apply nothing; answer the ruleset")),
+    responses((status = 200, description = "Applied, or what would be", body = FirewallApplied<serde_json::Value>), crate::openapi::Errors)
+)]
 async fn firewall_apply(
     State(s): Shared,
     Extension(caller): Extension<Caller>,
@@ -359,7 +438,15 @@ async fn firewall_apply(
 
 // ---- Trove-compatible ---------------------------------------------------
 
-#[utoipa::path(get, path = "/v1.0/{tenant}/security-groups", tag = "security-groups")]
+#[utoipa::path(
+    operation_id = "sg_trove_list",
+    get,
+    path = "/v1.0/{tenant}/security-groups",
+    tag = "trove",
+    summary = "The tenant's groups (Trove)",
+    params(("tenant" = String, Path, description = "The tenant (project) that owns the groups")),
+    responses((status = 200, description = "The groups", body = Groups<TroveGroup>), crate::openapi::Errors)
+)]
 async fn trove_list(
     State(s): Shared,
     Extension(caller): Extension<Caller>,
@@ -371,9 +458,13 @@ async fn trove_list(
 }
 
 #[utoipa::path(
+    operation_id = "sg_trove_show",
     get,
     path = "/v1.0/{tenant}/security-groups/{id}",
-    tag = "security-groups"
+    tag = "trove",
+    summary = "One group (Trove)",
+    params(("tenant" = String, Path, description = "The tenant (project) that owns the groups"), ("id" = String, Path, description = "The group: its id, or the id of the instance whose own group it is")),
+    responses((status = 200, description = "The group", body = OneGroup<TroveGroup>), crate::openapi::Errors)
 )]
 async fn trove_show(
     State(s): Shared,
@@ -429,9 +520,14 @@ fn text(field: &str, v: &Value) -> Result<Option<String>, ApiError> {
 /// "to_port"}}`. Unlike Trove, protocol and ports are honoured; for ICMP the
 /// ports are the type and code, `-1` meaning any.
 #[utoipa::path(
+    operation_id = "sg_trove_add_rule",
     post,
     path = "/v1.0/{tenant}/security-group-rules",
-    tag = "security-groups"
+    tag = "trove",
+    summary = "Add a rule (Trove)",
+    params(("tenant" = String, Path, description = "The tenant (project) that owns the groups")),
+    request_body = OneRule<TroveRuleRequest>,
+    responses((status = 201, description = "Added", body = OneRule<Vec<TroveRule>>), crate::openapi::Errors)
 )]
 async fn trove_add_rule(
     State(s): Shared,

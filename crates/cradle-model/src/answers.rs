@@ -20,7 +20,7 @@ pub const METADATA_FLAVOR_HEADER: &str = "metadata-flavor";
 pub const METADATA_FLAVOR: &str = "cradle";
 
 /// `GET /v1/whoami`: who the presented token is.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct CallerView {
     pub name: String,
     pub roles: Vec<String>,
@@ -31,26 +31,26 @@ pub struct CallerView {
 }
 
 /// `GET /v1/instances`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct InstanceList {
     pub instances: Vec<InstanceView>,
 }
 
 /// `POST /v1/instances/{key}/messages`: the queued message's id.
-#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct MessageQueued {
     pub id: i64,
 }
 
 /// `GET /v1/instances/{key}/messages`: every message the guest wrote, now
 /// taken off its queue.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct MessageList {
     pub messages: Vec<MessageView>,
 }
 
 /// Something that happened to an instance.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct EventView {
     pub id: i64,
     #[serde(with = "time::serde::rfc3339")]
@@ -60,14 +60,14 @@ pub struct EventView {
 }
 
 /// `GET /v1/instances/{key}/events`, oldest first.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct EventList {
     pub events: Vec<EventView>,
 }
 
 /// `GET /v1/instances/{key}/vm`: the instance's state and what QEMU says of
 /// its VM (`stopped`, `running`, `paused`, or QEMU's own word).
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct VmView {
     pub instance: String,
     pub state: String,
@@ -76,20 +76,24 @@ pub struct VmView {
 
 /// `GET /v1/firewall`. `R` is the ruleset: the server writes its plan
 /// straight out, a reader takes nft's JSON document as a value.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
+#[schema(bound = "")]
 pub struct FirewallView<R> {
     /// Whether changes reach the kernel (`[firewall] enabled`).
     pub enforced: bool,
     /// Whether the last apply failed (a full apply is due).
     pub dirty: bool,
     pub table: String,
+    #[schema(value_type = Object)]
     pub ruleset: R,
 }
 
 /// `POST /v1/firewall/apply[?dry_run=true]`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
+#[schema(bound = "")]
 pub struct FirewallApplied<R> {
     /// False for a dry run.
     pub applied: bool,
+    #[schema(value_type = Object)]
     pub ruleset: R,
 }

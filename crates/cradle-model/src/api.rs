@@ -46,7 +46,7 @@ fn invalid<T>(field: impl Into<String>, message: impl Into<String>) -> Result<T,
 }
 
 /// `POST /v1/instances`.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct InstanceSpec {
     pub name: String,
@@ -102,7 +102,7 @@ pub struct InstanceSpec {
     /// Never serialized: `Secret` would print `<redacted>` for the values
     /// anyway. The typed client writes them out in its request body, the
     /// one place they must go.
-    #[serde(default, skip_serializing)]
+    #[serde(default, skip_serializing_if = "never")]
     pub os_params: OsParamsSpec,
     /// Disk images on this host, in order.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -119,14 +119,16 @@ pub struct InstanceSpec {
 }
 
 /// OS parameters as given on create: values in each visibility.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct OsParamsSpec {
     #[serde(default)]
     pub public: BTreeMap<String, String>,
     #[serde(default)]
+    #[schema(value_type = BTreeMap<String, String>)]
     pub private: BTreeMap<String, Secret<String>>,
     #[serde(default)]
+    #[schema(value_type = BTreeMap<String, String>)]
     pub secret: BTreeMap<String, Secret<String>>,
 }
 
@@ -163,12 +165,18 @@ impl<T> Patch<T> {
     }
 }
 
+/// For `skip_serializing_if` on fields that are never written out (so
+/// that they still show in the OpenAPI schema, unlike `skip_serializing`).
+fn never<T>(_: &T) -> bool {
+    true
+}
+
 /// The project of an instance registered without one.
 pub const DEFAULT_PROJECT: &str = "default";
 
 /// `PATCH /v1/instances/{id}`. Scalars replace; maps merge as in RFC 7396
 /// (a key set to `null` is removed); a nullable field set to `null` is cleared.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct InstancePatch {
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -184,6 +192,7 @@ pub struct InstancePatch {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub instance_type: Option<String>,
     #[serde(default, skip_serializing_if = "Patch::is_absent")]
+    #[schema(value_type = Option<String>)]
     pub user_data: Patch<String>,
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub metadata: BTreeMap<String, Option<String>>,
@@ -196,28 +205,37 @@ pub struct InstancePatch {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mac: Option<String>,
     #[serde(default, skip_serializing_if = "Patch::is_absent")]
+    #[schema(value_type = Option<String>)]
     pub local_ipv4: Patch<String>,
     #[serde(default, skip_serializing_if = "Patch::is_absent")]
+    #[schema(value_type = Option<String>)]
     pub local_ipv6: Patch<String>,
     #[serde(default, skip_serializing_if = "Patch::is_absent")]
+    #[schema(value_type = Option<String>)]
     pub interface: Patch<String>,
     #[serde(default, skip_serializing_if = "Patch::is_absent")]
+    #[schema(value_type = Option<String>)]
     pub gateway_ipv4: Patch<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dns_nameservers: Option<Vec<String>>,
     #[serde(default, skip_serializing_if = "Patch::is_absent")]
+    #[schema(value_type = Option<String>)]
     pub public_ipv4: Patch<String>,
     #[serde(default, skip_serializing_if = "Patch::is_absent")]
+    #[schema(value_type = Option<String>)]
     pub os_type: Patch<String>,
     #[serde(default, skip_serializing_if = "Patch::is_absent")]
+    #[schema(value_type = Option<String>)]
     pub os_image: Patch<String>,
     /// Changing the URL drops the old pin unless this patch sets one.
     #[serde(default, skip_serializing_if = "Patch::is_absent")]
+    #[schema(value_type = Option<String>)]
     pub personalization_url: Patch<String>,
     #[serde(default, skip_serializing_if = "Patch::is_absent")]
+    #[schema(value_type = Option<String>)]
     pub personalization_sha256: Patch<String>,
     /// Never serialized, as [`InstanceSpec::os_params`].
-    #[serde(default, skip_serializing)]
+    #[serde(default, skip_serializing_if = "never")]
     pub os_params: OsParamsPatch,
     /// Replaces the whole list.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -234,20 +252,22 @@ pub struct InstancePatch {
 }
 
 /// OS parameter changes: per visibility, a key set to `null` is removed.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct OsParamsPatch {
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub public: BTreeMap<String, Option<String>>,
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    #[schema(value_type = BTreeMap<String, Option<String>>)]
     pub private: BTreeMap<String, Option<Secret<String>>>,
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    #[schema(value_type = BTreeMap<String, Option<String>>)]
     pub secret: BTreeMap<String, Option<Secret<String>>>,
 }
 
 /// An instance as the admin API shows it: private and secret parameters by
 /// key name only.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct InstanceView {
     pub id: Uuid,
     pub name: String,
@@ -262,15 +282,21 @@ pub struct InstanceView {
     /// Guest path to base64 contents.
     #[serde(default)]
     pub files: BTreeMap<String, String>,
+    #[schema(value_type = String)]
     pub metadata_address: IpAddr,
     pub mac: String,
+    #[schema(value_type = Option<String>)]
     pub local_ipv4: Option<HostAddr>,
     #[serde(default)]
+    #[schema(value_type = Option<String>)]
     pub local_ipv6: Option<Ipv6Addr>,
     #[serde(default)]
     pub interface: Option<String>,
+    #[schema(value_type = Option<String>)]
     pub gateway_ipv4: Option<Ipv4Addr>,
+    #[schema(value_type = Vec<String>)]
     pub dns_nameservers: Vec<IpAddr>,
+    #[schema(value_type = Option<String>)]
     pub public_ipv4: Option<Ipv4Addr>,
     pub os_type: Option<String>,
     pub os_image: Option<String>,
@@ -310,7 +336,7 @@ fn default_vcpus() -> u32 {
     1
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct OsParamsView {
     pub public: BTreeMap<String, String>,
     pub private: Vec<String>,
@@ -373,19 +399,19 @@ impl From<&Instance> for InstanceView {
 }
 
 /// The admin API's error body: `{"error": {"code": ..., "message": ...}}`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct ErrorBody {
     pub error: ErrorDetail,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct ErrorDetail {
     pub code: String,
     pub message: String,
 }
 
 /// `POST /v1/instances/{id}/messages`: exactly one of `text` or `data` (base64).
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct MessageIn {
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -410,7 +436,7 @@ impl MessageIn {
 }
 
 /// A message drained from the guest → host queue.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct MessageView {
     pub id: i64,
     #[serde(with = "time::serde::rfc3339")]

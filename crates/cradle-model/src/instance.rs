@@ -179,7 +179,7 @@ impl Visibility {
 /// native namespace is ruled apart (it takes a token or the
 /// `Metadata-Flavor: cradle` header whatever this says); see the table in
 /// docs/metadata-api.md.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum ImdsTokens {
     /// No read needs a token; a token that is sent must be good.
@@ -220,7 +220,7 @@ impl FromStr for ImdsTokens {
 }
 
 /// Lifecycle state. Later capabilities (install, run) move instances through it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum State {
     /// Known to cradle; its metadata is served.

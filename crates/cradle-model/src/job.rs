@@ -7,7 +7,7 @@ use time::OffsetDateTime;
 use uuid::Uuid;
 
 /// What an event is.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum EventKind {
     /// The installer's own steps (booting the appliance, the timeout, …).
@@ -22,7 +22,7 @@ pub enum EventKind {
     Status,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct JobEvent {
     pub seq: u64,
     /// Milliseconds since the job started.
@@ -32,7 +32,7 @@ pub struct JobEvent {
 }
 
 /// The agent's final word.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct AgentStatus {
     pub exit_code: i32,
     #[serde(default)]
@@ -42,7 +42,7 @@ pub struct AgentStatus {
 }
 
 /// What the admin API shows of a job.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct JobView {
     pub id: Uuid,
     pub instance: Uuid,

@@ -13,7 +13,7 @@ pub const VCPUS: std::ops::RangeInclusive<u32> = 1..=256;
 pub const DEFAULT_MEMORY_MIB: u32 = 512;
 
 /// A disk image's format.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum DiskFormat {
     #[default]
@@ -32,7 +32,7 @@ impl DiskFormat {
 
 /// One of an instance's disks: an image file on this host, attached in
 /// order (the first is `vda` in the guest and `DISK_0_PATH` to OS scripts).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Disk {
     pub path: String,
@@ -141,7 +141,7 @@ mod tests {
 /// apart from what it runs with, so a reinstall repeats it (seed 003: "the
 /// set of self_install parameters will be stored as part of the instance
 /// configuration"). Paths are files on this host.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct InstallParams {
     /// An installation CD-ROM image (ISO), attached read-only.
@@ -160,7 +160,7 @@ pub struct InstallParams {
     pub boot: Option<BootDevice>,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum BootDevice {
     Disk,

@@ -11,7 +11,7 @@ use uuid::Uuid;
 use crate::model::{GroupView, RuleView};
 
 /// `POST /v1/tenants/{tenant}/security-groups`.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct GroupRequest {
     pub name: String,
@@ -20,7 +20,7 @@ pub struct GroupRequest {
 }
 
 /// `PATCH /v1/tenants/{tenant}/security-groups/{id}`: what is given changes.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct GroupPatch {
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -30,50 +30,51 @@ pub struct GroupPatch {
 }
 
 /// `{"security_groups": [...]}`, native or Trove.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Groups<G> {
     pub security_groups: Vec<G>,
 }
 
 /// `{"security_group": ...}`, native or Trove.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct OneGroup<G> {
     pub security_group: G,
 }
 
 /// `{"security_group_rules": [...]}`: a group's rules.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Rules {
     pub security_group_rules: Vec<RuleView>,
 }
 
 /// `{"security_group_rule": ...}`: a rule just added. Trove answers a
 /// list of one.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct OneRule<R> {
     pub security_group_rule: R,
 }
 
 /// `{"default_rules": [...]}`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct DefaultRules {
     pub default_rules: Vec<RuleView>,
 }
 
 /// `{"default_rule": ...}`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct OneDefaultRule {
     pub default_rule: RuleView,
 }
 
 /// A group as Trove shows it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct TroveGroup {
     pub id: Uuid,
     pub name: String,
     pub description: String,
     pub instance_id: Option<Uuid>,
     pub rules: Vec<TroveRule>,
+    #[schema(value_type = Vec<Object>)]
     pub links: Vec<serde_json::Value>,
     pub created: Option<String>,
     pub updated: Option<String>,
@@ -81,7 +82,7 @@ pub struct TroveGroup {
 
 /// A rule as Trove shows it: ICMP type and code in the port fields, as Nova
 /// and Trove put them.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct TroveRule {
     pub id: Uuid,
     pub group_id: Option<Uuid>,
@@ -141,7 +142,7 @@ impl From<&RuleView> for TroveRule {
 
 /// `POST /v1.0/{tenant}/security-group-rules`, as a client sends it (the
 /// server also takes ports as numeric strings, as Trove clients send them).
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct TroveRuleRequest {
     pub group_id: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -222,7 +222,7 @@ pub fn parse_cidr(s: &str) -> Result<IpNet, Invalid> {
 
 /// A rule as the native API takes it. Numbers are wide so that an out-of-range
 /// value gets a message about its range, not about JSON.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RuleRequest {
     #[serde(default)]
@@ -544,7 +544,7 @@ mod tests {
 }
 
 /// A rule as the APIs show it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct RuleView {
     pub id: Uuid,
     /// The group (for a tenant default rule: absent).
@@ -577,7 +577,7 @@ impl RuleView {
 }
 
 /// A group as the native API shows it: its rules and its members.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct GroupView {
     pub id: Uuid,
     pub tenant: String,

@@ -56,7 +56,7 @@ enum Scope {
     List,
     /// `POST /v1/instances`: the project is in the body.
     Create,
-    /// `GET /v1/whoami`.
+    /// `GET /v1/whoami` and `GET /v1/openapi.json`: any valid token.
     Whoami,
 }
 
@@ -87,6 +87,7 @@ fn rows() -> BTreeMap<(&'static str, &'static str), Row> {
         r.insert((m, &*Box::leak(p.into_boxed_str())), row);
     };
     add("GET", "/v1/whoami".into(), row(Whoami, 200, 200));
+    add("GET", "/v1/openapi.json".into(), row(Whoami, 200, 200));
     add("GET", "/metrics".into(), row(Server, 200, 200));
     add("GET", "/v1/firewall".into(), row(Server, 200, 200));
     add(
