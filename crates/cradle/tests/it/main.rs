@@ -14,6 +14,8 @@ mod hop_limit;
 mod install;
 mod isolation;
 mod metadata;
+mod metadata_clients;
+mod metadata_tokens;
 mod os;
 mod personalize;
 mod remote;
