@@ -69,7 +69,11 @@ async fn list(
     tag = "instances",
     summary = "Register an instance",
     request_body = InstanceSpec,
-    responses((status = 201, description = "Registered", body = InstanceView), crate::openapi::Errors)
+    responses(
+        (status = 201, description = "Registered", body = InstanceView,
+         headers(("Location" = String, description = "/v1/instances/{id} of the new instance"))),
+        crate::openapi::Errors
+    )
 )]
 async fn create(
     State(s): Shared,
@@ -266,7 +270,11 @@ async fn config_drive(
     tag = "instances",
     summary = "The personalization package, fetched now with its credentials",
     params(("key" = String, Path, description = "The instance: its id or its name")),
-    responses((status = 200, description = "The package (X-Cradle-Package-Sha256 gives its SHA-256)", body = Vec<u8>, content_type = "application/gzip"), crate::openapi::Errors)
+    responses(
+        (status = 200, description = "The package", body = Vec<u8>, content_type = "application/gzip",
+         headers(("X-Cradle-Package-Sha256" = String, description = "Its SHA-256, lower-case hex"))),
+        crate::openapi::Errors
+    )
 )]
 async fn package(
     State(s): Shared,

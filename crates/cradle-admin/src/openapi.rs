@@ -21,7 +21,10 @@ pub enum Errors {
     #[response(status = 400)]
     BadRequest(ErrorBody),
     /// No valid bearer token.
-    #[response(status = 401)]
+    #[response(
+        status = 401,
+        headers(("WWW-Authenticate" = String, description = "Bearer"))
+    )]
     Unauthorized(ErrorBody),
     /// The token lacks the role, or does not act for the tenant or project.
     #[response(status = 403)]
