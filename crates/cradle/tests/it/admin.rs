@@ -672,14 +672,16 @@ fn metrics_count_requests_by_namespace_and_instances() {
 fn boot_roles_are_the_callers_roles_at_creation_and_never_change() {
     let tmp = tempfile::tempdir().unwrap();
     let tokens = tmp.path().join("tokens.toml");
-    let write_tokens = |roles: &str| {
-        let text = format!(
-            "[[token]]\nname = \"provisioner\"\nroles = {roles}\nprojects = [\"default\"]\nsha256 = \"{}\"\n",
-            sha256_hex("provisioner-secret-token")
-        );
+    let write_tokens = |roles: &[&str]| {
+        let text = tokens_toml(&[Named {
+            name: "provisioner",
+            roles,
+            projects: &["default"],
+            token: "provisioner-secret-token",
+        }]);
         std::fs::write(&tokens, text).unwrap();
     };
-    write_tokens(r#"["mail-server"]"#);
+    write_tokens(&["mail-server"]);
     let tokens_path = tokens.to_str().unwrap().to_string();
     let s = Server::start_with(Opts {
         env: &[("CRADLE_ADMIN_TOKENS_FILE", &tokens_path)],
@@ -691,7 +693,7 @@ fn boot_roles_are_the_callers_roles_at_creation_and_never_change() {
     assert_eq!(first["boot_roles"], json!(["mail-server"]));
 
     // The caller loses the role (and gains another): the file is re-read.
-    write_tokens(r#"["web-server", "extra"]"#);
+    write_tokens(&["web-server", "extra"]);
     let second = provisioner.create(&json!({"name": "web1", "metadata_address": "127.0.0.3"}));
     assert_eq!(second["boot_roles"], json!(["web-server", "extra"]));
     let again = s.admin().fetch(route::instance("mail1")).json();
@@ -726,7 +728,7 @@ fn boot_roles_are_the_callers_roles_at_creation_and_never_change() {
     );
 
     // A token not in the file (or a removed one) is refused.
-    write_tokens(r#"["web-server"]"#);
+    write_tokens(&["web-server"]);
     let stranger = s.admin().with_token("not-a-token");
     assert_eq!(stranger.fetch(route::instances()).status, 401);
 }

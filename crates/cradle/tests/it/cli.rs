@@ -385,23 +385,20 @@ fn the_token_is_read_from_the_data_dir() {
 
 #[test]
 fn whoami_shows_the_tokens_roles_and_projects() {
-    let tmp = tempfile::tempdir().unwrap();
-    let tokens = tmp.path().join("tokens.toml");
-    std::fs::write(
-        &tokens,
-        format!(
-            "[[token]]\nname = \"acme-ops\"\nroles = [\"provisioner\"]\nprojects = [\"acme\", \"beta\"]\nsha256 = \"{}\"\n\
-             [[token]]\nname = \"idle\"\nsha256 = \"{}\"\n",
-            sha256_hex("acme-token"),
-            sha256_hex("idle-token")
-        ),
-    )
-    .unwrap();
-    let tokens = tokens.to_str().unwrap().to_string();
-    let s = Server::start_with(Opts {
-        env: &[("CRADLE_ADMIN_TOKENS_FILE", &tokens)],
-        ..Default::default()
-    });
+    let s = Server::with_tokens(&[
+        Named {
+            name: "acme-ops",
+            roles: &["provisioner"],
+            projects: &["acme", "beta"],
+            token: "acme-token",
+        },
+        Named {
+            name: "idle",
+            roles: &[],
+            projects: &[],
+            token: "idle-token",
+        },
+    ]);
     let main = Run::of(&mut s.cli(["whoami"])).success();
     assert_eq!(
         main.stdout,

@@ -143,6 +143,22 @@ impl Server {
         }
     }
 
+    /// A server whose named tokens are `tokens`, read from a file beside
+    /// its data directory.
+    pub fn with_tokens(tokens: &[Named<'_>]) -> Server {
+        let tmp = tempfile::tempdir().expect("temp dir");
+        let file = tmp.path().join("tokens.toml");
+        std::fs::write(&file, tokens_toml(tokens)).unwrap();
+        let file = file.to_str().unwrap().to_string();
+        let mut s = Server::start_with(Opts {
+            data_dir: Some(&tmp.path().join("data")),
+            env: &[("CRADLE_ADMIN_TOKENS_FILE", &file)],
+            ..Default::default()
+        });
+        s._tmp = Some(tmp);
+        s
+    }
+
     /// Stop with SIGTERM and wait for the exit; returns the exit status.
     pub fn stop(&mut self) -> Option<std::process::ExitStatus> {
         let mut child = self.child.take()?;
@@ -463,6 +479,32 @@ pub fn command_of(bin: &Path) -> Command {
     // firewall stays off there (tests that enforce make a namespace).
     cmd.env("CRADLE_FIREWALL_ENABLED", "false");
     cmd
+}
+
+/// A named token of the admin tokens file (`admin.tokens_file`).
+pub struct Named<'a> {
+    pub name: &'a str,
+    pub roles: &'a [&'a str],
+    pub projects: &'a [&'a str],
+    /// The token itself; the file holds only its SHA-256.
+    pub token: &'a str,
+}
+
+/// The tokens file's TOML for `tokens`, as an operator writes it.
+pub fn tokens_toml(tokens: &[Named<'_>]) -> String {
+    let list = |v: &[&str]| serde_json::to_string(v).unwrap();
+    tokens
+        .iter()
+        .map(|t| {
+            format!(
+                "[[token]]\nname = \"{}\"\nroles = {}\nprojects = {}\nsha256 = \"{}\"\n",
+                t.name,
+                list(t.roles),
+                list(t.projects),
+                sha256_hex(t.token)
+            )
+        })
+        .collect()
 }
 
 /// SHA-256 of `text` in lower-case hex, from coreutils' `sha256sum` (what an

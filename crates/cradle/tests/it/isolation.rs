@@ -207,21 +207,40 @@ struct Lab {
     seq: AtomicU32,
 }
 
-const TOKENS: [(&str, &str, &str, &str); 4] = [
-    ("root", "[\"admin\"]", "[]", "token-admin-role"),
-    ("alice", "[\"provisioner\"]", "[\"tenA\"]", "token-ten-a"),
-    ("bob", "[\"provisioner\"]", "[\"tenB\"]", "token-ten-b"),
-    ("nobody", "[\"provisioner\"]", "[]", "token-no-projects"),
+const TOKENS: [Named<'static>; 4] = [
+    Named {
+        name: "root",
+        roles: &["admin"],
+        projects: &[],
+        token: "token-admin-role",
+    },
+    Named {
+        name: "alice",
+        roles: &["provisioner"],
+        projects: &["tenA"],
+        token: "token-ten-a",
+    },
+    Named {
+        name: "bob",
+        roles: &["provisioner"],
+        projects: &["tenB"],
+        token: "token-ten-b",
+    },
+    Named {
+        name: "nobody",
+        roles: &["provisioner"],
+        projects: &[],
+        token: "token-no-projects",
+    },
 ];
-
 impl Lab {
     fn token(&self, who: Who) -> Option<String> {
         match who {
             Who::Main => Some(self.server.token.clone()),
-            Who::AdminRole => Some(TOKENS[0].3.into()),
-            Who::TenA => Some(TOKENS[1].3.into()),
-            Who::TenB => Some(TOKENS[2].3.into()),
-            Who::NoProjects => Some(TOKENS[3].3.into()),
+            Who::AdminRole => Some(TOKENS[0].token.into()),
+            Who::TenA => Some(TOKENS[1].token.into()),
+            Who::TenB => Some(TOKENS[2].token.into()),
+            Who::NoProjects => Some(TOKENS[3].token.into()),
             Who::BadToken => Some("not-a-token-of-anyone".into()),
             Who::NoToken => None,
         }
@@ -526,21 +545,7 @@ fn expected(row: &Row, who: Who, obj: Obj, path: &str) -> u16 {
 
 #[test]
 fn no_caller_reaches_another_projects_objects_on_any_route() {
-    let tmp = tempfile::tempdir().unwrap();
-    let tokens = tmp.path().join("tokens.toml");
-    let mut text = String::new();
-    for (name, roles, projects, token) in TOKENS {
-        text += &format!(
-            "[[token]]\nname = \"{name}\"\nroles = {roles}\nprojects = {projects}\nsha256 = \"{}\"\n",
-            sha256_hex(token)
-        );
-    }
-    std::fs::write(&tokens, text).unwrap();
-    let tokens = tokens.to_str().unwrap().to_string();
-    let server = Server::start_with(Opts {
-        env: &[("CRADLE_ADMIN_TOKENS_FILE", &tokens)],
-        ..Default::default()
-    });
+    let server = Server::with_tokens(&TOKENS);
     let http = reqwest::blocking::Client::builder()
         .no_proxy()
         .timeout(Duration::from_secs(30))
@@ -655,21 +660,12 @@ fn recorder() -> Recorder {
 
 #[test]
 fn a_project_token_cannot_send_download_credentials_to_its_own_server() {
-    let tmp = tempfile::tempdir().unwrap();
-    let tokens = tmp.path().join("tokens.toml");
-    std::fs::write(
-        &tokens,
-        format!(
-            "[[token]]\nname = \"alice\"\nprojects = [\"tenA\"]\nsha256 = \"{}\"\n",
-            sha256_hex("token-ten-a")
-        ),
-    )
-    .unwrap();
-    let tokens = tokens.to_str().unwrap().to_string();
-    let s = Server::start_with(Opts {
-        env: &[("CRADLE_ADMIN_TOKENS_FILE", &tokens)],
-        ..Default::default()
-    });
+    let s = Server::with_tokens(&[Named {
+        name: "alice",
+        roles: &[],
+        projects: &["tenA"],
+        token: "token-ten-a",
+    }]);
     let (legit, evil) = (recorder(), recorder());
     s.admin().create(&json!({
         "name": "web", "project_id": "tenA", "metadata_address": "127.0.0.2",

@@ -524,21 +524,12 @@ fn troveclient_lists_shows_adds_and_deletes_rules() {
 #[test]
 fn troveclient_with_a_project_token_reaches_its_tenant_and_no_other() {
     let venv = troveclient_venv();
-    let tmp = tempfile::tempdir().unwrap();
-    let tokens = tmp.path().join("tokens.toml");
-    std::fs::write(
-        &tokens,
-        format!(
-            "[[token]]\nname = \"p1-operator\"\nprojects = [\"p1\"]\nsha256 = \"{}\"\n",
-            sha256_hex("p1-project-token")
-        ),
-    )
-    .unwrap();
-    let tokens = tokens.to_str().unwrap().to_string();
-    let s = Server::start_with(Opts {
-        env: &[("CRADLE_ADMIN_TOKENS_FILE", &tokens)],
-        ..Default::default()
-    });
+    let s = Server::with_tokens(&[Named {
+        name: "p1-operator",
+        roles: &[],
+        projects: &["p1"],
+        token: "p1-project-token",
+    }]);
     let mine = instance(&s, "db-mine", "p1", "127.0.0.21");
     instance(&s, "db-theirs", "p2", "127.0.0.22");
 

@@ -351,14 +351,16 @@ failure = "fatal"
 fn boot_roles_reach_the_target_and_survive_a_role_change() {
     let tmp = tempfile::tempdir().unwrap();
     let tokens = tmp.path().join("tokens.toml");
-    let write_tokens = |roles: &str| {
-        let text = format!(
-            "[[token]]\nname = \"provisioner\"\nroles = {roles}\nprojects = [\"default\"]\nsha256 = \"{}\"\n",
-            sha256_hex("provisioner-token-81aa")
-        );
+    let write_tokens = |roles: &[&str]| {
+        let text = tokens_toml(&[Named {
+            name: "provisioner",
+            roles,
+            projects: &["default"],
+            token: "provisioner-token-81aa",
+        }]);
         replace(&tokens, &text);
     };
-    write_tokens(r#"["mail-server"]"#);
+    write_tokens(&["mail-server"]);
 
     let target = Target::start(|req| {
         let body = req.json();
@@ -381,7 +383,7 @@ url = "{url}"
 
     let a = provisioner.create(&json!({"name": "mail", "metadata_address": "127.0.0.2"}));
     assert_eq!(a["boot_roles"], json!(["mail-server"]));
-    write_tokens(r#"["web-server"]"#);
+    write_tokens(&["web-server"]);
     let b = provisioner.create(&json!({"name": "web", "metadata_address": "127.0.0.3"}));
     assert_eq!(b["boot_roles"], json!(["web-server"]));
 
