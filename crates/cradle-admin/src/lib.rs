@@ -65,19 +65,18 @@ fn api() -> (Router<Arc<AdminState>>, utoipa::openapi::OpenApi) {
         .split_for_parts()
 }
 
-/// The OpenAPI 3.1 document of the admin API, as `GET /v1/openapi.json`
-/// serves it and docs/openapi.json holds it.
-pub fn document() -> serde_json::Value {
-    let mut doc = serde_json::to_value(api().1).expect("the document always serializes");
-    openapi::open_flattened(&mut doc);
-    doc
-}
-
-/// [`document`] as the pretty JSON committed in docs/openapi.json.
-pub fn document_json() -> String {
-    let mut text = serde_json::to_string_pretty(&document()).expect("a value serializes");
-    text.push('\n');
-    text
+/// The OpenAPI 3.1 document of the admin API as pretty JSON, as `GET
+/// /v1/openapi.json` serves it and docs/openapi.json holds it.
+/// Built once: the handler serves the same text on every request.
+pub fn document_json() -> &'static str {
+    static TEXT: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    TEXT.get_or_init(|| {
+        let mut doc = serde_json::to_value(api().1).expect("the document always serializes");
+        openapi::open_flattened(&mut doc);
+        let mut text = serde_json::to_string_pretty(&doc).expect("a value serializes");
+        text.push('\n');
+        text
+    })
 }
 
 /// Every route of the admin router as (method, path), from the router's

@@ -106,7 +106,10 @@ pub struct Base;
     responses((status = 200, description = "The OpenAPI document", body = Object), Errors)
 )]
 pub async fn document(State(_): Shared) -> impl IntoResponse {
-    axum::Json(crate::document())
+    (
+        [(axum::http::header::CONTENT_TYPE, "application/json")],
+        crate::document_json(),
+    )
 }
 
 /// A view that flattens a request type in (`RuleView` holds a

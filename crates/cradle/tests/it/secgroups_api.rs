@@ -557,6 +557,12 @@ print("ok")
         ],
     );
     assert_eq!(out.trim(), "ok");
+    // The server serves that very document.
+    let served = s
+        .admin()
+        .fetch(route::unlisted(reqwest::Method::GET, "/v1/openapi.json"));
+    assert_eq!(served.status, 200);
+    assert_eq!(served.json(), doc);
     // And /metrics answers the content type the document declares.
     let declared = content("/metrics", "get", "200");
     let served = metrics
