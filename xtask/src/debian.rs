@@ -164,21 +164,10 @@ pub fn ensure_with_qemu(pkgs: &[&str], why: &str) -> Result<()> {
 /// lists can be older than the kernel when it came in through the
 /// backports lists of [`ensure_with_qemu`]; then refresh them, once.
 pub fn ensure_kernel_downloadable() -> Result<()> {
-    let depends = Command::new("apt-cache")
-        .args(["depends", "linux-image-amd64"])
-        .output()
-        .context("cannot run apt-cache")?;
-    let text = String::from_utf8_lossy(&depends.stdout);
-    let Some(pkg) = text
-        .lines()
-        .filter_map(|l| l.trim().strip_prefix("Depends: "))
-        .find(|p| p.starts_with("linux-image-"))
-    else {
-        bail!("linux-image-amd64 depends on no linux-image package:\n{text}");
-    };
+    let pkg = cradle_appliance::kernel_package()?;
     let downloadable = || {
         Command::new("apt-get")
-            .args(["download", "--print-uris", pkg])
+            .args(["download", "--print-uris", &pkg])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .status()

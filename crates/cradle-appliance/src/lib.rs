@@ -94,21 +94,26 @@ fn tool(cmd: &mut Command) -> Result<std::process::Output, Error> {
     Ok(out)
 }
 
+/// The kernel package `linux-image-amd64` points at
+/// (`linux-image-6.1.0-56-amd64`), from `apt-cache depends`.
+pub fn kernel_package() -> Result<String, Error> {
+    let depends = tool(Command::new("apt-cache").args(["depends", "linux-image-amd64"]))?;
+    let text = String::from_utf8_lossy(&depends.stdout);
+    text.lines()
+        .filter_map(|l| l.trim().strip_prefix("Depends: "))
+        .find(|p| p.starts_with("linux-image-"))
+        .map(str::to_string)
+        .ok_or_else(|| {
+            Error::Invalid(format!(
+                "linux-image-amd64 depends on no linux-image package: {text}"
+            ))
+        })
+}
+
 /// Download the kernel package `linux-image-amd64` points at into `dir`
 /// with `apt-get download` (the package itself; nothing is installed).
 pub fn download_kernel(dir: &Path) -> Result<PathBuf, Error> {
-    let depends = tool(Command::new("apt-cache").args(["depends", "linux-image-amd64"]))?;
-    let text = String::from_utf8_lossy(&depends.stdout);
-    let Some(pkg) = text
-        .lines()
-        .filter_map(|l| l.trim().strip_prefix("Depends: "))
-        .find(|p| p.starts_with("linux-image-"))
-    else {
-        return Err(Error::Invalid(format!(
-            "linux-image-amd64 depends on no linux-image package: {text}"
-        )));
-    };
-    apt_download(dir, pkg)
+    apt_download(dir, &kernel_package()?)
 }
 
 /// Download the package `busybox-static` into `dir` with `apt-get
