@@ -18,19 +18,9 @@ use anyhow::{Context, Result, bail};
 /// The release the test is written against.
 pub const VERSION: &str = "5.11.0";
 
-/// Where CI keeps the peers it builds, outside every checkout:
-/// `$XDG_CACHE_HOME/cradle-ci`, else `~/.cache/cradle-ci`.
-pub fn cache_dir() -> Result<PathBuf> {
-    let cache = match std::env::var_os("XDG_CACHE_HOME") {
-        Some(d) if !d.is_empty() => PathBuf::from(d),
-        _ => PathBuf::from(std::env::var_os("HOME").context("HOME is not set")?).join(".cache"),
-    };
-    Ok(cache.join("cradle-ci"))
-}
-
 /// The directory `cargo install --root` fills; the binary is `bin/afterburn`.
 pub fn root() -> Result<PathBuf> {
-    Ok(cache_dir()?.join(format!("afterburn-{VERSION}")))
+    Ok(crate::ci_cache_dir()?.join(format!("afterburn-{VERSION}")))
 }
 
 /// The binary, built if it is not there yet or is not the pinned version.

@@ -162,7 +162,7 @@ fn seed_fixtures(url: &str, token: &str) -> Result<String> {
 
 /// The venv, made (again) when it does not run schemathesis.
 fn venv() -> Result<PathBuf> {
-    let root = crate::afterburn::cache_dir()?;
+    let root = crate::ci_cache_dir()?;
     let key = SCHEMATHESIS.replace("==", "-");
     let dir = root.join(format!("venv-{key}"));
     if works(&dir) {

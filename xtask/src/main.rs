@@ -227,6 +227,20 @@ fn target_dir() -> PathBuf {
         .unwrap_or_else(|| repo_root().join("target"))
 }
 
+/// Where CI keeps the peers it builds (afterburn, the schemathesis venv),
+/// outside every checkout: `$XDG_CACHE_HOME/cradle-ci`, else
+/// `~/.cache/cradle-ci`. tests/it/afterburn.rs looks there too.
+fn ci_cache_dir() -> Result<PathBuf> {
+    let cache = match std::env::var_os("XDG_CACHE_HOME") {
+        Some(d) if !d.is_empty() => PathBuf::from(d),
+        _ => PathBuf::from(
+            std::env::var_os("HOME").ok_or_else(|| anyhow::anyhow!("HOME is not set"))?,
+        )
+        .join(".cache"),
+    };
+    Ok(cache.join("cradle-ci"))
+}
+
 /// The workspace root: the parent of this crate's directory.
 fn repo_root() -> PathBuf {
     let manifest = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
