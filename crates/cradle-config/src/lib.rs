@@ -46,6 +46,41 @@ pub struct Config {
     pub remote: Remote,
     pub os: Os,
     pub install: Install,
+    pub store: Store,
+    pub cluster: Cluster,
+}
+
+/// Where the registry persists.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Store {
+    /// A PostgreSQL URL (`postgres://user@host/db`, or libpq's
+    /// `host=/run/postgresql dbname=cradle`) shared by every host of a
+    /// cluster. Unset: the embedded SQLite file in the data directory.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub url: Option<String>,
+}
+
+/// This host among the hosts of a cluster.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Cluster {
+    /// This host's name; empty means the machine's hostname.
+    pub host: String,
+    /// Seconds between catch-ups with the store when no change is heard of.
+    pub resync_interval: u64,
+    /// Seconds between this host's "still up" records in the store.
+    pub heartbeat_interval: u64,
+}
+
+impl Default for Cluster {
+    fn default() -> Self {
+        Cluster {
+            host: String::new(),
+            resync_interval: 5,
+            heartbeat_interval: 10,
+        }
+    }
 }
 
 /// Install jobs: the appliance VM, its limits and its communication NIC.
@@ -451,6 +486,10 @@ pub fn env_var(section: &str, key: &str) -> String {
 /// Every key, as (section, key). docs/configuration.md documents each.
 pub const KEYS: &[(&str, &str)] = &[
     ("server", "data_dir"),
+    ("store", "url"),
+    ("cluster", "host"),
+    ("cluster", "resync_interval"),
+    ("cluster", "heartbeat_interval"),
     ("admin", "listen"),
     ("admin", "token"),
     ("admin", "tokens_file"),

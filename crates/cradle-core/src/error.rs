@@ -5,6 +5,7 @@
 
 use cradle_model::api::Invalid;
 use cradle_registry::RegistryError;
+use cradle_store::StoreError;
 use cradle_secgroups::state::SgError;
 
 /// Why an operation failed.
@@ -96,6 +97,11 @@ impl Error {
     pub fn public_message(&self) -> String {
         match self {
             Error::Internal(_) => "internal error; see the server log".into(),
+            Error::Registry(RegistryError::Store(StoreError::Unavailable(_))) => {
+                "the store (database) is unavailable, so nothing was changed; guests are \
+                 still served; try again when it is back"
+                    .into()
+            }
             Error::Registry(RegistryError::Store(_)) => "storage failed; see the server log".into(),
             Error::Registry(RegistryError::SecGroupsDisabled) => {
                 "no such route (security groups are disabled)".into()
@@ -117,9 +123,10 @@ impl Error {
 fn registry_kind(e: &RegistryError) -> Kind {
     match e {
         RegistryError::NotFound(_) | RegistryError::SecGroupsDisabled => Kind::NotFound,
-        RegistryError::Conflict(_) | RegistryError::PasswordSet | RegistryError::Busy(_) => {
-            Kind::Conflict
-        }
+        RegistryError::Conflict(_)
+        | RegistryError::PasswordSet
+        | RegistryError::Busy(_)
+        | RegistryError::WrongHost(_) => Kind::Conflict,
         RegistryError::Invalid(_) | RegistryError::PasswordTooLong => Kind::Invalid,
         RegistryError::QueueFull(_) => Kind::TooMany,
         RegistryError::MessageTooLarge(..) => Kind::TooLarge,
@@ -140,6 +147,7 @@ fn registry_code(e: &RegistryError) -> &'static str {
         RegistryError::NotFound(_) | RegistryError::SecGroupsDisabled => "not_found",
         RegistryError::Conflict(_) | RegistryError::PasswordSet => "conflict",
         RegistryError::Busy(_) => "busy",
+        RegistryError::WrongHost(_) => "wrong_host",
         RegistryError::Invalid(_) | RegistryError::PasswordTooLong => "invalid",
         RegistryError::QueueFull(_) => "queue_full",
         RegistryError::MessageTooLarge(..) => "too_large",
@@ -154,6 +162,7 @@ fn registry_code(e: &RegistryError) -> &'static str {
             SgError::TooManyRules(_) => "quota",
         },
         RegistryError::Firewall(_) => "firewall",
+        RegistryError::Store(StoreError::Unavailable(_)) => "store_unavailable",
         RegistryError::Store(_) => "storage",
     }
 }

@@ -27,6 +27,7 @@ fn setup() -> Setup {
             queue_len: 4,
             message_bytes: 1024,
         },
+        "node1",
     )
     .unwrap()
     .enable_security_groups(Default::default())

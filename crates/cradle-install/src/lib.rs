@@ -967,7 +967,7 @@ mod tests {
             message_bytes: 1024,
         };
         (
-            Arc::new(Registry::open(Arc::new(store), limits).unwrap()),
+            Arc::new(Registry::open(Arc::new(store), limits, "node1").unwrap()),
             tmp,
         )
     }

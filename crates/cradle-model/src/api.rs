@@ -116,6 +116,10 @@ pub struct InstanceSpec {
     pub install_params: Option<InstallParams>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub imds_tokens: Option<ImdsTokens>,
+    /// The host that serves it (its metadata, its firewall, its VM). Left
+    /// out: the host whose admin API registers it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host: Option<String>,
 }
 
 /// OS parameters as given on create: values in each visibility.
@@ -272,6 +276,9 @@ pub struct InstanceView {
     pub id: Uuid,
     pub name: String,
     pub project_id: String,
+    /// The cluster host that serves it.
+    #[serde(default)]
+    pub host: String,
     pub hostname: String,
     pub availability_zone: String,
     pub launch_index: u32,
@@ -354,6 +361,7 @@ impl From<&Instance> for InstanceView {
             id: i.id,
             name: i.name.clone(),
             project_id: i.project_id.clone(),
+            host: i.host.clone(),
             hostname: i.hostname.clone(),
             availability_zone: i.availability_zone.clone(),
             launch_index: i.launch_index,
@@ -726,6 +734,23 @@ fn parse_ipv6(v: &str) -> Result<Ipv6Addr, Invalid> {
 
 /// A Linux interface name: 1 to 15 bytes, no `/`, whitespace or `:`, not
 /// `.` or `..`.
+/// A cluster host's name: what `[cluster] host` and an instance's `host`
+/// hold (a hostname, or any 1 to 253 of A-Z a-z 0-9 . - _).
+pub fn parse_host_name(field: &str, v: &str) -> Result<String, Invalid> {
+    let ok = !v.is_empty()
+        && v.len() <= 253
+        && v
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b'_'));
+    if !ok {
+        return invalid(
+            field,
+            format!("{v:?} is not a host name (1 to 253 of A-Z a-z 0-9 . - _)"),
+        );
+    }
+    Ok(v.to_string())
+}
+
 fn parse_interface(v: &str) -> Result<String, Invalid> {
     if !crate::is_interface_name(v) {
         return invalid(
@@ -852,6 +877,11 @@ impl InstanceSpec {
             .project_id
             .unwrap_or_else(|| DEFAULT_PROJECT.to_string());
         check_text("project_id", &project_id, 255)?;
+        let host = match self.host {
+            Some(h) => parse_host_name("host", &h)?,
+            // The registry places it on its own host.
+            None => String::new(),
+        };
         let hostname = match &self.hostname {
             Some(h) => parse_hostname(h)?,
             None => hostname_from_name(&self.name, id),
@@ -916,6 +946,8 @@ impl InstanceSpec {
             id,
             name: self.name,
             project_id,
+            host,
+            version: 0,
             hostname,
             availability_zone,
             launch_index: self.launch_index.unwrap_or(0),

@@ -27,6 +27,13 @@ pub struct Instance {
     pub id: Uuid,
     pub name: String,
     pub project_id: String,
+    /// The cluster host that serves it: its metadata, its firewall and its
+    /// VM live there.
+    pub host: String,
+    /// The store's change version of this state: every stored change takes
+    /// a higher one, so hosts can tell a newer copy from an older (0 until
+    /// stored).
+    pub version: i64,
     pub hostname: String,
     pub availability_zone: String,
     pub launch_index: u32,

@@ -12,13 +12,15 @@
 
 #![forbid(unsafe_code)]
 
+mod cluster;
 pub mod jobs;
 pub mod metrics;
 mod secgroups;
 
 use std::collections::HashMap;
 use std::net::IpAddr;
-use std::sync::atomic::AtomicBool;
+use std::collections::BTreeSet;
+use std::sync::atomic::{AtomicBool, AtomicI64};
 use std::sync::{Arc, Mutex, RwLock};
 
 use cradle_model::api::{InstancePatch, InstanceSpec, Invalid};
@@ -60,6 +62,10 @@ pub enum RegistryError {
     Busy(String),
     #[error("the change is saved, but the firewall could not apply it (cradle retries): {0}")]
     Firewall(String),
+    /// The instance is served by another host of the cluster, and what was
+    /// asked can only be done there.
+    #[error("{0}")]
+    WrongHost(String),
 }
 
 impl From<StoreError> for RegistryError {
@@ -110,8 +116,14 @@ impl Index {
 
     fn take(&mut self, id: Uuid) -> Option<Arc<Instance>> {
         let i = self.by_id.remove(&id)?;
-        self.by_address.remove(&i.metadata_address);
-        self.by_name.remove(&i.name);
+        // Another host's change may have given the name or address to
+        // another instance already: only drop entries that are still ours.
+        if self.by_address.get(&i.metadata_address).is_some_and(|o| o.id == id) {
+            self.by_address.remove(&i.metadata_address);
+        }
+        if self.by_name.get(&i.name) == Some(&id) {
+            self.by_name.remove(&i.name);
+        }
         if let Some(ifname) = &i.interface
             && self.by_interface.get(ifname) == Some(&id)
         {
@@ -135,13 +147,31 @@ pub struct Registry {
     firewall_dirty: AtomicBool,
     /// The last install job of each instance (memory only).
     jobs: RwLock<HashMap<Uuid, Arc<InstallJob>>>,
+    /// This host's name: the metadata service serves, and the firewall
+    /// enforces, only the instances placed here.
+    host: String,
+    /// Every change up to this store version is in memory.
+    seen: AtomicI64,
+    /// Versions of security-group ops this process wrote and applied itself,
+    /// which catching up must not apply again.
+    own_sg_versions: Mutex<BTreeSet<i64>>,
 }
 
 impl Registry {
-    /// Load every stored instance into memory.
-    pub fn open(store: Arc<dyn Store>, limits: ChannelLimits) -> Result<Self, RegistryError> {
+    /// Load every stored instance into memory, as host `host`. Instances
+    /// stored before cradle knew hosts are placed here.
+    pub fn open(
+        store: Arc<dyn Store>,
+        limits: ChannelLimits,
+        host: &str,
+    ) -> Result<Self, RegistryError> {
+        let seen = store.version()?;
         let mut index = Index::default();
-        for i in store.load_all()? {
+        for mut i in store.load_all()? {
+            if i.host.is_empty() {
+                i.host = host.to_string();
+                i.version = store.update(&i)?;
+            }
             index.put(Arc::new(i));
         }
         Ok(Registry {
@@ -153,7 +183,20 @@ impl Registry {
             enforcer: RwLock::new(None),
             firewall_dirty: AtomicBool::new(false),
             jobs: RwLock::new(HashMap::new()),
+            host: host.to_string(),
+            seen: AtomicI64::new(seen),
+            own_sg_versions: Mutex::new(BTreeSet::new()),
         })
+    }
+
+    /// This host's name.
+    pub fn host(&self) -> &str {
+        &self.host
+    }
+
+    /// Whether `i` is served here.
+    pub fn is_local(&self, i: &Instance) -> bool {
+        i.host == self.host
     }
 
     pub fn limits(&self) -> ChannelLimits {
@@ -184,7 +227,11 @@ impl Registry {
     /// The instance whose requests come from `addr`: the guest's identity on
     /// the metadata listener.
     pub fn by_address(&self, addr: IpAddr) -> Option<Arc<Instance>> {
-        self.read().by_address.get(&addr.to_canonical()).cloned()
+        self.read()
+            .by_address
+            .get(&addr.to_canonical())
+            .filter(|i| self.is_local(i))
+            .cloned()
     }
 
     /// Look up by UUID, or else by name.
@@ -250,12 +297,19 @@ impl Registry {
         }
         let mut instance = spec.into_instance(Uuid::new_v4(), now(), seed)?;
         instance.boot_roles = boot_roles;
+        if instance.host.is_empty() {
+            instance.host = self.host.clone();
+        }
+        if !self.is_local(&instance) && !instance.os_params.secret.is_empty() {
+            return Err(self.secrets_elsewhere(&instance));
+        }
         Self::check_unique(&self.read(), &instance)?;
         let ops = self
             .groups_read()
             .map(|g| g.plan_instance_group(instance.id, &instance.project_id, instance.created_at))
             .unwrap_or_default();
-        self.store.insert(&instance, &ops)?;
+        instance.version = self.store.insert(&instance, &ops)?;
+        self.own_sg(instance.version, &ops);
         let instance = Arc::new(instance);
         self.write().put(instance.clone());
         self.apply_groups(&ops)?;
@@ -265,8 +319,19 @@ impl Registry {
     /// Apply a patch; nothing changes unless all of it is valid.
     pub fn modify(&self, key: &str, patch: InstancePatch) -> Result<Arc<Instance>, RegistryError> {
         let _w = self.lock_writer();
-        let current = self.get(key)?;
+        let id = self.get(key)?.id;
+        self.retry_stale(id, || self.modify_locked(id, patch.clone()))
+    }
+
+    fn modify_locked(&self, id: Uuid, patch: InstancePatch) -> Result<Arc<Instance>, RegistryError> {
+        let current = self.get(&id.to_string())?;
+        let secrets_before = current.os_params.secret.keys().collect::<Vec<_>>();
         let next = patch.apply(&current, now())?;
+        if !self.is_local(&current)
+            && next.os_params.secret.keys().collect::<Vec<_>>() != secrets_before
+        {
+            return Err(self.secrets_elsewhere(&current));
+        }
         Self::check_unique(&self.read(), &next)?;
         if next.project_id != current.project_id && self.groups.is_some() {
             return Err(RegistryError::Invalid(cradle_model::api::Invalid {
@@ -276,7 +341,8 @@ impl Registry {
                     .into(),
             }));
         }
-        self.store.update(&next)?;
+        let mut next = next;
+        next.version = self.store.update(&next)?;
         let identity_changed = enforced_identity(&current) != enforced_identity(&next);
         let next = self.publish(next);
         if identity_changed {
@@ -300,14 +366,16 @@ impl Registry {
     fn update_with(
         &self,
         id: Uuid,
-        change: impl FnOnce(&mut Instance),
+        change: impl Fn(&mut Instance),
     ) -> Result<Arc<Instance>, RegistryError> {
-        let current = self.get(&id.to_string())?;
-        let mut next = (*current).clone();
-        change(&mut next);
-        next.updated_at = now();
-        self.store.update(&next)?;
-        Ok(self.publish(next))
+        self.retry_stale(id, || {
+            let current = self.get(&id.to_string())?;
+            let mut next = (*current).clone();
+            change(&mut next);
+            next.updated_at = now();
+            next.version = self.store.update(&next)?;
+            Ok(self.publish(next))
+        })
     }
 
     /// Put an instance in state `error` with `reason`, and record the event.
@@ -362,7 +430,9 @@ impl Registry {
             .groups_read()
             .map(|g| g.plan_remove_instance(current.id))
             .unwrap_or_default();
-        self.store.delete(current.id, &ops)?;
+        if let Some(version) = self.store.delete(current.id, &ops)? {
+            self.own_sg(version, &ops);
+        }
         self.write().take(current.id);
         // Its last job goes too (a running one ends by itself).
         self.jobs
@@ -380,11 +450,12 @@ impl Registry {
         }
         let _w = self.lock_writer();
         let current = self.get(&id.to_string())?;
-        if !self.store.set_password_once(id, password)? {
+        let Some(version) = self.store.set_password_once(id, password)? else {
             return Err(RegistryError::PasswordSet);
-        }
+        };
         let mut next = (*current).clone();
         next.password = Some(password.to_string());
+        next.version = version;
         self.publish(next);
         Ok(())
     }
@@ -463,7 +534,7 @@ impl Registry {
                 i.state_reason = None;
             } else {
                 i.state = State::InstallFailed;
-                i.state_reason = reason;
+                i.state_reason = reason.clone();
             }
         })?;
         self.store.record_event(job.instance, "install", &event)?;
@@ -504,7 +575,8 @@ impl Registry {
         let stuck: Vec<_> = self
             .list()
             .into_iter()
-            .filter(|i| i.state == State::Installing)
+            // Another host's installs are its own.
+            .filter(|i| i.state == State::Installing && self.is_local(i))
             .collect();
         let reason = "the server stopped while the install ran";
         for i in &stuck {

@@ -54,7 +54,8 @@ impl Registry {
             .collect();
         for i in missing {
             let ops = state.plan_instance_group(i.id, &i.project_id, now());
-            self.store.apply_secgroups(&ops)?;
+            let version = self.store.apply_secgroups(&ops)?;
+            self.own_sg(version, &ops);
             for op in &ops {
                 state.apply(op);
             }
@@ -122,8 +123,10 @@ impl Registry {
 
     /// The instance as the firewall sees it; `None` when it is gone or has
     /// no interface.
-    fn enforced(state: &SecGroups, index: &Index, id: Uuid) -> Option<Enforced> {
-        let i = index.by_id.get(&id)?;
+    fn enforced(&self, state: &SecGroups, index: &Index, id: Uuid) -> Option<Enforced> {
+        // Another host's instances are enforced there; their addresses
+        // still count as members of their groups (`members`).
+        let i = index.by_id.get(&id).filter(|i| self.is_local(i))?;
         let interface = i.interface.clone()?;
         let mac = parse_mac(&i.mac)?;
         let mut m = Members::default();
@@ -158,7 +161,7 @@ impl Registry {
         let instances = index
             .by_id
             .keys()
-            .filter_map(|id| Self::enforced(&state, &index, *id))
+            .filter_map(|id| self.enforced(&state, &index, *id))
             .collect();
         let groups = state
             .referenced_groups()
@@ -200,7 +203,7 @@ impl Registry {
         let update = Update {
             instances: instances
                 .into_iter()
-                .map(|id| (id, Self::enforced(&state, &index, id)))
+                .map(|id| (id, self.enforced(&state, &index, id)))
                 .collect(),
             groups: groups
                 .into_iter()
@@ -220,7 +223,8 @@ impl Registry {
 
     /// Persist and apply ops planned under the writer lock.
     fn commit_groups(&self, ops: &[Op]) -> Result<(), RegistryError> {
-        self.store.apply_secgroups(ops)?;
+        let version = self.store.apply_secgroups(ops)?;
+        self.own_sg(version, ops);
         self.apply_groups(ops)
     }
 

@@ -18,8 +18,10 @@ use crate::model::{
     validate_group, validate_tenant,
 };
 
-/// One change to the security-group state, as persisted.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// One change to the security-group state, as persisted (and, as JSON, as
+/// the store's log of changes that other hosts replay).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(tag = "op", content = "with", rename_all = "snake_case")]
 pub enum Op {
     AddGroup(Group),
     /// A new name or description for an existing group.

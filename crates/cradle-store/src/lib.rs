@@ -10,14 +10,24 @@
 
 #![forbid(unsafe_code)]
 
+mod db;
+mod logic;
+mod postgres;
+mod row;
 mod sqlite;
+#[cfg(feature = "testkit")]
+pub mod testkit;
+
+use std::time::Duration;
 
 use cradle_model::Instance;
 use cradle_secgroups::state::Op;
 use time::OffsetDateTime;
 use uuid::Uuid;
 
-pub use sqlite::SqliteStore;
+pub use logic::SqlStore;
+pub use postgres::{PgStore, Postgres};
+pub use sqlite::{Sqlite, SqliteStore};
 
 /// Which way a channel message travels.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -55,36 +65,88 @@ pub struct Event {
     pub message: String,
 }
 
+/// What changed after a version: see [`Store::changes_since`].
+#[derive(Debug, Clone, Default)]
+pub struct Changes {
+    /// Everything up to this version is in this answer (or was before).
+    pub version: i64,
+    /// Instances stored or changed since, each at its own version.
+    pub instances: Vec<Instance>,
+    /// Instances removed since, with the version of the removal.
+    pub removed: Vec<(Uuid, i64)>,
+    /// Security-group ops made since, in order, with their versions.
+    pub secgroups: Vec<(i64, Op)>,
+}
+
+/// A host of the cluster, as it last said it was.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HostRecord {
+    pub name: String,
+    /// Where its admin API listens.
+    pub admin_url: String,
+    /// Where its metadata service listens.
+    pub metadata_address: String,
+    pub started_at: OffsetDateTime,
+    pub seen_at: OffsetDateTime,
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error("another instance already has this {0}")]
     Conflict(&'static str),
     #[error("no such instance")]
     NotFound,
+    /// The stored copy is newer than the one the change was made from.
+    #[error("the instance was changed elsewhere meanwhile")]
+    Stale,
     #[error("stored data is unreadable: {0}")]
     Corrupt(String),
-    #[error("database error")]
-    Backend(#[from] rusqlite::Error),
-    #[error("database migration failed")]
-    Migration(#[from] rusqlite_migration::Error),
+    #[error("database error: {0}")]
+    Backend(String),
+    /// The database cannot be reached; nothing was written.
+    #[error("the database is unavailable: {0}")]
+    Unavailable(String),
+    #[error("database migration failed: {0}")]
+    Migration(String),
+}
+
+/// Wakes a host when another changed something (PostgreSQL's LISTEN).
+pub trait Subscription: Send {
+    /// Wait up to `timeout` for a notification. `Ok(true)`: something
+    /// changed; `Ok(false)`: nothing within the timeout; `Err`: the
+    /// connection is gone (subscribe again).
+    fn wait(&mut self, timeout: Duration) -> Result<bool, StoreError>;
 }
 
 /// Persistent instance registry and channel queues.
 pub trait Store: Send + Sync + 'static {
+    /// `sqlite` or `postgres`.
+    fn backend(&self) -> &'static str;
+    /// Whether other processes (hosts) may change this store.
+    fn shared(&self) -> bool {
+        self.backend() != "sqlite"
+    }
+    /// The version of the last change stored: read it before
+    /// [`Store::load_all`], then ask [`Store::changes_since`] it.
+    fn version(&self) -> Result<i64, StoreError>;
     /// Every instance, oldest first.
     fn load_all(&self) -> Result<Vec<Instance>, StoreError>;
+    /// One instance as stored now.
+    fn get(&self, id: Uuid) -> Result<Option<Instance>, StoreError>;
     /// Fails with `Conflict` when the name or metadata address is taken.
     /// `secgroups` (the instance's own group) are written in the same
-    /// transaction: both or neither.
-    fn insert(&self, instance: &Instance, secgroups: &[Op]) -> Result<(), StoreError>;
-    /// Replace the stored instance with the same id.
-    fn update(&self, instance: &Instance) -> Result<(), StoreError>;
+    /// transaction: both or neither. Returns the instance's version.
+    fn insert(&self, instance: &Instance, secgroups: &[Op]) -> Result<i64, StoreError>;
+    /// Replace the stored instance with the same id, if the stored one is
+    /// still at `instance.version` (else `Stale`). Returns the new version.
+    fn update(&self, instance: &Instance) -> Result<i64, StoreError>;
     /// Remove an instance and its queued messages, with `secgroups` (its
     /// groups and the rules naming them) in the same transaction. False if
-    /// there was none.
-    fn delete(&self, id: Uuid, secgroups: &[Op]) -> Result<bool, StoreError>;
-    /// Set the guest password unless one is set. True if this call set it.
-    fn set_password_once(&self, id: Uuid, password: &str) -> Result<bool, StoreError>;
+    /// there was none; else the removal's version.
+    fn delete(&self, id: Uuid, secgroups: &[Op]) -> Result<Option<i64>, StoreError>;
+    /// Set the guest password unless one is set: the new version if this
+    /// call set it, `None` if one was set already.
+    fn set_password_once(&self, id: Uuid, password: &str) -> Result<Option<i64>, StoreError>;
     /// Append a message unless `cap` are already queued that way; `None` when full.
     fn push_message(
         &self,
@@ -104,6 +166,16 @@ pub trait Store: Send + Sync + 'static {
     /// Every security group, rule, attachment and default rule, as the ops
     /// that recreate them: groups first, then rules, attachments, defaults.
     fn load_secgroups(&self) -> Result<Vec<Op>, StoreError>;
-    /// Persist security-group changes, all or none.
-    fn apply_secgroups(&self, ops: &[Op]) -> Result<(), StoreError>;
+    /// Persist security-group changes, all or none. Returns their version.
+    fn apply_secgroups(&self, ops: &[Op]) -> Result<i64, StoreError>;
+    /// Everything changed after `version`: instances at a higher version,
+    /// removals and security-group ops after it.
+    fn changes_since(&self, version: i64) -> Result<Changes, StoreError>;
+    /// Record that `host` is up (insert or replace its record).
+    fn heartbeat(&self, host: &HostRecord) -> Result<(), StoreError>;
+    /// Every host that ever said it was up, by name.
+    fn hosts(&self) -> Result<Vec<HostRecord>, StoreError>;
+    /// A way to be woken by other hosts' changes; `None` where no other
+    /// process shares the store.
+    fn subscribe(&self) -> Result<Option<Box<dyn Subscription>>, StoreError>;
 }

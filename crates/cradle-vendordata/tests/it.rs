@@ -37,6 +37,8 @@ fn instance() -> Instance {
         id: Uuid::parse_str("6f1c2a3b-4d5e-4f60-8a7b-9c0d1e2f3a4b").unwrap(),
         name: s("web-1"),
         project_id: s("proj-42"),
+        host: s("node1"),
+        version: 0,
         hostname: s("web-1.example"),
         availability_zone: s("eu-west-1a"),
         launch_index: 0,

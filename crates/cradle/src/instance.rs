@@ -266,6 +266,10 @@ fn parse_disk(arg: &str) -> cradle_model::machine::Disk {
 struct AddArgs {
     /// Unique name of the instance.
     name: String,
+    /// The cluster host that serves it (its metadata service, firewall and
+    /// VM) [default: the host whose admin API is asked].
+    #[arg(long, value_name = "HOST")]
+    host: Option<String>,
     #[command(flatten)]
     fields: Fields,
 }
@@ -533,6 +537,7 @@ fn build_spec(a: AddArgs) -> Result<InstanceSpec> {
     let install_params = f.install_params();
     Ok(InstanceSpec {
         name: a.name,
+        host: a.host,
         project_id: f.project,
         hostname: f.hostname,
         availability_zone: f.availability_zone,

@@ -15,7 +15,7 @@ use cradle_core::{Caller, Core, Metrics};
 use cradle_model::Secret;
 use cradle_model::api::{InstanceSpec, InstanceView};
 use cradle_registry::{ChannelLimits, Registry};
-use cradle_store::SqliteStore;
+use cradle_store::{PgStore, SqliteStore, Store};
 use rand::RngCore;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -172,30 +172,18 @@ async fn serve(config: Config, demo: bool) -> Result<()> {
     let tokens = cradle_admin::Tokens::new(token, config.admin.tokens_file.clone())
         .map_err(anyhow::Error::msg)
         .context("admin.tokens_file")?;
-    let db = data_dir.join("cradle.db");
-    // Private parameters live in this file: create it for the owner only
-    // (SQLite gives its -wal and -shm files the same mode).
-    std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .mode(0o600)
-        .open(&db)
-        .with_context(|| format!("cannot create the database {}", db.display()))?;
-    let store = SqliteStore::open(&db)
-        .with_context(|| format!("cannot open the database {}", db.display()))?;
-    let limits = ChannelLimits {
-        queue_len: config.channel.queue_len,
-        message_bytes: config.channel.message_bytes,
-    };
-    let mut registry = Registry::open(Arc::new(store), limits).context("cannot load instances")?;
-    if config.security_groups.enabled {
-        registry = registry
-            .enable_security_groups(cradle_secgroups::state::Limits {
-                max_rules_per_group: config.security_groups.max_rules_per_group,
-            })
-            .context("cannot load security groups")?;
-    }
+    let host = host_name(&config)?;
+    let started = std::time::Instant::now();
+    // The PostgreSQL client blocks, and may not run on the runtime's workers.
+    let registry = tokio::task::block_in_place(|| open_registry(&config, &host))?;
     let registry = Arc::new(registry);
+    info!(
+        host = %host,
+        store = registry.store_backend(),
+        instances = registry.len(),
+        elapsed_ms = started.elapsed().as_millis() as u64,
+        "registry loaded"
+    );
     let enforced = start_firewall(&config, &registry, demo)?;
 
     let admin_listener = TcpListener::bind(config.admin.listen)
@@ -222,9 +210,9 @@ async fn serve(config: Config, demo: bool) -> Result<()> {
         let _ = rx.wait_for(|s| *s).await;
     };
 
-    let failed = registry
-        .fail_interrupted_installs()
+    let failed = tokio::task::block_in_place(|| registry.fail_interrupted_installs())
         .context("cannot mark interrupted installs")?;
+    cluster_threads(&config, &registry, &host, admin_addr, metadata_addr);
     if !failed.is_empty() {
         warn!(instances = ?failed, "installs interrupted by a server stop are now install_failed");
     }
@@ -300,6 +288,92 @@ async fn serve(config: Config, demo: bool) -> Result<()> {
             .context("metadata service")?;
     }
     Ok(())
+}
+
+/// This host's name: `[cluster] host`, else the machine's hostname.
+fn host_name(config: &Config) -> Result<String> {
+    let name = match config.cluster.host.trim() {
+        "" => std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .context("cannot read the hostname; set [cluster] host")?
+            .trim()
+            .to_string(),
+        h => h.to_string(),
+    };
+    cradle_model::api::parse_host_name("cluster.host", &name).map_err(anyhow::Error::msg)
+}
+
+/// The store (`[store] url`, else SQLite in the data directory) and the
+/// registry over it.
+fn open_registry(config: &Config, host: &str) -> Result<Registry> {
+    let store: Arc<dyn Store> = match &config.store.url {
+        Some(url) => Arc::new(
+            PgStore::connect(url).context("cannot open the store at [store] url (PostgreSQL)")?,
+        ),
+        None => {
+            let db = config.server.data_dir.join("cradle.db");
+            // Private parameters live in this file: create it for the owner
+            // only (SQLite gives its -wal and -shm files the same mode).
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .mode(0o600)
+                .open(&db)
+                .with_context(|| format!("cannot create the database {}", db.display()))?;
+            Arc::new(
+                SqliteStore::open(&db)
+                    .with_context(|| format!("cannot open the database {}", db.display()))?,
+            )
+        }
+    };
+    let limits = ChannelLimits {
+        queue_len: config.channel.queue_len,
+        message_bytes: config.channel.message_bytes,
+    };
+    let mut registry = Registry::open(store, limits, host).context("cannot load instances")?;
+    if config.security_groups.enabled {
+        registry = registry
+            .enable_security_groups(cradle_secgroups::state::Limits {
+                max_rules_per_group: config.security_groups.max_rules_per_group,
+            })
+            .context("cannot load security groups")?;
+    }
+    Ok(registry)
+}
+
+/// On a shared store: follow other hosts' changes, and say this host is up.
+fn cluster_threads(
+    config: &Config,
+    registry: &Arc<Registry>,
+    host: &str,
+    admin: SocketAddr,
+    metadata: SocketAddr,
+) {
+    let every = Duration::from_secs(config.cluster.resync_interval.max(1));
+    if registry.follow(every).is_none() {
+        return;
+    }
+    let record = cradle_store::HostRecord {
+        name: host.to_string(),
+        admin_url: format!("http://{admin}"),
+        metadata_address: metadata.to_string(),
+        started_at: time::OffsetDateTime::now_utc(),
+        seen_at: time::OffsetDateTime::now_utc(),
+    };
+    let every = Duration::from_secs(config.cluster.heartbeat_interval.max(1));
+    let registry = registry.clone();
+    std::thread::Builder::new()
+        .name("cradle-heartbeat".into())
+        .spawn(move || {
+            loop {
+                let mut record = record.clone();
+                record.seen_at = time::OffsetDateTime::now_utc();
+                if let Err(e) = registry.heartbeat(&record) {
+                    tracing::debug!(error = %e, "cannot record the heartbeat");
+                }
+                std::thread::sleep(every);
+            }
+        })
+        .expect("spawn the heartbeat thread");
 }
 
 /// Apply the whole ruleset before serving, so the kernel matches the

@@ -1,0 +1,42 @@
+-- A cluster of hosts on one store: where each instance is served, the
+-- version of every change (so that hosts can ask for what is newer than what
+-- they have), what was removed, the security-group changes as a log other
+-- hosts replay, and the hosts themselves.
+ALTER TABLE instances ADD COLUMN host TEXT NOT NULL DEFAULT '';
+ALTER TABLE instances ADD COLUMN version BIGINT NOT NULL DEFAULT 0;
+CREATE INDEX instances_by_version ON instances (version);
+
+-- 'change' counts every change; updating its row serializes writers, so
+-- versions are committed in the order they are taken.
+CREATE TABLE versions (
+    name  TEXT PRIMARY KEY,
+    value BIGINT NOT NULL
+);
+INSERT INTO versions (name, value) VALUES ('change', 0);
+
+CREATE TABLE removed_instances (
+    id      TEXT PRIMARY KEY,
+    version BIGINT NOT NULL
+);
+CREATE INDEX removed_instances_by_version ON removed_instances (version);
+
+-- Security-group ops as JSON, in the order they were made.
+CREATE TABLE secgroup_log (
+    version BIGINT NOT NULL,
+    seq     BIGINT NOT NULL,
+    op      TEXT NOT NULL,
+    PRIMARY KEY (version, seq)
+);
+
+-- Rules and default rules keep the order they were made in: new ones take
+-- the change version (a new database has no existing ones).
+ALTER TABLE security_group_rules ADD COLUMN seq BIGINT NOT NULL DEFAULT 0;
+ALTER TABLE tenant_default_rules ADD COLUMN seq BIGINT NOT NULL DEFAULT 0;
+
+CREATE TABLE hosts (
+    name             TEXT PRIMARY KEY,
+    admin_url        TEXT NOT NULL,
+    metadata_address TEXT NOT NULL,
+    started_at       TEXT NOT NULL,
+    seen_at          TEXT NOT NULL
+);

@@ -1,0 +1,333 @@
+//! The cluster's store: PostgreSQL, shared by every host.
+//!
+//! One connection per process for statements (behind a mutex, as SQLite's),
+//! reconnected when it is lost, and one more per subscriber for LISTEN.
+//! While the server is away every call fails at once with
+//! [`StoreError::Unavailable`]; the next call after it is back reconnects.
+//! Changes are announced with `pg_notify` on the channel `cradle_changes`,
+//! inside their transaction (so only committed ones are heard), carrying
+//! ids and versions only, never values.
+
+use std::collections::HashMap;
+use std::error::Error as _;
+use std::str::FromStr;
+use std::sync::{Mutex, MutexGuard};
+use std::time::Duration;
+
+use bytes::BytesMut;
+use postgres::error::SqlState;
+use postgres::fallible_iterator::FallibleIterator;
+use postgres::types::{IsNull, ToSql, Type, to_sql_checked};
+use postgres::{Client, Config, NoTls, Statement};
+
+use crate::db::{DbError, Driver, Row, Tx, Value};
+use crate::{SqlStore, StoreError, Subscription};
+
+/// Schema versions, applied in order; `schema_version` records how far the
+/// database got. Version N here and in `sqlite.rs` is the same schema.
+const MIGRATIONS: &[&str] = &[
+    include_str!("../migrations/postgres/0001_instances.sql"),
+    include_str!("../migrations/postgres/0002_injected_files.sql"),
+    include_str!("../migrations/postgres/0003_roles_reasons_events.sql"),
+    include_str!("../migrations/postgres/0004_security_groups.sql"),
+    include_str!("../migrations/postgres/0005_personalization.sql"),
+    include_str!("../migrations/postgres/0006_machine.sql"),
+    include_str!("../migrations/postgres/0007_install_params.sql"),
+    include_str!("../migrations/postgres/0008_cluster.sql"),
+];
+
+/// The LISTEN/NOTIFY channel.
+const CHANNEL: &str = "cradle_changes";
+/// Held while migrating, so that hosts starting together migrate once.
+const MIGRATION_LOCK: i64 = 0x6372_6164_6c65;
+
+struct Conn {
+    client: Client,
+    statements: HashMap<String, Statement>,
+}
+
+/// A PostgreSQL server, through one reconnecting connection.
+pub struct Postgres {
+    config: Config,
+    conn: Mutex<Option<Conn>>,
+}
+
+/// The store in PostgreSQL.
+pub type PgStore = SqlStore<Postgres>;
+
+impl SqlStore<Postgres> {
+    /// Connect to `url` (`postgres://user@host:port/db`, or libpq's
+    /// `host=/run/postgresql dbname=cradle` form) and migrate the schema.
+    pub fn connect(url: &str) -> Result<Self, StoreError> {
+        let mut config = Config::from_str(url)
+            .map_err(|e| StoreError::Unavailable(format!("store.url is not valid: {e}")))?;
+        if config.get_connect_timeout().is_none() {
+            config.connect_timeout(Duration::from_secs(5));
+        }
+        let pg = Postgres {
+            config,
+            conn: Mutex::new(None),
+        };
+        pg.migrate()?;
+        Ok(SqlStore { driver: pg })
+    }
+}
+
+impl Postgres {
+    fn open(&self) -> Result<Client, StoreError> {
+        self.config
+            .connect(NoTls)
+            .map_err(|e| StoreError::Unavailable(describe(&e)))
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Option<Conn>> {
+        self.conn.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn migrate(&self) -> Result<(), StoreError> {
+        let mut client = self.open()?;
+        let fail = |e: postgres::Error| StoreError::Migration(describe(&e));
+        client
+            .execute("SELECT pg_advisory_lock($1)", &[&MIGRATION_LOCK])
+            .map_err(fail)?;
+        let result = (|| {
+            client
+                .batch_execute(
+                    "CREATE TABLE IF NOT EXISTS schema_version (version BIGINT NOT NULL); \
+                     INSERT INTO schema_version SELECT 0 \
+                     WHERE NOT EXISTS (SELECT 1 FROM schema_version)",
+                )
+                .map_err(fail)?;
+            let at: i64 = client
+                .query_one("SELECT version FROM schema_version", &[])
+                .map_err(fail)?
+                .get(0);
+            if at > MIGRATIONS.len() as i64 {
+                return Err(StoreError::Migration(format!(
+                    "the database is at schema version {at}, newer than this cradle's {}",
+                    MIGRATIONS.len()
+                )));
+            }
+            for (n, sql) in MIGRATIONS.iter().enumerate().skip(at as usize) {
+                let mut tx = client.transaction().map_err(fail)?;
+                tx.batch_execute(sql).map_err(fail)?;
+                tx.execute("UPDATE schema_version SET version = $1", &[&(n as i64 + 1)])
+                    .map_err(fail)?;
+                tx.commit().map_err(fail)?;
+            }
+            Ok(())
+        })();
+        let _ = client.execute("SELECT pg_advisory_unlock($1)", &[&MIGRATION_LOCK]);
+        result
+    }
+}
+
+/// The error and, for server errors, the server's message (never values:
+/// cradle's constraint failures name columns that hold no secrets).
+fn describe(e: &postgres::Error) -> String {
+    match e.as_db_error() {
+        Some(db) => format!("{}: {}", db.code().code(), db.message()),
+        None => match e.source() {
+            Some(s) => format!("{e}: {s}"),
+            None => e.to_string(),
+        },
+    }
+}
+
+fn is_unavailable(e: &postgres::Error) -> bool {
+    if e.is_closed() {
+        return true;
+    }
+    match e.code() {
+        Some(code) => {
+            code.code().starts_with("08")
+                || [
+                    SqlState::ADMIN_SHUTDOWN,
+                    SqlState::CRASH_SHUTDOWN,
+                    SqlState::CANNOT_CONNECT_NOW,
+                ]
+                .contains(code)
+        }
+        // No server error: the connection itself failed.
+        None => e.as_db_error().is_none(),
+    }
+}
+
+fn db_error(e: postgres::Error) -> DbError {
+    if is_unavailable(&e) {
+        return DbError::Unavailable(describe(&e));
+    }
+    match e.code() {
+        Some(c) if *c == SqlState::UNIQUE_VIOLATION => DbError::Unique(
+            e.as_db_error()
+                .and_then(|d| d.constraint())
+                .unwrap_or_default()
+                .to_string(),
+        ),
+        Some(c) if *c == SqlState::FOREIGN_KEY_VIOLATION => DbError::ForeignKey,
+        _ => DbError::Other(describe(&e)),
+    }
+}
+
+impl ToSql for Value {
+    fn to_sql(
+        &self,
+        ty: &Type,
+        out: &mut BytesMut,
+    ) -> Result<IsNull, Box<dyn std::error::Error + Sync + Send>> {
+        match self {
+            Value::Null => Ok(IsNull::Yes),
+            Value::Int(n) => match *ty {
+                Type::INT2 => i16::try_from(*n)?.to_sql(ty, out),
+                Type::INT4 => i32::try_from(*n)?.to_sql(ty, out),
+                _ => n.to_sql(ty, out),
+            },
+            Value::Text(s) => s.as_str().to_sql(ty, out),
+            Value::Blob(b) => b.as_slice().to_sql(ty, out),
+        }
+    }
+
+    fn accepts(_: &Type) -> bool {
+        true
+    }
+
+    to_sql_checked!();
+}
+
+fn cell(row: &postgres::Row, i: usize) -> Result<Value, postgres::Error> {
+    let ty = row.columns()[i].type_();
+    Ok(match *ty {
+        Type::INT8 => row.try_get::<_, Option<i64>>(i)?.map(Value::Int),
+        Type::INT4 => row
+            .try_get::<_, Option<i32>>(i)?
+            .map(|n| Value::Int(n.into())),
+        Type::INT2 => row
+            .try_get::<_, Option<i16>>(i)?
+            .map(|n| Value::Int(n.into())),
+        Type::BYTEA => row.try_get::<_, Option<Vec<u8>>>(i)?.map(Value::Blob),
+        _ => row.try_get::<_, Option<String>>(i)?.map(Value::Text),
+    }
+    .unwrap_or(Value::Null))
+}
+
+struct PgTx<'a> {
+    tx: postgres::Transaction<'a>,
+    statements: &'a mut HashMap<String, Statement>,
+}
+
+impl PgTx<'_> {
+    fn statement(&mut self, sql: &str) -> Result<Statement, DbError> {
+        if let Some(s) = self.statements.get(sql) {
+            return Ok(s.clone());
+        }
+        let s = self.tx.prepare(sql).map_err(db_error)?;
+        self.statements.insert(sql.to_string(), s.clone());
+        Ok(s)
+    }
+}
+
+fn refs(values: &[Value]) -> Vec<&(dyn ToSql + Sync)> {
+    values.iter().map(|v| v as &(dyn ToSql + Sync)).collect()
+}
+
+impl Tx for PgTx<'_> {
+    fn execute(&mut self, sql: &str, values: &[Value]) -> Result<u64, DbError> {
+        let stmt = self.statement(sql)?;
+        self.tx.execute(&stmt, &refs(values)).map_err(db_error)
+    }
+
+    fn query(&mut self, sql: &str, values: &[Value]) -> Result<Vec<Row>, DbError> {
+        let stmt = self.statement(sql)?;
+        let rows = self.tx.query(&stmt, &refs(values)).map_err(db_error)?;
+        rows.iter()
+            .map(|r| {
+                (0..r.len())
+                    .map(|i| cell(r, i))
+                    .collect::<Result<Vec<_>, _>>()
+                    .map(Row)
+            })
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(db_error)
+    }
+
+    fn notify(&mut self, payload: &str) -> Result<(), DbError> {
+        self.execute(
+            "SELECT pg_notify($1, $2)",
+            &[Value::Text(CHANNEL.into()), Value::Text(payload.into())],
+        )
+        .map(|_| ())
+    }
+}
+
+impl Driver for Postgres {
+    fn name(&self) -> &'static str {
+        "postgres"
+    }
+
+    fn subscribe(&self) -> Result<Option<Box<dyn Subscription>>, StoreError> {
+        let mut client = self.open()?;
+        client
+            .batch_execute(&format!("LISTEN {CHANNEL}"))
+            .map_err(|e| StoreError::Unavailable(describe(&e)))?;
+        Ok(Some(Box::new(Listener { client })))
+    }
+
+    // `Tx` is the crate's own: only this crate's logic calls this.
+    #[allow(private_interfaces)]
+    fn transaction<T>(
+        &self,
+        f: &mut dyn FnMut(&mut dyn Tx) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        let mut guard = self.lock();
+        if guard.as_ref().is_none_or(|c| c.client.is_closed()) {
+            *guard = None;
+            *guard = Some(Conn {
+                client: self.open()?,
+                statements: HashMap::new(),
+            });
+        }
+        let conn = guard.as_mut().expect("connected above");
+        let result = (|| {
+            let tx = conn.client.transaction().map_err(db_error)?;
+            let mut tx = PgTx {
+                tx,
+                statements: &mut conn.statements,
+            };
+            let out = f(&mut tx)?;
+            tx.tx.commit().map_err(db_error)?;
+            Ok(out)
+        })();
+        if matches!(result, Err(StoreError::Unavailable(_))) {
+            // Reconnect next time, with fresh prepared statements.
+            *guard = None;
+        }
+        result
+    }
+}
+
+/// A LISTEN connection.
+struct Listener {
+    client: Client,
+}
+
+impl Subscription for Listener {
+    fn wait(&mut self, timeout: Duration) -> Result<bool, StoreError> {
+        let first = {
+            let mut notes = self.client.notifications();
+            let first = notes.timeout_iter(timeout).next();
+            if first.as_ref().is_ok_and(|n| n.is_some()) {
+                // Take every other pending one: one catch-up covers them all.
+                while let Ok(Some(_)) = notes.iter().next() {}
+            }
+            first
+        };
+        match first {
+            Ok(Some(_)) => Ok(true),
+            Err(e) => Err(StoreError::Unavailable(describe(&e))),
+            Ok(None) if self.client.is_closed() => Err(StoreError::Unavailable(
+                "the notification connection closed".into(),
+            )),
+            Ok(None) => Ok(false),
+        }
+    }
+}
