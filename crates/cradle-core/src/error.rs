@@ -5,8 +5,8 @@
 
 use cradle_model::api::Invalid;
 use cradle_registry::RegistryError;
-use cradle_store::StoreError;
 use cradle_secgroups::state::SgError;
+use cradle_store::StoreError;
 
 /// Why an operation failed.
 #[derive(Debug, thiserror::Error)]

@@ -739,8 +739,7 @@ fn parse_ipv6(v: &str) -> Result<Ipv6Addr, Invalid> {
 pub fn parse_host_name(field: &str, v: &str) -> Result<String, Invalid> {
     let ok = !v.is_empty()
         && v.len() <= 253
-        && v
-            .bytes()
+        && v.bytes()
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b'_'));
     if !ok {
         return invalid(

@@ -17,9 +17,9 @@ pub mod jobs;
 pub mod metrics;
 mod secgroups;
 
+use std::collections::BTreeSet;
 use std::collections::HashMap;
 use std::net::IpAddr;
-use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicBool, AtomicI64};
 use std::sync::{Arc, Mutex, RwLock};
 
@@ -118,7 +118,11 @@ impl Index {
         let i = self.by_id.remove(&id)?;
         // Another host's change may have given the name or address to
         // another instance already: only drop entries that are still ours.
-        if self.by_address.get(&i.metadata_address).is_some_and(|o| o.id == id) {
+        if self
+            .by_address
+            .get(&i.metadata_address)
+            .is_some_and(|o| o.id == id)
+        {
             self.by_address.remove(&i.metadata_address);
         }
         if self.by_name.get(&i.name) == Some(&id) {
@@ -323,7 +327,11 @@ impl Registry {
         self.retry_stale(id, || self.modify_locked(id, patch.clone()))
     }
 
-    fn modify_locked(&self, id: Uuid, patch: InstancePatch) -> Result<Arc<Instance>, RegistryError> {
+    fn modify_locked(
+        &self,
+        id: Uuid,
+        patch: InstancePatch,
+    ) -> Result<Arc<Instance>, RegistryError> {
         let current = self.get(&id.to_string())?;
         let secrets_before = current.os_params.secret.keys().collect::<Vec<_>>();
         let next = patch.apply(&current, now())?;

@@ -14,9 +14,7 @@ use uuid::Uuid;
 
 use crate::db::{DbError, Driver, Row, Tx, Value};
 use crate::row::{self, COLUMNS, corrupt, json, parse_ts, ts, uuid};
-use crate::{
-    Changes, Direction, Event, HostRecord, Message, Store, StoreError, Subscription,
-};
+use crate::{Changes, Direction, Event, HostRecord, Message, Store, StoreError, Subscription};
 
 /// A [`Store`] on a database driver.
 pub struct SqlStore<D> {
@@ -130,11 +128,7 @@ fn write_ops(tx: &mut dyn Tx, version: i64, ops: &[Op]) -> Result<(), StoreError
         };
         tx.execute(
             "INSERT INTO secgroup_log (version, seq, op) VALUES ($1, $2, $3)",
-            &[
-                Value::Int(version),
-                Value::Int(seq as i64),
-                text(json(op)),
-            ],
+            &[Value::Int(version), Value::Int(seq as i64), text(json(op))],
         )?;
     }
     if !ops.is_empty() {
@@ -199,9 +193,11 @@ impl<D: Driver> Store for SqlStore<D> {
 
     fn get(&self, id: Uuid) -> Result<Option<Instance>, StoreError> {
         self.tx(|tx| {
-            Ok(Self::instances_where(tx, "WHERE id = $1", &[text(id.to_string())])?
-                .into_iter()
-                .next())
+            Ok(
+                Self::instances_where(tx, "WHERE id = $1", &[text(id.to_string())])?
+                    .into_iter()
+                    .next(),
+            )
         })
     }
 

@@ -131,8 +131,11 @@ impl PgServer {
     /// Stop it (fast shutdown: sessions are ended, committed work is kept).
     pub fn stop(&self) -> io::Result<()> {
         let data = self.data_dir();
-        self.run("pg_ctl", &["-D", path_str(&data)?, "-m", "fast", "-w", "stop"])
-            .map(drop)
+        self.run(
+            "pg_ctl",
+            &["-D", path_str(&data)?, "-m", "fast", "-w", "stop"],
+        )
+        .map(drop)
     }
 
     /// Start it again after [`PgServer::stop`].
@@ -164,7 +167,15 @@ impl PgServer {
         let dir = self.dir.path().to_path_buf();
         self.run(
             "pg_dump",
-            &["-h", path_str(&dir)?, "-p", "5432", "-U", "cradle", database],
+            &[
+                "-h",
+                path_str(&dir)?,
+                "-p",
+                "5432",
+                "-U",
+                "cradle",
+                database,
+            ],
         )
         .map(|o| o.stdout)
     }
@@ -191,7 +202,8 @@ impl PgServer {
             .stdin(Stdio::null())
             .output()?;
         if !out.status.success() {
-            let log = std::fs::read_to_string(self.dir.path().join("server.log")).unwrap_or_default();
+            let log =
+                std::fs::read_to_string(self.dir.path().join("server.log")).unwrap_or_default();
             return Err(io::Error::other(format!(
                 "{program} {args:?} failed ({}): {}{}\n{log}",
                 out.status,

@@ -80,7 +80,11 @@ fn server() -> &'static PgServer {
 
 fn fresh_database() -> (String, String) {
     static N: AtomicUsize = AtomicUsize::new(0);
-    let name = format!("t{}_{}", std::process::id(), N.fetch_add(1, Ordering::SeqCst));
+    let name = format!(
+        "t{}_{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::SeqCst)
+    );
     let url = server().create_database(&name).unwrap();
     (name, url)
 }

@@ -212,7 +212,9 @@ async fn serve(config: Config, demo: bool) -> Result<()> {
 
     let failed = tokio::task::block_in_place(|| registry.fail_interrupted_installs())
         .context("cannot mark interrupted installs")?;
-    cluster_threads(&config, &registry, &host, admin_addr, metadata_addr);
+    tokio::task::block_in_place(|| {
+        cluster_threads(&config, &registry, &host, admin_addr, metadata_addr)
+    });
     if !failed.is_empty() {
         warn!(instances = ?failed, "installs interrupted by a server stop are now install_failed");
     }

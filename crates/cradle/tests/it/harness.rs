@@ -175,6 +175,14 @@ impl Server {
         child.wait().ok()
     }
 
+    /// Kill with SIGKILL (a crash: nothing is cleaned up) and wait.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
     /// Whether the process is still running.
     pub fn alive(&mut self) -> bool {
         matches!(self.child.as_mut().map(|c| c.try_wait()), Some(Ok(None)))

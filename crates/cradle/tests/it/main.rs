@@ -8,6 +8,7 @@ mod admin;
 mod afterburn;
 mod appliance;
 mod cli;
+mod cluster;
 mod drive;
 mod firewall;
 mod hop_limit;
