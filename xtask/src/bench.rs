@@ -34,7 +34,7 @@ use crate::procs::{self, Guarded};
 use crate::{debian, run_cargo, target_dir};
 
 /// What every guest asks in the load, half of the requests each.
-const PATHS: &[&str] = &[
+pub(crate) const PATHS: &[&str] = &[
     "/openstack/latest/meta_data.json",
     "/latest/meta-data/instance-id",
 ];
@@ -109,7 +109,7 @@ pub(crate) fn ssh_key(k: usize, comment: &str) -> String {
     format!("ssh-ed25519 {} {comment}", B64.encode(blob))
 }
 
-fn spec(k: usize) -> serde_json::Value {
+pub(crate) fn spec(k: usize) -> serde_json::Value {
     let ip = guest_ip(k);
     let [_, b, c, d] = ip.octets();
     let name = format!("bench-{k:05}");
@@ -221,6 +221,16 @@ impl Cradle {
 /// Register instances 0..n through the admin API, with the typed client,
 /// a few requests at once.
 pub(crate) async fn register(admin: SocketAddr, token: &str, n: usize) -> Result<Duration> {
+    register_with(admin, token, n, spec).await
+}
+
+/// Register instances 0..n made by `spec`, as [`register`] does.
+pub(crate) async fn register_with(
+    admin: SocketAddr,
+    token: &str,
+    n: usize,
+    spec: fn(usize) -> serde_json::Value,
+) -> Result<Duration> {
     let api = cradle_client::Client::new(
         cradle_client::Target::new(&format!("http://{admin}"), token).no_proxy(),
     )?;
@@ -255,7 +265,7 @@ pub(crate) async fn register(admin: SocketAddr, token: &str, n: usize) -> Result
 }
 
 /// What cradle answers guest `ip` on each of PATHS.
-async fn fetch_as_guest(metadata: SocketAddr, ip: IpAddr) -> Result<Vec<Vec<u8>>> {
+pub(crate) async fn fetch_as_guest(metadata: SocketAddr, ip: IpAddr) -> Result<Vec<Vec<u8>>> {
     let mut conn = Conn::connect(Some(ip), metadata)
         .await
         .with_context(|| format!("cannot connect to cradle from {ip}"))?;
@@ -276,7 +286,11 @@ async fn fetch_as_guest(metadata: SocketAddr, ip: IpAddr) -> Result<Vec<Vec<u8>>
     Ok(bodies)
 }
 
-fn guests_for(target: SocketAddr, ips: &[IpAddr], bodies: &[Vec<Vec<u8>>]) -> Arc<Vec<Guest>> {
+pub(crate) fn guests_for(
+    target: SocketAddr,
+    ips: &[IpAddr],
+    bodies: &[Vec<Vec<u8>>],
+) -> Arc<Vec<Guest>> {
     let host = target.to_string();
     Arc::new(
         ips.iter()

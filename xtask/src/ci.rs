@@ -41,6 +41,9 @@ const TEST_PACKAGES: &[&str] = &[
     // sfdisk for the MBR and GPT images the tests make.
     "e2fsprogs",
     "fdisk",
+    // The store tests, the cluster tests and `bench cluster` start their own
+    // PostgreSQL server (initdb, pg_ctl, createdb, pg_dump).
+    "postgresql",
     // The certificate for the HTTPS server that fetch must refuse.
     "openssl",
     // DHCP for self-installing guests, one dnsmasq per job.
@@ -58,7 +61,7 @@ pub fn run() -> Result<()> {
     );
     debian::ensure(
         TEST_PACKAGES,
-        "the integration tests run cloud-init, botocore, ip, curl, nft, ping, sshd, scp, rsync, debugfs, sfdisk, nss_wrapper and the ISO and FAT tools",
+        "the integration tests run cloud-init, botocore, PostgreSQL, ip, curl, nft, ping, sshd, scp, rsync, debugfs, sfdisk, nss_wrapper and the ISO and FAT tools",
     )?;
     println!("==> QEMU and Debian's kernel for the hypervisor tests");
     debian::ensure_with_qemu(

@@ -12,6 +12,7 @@
 
 mod afterburn;
 mod bench;
+mod bench_cluster;
 mod bench_drive;
 mod bench_firewall;
 mod bench_install;
@@ -106,6 +107,18 @@ tasks:
       --files N              small files in the package [5000]
       --big-mib N            size of the big file in MiB [100]
       --image-mib N          size of the ext4 image in MiB [1024]
+  bench cluster        three `cradle serve` hosts on one PostgreSQL server (made
+                       here) beside one host on SQLite, with 10,000 instances:
+                       start-up to the first guest answer, admin create and
+                       modify throughput, guest reads per host, and how long a
+                       change made through host A takes to be served by host
+                       B (p50/p99); options:
+      --instances N          instances registered [10000]
+      --runs N               repeat start-ups and read loads; medians [3]
+      --samples N            changes timed across hosts [300]
+      --modifies N           modifies timed per setup [2000]
+      --duration SECS        each guest read load [5]
+      --connections N        guest connections of the read load [64]
   bench install        install a 64 MiB ext4 image (an untrusted create that
                        mounts it and writes, then a package) through the
                        install appliance, as root, in a namespace made here,
@@ -160,6 +173,13 @@ fn main() -> ExitCode {
                     bench_remote::run(o)
                 }
             }),
+            Some("cluster") => bench_cluster::Options::parse(&args[2..]).and_then(|o| {
+                if cfg!(debug_assertions) {
+                    reexec_optimized(&args, "the guests' client must be optimized")
+                } else {
+                    bench_cluster::run(o)
+                }
+            }),
             Some("install") => {
                 bench_install::Options::parse(&args[2..]).and_then(bench_install::run)
             }
@@ -173,7 +193,7 @@ fn main() -> ExitCode {
             _ => Err(anyhow::anyhow!(
                 "unknown benchmark; expected `bench metadata`, `bench drive`, \
                  `bench vendordata`, `bench firewall`, `bench remote` or \
-                 `bench personalize`, `bench install`\n\n{USAGE}"
+                 `bench personalize`, `bench install`, `bench cluster`\n\n{USAGE}"
             )),
         },
         Some("-h" | "--help" | "help") => {

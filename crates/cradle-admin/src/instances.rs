@@ -9,7 +9,7 @@ use axum::extract::State;
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use cradle_core::{Caller, DriveFormat};
-use cradle_model::answers::CallerView;
+use cradle_model::answers::{CallerView, ClusterView};
 use cradle_model::answers::{
     EventList, InstanceList, MessageList, MessageQueued, PACKAGE_SHA256_HEADER,
 };
@@ -32,6 +32,22 @@ pub fn routes() -> OpenApiRouter<Arc<AdminState>> {
         .routes(routes!(package))
         .routes(routes!(metrics))
         .routes(routes!(whoami))
+        .routes(routes!(cluster))
+}
+
+#[utoipa::path(
+    operation_id = "cluster_show",
+    get,
+    path = "/v1/cluster",
+    tag = "instances",
+    summary = "This host and every host of its cluster, with when each was last heard of (operators only)",
+    responses((status = 200, description = "The cluster", body = ClusterView), crate::openapi::Errors)
+)]
+async fn cluster(
+    State(s): Shared,
+    Extension(caller): Extension<Caller>,
+) -> Result<impl IntoResponse, ApiError> {
+    Ok(axum::Json(s.core.cluster(&caller).await?))
 }
 
 #[utoipa::path(
@@ -75,7 +91,7 @@ async fn list(
         crate::openapi::Errors
     )
 )]
-async fn create(
+pub(crate) async fn create(
     State(s): Shared,
     Extension(caller): Extension<Caller>,
     Json(spec): Json<InstanceSpec>,
@@ -116,7 +132,7 @@ async fn show(
     request_body = InstancePatch,
     responses((status = 200, description = "Changed", body = InstanceView), crate::openapi::Errors)
 )]
-async fn modify(
+pub(crate) async fn modify(
     State(s): Shared,
     Extension(caller): Extension<Caller>,
     Params(key): Params<String>,

@@ -24,6 +24,7 @@ mod extract;
 mod install;
 mod instances;
 mod openapi;
+mod peer;
 mod secgroups;
 mod tokens;
 
@@ -123,6 +124,8 @@ pub fn app(state: Arc<AdminState>) -> Router {
         .layer(DefaultBodyLimit::max(limit))
         .with_state(state)
 }
+
+pub use peer::{serve_peers, server_tls};
 
 /// Serve the admin API until `shutdown` resolves.
 pub async fn serve(

@@ -23,6 +23,7 @@ pub mod route;
 
 use std::marker::PhantomData;
 use std::path::Path;
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -194,6 +195,29 @@ pub enum Presented {
     Anonymous,
 }
 
+impl PeerTls {
+    /// This host's cluster credentials from the directory `cradle cluster
+    /// join` wrote: `ca.pem`, `host.pem` and `host.key`.
+    pub fn from_dir(dir: &Path) -> Result<PeerTls, Error> {
+        let read = |name: &str| {
+            let path = dir.join(name);
+            std::fs::read(&path).map_err(|e| {
+                Error::Token(format!(
+                    "cannot read the cluster credential {}: {e}",
+                    path.display()
+                ))
+            })
+        };
+        let mut identity = read("host.pem")?;
+        identity.push(b'\n');
+        identity.extend(read("host.key")?);
+        Ok(PeerTls {
+            ca_pem: read("ca.pem")?,
+            identity_pem: Secret::new(identity),
+        })
+    }
+}
+
 /// Where the API is and how to authenticate to it.
 #[derive(Clone)]
 pub struct Target {
@@ -202,6 +226,18 @@ pub struct Target {
     presented: Presented,
     timeout: Duration,
     use_proxy: bool,
+    tls: Option<Arc<PeerTls>>,
+    /// Headers sent with every request, beside authentication.
+    extra: Vec<(http::HeaderName, http::HeaderValue)>,
+}
+
+/// Mutual TLS to another host of a cluster: trust only the cluster's CA,
+/// and present this host's certificate.
+pub struct PeerTls {
+    /// The cluster CA's certificate (PEM).
+    pub ca_pem: Vec<u8>,
+    /// This host's certificate and its private key (PEM, one after the other).
+    pub identity_pem: Secret<Vec<u8>>,
 }
 
 impl Target {
@@ -213,7 +249,24 @@ impl Target {
             presented: Presented::Bearer,
             timeout: DEFAULT_TIMEOUT,
             use_proxy: true,
+            tls: None,
+            extra: Vec::new(),
         }
+    }
+
+    /// Speak mutual TLS, as `tls` says (for `https://` peers).
+    pub fn with_tls(mut self, tls: Arc<PeerTls>) -> Target {
+        self.tls = Some(tls);
+        self
+    }
+
+    /// Send `name: value` with every request.
+    pub fn with_header(mut self, name: &'static str, value: &str) -> Result<Target, Error> {
+        let value = http::HeaderValue::from_str(value)
+            .map_err(|_| Error::Token(format!("the {name} header is not valid")))?;
+        self.extra
+            .push((http::HeaderName::from_static(name), value));
+        Ok(self)
     }
 
     /// With the token read from `path` (what `serve` writes to
@@ -268,6 +321,9 @@ impl Target {
     fn headers<T>(&self, req: &Request<T>) -> HeaderMap {
         let mut h = HeaderMap::new();
         self.authenticate(&mut h);
+        for (k, v) in &self.extra {
+            h.insert(k.clone(), v.clone());
+        }
         if req.body.is_some() {
             h.insert(
                 http::header::CONTENT_TYPE,
@@ -349,6 +405,17 @@ impl Client {
         let mut b = reqwest::Client::builder().timeout(target.timeout);
         if !target.use_proxy {
             b = b.no_proxy();
+        }
+        if let Some(tls) = &target.tls {
+            let ca =
+                reqwest::Certificate::from_pem(&tls.ca_pem).map_err(|e| target.transport(e))?;
+            let id = reqwest::Identity::from_pem(tls.identity_pem.expose())
+                .map_err(|e| target.transport(e))?;
+            b = b
+                .tls_built_in_root_certs(false)
+                .add_root_certificate(ca)
+                .identity(id)
+                .https_only(true);
         }
         let http = b.build().map_err(|e| target.transport(e))?;
         Ok(Client { target, http })

@@ -6,8 +6,8 @@
 use std::time::Duration;
 
 use cradle_model::answers::{
-    CallerView, EventList, EventView, FirewallApplied, FirewallView, InstanceList, MessageList,
-    MessageQueued, VmView,
+    CallerView, ClusterView, EventList, EventView, FirewallApplied, FirewallView, InstanceList,
+    MessageList, MessageQueued, VmView,
 };
 use cradle_model::api::{InstancePatch, InstanceSpec, InstanceView, MessageIn, MessageView};
 use cradle_model::job::JobView;
@@ -190,6 +190,11 @@ pub fn console(key: &str, bytes_from_end: u64) -> Request<Vec<u8>> {
 /// `GET /v1/whoami`: the presented token's name, roles and projects.
 pub fn whoami() -> Request<CallerView> {
     Request::new(Method::GET, "/v1/whoami".into(), json)
+}
+
+/// `GET /v1/cluster`: the hosts of the cluster (operators only).
+pub fn cluster() -> Request<ClusterView> {
+    Request::new(Method::GET, "/v1/cluster".into(), json)
 }
 
 /// `GET /metrics`: Prometheus' text exposition.

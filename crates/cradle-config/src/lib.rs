@@ -71,6 +71,15 @@ pub struct Cluster {
     pub resync_interval: u64,
     /// Seconds between this host's "still up" records in the store.
     pub heartbeat_interval: u64,
+    /// Where other hosts reach this one (mutual TLS, the cluster's CA): how
+    /// secrets for the instances served here arrive. Unset: no peer
+    /// listener, and other hosts cannot hand secrets to this one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub peer_listen: Option<SocketAddr>,
+    /// The directory `cradle cluster join` wrote for this host: `ca.pem`,
+    /// `host.pem`, `host.key`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls_dir: Option<PathBuf>,
 }
 
 impl Default for Cluster {
@@ -79,6 +88,8 @@ impl Default for Cluster {
             host: String::new(),
             resync_interval: 5,
             heartbeat_interval: 10,
+            peer_listen: None,
+            tls_dir: None,
         }
     }
 }
@@ -490,6 +501,8 @@ pub const KEYS: &[(&str, &str)] = &[
     ("cluster", "host"),
     ("cluster", "resync_interval"),
     ("cluster", "heartbeat_interval"),
+    ("cluster", "peer_listen"),
+    ("cluster", "tls_dir"),
     ("admin", "listen"),
     ("admin", "token"),
     ("admin", "tokens_file"),

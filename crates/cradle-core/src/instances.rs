@@ -98,6 +98,13 @@ impl Core {
     ) -> Result<InstanceView, Error> {
         let project = spec.project_id.as_deref().unwrap_or(DEFAULT_PROJECT);
         authorize(caller, Action::Create { project })?;
+        if let Some(host) = spec.host.clone().filter(|h| h != self.registry.host()) {
+            if !spec.os_params.secret.is_empty() {
+                // Its secrets must live only where it is served.
+                return self.create_on(&host, caller, spec).await;
+            }
+            self.known_host(&host).await?;
+        }
         let (registry, roles) = (self.registry.clone(), caller.roles.clone());
         let created = blocking(move || Ok(registry.create(spec, roles)?)).await?;
         info!(instance = %created.id, name = %created.name, by = %caller.name, "instance registered");
@@ -122,11 +129,34 @@ impl Core {
         if repoints_credentials(&current, &patch) {
             authorize(caller, Action::CarryCredentials)?;
         }
+        if !self.registry.is_local(&current) && !patch.os_params.secret.is_empty() {
+            // Its secrets must live only where it is served.
+            let id = current.id.to_string();
+            return self.modify_on(&current.host, caller, &id, patch).await;
+        }
         let id = current.id.to_string();
         let registry = self.registry.clone();
         let changed = blocking(move || Ok(registry.modify(&id, patch)?)).await?;
         info!(instance = %changed.id, by = %caller.name, "instance modified");
         Ok(InstanceView::from(&*changed))
+    }
+
+    /// Refuse to place an instance on a host that never joined.
+    async fn known_host(&self, host: &str) -> Result<(), Error> {
+        let registry = self.registry.clone();
+        let hosts = blocking(move || Ok(registry.hosts()?)).await?;
+        if hosts.iter().any(|h| h.name == host) {
+            return Ok(());
+        }
+        let known: Vec<&str> = hosts.iter().map(|h| h.name.as_str()).collect();
+        Err(Error::refused(
+            crate::Kind::Invalid,
+            "unknown_host",
+            format!(
+                "host: no host {host:?} has joined the cluster (this host is {:?}; known: {known:?})",
+                self.registry.host()
+            ),
+        ))
     }
 
     /// Remove an instance, its queued messages, its secrets and its last job.

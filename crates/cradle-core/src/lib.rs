@@ -31,6 +31,7 @@ mod error;
 mod guest;
 mod install;
 mod instances;
+pub mod peers;
 mod secgroups;
 
 use std::sync::Arc;
@@ -66,6 +67,8 @@ pub struct Parts {
     pub render_cache_bytes: usize,
     /// Longest IMDSv2 token a guest may ask for, in seconds.
     pub max_token_ttl: u32,
+    /// How this host reaches the other hosts of its cluster.
+    pub peers: peers::Peers,
 }
 
 /// How many config drives are built at once: each may hold a whole image
@@ -88,6 +91,7 @@ pub struct Core {
     firewall_table: String,
     firewall_enforced: bool,
     guests: guest::Guests,
+    peers: peers::Peers,
 }
 
 impl Core {
@@ -105,12 +109,24 @@ impl Core {
             package_fetches: tokio::sync::Semaphore::new(PACKAGE_FETCHES),
             firewall_table: parts.firewall_table,
             firewall_enforced: parts.firewall_enforced,
+            peers: parts.peers,
         })
     }
 
     /// The metrics both listeners record their requests in.
     pub fn metrics(&self) -> &Metrics {
         &self.metrics
+    }
+
+    /// Apply what other hosts changed since this one last looked.
+    pub async fn catch_up(&self) -> Result<(), Error> {
+        let registry = self.registry.clone();
+        blocking(move || Ok(registry.catch_up().map(drop)?)).await
+    }
+
+    /// This host's name in its cluster.
+    pub fn host(&self) -> &str {
+        self.registry.host()
     }
 
     /// How many instances are registered (for start-up logs).

@@ -63,6 +63,7 @@ fn setup() -> Setup {
         firewall_enforced: false,
         render_cache_bytes: 1 << 20,
         max_token_ttl: 21600,
+        peers: Default::default(),
     });
     Setup {
         core,

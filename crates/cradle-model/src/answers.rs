@@ -30,6 +30,36 @@ pub struct CallerView {
     pub projects: Vec<String>,
 }
 
+/// `GET /v1/cluster`: this host and every host of its cluster.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct ClusterView {
+    /// The host that answered.
+    pub host: String,
+    /// `sqlite` (one host) or `postgres` (a cluster).
+    pub store: String,
+    pub hosts: Vec<HostView>,
+}
+
+/// A host, as it last recorded itself in the store.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct HostView {
+    pub name: String,
+    pub admin_url: String,
+    /// Empty when it has no peer listener.
+    pub peer_url: String,
+    pub metadata_address: String,
+    #[serde(with = "time::serde::rfc3339")]
+    #[schema(value_type = String, format = DateTime)]
+    pub started_at: time::OffsetDateTime,
+    #[serde(with = "time::serde::rfc3339")]
+    #[schema(value_type = String, format = DateTime)]
+    pub seen_at: time::OffsetDateTime,
+    /// Heard of within the last minute.
+    pub up: bool,
+    /// Instances placed on it.
+    pub instances: usize,
+}
+
 /// `GET /v1/instances`.
 #[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct InstanceList {

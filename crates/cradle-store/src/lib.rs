@@ -84,6 +84,9 @@ pub struct HostRecord {
     pub name: String,
     /// Where its admin API listens.
     pub admin_url: String,
+    /// Where other hosts hand it secrets (mutual TLS); empty when it has
+    /// no peer listener.
+    pub peer_url: String,
     /// Where its metadata service listens.
     pub metadata_address: String,
     pub started_at: OffsetDateTime,

@@ -149,9 +149,10 @@ fn host_record(r: &Row) -> Result<HostRecord, StoreError> {
     Ok(HostRecord {
         name: r.text(0)?,
         admin_url: r.text(1)?,
-        metadata_address: r.text(2)?,
-        started_at: parse_ts(&r.text(3)?)?,
-        seen_at: parse_ts(&r.text(4)?)?,
+        peer_url: r.text(2)?,
+        metadata_address: r.text(3)?,
+        started_at: parse_ts(&r.text(4)?)?,
+        seen_at: parse_ts(&r.text(5)?)?,
     })
 }
 
@@ -521,13 +522,16 @@ impl<D: Driver> Store for SqlStore<D> {
     fn heartbeat(&self, host: &HostRecord) -> Result<(), StoreError> {
         self.tx(|tx| {
             tx.execute(
-                "INSERT INTO hosts (name, admin_url, metadata_address, started_at, seen_at) \
-                 VALUES ($1, $2, $3, $4, $5) ON CONFLICT (name) DO UPDATE SET \
-                 admin_url = excluded.admin_url, metadata_address = excluded.metadata_address, \
+                "INSERT INTO hosts \
+                 (name, admin_url, peer_url, metadata_address, started_at, seen_at) \
+                 VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (name) DO UPDATE SET \
+                 admin_url = excluded.admin_url, peer_url = excluded.peer_url, \
+                 metadata_address = excluded.metadata_address, \
                  started_at = excluded.started_at, seen_at = excluded.seen_at",
                 &[
                     text(&host.name),
                     text(&host.admin_url),
+                    text(&host.peer_url),
                     text(&host.metadata_address),
                     text(ts(host.started_at)),
                     text(ts(host.seen_at)),
@@ -540,7 +544,7 @@ impl<D: Driver> Store for SqlStore<D> {
     fn hosts(&self) -> Result<Vec<HostRecord>, StoreError> {
         self.tx(|tx| {
             tx.query(
-                "SELECT name, admin_url, metadata_address, started_at, seen_at \
+                "SELECT name, admin_url, peer_url, metadata_address, started_at, seen_at \
                  FROM hosts ORDER BY name",
                 &[],
             )?

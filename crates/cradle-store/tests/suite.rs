@@ -316,6 +316,7 @@ fn hosts_record_their_heartbeats(u: Under) {
     let mut h = HostRecord {
         name: "node1".into(),
         admin_url: "http://127.0.0.1:8774".into(),
+        peer_url: "https://10.0.0.1:8776".into(),
         metadata_address: "169.254.169.254:80".into(),
         started_at: now(),
         seen_at: now(),

@@ -6,6 +6,7 @@
 
 mod appliance;
 mod client;
+mod cluster;
 mod drive;
 mod firewall;
 mod install;
@@ -76,6 +77,9 @@ enum Command {
     Appliance(appliance::ApplianceArgs),
     /// Show the token's name, roles and the projects it acts for.
     Whoami(whoami::WhoamiArgs),
+    /// Make the cluster's CA, issue hosts their certificates, list the hosts.
+    #[command(subcommand_required = true)]
+    Cluster(cluster::ClusterArgs),
 }
 
 /// How results are printed.
@@ -131,6 +135,7 @@ fn main() -> ExitCode {
         Command::Os(args) => os::run(args),
         Command::Appliance(args) => appliance::run(args),
         Command::Whoami(args) => whoami::run(args),
+        Command::Cluster(args) => cluster::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

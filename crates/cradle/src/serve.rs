@@ -204,6 +204,23 @@ async fn serve(config: Config, demo: bool) -> Result<()> {
         })?;
     let admin_addr = admin_listener.local_addr()?;
     let metadata_addr = metadata_listeners[0].local_addr()?;
+    let peers = peer_credentials(&config)?;
+    let peer_listener = match config.cluster.peer_listen {
+        None => None,
+        Some(addr) => Some(TcpListener::bind(addr).await.with_context(|| {
+            format!("cannot listen on {addr} for peers ([cluster] peer_listen)")
+        })?),
+    };
+    let peer_url = match &peer_listener {
+        None => String::new(),
+        Some(l) => {
+            let addr = l.local_addr()?;
+            match addr.ip().is_unspecified() {
+                true => format!("https://{host}:{}", addr.port()),
+                false => format!("https://{addr}"),
+            }
+        }
+    };
 
     let (stop_tx, stop_rx) = watch::channel(false);
     let stopped = move |mut rx: watch::Receiver<bool>| async move {
@@ -213,7 +230,14 @@ async fn serve(config: Config, demo: bool) -> Result<()> {
     let failed = tokio::task::block_in_place(|| registry.fail_interrupted_installs())
         .context("cannot mark interrupted installs")?;
     tokio::task::block_in_place(|| {
-        cluster_threads(&config, &registry, &host, admin_addr, metadata_addr)
+        cluster_threads(
+            &config,
+            &registry,
+            &host,
+            admin_addr,
+            metadata_addr,
+            &peer_url,
+        )
     });
     if !failed.is_empty() {
         warn!(instances = ?failed, "installs interrupted by a server stop are now install_failed");
@@ -229,6 +253,7 @@ async fn serve(config: Config, demo: bool) -> Result<()> {
         firewall_enforced: enforced,
         render_cache_bytes: config.metadata.cache_bytes,
         max_token_ttl: config.metadata.max_token_ttl,
+        peers: cradle_core::peers::Peers { tls: peers.0 },
     });
     core.spawn_maintenance();
     let admin_state = Arc::new(cradle_admin::AdminState {
@@ -236,6 +261,15 @@ async fn serve(config: Config, demo: bool) -> Result<()> {
         tokens,
         max_body_bytes: config.admin.max_body_bytes,
     });
+    if let (Some(listener), Some(tls)) = (peer_listener, peers.1) {
+        info!(url = %peer_url, "listening for peers (mutual TLS)");
+        tokio::spawn(cradle_admin::serve_peers(
+            listener,
+            admin_state.clone(),
+            tls,
+            stopped(stop_rx.clone()),
+        ));
+    }
     let admin = tokio::spawn(cradle_admin::serve(
         admin_listener,
         admin_state,
@@ -342,6 +376,32 @@ fn open_registry(config: &Config, host: &str) -> Result<Registry> {
     Ok(registry)
 }
 
+/// This host's cluster credentials: for calling peers, and for its peer
+/// listener when it has one.
+fn peer_credentials(
+    config: &Config,
+) -> Result<(
+    Option<Arc<cradle_client::PeerTls>>,
+    Option<rustls::ServerConfig>,
+)> {
+    let Some(dir) = &config.cluster.tls_dir else {
+        if config.cluster.peer_listen.is_some() {
+            bail!("[cluster] peer_listen needs [cluster] tls_dir (see `cradle cluster join`)");
+        }
+        return Ok((None, None));
+    };
+    let client = cradle_client::PeerTls::from_dir(dir).map_err(anyhow::Error::msg)?;
+    let server = match config.cluster.peer_listen {
+        None => None,
+        Some(_) => Some(
+            cradle_admin::server_tls(dir)
+                .map_err(anyhow::Error::msg)
+                .context("[cluster] tls_dir")?,
+        ),
+    };
+    Ok((Some(Arc::new(client)), server))
+}
+
 /// On a shared store: follow other hosts' changes, and say this host is up.
 fn cluster_threads(
     config: &Config,
@@ -349,6 +409,7 @@ fn cluster_threads(
     host: &str,
     admin: SocketAddr,
     metadata: SocketAddr,
+    peer_url: &str,
 ) {
     let every = Duration::from_secs(config.cluster.resync_interval.max(1));
     if registry.follow(every).is_none() {
@@ -357,6 +418,7 @@ fn cluster_threads(
     let record = cradle_store::HostRecord {
         name: host.to_string(),
         admin_url: format!("http://{admin}"),
+        peer_url: peer_url.to_string(),
         metadata_address: metadata.to_string(),
         started_at: time::OffsetDateTime::now_utc(),
         seen_at: time::OffsetDateTime::now_utc(),

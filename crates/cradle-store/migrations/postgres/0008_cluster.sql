@@ -36,6 +36,8 @@ ALTER TABLE tenant_default_rules ADD COLUMN seq BIGINT NOT NULL DEFAULT 0;
 CREATE TABLE hosts (
     name             TEXT PRIMARY KEY,
     admin_url        TEXT NOT NULL,
+    -- Where other hosts hand it secrets (mutual TLS); empty: nowhere.
+    peer_url         TEXT NOT NULL,
     metadata_address TEXT NOT NULL,
     started_at       TEXT NOT NULL,
     seen_at          TEXT NOT NULL

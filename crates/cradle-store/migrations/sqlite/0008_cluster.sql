@@ -40,6 +40,8 @@ UPDATE tenant_default_rules
 CREATE TABLE hosts (
     name             TEXT PRIMARY KEY,
     admin_url        TEXT NOT NULL,
+    -- Where other hosts hand it secrets (mutual TLS); empty: nowhere.
+    peer_url         TEXT NOT NULL,
     metadata_address TEXT NOT NULL,
     started_at       TEXT NOT NULL,
     seen_at          TEXT NOT NULL

@@ -2,6 +2,9 @@
 //! the guests placed on it, every host sees every change, and guests keep
 //! their metadata while the database is down.
 
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
@@ -10,20 +13,75 @@ use cradle_model::api::InstancePatch;
 use cradle_store::testkit::PgServer;
 use serde_json::json;
 
-use crate::harness::{Opts, Server, route};
+use crate::harness::{BIN, Opts, Server, route};
 
 const TOKEN: &str = "cluster-test-token-4b1d";
 
 fn host(url: &str, name: &str) -> Server {
+    host_with(url, name, None, None)
+}
+
+/// A host; with `tls` (its tls_dir) it has a peer listener on loopback.
+fn host_with(url: &str, name: &str, tls: Option<&Path>, data: Option<&Path>) -> Server {
+    let tls = tls.map(|d| d.to_str().unwrap().to_string());
+    let mut env = vec![
+        ("CRADLE_STORE_URL", url),
+        ("CRADLE_CLUSTER_HOST", name),
+        ("CRADLE_CLUSTER_RESYNC_INTERVAL", "1"),
+        ("CRADLE_ADMIN_TOKEN", TOKEN),
+    ];
+    if let Some(dir) = &tls {
+        env.push(("CRADLE_CLUSTER_TLS_DIR", dir));
+        env.push(("CRADLE_CLUSTER_PEER_LISTEN", "127.0.0.1:0"));
+    }
     Server::start_with(Opts {
-        env: &[
-            ("CRADLE_STORE_URL", url),
-            ("CRADLE_CLUSTER_HOST", name),
-            ("CRADLE_CLUSTER_RESYNC_INTERVAL", "1"),
-            ("CRADLE_ADMIN_TOKEN", TOKEN),
-        ],
+        env: &env,
+        data_dir: data,
         ..Default::default()
     })
+}
+
+/// `cradle cluster init`, then `cradle cluster join` for each host (with
+/// 127.0.0.1 in its certificate); the CA's dir and each host's tls_dir.
+fn credentials(dir: &Path, hosts: &[&str]) -> (PathBuf, Vec<PathBuf>) {
+    let ca = dir.join("ca");
+    let cradle = |args: &[&str]| Command::new(BIN).args(args).output().unwrap();
+    let made = cradle(&["cluster", "init", "--dir", ca.to_str().unwrap()]);
+    assert!(
+        made.status.success(),
+        "{}",
+        String::from_utf8_lossy(&made.stderr)
+    );
+    let again = cradle(&["cluster", "init", "--dir", ca.to_str().unwrap()]);
+    assert!(!again.status.success(), "init must not replace a CA");
+    assert!(String::from_utf8_lossy(&again.stderr).contains("refusing to replace"));
+    let mut dirs = Vec::new();
+    for h in hosts {
+        let out = dir.join(format!("tls-{h}"));
+        let joined = cradle(&[
+            "cluster",
+            "join",
+            h,
+            "--ca",
+            ca.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+            "--address",
+            "127.0.0.1",
+        ]);
+        assert!(
+            joined.status.success(),
+            "{}",
+            String::from_utf8_lossy(&joined.stderr)
+        );
+        let mode = std::fs::metadata(out.join("host.key"))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600, "host.key is private");
+        dirs.push(out);
+    }
+    (ca, dirs)
 }
 
 /// Poll `f` until it is true; how long that took.
@@ -49,8 +107,11 @@ fn meta(key: &str, value: &str) -> InstancePatch {
 fn each_host_serves_its_own_guests_and_every_host_sees_every_change() {
     let pg = PgServer::start().expect("start PostgreSQL");
     let url = pg.url();
-    let a = host(&url, "node-a");
-    let mut b = host(&url, "node-b");
+    let tmp = tempfile::tempdir().unwrap();
+    let (ca, tls) = credentials(tmp.path(), &["node-a", "node-b"]);
+    let a = host_with(&url, "node-a", Some(&tls[0]), None);
+    let mut b = host_with(&url, "node-b", Some(&tls[1]), None);
+    // C has no cluster credentials: it cannot hand secrets on.
     let c = host(&url, "node-c");
 
     // Made through A, placed on B and on C.
@@ -58,7 +119,7 @@ fn each_host_serves_its_own_guests_and_every_host_sees_every_change() {
         "name": "web-b", "host": "node-b", "metadata_address": "127.0.0.21",
     }));
     assert_eq!(on_b["host"], "node-b");
-    let on_c = a.admin().create(&json!({
+    a.admin().create(&json!({
         "name": "web-c", "host": "node-c", "metadata_address": "127.0.0.22",
     }));
     let id_b = on_b["id"].as_str().unwrap().to_string();
@@ -94,19 +155,50 @@ fn each_host_serves_its_own_guests_and_every_host_sees_every_change() {
             == Some(&"db".into())
     });
 
-    // A secret for B's instance, given to A, is refused: it would have to
-    // live on A. Given to B, it is taken.
+    // A secret for B's instance, given to A, is handed to B over mutual
+    // TLS and lives only there. C, with no credentials, refuses it.
     let mut secret = InstancePatch::default();
     secret.os_params.secret.insert(
         "db_password".into(),
         Some(cradle_model::Secret::new("CLUSTER-SECRET-CANARY".into())),
     );
-    let refused = a.admin().fetch(route::modify_instance("web-b", &secret));
+    let refused = c.admin().fetch(route::modify_instance("web-b", &secret));
     assert_eq!(refused.status, 409, "{}", refused.text());
     assert_eq!(refused.json()["error"]["code"], "wrong_host");
     assert!(refused.text().contains("node-b"), "{}", refused.text());
-    let taken = b.admin().send(route::modify_instance("web-b", &secret));
-    assert_eq!(taken.os_params.secret, ["db_password"]);
+    let taken = a.admin().send(route::modify_instance("web-b", &secret));
+    assert_eq!(
+        taken.os_params.secret,
+        ["db_password"],
+        "B's view, through A"
+    );
+    assert_eq!(
+        b.admin().send(route::instance("web-b")).os_params.secret,
+        ["db_password"]
+    );
+    assert!(
+        a.admin()
+            .send(route::instance("web-b"))
+            .os_params
+            .secret
+            .is_empty(),
+        "A keeps no copy"
+    );
+    // Created through A with a secret, placed on B: made by B.
+    let mut spec: cradle_model::api::InstanceSpec = serde_json::from_value(json!({
+        "name": "web-b2", "host": "node-b", "metadata_address": "127.0.0.23",
+    }))
+    .unwrap();
+    spec.os_params.secret.insert(
+        "token".into(),
+        cradle_model::Secret::new("CLUSTER-SECRET-CANARY".into()),
+    );
+    let made = a.admin().send(route::create_instance(&spec));
+    assert_eq!(made.host, "node-b");
+    assert_eq!(
+        b.admin().send(route::instance("web-b2")).os_params.secret,
+        ["token"]
+    );
     // Another host's change keeps B's secret for it.
     a.admin()
         .send(route::modify_instance("web-b", &meta("tier", "front")));
@@ -121,15 +213,45 @@ fn each_host_serves_its_own_guests_and_every_host_sees_every_change() {
         b.admin().send(route::instance("web-b")).os_params.secret,
         ["db_password"]
     );
+
+    // The peer listener takes only certificates of the cluster's CA, and
+    // offers only create and modify.
+    let peer = cluster_peer_url(&a, "node-b");
+    let curl = |cert: bool, path: &str| {
+        let mut cmd = Command::new("curl");
+        cmd.args(["-sS", "--max-time", "5", "--cacert"])
+            .arg(ca.join("ca.pem"));
+        if cert {
+            cmd.arg("--cert")
+                .arg(tls[0].join("host.pem"))
+                .arg("--key")
+                .arg(tls[0].join("host.key"));
+        }
+        cmd.arg(format!("{peer}{path}")).output().unwrap()
+    };
+    assert!(
+        !curl(false, "/v1/instances").status.success(),
+        "a client without a certificate got in"
+    );
+    let other = curl(true, "/v1/whoami");
+    assert!(
+        other.status.success(),
+        "{}",
+        String::from_utf8_lossy(&other.stderr)
+    );
+    assert!(
+        String::from_utf8_lossy(&other.stdout).contains("no such route on the peer listener"),
+        "{}",
+        String::from_utf8_lossy(&other.stdout)
+    );
+
+    // The canary reached no disk, no dump and no log of any host.
     for dir in [&a.data_dir, &b.data_dir, &c.data_dir, &pg.data_dir()] {
         assert_eq!(grep(dir, "CLUSTER-SECRET-CANARY"), Vec::<String>::new());
     }
-    let dump = pg.dump("postgres").unwrap();
-    assert!(!String::from_utf8_lossy(&dump).contains("CLUSTER-SECRET-CANARY"));
-    assert!(
-        String::from_utf8_lossy(&dump).contains("web-b"),
-        "the dump has the data"
-    );
+    let dump = String::from_utf8_lossy(&pg.dump("postgres").unwrap()).into_owned();
+    assert!(!dump.contains("CLUSTER-SECRET-CANARY"));
+    assert!(dump.contains("web-b"), "the dump has the data");
     for s in [&a, &b, &c] {
         assert!(!s.log().contains("CLUSTER-SECRET-CANARY"));
     }
@@ -142,15 +264,7 @@ fn each_host_serves_its_own_guests_and_every_host_sees_every_change() {
         "web-b",
         &meta("while", "b-was-down"),
     ));
-    let b2 = Server::start_with(Opts {
-        data_dir: Some(&data_b),
-        env: &[
-            ("CRADLE_STORE_URL", &url),
-            ("CRADLE_CLUSTER_HOST", "node-b"),
-            ("CRADLE_ADMIN_TOKEN", TOKEN),
-        ],
-        ..Default::default()
-    });
+    let b2 = host_with(&url, "node-b", Some(&tls[1]), Some(&data_b));
     let doc = b2
         .guest("127.0.0.21")
         .get("/openstack/latest/meta_data.json");
@@ -172,13 +286,54 @@ fn each_host_serves_its_own_guests_and_every_host_sees_every_change() {
     within(Duration::from_secs(3), "B stops serving web-b", || {
         b2.guest("127.0.0.21").get(path).status == 404
     });
-    let hosts: Vec<_> = b2
+    let names: Vec<_> = b2
         .admin()
         .send(route::instances())
         .into_iter()
         .map(|i| i.name)
         .collect();
-    assert_eq!(hosts, [on_c["name"].as_str().unwrap()]);
+    let mut names = names;
+    names.sort();
+    assert_eq!(names, ["web-b2", "web-c"]);
+
+    // `cradle cluster show` lists every host.
+    let out = Command::new(BIN)
+        .args(["cluster", "show", "--url", &a.admin_url])
+        .env("CRADLE_ADMIN_TOKEN", TOKEN)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        text.contains("this host: node-a (store: postgres)"),
+        "{text}"
+    );
+    for h in ["node-a", "node-b", "node-c"] {
+        assert!(text.contains(h), "{text}");
+    }
+    // A placement on a host that never joined is refused.
+    let unknown = a.admin().fetch_raw(
+        route::create_instance(&Default::default()),
+        r#"{"name": "x", "host": "node-z"}"#,
+    );
+    assert_eq!(unknown.status, 422, "{}", unknown.text());
+    assert_eq!(unknown.json()["error"]["code"], "unknown_host");
+}
+
+/// Host `name`'s peer URL, as the cluster records it.
+fn cluster_peer_url(via: &Server, name: &str) -> String {
+    let cluster = via.admin().send(route::cluster());
+    let h = cluster
+        .hosts
+        .iter()
+        .find(|h| h.name == name)
+        .expect("the host is known");
+    assert!(h.up);
+    h.peer_url.clone()
 }
 
 #[test]
