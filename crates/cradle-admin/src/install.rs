@@ -89,7 +89,7 @@ async fn show(
     params(("key" = String, Path, description = "The instance: its id or its name")),
     responses((status = 200, description = "Running", body = InstanceView), crate::openapi::Errors)
 )]
-async fn start_vm(
+pub(crate) async fn start_vm(
     State(s): Shared,
     Extension(caller): Extension<Caller>,
     Params(key): Params<String>,

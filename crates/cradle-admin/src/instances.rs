@@ -114,7 +114,7 @@ pub(crate) async fn create(
     params(("key" = String, Path, description = "The instance: its id or its name")),
     responses((status = 200, description = "The instance", body = InstanceView), crate::openapi::Errors)
 )]
-async fn show(
+pub(crate) async fn show(
     State(s): Shared,
     Extension(caller): Extension<Caller>,
     Params(key): Params<String>,

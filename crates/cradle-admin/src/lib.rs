@@ -23,6 +23,7 @@ mod error;
 mod extract;
 mod install;
 mod instances;
+mod migrate;
 mod openapi;
 mod peer;
 mod secgroups;
@@ -62,6 +63,7 @@ fn api() -> (Router<Arc<AdminState>>, utoipa::openapi::OpenApi) {
         .routes(utoipa_axum::routes!(openapi::document))
         .merge(instances::routes())
         .merge(install::routes())
+        .merge(migrate::routes())
         .merge(secgroups::routes())
         .split_for_parts()
 }

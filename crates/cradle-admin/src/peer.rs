@@ -4,7 +4,8 @@
 //! the cluster's CA, and this host presents its own. The caller the peer
 //! authorized travels in a header; the operation is the admin API's own
 //! (the same handlers, the same `Core` call), so nothing is decided here.
-//! Only creating and modifying an instance are offered.
+//! Only what another host's operations need is offered: create, show,
+//! modify and start an instance, and take one in (`/v1/migrations`).
 
 use std::future::Future;
 use std::path::Path;
@@ -25,7 +26,7 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use tokio::net::TcpListener;
 use tracing::{debug, info};
 
-use crate::{AdminState, ApiError, Shared, instances};
+use crate::{AdminState, ApiError, Shared, install, instances, migrate};
 
 /// This host's side of the cluster's mutual TLS, from `tls_dir`
 /// (`ca.pem`, `host.pem`, `host.key`).
@@ -87,7 +88,12 @@ fn peer_app(state: Arc<AdminState>) -> Router {
     let limit = state.max_body_bytes;
     Router::new()
         .route("/v1/instances", post(instances::create))
-        .route("/v1/instances/{key}", patch(instances::modify))
+        .route(
+            "/v1/instances/{key}",
+            patch(instances::modify).get(instances::show),
+        )
+        .route("/v1/instances/{key}/start", post(install::start_vm))
+        .route("/v1/migrations", post(migrate::prepare))
         .route_layer(middleware::from_fn_with_state(state.clone(), peer_caller))
         .fallback(|| async { ApiError::not_found("no such route on the peer listener") })
         .layer(axum::extract::DefaultBodyLimit::max(limit))

@@ -260,6 +260,14 @@ impl Target {
         self
     }
 
+    /// The same credentials and settings, for the API at `base`.
+    pub fn at(&self, base: &str) -> Target {
+        Target {
+            base: base.trim_end_matches('/').to_string(),
+            ..self.clone()
+        }
+    }
+
     /// Send `name: value` with every request.
     pub fn with_header(mut self, name: &'static str, value: &str) -> Result<Target, Error> {
         let value = http::HeaderValue::from_str(value)

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use cradle_model::answers::{
     CallerView, ClusterView, EventList, EventView, FirewallApplied, FirewallView, InstanceList,
-    MessageList, MessageQueued, VmView,
+    MessageList, MessageQueued, MigrateRequest, MigrationPrepare, MigrationTarget, VmView,
 };
 use cradle_model::api::{InstancePatch, InstanceSpec, InstanceView, MessageIn, MessageView};
 use cradle_model::job::JobView;
@@ -175,6 +175,18 @@ pub fn stop_vm(key: &str, force: bool, grace: Duration) -> Request<InstanceView>
         .query("force", force)
         .query("grace", grace.as_secs())
         .json(b"{}".to_vec())
+}
+
+/// `POST /v1/instances/{key}/migrate`: move it to another host. The answer
+/// is a stream of [`cradle_model::answers::MigrationProgress`] lines (read
+/// it with `open`).
+pub fn migrate(key: &str, to: &MigrateRequest) -> Request<()> {
+    Request::new(Method::POST, of_instance(key, "migrate"), |_| Ok(())).json(to_vec(to))
+}
+
+/// `POST /v1/migrations` on a peer: where an arriving instance's disks go.
+pub fn prepare_migration(req: &MigrationPrepare) -> Request<MigrationTarget> {
+    Request::new(Method::POST, "/v1/migrations".into(), json).json(to_vec(req))
 }
 
 /// `GET /v1/instances/{key}/vm`: its state and what QEMU says.

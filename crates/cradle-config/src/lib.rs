@@ -80,6 +80,13 @@ pub struct Cluster {
     /// `host.pem`, `host.key`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub tls_dir: Option<PathBuf>,
+    /// Where instances migrated to this host get their disks (one directory
+    /// per instance); empty means `<data_dir>/disks`.
+    pub disk_dir: String,
+    /// How other hosts reach this one over ssh or rsync to copy disks to it
+    /// (`[remote]` on the sending host says how to log in); empty means the
+    /// host name.
+    pub ssh_address: String,
 }
 
 impl Default for Cluster {
@@ -90,6 +97,8 @@ impl Default for Cluster {
             heartbeat_interval: 10,
             peer_listen: None,
             tls_dir: None,
+            disk_dir: String::new(),
+            ssh_address: String::new(),
         }
     }
 }
@@ -503,6 +512,8 @@ pub const KEYS: &[(&str, &str)] = &[
     ("cluster", "heartbeat_interval"),
     ("cluster", "peer_listen"),
     ("cluster", "tls_dir"),
+    ("cluster", "disk_dir"),
+    ("cluster", "ssh_address"),
     ("admin", "listen"),
     ("admin", "token"),
     ("admin", "tokens_file"),

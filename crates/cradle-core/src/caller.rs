@@ -105,6 +105,8 @@ pub(crate) enum Action<'a> {
     SeeServer,
     /// Replace the firewall's table.
     ApplyFirewall,
+    /// Move an instance to another host, or take one in.
+    Migrate,
 }
 
 /// Whether `caller` may do `action`. Operator-only actions need the admin
@@ -149,6 +151,7 @@ pub(crate) fn authorize(caller: &Caller, action: Action<'_>) -> Result<(), Error
              credentials (os_params.secret personalization_*) again",
         ),
         Action::ApplyFirewall => admin_only("applying the firewall"),
+        Action::Migrate => admin_only("migrating an instance to another host"),
     }
 }
 

@@ -31,6 +31,7 @@ mod error;
 mod guest;
 mod install;
 mod instances;
+pub mod migrate;
 pub mod peers;
 mod secgroups;
 
@@ -69,6 +70,8 @@ pub struct Parts {
     pub max_token_ttl: u32,
     /// How this host reaches the other hosts of its cluster.
     pub peers: peers::Peers,
+    /// How it moves instances to them and takes them in.
+    pub migration: migrate::MigrationSettings,
 }
 
 /// How many config drives are built at once: each may hold a whole image
@@ -92,6 +95,7 @@ pub struct Core {
     firewall_enforced: bool,
     guests: guest::Guests,
     peers: peers::Peers,
+    migration: migrate::MigrationSettings,
 }
 
 impl Core {
@@ -110,6 +114,7 @@ impl Core {
             firewall_table: parts.firewall_table,
             firewall_enforced: parts.firewall_enforced,
             peers: parts.peers,
+            migration: parts.migration,
         })
     }
 

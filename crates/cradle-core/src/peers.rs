@@ -119,7 +119,11 @@ impl Core {
     }
 
     /// A client for host `host`'s peer listener, speaking for `caller`.
-    async fn peer(&self, host: &str, caller: &Caller) -> Result<cradle_client::Client, Error> {
+    pub(crate) async fn peer(
+        &self,
+        host: &str,
+        caller: &Caller,
+    ) -> Result<cradle_client::Client, Error> {
         let Some(tls) = self.peers.tls.clone() else {
             return Err(Error::refused(
                 Kind::Conflict,
@@ -193,7 +197,7 @@ impl Core {
 
 /// A peer's refusal, passed on as it was (same status class and code); a
 /// peer that did not answer is unavailable.
-fn from_peer(host: &str, e: cradle_client::Error) -> Error {
+pub(crate) fn from_peer(host: &str, e: cradle_client::Error) -> Error {
     match (&e, e.status()) {
         (cradle_client::Error::Api { code, message, .. }, Some(status)) => {
             let kind = match status {
@@ -231,6 +235,10 @@ fn static_code(code: &str) -> &'static str {
         "too_large",
         "queue_full",
         "unknown_host",
+        "no_space",
+        "transport",
+        "cancelled",
+        "vm",
     ];
     KNOWN
         .iter()

@@ -64,6 +64,7 @@ fn setup() -> Setup {
         render_cache_bytes: 1 << 20,
         max_token_ttl: 21600,
         peers: Default::default(),
+        migration: Default::default(),
     });
     Setup {
         core,

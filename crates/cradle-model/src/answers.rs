@@ -60,6 +60,61 @@ pub struct HostView {
     pub instances: usize,
 }
 
+/// `POST /v1/instances/{key}/migrate`: where to, and over what.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct MigrateRequest {
+    /// The host to move it to.
+    pub to: String,
+    /// `ssh` or `rsync`; left out, `[remote] transport`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub transport: Option<String>,
+    /// Seconds the guest gets to power off before it is killed (at most
+    /// 3600); left out, 60.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub grace: Option<u64>,
+}
+
+/// One line of a migration's answer (newline-delimited JSON): each step as
+/// it starts, copy progress, then `done` (with the instance) or `failed`.
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct MigrationProgress {
+    /// `check`, `stop`, `copy`, `move`, `start`, `done`, `failed` or
+    /// `rollback`.
+    pub step: String,
+    pub message: String,
+    /// The disk being copied, and its bytes done of total.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disk: Option<usize>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub done: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub total: Option<u64>,
+    /// On `failed`: the error's code, as the admin API's error bodies say.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub code: Option<String>,
+    /// On `done`: the instance where it now is.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub instance: Option<Box<crate::api::InstanceView>>,
+}
+
+/// A host asks the target of a migration where its disks go (peer API).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MigrationPrepare {
+    pub instance: uuid::Uuid,
+    /// Each disk's file name and the bytes it occupies (sparse files: only
+    /// what is allocated).
+    pub disks: Vec<(String, u64)>,
+}
+
+/// The target's answer: where to copy to, and the paths the disks get.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MigrationTarget {
+    pub ssh_address: String,
+    pub dir: String,
+    pub paths: Vec<String>,
+}
+
 /// `GET /v1/instances`.
 #[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct InstanceList {

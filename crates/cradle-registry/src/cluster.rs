@@ -205,6 +205,37 @@ impl Registry {
         Ok(self.store.hosts()?)
     }
 
+    /// Place an instance on `host` with `disks`: a migration's move. Its
+    /// secrets are kept only while it is served here (`secrets` are what it
+    /// has here afterwards). The firewall follows at once.
+    pub fn set_placement(
+        &self,
+        id: Uuid,
+        host: &str,
+        disks: Vec<cradle_model::machine::Disk>,
+        secrets: std::collections::BTreeMap<String, cradle_model::Secret<String>>,
+    ) -> Result<Arc<Instance>, RegistryError> {
+        let _w = self.lock_writer();
+        let local = host == self.host;
+        let next = self.update_with(id, |i| {
+            i.host = host.to_string();
+            i.disks = disks.clone();
+            i.os_params.secret = if local {
+                secrets.clone()
+            } else {
+                Default::default()
+            };
+        })?;
+        // A failure marks the firewall dirty; maintenance re-applies it.
+        let _ = self.enforce_identity(id);
+        Ok(next)
+    }
+
+    /// Add to an instance's event log.
+    pub fn record_event(&self, id: Uuid, kind: &str, message: &str) -> Result<(), RegistryError> {
+        Ok(self.store.record_event(id, kind, message)?)
+    }
+
     /// `sqlite` or `postgres`.
     pub fn store_backend(&self) -> &'static str {
         self.store.backend()

@@ -8,7 +8,9 @@
 //!   destination is exactly the path given: scp would put the file inside a
 //!   directory of that name, and its SFTP mode reports a full disk only as
 //!   "Failure"; here the remote tools name their errors. Progress is the
-//!   file offset ssh has read to, shared with a duplicate descriptor.
+//!   file offset ssh has read to, shared with a duplicate descriptor. The
+//!   remote end writes with `dd conv=sparse`, so runs of zeros (an empty
+//!   disk's) become holes there, as rsync's `--sparse` makes them.
 //! - Downloads use scp in its SFTP mode: the original protocol refuses names
 //!   it cannot echo back (a newline, a quote), while SFTP carries the path
 //!   as bytes. scp globs a download's source, so the path is glob-escaped.
@@ -17,7 +19,7 @@
 //!   temporary file scp writes.
 //!
 //! The remote side needs a POSIX shell, GNU coreutils (stat -c, mktemp -p,
-//! mv -T), scp and the SFTP subsystem.
+//! mv -T, dd conv=sparse), scp and the SFTP subsystem.
 
 use std::ffi::OsString;
 use std::os::unix::ffi::OsStringExt;
@@ -309,7 +311,7 @@ fn upload_script(dst: &RemotePath, size: u64, mode: u32) -> Vec<u8> {
              t=$(mktemp -p \"$p\" .cradle-upload-XXXXXX) || exit 1\n\
              trap 'rm -f -- \"$t\"' EXIT\n\
              trap 'exit 1' HUP INT TERM PIPE\n\
-             cat > \"$t\" || exit 1\n\
+             dd of=\"$t\" bs=65536 iflag=fullblock conv=sparse status=none || exit 1\n\
              n=$(stat -c %s -- \"$t\") || exit 1\n\
              [ \"$n\" = {size} ] || {{ echo \"cradle: upload cut short at $n of {size} bytes\" >&2; exit 1; }}\n\
              chmod \"$(printf %o $(( 0{mode:o} & ~0$(umask) )))\" -- \"$t\" || exit 1\n\

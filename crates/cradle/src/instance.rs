@@ -78,6 +78,22 @@ appliance while the job runs, then dropped.\n\nExample:\n  cradle instance insta
         #[arg(long, default_value_t = 60)]
         grace: u64,
     },
+    /// Move the instance to another host of the cluster (cold): check, stop
+    /// its VM, copy its disks, move its placement, secrets, firewall and
+    /// metadata service, start it there.
+    #[command(after_help = crate::migrate::ABOUT)]
+    Migrate {
+        instance: String,
+        /// The host to move it to.
+        #[arg(long, value_name = "HOST")]
+        to: String,
+        /// How to copy the disks [default: [remote] transport on the instance's host].
+        #[arg(long, value_enum)]
+        transport: Option<crate::migrate::TransportArg>,
+        /// Seconds the guest gets to power off before it is killed.
+        #[arg(long, default_value_t = 60)]
+        grace: u64,
+    },
     /// The instance's state and what QEMU says of its VM.
     Status { instance: String },
     /// Print the end of the VM's serial console.
@@ -370,6 +386,12 @@ pub fn run(args: InstanceArgs) -> Result<()> {
             let job = api.send(route::start_install(&instance))?;
             crate::install::show(&api, &instance, job, follow, output)
         }
+        InstanceCommand::Migrate {
+            instance,
+            to,
+            transport,
+            grace,
+        } => crate::migrate::run(&api, &instance, &to, transport, grace, output),
         InstanceCommand::Start { instance } => {
             let v = api.send(route::start_vm(&instance))?;
             print_instance(&mut out, output, &v)

@@ -11,6 +11,7 @@ mod drive;
 mod firewall;
 mod install;
 mod instance;
+mod migrate;
 mod os;
 mod personalize;
 mod remote;

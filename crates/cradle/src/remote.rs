@@ -110,9 +110,9 @@ process it started."
 }
 
 /// The `[remote]` settings, overridden by the flags.
-fn settings(args: &RemoteArgs) -> Result<Settings> {
-    let c = Config::load(args.config.as_deref(), std::env::vars())?.remote;
-    let mut s = Settings {
+/// The drivers' settings from `[remote]`.
+pub(crate) fn from_config(c: cradle_config::Remote) -> Settings {
+    Settings {
         transport: c.transport,
         user: (!c.user.is_empty()).then_some(c.user),
         port: c.port,
@@ -125,7 +125,11 @@ fn settings(args: &RemoteArgs) -> Result<Settings> {
         timeout: Duration::from_secs(c.timeout),
         copy_timeout: Duration::from_secs(c.copy_timeout),
         ..Settings::default()
-    };
+    }
+}
+
+fn settings(args: &RemoteArgs) -> Result<Settings> {
+    let mut s = from_config(Config::load(args.config.as_deref(), std::env::vars())?.remote);
     if let Some(t) = args.transport {
         s.transport = match t {
             TransportArg::Ssh => Transport::Ssh,

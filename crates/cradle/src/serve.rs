@@ -254,6 +254,14 @@ async fn serve(config: Config, demo: bool) -> Result<()> {
         render_cache_bytes: config.metadata.cache_bytes,
         max_token_ttl: config.metadata.max_token_ttl,
         peers: cradle_core::peers::Peers { tls: peers.0 },
+        migration: cradle_core::migrate::MigrationSettings {
+            disk_dir: match config.cluster.disk_dir.as_str() {
+                "" => data_dir.join("disks"),
+                d => std::path::PathBuf::from(d),
+            },
+            ssh_address: config.cluster.ssh_address.clone(),
+            remote: crate::remote::from_config(config.remote.clone()),
+        },
     });
     core.spawn_maintenance();
     let admin_state = Arc::new(cradle_admin::AdminState {

@@ -15,25 +15,31 @@ use serde_json::json;
 
 use crate::harness::{BIN, Opts, Server, route};
 
-const TOKEN: &str = "cluster-test-token-4b1d";
+pub(crate) const TOKEN: &str = "cluster-test-token-4b1d";
 
 fn host(url: &str, name: &str) -> Server {
     host_with(url, name, None, None)
 }
 
-/// A host; with `tls` (its tls_dir) it has a peer listener on loopback.
-fn host_with(url: &str, name: &str, tls: Option<&Path>, data: Option<&Path>) -> Server {
-    let tls = tls.map(|d| d.to_str().unwrap().to_string());
+/// The environment of a host on `url`; with `tls` (its tls_dir) it has a
+/// peer listener on loopback.
+pub(crate) fn host_env(url: &str, name: &str, tls: Option<&Path>) -> Vec<(&'static str, String)> {
     let mut env = vec![
-        ("CRADLE_STORE_URL", url),
-        ("CRADLE_CLUSTER_HOST", name),
-        ("CRADLE_CLUSTER_RESYNC_INTERVAL", "1"),
-        ("CRADLE_ADMIN_TOKEN", TOKEN),
+        ("CRADLE_STORE_URL", url.to_string()),
+        ("CRADLE_CLUSTER_HOST", name.to_string()),
+        ("CRADLE_CLUSTER_RESYNC_INTERVAL", "1".to_string()),
+        ("CRADLE_ADMIN_TOKEN", TOKEN.to_string()),
     ];
-    if let Some(dir) = &tls {
-        env.push(("CRADLE_CLUSTER_TLS_DIR", dir));
-        env.push(("CRADLE_CLUSTER_PEER_LISTEN", "127.0.0.1:0"));
+    if let Some(dir) = tls {
+        env.push(("CRADLE_CLUSTER_TLS_DIR", dir.display().to_string()));
+        env.push(("CRADLE_CLUSTER_PEER_LISTEN", "127.0.0.1:0".to_string()));
     }
+    env
+}
+
+fn host_with(url: &str, name: &str, tls: Option<&Path>, data: Option<&Path>) -> Server {
+    let env = host_env(url, name, tls);
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
     Server::start_with(Opts {
         env: &env,
         data_dir: data,
@@ -43,7 +49,7 @@ fn host_with(url: &str, name: &str, tls: Option<&Path>, data: Option<&Path>) -> 
 
 /// `cradle cluster init`, then `cradle cluster join` for each host (with
 /// 127.0.0.1 in its certificate); the CA's dir and each host's tls_dir.
-fn credentials(dir: &Path, hosts: &[&str]) -> (PathBuf, Vec<PathBuf>) {
+pub(crate) fn credentials(dir: &Path, hosts: &[&str]) -> (PathBuf, Vec<PathBuf>) {
     let ca = dir.join("ca");
     let cradle = |args: &[&str]| Command::new(BIN).args(args).output().unwrap();
     let made = cradle(&["cluster", "init", "--dir", ca.to_str().unwrap()]);
@@ -86,7 +92,7 @@ fn credentials(dir: &Path, hosts: &[&str]) -> (PathBuf, Vec<PathBuf>) {
 
 /// Poll `f` until it is true; how long that took.
 #[track_caller]
-fn within(limit: Duration, what: &str, mut f: impl FnMut() -> bool) -> Duration {
+pub(crate) fn within(limit: Duration, what: &str, mut f: impl FnMut() -> bool) -> Duration {
     let start = Instant::now();
     while !f() {
         assert!(start.elapsed() < limit, "{what}: not within {limit:?}");
@@ -459,7 +465,7 @@ fn guests_are_served_while_the_database_is_down_and_no_acknowledged_write_is_los
     }
 }
 
-fn grep(dir: &std::path::Path, needle: &str) -> Vec<String> {
+pub(crate) fn grep(dir: &std::path::Path, needle: &str) -> Vec<String> {
     let mut hits = Vec::new();
     let Ok(entries) = std::fs::read_dir(dir) else {
         return hits;

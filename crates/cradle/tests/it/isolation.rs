@@ -125,6 +125,14 @@ fn rows() -> BTreeMap<(&'static str, &'static str), Row> {
     add("GET", format!("{i}/install"), row(Instance, 404, 404));
     add("POST", format!("{i}/install"), row(Instance, 422, 404));
     add("POST", format!("{i}/start"), row(Instance, 422, 404));
+    add(
+        "POST",
+        format!("{i}/migrate"),
+        Row {
+            admin_only: true,
+            ..row(Instance, 200, 404)
+        },
+    );
     add("POST", format!("{i}/stop"), row(Instance, 200, 404));
     add("GET", format!("{i}/vm"), row(Instance, 200, 404));
     add("GET", format!("{i}/console"), row(Instance, 200, 404));
@@ -328,6 +336,8 @@ impl Lab {
             })),
             ("PATCH", "/v1/instances/{key}") => Some(json!({})),
             ("POST", "/v1/instances/{key}/messages") => Some(json!({"text": "hello"})),
+            // A host that never joined: refused in the stream, nothing done.
+            ("POST", "/v1/instances/{key}/migrate") => Some(json!({"to": "node-zz"})),
             ("POST", p) if p.ends_with("/security-groups") => {
                 Some(json!({"name": format!("g{n}"), "description": "made here"}))
             }

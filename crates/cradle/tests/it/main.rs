@@ -17,6 +17,7 @@ mod isolation;
 mod metadata;
 mod metadata_clients;
 mod metadata_tokens;
+mod migrate;
 mod os;
 mod personalize;
 mod remote;
