@@ -947,6 +947,7 @@ impl InstanceSpec {
             project_id,
             host,
             version: 0,
+            stored_secret_names: Vec::new(),
             hostname,
             availability_zone,
             launch_index: self.launch_index.unwrap_or(0),

@@ -34,6 +34,9 @@ pub struct Instance {
     /// a higher one, so hosts can tell a newer copy from an older (0 until
     /// stored).
     pub version: i64,
+    /// The names (never the values) of the secret parameters its host held
+    /// when it was last stored: what a host that restarts has lost.
+    pub stored_secret_names: Vec<String>,
     pub hostname: String,
     pub availability_zone: String,
     pub launch_index: u32,

@@ -176,6 +176,20 @@ impl Registry {
                 i.host = host.to_string();
                 i.version = store.update(&i)?;
             }
+            if i.host == host && !i.stored_secret_names.is_empty() {
+                // Their values were in the memory of this host's last run.
+                let names = std::mem::take(&mut i.stored_secret_names);
+                store.record_event(
+                    i.id,
+                    "secrets",
+                    &format!(
+                        "host {host} restarted: the secret parameters {} were only in its \
+                         memory and are gone; give them again",
+                        names.join(", ")
+                    ),
+                )?;
+                i.version = store.update(&i)?;
+            }
             index.put(Arc::new(i));
         }
         Ok(Registry {
@@ -191,6 +205,14 @@ impl Registry {
             seen: AtomicI64::new(seen),
             own_sg_versions: Mutex::new(BTreeSet::new()),
         })
+    }
+
+    /// Record, with what is stored, the names of the secrets this host
+    /// holds for `i` (another host's record of its own is left alone).
+    fn stamp(&self, i: &mut Instance) {
+        if self.is_local(i) {
+            i.stored_secret_names = i.os_params.secret.keys().cloned().collect();
+        }
     }
 
     /// This host's name.
@@ -312,6 +334,7 @@ impl Registry {
             .groups_read()
             .map(|g| g.plan_instance_group(instance.id, &instance.project_id, instance.created_at))
             .unwrap_or_default();
+        self.stamp(&mut instance);
         instance.version = self.store.insert(&instance, &ops)?;
         self.own_sg(instance.version, &ops);
         let instance = Arc::new(instance);
@@ -350,6 +373,7 @@ impl Registry {
             }));
         }
         let mut next = next;
+        self.stamp(&mut next);
         next.version = self.store.update(&next)?;
         let identity_changed = enforced_identity(&current) != enforced_identity(&next);
         let next = self.publish(next);
@@ -381,6 +405,7 @@ impl Registry {
             let mut next = (*current).clone();
             change(&mut next);
             next.updated_at = now();
+            self.stamp(&mut next);
             next.version = self.store.update(&next)?;
             Ok(self.publish(next))
         })

@@ -53,6 +53,7 @@ pub(crate) const COLUMNS: &[&str] = &[
     "vcpus",
     "install_params",
     "host",
+    "secret_names",
 ];
 
 /// `SELECT` list: [`COLUMNS`], then `version`.
@@ -161,6 +162,7 @@ pub(crate) fn encode(i: &Instance) -> Vec<Value> {
         Value::Int(i64::from(i.vcpus)),
         Value::Text(json(&i.install_params)),
         text(&i.host),
+        Value::Text(json(&i.stored_secret_names)),
     ]
 }
 
@@ -244,6 +246,8 @@ pub(crate) fn decode(r: &Row) -> Result<Instance, StoreError> {
         install_params: serde_json::from_str(&r.text(36)?)
             .map_err(|e| corrupt("install_params", e))?,
         host: r.text(37)?,
-        version: r.int(38)?,
+        stored_secret_names: serde_json::from_str(&r.text(38)?)
+            .map_err(|e| corrupt("secret_names", e))?,
+        version: r.int(39)?,
     })
 }

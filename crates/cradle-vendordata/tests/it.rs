@@ -39,6 +39,7 @@ fn instance() -> Instance {
         project_id: s("proj-42"),
         host: s("node1"),
         version: 0,
+        stored_secret_names: Vec::new(),
         hostname: s("web-1.example"),
         availability_zone: s("eu-west-1a"),
         launch_index: 0,

@@ -5,6 +5,9 @@
 ALTER TABLE instances ADD COLUMN host TEXT NOT NULL DEFAULT '';
 ALTER TABLE instances ADD COLUMN version BIGINT NOT NULL DEFAULT 0;
 CREATE INDEX instances_by_version ON instances (version);
+-- The names (never the values) of the secret parameters its host holds in
+-- memory: what a host that restarts knows it has lost, to say so.
+ALTER TABLE instances ADD COLUMN secret_names TEXT NOT NULL DEFAULT '[]';
 
 -- 'change' counts every change; updating its row serializes writers, so
 -- versions are committed in the order they are taken.

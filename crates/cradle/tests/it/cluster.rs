@@ -276,6 +276,15 @@ fn each_host_serves_its_own_guests_and_every_host_sees_every_change() {
         .get("/openstack/latest/meta_data.json");
     assert_eq!(doc.status, 200);
     assert_eq!(doc.json()["meta"]["while"], "b-was-down");
+    let events = b2.admin().send(route::events("web-b"));
+    assert!(
+        events.iter().any(|e| e.kind == "secrets"
+            && e.message.contains("host node-b restarted")
+            && e.message.contains("db_password")),
+        "{:?}",
+        events.iter().map(|e| &e.message).collect::<Vec<_>>()
+    );
+    assert!(!format!("{events:?}").contains("CLUSTER-SECRET-CANARY"));
     assert!(
         b2.admin()
             .send(route::instance("web-b"))
