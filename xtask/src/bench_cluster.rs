@@ -336,10 +336,10 @@ pub fn run(o: Options) -> Result<()> {
         );
     };
     line(
-        "start-up to first guest answer (s)",
-        median(single_starts.clone()),
-        median(cluster_starts.clone()),
-        "s",
+        "start-up to first guest answer (ms)",
+        median(single_starts.clone()) * 1e3,
+        median(cluster_starts.clone()) * 1e3,
+        "ms",
     );
     line(
         "admin creates per second",

@@ -100,8 +100,9 @@ struct Index {
     by_id: HashMap<Uuid, Arc<Instance>>,
     by_address: HashMap<IpAddr, Arc<Instance>>,
     by_name: HashMap<String, Uuid>,
-    /// Host interfaces (for the firewall): one instance each.
-    by_interface: HashMap<String, Uuid>,
+    /// Host interfaces (for the firewall), by host and name: one instance
+    /// each (another host's interfaces are its own).
+    by_interface: HashMap<(String, String), Uuid>,
 }
 
 impl Index {
@@ -109,7 +110,8 @@ impl Index {
         self.by_address.insert(i.metadata_address, i.clone());
         self.by_name.insert(i.name.clone(), i.id);
         if let Some(ifname) = &i.interface {
-            self.by_interface.insert(ifname.clone(), i.id);
+            self.by_interface
+                .insert((i.host.clone(), ifname.clone()), i.id);
         }
         self.by_id.insert(i.id, i);
     }
@@ -129,9 +131,9 @@ impl Index {
             self.by_name.remove(&i.name);
         }
         if let Some(ifname) = &i.interface
-            && self.by_interface.get(ifname) == Some(&id)
+            && self.by_interface.get(&(i.host.clone(), ifname.clone())) == Some(&id)
         {
-            self.by_interface.remove(ifname);
+            self.by_interface.remove(&(i.host.clone(), ifname.clone()));
         }
         Some(i)
     }
@@ -290,7 +292,10 @@ impl Registry {
             return Err(RegistryError::Conflict("metadata_address"));
         }
         if let Some(ifname) = &i.interface
-            && index.by_interface.get(ifname).is_some_and(|id| *id != i.id)
+            && index
+                .by_interface
+                .get(&(i.host.clone(), ifname.clone()))
+                .is_some_and(|id| *id != i.id)
         {
             return Err(RegistryError::Conflict("interface"));
         }

@@ -75,9 +75,17 @@ impl SqlStore<Postgres> {
 
 impl Postgres {
     fn open(&self) -> Result<Client, StoreError> {
-        self.config
+        let mut client = self
+            .config
             .connect(NoTls)
-            .map_err(|e| StoreError::Unavailable(describe(&e)))
+            .map_err(|e| StoreError::Unavailable(describe(&e)))?;
+        // Statements are prepared once per connection; a generic plan for
+        // `version > $1` would scan every row where the index finds the few
+        // new ones. Plan each execution for its own parameters.
+        client
+            .batch_execute("SET plan_cache_mode = force_custom_plan")
+            .map_err(|e| StoreError::Unavailable(describe(&e)))?;
+        Ok(client)
     }
 
     fn lock(&self) -> MutexGuard<'_, Option<Conn>> {

@@ -431,18 +431,23 @@ fn cluster_threads(
         started_at: time::OffsetDateTime::now_utc(),
         seen_at: time::OffsetDateTime::now_utc(),
     };
+    // The first record before serving: once `serve` says it listens, the
+    // other hosts know this one.
+    if let Err(e) = registry.heartbeat(&record) {
+        warn!(error = %e, "cannot record this host in the store yet; retrying");
+    }
     let every = Duration::from_secs(config.cluster.heartbeat_interval.max(1));
     let registry = registry.clone();
     std::thread::Builder::new()
         .name("cradle-heartbeat".into())
         .spawn(move || {
             loop {
+                std::thread::sleep(every);
                 let mut record = record.clone();
                 record.seen_at = time::OffsetDateTime::now_utc();
                 if let Err(e) = registry.heartbeat(&record) {
                     tracing::debug!(error = %e, "cannot record the heartbeat");
                 }
-                std::thread::sleep(every);
             }
         })
         .expect("spawn the heartbeat thread");

@@ -9,6 +9,7 @@ mod afterburn;
 mod appliance;
 mod cli;
 mod cluster;
+mod cluster_firewall;
 mod drive;
 mod firewall;
 mod hop_limit;
