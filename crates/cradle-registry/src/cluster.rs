@@ -102,9 +102,12 @@ impl Registry {
     /// Apply every change stored after the last one this host has seen;
     /// returns how many instances changed.
     pub fn catch_up(&self) -> Result<usize, RegistryError> {
+        // One catch-up at a time, reading where the last one ended: two
+        // from the same version would replay security-group ops twice.
+        let _w = self.lock_writer();
         let since = self.seen.load(Ordering::SeqCst);
         let changes = self.store.changes_since(since)?;
-        let _w = self.lock_writer();
+        let loaded = self.sg_seen.load(Ordering::SeqCst);
         let mut changed = 0;
         for i in changes.instances {
             changed += usize::from(self.adopt(i));
@@ -121,7 +124,7 @@ impl Registry {
             let ops = changes
                 .secgroups
                 .into_iter()
-                .filter(|(v, _)| !own.contains(v))
+                .filter(|(v, _)| *v > loaded && !own.contains(v))
                 .map(|(_, op)| op)
                 .collect();
             own.retain(|v| !versions.contains(v) && *v > since);

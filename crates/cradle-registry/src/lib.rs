@@ -158,6 +158,9 @@ pub struct Registry {
     host: String,
     /// Every change up to this store version is in memory.
     seen: AtomicI64,
+    /// Every security-group change up to this version is in memory (the
+    /// state was loaded at it).
+    sg_seen: AtomicI64,
     /// Versions of security-group ops this process wrote and applied itself,
     /// which catching up must not apply again.
     own_sg_versions: Mutex<BTreeSet<i64>>,
@@ -205,6 +208,7 @@ impl Registry {
             jobs: RwLock::new(HashMap::new()),
             host: host.to_string(),
             seen: AtomicI64::new(seen),
+            sg_seen: AtomicI64::new(0),
             own_sg_versions: Mutex::new(BTreeSet::new()),
         })
     }

@@ -44,9 +44,12 @@ impl Registry {
     /// no group of its own (made while they were off) its group now.
     pub fn enable_security_groups(mut self, limits: Limits) -> Result<Self, RegistryError> {
         let mut state = SecGroups::new(limits);
-        for op in self.store.load_secgroups()? {
+        let (ops, version) = self.store.load_secgroups()?;
+        for op in ops {
             state.apply(&op);
         }
+        // Catching up must not apply what this load holds already.
+        self.sg_seen.store(version, Ordering::SeqCst);
         let missing: Vec<Arc<Instance>> = self
             .list()
             .into_iter()

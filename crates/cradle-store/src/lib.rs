@@ -167,8 +167,10 @@ pub trait Store: Send + Sync + 'static {
     /// The instance's events, oldest first.
     fn events(&self, id: Uuid) -> Result<Vec<Event>, StoreError>;
     /// Every security group, rule, attachment and default rule, as the ops
-    /// that recreate them: groups first, then rules, attachments, defaults.
-    fn load_secgroups(&self) -> Result<Vec<Op>, StoreError>;
+    /// that recreate them (groups first, then rules, attachments, defaults),
+    /// and the version they are exactly the state of (no change commits
+    /// while they are read).
+    fn load_secgroups(&self) -> Result<(Vec<Op>, i64), StoreError>;
     /// Persist security-group changes, all or none. Returns their version.
     fn apply_secgroups(&self, ops: &[Op]) -> Result<i64, StoreError>;
     /// Everything changed after `version`: instances at a higher version,

@@ -405,11 +405,22 @@ impl<D: Driver> Store for SqlStore<D> {
         })
     }
 
-    fn load_secgroups(&self) -> Result<Vec<Op>, StoreError> {
+    fn load_secgroups(&self) -> Result<(Vec<Op>, i64), StoreError> {
         let spec = |s: String| -> Result<RuleSpec, StoreError> {
             serde_json::from_str(&s).map_err(|e| corrupt("security group rule", e))
         };
         self.tx(|tx| {
+            // Lock the change counter (a write of the same value): no change
+            // commits until this read is done, so the ops are exactly the
+            // state at `version`.
+            let version = tx
+                .query(
+                    "UPDATE versions SET value = value WHERE name = 'change' RETURNING value",
+                    &[],
+                )?
+                .first()
+                .ok_or_else(|| StoreError::Corrupt("the change version is missing".into()))?
+                .int(0)?;
             let mut ops = Vec::new();
             for r in tx.query(
                 "SELECT id, tenant, name, description, instance_id, created_at \
@@ -462,7 +473,7 @@ impl<D: Driver> Store for SqlStore<D> {
                     created_at: parse_ts(&r.text(3)?)?,
                 }));
             }
-            Ok(ops)
+            Ok((ops, version))
         })
     }
 

@@ -177,7 +177,7 @@ fn name_and_address_are_unique(u: Under) {
         store.insert(&instance("a", "127.0.0.9"), &[Op::AddGroup(g)]),
         Err(StoreError::Conflict("name"))
     ));
-    assert!(store.load_secgroups().unwrap().is_empty());
+    assert!(store.load_secgroups().unwrap().0.is_empty());
 }
 
 fn password_is_set_once(u: Under) {
