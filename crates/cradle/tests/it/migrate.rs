@@ -78,6 +78,8 @@ fn an_instance_moves_with_its_disks_and_comes_back_and_a_failed_copy_leaves_it_r
             ("CRADLE_REMOTE_IDENTITY_FILE", key.as_str()),
             ("CRADLE_REMOTE_KNOWN_HOSTS", known.as_str()),
             ("CRADLE_INSTALL_ACCEL", "tcg"),
+            // 16 MiB/s: a 64 MiB disk takes 4 s, long enough to interrupt.
+            ("CRADLE_REMOTE_BWLIMIT", "16384"),
         ];
         env.extend(extra.iter().map(|(k, v)| (*k, v.to_string())));
         let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
@@ -183,6 +185,57 @@ fn an_instance_moves_with_its_disks_and_comes_back_and_a_failed_copy_leaves_it_r
         a.guest("127.0.0.41").get(hostname).status == 200
     });
     assert_eq!(b.guest("127.0.0.41").get(hostname).status, 404);
+
+    // Ctrl-C on the CLI while the disk is copied: it all rolls back.
+    let mut child = Command::new(BIN)
+        .args([
+            "instance", "migrate", "vm1", "--to", "node-b", "--grace", "1",
+        ])
+        .args(["--url", &a.admin_url])
+        .env("CRADLE_ADMIN_TOKEN", TOKEN)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdout = std::io::BufReader::new(child.stdout.take().unwrap());
+    let mut seen = String::new();
+    while !seen.contains("copying disk 0") {
+        let mut l = String::new();
+        assert!(
+            std::io::BufRead::read_line(&mut stdout, &mut l).unwrap() > 0,
+            "the migration ended before its copy: {seen}"
+        );
+        seen.push_str(&l);
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    let interrupted = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(interrupted.success());
+    let _ = child.wait();
+    within(
+        Duration::from_secs(20),
+        "the interrupted migration rolled back",
+        || {
+            a.admin().send(route::events("vm1")).iter().any(|e| {
+                e.message
+                    .contains("migration to node-b failed: the client went away")
+            })
+        },
+    );
+    let view = a.admin().send(route::instance("vm1"));
+    assert_eq!(view.host, "node-a");
+    assert_eq!(view.os_params.secret, ["root_password"]);
+    assert_eq!(vm_state(&a, "vm1"), "running", "it runs again where it was");
+    assert!(back.exists(), "its disk is where it was");
+    assert_eq!(a.guest("127.0.0.41").get(hostname).status, 200);
+    let leftovers: Vec<_> = std::fs::read_dir(home.join("disks-b"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .collect();
+    assert!(leftovers.is_empty(), "copies left on B: {leftovers:?}");
 
     // To C, whose disk directory is full: the copy fails, and it all rolls back.
     let before = std::fs::read(&back).unwrap();
