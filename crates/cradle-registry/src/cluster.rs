@@ -104,9 +104,11 @@ impl Registry {
     pub fn catch_up(&self) -> Result<usize, RegistryError> {
         // One catch-up at a time, reading where the last one ended: two
         // from the same version would replay security-group ops twice.
-        let _w = self.lock_writer();
+        // Writers wait only while it applies, not while it reads.
+        let _one = self.catching.lock().unwrap_or_else(|e| e.into_inner());
         let since = self.seen.load(Ordering::SeqCst);
         let changes = self.store.changes_since(since)?;
+        let _w = self.lock_writer();
         let loaded = self.sg_seen.load(Ordering::SeqCst);
         let mut changed = 0;
         for i in changes.instances {

@@ -161,6 +161,8 @@ pub struct Registry {
     /// Every security-group change up to this version is in memory (the
     /// state was loaded at it).
     sg_seen: AtomicI64,
+    /// Held by the catch-up that runs.
+    catching: Mutex<()>,
     /// Versions of security-group ops this process wrote and applied itself,
     /// which catching up must not apply again.
     own_sg_versions: Mutex<BTreeSet<i64>>,
@@ -209,6 +211,7 @@ impl Registry {
             host: host.to_string(),
             seen: AtomicI64::new(seen),
             sg_seen: AtomicI64::new(0),
+            catching: Mutex::new(()),
             own_sg_versions: Mutex::new(BTreeSet::new()),
         })
     }

@@ -1,7 +1,9 @@
 //! The cluster's store: PostgreSQL, shared by every host.
 //!
-//! One connection per process for statements (behind a mutex, as SQLite's),
-//! reconnected when it is lost, and one more per subscriber for LISTEN.
+//! A few connections per process for statements (each behind a mutex, so
+//! that catching up with other hosts does not wait behind this host's
+//! writes), each reconnected when it is lost, and one more per subscriber
+//! for LISTEN.
 //! While the server is away every call fails at once with
 //! [`StoreError::Unavailable`]; the next call after it is back reconnects.
 //! Changes are announced with `pg_notify` on the channel `cradle_changes`,
@@ -46,10 +48,15 @@ struct Conn {
     statements: HashMap<String, Statement>,
 }
 
-/// A PostgreSQL server, through one reconnecting connection.
+/// Statement connections per process. Writes serialize on the change
+/// counter anyway; more connections let reads run beside them.
+const CONNECTIONS: usize = 3;
+
+/// A PostgreSQL server, through a few reconnecting connections.
 pub struct Postgres {
     config: Config,
-    conn: Mutex<Option<Conn>>,
+    conns: Vec<Mutex<Option<Conn>>>,
+    next: std::sync::atomic::AtomicUsize,
 }
 
 /// The store in PostgreSQL.
@@ -66,7 +73,8 @@ impl SqlStore<Postgres> {
         }
         let pg = Postgres {
             config,
-            conn: Mutex::new(None),
+            conns: (0..CONNECTIONS).map(|_| Mutex::new(None)).collect(),
+            next: std::sync::atomic::AtomicUsize::new(0),
         };
         pg.migrate()?;
         Ok(SqlStore { driver: pg })
@@ -88,8 +96,15 @@ impl Postgres {
         Ok(client)
     }
 
+    /// A free connection, or else the next one in turn.
     fn lock(&self) -> MutexGuard<'_, Option<Conn>> {
-        self.conn.lock().unwrap_or_else(|e| e.into_inner())
+        for c in &self.conns {
+            if let Ok(g) = c.try_lock() {
+                return g;
+            }
+        }
+        let n = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % self.conns.len();
+        self.conns[n].lock().unwrap_or_else(|e| e.into_inner())
     }
 
     fn migrate(&self) -> Result<(), StoreError> {
