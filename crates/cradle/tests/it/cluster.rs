@@ -1,6 +1,8 @@
-//! Several `cradle serve` hosts on one real PostgreSQL server: each serves
-//! the guests placed on it, every host sees every change, and guests keep
-//! their metadata while the database is down.
+//! Several `cradle serve` hosts on one real PostgreSQL server, each in a
+//! network namespace of its own with its own data dir and listeners: each
+//! serves the guests placed on it, every host sees every change, secrets
+//! travel only to the host that serves them, and guests keep their metadata
+//! while the database is down.
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
@@ -16,10 +18,6 @@ use serde_json::json;
 use crate::harness::{BIN, Opts, Server, route};
 
 pub(crate) const TOKEN: &str = "cluster-test-token-4b1d";
-
-fn host(url: &str, name: &str) -> Server {
-    host_with(url, name, None, None)
-}
 
 /// The environment of a host on `url`; with `tls` (its tls_dir) it has a
 /// peer listener on loopback.
@@ -37,19 +35,116 @@ pub(crate) fn host_env(url: &str, name: &str, tls: Option<&Path>) -> Vec<(&'stat
     env
 }
 
-fn host_with(url: &str, name: &str, tls: Option<&Path>, data: Option<&Path>) -> Server {
-    let env = host_env(url, name, tls);
-    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
-    Server::start_with(Opts {
-        env: &env,
-        data_dir: data,
-        ..Default::default()
-    })
+/// Hosts each in a network namespace of their own, on one bridge in the
+/// test's namespace (10.250.N.1/24, N one per lab): host `i` is
+/// 10.250.N.(11+i), and a guest is an address of the bridge, so the test
+/// speaks as it from here. The hosts reach each other over the bridge,
+/// PostgreSQL by its socket. Removed when dropped.
+struct Lan {
+    net: u8,
+    bridge: String,
+    hosts: Vec<String>,
+}
+
+impl Lan {
+    fn new(n: usize) -> Lan {
+        static LABS: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(1);
+        let net = LABS.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let tag = format!("{}{net}", std::process::id() % 10_000);
+        let ip = |args: &[&str]| {
+            let out = Command::new("ip").args(args).output().unwrap();
+            assert!(
+                out.status.success(),
+                "ip {args:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        };
+        let bridge = format!("cb{tag}");
+        let lan = Lan {
+            net,
+            bridge: bridge.clone(),
+            hosts: (1..=n).map(|i| format!("cradle-h{tag}-{i}")).collect(),
+        };
+        ip(&["link", "add", &bridge, "type", "bridge"]);
+        ip(&["addr", "add", &format!("10.250.{net}.1/24"), "dev", &bridge]);
+        ip(&["link", "set", &bridge, "up"]);
+        for (i, ns) in lan.hosts.iter().enumerate() {
+            let veth = format!("ch{tag}{}", i + 1);
+            ip(&["netns", "add", ns]);
+            ip(&[
+                "link", "add", &veth, "type", "veth", "peer", "name", "eth0", "netns", ns,
+            ]);
+            ip(&["link", "set", &veth, "master", &bridge, "up"]);
+            let addr = format!("{}/24", lan.host_ip(i));
+            ip(&["-n", ns, "addr", "add", &addr, "dev", "eth0"]);
+            ip(&["-n", ns, "link", "set", "eth0", "up"]);
+            ip(&["-n", ns, "link", "set", "lo", "up"]);
+        }
+        lan
+    }
+
+    fn host_ip(&self, i: usize) -> String {
+        format!("10.250.{}.{}", self.net, 11 + i)
+    }
+
+    /// A guest's address (the bridge answers for it).
+    fn guest(&self, k: u8) -> String {
+        let a = format!("10.250.{}.{}", self.net, 100 + k);
+        let _ = Command::new("ip")
+            .args(["addr", "add", &format!("{a}/32"), "dev", &self.bridge])
+            .output();
+        a
+    }
+
+    /// Host `i` (0-based) of the cluster on `url`, in its namespace.
+    fn host(
+        &self,
+        i: usize,
+        url: &str,
+        name: &str,
+        tls: Option<&Path>,
+        data: Option<&Path>,
+    ) -> Server {
+        let ip = self.host_ip(i);
+        let mut env = host_env(url, name, tls);
+        for (k, v) in env.iter_mut() {
+            if *k == "CRADLE_CLUSTER_PEER_LISTEN" {
+                *v = format!("{ip}:0");
+            }
+        }
+        let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        let listen = format!("{ip}:0");
+        Server::start_with(Opts {
+            env: &env,
+            data_dir: data,
+            netns: Some(&self.hosts[i]),
+            admin_listen: Some(&listen),
+            metadata_listen: Some(&listen),
+            ..Default::default()
+        })
+    }
+}
+
+impl Drop for Lan {
+    fn drop(&mut self) {
+        for ns in &self.hosts {
+            let _ = Command::new("ip").args(["netns", "del", ns]).output();
+        }
+        let _ = Command::new("ip")
+            .args(["link", "del", &self.bridge])
+            .output();
+    }
 }
 
 /// `cradle cluster init`, then `cradle cluster join` for each host (with
 /// 127.0.0.1 in its certificate); the CA's dir and each host's tls_dir.
 pub(crate) fn credentials(dir: &Path, hosts: &[&str]) -> (PathBuf, Vec<PathBuf>) {
+    let at: Vec<(&str, &str)> = hosts.iter().map(|h| (*h, "127.0.0.1")).collect();
+    credentials_at(dir, &at)
+}
+
+/// As [`credentials`], each host's certificate naming its address.
+fn credentials_at(dir: &Path, hosts: &[(&str, &str)]) -> (PathBuf, Vec<PathBuf>) {
     let ca = dir.join("ca");
     let cradle = |args: &[&str]| Command::new(BIN).args(args).output().unwrap();
     let made = cradle(&["cluster", "init", "--dir", ca.to_str().unwrap()]);
@@ -62,7 +157,7 @@ pub(crate) fn credentials(dir: &Path, hosts: &[&str]) -> (PathBuf, Vec<PathBuf>)
     assert!(!again.status.success(), "init must not replace a CA");
     assert!(String::from_utf8_lossy(&again.stderr).contains("refusing to replace"));
     let mut dirs = Vec::new();
-    for h in hosts {
+    for (h, address) in hosts {
         let out = dir.join(format!("tls-{h}"));
         let joined = cradle(&[
             "cluster",
@@ -73,7 +168,7 @@ pub(crate) fn credentials(dir: &Path, hosts: &[&str]) -> (PathBuf, Vec<PathBuf>)
             "--out",
             out.to_str().unwrap(),
             "--address",
-            "127.0.0.1",
+            address,
         ]);
         assert!(
             joined.status.success(),
@@ -114,44 +209,47 @@ fn each_host_serves_its_own_guests_and_every_host_sees_every_change() {
     let pg = PgServer::start().expect("start PostgreSQL");
     let url = pg.url();
     let tmp = tempfile::tempdir().unwrap();
-    let (ca, tls) = credentials(tmp.path(), &["node-a", "node-b"]);
-    let a = host_with(&url, "node-a", Some(&tls[0]), None);
-    let mut b = host_with(&url, "node-b", Some(&tls[1]), None);
+    // Each host in a network namespace of its own.
+    let lan = Lan::new(3);
+    let (ca, tls) = credentials_at(
+        tmp.path(),
+        &[("node-a", &lan.host_ip(0)), ("node-b", &lan.host_ip(1))],
+    );
+    let a = lan.host(0, &url, "node-a", Some(&tls[0]), None);
+    let mut b = lan.host(1, &url, "node-b", Some(&tls[1]), None);
     // C has no cluster credentials: it cannot hand secrets on.
-    let c = host(&url, "node-c");
+    let c = lan.host(2, &url, "node-c", None, None);
+    let (g21, g22, g23) = (lan.guest(21), lan.guest(22), lan.guest(23));
 
     // Made through A, placed on B and on C.
     let on_b = a.admin().create(&json!({
-        "name": "web-b", "host": "node-b", "metadata_address": "127.0.0.21",
+        "name": "web-b", "host": "node-b", "metadata_address": g21,
     }));
     assert_eq!(on_b["host"], "node-b");
     a.admin().create(&json!({
-        "name": "web-c", "host": "node-c", "metadata_address": "127.0.0.22",
+        "name": "web-c", "host": "node-c", "metadata_address": g22,
     }));
     let id_b = on_b["id"].as_str().unwrap().to_string();
 
     let path = "/latest/meta-data/hostname";
     let took = within(Duration::from_secs(3), "B serves web-b", || {
-        b.guest("127.0.0.21").get(path).status == 200
+        b.guest(&g21).get(path).status == 200
     });
     eprintln!("a create through A was served by B after {took:?}");
-    assert_eq!(b.guest("127.0.0.21").get(path).text(), "web-b");
+    assert_eq!(b.guest(&g21).get(path).text(), "web-b");
     within(Duration::from_secs(3), "C serves web-c", || {
-        c.guest("127.0.0.22").get(path).status == 200
+        c.guest(&g22).get(path).status == 200
     });
     // Only its own host serves a guest: the others answer as for a stranger.
-    assert_eq!(a.guest("127.0.0.21").get(path).status, 404);
-    assert_eq!(c.guest("127.0.0.21").get(path).status, 404);
-    assert_eq!(b.guest("127.0.0.22").get(path).status, 404);
+    assert_eq!(a.guest(&g21).get(path).status, 404);
+    assert_eq!(c.guest(&g21).get(path).status, 404);
+    assert_eq!(b.guest(&g22).get(path).status, 404);
 
     // Modified through B: A's admin view and C's guest see it.
     b.admin()
         .send(route::modify_instance("web-c", &meta("role", "db")));
     within(Duration::from_secs(3), "C's guest sees the change", || {
-        c.guest("127.0.0.22")
-            .get("/openstack/latest/meta_data.json")
-            .json()["meta"]["role"]
-            == "db"
+        c.guest(&g22).get("/openstack/latest/meta_data.json").json()["meta"]["role"] == "db"
     });
     within(Duration::from_secs(3), "A's admin view sees it", || {
         a.admin()
@@ -192,7 +290,7 @@ fn each_host_serves_its_own_guests_and_every_host_sees_every_change() {
     );
     // Created through A with a secret, placed on B: made by B.
     let mut spec: cradle_model::api::InstanceSpec = serde_json::from_value(json!({
-        "name": "web-b2", "host": "node-b", "metadata_address": "127.0.0.23",
+        "name": "web-b2", "host": "node-b", "metadata_address": g23,
     }))
     .unwrap();
     spec.os_params.secret.insert(
@@ -270,10 +368,8 @@ fn each_host_serves_its_own_guests_and_every_host_sees_every_change() {
         "web-b",
         &meta("while", "b-was-down"),
     ));
-    let b2 = host_with(&url, "node-b", Some(&tls[1]), Some(&data_b));
-    let doc = b2
-        .guest("127.0.0.21")
-        .get("/openstack/latest/meta_data.json");
+    let b2 = lan.host(1, &url, "node-b", Some(&tls[1]), Some(&data_b));
+    let doc = b2.guest(&g21).get("/openstack/latest/meta_data.json");
     assert_eq!(doc.status, 200);
     assert_eq!(doc.json()["meta"]["while"], "b-was-down");
     let events = b2.admin().send(route::events("web-b"));
@@ -299,7 +395,7 @@ fn each_host_serves_its_own_guests_and_every_host_sees_every_change() {
         a.admin().fetch(route::instance("web-b")).status == 404
     });
     within(Duration::from_secs(3), "B stops serving web-b", || {
-        b2.guest("127.0.0.21").get(path).status == 404
+        b2.guest(&g21).get(path).status == 404
     });
     let names: Vec<_> = b2
         .admin()
@@ -355,26 +451,25 @@ fn cluster_peer_url(via: &Server, name: &str) -> String {
 fn guests_are_served_while_the_database_is_down_and_no_acknowledged_write_is_lost() {
     let pg = PgServer::start().expect("start PostgreSQL");
     let url = pg.url();
-    let a = host(&url, "node-a");
-    let b = host(&url, "node-b");
+    let lan = Lan::new(2);
+    let a = lan.host(0, &url, "node-a", None, None);
+    let b = lan.host(1, &url, "node-b", None, None);
+    let (g31, g32) = (lan.guest(31), lan.guest(32));
     a.admin().create(&json!({
-        "name": "g-a", "host": "node-a", "metadata_address": "127.0.0.31",
+        "name": "g-a", "host": "node-a", "metadata_address": g31,
     }));
     a.admin().create(&json!({
-        "name": "g-b", "host": "node-b", "metadata_address": "127.0.0.32",
+        "name": "g-b", "host": "node-b", "metadata_address": g32,
     }));
     within(Duration::from_secs(3), "B serves g-b", || {
-        b.guest("127.0.0.32")
-            .get("/latest/meta-data/hostname")
-            .status
-            == 200
+        b.guest(&g32).get("/latest/meta-data/hostname").status == 200
     });
 
     let stop = Arc::new(AtomicBool::new(false));
     let reads = Arc::new(AtomicUsize::new(0));
     let failed_reads = Arc::new(AtomicUsize::new(0));
     let mut readers = Vec::new();
-    for (server, source) in [(&a, "127.0.0.31"), (&b, "127.0.0.32")] {
+    for (server, source) in [(&a, g31.as_str()), (&b, g32.as_str())] {
         let guest = server.guest(source);
         let (stop, reads, failed) = (stop.clone(), reads.clone(), failed_reads.clone());
         readers.push(std::thread::spawn(move || {
