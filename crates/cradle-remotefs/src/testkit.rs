@@ -82,6 +82,10 @@ const POLL_INTERVAL: Duration = Duration::from_millis(20);
 pub struct SshdOptions {
     /// Mount a 1 MiB tmpfs at `full()` inside sshd's own mount namespace.
     pub full_dir: bool,
+    /// Also listen on this address (which must exist, e.g. a bridge that
+    /// hosts in other network namespaces reach), and name it in
+    /// `known_hosts`.
+    pub also_listen: Option<Ipv4Addr>,
 }
 
 /// A running sshd on 127.0.0.1 with its keys and directories; killed on drop.
@@ -185,7 +189,7 @@ impl Sshd {
         let mut failures = String::new();
         for attempt in 1..=START_ATTEMPTS {
             let port = free_port()?;
-            write_port_files(&root, port)?;
+            write_port_files(&root, port, opts.also_listen)?;
             let config = root.join("sshd_config");
             check_config(&config)?;
 
@@ -501,14 +505,19 @@ fn free_port() -> io::Result<u16> {
 }
 
 /// Writes the files that name the port: sshd_config and the known-hosts files.
-fn write_port_files(root: &Path, port: u16) -> io::Result<()> {
+fn write_port_files(root: &Path, port: u16, also: Option<Ipv4Addr>) -> io::Result<()> {
     let d = root.display();
+    let (listen, name) = match also {
+        Some(ip) => (format!("ListenAddress {ip}\n"), format!(",[{ip}]:{port}")),
+        None => (String::new(), String::new()),
+    };
     write_file(
         &root.join("sshd_config"),
         &format!(
             "Port {port}\n\
              ListenAddress 127.0.0.1\n\
              ListenAddress ::1\n\
+             {listen}\
              HostKey {d}/host_ed25519\n\
              AuthorizedKeysFile {d}/authorized_keys\n\
              PidFile none\n\
@@ -528,11 +537,11 @@ fn write_port_files(root: &Path, port: u16) -> io::Result<()> {
     let other = read_pub(&root.join("other_host_ed25519.pub"))?;
     write_file(
         &root.join("known_hosts"),
-        &format!("[127.0.0.1]:{port},[::1]:{port} {host}\n"),
+        &format!("[127.0.0.1]:{port},[::1]:{port}{name} {host}\n"),
     )?;
     write_file(
         &root.join("wrong_known_hosts"),
-        &format!("[127.0.0.1]:{port},[::1]:{port} {other}\n"),
+        &format!("[127.0.0.1]:{port},[::1]:{port}{name} {other}\n"),
     )?;
     Ok(())
 }

@@ -337,7 +337,11 @@ async fn missing_and_wrong_kinds() {
 /// and a key the server does not accept.
 #[tokio::test]
 async fn failures_are_typed() {
-    let sshd = Sshd::start_with(&SshdOptions { full_dir: true }).unwrap();
+    let sshd = Sshd::start_with(&SshdOptions {
+        full_dir: true,
+        ..Default::default()
+    })
+    .unwrap();
     let host = localhost();
     let local = tempfile::tempdir().unwrap();
     let two_mib = local.path().join("two-mib");

@@ -20,7 +20,7 @@ use crate::harness::{BIN, Opts, Server, route};
 pub(crate) const TOKEN: &str = "cluster-test-token-4b1d";
 
 /// The environment of a host on `url`; with `tls` (its tls_dir) it has a
-/// peer listener on loopback.
+/// peer listener (on its own address, in a [`Lan`]).
 pub(crate) fn host_env(url: &str, name: &str, tls: Option<&Path>) -> Vec<(&'static str, String)> {
     let mut env = vec![
         ("CRADLE_STORE_URL", url.to_string()),
@@ -40,14 +40,14 @@ pub(crate) fn host_env(url: &str, name: &str, tls: Option<&Path>) -> Vec<(&'stat
 /// 10.250.N.(11+i), and a guest is an address of the bridge, so the test
 /// speaks as it from here. The hosts reach each other over the bridge,
 /// PostgreSQL by its socket. Removed when dropped.
-struct Lan {
+pub(crate) struct Lan {
     net: u8,
     bridge: String,
     hosts: Vec<String>,
 }
 
 impl Lan {
-    fn new(n: usize) -> Lan {
+    pub(crate) fn new(n: usize) -> Lan {
         static LABS: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(1);
         let net = LABS.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         let tag = format!("{}{net}", std::process::id() % 10_000);
@@ -83,12 +83,17 @@ impl Lan {
         lan
     }
 
-    fn host_ip(&self, i: usize) -> String {
+    /// The bridge's address: the test's side, where its sshd listens too.
+    pub(crate) fn bridge_ip(&self) -> std::net::Ipv4Addr {
+        std::net::Ipv4Addr::new(10, 250, self.net, 1)
+    }
+
+    pub(crate) fn host_ip(&self, i: usize) -> String {
         format!("10.250.{}.{}", self.net, 11 + i)
     }
 
     /// A guest's address (the bridge answers for it).
-    fn guest(&self, k: u8) -> String {
+    pub(crate) fn guest(&self, k: u8) -> String {
         let a = format!("10.250.{}.{}", self.net, 100 + k);
         let _ = Command::new("ip")
             .args(["addr", "add", &format!("{a}/32"), "dev", &self.bridge])
@@ -105,8 +110,17 @@ impl Lan {
         tls: Option<&Path>,
         data: Option<&Path>,
     ) -> Server {
+        self.host_with(i, host_env(url, name, tls), data)
+    }
+
+    /// Host `i` with the environment `env` (from [`host_env`], and more).
+    pub(crate) fn host_with(
+        &self,
+        i: usize,
+        mut env: Vec<(&'static str, String)>,
+        data: Option<&Path>,
+    ) -> Server {
         let ip = self.host_ip(i);
-        let mut env = host_env(url, name, tls);
         for (k, v) in env.iter_mut() {
             if *k == "CRADLE_CLUSTER_PEER_LISTEN" {
                 *v = format!("{ip}:0");
@@ -136,15 +150,9 @@ impl Drop for Lan {
     }
 }
 
-/// `cradle cluster init`, then `cradle cluster join` for each host (with
-/// 127.0.0.1 in its certificate); the CA's dir and each host's tls_dir.
-pub(crate) fn credentials(dir: &Path, hosts: &[&str]) -> (PathBuf, Vec<PathBuf>) {
-    let at: Vec<(&str, &str)> = hosts.iter().map(|h| (*h, "127.0.0.1")).collect();
-    credentials_at(dir, &at)
-}
-
-/// As [`credentials`], each host's certificate naming its address.
-fn credentials_at(dir: &Path, hosts: &[(&str, &str)]) -> (PathBuf, Vec<PathBuf>) {
+/// `cradle cluster init`, then `cradle cluster join` for each host, its
+/// certificate naming its address; the CA's dir and each host's tls_dir.
+pub(crate) fn credentials(dir: &Path, hosts: &[(&str, &str)]) -> (PathBuf, Vec<PathBuf>) {
     let ca = dir.join("ca");
     let cradle = |args: &[&str]| Command::new(BIN).args(args).output().unwrap();
     let made = cradle(&["cluster", "init", "--dir", ca.to_str().unwrap()]);
@@ -211,7 +219,7 @@ fn each_host_serves_its_own_guests_and_every_host_sees_every_change() {
     let tmp = tempfile::tempdir().unwrap();
     // Each host in a network namespace of its own.
     let lan = Lan::new(3);
-    let (ca, tls) = credentials_at(
+    let (ca, tls) = credentials(
         tmp.path(),
         &[("node-a", &lan.host_ip(0)), ("node-b", &lan.host_ip(1))],
     );

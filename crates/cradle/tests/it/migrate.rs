@@ -1,6 +1,7 @@
-//! Cold migration between two real hosts of a cluster (each `cradle serve`
-//! with its own data dir, one PostgreSQL, real sshd, real QEMU): over ssh
-//! and back over rsync, and a migration that fails at the copy step.
+//! Cold migration between real hosts of a cluster (each `cradle serve` in a
+//! network namespace of its own with its own data dir, one PostgreSQL, a
+//! real sshd on the bridge they share, real QEMU): over ssh and back over
+//! rsync, interrupted by Ctrl-C, and failing at the copy step.
 
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
@@ -11,8 +12,8 @@ use cradle_remotefs::testkit::{Sshd, SshdOptions};
 use cradle_store::testkit::PgServer;
 use serde_json::json;
 
-use crate::cluster::{TOKEN, credentials, host_env, within};
-use crate::harness::{BIN, Opts, Server, route};
+use crate::cluster::{Lan, TOKEN, credentials, host_env, within};
+use crate::harness::{BIN, Server, route};
 
 /// A 64 MiB disk, sparse, with 3 MiB of data in its middle.
 fn disk(path: &Path) -> Vec<u8> {
@@ -56,9 +57,24 @@ fn vm_state(s: &Server, name: &str) -> String {
 fn an_instance_moves_with_its_disks_and_comes_back_and_a_failed_copy_leaves_it_running() {
     let pg = PgServer::start().expect("start PostgreSQL");
     let url = pg.url();
-    let sshd = Sshd::start_with(&SshdOptions { full_dir: true }).unwrap();
+    // Each host in a network namespace of its own; the sshd every host
+    // copies to listens on the bridge they share.
+    let lan = Lan::new(3);
+    let sshd = Sshd::start_with(&SshdOptions {
+        full_dir: true,
+        also_listen: Some(lan.bridge_ip()),
+    })
+    .unwrap();
     let tmp = tempfile::tempdir().unwrap();
-    let (_, tls) = credentials(tmp.path(), &["node-a", "node-b", "node-c"]);
+    let (_, tls) = credentials(
+        tmp.path(),
+        &[
+            ("node-a", &lan.host_ip(0)),
+            ("node-b", &lan.host_ip(1)),
+            ("node-c", &lan.host_ip(2)),
+        ],
+    );
+    let ssh_address = lan.bridge_ip().to_string();
     let home = sshd.home();
     for d in ["disks-a", "disks-b"] {
         std::fs::create_dir_all(home.join(d)).unwrap();
@@ -67,12 +83,12 @@ fn an_instance_moves_with_its_disks_and_comes_back_and_a_failed_copy_leaves_it_r
     let port = sshd.port().to_string();
     let key = sshd.key().display().to_string();
     let known = sshd.known_hosts().display().to_string();
-    let start = |name: &str, tls: &Path, disk_dir: &Path| {
+    let start = |i: usize, name: &str, tls: &Path, disk_dir: &Path| {
         let mut env = host_env(&url, name, Some(tls));
         let disk_dir = disk_dir.display().to_string();
         let extra = [
             ("CRADLE_CLUSTER_DISK_DIR", disk_dir.as_str()),
-            ("CRADLE_CLUSTER_SSH_ADDRESS", "127.0.0.1"),
+            ("CRADLE_CLUSTER_SSH_ADDRESS", ssh_address.as_str()),
             ("CRADLE_REMOTE_PORT", port.as_str()),
             ("CRADLE_REMOTE_USER", sshd.user()),
             ("CRADLE_REMOTE_IDENTITY_FILE", key.as_str()),
@@ -82,21 +98,18 @@ fn an_instance_moves_with_its_disks_and_comes_back_and_a_failed_copy_leaves_it_r
             ("CRADLE_REMOTE_BWLIMIT", "16384"),
         ];
         env.extend(extra.iter().map(|(k, v)| (*k, v.to_string())));
-        let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
-        Server::start_with(Opts {
-            env: &env,
-            ..Default::default()
-        })
+        lan.host_with(i, env, None)
     };
-    let a = start("node-a", &tls[0], &home.join("disks-a"));
-    let b = start("node-b", &tls[1], &home.join("disks-b"));
+    let a = start(0, "node-a", &tls[0], &home.join("disks-a"));
+    let b = start(1, "node-b", &tls[1], &home.join("disks-b"));
     // C takes its disks where sshd sees a 1 MiB filesystem: the copy fails.
-    let c = start("node-c", &tls[2], &sshd.full().join("c"));
+    let c = start(2, "node-c", &tls[2], &sshd.full().join("c"));
+    let g41 = lan.guest(41);
 
     let img = tmp.path().join("vm1.img");
     let data = disk(&img);
     a.admin().create(&json!({
-        "name": "vm1", "host": "node-a", "metadata_address": "127.0.0.41",
+        "name": "vm1", "host": "node-a", "metadata_address": g41,
         "disks": [{"path": img.display().to_string(), "format": "raw"}],
         "memory_mib": 128,
     }));
@@ -109,7 +122,7 @@ fn an_instance_moves_with_its_disks_and_comes_back_and_a_failed_copy_leaves_it_r
     a.admin().send(route::start_vm("vm1"));
     assert_eq!(vm_state(&a, "vm1"), "running");
     let hostname = "/latest/meta-data/hostname";
-    assert_eq!(a.guest("127.0.0.41").get(hostname).status, 200);
+    assert_eq!(a.guest(&g41).get(hostname).status, 200);
 
     // Over ssh, asked through B: the CLI finds A, which runs it.
     let out = migrate(&b, "vm1", "node-b", "ssh");
@@ -145,9 +158,9 @@ fn an_instance_moves_with_its_disks_and_comes_back_and_a_failed_copy_leaves_it_r
     assert_eq!(&copied[8 << 20..(8 << 20) + data.len()], &data[..]);
     assert!(!img.exists(), "A keeps a copy of the disk");
     within(Duration::from_secs(3), "B serves the guest", || {
-        b.guest("127.0.0.41").get(hostname).status == 200
+        b.guest(&g41).get(hostname).status == 200
     });
-    assert_eq!(a.guest("127.0.0.41").get(hostname).status, 404);
+    assert_eq!(a.guest(&g41).get(hostname).status, 404);
     assert_eq!(vm_state(&a, "vm1"), "stopped", "A's VM is gone");
     let events = b.admin().send(route::events("vm1"));
     let said: Vec<&str> = events.iter().map(|e| e.message.as_str()).collect();
@@ -182,9 +195,9 @@ fn an_instance_moves_with_its_disks_and_comes_back_and_a_failed_copy_leaves_it_r
     );
     assert!(!moved.exists(), "B keeps a copy of the disk");
     within(Duration::from_secs(3), "A serves the guest", || {
-        a.guest("127.0.0.41").get(hostname).status == 200
+        a.guest(&g41).get(hostname).status == 200
     });
-    assert_eq!(b.guest("127.0.0.41").get(hostname).status, 404);
+    assert_eq!(b.guest(&g41).get(hostname).status, 404);
 
     // Ctrl-C on the CLI while the disk is copied: it all rolls back.
     let mut child = Command::new(BIN)
@@ -229,7 +242,7 @@ fn an_instance_moves_with_its_disks_and_comes_back_and_a_failed_copy_leaves_it_r
     assert_eq!(view.os_params.secret, ["root_password"]);
     assert_eq!(vm_state(&a, "vm1"), "running", "it runs again where it was");
     assert!(back.exists(), "its disk is where it was");
-    assert_eq!(a.guest("127.0.0.41").get(hostname).status, 200);
+    assert_eq!(a.guest(&g41).get(hostname).status, 200);
     let leftovers: Vec<_> = std::fs::read_dir(home.join("disks-b"))
         .unwrap()
         .flatten()
@@ -262,8 +275,8 @@ fn an_instance_moves_with_its_disks_and_comes_back_and_a_failed_copy_leaves_it_r
     );
     assert_eq!(vm_state(&a, "vm1"), "running", "it runs again where it was");
     assert_eq!(std::fs::read(&back).unwrap(), before, "its disk is intact");
-    assert_eq!(a.guest("127.0.0.41").get(hostname).status, 200);
-    assert_eq!(c.guest("127.0.0.41").get(hostname).status, 404);
+    assert_eq!(a.guest(&g41).get(hostname).status, 200);
+    assert_eq!(c.guest(&g41).get(hostname).status, 404);
     // Nothing is left of the copy on C (as sshd, in its namespace, sees it).
     let left = Command::new("ssh")
         .args(["-i", &key, "-p", &port, "-o", "BatchMode=yes"])
