@@ -17,8 +17,7 @@ use axum::extract::{Request, State};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{patch, post};
-use cradle_core::Caller;
-use cradle_core::peers::{CALLER_HEADER, CallerWire};
+use cradle_core::peers::{CALLER_HEADER, caller_from_header};
 use hyper_util::rt::TokioIo;
 use hyper_util::service::TowerToHyperService;
 use rustls::pki_types::pem::PemObject;
@@ -68,7 +67,7 @@ async fn peer_caller(State(s): Shared, mut req: Request, next: Next) -> Response
         .headers()
         .get(CALLER_HEADER)
         .and_then(|v| v.to_str().ok())
-        .and_then(CallerWire::decode);
+        .and_then(caller_from_header);
     let Some(caller) = caller else {
         return ApiError::new(
             axum::http::StatusCode::BAD_REQUEST,
@@ -80,7 +79,7 @@ async fn peer_caller(State(s): Shared, mut req: Request, next: Next) -> Response
     if let Err(e) = s.core.catch_up().await {
         return ApiError::from(e).into_response();
     }
-    req.extensions_mut().insert(Caller::from(caller));
+    req.extensions_mut().insert(caller);
     next.run(req).await
 }
 

@@ -32,6 +32,21 @@ pub struct Caller {
     pub projects: Projects,
 }
 
+impl From<&Caller> for cradle_model::answers::CallerView {
+    fn from(c: &Caller) -> Self {
+        let projects = match &c.projects {
+            Projects::All => None,
+            Projects::Only(p) => Some(p.iter().cloned().collect()),
+        };
+        cradle_model::answers::CallerView {
+            name: c.name.clone(),
+            roles: c.roles.clone(),
+            all_projects: projects.is_none(),
+            projects: projects.unwrap_or_default(),
+        }
+    }
+}
+
 impl Caller {
     /// The server itself (`serve --demo` registering its instance).
     pub fn system() -> Caller {

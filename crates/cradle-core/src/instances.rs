@@ -234,16 +234,7 @@ impl Core {
     /// Who the caller is: its name, roles and projects. The one thing a
     /// token that acts for no project may ask.
     pub fn whoami(&self, caller: &Caller) -> CallerView {
-        let projects = match &caller.projects {
-            Projects::All => None,
-            Projects::Only(p) => Some(p.iter().cloned().collect()),
-        };
-        CallerView {
-            name: caller.name.clone(),
-            roles: caller.roles.clone(),
-            all_projects: projects.is_none(),
-            projects: projects.unwrap_or_default(),
-        }
+        CallerView::from(caller)
     }
 
     pub fn metrics_text(&self, caller: &Caller) -> Result<String, Error> {

@@ -13,9 +13,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use cradle_client::{PeerTls, Target, route};
-use cradle_model::answers::{ClusterView, HostView};
+use cradle_model::answers::{CallerView, ClusterView, HostView};
 use cradle_model::api::{InstancePatch, InstanceSpec, InstanceView};
-use serde::{Deserialize, Serialize};
 
 use crate::caller::Projects;
 use crate::{Caller, Core, Error, Kind, blocking};
@@ -25,51 +24,18 @@ pub const CALLER_HEADER: &str = "x-cradle-caller";
 /// A host not heard of for longer than this is taken to be down.
 pub const HOST_SILENCE: Duration = Duration::from_secs(60);
 
-/// A caller as it travels to a peer: its name, roles and projects (none
-/// of them secret).
-#[derive(Debug, Serialize, Deserialize)]
-pub struct CallerWire {
-    pub name: String,
-    pub roles: Vec<String>,
-    /// `None`: every project.
-    pub projects: Option<Vec<String>>,
-}
-
-impl From<&Caller> for CallerWire {
-    fn from(c: &Caller) -> Self {
-        CallerWire {
-            name: c.name.clone(),
-            roles: c.roles.clone(),
-            projects: match &c.projects {
-                Projects::All => None,
-                Projects::Only(p) => Some(p.iter().cloned().collect()),
-            },
-        }
-    }
-}
-
-impl From<CallerWire> for Caller {
-    fn from(w: CallerWire) -> Self {
-        Caller {
-            name: w.name,
-            roles: w.roles,
-            projects: match w.projects {
-                None => Projects::All,
-                Some(p) => Projects::Only(p.into_iter().collect()),
-            },
-        }
-    }
-}
-
-impl CallerWire {
-    /// The header value.
-    pub fn encode(&self) -> String {
-        serde_json::to_string(self).expect("a caller serializes")
-    }
-
-    pub fn decode(header: &str) -> Option<CallerWire> {
-        serde_json::from_str(header).ok()
-    }
+/// The caller a peer speaks for, from its header: the view `whoami`
+/// answers (name, roles, projects; none of them secret), as JSON.
+pub fn caller_from_header(header: &str) -> Option<Caller> {
+    let v: CallerView = serde_json::from_str(header).ok()?;
+    Some(Caller {
+        name: v.name,
+        roles: v.roles,
+        projects: match v.all_projects {
+            true => Projects::All,
+            false => Projects::Only(v.projects.into_iter().collect()),
+        },
+    })
 }
 
 /// How this host reaches its peers: its cluster credentials, if it has any.
@@ -162,7 +128,10 @@ impl Core {
             .no_proxy()
             .timeout(Duration::from_secs(30))
             .with_tls(tls)
-            .with_header(CALLER_HEADER, &CallerWire::from(caller).encode())
+            .with_header(
+                CALLER_HEADER,
+                &serde_json::to_string(&CallerView::from(caller)).expect("a view serializes"),
+            )
             .map_err(|e| Error::Internal(e.to_string()))?;
         cradle_client::Client::new(target).map_err(|e| unreachable(host, e))
     }
