@@ -77,22 +77,12 @@ async fn migrate(
         let last = match outcome {
             Ok(Ok(_)) => None,
             Ok(Err(e)) => Some(MigrationProgress {
-                step: "failed".into(),
-                message: e.public_message(),
                 code: Some(e.code().to_string()),
-                disk: None,
-                done: None,
-                total: None,
-                instance: None,
+                ..MigrationProgress::new("failed", e.public_message())
             }),
             Err(e) => Some(MigrationProgress {
-                step: "failed".into(),
-                message: format!("internal error: {e}"),
                 code: Some("internal".into()),
-                disk: None,
-                done: None,
-                total: None,
-                instance: None,
+                ..MigrationProgress::new("failed", format!("internal error: {e}"))
             }),
         };
         if let Some(last) = last {

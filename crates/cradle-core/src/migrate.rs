@@ -54,18 +54,6 @@ pub type Report = Arc<dyn Fn(MigrationProgress) + Send + Sync>;
 /// How long the VM has to power off before it is killed, unless asked.
 const STOP_GRACE: Duration = Duration::from_secs(60);
 
-fn line(step: &str, message: impl Into<String>) -> MigrationProgress {
-    MigrationProgress {
-        step: step.into(),
-        message: message.into(),
-        disk: None,
-        done: None,
-        total: None,
-        code: None,
-        instance: None,
-    }
-}
-
 /// Free bytes for an unprivileged writer on the filesystem holding `dir`
 /// (or its nearest existing parent: the directory is made later).
 fn free_space(dir: &Path) -> Result<u64, String> {
@@ -104,6 +92,23 @@ fn disk_usage(n: usize, d: &Disk) -> Result<(String, u64, u64), Error> {
         .ok_or_else(|| bad("names no file".into()))?
         .to_string();
     Ok((name, meta.blocks() * 512, meta.len()))
+}
+
+/// One migration, once checked: what its steps work on.
+#[derive(Clone, Copy)]
+struct Move<'a> {
+    inst: &'a Arc<Instance>,
+    to: &'a str,
+    peer: &'a cradle_client::Client,
+    remote: &'a Remote,
+    target: &'a MigrationTarget,
+    /// The target's ssh or rsync end.
+    host: &'a Host,
+    /// Each disk's file name, allocated bytes and size.
+    usage: &'a [(String, u64, u64)],
+    grace: Duration,
+    cancel: &'a CancellationToken,
+    report: &'a Report,
 }
 
 /// What a failed step undoes.
@@ -237,7 +242,7 @@ impl Core {
             .map_err(|e| Error::refused(Kind::Invalid, "invalid", format!("[remote]: {e}")))?;
 
         // 1. check
-        report(line(
+        report(MigrationProgress::new(
             "check",
             format!("checking host {to:?} and {} disk(s)", inst.disks.len()),
         ));
@@ -284,7 +289,19 @@ impl Core {
         .await;
         let result = self
             .migrate_steps(
-                &inst, &to, &peer, &remote, &target, &usage, grace, &cancel, &report, &mut undo,
+                &Move {
+                    inst: &inst,
+                    to: &to,
+                    peer: &peer,
+                    remote: &remote,
+                    target: &target,
+                    host: &host,
+                    usage: &usage,
+                    grace,
+                    cancel: &cancel,
+                    report: &report,
+                },
+                &mut undo,
             )
             .await;
         match result {
@@ -309,7 +326,10 @@ impl Core {
                     true => "the client went away".to_string(),
                     false => e.public_message(),
                 };
-                report(line("rollback", format!("rolling back: {why}")));
+                report(MigrationProgress::new(
+                    "rollback",
+                    format!("rolling back: {why}"),
+                ));
                 self.roll_back(&inst, &remote, undo).await;
                 let running = match self.installer.vm_status(&inst).await {
                     Ok(Status::Running) => ", running",
@@ -328,20 +348,19 @@ impl Core {
         }
     }
 
-    #[allow(clippy::too_many_arguments)]
-    async fn migrate_steps(
-        &self,
-        inst: &Arc<Instance>,
-        to: &str,
-        peer: &cradle_client::Client,
-        remote: &Remote,
-        target: &MigrationTarget,
-        usage: &[(String, u64, u64)],
-        grace: Duration,
-        cancel: &CancellationToken,
-        report: &Report,
-        undo: &mut Undo,
-    ) -> Result<InstanceView, Error> {
+    async fn migrate_steps(&self, m: &Move<'_>, undo: &mut Undo) -> Result<InstanceView, Error> {
+        let Move {
+            inst,
+            to,
+            peer,
+            remote,
+            target,
+            host,
+            usage,
+            grace,
+            cancel,
+            report,
+        } = *m;
         let cancelled = || {
             Error::refused(
                 Kind::Unavailable,
@@ -352,7 +371,7 @@ impl Core {
         // 2. stop
         undo.was_running = matches!(self.installer.vm_status(inst).await, Ok(Status::Running));
         if undo.was_running {
-            report(line(
+            report(MigrationProgress::new(
                 "stop",
                 "stopping the VM (ACPI power-off, then killed)",
             ));
@@ -363,15 +382,13 @@ impl Core {
             return Err(cancelled());
         }
         // 3. copy
-        let host = Host::parse(&target.ssh_address)
-            .map_err(|e| Error::Internal(format!("ssh_address: {e}")))?;
         for (n, (d, dst)) in inst.disks.iter().zip(&target.paths).enumerate() {
             let total = usage[n].2;
             report(MigrationProgress {
                 disk: Some(n),
                 done: Some(0),
                 total: Some(total),
-                ..line("copy", format!("copying disk {n} ({}) to {dst}", d.path))
+                ..MigrationProgress::new("copy", format!("copying disk {n} ({}) to {dst}", d.path))
             });
             let last = Mutex::new(Instant::now());
             let r = report.clone();
@@ -383,14 +400,14 @@ impl Core {
                         disk: Some(n),
                         done: Some(p.done),
                         total: Some(p.total),
-                        ..line("copy", "")
+                        ..MigrationProgress::new("copy", "")
                     });
                 }
             });
             let dst_path = RemotePath::new(dst.clone())
                 .map_err(|e| Error::Internal(format!("target path: {e}")))?;
             remote
-                .copy_to(Path::new(&d.path), &host, &dst_path, &op)
+                .copy_to(Path::new(&d.path), host, &dst_path, &op)
                 .await
                 .map_err(|e| {
                     Error::refused(
@@ -403,7 +420,7 @@ impl Core {
                 disk: Some(n),
                 done: Some(total),
                 total: Some(total),
-                ..line("copy", format!("disk {n} copied"))
+                ..MigrationProgress::new("copy", format!("disk {n} copied"))
             });
         }
         self.event(
@@ -415,7 +432,10 @@ impl Core {
             return Err(cancelled());
         }
         // 4. move
-        report(line("move", format!("placing it on {to}")));
+        report(MigrationProgress::new(
+            "move",
+            format!("placing it on {to}"),
+        ));
         let disks: Vec<Disk> = inst
             .disks
             .iter()
@@ -444,7 +464,10 @@ impl Core {
         // 5. start
         let mut view = None;
         if undo.was_running {
-            report(line("start", format!("starting it on {to}")));
+            report(MigrationProgress::new(
+                "start",
+                format!("starting it on {to}"),
+            ));
             view = Some(
                 peer.send(route::start_vm(&inst.id.to_string()))
                     .await
@@ -460,7 +483,7 @@ impl Core {
         };
         report(MigrationProgress {
             instance: Some(Box::new(view.clone())),
-            ..line(
+            ..MigrationProgress::new(
                 "done",
                 format!("instance {} runs from host {to} now", inst.name),
             )

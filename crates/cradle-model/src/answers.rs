@@ -98,6 +98,21 @@ pub struct MigrationProgress {
     pub instance: Option<Box<crate::api::InstanceView>>,
 }
 
+impl MigrationProgress {
+    /// A line of `step` saying `message`, with nothing else set.
+    pub fn new(step: &str, message: impl Into<String>) -> MigrationProgress {
+        MigrationProgress {
+            step: step.into(),
+            message: message.into(),
+            disk: None,
+            done: None,
+            total: None,
+            code: None,
+            instance: None,
+        }
+    }
+}
+
 /// A host asks the target of a migration where its disks go (peer API).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MigrationPrepare {
