@@ -433,6 +433,16 @@ impl Client {
         &self.target
     }
 
+    /// The same connection pool and TLS set-up for `target` (a peer's URL
+    /// and headers): its own TLS, proxy and timeout settings are not
+    /// applied, this client's are.
+    pub fn retarget(&self, target: Target) -> Client {
+        Client {
+            target,
+            http: self.http.clone(),
+        }
+    }
+
     async fn start<T>(&self, req: &Request<T>) -> Result<reqwest::Response, Error> {
         let mut r = self
             .http

@@ -103,7 +103,7 @@ impl Core {
                 // Its secrets must live only where it is served.
                 return self.create_on(&host, caller, spec).await;
             }
-            self.known_host(&host).await?;
+            self.host_record(&host).await?;
         }
         let (registry, roles) = (self.registry.clone(), caller.roles.clone());
         let created = blocking(move || Ok(registry.create(spec, roles)?)).await?;
@@ -139,24 +139,6 @@ impl Core {
         let changed = blocking(move || Ok(registry.modify(&id, patch)?)).await?;
         info!(instance = %changed.id, by = %caller.name, "instance modified");
         Ok(InstanceView::from(&*changed))
-    }
-
-    /// Refuse to place an instance on a host that never joined.
-    async fn known_host(&self, host: &str) -> Result<(), Error> {
-        let registry = self.registry.clone();
-        let hosts = blocking(move || Ok(registry.hosts()?)).await?;
-        if hosts.iter().any(|h| h.name == host) {
-            return Ok(());
-        }
-        let known: Vec<&str> = hosts.iter().map(|h| h.name.as_str()).collect();
-        Err(Error::refused(
-            crate::Kind::Invalid,
-            "unknown_host",
-            format!(
-                "host: no host {host:?} has joined the cluster (this host is {:?}; known: {known:?})",
-                self.registry.host()
-            ),
-        ))
     }
 
     /// Remove an instance, its queued messages, its secrets and its last job.

@@ -15,6 +15,7 @@ use std::time::Duration;
 use cradle_client::{PeerTls, Target, route};
 use cradle_model::answers::{CallerView, ClusterView, HostView};
 use cradle_model::api::{InstancePatch, InstanceSpec, InstanceView};
+use cradle_store::HostRecord;
 
 use crate::caller::Projects;
 use crate::{Caller, Core, Error, Kind, blocking};
@@ -38,10 +39,26 @@ pub fn caller_from_header(header: &str) -> Option<Caller> {
     })
 }
 
-/// How this host reaches its peers: its cluster credentials, if it has any.
+/// How this host reaches its peers: one client over the cluster's mutual
+/// TLS (certificates parsed once, connections kept), if it has credentials.
 #[derive(Default, Clone)]
 pub struct Peers {
-    pub tls: Option<Arc<PeerTls>>,
+    client: Option<cradle_client::Client>,
+}
+
+impl Peers {
+    /// With this host's cluster credentials.
+    pub fn new(tls: Arc<PeerTls>) -> Result<Peers, String> {
+        let target = Target::new("https://peer.invalid", "")
+            .presented(cradle_client::Presented::Anonymous)
+            .no_proxy()
+            .timeout(Duration::from_secs(30))
+            .with_tls(tls);
+        let client = cradle_client::Client::new(target).map_err(|e| e.to_string())?;
+        Ok(Peers {
+            client: Some(client),
+        })
+    }
 }
 
 fn unreachable(host: &str, why: impl std::fmt::Display) -> Error {
@@ -90,7 +107,7 @@ impl Core {
         host: &str,
         caller: &Caller,
     ) -> Result<cradle_client::Client, Error> {
-        let Some(tls) = self.peers.tls.clone() else {
+        let Some(base) = &self.peers.client else {
             return Err(Error::refused(
                 Kind::Conflict,
                 "wrong_host",
@@ -101,15 +118,7 @@ impl Core {
                 ),
             ));
         };
-        let registry = self.registry.clone();
-        let hosts = blocking(move || Ok(registry.hosts()?)).await?;
-        let Some(record) = hosts.into_iter().find(|h| h.name == host) else {
-            return Err(Error::refused(
-                Kind::Invalid,
-                "unknown_host",
-                format!("no host {host:?} has joined the cluster (see `cradle cluster hosts`)"),
-            ));
-        };
+        let record = self.host_record(host).await?;
         if record.peer_url.is_empty() {
             return Err(unreachable(
                 host,
@@ -123,17 +132,33 @@ impl Core {
                 format!("it was last seen {} s ago", silent.whole_seconds()),
             ));
         }
-        let target = Target::new(&record.peer_url, "")
-            .presented(cradle_client::Presented::Anonymous)
-            .no_proxy()
-            .timeout(Duration::from_secs(30))
-            .with_tls(tls)
+        let target = base
+            .target()
+            .at(&record.peer_url)
             .with_header(
                 CALLER_HEADER,
                 &serde_json::to_string(&CallerView::from(caller)).expect("a view serializes"),
             )
             .map_err(|e| Error::Internal(e.to_string()))?;
-        cradle_client::Client::new(target).map_err(|e| unreachable(host, e))
+        Ok(base.retarget(target))
+    }
+
+    /// Host `host`'s record (from the last heartbeat while it is fresh); a
+    /// host that never joined is refused.
+    pub(crate) async fn host_record(&self, host: &str) -> Result<HostRecord, Error> {
+        let (registry, name) = (self.registry.clone(), host.to_string());
+        let found = blocking(move || Ok(registry.host_record(&name, HOST_SILENCE)?)).await?;
+        found.ok_or_else(|| {
+            Error::refused(
+                Kind::Invalid,
+                "unknown_host",
+                format!(
+                    "host: no host {host:?} has joined the cluster (this host is {:?}; \
+                     see `cradle cluster show`)",
+                    self.registry.host()
+                ),
+            )
+        })
     }
 
     /// Have `host` register the instance, secrets and all.

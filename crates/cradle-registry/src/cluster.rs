@@ -199,15 +199,39 @@ impl Registry {
         }
     }
 
-    /// Say this host is up (for `cradle cluster hosts`, and for other hosts
-    /// that look for it).
+    /// Say this host is up (for `cradle cluster show`, and for other hosts
+    /// that look for it), and take the others' records as they are now.
     pub fn heartbeat(&self, record: &HostRecord) -> Result<(), RegistryError> {
-        Ok(self.store.heartbeat(record)?)
+        self.store.heartbeat(record)?;
+        self.hosts().map(drop)
     }
 
-    /// Every host that ever said it was up.
+    /// Every host that ever said it was up, as the store has them now.
     pub fn hosts(&self) -> Result<Vec<HostRecord>, RegistryError> {
-        Ok(self.store.hosts()?)
+        let hosts = self.store.hosts()?;
+        *self.hosts.write().unwrap_or_else(|e| e.into_inner()) = hosts.clone();
+        Ok(hosts)
+    }
+
+    /// Host `name`'s record: the one taken at the last heartbeat when it was
+    /// seen within `fresh` then, else the store's own.
+    pub fn host_record(
+        &self,
+        name: &str,
+        fresh: std::time::Duration,
+    ) -> Result<Option<HostRecord>, RegistryError> {
+        let now = time::OffsetDateTime::now_utc();
+        let known = self
+            .hosts
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .find(|h| h.name == name && now - h.seen_at <= fresh)
+            .cloned();
+        match known {
+            Some(h) => Ok(Some(h)),
+            None => Ok(self.hosts()?.into_iter().find(|h| h.name == name)),
+        }
     }
 
     /// Place an instance on `host` with `disks`: a migration's move. Its

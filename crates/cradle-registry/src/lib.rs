@@ -163,6 +163,8 @@ pub struct Registry {
     sg_seen: AtomicI64,
     /// Held by the catch-up that runs.
     catching: Mutex<()>,
+    /// The hosts' records as of the last heartbeat or lookup.
+    hosts: RwLock<Vec<cradle_store::HostRecord>>,
     /// Versions of security-group ops this process wrote and applied itself,
     /// which catching up must not apply again.
     own_sg_versions: Mutex<BTreeSet<i64>>,
@@ -212,6 +214,7 @@ impl Registry {
             seen: AtomicI64::new(seen),
             sg_seen: AtomicI64::new(0),
             catching: Mutex::new(()),
+            hosts: RwLock::new(Vec::new()),
             own_sg_versions: Mutex::new(BTreeSet::new()),
         })
     }

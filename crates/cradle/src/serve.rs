@@ -253,7 +253,12 @@ async fn serve(config: Config, demo: bool) -> Result<()> {
         firewall_enforced: enforced,
         render_cache_bytes: config.metadata.cache_bytes,
         max_token_ttl: config.metadata.max_token_ttl,
-        peers: cradle_core::peers::Peers { tls: peers.0 },
+        peers: match peers.0 {
+            Some(tls) => cradle_core::peers::Peers::new(tls)
+                .map_err(anyhow::Error::msg)
+                .context("[cluster] tls_dir")?,
+            None => Default::default(),
+        },
         migration: cradle_core::migrate::MigrationSettings {
             disk_dir: match config.cluster.disk_dir.as_str() {
                 "" => data_dir.join("disks"),
