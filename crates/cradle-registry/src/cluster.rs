@@ -114,7 +114,7 @@ impl Registry {
         for i in changes.instances {
             changed += usize::from(self.adopt(i));
         }
-        for (id, _) in changes.removed {
+        for id in changes.removed {
             changed += usize::from(self.forget(id));
         }
         let ops: Vec<Op> = {
@@ -138,11 +138,6 @@ impl Registry {
         }
         self.seen.fetch_max(changes.version, Ordering::SeqCst);
         Ok(changed)
-    }
-
-    /// The store version this host has caught up to.
-    pub fn seen_version(&self) -> i64 {
-        self.seen.load(Ordering::SeqCst)
     }
 
     /// Follow other hosts' changes until the process ends: woken by the

@@ -72,8 +72,8 @@ pub struct Changes {
     pub version: i64,
     /// Instances stored or changed since, each at its own version.
     pub instances: Vec<Instance>,
-    /// Instances removed since, with the version of the removal.
-    pub removed: Vec<(Uuid, i64)>,
+    /// Instances removed since.
+    pub removed: Vec<Uuid>,
     /// Security-group ops made since, in order, with their versions.
     pub secgroups: Vec<(i64, Op)>,
 }

@@ -21,13 +21,27 @@ pub struct SqlStore<D> {
     pub(crate) driver: D,
 }
 
-/// Take the next change version; the row stays locked until commit.
-fn bump(tx: &mut dyn Tx) -> Result<i64, StoreError> {
-    let rows = tx.query(
-        "UPDATE versions SET value = value + 1 WHERE name = 'change' RETURNING value",
-        &[],
-    )?;
-    rows.first()
+/// What to do with the change counter.
+enum Counter {
+    /// Read it.
+    Read,
+    /// Lock it (a write of the same value): no change commits until this
+    /// transaction ends.
+    Lock,
+    /// Take its next value, locked likewise: a change's version.
+    Next,
+}
+
+fn counter(tx: &mut dyn Tx, how: Counter) -> Result<i64, StoreError> {
+    let sql = match how {
+        Counter::Read => "SELECT value FROM versions WHERE name = 'change'",
+        Counter::Lock => "UPDATE versions SET value = value WHERE name = 'change' RETURNING value",
+        Counter::Next => {
+            "UPDATE versions SET value = value + 1 WHERE name = 'change' RETURNING value"
+        }
+    };
+    tx.query(sql, &[])?
+        .first()
         .ok_or_else(|| StoreError::Corrupt("the change version is missing".into()))?
         .int(0)
 }
@@ -180,12 +194,7 @@ impl<D: Driver> Store for SqlStore<D> {
     }
 
     fn version(&self) -> Result<i64, StoreError> {
-        self.tx(|tx| {
-            tx.query("SELECT value FROM versions WHERE name = 'change'", &[])?
-                .first()
-                .ok_or_else(|| StoreError::Corrupt("the change version is missing".into()))?
-                .int(0)
-        })
+        self.tx(|tx| counter(tx, Counter::Read))
     }
 
     fn load_all(&self) -> Result<Vec<Instance>, StoreError> {
@@ -212,7 +221,7 @@ impl<D: Driver> Store for SqlStore<D> {
             row::select_list()
         );
         self.tx(|tx| {
-            let version = bump(tx)?;
+            let version = counter(tx, Counter::Next)?;
             let mut values = row::encode(instance);
             values.push(Value::Int(version));
             tx.execute(&sql, &values).map_err(instance_conflict)?;
@@ -237,7 +246,7 @@ impl<D: Driver> Store for SqlStore<D> {
             n + 2
         );
         self.tx(|tx| {
-            let version = bump(tx)?;
+            let version = counter(tx, Counter::Next)?;
             let mut values = row::encode(instance);
             values.push(Value::Int(version));
             values.push(Value::Int(instance.version));
@@ -258,7 +267,7 @@ impl<D: Driver> Store for SqlStore<D> {
 
     fn delete(&self, id: Uuid, secgroups: &[Op]) -> Result<Option<i64>, StoreError> {
         self.tx(|tx| {
-            let version = bump(tx)?;
+            let version = counter(tx, Counter::Next)?;
             write_ops(tx, version, secgroups)?;
             let n = tx.execute(
                 "DELETE FROM instances WHERE id = $1",
@@ -278,7 +287,7 @@ impl<D: Driver> Store for SqlStore<D> {
 
     fn set_password_once(&self, id: Uuid, password: &str) -> Result<Option<i64>, StoreError> {
         self.tx(|tx| {
-            let version = bump(tx)?;
+            let version = counter(tx, Counter::Next)?;
             let n = tx.execute(
                 "UPDATE instances SET password = $2, version = $3 \
                  WHERE id = $1 AND password IS NULL",
@@ -410,17 +419,9 @@ impl<D: Driver> Store for SqlStore<D> {
             serde_json::from_str(&s).map_err(|e| corrupt("security group rule", e))
         };
         self.tx(|tx| {
-            // Lock the change counter (a write of the same value): no change
-            // commits until this read is done, so the ops are exactly the
+            // No change commits while the state is read: it is exactly the
             // state at `version`.
-            let version = tx
-                .query(
-                    "UPDATE versions SET value = value WHERE name = 'change' RETURNING value",
-                    &[],
-                )?
-                .first()
-                .ok_or_else(|| StoreError::Corrupt("the change version is missing".into()))?
-                .int(0)?;
+            let version = counter(tx, Counter::Lock)?;
             let mut ops = Vec::new();
             for r in tx.query(
                 "SELECT id, tenant, name, description, instance_id, created_at \
@@ -479,7 +480,7 @@ impl<D: Driver> Store for SqlStore<D> {
 
     fn apply_secgroups(&self, ops: &[Op]) -> Result<i64, StoreError> {
         self.tx(|tx| {
-            let version = bump(tx)?;
+            let version = counter(tx, Counter::Next)?;
             write_ops(tx, version, ops)?;
             Ok(version)
         })
@@ -489,11 +490,7 @@ impl<D: Driver> Store for SqlStore<D> {
         self.tx(|tx| {
             // The version first: everything at or below it has committed
             // (see the module doc), so it is safe to resume from.
-            let version = tx
-                .query("SELECT value FROM versions WHERE name = 'change'", &[])?
-                .first()
-                .ok_or_else(|| StoreError::Corrupt("the change version is missing".into()))?
-                .int(0)?;
+            let version = counter(tx, Counter::Read)?;
             let instances = Self::instances_where(
                 tx,
                 "WHERE version > $1 ORDER BY version",
@@ -501,12 +498,11 @@ impl<D: Driver> Store for SqlStore<D> {
             )?;
             let removed = tx
                 .query(
-                    "SELECT id, version FROM removed_instances WHERE version > $1 \
-                     ORDER BY version",
+                    "SELECT id FROM removed_instances WHERE version > $1 ORDER BY version",
                     &[Value::Int(since)],
                 )?
                 .iter()
-                .map(|r| Ok((uuid("removed instance", &r.text(0)?)?, r.int(1)?)))
+                .map(|r| uuid("removed instance", &r.text(0)?))
                 .collect::<Result<Vec<_>, StoreError>>()?;
             let secgroups = tx
                 .query(

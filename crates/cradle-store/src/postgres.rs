@@ -29,12 +29,15 @@ use crate::{SqlStore, StoreError, Subscription};
 /// database got. Version N here and in `sqlite.rs` is the same schema.
 const MIGRATIONS: &[&str] = &[
     include_str!("../migrations/postgres/0001_instances.sql"),
-    include_str!("../migrations/postgres/0002_injected_files.sql"),
+    // The same SQL in both dialects.
+    include_str!("../migrations/sqlite/0002_injected_files.sql"),
     include_str!("../migrations/postgres/0003_roles_reasons_events.sql"),
     include_str!("../migrations/postgres/0004_security_groups.sql"),
-    include_str!("../migrations/postgres/0005_personalization.sql"),
+    // The same SQL in both dialects.
+    include_str!("../migrations/sqlite/0005_personalization.sql"),
     include_str!("../migrations/postgres/0006_machine.sql"),
-    include_str!("../migrations/postgres/0007_install_params.sql"),
+    // The same SQL in both dialects.
+    include_str!("../migrations/sqlite/0007_install_params.sql"),
     include_str!("../migrations/postgres/0008_cluster.sql"),
 ];
 

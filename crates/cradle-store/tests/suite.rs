@@ -296,7 +296,7 @@ fn changes_since_a_version_are_exactly_what_came_after(u: Under) {
     assert_eq!(all.version, store.version().unwrap());
     let names: Vec<_> = all.instances.iter().map(|i| i.name.as_str()).collect();
     assert_eq!(names, ["a2"], "b is gone, a is at its latest");
-    assert_eq!(all.removed.iter().map(|r| r.0).collect::<Vec<_>>(), [b.id]);
+    assert_eq!(all.removed, [b.id]);
     assert_eq!(
         all.secgroups,
         vec![
