@@ -7,7 +7,6 @@
 
 use std::io::Write;
 use std::net::IpAddr;
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
@@ -18,6 +17,7 @@ use rcgen::{
     Issuer, KeyPair, KeyUsagePurpose, SanType,
 };
 
+use crate::files::write_whole;
 use crate::{ApiArgs, Output};
 
 const ABOUT: &str = "\
@@ -106,22 +106,6 @@ fn validity(p: &mut CertificateParams, days: u32) {
     p.not_after = now + time::Duration::days(i64::from(days));
 }
 
-/// Write `contents` to `dir/name` through a temporary file, with `mode`.
-fn write_new(dir: &Path, name: &str, contents: &[u8], mode: u32) -> Result<()> {
-    let path = dir.join(name);
-    let tmp = dir.join(format!(".{name}.tmp"));
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(mode)
-        .open(&tmp)
-        .with_context(|| format!("cannot create {}", tmp.display()))?;
-    f.write_all(contents)?;
-    f.sync_all()?;
-    std::fs::rename(&tmp, &path).with_context(|| format!("cannot create {}", path.display()))
-}
-
 fn fresh_dir(dir: &Path, names: &[&str]) -> Result<()> {
     for n in names {
         if dir.join(n).exists() {
@@ -140,8 +124,8 @@ fn init(a: &InitArgs) -> Result<()> {
     let mut params = ca_params();
     validity(&mut params, 3650);
     let cert = params.self_signed(&key)?;
-    write_new(&a.dir, "ca.key", key.serialize_pem().as_bytes(), 0o600)?;
-    write_new(&a.dir, "ca.pem", cert.pem().as_bytes(), 0o644)?;
+    write_whole(&a.dir.join("ca.key"), key.serialize_pem().as_bytes(), 0o600)?;
+    write_whole(&a.dir.join("ca.pem"), cert.pem().as_bytes(), 0o644)?;
     println!(
         "made the cluster CA in {} (ca.pem, ca.key); keep ca.key off the hosts",
         a.dir.display()
@@ -182,9 +166,13 @@ fn join(a: &JoinArgs) -> Result<()> {
     let key = KeyPair::generate()?;
     let issuer = Issuer::new(ca_params(), ca_key);
     let cert = params.signed_by(&key, &issuer)?;
-    write_new(&a.out, "host.key", key.serialize_pem().as_bytes(), 0o600)?;
-    write_new(&a.out, "host.pem", cert.pem().as_bytes(), 0o644)?;
-    write_new(&a.out, "ca.pem", ca_pem.as_bytes(), 0o644)?;
+    write_whole(
+        &a.out.join("host.key"),
+        key.serialize_pem().as_bytes(),
+        0o600,
+    )?;
+    write_whole(&a.out.join("host.pem"), cert.pem().as_bytes(), 0o644)?;
+    write_whole(&a.out.join("ca.pem"), ca_pem.as_bytes(), 0o644)?;
     println!(
         "issued {host}'s certificate into {} (ca.pem, host.pem, host.key): copy it to {host} \
          and set [cluster] tls_dir to it",

@@ -8,6 +8,7 @@ mod appliance;
 mod client;
 mod cluster;
 mod drive;
+mod files;
 mod firewall;
 mod install;
 mod instance;

@@ -529,17 +529,7 @@ fn load_or_create_token(path: &Path) -> Result<Secret<String>> {
     let mut raw = [0u8; 32];
     rand::rng().fill_bytes(&mut raw);
     let token: String = raw.iter().map(|b| format!("{b:02x}")).collect();
-    let tmp = path.with_extension("token.tmp");
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&tmp)
-        .with_context(|| format!("cannot create {}", tmp.display()))?;
-    f.write_all(token.as_bytes())?;
-    f.sync_all()?;
-    std::fs::rename(&tmp, path).with_context(|| format!("cannot create {}", path.display()))?;
+    crate::files::write_whole(path, token.as_bytes(), 0o600)?;
     info!(path = %path.display(), "generated the admin token");
     Ok(Secret::new(token))
 }
