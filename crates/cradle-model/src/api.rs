@@ -491,7 +491,12 @@ fn check_name(v: &str) -> Result<(), Invalid> {
 
 /// A hostname as RFC 1123 allows; stored lower-case.
 fn parse_hostname(v: &str) -> Result<String, Invalid> {
-    let field = "hostname";
+    parse_host_name("hostname", v)
+}
+
+/// A hostname in `field`, lower-cased: an instance's own, and a cluster
+/// host's name (`[cluster] host`, an instance's `host`, a migration's `to`).
+pub fn parse_host_name(field: &str, v: &str) -> Result<String, Invalid> {
     if v.is_empty() || v.len() > 253 {
         return invalid(field, "must be 1 to 253 characters");
     }
@@ -734,22 +739,6 @@ fn parse_ipv6(v: &str) -> Result<Ipv6Addr, Invalid> {
 
 /// A Linux interface name: 1 to 15 bytes, no `/`, whitespace or `:`, not
 /// `.` or `..`.
-/// A cluster host's name: what `[cluster] host` and an instance's `host`
-/// hold (a hostname, or any 1 to 253 of A-Z a-z 0-9 . - _).
-pub fn parse_host_name(field: &str, v: &str) -> Result<String, Invalid> {
-    let ok = !v.is_empty()
-        && v.len() <= 253
-        && v.bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b'_'));
-    if !ok {
-        return invalid(
-            field,
-            format!("{v:?} is not a host name (1 to 253 of A-Z a-z 0-9 . - _)"),
-        );
-    }
-    Ok(v.to_string())
-}
-
 fn parse_interface(v: &str) -> Result<String, Invalid> {
     if !crate::is_interface_name(v) {
         return invalid(
