@@ -124,6 +124,8 @@ pub(crate) trait Tx {
 pub trait Driver: Send + Sync + 'static {
     /// `sqlite` or `postgres`.
     fn name(&self) -> &'static str;
+    /// Whether other processes may change the database.
+    fn shared(&self) -> bool;
     /// See [`crate::Store::subscribe`].
     fn subscribe(&self) -> Result<Option<Box<dyn crate::Subscription>>, StoreError>;
     /// Run `f` in one transaction: committed when it returns `Ok`, rolled

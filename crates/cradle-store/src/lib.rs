@@ -126,9 +126,7 @@ pub trait Store: Send + Sync + 'static {
     /// `sqlite` or `postgres`.
     fn backend(&self) -> &'static str;
     /// Whether other processes (hosts) may change this store.
-    fn shared(&self) -> bool {
-        self.backend() != "sqlite"
-    }
+    fn shared(&self) -> bool;
     /// The version of the last change stored: read it before
     /// [`Store::load_all`], then ask [`Store::changes_since`] it.
     fn version(&self) -> Result<i64, StoreError>;

@@ -193,6 +193,10 @@ impl<D: Driver> Store for SqlStore<D> {
         self.driver.name()
     }
 
+    fn shared(&self) -> bool {
+        self.driver.shared()
+    }
+
     fn version(&self) -> Result<i64, StoreError> {
         self.tx(|tx| counter(tx, Counter::Read))
     }

@@ -290,6 +290,10 @@ impl Driver for Postgres {
         "postgres"
     }
 
+    fn shared(&self) -> bool {
+        true
+    }
+
     fn subscribe(&self) -> Result<Option<Box<dyn Subscription>>, StoreError> {
         let mut client = self.open()?;
         client

@@ -152,6 +152,11 @@ impl Driver for Sqlite {
         "sqlite"
     }
 
+    fn shared(&self) -> bool {
+        // One process owns the file.
+        false
+    }
+
     fn subscribe(&self) -> Result<Option<Box<dyn Subscription>>, StoreError> {
         Ok(None)
     }
