@@ -10,10 +10,10 @@
 //! inside their transaction (so only committed ones are heard), carrying
 //! ids and versions only, never values.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::error::Error as _;
 use std::str::FromStr;
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use bytes::BytesMut;
@@ -46,9 +46,26 @@ const CHANNEL: &str = "cradle_changes";
 /// Held while migrating, so that hosts starting together migrate once.
 const MIGRATION_LOCK: i64 = 0x6372_6164_6c65;
 
+/// The server processes behind this process's statement connections: a
+/// notification one of them sent is this host's own change, which wakes no
+/// one here.
+type OwnPids = Arc<Mutex<HashSet<i32>>>;
+
 struct Conn {
     client: Client,
     statements: HashMap<String, Statement>,
+    pid: i32,
+    own: OwnPids,
+}
+
+impl Drop for Conn {
+    fn drop(&mut self) {
+        // The server may give the number to another host's session next.
+        self.own
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&self.pid);
+    }
 }
 
 /// Statement connections per process. Writes serialize on the change
@@ -60,6 +77,7 @@ pub struct Postgres {
     config: Config,
     conns: Vec<Mutex<Option<Conn>>>,
     next: std::sync::atomic::AtomicUsize,
+    own: OwnPids,
 }
 
 /// The store in PostgreSQL.
@@ -78,6 +96,7 @@ impl SqlStore<Postgres> {
             config,
             conns: (0..CONNECTIONS).map(|_| Mutex::new(None)).collect(),
             next: std::sync::atomic::AtomicUsize::new(0),
+            own: OwnPids::default(),
         };
         pg.migrate()?;
         Ok(SqlStore { driver: pg })
@@ -299,7 +318,10 @@ impl Driver for Postgres {
         client
             .batch_execute(&format!("LISTEN {CHANNEL}"))
             .map_err(|e| StoreError::Unavailable(describe(&e)))?;
-        Ok(Some(Box::new(Listener { client })))
+        Ok(Some(Box::new(Listener {
+            client,
+            own: self.own.clone(),
+        })))
     }
 
     // `Tx` is the crate's own: only this crate's logic calls this.
@@ -314,7 +336,20 @@ impl Driver for Postgres {
             *guard = Some(Conn {
                 client: self.open()?,
                 statements: HashMap::new(),
+                pid: 0,
+                own: self.own.clone(),
             });
+            let conn = guard.as_mut().expect("connected above");
+            let pid: i32 = conn
+                .client
+                .query_one("SELECT pg_backend_pid()", &[])
+                .map_err(|e| StoreError::Unavailable(describe(&e)))?
+                .get(0);
+            conn.pid = pid;
+            self.own
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(pid);
         }
         let conn = guard.as_mut().expect("connected above");
         let result = (|| {
@@ -338,26 +373,44 @@ impl Driver for Postgres {
 /// A LISTEN connection.
 struct Listener {
     client: Client,
+    own: OwnPids,
 }
 
 impl Subscription for Listener {
+    /// Woken by another host's change only: this host's own were applied
+    /// when they were made.
     fn wait(&mut self, timeout: Duration) -> Result<bool, StoreError> {
-        let first = {
-            let mut notes = self.client.notifications();
-            let first = notes.timeout_iter(timeout).next();
-            if first.as_ref().is_ok_and(|n| n.is_some()) {
-                // Take every other pending one: one catch-up covers them all.
-                while let Ok(Some(_)) = notes.iter().next() {}
-            }
-            first
+        let deadline = std::time::Instant::now() + timeout;
+        let own = self.own.clone();
+        let foreign = |n: &postgres::Notification| {
+            !own.lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .contains(&n.process_id())
         };
-        match first {
-            Ok(Some(_)) => Ok(true),
+        let heard = {
+            let mut notes = self.client.notifications();
+            loop {
+                let left = deadline.saturating_duration_since(std::time::Instant::now());
+                let next = notes.timeout_iter(left).next();
+                match next {
+                    Ok(Some(n)) if foreign(&n) => {
+                        // Take every other pending one: one catch-up covers them all.
+                        while let Ok(Some(_)) = notes.iter().next() {}
+                        break Ok(true);
+                    }
+                    Ok(Some(_)) => continue,
+                    Ok(None) => break Ok(false),
+                    Err(e) => break Err(e),
+                }
+            }
+        };
+        match heard {
+            Ok(true) => Ok(true),
             Err(e) => Err(StoreError::Unavailable(describe(&e))),
-            Ok(None) if self.client.is_closed() => Err(StoreError::Unavailable(
+            Ok(false) if self.client.is_closed() => Err(StoreError::Unavailable(
                 "the notification connection closed".into(),
             )),
-            Ok(None) => Ok(false),
+            Ok(false) => Ok(false),
         }
     }
 }

@@ -364,7 +364,7 @@ fn sqlite_has_no_one_to_notify() {
 }
 
 #[test]
-fn postgres_wakes_subscribers_with_committed_changes_only() {
+fn postgres_wakes_subscribers_with_other_processes_committed_changes_only() {
     let (_, url) = fresh_database();
     let writer = PgStore::connect(&url).unwrap();
     let reader = PgStore::connect(&url).unwrap();
@@ -380,4 +380,10 @@ fn postgres_wakes_subscribers_with_committed_changes_only() {
     assert!(sub.wait(Duration::from_secs(5)).unwrap());
     assert!(t.elapsed() < Duration::from_secs(1));
     assert_eq!(reader.load_all().unwrap().len(), 2);
+    // A change the subscriber's own store made wakes no one there: its
+    // host applied it when it made it.
+    reader.insert(&instance("c", "127.0.0.5"), &[]).unwrap();
+    assert!(!sub.wait(Duration::from_millis(300)).unwrap());
+    writer.insert(&instance("d", "127.0.0.6"), &[]).unwrap();
+    assert!(sub.wait(Duration::from_secs(5)).unwrap());
 }
