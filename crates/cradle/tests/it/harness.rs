@@ -411,6 +411,16 @@ impl Guest {
     }
 
     /// An IMDSv2 session token.
+    /// That each of `methods` on `path` is 405 with `Allow: allow`.
+    #[track_caller]
+    pub fn refuses_methods(&self, path: &str, methods: &[&str], allow: &str) {
+        for method in methods {
+            let a = self.request(method, path, &[], None);
+            assert_eq!(a.status, 405, "{method}");
+            assert_eq!(a.headers.get("allow").unwrap(), allow, "{method}");
+        }
+    }
+
     pub fn token(&self, ttl: u32) -> String {
         let a = self.request(
             "PUT",

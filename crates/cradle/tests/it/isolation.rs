@@ -79,6 +79,14 @@ const fn row(scope: Scope, ok: u16, missing: u16) -> Row {
     }
 }
 
+/// A route only the admin role may use.
+const fn admin_row(scope: Scope, ok: u16, missing: u16) -> Row {
+    Row {
+        admin_only: true,
+        ..row(scope, ok, missing)
+    }
+}
+
 fn rows() -> BTreeMap<(&'static str, &'static str), Row> {
     use Scope::*;
     let t = "/v1/tenants/{tenant}";
@@ -94,10 +102,7 @@ fn rows() -> BTreeMap<(&'static str, &'static str), Row> {
     add(
         "POST",
         "/v1/firewall/apply".into(),
-        Row {
-            admin_only: true,
-            ..row(Server, 409, 409)
-        },
+        admin_row(Server, 409, 409),
     );
     add("GET", "/v1/instances".into(), row(List, 200, 200));
     add("POST", "/v1/instances".into(), row(Create, 201, 201));
@@ -111,10 +116,7 @@ fn rows() -> BTreeMap<(&'static str, &'static str), Row> {
     add(
         "POST",
         format!("{i}/reset-state"),
-        Row {
-            admin_only: true,
-            ..row(Instance, 200, 404)
-        },
+        admin_row(Instance, 200, 404),
     );
     add("GET", format!("{i}/events"), row(Instance, 200, 404));
     add(
@@ -128,10 +130,7 @@ fn rows() -> BTreeMap<(&'static str, &'static str), Row> {
     add(
         "POST",
         format!("{i}/migrate"),
-        Row {
-            admin_only: true,
-            ..row(Instance, 200, 404)
-        },
+        admin_row(Instance, 200, 404),
     );
     add("POST", format!("{i}/stop"), row(Instance, 200, 404));
     add("GET", format!("{i}/vm"), row(Instance, 200, 404));
