@@ -296,6 +296,16 @@ fn each_host_serves_its_own_guests_and_every_host_sees_every_change() {
             .is_empty(),
         "A keeps no copy"
     );
+    // It reaches B's guest, and no other host answers that guest at all.
+    let params = "/cradle/latest/os/parameters.json";
+    let read = b.guest(&g21).get(params);
+    assert_eq!(read.status, 200, "{}", read.text());
+    assert_eq!(
+        read.json()["db_password"],
+        json!(["CLUSTER-SECRET-CANARY", "secret"])
+    );
+    assert_eq!(a.guest(&g21).get(params).status, 404);
+    assert_eq!(c.guest(&g21).get(params).status, 404);
     // Created through A with a secret, placed on B: made by B.
     let mut spec: cradle_model::api::InstanceSpec = serde_json::from_value(json!({
         "name": "web-b2", "host": "node-b", "metadata_address": g23,

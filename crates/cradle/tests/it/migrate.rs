@@ -160,6 +160,12 @@ fn an_instance_moves_with_its_disks_and_comes_back_and_a_failed_copy_leaves_it_r
     within(Duration::from_secs(3), "B serves the guest", || {
         b.guest(&g41).get(hostname).status == 200
     });
+    let params = b.guest(&g41).get("/cradle/latest/os/parameters.json");
+    assert_eq!(
+        params.json()["root_password"],
+        json!(["MIGRATION-SECRET-CANARY", "secret"]),
+        "B's guest reads the secret that moved"
+    );
     assert_eq!(a.guest(&g41).get(hostname).status, 404);
     assert_eq!(vm_state(&a, "vm1"), "stopped", "A's VM is gone");
     let events = b.admin().send(route::events("vm1"));
