@@ -19,6 +19,7 @@
 
 #![forbid(unsafe_code)]
 
+mod agent;
 mod error;
 mod extract;
 mod install;
@@ -63,6 +64,7 @@ fn api() -> (Router<Arc<AdminState>>, utoipa::openapi::OpenApi) {
         .routes(utoipa_axum::routes!(openapi::document))
         .merge(instances::routes())
         .merge(install::routes())
+        .merge(agent::routes())
         .merge(migrate::routes())
         .merge(secgroups::routes())
         .split_for_parts()

@@ -9,6 +9,7 @@ use cradle_model::answers::{
     CallerView, ClusterView, EventList, EventView, FirewallApplied, FirewallView, InstanceList,
     MessageList, MessageQueued, MigrateRequest, MigrationPrepare, MigrationTarget, VmView,
 };
+use cradle_model::agent::{ActionRequest, ActionView};
 use cradle_model::api::{InstancePatch, InstanceSpec, InstanceView, MessageIn, MessageView};
 use cradle_model::job::JobView;
 use cradle_secgroups::api::{
@@ -187,6 +188,26 @@ pub fn migrate(key: &str, to: &MigrateRequest) -> Request<()> {
 /// `POST /v1/migrations` on a peer: where an arriving instance's disks go.
 pub fn prepare_migration(req: &MigrationPrepare) -> Request<MigrationTarget> {
     Request::new(Method::POST, "/v1/migrations".into(), json).json(to_vec(req))
+}
+
+/// `POST /v1/instances/{key}/actions` (202): send an action to the
+/// instance's guest agent.
+pub fn send_action(key: &str, action: &str) -> Request<ActionView> {
+    let body = ActionRequest {
+        action: action.to_string(),
+    };
+    Request::new(Method::POST, of_instance(key, "actions"), json).json(to_vec(&body))
+}
+
+/// `GET /v1/instances/{key}/actions/{id}?wait=SECONDS`: the action, once
+/// the agent has answered or `wait` has passed.
+pub fn action(key: &str, id: uuid::Uuid, wait: Duration) -> Request<ActionView> {
+    Request::new(
+        Method::GET,
+        of_instance(key, &format!("actions/{id}")),
+        json,
+    )
+    .query("wait", wait.as_secs())
 }
 
 /// `GET /v1/instances/{key}/vm`: its state and what QEMU says.

@@ -80,13 +80,13 @@ impl Core {
             .list()
             .iter()
             .filter(|i| caller.acts_for(&i.project_id))
-            .map(|i| InstanceView::from(&**i))
+            .map(|i| self.view(i))
             .collect())
     }
 
     /// One instance, by id or name.
     pub fn instance(&self, caller: &Caller, key: &str) -> Result<InstanceView, Error> {
-        Ok(InstanceView::from(&*self.visible(caller, key)?))
+        Ok(self.view(&*self.visible(caller, key)?))
     }
 
     /// Validate and register an instance. The caller's roles now become its

@@ -25,6 +25,7 @@
 
 #![forbid(unsafe_code)]
 
+mod agent;
 mod artifacts;
 mod caller;
 mod error;
@@ -96,6 +97,7 @@ pub struct Core {
     guests: guest::Guests,
     peers: peers::Peers,
     migration: migrate::MigrationSettings,
+    agents: agent::Agents,
 }
 
 impl Core {
@@ -115,6 +117,7 @@ impl Core {
             firewall_enforced: parts.firewall_enforced,
             peers: parts.peers,
             migration: parts.migration,
+            agents: agent::Agents::new(),
         })
     }
 

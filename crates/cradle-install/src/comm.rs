@@ -32,6 +32,15 @@ pub struct Comm {
     pub nft: PathBuf,
 }
 
+/// A locally administered MAC for the communication NIC of instance `id`.
+pub fn mac(id: uuid::Uuid) -> String {
+    let id = id.as_bytes();
+    format!(
+        "02:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
+        id[0], id[1], id[2], id[3], id[4]
+    )
+}
+
 /// The nftables table fencing `tap`.
 pub fn table_name(tap: &str) -> String {
     format!("cradle_comm_{}", tap.replace('-', "_"))
@@ -51,7 +60,7 @@ pub fn ruleset(tap: &str, guest: Ipv4Addr, port: u16, dhcp: bool) -> String {
         "table inet {t} {{\n\
          \tchain ingress {{\n\
          \t\ttype filter hook prerouting priority raw; policy accept;\n\
-         \t\tiifname \"{tap}\" ip saddr {guest} ip daddr {METADATA_IP} tcp dport {port} accept\n\
+         \t\tiifname \"{tap}\" ip saddr {guest} ip daddr {METADATA_IP} tcp dport {port} counter accept\n\
          {dhcp}\
          \t\tiifname \"{tap}\" counter drop\n\
          \t}}\n\
@@ -169,7 +178,7 @@ mod tests {
         assert!(r.starts_with("table inet cradle_comm_cri0123abcd {"));
         assert!(r.contains("hook prerouting priority raw"));
         assert!(r.contains(
-            "iifname \"cri0123abcd\" ip saddr 169.254.1.7 ip daddr 169.254.169.254 tcp dport 8775 accept"
+            "iifname \"cri0123abcd\" ip saddr 169.254.1.7 ip daddr 169.254.169.254 tcp dport 8775 counter accept"
         ));
         assert!(r.contains("iifname \"cri0123abcd\" counter drop"));
     }

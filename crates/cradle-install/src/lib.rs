@@ -233,7 +233,7 @@ impl Installer {
     }
 
     /// Disks present, and the guest's address one the NIC can carry.
-    fn check_machine(inst: &Instance) -> Result<Ipv4Addr, StartError> {
+    pub(crate) fn check_machine(inst: &Instance) -> Result<Ipv4Addr, StartError> {
         let bad = |m: String| Err(StartError::Invalid(m));
         if inst.disks.is_empty() {
             return bad(format!(
@@ -717,7 +717,6 @@ impl Installer {
     }
 
     fn vm_spec(&self, inst: &Instance, plan: &Plan, vm: &str, tap: &str) -> VmSpec {
-        let id = inst.id.as_bytes();
         VmSpec {
             name: vm.to_string(),
             memory_mib: self.settings.memory_mib,
@@ -733,11 +732,7 @@ impl Installer {
             }),
             nics: vec![Nic {
                 tap: tap.to_string(),
-                // Locally administered, from the instance's id.
-                mac: format!(
-                    "02:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
-                    id[0], id[1], id[2], id[3], id[4]
-                ),
+                mac: comm::mac(inst.id),
             }],
             cdrom: None,
             boot_cdrom: false,

@@ -1,13 +1,25 @@
 //! Run mode: the instance's own VM (`cradle instance start`), beside the
 //! install jobs that share its driver.
+//!
+//! With `run_params.communication` on, the VM also gets the communication
+//! NIC as its last NIC (`crr` and 8 hex digits of its id, fenced as an
+//! install job's: only the instance's own address, only to the metadata
+//! port), so that a guest agent reaches the metadata service and nothing
+//! else. A kernel booted directly then hears where it is on its command
+//! line: `cradle.address=` (the instance's link-local address),
+//! `cradle.metadata=` and `cradle.nic=` (the NIC's MAC). Stopping the VM
+//! removes the tap; a start removes a stale one first.
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use cradle_hypervisor::{Accel, Hypervisor, Nic, Status, VmSpec};
+use std::path::PathBuf;
+
+use cradle_hypervisor::{Accel, Hypervisor, KernelBoot, Nic, Status, VmSpec};
 use cradle_model::Instance;
 use cradle_registry::RegistryError;
 
+use crate::comm::{self, METADATA_IP};
 use crate::{AccelChoice, Installer, StartError, blocking, vm_disks};
 
 /// Run mode: the instance's own VM, from its disks, with its memory, vcpus
@@ -17,6 +29,11 @@ use crate::{AccelChoice, Installer, StartError, blocking, vm_disks};
 impl Installer {
     fn vm_name(inst: &Instance) -> String {
         format!("vm-{}", inst.id)
+    }
+
+    /// The run-mode communication NIC's tap.
+    pub fn run_tap(inst: &Instance) -> String {
+        format!("crr{}", &inst.id.simple().to_string()[..8])
     }
 
     /// Start the instance's VM; its state becomes `running`.
@@ -38,6 +55,17 @@ impl Installer {
                 return Err(StartError::Invalid(format!("disk {n} ({}): {e}", d.path)));
             }
         }
+        if let Some(k) = &inst.run_params.kernel {
+            for (what, path) in [("kernel", Some(&k.path)), ("initrd", k.initrd.as_ref())] {
+                if let Some(path) = path
+                    && let Err(e) = std::fs::metadata(path)
+                {
+                    return Err(StartError::Invalid(format!(
+                        "run_params.kernel's {what} ({path}): {e}"
+                    )));
+                }
+            }
+        }
         let accel = match self.settings.accel {
             AccelChoice::Kvm => Accel::Kvm,
             AccelChoice::Tcg => Accel::Tcg,
@@ -45,28 +73,65 @@ impl Installer {
             AccelChoice::Auto if self.kernel().is_file() => self.accel().await.0,
             AccelChoice::Auto => Accel::Tcg,
         };
+        let mut nics: Vec<Nic> = inst
+            .interface
+            .iter()
+            .map(|tap| Nic {
+                tap: tap.clone(),
+                mac: inst.mac.clone(),
+            })
+            .collect();
+        let port = self.settings.metadata_port;
+        let comm_tap = match inst.run_params.communication {
+            false => None,
+            true => {
+                let guest = Self::check_machine(&inst)?;
+                let (c, tap) = (self.settings.comm.clone(), Self::run_tap(&inst));
+                let t = tap.clone();
+                blocking(move || c.setup(&t, guest, port, false))
+                    .await
+                    .map_err(StartError::Unavailable)?;
+                nics.push(Nic {
+                    tap: tap.clone(),
+                    mac: comm::mac(inst.id),
+                });
+                Some((tap, guest))
+            }
+        };
+        let kernel = inst.run_params.kernel.as_ref().map(|k| {
+            let mut cmdline = k.cmdline.clone().unwrap_or_default();
+            if let Some((_, guest)) = &comm_tap {
+                cmdline.push_str(&format!(
+                    " cradle.address={guest} cradle.metadata={METADATA_IP}:{port} cradle.nic={}",
+                    comm::mac(inst.id)
+                ));
+            }
+            KernelBoot {
+                kernel: PathBuf::from(&k.path),
+                initrd: k.initrd.as_ref().map(PathBuf::from),
+                cmdline: cmdline.trim().to_string(),
+            }
+        });
         let spec = VmSpec {
             name: Self::vm_name(&inst),
             memory_mib: inst.memory_mib,
             vcpus: inst.vcpus,
             disks: vm_disks(&inst),
-            kernel: None,
-            nics: inst
-                .interface
-                .iter()
-                .map(|tap| Nic {
-                    tap: tap.clone(),
-                    mac: inst.mac.clone(),
-                })
-                .collect(),
+            kernel,
+            nics,
             cdrom: None,
             boot_cdrom: false,
             no_reboot: false,
         };
         let qemu = self.qemu(accel);
-        blocking(move || qemu.start(&spec).map_err(|e| e.to_string()))
-            .await
-            .map_err(StartError::Unavailable)?;
+        let started = blocking(move || qemu.start(&spec).map_err(|e| e.to_string())).await;
+        if let Err(e) = started {
+            if let Some((tap, _)) = comm_tap {
+                let c = self.settings.comm.clone();
+                let _ = blocking(move || Ok::<_, String>(c.teardown(&tap))).await;
+            }
+            return Err(StartError::Unavailable(e));
+        }
         self.record_run_state(
             inst.id,
             cradle_model::State::Running,
@@ -108,6 +173,9 @@ impl Installer {
         })
         .await
         .map_err(StartError::Unavailable)?;
+        // Its communication NIC goes with it (nothing when it had none).
+        let (c, tap) = (self.settings.comm.clone(), Self::run_tap(&inst));
+        let _ = blocking(move || Ok::<_, String>(c.teardown(&tap))).await;
         let why = if force { "killed" } else { "stopped" };
         self.record_run_state(inst.id, cradle_model::State::Stopped, why.into())
             .await

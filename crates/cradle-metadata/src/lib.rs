@@ -521,7 +521,7 @@ async fn channel_write(svc: &MetadataService, guest: &Guest, req: Request<Incomi
         Err(r) => return r,
     };
     match svc.core.write_message(guest, body).await {
-        Ok(Written::Job) => text(StatusCode::CREATED, ""),
+        Ok(Written::Job | Written::Agent) => text(StatusCode::CREATED, ""),
         Ok(Written::Queued(n)) => {
             let mut r = text(StatusCode::CREATED, "");
             r.headers_mut()

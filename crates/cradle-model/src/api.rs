@@ -14,7 +14,7 @@ use uuid::Uuid;
 use crate::instance::{
     HostAddr, ImdsTokens, Instance, MAX_USER_DATA, Os, OsParams, RANDOM_SEED_LEN, State,
 };
-use crate::machine::{self, Disk, InstallParams};
+use crate::machine::{self, Disk, InstallParams, RunKernel, RunParams};
 use crate::{Secret, personalization};
 
 /// Limits, as Nova applies them to instance metadata.
@@ -116,6 +116,9 @@ pub struct InstanceSpec {
     pub install_params: Option<InstallParams>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub imds_tokens: Option<ImdsTokens>,
+    /// How its own VM runs: the communication NIC, a kernel booted directly.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub run_params: Option<RunParams>,
     /// The host that serves it (its metadata, its firewall, its VM). Left
     /// out: the host whose admin API registers it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -253,6 +256,14 @@ pub struct InstancePatch {
     pub install_params: Option<InstallParams>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub imds_tokens: Option<ImdsTokens>,
+    /// Turn the communication NIC on or off in run mode (used from the
+    /// next start).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub communication: Option<bool>,
+    /// The kernel run mode boots directly; `null` boots from the disks.
+    #[serde(default, skip_serializing_if = "Patch::is_absent")]
+    #[schema(value_type = Option<RunKernel>)]
+    pub run_kernel: Patch<RunKernel>,
 }
 
 /// OS parameter changes: per visibility, a key set to `null` is removed.
@@ -320,6 +331,8 @@ pub struct InstanceView {
     pub vcpus: u32,
     #[serde(default)]
     pub install_params: InstallParams,
+    #[serde(default)]
+    pub run_params: RunParams,
     pub imds_tokens: ImdsTokens,
     pub state: State,
     /// Why the instance is in state `error`.
@@ -329,6 +342,9 @@ pub struct InstanceView {
     #[serde(default)]
     pub boot_roles: Vec<String>,
     pub password_set: bool,
+    /// The guest agent, once it has reported.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agent: Option<crate::agent::AgentView>,
     #[serde(with = "time::serde::rfc3339")]
     pub created_at: OffsetDateTime,
     #[serde(with = "time::serde::rfc3339")]
@@ -395,11 +411,16 @@ impl From<&Instance> for InstanceView {
             memory_mib: i.memory_mib,
             vcpus: i.vcpus,
             install_params: i.install_params.clone(),
+            run_params: i.run_params.clone(),
             imds_tokens: i.imds_tokens,
             state: i.state,
             state_reason: i.state_reason.clone(),
             boot_roles: i.boot_roles.clone(),
             password_set: i.password.is_some(),
+            agent: i
+                .agent
+                .as_ref()
+                .map(|a| crate::agent::AgentView::of(a, None)),
             created_at: i.created_at,
             updated_at: i.updated_at,
         }
@@ -927,6 +948,10 @@ impl InstanceSpec {
         machine::check_vcpus(vcpus).or_else(|m| invalid("vcpus", m))?;
         let install_params = self.install_params.unwrap_or_default();
         machine::check_install_params(&install_params).or_else(|m| invalid("install_params", m))?;
+        let run_params = self.run_params.unwrap_or_default();
+        if let Some(k) = &run_params.kernel {
+            machine::check_run_kernel(k).or_else(|m| invalid("run_params.kernel", m))?;
+        }
         if random_seed.len() != RANDOM_SEED_LEN {
             return invalid("random_seed", "internal: wrong length");
         }
@@ -961,6 +986,8 @@ impl InstanceSpec {
             memory_mib,
             vcpus,
             install_params,
+            run_params,
+            agent: None,
             imds_tokens: self.imds_tokens.unwrap_or_default(),
             state: State::Registered,
             state_reason: None,
@@ -1105,6 +1132,17 @@ impl InstancePatch {
         if let Some(p) = self.install_params {
             machine::check_install_params(&p).or_else(|e| invalid("install_params", e))?;
             i.install_params = p;
+        }
+        if let Some(c) = self.communication {
+            i.run_params.communication = c;
+        }
+        match self.run_kernel {
+            Patch::Absent => {}
+            Patch::Null => i.run_params.kernel = None,
+            Patch::Value(k) => {
+                machine::check_run_kernel(&k).or_else(|e| invalid("run_kernel", e))?;
+                i.run_params.kernel = Some(k);
+            }
         }
         // A parameter moves between visibilities by being set in its new one.
         let p = self.os_params;

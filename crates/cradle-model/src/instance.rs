@@ -74,6 +74,10 @@ pub struct Instance {
     pub vcpus: u32,
     /// What a `self_install` boots with (stored apart from the run setup).
     pub install_params: crate::machine::InstallParams,
+    /// How its own VM runs: the communication NIC, a kernel booted directly.
+    pub run_params: crate::machine::RunParams,
+    /// What its guest agent last reported (state, versions, host keys).
+    pub agent: Option<crate::agent::AgentRecord>,
     pub imds_tokens: ImdsTokens,
     pub state: State,
     /// Why the instance is in `State::Error` (e.g. a fatal vendordata failure).

@@ -4,6 +4,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod agent;
 pub mod answers;
 pub mod api;
 mod instance;

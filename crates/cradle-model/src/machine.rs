@@ -185,6 +185,45 @@ fn check_path(what: &str, p: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// How the instance's own VM runs (`cradle instance start`), beside its
+/// disks: whether it gets the communication NIC (seed 003: on in the
+/// install modes, in run mode only when asked for), and a kernel booted
+/// directly (as Ganeti's `kernel_path`, `initrd_path` and `kernel_args`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RunParams {
+    /// Add the fenced communication NIC as the VM's last NIC, so that a
+    /// guest agent reaches the metadata service (and nothing else) on it.
+    #[serde(default)]
+    pub communication: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kernel: Option<RunKernel>,
+}
+
+/// A kernel the instance boots directly in run mode. Paths are files on
+/// this host.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RunKernel {
+    pub path: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub initrd: Option<String>,
+    /// The kernel's command line.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cmdline: Option<String>,
+}
+
+/// Check a run-mode kernel: absolute paths, a command line without control
+/// characters.
+pub fn check_run_kernel(k: &RunKernel) -> Result<(), String> {
+    check_install_params(&InstallParams {
+        kernel: Some(k.path.clone()),
+        initrd: k.initrd.clone(),
+        cmdline: k.cmdline.clone(),
+        ..InstallParams::default()
+    })
+}
+
 /// Check install parameters: absolute paths, an initrd or command line only
 /// with a kernel, booting from a CD-ROM only with one.
 pub fn check_install_params(p: &InstallParams) -> Result<(), String> {

@@ -447,6 +447,29 @@ impl Registry {
         Ok(next)
     }
 
+    /// Change what the instance's guest agent reported, and record `event`
+    /// (kind `agent`) when there is one. A no-op when `change` leaves it
+    /// as it was.
+    pub fn set_agent(
+        &self,
+        id: Uuid,
+        change: impl Fn(&mut Option<cradle_model::agent::AgentRecord>),
+        event: Option<&str>,
+    ) -> Result<Arc<Instance>, RegistryError> {
+        let _w = self.lock_writer();
+        let current = self.get(&id.to_string())?;
+        let mut agent = current.agent.clone();
+        change(&mut agent);
+        if agent == current.agent {
+            return Ok(current);
+        }
+        let next = self.update_with(id, |i| change(&mut i.agent))?;
+        if let Some(e) = event {
+            self.store.record_event(id, "agent", e)?;
+        }
+        Ok(next)
+    }
+
     /// Clear an error: back to `registered`, reason gone, event recorded.
     pub fn reset_state(&self, key: &str, by: &str) -> Result<Arc<Instance>, RegistryError> {
         let _w = self.lock_writer();

@@ -47,6 +47,8 @@ pub fn instance() -> Instance {
         memory_mib: 512,
         vcpus: 1,
         install_params: Default::default(),
+        run_params: Default::default(),
+        agent: None,
         os_params: OsParams {
             public: BTreeMap::from([(s("locale"), s("en_US"))]),
             private: BTreeMap::from([(s("db_url"), Secret::new(s("postgres://db")))]),

@@ -39,6 +39,8 @@ const MIGRATIONS: &[&str] = &[
     // The same SQL in both dialects.
     include_str!("../migrations/sqlite/0007_install_params.sql"),
     include_str!("../migrations/postgres/0008_cluster.sql"),
+    // The same SQL in both dialects.
+    include_str!("../migrations/sqlite/0009_agent.sql"),
 ];
 
 /// The LISTEN/NOTIFY channel.

@@ -54,6 +54,8 @@ pub(crate) const COLUMNS: &[&str] = &[
     "install_params",
     "host",
     "secret_names",
+    "run_params",
+    "agent",
 ];
 
 /// `SELECT` list: [`COLUMNS`], then `version`.
@@ -163,6 +165,8 @@ pub(crate) fn encode(i: &Instance) -> Vec<Value> {
         Value::Text(json(&i.install_params)),
         text(&i.host),
         Value::Text(json(&i.stored_secret_names)),
+        Value::Text(json(&i.run_params)),
+        i.agent.as_ref().map(json).into(),
     ]
 }
 
@@ -248,6 +252,11 @@ pub(crate) fn decode(r: &Row) -> Result<Instance, StoreError> {
         host: r.text(37)?,
         stored_secret_names: serde_json::from_str(&r.text(38)?)
             .map_err(|e| corrupt("secret_names", e))?,
-        version: r.int(39)?,
+        run_params: serde_json::from_str(&r.text(39)?).map_err(|e| corrupt("run_params", e))?,
+        agent: r
+            .opt_text(40)?
+            .map(|a| serde_json::from_str(&a).map_err(|e| corrupt("agent", e)))
+            .transpose()?,
+        version: r.int(41)?,
     })
 }

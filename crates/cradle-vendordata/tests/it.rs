@@ -65,6 +65,8 @@ fn instance() -> Instance {
         memory_mib: 512,
         vcpus: 1,
         install_params: Default::default(),
+        run_params: Default::default(),
+        agent: None,
         os_params: OsParams::default(),
         imds_tokens: ImdsTokens::Optional,
         state: State::Registered,

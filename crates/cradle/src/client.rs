@@ -20,3 +20,27 @@ pub fn connect(args: &ApiArgs) -> Result<Api> {
     };
     Ok(Api::new(target)?)
 }
+
+/// The instance `key` and the admin URL of the host that serves it: the
+/// asked host's own when it serves it, else the one the cluster lists.
+/// Operations that run on the serving host only (migrations, agent
+/// actions) are sent there.
+pub fn serving_host(api: &Api, key: &str) -> Result<(cradle_model::api::InstanceView, String)> {
+    let inst = api.send(cradle_client::route::instance(key))?;
+    let cluster = api.send(cradle_client::route::cluster())?;
+    if inst.host == cluster.host {
+        return Ok((inst, api.target().base().to_string()));
+    }
+    let h = cluster
+        .hosts
+        .iter()
+        .find(|h| h.name == inst.host)
+        .ok_or_else(|| {
+            anyhow::anyhow!(
+                "instance {key} is on host {:?}, which the cluster does not know",
+                inst.host
+            )
+        })?;
+    let url = h.admin_url.clone();
+    Ok((inst, url))
+}

@@ -125,6 +125,24 @@ appliance while the job runs, then dropped.\n\nExample:\n  cradle instance insta
     ResetState { instance: String },
     /// Show what happened to an instance (errors, state resets).
     Events { instance: String },
+    /// Print the SSH host keys the guest agent published, as known_hosts lines.
+    #[command(after_help = crate::agent::HOST_KEYS_ABOUT)]
+    HostKeys {
+        instance: String,
+        /// Print `TYPE SHA256:…` fingerprints instead.
+        #[arg(long)]
+        fingerprints: bool,
+    },
+    /// Run an action of the guest agent's allow-list and wait for its answer.
+    #[command(after_help = crate::agent::RUN_ABOUT)]
+    Run {
+        instance: String,
+        /// The action's name, as the agent's configuration names it.
+        action: String,
+        /// Seconds to wait for the agent's answer.
+        #[arg(long, default_value_t = 120)]
+        timeout: u64,
+    },
 }
 
 /// Fields shared by add and modify.
@@ -241,6 +259,22 @@ struct Fields {
     /// self_install: boot from disk or cdrom (default: the CD-ROM if any).
     #[arg(long, value_parser = ["disk", "cdrom"])]
     install_boot: Option<String>,
+    /// Run mode: give the VM the fenced communication NIC as its last NIC
+    /// (it reaches the metadata service and nothing else), for a guest
+    /// agent [add default: off]. Used from the next start.
+    #[arg(long, value_parser = ["on", "off"])]
+    communication: Option<String>,
+    /// Run mode: a kernel to boot directly instead of the disk's boot
+    /// loader. On modify, --kernel replaces --initrd and --cmdline too.
+    #[arg(long, value_name = "PATH")]
+    kernel: Option<String>,
+    /// Run mode: the initrd for --kernel.
+    #[arg(long, value_name = "PATH", requires = "kernel")]
+    initrd: Option<String>,
+    /// Run mode: the command line for --kernel. With communication on,
+    /// cradle appends `cradle.address=` and `cradle.nic=` for the agent.
+    #[arg(long, value_name = "TEXT", requires = "kernel")]
+    cmdline: Option<String>,
 }
 
 impl Fields {
@@ -261,6 +295,19 @@ impl Fields {
             }),
         };
         (!p.is_empty()).then_some(p)
+    }
+
+    fn communication(&self) -> Option<bool> {
+        self.communication.as_deref().map(|c| c == "on")
+    }
+
+    /// --kernel, --initrd and --cmdline, when --kernel is given.
+    fn run_kernel(&self) -> Option<cradle_model::machine::RunKernel> {
+        Some(cradle_model::machine::RunKernel {
+            path: self.kernel.clone()?,
+            initrd: self.initrd.clone(),
+            cmdline: self.cmdline.clone(),
+        })
     }
 }
 
@@ -326,6 +373,9 @@ struct ModifyArgs {
     /// Remove the self_install parameters (--install-*).
     #[arg(long, conflicts_with_all = ["install_cdrom", "install_kernel", "install_initrd", "install_cmdline", "install_boot"])]
     clear_install_params: bool,
+    /// Run mode: boot from the disks again (drop --kernel, --initrd, --cmdline).
+    #[arg(long, conflicts_with = "kernel")]
+    clear_kernel: bool,
 }
 
 pub fn run(args: InstanceArgs) -> Result<()> {
@@ -410,10 +460,27 @@ pub fn run(args: InstanceArgs) -> Result<()> {
             if output == Output::Json {
                 writeln!(out, "{}", serde_json::to_string_pretty(&v)?)?;
             } else {
-                writeln!(out, "{}: state {}, vm {}", v.instance, v.state, v.vm)?;
+                let agent = api.send(route::instance(&instance))?.agent;
+                writeln!(
+                    out,
+                    "{}: state {}, vm {}, agent {}",
+                    v.instance,
+                    v.state,
+                    v.vm,
+                    crate::agent::summary(agent.as_ref())
+                )?;
             }
             Ok(())
         }
+        InstanceCommand::HostKeys {
+            instance,
+            fingerprints,
+        } => crate::agent::host_keys(&api, &instance, fingerprints, output),
+        InstanceCommand::Run {
+            instance,
+            action,
+            timeout,
+        } => crate::agent::run(&api, &instance, &action, timeout, output),
         InstanceCommand::Console { instance, bytes } => {
             api.download(route::console(&instance, bytes), &mut out)?;
             Ok(())
@@ -557,6 +624,13 @@ pub(crate) fn pairs(flag: &str, items: &[String]) -> Result<BTreeMap<String, Str
 fn build_spec(a: AddArgs) -> Result<InstanceSpec> {
     let f = a.fields;
     let install_params = f.install_params();
+    let run_params = match (f.communication(), f.run_kernel()) {
+        (None, None) => None,
+        (c, kernel) => Some(cradle_model::machine::RunParams {
+            communication: c.unwrap_or(false),
+            kernel,
+        }),
+    };
     Ok(InstanceSpec {
         name: a.name,
         host: a.host,
@@ -590,6 +664,7 @@ fn build_spec(a: AddArgs) -> Result<InstanceSpec> {
         memory_mib: f.memory,
         vcpus: f.vcpus,
         install_params,
+        run_params,
         os_params: OsParamsSpec {
             public: pairs("--param", &f.params)?,
             private: secrets("--private-param", &f.private_params)?,
@@ -616,6 +691,12 @@ fn some_map<V>(m: BTreeMap<String, V>) -> BTreeMap<String, Option<V>> {
 fn build_patch(m: ModifyArgs) -> Result<InstancePatch> {
     let f = m.fields;
     let install_params = f.install_params();
+    let communication = f.communication();
+    let run_kernel = match f.run_kernel() {
+        _ if m.clear_kernel => Patch::Null,
+        Some(k) => Patch::Value(k),
+        None => Patch::Absent,
+    };
     let mut metadata = some_map(pairs("--meta", &f.meta)?);
     metadata.extend(m.unset_meta.into_iter().map(|k| (k, None)));
     let mut public_keys = some_map(pairs("--key", &f.keys)?);
@@ -694,6 +775,8 @@ fn build_patch(m: ModifyArgs) -> Result<InstancePatch> {
         } else {
             install_params
         },
+        communication,
+        run_kernel,
         os_params,
         imds_tokens: f
             .imds_tokens
@@ -794,6 +877,18 @@ fn print_instance(out: &mut impl Write, output: Output, v: &InstanceView) -> Res
             },
         ),
         ("vcpus", v.vcpus.to_string()),
+        (
+            "communication",
+            if v.run_params.communication { "on" } else { "off" }.into(),
+        ),
+        (
+            "run kernel",
+            match &v.run_params.kernel {
+                Some(k) => serde_json::to_string(k).unwrap_or_default(),
+                None => "-".into(),
+            },
+        ),
+        ("agent", crate::agent::summary(v.agent.as_ref())),
         ("imds tokens", v.imds_tokens.as_str().into()),
         ("metadata", join(&v.metadata)),
         (

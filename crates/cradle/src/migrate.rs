@@ -38,24 +38,7 @@ pub fn run(
     output: Output,
 ) -> Result<()> {
     // The host that serves it runs it.
-    let inst = api.send(route::instance(instance))?;
-    let cluster = api.send(route::cluster())?;
-    let base = match inst.host == cluster.host {
-        true => api.target().base().to_string(),
-        false => {
-            let h = cluster
-                .hosts
-                .iter()
-                .find(|h| h.name == inst.host)
-                .ok_or_else(|| {
-                    anyhow!(
-                        "instance {instance} is on host {:?}, which the cluster does not know",
-                        inst.host
-                    )
-                })?;
-            h.admin_url.clone()
-        }
-    };
+    let (inst, base) = crate::client::serving_host(api, instance)?;
     let long = Api::new(api.target().at(&base).timeout(MIGRATION_TIMEOUT))?;
     let req = MigrateRequest {
         to: to.to_string(),

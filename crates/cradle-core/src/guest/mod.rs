@@ -57,6 +57,10 @@ impl Guest {
     pub fn id(&self) -> uuid::Uuid {
         self.instance.id
     }
+
+    pub(crate) fn instance(&self) -> &Arc<Instance> {
+        &self.instance
+    }
 }
 
 /// The three trees a guest reads, each with its own token rule.
@@ -118,6 +122,8 @@ pub enum Written {
     Job,
     /// Queued for the operator, with this id.
     Queued(i64),
+    /// A guest agent's report or answer, which the host keeps.
+    Agent,
 }
 
 /// Milliseconds since the Unix epoch. Token expiry is kept in milliseconds:
@@ -328,6 +334,15 @@ impl Core {
     /// the channel); a trusted script that has not caught up makes the
     /// writer wait (`queue_full`). Otherwise it is queued for the operator.
     pub async fn write_message(&self, guest: &Guest, body: Bytes) -> Result<Written, Error> {
+        // The guest agent's reports and answers are the host's to keep.
+        match cradle_model::agent::FromAgent::parse(&body) {
+            Ok(Some(m)) => {
+                self.agent_message(guest, m).await?;
+                return Ok(Written::Agent);
+            }
+            Ok(None) => {}
+            Err(e) => return Err(Error::refused(Kind::BadRequest, "bad_request", e)),
+        }
         if let Some(job) = self.registry.running_install(guest.instance.id) {
             if job.agent_message(&body) {
                 return Ok(Written::Job);
