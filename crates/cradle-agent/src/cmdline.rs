@@ -7,6 +7,9 @@
 //!   `169.254.169.254:80`. It must be in the address's `/16`: the agent
 //!   sets no route, so only that network is reachable.
 //!
+//! - `cradle.nic=MAC`: which NIC is the communication NIC, in a guest
+//!   with several (run mode says so; the appliance has one NIC).
+//!
 //! Other parameters are the kernel's own and are ignored. A parameter given
 //! twice takes its last value, as the kernel does for its own.
 
@@ -19,6 +22,8 @@ pub const DEFAULT_METADATA: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::new(169, 
 pub struct Boot {
     pub address: Option<Ipv4Addr>,
     pub metadata: SocketAddrV4,
+    /// Lower-case, colon-separated.
+    pub nic: Option<String>,
 }
 
 /// Parse a kernel command line.
@@ -26,6 +31,7 @@ pub fn parse(cmdline: &str) -> Result<Boot, String> {
     let mut boot = Boot {
         address: None,
         metadata: DEFAULT_METADATA,
+        nic: None,
     };
     for word in cmdline.split_ascii_whitespace() {
         if let Some(v) = word.strip_prefix("cradle.address=") {
@@ -33,6 +39,17 @@ pub fn parse(cmdline: &str) -> Result<Boot, String> {
                 .parse()
                 .map_err(|_| format!("cradle.address={v} is not an IPv4 address"))?;
             boot.address = Some(a);
+        } else if let Some(v) = word.strip_prefix("cradle.nic=") {
+            let mac = v.to_ascii_lowercase();
+            let ok = mac.len() == 17
+                && mac.split(':').count() == 6
+                && mac
+                    .split(':')
+                    .all(|b| b.len() == 2 && b.bytes().all(|c| c.is_ascii_hexdigit()));
+            if !ok {
+                return Err(format!("cradle.nic={v} is not a MAC address"));
+            }
+            boot.nic = Some(mac);
         } else if let Some(v) = word.strip_prefix("cradle.metadata=") {
             boot.metadata = v
                 .parse()
@@ -82,6 +99,15 @@ mod tests {
         assert_eq!(b.address, Some(Ipv4Addr::new(10, 1, 2, 3)));
         // Only whole words count.
         assert_eq!(parse("xcradle.address=169.254.0.9").unwrap().address, None);
+    }
+
+    #[test]
+    fn the_nic_is_named_by_its_mac() {
+        let b = parse("cradle.address=169.254.0.9 cradle.nic=02:AB:cd:00:11:22").unwrap();
+        assert_eq!(b.nic.as_deref(), Some("02:ab:cd:00:11:22"));
+        assert_eq!(parse("").unwrap().nic, None);
+        let e = parse("cradle.nic=02:ab").unwrap_err();
+        assert!(e.contains("cradle.nic=02:ab is not a MAC address"), "{e}");
     }
 
     #[test]

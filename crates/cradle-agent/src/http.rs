@@ -42,6 +42,9 @@ impl From<Failure> for String {
     }
 }
 
+/// A document that changed: its body and its new ETag.
+pub type Changed = (Vec<u8>, Option<String>);
+
 pub struct Client {
     agent: ureq::Agent,
     base: String,
@@ -147,6 +150,72 @@ impl Client {
             return Err(format!("GET {url}: the answer is larger than {max} bytes"));
         }
         Ok(n)
+    }
+
+    /// GET `path` unless it still has the ETag `etag`: `Ok(None)` when it
+    /// does (304); otherwise its body (at most `max` bytes) and its ETag.
+    /// A 404 is an error here.
+    pub fn get_changed(
+        &self,
+        path: &str,
+        etag: Option<&str>,
+        max: u64,
+    ) -> Result<Option<Changed>, Failure> {
+        let url = self.url(path);
+        let mut req = self
+            .agent
+            .get(&url)
+            .set(METADATA_FLAVOR_HEADER, METADATA_FLAVOR);
+        if let Some(t) = etag {
+            req = req.set("If-None-Match", t);
+        }
+        let r = req.call().map_err(|e| failure("GET", &url, e))?;
+        if r.status() == 304 {
+            return Ok(None);
+        }
+        let r = success("GET", &url, r)?;
+        let tag = r.header("ETag").map(str::to_string);
+        let mut body = Vec::new();
+        r.into_reader()
+            .take(max + 1)
+            .read_to_end(&mut body)
+            .map_err(|e| Failure {
+                message: format!("GET {url}: {e}"),
+                transient: true,
+            })?;
+        if body.len() as u64 > max {
+            return Err(Failure {
+                message: format!("GET {url}: the answer is larger than {max} bytes"),
+                transient: false,
+            });
+        }
+        Ok(Some((body, tag)))
+    }
+
+    /// Take the oldest message the host queued (`GET /cradle/latest/read`):
+    /// `None` when there is none (204).
+    pub fn read(&self, max: u64) -> Result<Option<Vec<u8>>, Failure> {
+        let path = "/cradle/latest/read";
+        let url = self.url(path);
+        let r = self
+            .agent
+            .get(&url)
+            .set(METADATA_FLAVOR_HEADER, METADATA_FLAVOR)
+            .call()
+            .map_err(|e| failure("GET", &url, e))?;
+        let r = success("GET", &url, r)?;
+        if r.status() == 204 {
+            return Ok(None);
+        }
+        let mut body = Vec::new();
+        r.into_reader()
+            .take(max + 1)
+            .read_to_end(&mut body)
+            .map_err(|e| Failure {
+                message: format!("GET {url}: {e}"),
+                transient: true,
+            })?;
+        Ok(Some(body))
     }
 
     /// POST `body` (one JSON object) to `/cradle/latest/write`.

@@ -1,4 +1,5 @@
-//! `cradle-agent`: the install appliance's `/init`, PID 1 of a throwaway VM.
+//! `cradle-agent`: the install appliance's `/init`, PID 1 of a throwaway VM,
+//! and, as `cradle-agent guest`, the agent of a running guest ([`guest`]).
 //!
 //! Built static (`cargo rustc -p cradle-agent --release -- -C
 //! target-feature=+crt-static`), so the initramfs needs no C library. In
@@ -30,6 +31,7 @@
 //! followed by power-off.
 
 mod cmdline;
+mod guest;
 mod http;
 mod job;
 mod lines;
@@ -73,6 +75,19 @@ static SERVICE: OnceLock<SocketAddrV4> = OnceLock::new();
 static STATUS_SENT: AtomicBool = AtomicBool::new(false);
 
 fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    if args.get(1).is_some_and(|a| a == "guest") {
+        std::process::exit(guest::main(&args[2..]));
+    }
+    if std::process::id() != 1 {
+        // The appliance's role powers the machine off: only as PID 1.
+        eprintln!(
+            "cradle-agent runs as the install appliance's /init (PID 1) or as\n\
+             `cradle-agent guest` in a running guest.\n\n{}",
+            guest::USAGE
+        );
+        std::process::exit(2);
+    }
     std::panic::set_hook(Box::new(|info| {
         say(&format!("panic: {info}"));
         if let Some(service) = SERVICE.get()

@@ -22,9 +22,20 @@ const NIC_WAIT: Duration = Duration::from_secs(5);
 
 /// Bring `lo` up and give the NIC `address`/16. Returns the NIC's name.
 pub fn configure(address: Ipv4Addr) -> Result<String, String> {
+    configure_nic(address, None)
+}
+
+/// [`configure`] on the NIC whose MAC is `mac` (the first one when
+/// `None`), with IPv6 off on it: a communication NIC carries only the
+/// metadata service's IPv4.
+pub fn configure_nic(address: Ipv4Addr, mac: Option<&str>) -> Result<String, String> {
     let sock = socket()?;
     set_up(&sock, "lo")?;
-    let nic = wait_for_nic()?;
+    let nic = wait_for_nic(mac)?;
+    let v6 = format!("/proc/sys/net/ipv6/conf/{nic}/disable_ipv6");
+    if Path::new(&v6).exists() {
+        std::fs::write(&v6, "1").map_err(|e| format!("cannot turn IPv6 off on {nic}: {e}"))?;
+    }
     let mask = Ipv4Addr::from(u32::MAX << (32 - PREFIX));
     set_addr(&sock, &nic, libc::SIOCSIFADDR, address)
         .map_err(|e| format!("cannot give {nic} the address {address}: {e}"))?;
@@ -34,8 +45,9 @@ pub fn configure(address: Ipv4Addr) -> Result<String, String> {
     Ok(nic)
 }
 
-/// The first network interface with a device behind it, waiting for one.
-fn wait_for_nic() -> Result<String, String> {
+/// The first network interface with a device behind it (and the MAC
+/// `mac`, when given), waiting for one.
+fn wait_for_nic(mac: Option<&str>) -> Result<String, String> {
     let until = Instant::now() + NIC_WAIT;
     loop {
         let mut names: Vec<String> = std::fs::read_dir("/sys/class/net")
@@ -44,6 +56,14 @@ fn wait_for_nic() -> Result<String, String> {
                     .map(|e| e.file_name().to_string_lossy().into_owned())
                     .filter(|n| n != "lo")
                     .filter(|n| Path::new("/sys/class/net").join(n).join("device").exists())
+                    .filter(|n| {
+                        mac.is_none_or(|m| {
+                            std::fs::read_to_string(
+                                Path::new("/sys/class/net").join(n).join("address"),
+                            )
+                            .is_ok_and(|a| a.trim().eq_ignore_ascii_case(m))
+                        })
+                    })
                     .collect()
             })
             .unwrap_or_default();
@@ -52,10 +72,16 @@ fn wait_for_nic() -> Result<String, String> {
             return Ok(n);
         }
         if Instant::now() >= until {
-            return Err(format!(
-                "no network interface appeared in {} s (is virtio_net loaded, and has the VM a NIC?)",
-                NIC_WAIT.as_secs()
-            ));
+            return Err(match mac {
+                None => format!(
+                    "no network interface appeared in {} s (is virtio_net loaded, and has the VM a NIC?)",
+                    NIC_WAIT.as_secs()
+                ),
+                Some(m) => format!(
+                    "no network interface with MAC {m} appeared in {} s",
+                    NIC_WAIT.as_secs()
+                ),
+            });
         }
         std::thread::sleep(Duration::from_millis(100));
     }

@@ -5,11 +5,11 @@
 
 use std::time::Duration;
 
+use cradle_model::agent::{ActionRequest, ActionView};
 use cradle_model::answers::{
     CallerView, ClusterView, EventList, EventView, FirewallApplied, FirewallView, InstanceList,
     MessageList, MessageQueued, MigrateRequest, MigrationPrepare, MigrationTarget, VmView,
 };
-use cradle_model::agent::{ActionRequest, ActionView};
 use cradle_model::api::{InstancePatch, InstanceSpec, InstanceView, MessageIn, MessageView};
 use cradle_model::job::JobView;
 use cradle_secgroups::api::{

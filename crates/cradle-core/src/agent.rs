@@ -13,12 +13,12 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::Mutex;
 use std::time::Duration;
 
+use cradle_model::Instance;
 use cradle_model::agent::{
     ActionRequest, ActionState, ActionView, AgentRecord, AgentState, FromAgent, HostKey, ToAgent,
     check_action_name,
 };
 use cradle_model::api::InstanceView;
-use cradle_model::Instance;
 use cradle_registry::{ChannelDirection, RegistryError};
 use time::OffsetDateTime;
 use uuid::Uuid;
@@ -58,7 +58,11 @@ impl Agents {
     }
 
     fn heard(&self, id: Uuid) -> Option<OffsetDateTime> {
-        self.heard.lock().unwrap_or_else(|e| e.into_inner()).get(&id).copied()
+        self.heard
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&id)
+            .copied()
     }
 
     fn note_heard(&self, id: Uuid) {
@@ -91,7 +95,13 @@ impl Actions {
     }
 }
 
-fn describe(state: AgentState, version: &str, kernel: &str, os: &str, reason: Option<&str>) -> String {
+fn describe(
+    state: AgentState,
+    version: &str,
+    kernel: &str,
+    os: &str,
+    reason: Option<&str>,
+) -> String {
     let mut s = format!("agent {}", state.as_str());
     let about: Vec<&str> = [version, kernel, os]
         .into_iter()
@@ -175,9 +185,8 @@ impl Core {
                 );
                 let now = OffsetDateTime::now_utc();
                 blocking(move || {
-                    let changes = |a: &Option<AgentRecord>| {
-                        a.as_ref().map(|a| &a.host_keys) != Some(&keys)
-                    };
+                    let changes =
+                        |a: &Option<AgentRecord>| a.as_ref().map(|a| &a.host_keys) != Some(&keys);
                     let current = registry.get(&id.to_string())?;
                     let event = changes(&current.agent).then_some(event.as_str());
                     registry.set_agent(
@@ -226,7 +235,10 @@ impl Core {
                 self.finish_action(id, action_id, |v| {
                     v.state = ActionState::Refused;
                     v.reason = Some(reason.clone());
-                    format!("action {} ({}) refused by the agent: {reason}", v.action, v.id)
+                    format!(
+                        "action {} ({}) refused by the agent: {reason}",
+                        v.action, v.id
+                    )
                 })
                 .await
             }
@@ -268,10 +280,12 @@ impl Core {
         req: ActionRequest,
     ) -> Result<ActionView, Error> {
         let inst = self.changeable(caller, key)?;
-        check_action_name(&req.action).map_err(|m| Error::Invalid(cradle_model::api::Invalid {
-            field: "action".into(),
-            message: m,
-        }))?;
+        check_action_name(&req.action).map_err(|m| {
+            Error::Invalid(cradle_model::api::Invalid {
+                field: "action".into(),
+                message: m,
+            })
+        })?;
         if !self.registry.is_local(&inst) {
             return Err(RegistryError::WrongHost(format!(
                 "instance {} is served by host {}: send its actions there",

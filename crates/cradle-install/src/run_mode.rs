@@ -128,7 +128,7 @@ impl Installer {
         if let Err(e) = started {
             if let Some((tap, _)) = comm_tap {
                 let c = self.settings.comm.clone();
-                let _ = blocking(move || Ok::<_, String>(c.teardown(&tap))).await;
+                let _ = tokio::task::spawn_blocking(move || c.teardown(&tap)).await;
             }
             return Err(StartError::Unavailable(e));
         }
@@ -175,7 +175,7 @@ impl Installer {
         .map_err(StartError::Unavailable)?;
         // Its communication NIC goes with it (nothing when it had none).
         let (c, tap) = (self.settings.comm.clone(), Self::run_tap(&inst));
-        let _ = blocking(move || Ok::<_, String>(c.teardown(&tap))).await;
+        let _ = tokio::task::spawn_blocking(move || c.teardown(&tap)).await;
         let why = if force { "killed" } else { "stopped" };
         self.record_run_state(inst.id, cradle_model::State::Stopped, why.into())
             .await

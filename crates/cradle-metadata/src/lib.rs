@@ -403,9 +403,40 @@ async fn route(svc: &MetadataService, guest: &Guest, path: &str, req: Request<In
     }
 
     match svc.core.document(guest, path, &segs).await {
-        Ok(doc) => reply(StatusCode::OK, doc.content_type, doc.body),
+        Ok(doc) => conditional(&req, doc),
         Err(e) => failure(&e),
     }
+}
+
+/// A document with its `ETag` (a hash of its bytes, so the same document
+/// always has the same tag), or `304 Not Modified` when the request's
+/// `If-None-Match` names that tag: what lets a guest agent poll cheaply.
+fn conditional(req: &Request<Incoming>, doc: cradle_core::Doc) -> Reply {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    doc.body.hash(&mut h);
+    let tag = format!("\"{:016x}\"", h.finish());
+    let matches = req
+        .headers()
+        .get_all(hyper::header::IF_NONE_MATCH)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| {
+            let t = t.trim();
+            t == "*" || t.trim_start_matches("W/") == tag
+        });
+    let mut r = if matches {
+        let mut r = Response::new(Full::new(Bytes::new()));
+        *r.status_mut() = StatusCode::NOT_MODIFIED;
+        r
+    } else {
+        reply(StatusCode::OK, doc.content_type, doc.body)
+    };
+    if let Ok(v) = HeaderValue::from_str(&tag) {
+        r.headers_mut().insert(hyper::header::ETAG, v);
+    }
+    r
 }
 
 /// An operation's failure as a guest sees it: a status line, and what the

@@ -362,7 +362,8 @@ mod tests {
     use super::*;
 
     // ssh-keygen -t ed25519 -f k -N '' -C c, and what ssh-keygen -lf k.pub says.
-    const KEY: &str = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAII8YXbZL7dcZ0XnNBF+a6VSFD42WTNtCZwsP+HMRa/7l c";
+    const KEY: &str =
+        "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAII8YXbZL7dcZ0XnNBF+a6VSFD42WTNtCZwsP+HMRa/7l c";
     const FINGERPRINT: &str = "SHA256:gJ13643HWrBJ8mejWK57SZiJvl+Pj6Mak7p9bwLEWS0";
 
     #[test]
@@ -370,22 +371,43 @@ mod tests {
         let k = HostKey::parse(KEY).unwrap();
         assert_eq!(k.kind, "ssh-ed25519");
         assert_eq!(k.fingerprint(), FINGERPRINT);
-        assert!(HostKey::parse("ssh-dss AAAA").unwrap_err().contains("not an SSH host key type"));
-        assert!(HostKey::parse("ssh-ed25519 !!").unwrap_err().contains("not base64"));
+        assert!(
+            HostKey::parse("ssh-dss AAAA")
+                .unwrap_err()
+                .contains("not an SSH host key type")
+        );
+        assert!(
+            HostKey::parse("ssh-ed25519 !!")
+                .unwrap_err()
+                .contains("not base64")
+        );
         // A blob that names another type.
         let rsa = KEY.replace("ssh-ed25519 ", "ssh-rsa ");
-        assert!(HostKey::parse(&rsa).unwrap_err().contains("does not name its type"));
+        assert!(
+            HostKey::parse(&rsa)
+                .unwrap_err()
+                .contains("does not name its type")
+        );
     }
 
     #[test]
     fn only_the_guest_agents_messages_are_taken() {
         assert_eq!(FromAgent::parse(b"hello").unwrap(), None);
-        assert_eq!(FromAgent::parse(br#"{"agent":"progress","step":"x"}"#).unwrap(), None);
+        assert_eq!(
+            FromAgent::parse(br#"{"agent":"progress","step":"x"}"#).unwrap(),
+            None
+        );
         assert_eq!(FromAgent::parse(br#"{"other":1}"#).unwrap(), None);
         let m = FromAgent::parse(br#"{"agent":"guest","state":"ready","version":"1"}"#)
             .unwrap()
             .unwrap();
-        assert!(matches!(m, FromAgent::Guest { state: AgentState::Ready, .. }));
+        assert!(matches!(
+            m,
+            FromAgent::Guest {
+                state: AgentState::Ready,
+                ..
+            }
+        ));
         let e = FromAgent::parse(br#"{"agent":"guest","state":"dancing"}"#).unwrap_err();
         assert!(e.contains("malformed"), "{e}");
         let e = FromAgent::parse(br#"{"agent":"host_keys","keys":["ssh-dss AAAA"]}"#).unwrap_err();

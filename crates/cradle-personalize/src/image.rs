@@ -84,6 +84,102 @@ fn read_at(f: &mut std::fs::File, at: u64, buf: &mut [u8]) -> std::io::Result<()
     f.read_exact(buf)
 }
 
+/// debugfs's name for the ext2/3/4 filesystem at partition `partition` of
+/// `image` (`IMAGE?offset=N`), refused when there is none.
+fn ext_device(image: &Path, partition: Option<u32>) -> Result<String, Error> {
+    let offset = filesystem_offset(image, partition)?;
+    let mut magic = [0u8; 2];
+    let mut f = std::fs::File::open(image).map_err(|source| Error::Io {
+        what: format!("cannot open {}", image.display()),
+        source,
+    })?;
+    if read_at(&mut f, offset + 1024 + 56, &mut magic).is_err() || magic != [0x53, 0xEF] {
+        return Err(Error::Target {
+            entry: String::new(),
+            reason: format!(
+                "{} has no ext2/3/4 filesystem at byte {offset}; other filesystems are \
+                 personalized inside the install appliance",
+                image.display()
+            ),
+        });
+    }
+    Ok(format!("{}?offset={offset}", image.display()))
+}
+
+/// What an image holds at a path, read back with debugfs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Found {
+    /// The whole `st_mode`: type and permission bits.
+    pub mode: u32,
+    pub uid: u64,
+    pub gid: u64,
+    /// A file's bytes, or a symlink's target.
+    pub content: Vec<u8>,
+}
+
+/// The regular file or symlink at `path` (relative, `/`-separated) of the
+/// ext filesystem at partition `partition` of `image`; `None` when there
+/// is nothing there. Nothing is written.
+pub fn read_back(image: &Path, partition: Option<u32>, path: &str) -> Result<Option<Found>, Error> {
+    let dev = ext_device(image, partition)?;
+    let run = |request: String| -> Result<(Vec<u8>, String), Error> {
+        let out = debugfs()
+            .arg("-R")
+            .arg(request)
+            .arg(&dev)
+            .stdin(Stdio::null())
+            .output()
+            .map_err(spawn_error)?;
+        Ok((
+            out.stdout,
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        ))
+    };
+    let (stat, err) = run(format!("stat {}", q(path)))?;
+    if err.contains("File not found") {
+        return Ok(None);
+    }
+    let stat = String::from_utf8_lossy(&stat).into_owned();
+    let field = |name: &str| -> Option<&str> {
+        let at = stat.find(name)? + name.len();
+        stat[at..].split_whitespace().next()
+    };
+    let bad = || Error::Io {
+        what: format!("debugfs cannot stat /{path}"),
+        source: std::io::Error::other(err.trim().to_string()),
+    };
+    let perm = field("Mode:")
+        .and_then(|m| u32::from_str_radix(m, 8).ok())
+        .ok_or_else(bad)?;
+    let kind = match field("Type:") {
+        Some("regular") => 0o100000,
+        Some("symlink") => 0o120000,
+        Some("directory") => 0o040000,
+        _ => 0,
+    };
+    let uid = field("User:")
+        .and_then(|v| v.parse().ok())
+        .ok_or_else(bad)?;
+    let gid = field("Group:")
+        .and_then(|v| v.parse().ok())
+        .ok_or_else(bad)?;
+    let content = match stat.find("Fast link dest: ") {
+        Some(at) => {
+            let rest = &stat[at + "Fast link dest: ".len()..];
+            let line = rest.lines().next().unwrap_or("");
+            line.trim().trim_matches('"').as_bytes().to_vec()
+        }
+        None if kind == 0o040000 => Vec::new(),
+        None => run(format!("cat {}", q(path)))?.0,
+    };
+    Ok(Some(Found {
+        mode: kind | perm,
+        uid,
+        gid,
+        content,
+    }))
+}
+
 /// Verify `package`, check the ext filesystem at partition `partition` of
 /// `image` can take it, then write it there with debugfs.
 pub fn apply_to_image(
@@ -105,23 +201,7 @@ pub fn apply_to_image_with(
     control: &Control,
 ) -> Result<Manifest, Error> {
     let manifest = crate::verify_with(package, limits, control)?;
-    let offset = filesystem_offset(image, partition)?;
-    let mut magic = [0u8; 2];
-    let mut f = std::fs::File::open(image).map_err(|source| Error::Io {
-        what: format!("cannot open {}", image.display()),
-        source,
-    })?;
-    if read_at(&mut f, offset + 1024 + 56, &mut magic).is_err() || magic != [0x53, 0xEF] {
-        return Err(Error::Target {
-            entry: String::new(),
-            reason: format!(
-                "{} has no ext2/3/4 filesystem at byte {offset}; other filesystems are \
-                 personalized inside the install appliance",
-                image.display()
-            ),
-        });
-    }
-    let dev = format!("{}?offset={offset}", image.display());
+    let dev = ext_device(image, partition)?;
 
     // What the image holds in every directory an entry lives in.
     let mut dirs: BTreeSet<String> = BTreeSet::new();

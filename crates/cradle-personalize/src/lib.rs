@@ -32,7 +32,7 @@ pub use dir::{apply_to_dir, apply_to_dir_with};
 pub use fetch::{
     Credentials, Fetched, Progress, check_sha256, fetch, fetch_with_progress, receive,
 };
-pub use image::{apply_to_image, apply_to_image_with, filesystem_offset};
+pub use image::{Found, apply_to_image, apply_to_image_with, filesystem_offset, read_back};
 pub use package::{Entry, Kind, Limits, Manifest, verify, verify_with};
 
 /// What an apply is doing, for a progress display.

@@ -115,7 +115,9 @@ pub fn run(api: &Api, instance: &str, action: &str, timeout: u64, output: Output
                 view.id
             );
         }
-        let wait = left.min(Duration::from_secs(30)).max(Duration::from_secs(1));
+        let wait = left
+            .min(Duration::from_secs(30))
+            .max(Duration::from_secs(1));
         view = api.send(route::action(instance, view.id, wait))?;
     }
     finish(&view, output)

@@ -879,7 +879,12 @@ fn print_instance(out: &mut impl Write, output: Output, v: &InstanceView) -> Res
         ("vcpus", v.vcpus.to_string()),
         (
             "communication",
-            if v.run_params.communication { "on" } else { "off" }.into(),
+            if v.run_params.communication {
+                "on"
+            } else {
+                "off"
+            }
+            .into(),
         ),
         (
             "run kernel",

@@ -6,6 +6,7 @@
 
 mod agent;
 mod appliance;
+mod bake;
 mod client;
 mod cluster;
 mod drive;
@@ -78,6 +79,9 @@ enum Command {
     /// Build the install appliance (a kernel and an initramfs running cradle-agent).
     #[command(subcommand_required = true)]
     Appliance(appliance::ApplianceArgs),
+    /// Bake the guest agent, its configuration and its enabled unit into an ext4 guest image.
+    #[command(after_help = bake::ABOUT)]
+    Bake(bake::BakeArgs),
     /// Show the token's name, roles and the projects it acts for.
     Whoami(whoami::WhoamiArgs),
     /// Make the cluster's CA, issue hosts their certificates, list the hosts.
@@ -137,6 +141,7 @@ fn main() -> ExitCode {
         Command::Personalize(args) => personalize::run(args),
         Command::Os(args) => os::run(args),
         Command::Appliance(args) => appliance::run(args),
+        Command::Bake(args) => bake::run(args),
         Command::Whoami(args) => whoami::run(args),
         Command::Cluster(args) => cluster::run(args),
     };
