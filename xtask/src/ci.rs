@@ -100,6 +100,8 @@ pub fn run() -> Result<()> {
 
     // A peer a test runs, built once into a cache outside the checkout.
     crate::afterburn::ensure()?;
+    // The Debian guest the agent's boot test bakes and boots.
+    crate::guest_image::ensure(false)?;
 
     println!("==> cargo test");
     run_cargo(&["test", "--workspace"], "tests failed (listed above)")?;

@@ -23,6 +23,7 @@ mod ci;
 mod debian;
 mod flags;
 mod fuzz_api;
+mod guest_image;
 mod http;
 mod load;
 mod openapi;
@@ -42,7 +43,8 @@ tasks:
   ci                   install the Debian packages the tests need (as root), then
                        cargo fmt --check, cargo clippy -D warnings, the
                        README's first command (as `readme`), the static agent
-                       (as `agent`), afterburn (as `afterburn`), cargo test,
+                       (as `agent`), afterburn (as `afterburn`), the guest
+                       tree (as `guest-image`), cargo test,
                        schemathesis (as `fuzz-api --examples 10 --seed 1`)
   agent                build the install appliance's /init, cradle-agent, as a
                        static binary into target/release (beside cradle, where
@@ -50,6 +52,9 @@ tasks:
   afterburn            build afterburn (the Fedora CoreOS and Flatcar metadata
                        agent) from crates.io, once, into ~/.cache/cradle-ci,
                        for the test that runs it against cradle
+  guest-image          build a Debian root tree (systemd, Debian's kernel, no
+                       sshd) with mmdebstrap, once, into ~/.cache/cradle-ci,
+                       for the guest agent's boot test (as root)
   openapi              write docs/openapi.json, the admin API's OpenAPI document,
                        from the code (a test fails while it differs)
   fuzz-api             schemathesis (from PyPI, in a venv under ~/.cache/cradle-ci)
@@ -135,6 +140,7 @@ fn main() -> ExitCode {
         Some("agent") if args.len() == 1 => ci::build_static_agent(),
         Some("readme") if args.len() == 1 => readme::check(),
         Some("afterburn") if args.len() == 1 => afterburn::ensure().map(|_| ()),
+        Some("guest-image") if args.len() == 1 => guest_image::ensure(false).map(|_| ()),
         Some("openapi") if args.len() == 1 => openapi::write(),
         Some("fuzz-api") => fuzz_api::Options::parse(&args[1..]).and_then(|o| fuzz_api::run(&o)),
         Some("bench") => match args.get(1).map(String::as_str) {

@@ -19,7 +19,7 @@ use crate::appliance::agent;
 use crate::harness::*;
 
 /// The appliance, built once per test run.
-fn appliance() -> &'static Path {
+pub(crate) fn appliance() -> &'static Path {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
     DIR.get_or_init(|| {
         let dir = tempfile::Builder::new()

@@ -5,6 +5,7 @@
 mod harness;
 
 mod admin;
+mod agent;
 mod afterburn;
 mod appliance;
 mod cli;
