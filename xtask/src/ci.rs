@@ -120,6 +120,8 @@ pub fn run() -> Result<()> {
 /// `cradle`, where `cradle appliance build` looks for it. Only the agent
 /// itself is linked with `+crt-static` (`cargo rustc` passes the flag to
 /// the last crate alone), so its dependencies are the release build's own.
+/// It is also the guest agent `cradle bake` writes into images, so its
+/// debug info is stripped.
 pub fn build_static_agent() -> Result<()> {
     println!("==> the static cradle-agent (cargo xtask agent)");
     run_cargo(
@@ -133,6 +135,9 @@ pub fn build_static_agent() -> Result<()> {
             "--",
             "-C",
             "target-feature=+crt-static",
+            // It is baked into every guest image: no debug info.
+            "-C",
+            "strip=debuginfo",
         ],
         "cradle-agent would not build as a static binary",
     )?;

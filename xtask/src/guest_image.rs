@@ -59,7 +59,10 @@ pub fn ensure(cloud_init: bool) -> Result<PathBuf> {
     if !crate::debian::is_root()? {
         bail!("building the guest tree needs root (mmdebstrap --mode=root, chroot)");
     }
-    crate::debian::ensure(&["mmdebstrap"], "the guest-agent tests build a Debian root tree")?;
+    crate::debian::ensure(
+        &["mmdebstrap"],
+        "the guest-agent tests build a Debian root tree",
+    )?;
     let parent = dir.parent().context("cache root has no parent")?;
     std::fs::create_dir_all(parent)?;
     let partial = tempfile::Builder::new()
@@ -70,11 +73,20 @@ pub fn ensure(cloud_init: bool) -> Result<PathBuf> {
     if cloud_init {
         include.push("cloud-init");
     }
-    println!("    mmdebstrap bookworm ({}) into {}", include.join(","), tree.display());
+    println!(
+        "    mmdebstrap bookworm ({}) into {}",
+        include.join(","),
+        tree.display()
+    );
     let t0 = std::time::Instant::now();
     let mut cmd = Command::new("mmdebstrap");
-    cmd.args(["--mode=root", "--variant=apt", "--format=directory", "--quiet"])
-        .arg(format!("--include={}", include.join(",")));
+    cmd.args([
+        "--mode=root",
+        "--variant=apt",
+        "--format=directory",
+        "--quiet",
+    ])
+    .arg(format!("--include={}", include.join(",")));
     for o in [
         "path-exclude=/usr/share/man/*",
         "path-exclude=/usr/share/info/*",
@@ -98,13 +110,20 @@ pub fn ensure(cloud_init: bool) -> Result<PathBuf> {
         let found = std::fs::read_dir(tree.join("boot"))?
             .flatten()
             .map(|e| e.path())
-            .find(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with(glob)))
+            .find(|p| {
+                p.file_name()
+                    .is_some_and(|n| n.to_string_lossy().starts_with(glob))
+            })
             .with_context(|| format!("no /boot/{glob}* in the tree"))?;
         std::fs::copy(&found, partial.path().join(name))?;
     }
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::rename(partial.keep(), &dir)?;
-    println!("    built in {:.0} s: {}", t0.elapsed().as_secs_f64(), dir.display());
+    println!(
+        "    built in {:.0} s: {}",
+        t0.elapsed().as_secs_f64(),
+        dir.display()
+    );
     Ok(dir)
 }
 
@@ -118,7 +137,10 @@ fn customize(tree: &Path, cloud_init: bool) -> Result<()> {
     write("etc/hostname", "baked-image\n")?;
     write("etc/hosts", "127.0.0.1 localhost\n")?;
     write("etc/fstab", "/dev/vda / ext4 rw,errors=remount-ro 0 1\n")?;
-    chroot(tree, &["useradd", "--create-home", "--shell", "/bin/sh", "debian"])?;
+    chroot(
+        tree,
+        &["useradd", "--create-home", "--shell", "/bin/sh", "debian"],
+    )?;
     chroot(tree, &["systemctl", "set-default", "multi-user.target"])?;
     if cloud_init {
         // The benchmark gives cloud-init cradle's config drive, and tells on
@@ -147,7 +169,11 @@ fn chroot(tree: &Path, argv: &[&str]) -> Result<()> {
         .status()
         .context("cannot run chroot")?;
     if !status.success() {
-        bail!("chroot {} {} failed ({status})", tree.display(), argv.join(" "));
+        bail!(
+            "chroot {} {} failed ({status})",
+            tree.display(),
+            argv.join(" ")
+        );
     }
     Ok(())
 }

@@ -20,7 +20,7 @@ use crate::firewall::common::Netns;
 use crate::harness::*;
 
 /// Where `cargo xtask guest-image` puts the tree (xtask/src/guest_image.rs).
-fn guest_tree() -> PathBuf {
+pub fn guest_tree() -> PathBuf {
     let cache = std::env::var_os("XDG_CACHE_HOME")
         .filter(|d| !d.is_empty())
         .map(PathBuf::from)
@@ -34,16 +34,20 @@ fn guest_tree() -> PathBuf {
     dir
 }
 
-/// `mke2fs -t ext4 -d TREE IMG 2G`: the root tree as an image, no mount.
-pub fn image_of(tree: &Path, img: &Path) {
+/// `mke2fs -t ext4 -d TREE IMG SIZE`: the root tree as an image, no mount.
+pub fn image_of(tree: &Path, img: &Path, size: &str) {
     let out = Command::new("mke2fs")
         .args(["-q", "-F", "-t", "ext4", "-L", "root", "-d"])
         .arg(tree)
         .arg(img)
-        .arg("2G")
+        .arg(size)
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 fn debugfs_cat(img: &Path, path: &str) -> String {
@@ -56,7 +60,7 @@ fn debugfs_cat(img: &Path, path: &str) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
-fn sha256(p: &Path) -> String {
+pub fn sha256(p: &Path) -> String {
     let mut f = std::fs::File::open(p).unwrap();
     let mut h = sha2::Sha256::new();
     std::io::copy(&mut f, &mut h).unwrap();
@@ -77,8 +81,10 @@ keys = ["/bin/cat", "/home/debian/.ssh/authorized_keys"]
 processes = ["/bin/sh", "-c", "cat /proc/[0-9]*/comm"]
 "#;
 
-const ALICE: &str = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAII8YXbZL7dcZ0XnNBF+a6VSFD42WTNtCZwsP+HMRa/7l alice";
-const BOB: &str = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIFb7YOf6x2+jZZtntPkpOqyqDKVcY862LpfNBm7XO7SI bob";
+const ALICE: &str =
+    "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAII8YXbZL7dcZ0XnNBF+a6VSFD42WTNtCZwsP+HMRa/7l alice";
+const BOB: &str =
+    "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIFb7YOf6x2+jZZtntPkpOqyqDKVcY862LpfNBm7XO7SI bob";
 
 #[test]
 fn a_baked_debian_guest_reports_ready_takes_its_keys_publishes_host_keys_and_runs_only_allowed_actions()
@@ -87,7 +93,7 @@ fn a_baked_debian_guest_reports_ready_takes_its_keys_publishes_host_keys_and_run
     let work = tempfile::tempdir().unwrap();
     let w = work.path();
     let img = w.join("debian.img");
-    image_of(&tree.join("tree"), &img);
+    image_of(&tree.join("tree"), &img, "2G");
     assert!(
         debugfs_cat(&img, "/usr/sbin/sshd").is_empty(),
         "the image has no sshd"
@@ -107,7 +113,11 @@ fn a_baked_debian_guest_reports_ready_takes_its_keys_publishes_host_keys_and_run
         )
     };
     let first = bake(&["--config", config.to_str().unwrap()]).success();
-    assert!(first.stdout.contains("/usr/local/bin/cradle-agent"), "{}", first.stdout);
+    assert!(
+        first.stdout.contains("/usr/local/bin/cradle-agent"),
+        "{}",
+        first.stdout
+    );
     let baked = sha256(&img);
     let again = bake(&["--config", config.to_str().unwrap()]).success();
     assert!(again.stdout.contains("already baked"), "{}", again.stdout);
@@ -156,18 +166,30 @@ fn a_baked_debian_guest_reports_ready_takes_its_keys_publishes_host_keys_and_run
     ])
     .success();
     let shown = cli(&["instance", "show", "vm1"]).success();
-    assert!(shown.stdout.contains("communication      on"), "{}", shown.stdout);
-    assert!(shown.stdout.contains("no agent has reported"), "{}", shown.stdout);
+    assert!(
+        shown.stdout.contains("communication      on"),
+        "{}",
+        shown.stdout
+    );
+    assert!(
+        shown.stdout.contains("no agent has reported"),
+        "{}",
+        shown.stdout
+    );
     cli(&["instance", "start", "vm1"]).success();
     let tap = {
-        let v = cli(&["instance", "show", "vm1", "-o", "json"]).success().json();
+        let v = cli(&["instance", "show", "vm1", "-o", "json"])
+            .success()
+            .json();
         format!("crr{}", &v["id"].as_str().unwrap().replace('-', "")[..8])
     };
 
     // ready, with what the guest is.
     let booted = Instant::now();
     let agent_view = loop {
-        let v = cli(&["instance", "show", "vm1", "-o", "json"]).success().json();
+        let v = cli(&["instance", "show", "vm1", "-o", "json"])
+            .success()
+            .json();
         if v["agent"]["state"] == "ready" {
             break v["agent"].clone();
         }
@@ -177,12 +199,31 @@ fn a_baked_debian_guest_reports_ready_takes_its_keys_publishes_host_keys_and_run
         }
         std::thread::sleep(Duration::from_millis(500));
     };
-    eprintln!("agent ready {:.1} s after start", booted.elapsed().as_secs_f64());
-    assert!(agent_view["os_release"].as_str().unwrap().contains("Debian GNU/Linux 12"), "{agent_view}");
-    assert!(agent_view["kernel"].as_str().unwrap().starts_with("Linux 6."), "{agent_view}");
+    eprintln!(
+        "agent ready {:.1} s after start",
+        booted.elapsed().as_secs_f64()
+    );
+    assert!(
+        agent_view["os_release"]
+            .as_str()
+            .unwrap()
+            .contains("Debian GNU/Linux 12"),
+        "{agent_view}"
+    );
+    assert!(
+        agent_view["kernel"]
+            .as_str()
+            .unwrap()
+            .starts_with("Linux 6."),
+        "{agent_view}"
+    );
     assert_eq!(agent_view["version"], env!("CARGO_PKG_VERSION"));
     let status = cli(&["instance", "status", "vm1"]).success();
-    assert!(status.stdout.contains("agent ready since"), "{}", status.stdout);
+    assert!(
+        status.stdout.contains("agent ready since"),
+        "{}",
+        status.stdout
+    );
 
     // An allowed action runs once and answers; the hostname is the instance's.
     let hello = cli(&["instance", "run", "vm1", "hello"]).success();
@@ -195,8 +236,14 @@ fn a_baked_debian_guest_reports_ready_takes_its_keys_publishes_host_keys_and_run
     let events = cli(&["instance", "events", "vm1"]).success().stdout;
     assert!(events.contains("action hello"), "{events}");
     assert!(events.contains("exited 0"), "{events}");
-    assert!(events.contains("action reboot") && events.contains("refused by the agent"), "{events}");
-    assert!(events.contains("host keys published: ssh-ed25519 SHA256:"), "{events}");
+    assert!(
+        events.contains("action reboot") && events.contains("refused by the agent"),
+        "{events}"
+    );
+    assert!(
+        events.contains("host keys published: ssh-ed25519 SHA256:"),
+        "{events}"
+    );
 
     // A key added on the host lands in the guest without a reboot.
     cli(&["instance", "modify", "vm1", "--key", &format!("bob={BOB}")]).success();
@@ -207,41 +254,72 @@ fn a_baked_debian_guest_reports_ready_takes_its_keys_publishes_host_keys_and_run
             assert!(keys.stdout.contains(ALICE));
             break;
         }
-        assert!(t.elapsed() < Duration::from_secs(60), "bob's key never landed: {}", keys.stdout);
+        assert!(
+            t.elapsed() < Duration::from_secs(60),
+            "bob's key never landed: {}",
+            keys.stdout
+        );
         std::thread::sleep(Duration::from_secs(1));
     }
 
     // Nothing listens: no sshd ran, and the fence saw nothing but requests
     // to the metadata port.
-    let procs = cli(&["instance", "run", "vm1", "processes"]).success().stdout;
+    let procs = cli(&["instance", "run", "vm1", "processes"])
+        .success()
+        .stdout;
     assert!(procs.lines().any(|l| l == "cradle-agent"), "{procs}");
     assert!(procs.lines().any(|l| l == "systemd"), "{procs}");
     assert!(!procs.lines().any(|l| l.starts_with("sshd")), "{procs}");
     let (accepted, dropped) = fence_counters(&ns, &tap);
-    assert!(accepted > 0, "the fence counted no request to the metadata port");
-    assert_eq!(dropped, 0, "the guest sent something else than metadata requests");
+    assert!(
+        accepted > 0,
+        "the fence counted no request to the metadata port"
+    );
+    assert_eq!(
+        dropped, 0,
+        "the guest sent something else than metadata requests"
+    );
 
     // Host keys, as known_hosts lines and fingerprints.
     let known = cli(&["instance", "host-keys", "vm1"]).success().stdout;
     let line = known.lines().next().unwrap().to_string();
     assert!(line.starts_with("agent-vm,vm1 ssh-ed25519 AAAA"), "{known}");
-    let fingerprints = cli(&["instance", "host-keys", "vm1", "--fingerprints"]).success().stdout;
+    let fingerprints = cli(&["instance", "host-keys", "vm1", "--fingerprints"])
+        .success()
+        .stdout;
 
     cli(&["instance", "stop", "vm1", "--grace", "60"]).success();
     // Off: the fence is gone, and the image tells what the guest wrote.
-    let tables = String::from_utf8_lossy(&ns.command("nft").args(["list", "tables"]).output().unwrap().stdout)
-        .into_owned();
+    let tables = String::from_utf8_lossy(
+        &ns.command("nft")
+            .args(["list", "tables"])
+            .output()
+            .unwrap()
+            .stdout,
+    )
+    .into_owned();
     assert!(!tables.contains(&tap), "{tables}");
     assert_eq!(debugfs_cat(&img, "/etc/hostname"), "agent-vm\n");
     let on_disk = debugfs_cat(&img, "/home/debian/.ssh/authorized_keys");
-    assert!(on_disk.contains(ALICE) && on_disk.contains(BOB), "{on_disk}");
+    assert!(
+        on_disk.contains(ALICE) && on_disk.contains(BOB),
+        "{on_disk}"
+    );
     let pubkey = debugfs_cat(&img, "/etc/ssh/ssh_host_ed25519_key.pub");
     let words: Vec<&str> = pubkey.split_whitespace().collect();
-    assert_eq!(line.split_whitespace().nth(2), words.get(1).copied(), "{pubkey}");
+    assert_eq!(
+        line.split_whitespace().nth(2),
+        words.get(1).copied(),
+        "{pubkey}"
+    );
     // ssh-keygen's fingerprint of the guest's file is the one cradle shows.
     let pubfile = w.join("host.pub");
     std::fs::write(&pubfile, &pubkey).unwrap();
-    let keygen = Command::new("ssh-keygen").arg("-lf").arg(&pubfile).output().unwrap();
+    let keygen = Command::new("ssh-keygen")
+        .arg("-lf")
+        .arg(&pubfile)
+        .output()
+        .unwrap();
     let fp = String::from_utf8_lossy(&keygen.stdout);
     let fp = fp.split_whitespace().nth(1).unwrap();
     assert_eq!(fingerprints.trim(), format!("ssh-ed25519 {fp}"));
@@ -267,7 +345,10 @@ fn fence_counters(ns: &Netns, tap: &str) -> (u64, u64) {
         let Some(expr) = item["rule"]["expr"].as_array() else {
             continue;
         };
-        let packets: u64 = expr.iter().filter_map(|e| e["counter"]["packets"].as_u64()).sum();
+        let packets: u64 = expr
+            .iter()
+            .filter_map(|e| e["counter"]["packets"].as_u64())
+            .sum();
         if expr.iter().any(|e| e.get("accept").is_some()) {
             accepted += packets;
         } else if expr.iter().any(|e| e.get("drop").is_some()) {

@@ -5,9 +5,10 @@
 mod harness;
 
 mod admin;
-mod agent;
 mod afterburn;
+mod agent;
 mod appliance;
+mod bake;
 mod cli;
 mod cluster;
 mod cluster_firewall;
