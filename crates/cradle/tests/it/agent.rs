@@ -13,7 +13,6 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-use sha2::Digest;
 
 use crate::appliance::agent;
 use crate::firewall::common::Netns;
@@ -60,11 +59,16 @@ fn debugfs_cat(img: &Path, path: &str) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// `sha256sum`'s digest of `p` (an optimized reader of 2 GiB images,
+/// which this debug-built test binary is not).
 pub fn sha256(p: &Path) -> String {
-    let mut f = std::fs::File::open(p).unwrap();
-    let mut h = sha2::Sha256::new();
-    std::io::copy(&mut f, &mut h).unwrap();
-    format!("{:x}", h.finalize())
+    let out = Command::new("sha256sum").arg(p).output().unwrap();
+    assert!(out.status.success());
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .to_string()
 }
 
 /// The configuration baked into the test's image: the test's user, quick
@@ -79,6 +83,7 @@ action_timeout = 30
 hello = ["/bin/sh", "-c", "echo hello from $(hostname), uid $(id -u)"]
 keys = ["/bin/cat", "/home/debian/.ssh/authorized_keys"]
 processes = ["/bin/sh", "-c", "cat /proc/[0-9]*/comm"]
+poweroff = ["/bin/sh", "-c", "(sleep 2; systemctl poweroff) >/dev/null 2>&1 &"]
 "#;
 
 const ALICE: &str =
@@ -89,6 +94,8 @@ const BOB: &str =
 #[test]
 fn a_baked_debian_guest_reports_ready_takes_its_keys_publishes_host_keys_and_runs_only_allowed_actions()
  {
+    let t0 = Instant::now();
+    let say = |what: &str| eprintln!("[{:6.1} s] {what}", t0.elapsed().as_secs_f64());
     let tree = guest_tree();
     let work = tempfile::tempdir().unwrap();
     let w = work.path();
@@ -100,6 +107,7 @@ fn a_baked_debian_guest_reports_ready_takes_its_keys_publishes_host_keys_and_run
     );
     let config = w.join("agent.toml");
     std::fs::write(&config, AGENT_CONFIG).unwrap();
+    say("image made");
 
     // Baked, then baked again: the second bake writes nothing.
     let bake = |args: &[&str]| {
@@ -128,6 +136,7 @@ fn a_baked_debian_guest_reports_ready_takes_its_keys_publishes_host_keys_and_run
         "the configuration is in the image"
     );
 
+    say("baked");
     // The server, in a namespace of its own; the VM gets KVM when it works.
     let ns = Netns::new("agent");
     let appliance = crate::install::appliance().to_str().unwrap().to_string();
@@ -176,7 +185,9 @@ fn a_baked_debian_guest_reports_ready_takes_its_keys_publishes_host_keys_and_run
         "{}",
         shown.stdout
     );
+    say("server up");
     cli(&["instance", "start", "vm1"]).success();
+    say("started");
     let tap = {
         let v = cli(&["instance", "show", "vm1", "-o", "json"])
             .success()
@@ -245,6 +256,7 @@ fn a_baked_debian_guest_reports_ready_takes_its_keys_publishes_host_keys_and_run
         "{events}"
     );
 
+    say("actions answered");
     // A key added on the host lands in the guest without a reboot.
     cli(&["instance", "modify", "vm1", "--key", &format!("bob={BOB}")]).success();
     let t = Instant::now();
@@ -288,7 +300,24 @@ fn a_baked_debian_guest_reports_ready_takes_its_keys_publishes_host_keys_and_run
         .success()
         .stdout;
 
-    cli(&["instance", "stop", "vm1", "--grace", "60"]).success();
+    // The guest powers itself off when asked (an allowed action), so that
+    // its filesystem is clean for debugfs; then the host records it.
+    say("key landed, fence checked");
+    cli(&["instance", "run", "vm1", "poweroff"]).success();
+    let t = Instant::now();
+    while !cli(&["instance", "status", "vm1"])
+        .success()
+        .stdout
+        .contains("vm stopped")
+    {
+        assert!(
+            t.elapsed() < Duration::from_secs(120),
+            "the guest did not power off"
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    say("powered off");
+    cli(&["instance", "stop", "vm1", "--grace", "1"]).success();
     // Off: the fence is gone, and the image tells what the guest wrote.
     let tables = String::from_utf8_lossy(
         &ns.command("nft")
