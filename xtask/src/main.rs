@@ -54,7 +54,9 @@ tasks:
                        for the test that runs it against cradle
   guest-image          build a Debian root tree (systemd, Debian's kernel, no
                        sshd) with mmdebstrap, once, into ~/.cache/cradle-ci,
-                       for the guest agent's boot test (as root)
+                       for the guest agent's boot test (as root); with
+                       --cloud-init, the same with Debian's cloud-init (for
+                       `bench agent`)
   openapi              write docs/openapi.json, the admin API's OpenAPI document,
                        from the code (a test fails while it differs)
   fuzz-api             schemathesis (from PyPI, in a venv under ~/.cache/cradle-ci)
@@ -141,6 +143,9 @@ fn main() -> ExitCode {
         Some("readme") if args.len() == 1 => readme::check(),
         Some("afterburn") if args.len() == 1 => afterburn::ensure().map(|_| ()),
         Some("guest-image") if args.len() == 1 => guest_image::ensure(false).map(|_| ()),
+        Some("guest-image") if args.len() == 2 && args[1] == "--cloud-init" => {
+            guest_image::ensure(true).map(|_| ())
+        }
         Some("openapi") if args.len() == 1 => openapi::write(),
         Some("fuzz-api") => fuzz_api::Options::parse(&args[1..]).and_then(|o| fuzz_api::run(&o)),
         Some("bench") => match args.get(1).map(String::as_str) {

@@ -112,6 +112,8 @@ fn rows() -> BTreeMap<(&'static str, &'static str), Row> {
     add("DELETE", i.into(), row(Instance, 204, 404));
     add("GET", format!("{i}/messages"), row(Instance, 200, 404));
     add("POST", format!("{i}/messages"), row(Instance, 202, 404));
+    add("POST", format!("{i}/actions"), row(Instance, 202, 404));
+    add("GET", format!("{i}/actions/{{id}}"), row(Instance, 200, 404));
     add("GET", format!("{i}/config-drive"), row(Instance, 200, 404));
     add(
         "POST",
@@ -335,6 +337,7 @@ impl Lab {
             })),
             ("PATCH", "/v1/instances/{key}") => Some(json!({})),
             ("POST", "/v1/instances/{key}/messages") => Some(json!({"text": "hello"})),
+            ("POST", "/v1/instances/{key}/actions") => Some(json!({"action": "uptime"})),
             // A host that never joined: refused in the stream, nothing done.
             ("POST", "/v1/instances/{key}/migrate") => Some(json!({"to": "node-zz"})),
             ("POST", p) if p.ends_with("/security-groups") => {
@@ -401,6 +404,15 @@ impl Lab {
                         ),
                         None,
                     );
+                }
+                ("GET", "/v1/instances/{key}/actions/{id}") => {
+                    // An action sent to this instance, for the show to find.
+                    let a = self.must(
+                        "POST",
+                        &format!("/v1/instances/{}/actions", p.instance),
+                        Some(&json!({"action": "uptime"})),
+                    );
+                    id = id_of(&a);
                 }
                 ("GET", "/v1/instances/{key}/messages") => {
                     // A message from the guest, for the receive to find.
