@@ -55,7 +55,23 @@ const CREATE: &str = "#!/bin/sh\nset -e\nmount -t ext4 \"$DISK_0_PATH\" /mnt\n\
 echo \"installed by cradle for $INSTANCE_NAME\" > /mnt/installed\numount /mnt\n";
 
 /// A namespace, deleted when dropped.
-struct Netns(String);
+pub(crate) struct Netns(pub(crate) String);
+
+impl Netns {
+    /// A new namespace with `lo` up.
+    pub(crate) fn new(tag: &str) -> Result<Netns> {
+        let ns = Netns(format!("cradle-bench-{tag}-{}", std::process::id()));
+        must(
+            Command::new("ip").args(["netns", "add", &ns.0]),
+            "ip netns add",
+        )?;
+        must(
+            Command::new("ip").args(["-n", &ns.0, "link", "set", "lo", "up"]),
+            "ip link set lo up",
+        )?;
+        Ok(ns)
+    }
+}
 
 impl Drop for Netns {
     fn drop(&mut self) {
@@ -64,7 +80,7 @@ impl Drop for Netns {
 }
 
 /// A `cradle serve`, stopped when dropped.
-struct Serve(std::process::Child);
+pub(crate) struct Serve(std::process::Child);
 
 impl Drop for Serve {
     fn drop(&mut self) {
@@ -82,7 +98,7 @@ impl Drop for Serve {
     }
 }
 
-fn must(cmd: &mut Command, what: &str) -> Result<String> {
+pub(crate) fn must(cmd: &mut Command, what: &str) -> Result<String> {
     let out = cmd
         .stdin(Stdio::null())
         .output()
@@ -112,10 +128,33 @@ struct Measured {
 }
 
 fn start_serve(s: &Setup, ns: &str, data: &Path, accel: &str) -> Result<Serve> {
+    spawn_serve(
+        &s.bin,
+        ns,
+        data,
+        &[
+            ("CRADLE_INSTALL_APPLIANCE", s.appliance.as_os_str()),
+            ("CRADLE_INSTALL_ACCEL", accel.as_ref()),
+            ("CRADLE_INSTALL_MEMORY_MIB", "256".as_ref()),
+            ("CRADLE_OS_SEARCH_PATH", s.os.as_os_str()),
+            ("CRADLE_FIREWALL_ENABLED", "false".as_ref()),
+        ],
+    )
+}
+
+/// `bin serve` in the namespace `ns` with `data`, the admin API on
+/// 127.0.0.1:8774 and the metadata service on 169.254.169.254:80, `env`
+/// set; its log beside `data`. Returns once it listens.
+pub(crate) fn spawn_serve(
+    bin: &Path,
+    ns: &str,
+    data: &Path,
+    env: &[(&str, &std::ffi::OsStr)],
+) -> Result<Serve> {
     let log = std::fs::File::create(data.with_extension("log"))?;
     let mut child = Command::new("ip")
         .args(["netns", "exec", ns])
-        .arg(&s.bin)
+        .arg(bin)
         .args(["serve", "--data-dir"])
         .arg(data)
         .args([
@@ -124,11 +163,7 @@ fn start_serve(s: &Setup, ns: &str, data: &Path, accel: &str) -> Result<Serve> {
             "--metadata-listen",
             "169.254.169.254:80",
         ])
-        .env("CRADLE_INSTALL_APPLIANCE", &s.appliance)
-        .env("CRADLE_INSTALL_ACCEL", accel)
-        .env("CRADLE_INSTALL_MEMORY_MIB", "256")
-        .env("CRADLE_OS_SEARCH_PATH", &s.os)
-        .env("CRADLE_FIREWALL_ENABLED", "false")
+        .envs(env.iter().copied())
         .env("RUST_LOG", "warn")
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -148,26 +183,23 @@ fn start_serve(s: &Setup, ns: &str, data: &Path, accel: &str) -> Result<Serve> {
     Ok(serve)
 }
 
-fn cli(s: &Setup, ns: &str, data: &Path, args: &[&str]) -> Command {
+/// `bin ARGS` in `ns`, against the serve of [`spawn_serve`] with `data`.
+pub(crate) fn cli_in(bin: &Path, ns: &str, data: &Path, args: &[&str]) -> Command {
     let mut c = Command::new("ip");
     c.args(["netns", "exec", ns])
-        .arg(&s.bin)
+        .arg(bin)
         .args(args)
         .args(["--url", "http://127.0.0.1:8774", "--token-file"])
         .arg(data.join("admin.token"));
     c
 }
 
+fn cli(s: &Setup, ns: &str, data: &Path, args: &[&str]) -> Command {
+    cli_in(&s.bin, ns, data, args)
+}
+
 fn measure(s: &Setup, tmp: &Path, accel: &str, runs: usize) -> Result<Measured> {
-    let ns = Netns(format!("cradle-bench-install-{}", std::process::id()));
-    must(
-        Command::new("ip").args(["netns", "add", &ns.0]),
-        "ip netns add",
-    )?;
-    must(
-        Command::new("ip").args(["-n", &ns.0, "link", "set", "lo", "up"]),
-        "ip link set lo up",
-    )?;
+    let ns = Netns::new("install")?;
     let data = tmp.join(format!("data-{accel}"));
     let _serve = start_serve(s, &ns.0, &data, accel)?;
     must(

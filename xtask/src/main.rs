@@ -12,6 +12,7 @@
 
 mod afterburn;
 mod bench;
+mod bench_agent;
 mod bench_cluster;
 mod bench_drive;
 mod bench_firewall;
@@ -126,6 +127,11 @@ tasks:
       --modifies N           modifies timed per setup [2000]
       --duration SECS        each guest read load [5]
       --connections N        guest connections of the read load [64]
+  bench agent          boot a Debian image baked with the agent and a copy with
+                       cloud-init (as root; run mode, KVM when it works):
+                       agent ready vs cloud-init done, the agent's size and
+                       resident memory; options:
+      --runs N               boots of each; report medians [5]
   bench install        install a 64 MiB ext4 image (an untrusted create that
                        mounts it and writes, then a package) through the
                        install appliance, as root, in a namespace made here,
@@ -191,6 +197,7 @@ fn main() -> ExitCode {
                     bench_cluster::run(o)
                 }
             }),
+            Some("agent") => bench_agent::Options::parse(&args[2..]).and_then(bench_agent::run),
             Some("install") => {
                 bench_install::Options::parse(&args[2..]).and_then(bench_install::run)
             }

@@ -113,7 +113,11 @@ fn rows() -> BTreeMap<(&'static str, &'static str), Row> {
     add("GET", format!("{i}/messages"), row(Instance, 200, 404));
     add("POST", format!("{i}/messages"), row(Instance, 202, 404));
     add("POST", format!("{i}/actions"), row(Instance, 202, 404));
-    add("GET", format!("{i}/actions/{{id}}"), row(Instance, 200, 404));
+    add(
+        "GET",
+        format!("{i}/actions/{{id}}"),
+        row(Instance, 200, 404),
+    );
     add("GET", format!("{i}/config-drive"), row(Instance, 200, 404));
     add(
         "POST",
