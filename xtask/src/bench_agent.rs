@@ -14,8 +14,9 @@
 //! start request:
 //!
 //! - **agent ready**: until the admin API shows the agent `ready`;
-//! - **cloud-init done**: until the console shows `CLOUD-INIT-DONE`, which
-//!   a unit prints after `cloud-init status --wait` returns.
+//! - **cloud-init done**: until the console shows `CLOUD-INIT-DONE status:
+//!   done`, which a unit prints when `cloud-init status --wait` returns
+//!   (an error status never counts).
 //!
 //! Also the agent's binary size and its resident memory in the guest (read
 //! by an allowed action). Target: ready within 0.3× cloud-init's time,
@@ -234,7 +235,7 @@ pub fn run(o: Options) -> Result<()> {
     let cloud_done = |lab: &Lab| -> Result<bool> {
         Ok(lab
             .cli(&["instance", "console", "cloudinit"])?
-            .contains("CLOUD-INIT-DONE"))
+            .contains("CLOUD-INIT-DONE status: done"))
     };
     let (mut ready, mut done, mut rss) = (Vec::new(), Vec::new(), Vec::new());
     for run in 1..=o.runs {

@@ -102,6 +102,7 @@ pub fn run() -> Result<()> {
     crate::afterburn::ensure()?;
     // The Debian guest the agent's boot test bakes and boots.
     crate::guest_image::ensure(false)?;
+    crate::dib::ensure()?;
 
     println!("==> cargo test");
     run_cargo(&["test", "--workspace"], "tests failed (listed above)")?;

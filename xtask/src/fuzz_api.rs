@@ -12,7 +12,7 @@
 //! and answers that do not fit their schema. CI runs a short pass with a
 //! fixed seed (`cargo xtask ci`); run this for a longer, random one.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Command, Stdio};
 
 use anyhow::{Context, Result, bail};
@@ -24,7 +24,6 @@ use crate::{flags, repo_root, target_dir};
 
 /// The schemathesis release the run is written against.
 const SCHEMATHESIS: &str = "schemathesis==4.32.5";
-const DEBIAN_PYTHON: &str = "/usr/bin/python3";
 /// The checks the issue asks for; `positive_data_acceptance` is left out
 /// (the document does not spell out every rule, such as a name's length,
 /// that the API enforces).
@@ -162,63 +161,5 @@ fn seed_fixtures(url: &str, token: &str) -> Result<String> {
 
 /// The venv, made (again) when it does not run schemathesis.
 fn venv() -> Result<PathBuf> {
-    let root = crate::ci_cache_dir()?;
-    let key = SCHEMATHESIS.replace("==", "-");
-    let dir = root.join(format!("venv-{key}"));
-    if works(&dir) {
-        println!("    cached: {}", dir.display());
-        return Ok(dir);
-    }
-    println!(
-        "    making {} ({SCHEMATHESIS} from PyPI, once)",
-        dir.display()
-    );
-    crate::debian::ensure(&["python3-venv"], "schemathesis runs in a venv")?;
-    if dir.exists() {
-        std::fs::remove_dir_all(&dir)?;
-    }
-    std::fs::create_dir_all(&root)?;
-    let step = |cmd: &mut Command, what: &str| -> Result<()> {
-        let status = cmd
-            .env_remove("PYTHONPATH")
-            .env("PIP_DISABLE_PIP_VERSION_CHECK", "1")
-            .stdin(Stdio::null())
-            .status()
-            .with_context(|| format!("cannot {what}"))?;
-        if !status.success() {
-            bail!("cannot {what} ({status})");
-        }
-        Ok(())
-    };
-    step(
-        Command::new(DEBIAN_PYTHON).args(["-m", "venv"]).arg(&dir),
-        "make the venv",
-    )?;
-    step(
-        Command::new(dir.join("bin/python")).args([
-            "-m",
-            "pip",
-            "install",
-            "--no-input",
-            "--quiet",
-            SCHEMATHESIS,
-        ]),
-        &format!("pip install {SCHEMATHESIS}"),
-    )?;
-    if !works(&dir) {
-        bail!(
-            "{} does not run schemathesis after pip install",
-            dir.display()
-        );
-    }
-    Ok(dir)
-}
-
-fn works(dir: &Path) -> bool {
-    Command::new(dir.join("bin/schemathesis"))
-        .arg("--version")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success())
+    crate::venv::ensure(SCHEMATHESIS, "schemathesis", "--version")
 }

@@ -18,6 +18,8 @@ use anyhow::{Context, Result, bail};
 
 /// Bumped when what is built changes, so a stale cache is rebuilt.
 const VERSION: u32 = 1;
+/// The same for the cloud-init twin.
+const CLOUD_INIT_VERSION: u32 = 2;
 /// The mirror the tree comes from (the machines reach Debian's packages).
 const MIRROR: &str = "http://deb.debian.org/debian";
 const SECURITY: &str = "http://deb.debian.org/debian-security";
@@ -39,7 +41,7 @@ const PACKAGES: &[&str] = &[
 pub fn dir(cloud_init: bool) -> Result<PathBuf> {
     let name = match cloud_init {
         false => format!("guest-rootfs-{VERSION}"),
-        true => format!("guest-rootfs-cloud-init-{VERSION}"),
+        true => format!("guest-rootfs-cloud-init-{CLOUD_INIT_VERSION}"),
     };
     Ok(crate::ci_cache_dir()?.join(name))
 }
@@ -145,16 +147,18 @@ fn customize(tree: &Path, cloud_init: bool) -> Result<()> {
     if cloud_init {
         // The benchmark gives cloud-init cradle's config drive, and tells on
         // the console when it is done.
+        // Without a locale the tree lacks, cloud-init's locale module
+        // fails and `status --wait` ends early with `status: error`.
         write(
             "etc/cloud/cloud.cfg.d/90-cradle.cfg",
-            "datasource_list: [ ConfigDrive, None ]\n",
+            "datasource_list: [ ConfigDrive, None ]\nlocale: C.UTF-8\n",
         )?;
+        // The benchmark waits for `CLOUD-INIT-DONE status: done`.
         write(
             "etc/systemd/system/cloud-init-done.service",
             "[Unit]\nDescription=Say on the console when cloud-init is done\n\
              After=cloud-final.service\n\n[Service]\nType=oneshot\n\
-             ExecStart=/usr/bin/cloud-init status --wait\n\
-             ExecStartPost=/bin/sh -c 'echo CLOUD-INIT-DONE > /dev/ttyS0'\n\n\
+             ExecStart=/bin/sh -c 'echo \"CLOUD-INIT-DONE $$(cloud-init status --wait | tail -n 1)\" > /dev/ttyS0'\n\n\
              [Install]\nWantedBy=multi-user.target\n",
         )?;
         chroot(tree, &["systemctl", "enable", "cloud-init-done.service"])?;

@@ -22,6 +22,7 @@ mod bench_remote;
 mod bench_vendordata;
 mod ci;
 mod debian;
+mod dib;
 mod flags;
 mod fuzz_api;
 mod guest_image;
@@ -30,6 +31,7 @@ mod load;
 mod openapi;
 mod procs;
 mod readme;
+mod venv;
 
 use std::ffi::OsString;
 use std::path::PathBuf;
@@ -45,7 +47,8 @@ tasks:
                        cargo fmt --check, cargo clippy -D warnings, the
                        README's first command (as `readme`), the static agent
                        (as `agent`), afterburn (as `afterburn`), the guest
-                       tree (as `guest-image`), cargo test,
+                       tree (as `guest-image`), diskimage-builder (as
+                       `dib`), cargo test,
                        schemathesis (as `fuzz-api --examples 10 --seed 1`)
   agent                build the install appliance's /init, cradle-agent, as a
                        static binary into target/release (beside cradle, where
@@ -53,6 +56,9 @@ tasks:
   afterburn            build afterburn (the Fedora CoreOS and Flatcar metadata
                        agent) from crates.io, once, into ~/.cache/cradle-ci,
                        for the test that runs it against cradle
+  dib                  diskimage-builder (pinned, from PyPI, in a venv under
+                       ~/.cache/cradle-ci) and debootstrap, for the
+                       cradle-agent element's test
   guest-image          build a Debian root tree (systemd, Debian's kernel, no
                        sshd) with mmdebstrap, once, into ~/.cache/cradle-ci,
                        for the guest agent's boot test (as root); with
@@ -148,6 +154,7 @@ fn main() -> ExitCode {
         Some("agent") if args.len() == 1 => ci::build_static_agent(),
         Some("readme") if args.len() == 1 => readme::check(),
         Some("afterburn") if args.len() == 1 => afterburn::ensure().map(|_| ()),
+        Some("dib") if args.len() == 1 => dib::ensure().map(|_| ()),
         Some("guest-image") if args.len() == 1 => guest_image::ensure(false).map(|_| ()),
         Some("guest-image") if args.len() == 2 && args[1] == "--cloud-init" => {
             guest_image::ensure(true).map(|_| ())

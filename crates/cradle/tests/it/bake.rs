@@ -206,3 +206,97 @@ fn the_diskimage_builder_element_installs_exactly_what_bake_writes() {
         other.stdout
     );
 }
+
+/// Where `cargo xtask dib` puts diskimage-builder (xtask/src/dib.rs).
+fn dib_venv() -> PathBuf {
+    let cache = std::env::var_os("XDG_CACHE_HOME")
+        .filter(|d| !d.is_empty())
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").unwrap()).join(".cache"));
+    let dir = cache.join("cradle-ci/venv-diskimage-builder-3.43.0");
+    assert!(
+        dir.join("bin/disk-image-create").is_file(),
+        "{} is missing: run `cargo xtask dib` (cargo xtask ci does)",
+        dir.display()
+    );
+    dir
+}
+
+/// The real `disk-image-create` builds Debian with the element (a tar
+/// image: partitioned ones need device-mapper, which these machines lack).
+/// The tree it made, as an ext4 image, holds exactly what `cradle bake`
+/// writes: baking it writes nothing.
+#[test]
+fn disk_image_create_with_the_element_builds_an_image_bake_finds_already_baked() {
+    let venv = dib_venv();
+    let w = tempfile::tempdir().unwrap();
+    let config = w.path().join("agent.toml");
+    std::fs::write(
+        &config,
+        "user = \"root\"\n[actions]\nuptime = [\"/usr/bin/uptime\"]\n",
+    )
+    .unwrap();
+    let out = w.path().join("debian-agent");
+    let path = format!(
+        "{}:/usr/sbin:/usr/bin:/sbin:/bin",
+        venv.join("bin").display()
+    );
+    let built = Command::new(venv.join("bin/disk-image-create"))
+        .args(["-t", "tar", "-o"])
+        .arg(&out)
+        .args(["debian-minimal", "cradle-agent"])
+        .env("PATH", path)
+        .env("ELEMENTS_PATH", element().parent().unwrap())
+        .env("DIB_RELEASE", "bookworm")
+        .env(
+            "DIB_DEBIAN_SECURITY_MIRROR",
+            "http://deb.debian.org/debian-security",
+        )
+        .env("DIB_CRADLE_AGENT_BIN", agent())
+        .env("DIB_CRADLE_AGENT_CONF", &config)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    let log = String::from_utf8_lossy(&built.stdout).into_owned()
+        + &String::from_utf8_lossy(&built.stderr);
+    assert!(
+        built.status.success(),
+        "disk-image-create failed:\n{}",
+        tail(&log, 60)
+    );
+    assert!(
+        log.contains("cradle-agent"),
+        "the element's phases did not run:\n{}",
+        tail(&log, 60)
+    );
+    let tree = w.path().join("tree");
+    std::fs::create_dir(&tree).unwrap();
+    let untar = Command::new("tar")
+        .arg("-xf")
+        .arg(out.with_extension("tar"))
+        .arg("-C")
+        .arg(&tree)
+        .arg("--same-owner")
+        .output()
+        .unwrap();
+    assert!(
+        untar.status.success(),
+        "{}",
+        String::from_utf8_lossy(&untar.stderr)
+    );
+    let img = w.path().join("dib.img");
+    image_of(&tree, &img, "2G");
+    let before = sha256(&img);
+    let again = bake(&img, &["--config", config.to_str().unwrap()]).success();
+    assert!(
+        again.stdout.contains("already baked; nothing written"),
+        "{}",
+        again.stdout
+    );
+    assert_eq!(sha256(&img), before);
+}
+
+fn tail(s: &str, lines: usize) -> String {
+    let all: Vec<&str> = s.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
+}
