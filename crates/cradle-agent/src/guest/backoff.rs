@@ -1,15 +1,19 @@
 //! How long to wait after a failed look at the metadata service: doubling
-//! from the poll interval up to a cap, with up to a quarter of jitter (so
-//! that guests whose host came back do not all ask at once), and back to
-//! the poll interval after a success.
+//! from a short first retry (the link is often just coming up at boot) up
+//! to a cap, with up to a quarter of jitter (so that guests whose host came
+//! back do not all ask at once), and the poll interval after a success.
 
 use std::time::Duration;
 
 /// The longest wait between tries.
 pub const MAX: Duration = Duration::from_secs(60);
 
+/// The first retry after a failure.
+pub const FIRST: Duration = Duration::from_secs(1);
+
 #[derive(Debug, Clone)]
 pub struct Backoff {
+    /// The wait after a success (the poll interval).
     base: Duration,
     failures: u32,
 }
@@ -25,14 +29,12 @@ impl Backoff {
         self.base
     }
 
-    /// How long to wait after one more failure, before jitter.
+    /// How long to wait after one more failure, before jitter: 1 s, 2 s,
+    /// 4 s, … up to [`MAX`].
     pub fn failed(&mut self) -> Duration {
         self.failures = self.failures.saturating_add(1);
-        let factor = 1u32 << self.failures.min(16);
-        self.base
-            .saturating_mul(factor)
-            .min(MAX)
-            .max(self.base.min(MAX))
+        let factor = 1u32 << (self.failures - 1).min(16);
+        FIRST.saturating_mul(factor).min(MAX)
     }
 
     pub fn failures(&self) -> u32 {
@@ -56,16 +58,16 @@ mod tests {
     #[test]
     fn failures_double_up_to_the_cap_and_a_success_resets() {
         let mut b = Backoff::new(Duration::from_secs(5));
-        let waits: Vec<u64> = (0..6).map(|_| b.failed().as_secs()).collect();
-        assert_eq!(waits, [10, 20, 40, 60, 60, 60]);
-        assert_eq!(b.failures(), 6);
+        let waits: Vec<u64> = (0..9).map(|_| b.failed().as_secs()).collect();
+        assert_eq!(waits, [1, 2, 4, 8, 16, 32, 60, 60, 60]);
+        assert_eq!(b.failures(), 9);
         assert_eq!(b.succeeded(), Duration::from_secs(5));
         assert_eq!(b.failures(), 0);
-        assert_eq!(b.failed(), Duration::from_secs(10));
+        assert_eq!(b.failed(), Duration::from_secs(1));
         // Many failures never overflow.
         let mut b = Backoff::new(Duration::from_secs(3600));
-        for _ in 0..100 {
-            assert_eq!(b.failed(), MAX);
+        for n in 0..100 {
+            assert_eq!(b.failed() == MAX, n >= 6, "{n}");
         }
     }
 
