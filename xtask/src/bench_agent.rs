@@ -176,6 +176,18 @@ pub fn run(o: Options) -> Result<()> {
     image_of(&cloud_tree.join("tree"), &cloud)?;
 
     let ns = Netns::new("agent")?;
+    // Each VM's own NIC (the instance's MAC, which the config drive's
+    // network_data.json names), beside the communication NIC.
+    for tap in ["cbagent0", "cbcloud0"] {
+        must(
+            Command::new("ip").args(["-n", &ns.0, "tuntap", "add", "dev", tap, "mode", "tap"]),
+            "ip tuntap add",
+        )?;
+        must(
+            Command::new("ip").args(["-n", &ns.0, "link", "set", tap, "up"]),
+            "ip link set up",
+        )?;
+    }
     let data = t.join("data");
     let serve = spawn_serve(
         &bin,

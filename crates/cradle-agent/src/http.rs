@@ -88,24 +88,7 @@ impl Client {
         let Some(r) = self.get(path)? else {
             return Ok(None);
         };
-        let mut body = Vec::new();
-        r.into_reader()
-            .take(max + 1)
-            .read_to_end(&mut body)
-            .map_err(|e| Failure {
-                message: format!("GET {}: {e}", self.url(path)),
-                transient: true,
-            })?;
-        if body.len() as u64 > max {
-            return Err(Failure {
-                message: format!(
-                    "GET {}: the answer is larger than {max} bytes",
-                    self.url(path)
-                ),
-                transient: false,
-            });
-        }
-        Ok(Some(body))
+        read_capped(r, &self.url(path), max).map(Some)
     }
 
     /// [`Client::get_bytes`], tried again for up to `within` while it
@@ -175,21 +158,7 @@ impl Client {
         }
         let r = success("GET", &url, r)?;
         let tag = r.header("ETag").map(str::to_string);
-        let mut body = Vec::new();
-        r.into_reader()
-            .take(max + 1)
-            .read_to_end(&mut body)
-            .map_err(|e| Failure {
-                message: format!("GET {url}: {e}"),
-                transient: true,
-            })?;
-        if body.len() as u64 > max {
-            return Err(Failure {
-                message: format!("GET {url}: the answer is larger than {max} bytes"),
-                transient: false,
-            });
-        }
-        Ok(Some((body, tag)))
+        Ok(Some((read_capped(r, &url, max)?, tag)))
     }
 
     /// Take the oldest message the host queued (`GET /cradle/latest/read`):
@@ -207,15 +176,7 @@ impl Client {
         if r.status() == 204 {
             return Ok(None);
         }
-        let mut body = Vec::new();
-        r.into_reader()
-            .take(max + 1)
-            .read_to_end(&mut body)
-            .map_err(|e| Failure {
-                message: format!("GET {url}: {e}"),
-                transient: true,
-            })?;
-        Ok(Some(body))
+        read_capped(r, &url, max).map(Some)
     }
 
     /// POST `body` (one JSON object) to `/cradle/latest/write`.
@@ -245,6 +206,25 @@ impl Client {
             }
         }
     }
+}
+
+/// The body of `r` (from `url`), refused past `max` bytes.
+fn read_capped(r: ureq::Response, url: &str, max: u64) -> Result<Vec<u8>, Failure> {
+    let mut body = Vec::new();
+    r.into_reader()
+        .take(max + 1)
+        .read_to_end(&mut body)
+        .map_err(|e| Failure {
+            message: format!("GET {url}: {e}"),
+            transient: true,
+        })?;
+    if body.len() as u64 > max {
+        return Err(Failure {
+            message: format!("GET {url}: the answer is larger than {max} bytes"),
+            transient: false,
+        });
+    }
+    Ok(body)
 }
 
 /// The response, if it is a 2xx: ureq hands over the rest below 400 (a

@@ -21,13 +21,7 @@ use crate::harness::*;
 fn afterburn() -> PathBuf {
     let bin = match std::env::var_os("CRADLE_AFTERBURN") {
         Some(p) => PathBuf::from(p),
-        None => {
-            let cache = std::env::var_os("XDG_CACHE_HOME")
-                .filter(|d| !d.is_empty())
-                .map(PathBuf::from)
-                .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").unwrap()).join(".cache"));
-            cache.join("cradle-ci/afterburn-5.11.0/bin/afterburn")
-        }
+        None => ci_cache("afterburn-5.11.0/bin/afterburn", "afterburn"),
     };
     assert!(
         bin.is_file(),

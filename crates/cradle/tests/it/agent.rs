@@ -18,35 +18,17 @@ use crate::appliance::agent;
 use crate::firewall::common::Netns;
 use crate::harness::*;
 
-/// Where `cargo xtask guest-image` puts the tree (xtask/src/guest_image.rs).
+/// Where `cargo xtask guest-image` puts the tree (xtask/src/guest_image.rs):
+/// `tree/`, `vmlinuz`, `initrd.img`.
 pub fn guest_tree() -> PathBuf {
-    let cache = std::env::var_os("XDG_CACHE_HOME")
-        .filter(|d| !d.is_empty())
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").unwrap()).join(".cache"));
-    let dir = cache.join("cradle-ci/guest-rootfs-1");
-    assert!(
-        dir.join("tree/etc/os-release").exists() && dir.join("initrd.img").is_file(),
-        "{} is missing: run `cargo xtask guest-image` (cargo xtask ci does)",
-        dir.display()
-    );
-    dir
+    ci_cache("guest-rootfs-1/initrd.img", "guest-image");
+    ci_cache("guest-rootfs-1/tree/etc/os-release", "guest-image");
+    ci_cache("guest-rootfs-1", "guest-image")
 }
 
 /// `mke2fs -t ext4 -d TREE IMG SIZE`: the root tree as an image, no mount.
 pub fn image_of(tree: &Path, img: &Path, size: &str) {
-    let out = Command::new("mke2fs")
-        .args(["-q", "-F", "-t", "ext4", "-L", "root", "-d"])
-        .arg(tree)
-        .arg(img)
-        .arg(size)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    crate::install::mke2fs(tree, img, size)
 }
 
 fn debugfs_cat(img: &Path, path: &str) -> String {

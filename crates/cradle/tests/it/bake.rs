@@ -209,17 +209,8 @@ fn the_diskimage_builder_element_installs_exactly_what_bake_writes() {
 
 /// Where `cargo xtask dib` puts diskimage-builder (xtask/src/dib.rs).
 fn dib_venv() -> PathBuf {
-    let cache = std::env::var_os("XDG_CACHE_HOME")
-        .filter(|d| !d.is_empty())
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").unwrap()).join(".cache"));
-    let dir = cache.join("cradle-ci/venv-diskimage-builder-3.43.0");
-    assert!(
-        dir.join("bin/disk-image-create").is_file(),
-        "{} is missing: run `cargo xtask dib` (cargo xtask ci does)",
-        dir.display()
-    );
-    dir
+    ci_cache("venv-diskimage-builder-3.43.0/bin/disk-image-create", "dib");
+    ci_cache("venv-diskimage-builder-3.43.0", "dib")
 }
 
 /// The real `disk-image-create` builds Debian with the element (a tar

@@ -700,3 +700,21 @@ pub fn files_under(dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
 pub fn contains(hay: &[u8], needle: &str) -> bool {
     hay.windows(needle.len()).any(|w| w == needle.as_bytes())
 }
+
+/// `what` in the CI cache (`$XDG_CACHE_HOME/cradle-ci`, else
+/// `~/.cache/cradle-ci`), where `cargo xtask ci` builds the peers and trees
+/// tests use; missing, the test says which xtask makes it.
+#[track_caller]
+pub fn ci_cache(what: &str, made_by: &str) -> PathBuf {
+    let cache = std::env::var_os("XDG_CACHE_HOME")
+        .filter(|d| !d.is_empty())
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").unwrap()).join(".cache"));
+    let p = cache.join("cradle-ci").join(what);
+    assert!(
+        p.exists(),
+        "{} is missing: run `cargo xtask {made_by}` (cargo xtask ci does)",
+        p.display()
+    );
+    p
+}

@@ -59,7 +59,7 @@ fn ext4_image(work: &Path, name: &str) -> PathBuf {
 }
 
 /// `mke2fs -t ext4 -d SEED IMG SIZE`.
-fn mke2fs(seed: &Path, img: &Path, size: &str) {
+pub(crate) fn mke2fs(seed: &Path, img: &Path, size: &str) {
     let out = Command::new("mke2fs")
         .args(["-q", "-F", "-t", "ext4", "-L", "root", "-d"])
         .arg(seed)
