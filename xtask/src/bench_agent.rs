@@ -207,9 +207,9 @@ pub fn run(o: Options) -> Result<()> {
         t.join("cloud-run.img"),
         t.join("config-2.iso"),
     );
-    for (name, disk, kernel_dir) in [
-        ("baked", &agent_disk, &agent_tree),
-        ("cloudinit", &cloud_disk, &cloud_tree),
+    for (name, disk, kernel_dir, tap) in [
+        ("baked", &agent_disk, &agent_tree, "cbagent0"),
+        ("cloudinit", &cloud_disk, &cloud_tree, "cbcloud0"),
     ] {
         let (k, i) = (kernel_dir.join("vmlinuz"), kernel_dir.join("initrd.img"));
         let mut args = vec![
@@ -232,6 +232,8 @@ pub fn run(o: Options) -> Result<()> {
             i.to_str().unwrap(),
             "--cmdline",
             CMDLINE,
+            "--interface",
+            tap,
         ];
         if name == "cloudinit" {
             args.extend(["--disk", drive.to_str().unwrap()]);

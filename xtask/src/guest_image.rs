@@ -19,7 +19,7 @@ use anyhow::{Context, Result, bail};
 /// Bumped when what is built changes, so a stale cache is rebuilt.
 const VERSION: u32 = 1;
 /// The same for the cloud-init twin.
-const CLOUD_INIT_VERSION: u32 = 2;
+const CLOUD_INIT_VERSION: u32 = 3;
 /// The mirror the tree comes from (the machines reach Debian's packages).
 const MIRROR: &str = "http://deb.debian.org/debian";
 const SECURITY: &str = "http://deb.debian.org/debian-security";
@@ -153,13 +153,16 @@ fn customize(tree: &Path, cloud_init: bool) -> Result<()> {
             "etc/cloud/cloud.cfg.d/90-cradle.cfg",
             "datasource_list: [ ConfigDrive, None ]\nlocale: C.UTF-8\n",
         )?;
-        // The benchmark waits for `CLOUD-INIT-DONE status: done`.
+        // The benchmark waits for `CLOUD-INIT-DONE status: done`. Wanted by
+        // cloud-init.target, not multi-user.target: cloud-final runs after
+        // multi-user.target, so that would be an ordering cycle (and
+        // systemd would drop this unit).
         write(
             "etc/systemd/system/cloud-init-done.service",
             "[Unit]\nDescription=Say on the console when cloud-init is done\n\
              After=cloud-final.service\n\n[Service]\nType=oneshot\n\
              ExecStart=/bin/sh -c 'echo \"CLOUD-INIT-DONE $$(cloud-init status --wait | tail -n 1)\" > /dev/ttyS0'\n\n\
-             [Install]\nWantedBy=multi-user.target\n",
+             [Install]\nWantedBy=cloud-init.target\n",
         )?;
         chroot(tree, &["systemctl", "enable", "cloud-init-done.service"])?;
     }

@@ -12,8 +12,6 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use serde_json::Value;
-
 use crate::appliance::agent;
 use crate::firewall::common::Netns;
 use crate::harness::*;
@@ -346,25 +344,5 @@ fn a_baked_debian_guest_reports_ready_takes_its_keys_publishes_host_keys_and_run
 /// The communication fence's counters for `tap`: what it let through to
 /// the metadata port, and what it dropped.
 fn fence_counters(ns: &Netns, tap: &str) -> (u64, u64) {
-    let v: Value = ns
-        .nft()
-        .list(&["list", "table", "inet", &format!("cradle_comm_{tap}")])
-        .expect("the fence's table is there while the VM runs");
-    let mut accepted = 0;
-    let mut dropped = 0;
-    for item in v["nftables"].as_array().unwrap() {
-        let Some(expr) = item["rule"]["expr"].as_array() else {
-            continue;
-        };
-        let packets: u64 = expr
-            .iter()
-            .filter_map(|e| e["counter"]["packets"].as_u64())
-            .sum();
-        if expr.iter().any(|e| e.get("accept").is_some()) {
-            accepted += packets;
-        } else if expr.iter().any(|e| e.get("drop").is_some()) {
-            dropped += packets;
-        }
-    }
-    (accepted, dropped)
+    crate::install::fence_counts(&ns.nft(), &format!("cradle_comm_{tap}"))
 }

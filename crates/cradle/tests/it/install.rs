@@ -163,24 +163,36 @@ impl Lab {
 /// The packets counted by the drop rules of every install fence
 /// (`cradle_comm_*` tables) in the namespace `nft` works in.
 fn fence_drops(nft: &cradle_secgroups::nft::Nft) -> u64 {
+    fence_counts(nft, "cradle_comm_").1
+}
+
+/// What the rules of the fences whose tables start with `prefix` counted:
+/// the packets they accepted (to the metadata port) and dropped.
+pub(crate) fn fence_counts(nft: &cradle_secgroups::nft::Nft, prefix: &str) -> (u64, u64) {
     let v = nft
         .list(&["list", "ruleset"])
         .expect("nft lists the ruleset");
-    v["nftables"]
-        .as_array()
-        .map(|items| {
-            items
-                .iter()
-                .filter(|i| {
-                    i["rule"]["table"]
-                        .as_str()
-                        .is_some_and(|t| t.starts_with("cradle_comm_"))
-                })
-                .flat_map(|i| i["rule"]["expr"].as_array().cloned().unwrap_or_default())
-                .filter_map(|e| e["counter"]["packets"].as_u64())
-                .sum()
-        })
-        .unwrap_or(0)
+    let (mut accepted, mut dropped) = (0, 0);
+    for item in v["nftables"].as_array().into_iter().flatten() {
+        let rule = &item["rule"];
+        if !rule["table"]
+            .as_str()
+            .is_some_and(|t| t.starts_with(prefix))
+        {
+            continue;
+        }
+        let expr = rule["expr"].as_array().cloned().unwrap_or_default();
+        let packets: u64 = expr
+            .iter()
+            .filter_map(|e| e["counter"]["packets"].as_u64())
+            .sum();
+        if expr.iter().any(|e| e.get("drop").is_some()) {
+            dropped += packets;
+        } else if expr.iter().any(|e| e.get("accept").is_some()) {
+            accepted += packets;
+        }
+    }
+    (accepted, dropped)
 }
 
 /// Runs on the host as nobody: records what it was given.
