@@ -56,7 +56,7 @@ impl Options {
 const AGENT_CONFIG: &str = r#"user = "debian"
 poll = 5
 [actions]
-rss = ["/bin/sh", "-c", "for p in /proc/[0-9]*; do [ \"$(cat $p/comm)\" = cradle-agent ] && grep VmRSS $p/status; done"]
+rss = ["/bin/sh", "-c", "for p in /proc/[0-9]*; do [ \"$(cat $p/comm)\" = cradle-agent ] && grep VmRSS $p/status; done; true"]
 "#;
 
 const CMDLINE: &str = "root=/dev/vda rw console=ttyS0 net.ifnames=0 quiet";

@@ -19,9 +19,11 @@ use crate::harness::*;
 /// Where `cargo xtask guest-image` puts the tree (xtask/src/guest_image.rs):
 /// `tree/`, `vmlinuz`, `initrd.img`.
 pub fn guest_tree() -> PathBuf {
-    ci_cache("guest-rootfs-1/initrd.img", "guest-image");
-    ci_cache("guest-rootfs-1/tree/etc/os-release", "guest-image");
-    ci_cache("guest-rootfs-1", "guest-image")
+    // The version is guest_image.rs's VERSION.
+    const TREE: &str = "guest-rootfs-2";
+    ci_cache(&format!("{TREE}/initrd.img"), "guest-image");
+    ci_cache(&format!("{TREE}/tree/etc/os-release"), "guest-image");
+    ci_cache(TREE, "guest-image")
 }
 
 /// `mke2fs -t ext4 -d TREE IMG SIZE`: the root tree as an image, no mount.
