@@ -153,7 +153,7 @@ fn a_baked_debian_guest_reports_ready_takes_its_keys_publishes_host_keys_and_run
         "--initrd",
         initrd.to_str().unwrap(),
         "--cmdline",
-        "root=/dev/vda rw console=ttyS0 net.ifnames=0 quiet",
+        "root=/dev/vda rw console=ttyS0 net.ifnames=0 quiet i8042.noaux i8042.nokbd no_timer_check",
     ])
     .success();
     let shown = cli(&["instance", "show", "vm1"]).success();
