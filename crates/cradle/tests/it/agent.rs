@@ -131,6 +131,7 @@ fn a_baked_debian_guest_reports_ready_takes_its_keys_publishes_host_keys_and_run
         env: &[("CRADLE_INSTALL_APPLIANCE", &appliance)],
         ..Default::default()
     });
+    let _vms = KillVms(w.join("data/run"));
     let cli = |args: &[&str]| Run::of(&mut server.cli(args));
     let kernel = tree.join("vmlinuz");
     let initrd = tree.join("initrd.img");
@@ -341,6 +342,19 @@ fn a_baked_debian_guest_reports_ready_takes_its_keys_publishes_host_keys_and_run
     let sent = events.lines().filter(|l| l.contains(") sent")).count();
     assert_eq!(ids.len(), done.lines().count(), "an id ran twice: {done}");
     assert_eq!(ids.len(), sent, "{done}\n{events}");
+}
+
+/// Kills the VMs of the run directory `0` when dropped: they are
+/// daemonized, and would outlive a test that fails.
+struct KillVms(PathBuf);
+
+impl Drop for KillVms {
+    fn drop(&mut self) {
+        let dirs = std::fs::read_dir(&self.0).into_iter().flatten().flatten();
+        for pid in dirs.filter_map(|d| std::fs::read_to_string(d.path().join("pid")).ok()) {
+            let _ = Command::new("kill").args(["-9", pid.trim()]).status();
+        }
+    }
 }
 
 /// The communication fence's counters for `tap`: what it let through to
