@@ -184,15 +184,7 @@ fn the_diskimage_builder_element_installs_exactly_what_bake_writes() {
     std::fs::remove_dir_all(target.join("tmp/in_target.d")).unwrap();
 
     let img = w.path().join("element.img");
-    image_of(&target, &img, "1G");
-    let before = sha256(&img);
-    let again = bake(&img, &["--config", config.to_str().unwrap()]).success();
-    assert!(
-        again.stdout.contains("already baked; nothing written"),
-        "{}",
-        again.stdout
-    );
-    assert_eq!(sha256(&img), before);
+    assert_already_baked(&target, &img, "1G", &config);
     // And with another configuration, bake sees the difference.
     let other = bake(&img, &[]).success();
     assert!(
@@ -275,16 +267,22 @@ fn disk_image_create_with_the_element_builds_an_image_bake_finds_already_baked()
         "{}",
         String::from_utf8_lossy(&untar.stderr)
     );
-    let img = w.path().join("dib.img");
-    image_of(&tree, &img, "2G");
-    let before = sha256(&img);
-    let again = bake(&img, &["--config", config.to_str().unwrap()]).success();
+    assert_already_baked(&tree, &w.path().join("dib.img"), "2G", &config);
+}
+
+/// `tree` as an ext4 image `img` holds exactly what `cradle bake` writes
+/// with `config`: baking it writes nothing, and the image's bytes stay.
+#[track_caller]
+fn assert_already_baked(tree: &Path, img: &Path, size: &str, config: &Path) {
+    image_of(tree, img, size);
+    let before = sha256(img);
+    let again = bake(img, &["--config", config.to_str().unwrap()]).success();
     assert!(
         again.stdout.contains("already baked; nothing written"),
         "{}",
         again.stdout
     );
-    assert_eq!(sha256(&img), before);
+    assert_eq!(sha256(img), before);
 }
 
 fn tail(s: &str, lines: usize) -> String {
