@@ -30,28 +30,13 @@ use anyhow::{Context, Result, bail};
 
 use crate::bench::median;
 use crate::bench_install::{Netns, cli_in, must, spawn_serve};
-use crate::{flags, target_dir};
+use crate::target_dir;
 
 const RATIO_TARGET: f64 = 0.3;
 const RSS_TARGET_KIB: u64 = 10 * 1024;
 const BOOT_TIMEOUT: Duration = Duration::from_secs(600);
 
-pub struct Options {
-    runs: usize,
-}
-
-impl Options {
-    pub fn parse(args: &[String]) -> Result<Options> {
-        let mut o = Options { runs: 5 };
-        for (flag, v) in flags::pairs(args)? {
-            match flag {
-                "--runs" => o.runs = flags::number(flag, v, 1)?,
-                other => bail!("unknown option {other:?} (see `cargo xtask --help`)"),
-            }
-        }
-        Ok(o)
-    }
-}
+pub use crate::bench_install::Options;
 
 const AGENT_CONFIG: &str = r#"user = "debian"
 poll = 5

@@ -34,8 +34,10 @@ const GUESTFISH: &str = "/usr/bin/guestfish";
 const FIRST_REQUEST_TARGET: f64 = 1.5;
 const RUN_TIMEOUT: Duration = Duration::from_secs(900);
 
+/// `--runs N` (5): the options of the benches that boot VMs (this one and
+/// `bench agent`).
 pub struct Options {
-    runs: usize,
+    pub(crate) runs: usize,
 }
 
 impl Options {

@@ -121,8 +121,8 @@ impl Core {
     /// agent (when it was last heard).
     pub(crate) fn view(&self, i: &Instance) -> InstanceView {
         let mut v = InstanceView::from(i);
-        if let (Some(a), Some(r)) = (v.agent.as_mut(), i.agent.as_ref()) {
-            *a = cradle_model::agent::AgentView::of(r, self.agents.heard(i.id));
+        if let (Some(a), Some(heard)) = (v.agent.as_mut(), self.agents.heard(i.id)) {
+            a.last_heard = heard.max(a.since);
         }
         v
     }
@@ -184,11 +184,8 @@ impl Core {
                         .join(", ")
                 );
                 let now = OffsetDateTime::now_utc();
+                // `set_agent` records the event only when the keys change.
                 blocking(move || {
-                    let changes =
-                        |a: &Option<AgentRecord>| a.as_ref().map(|a| &a.host_keys) != Some(&keys);
-                    let current = registry.get(&id.to_string())?;
-                    let event = changes(&current.agent).then_some(event.as_str());
                     registry.set_agent(
                         id,
                         |a| match a {
@@ -205,7 +202,7 @@ impl Core {
                                 })
                             }
                         },
-                        event,
+                        Some(&event),
                     )?;
                     Ok(())
                 })

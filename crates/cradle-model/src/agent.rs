@@ -290,7 +290,8 @@ pub struct HostKeyView {
 }
 
 impl AgentView {
-    pub fn of(r: &AgentRecord, last_heard: Option<OffsetDateTime>) -> AgentView {
+    /// The view of `r`; the serving host sets `last_heard` from its memory.
+    pub fn of(r: &AgentRecord) -> AgentView {
         AgentView {
             state: r.state,
             version: r.version.clone(),
@@ -298,7 +299,7 @@ impl AgentView {
             os_release: r.os_release.clone(),
             reason: r.reason.clone(),
             since: r.since,
-            last_heard: last_heard.unwrap_or(r.since).max(r.since),
+            last_heard: r.since,
             host_keys: r
                 .host_keys
                 .iter()

@@ -417,10 +417,7 @@ impl From<&Instance> for InstanceView {
             state_reason: i.state_reason.clone(),
             boot_roles: i.boot_roles.clone(),
             password_set: i.password.is_some(),
-            agent: i
-                .agent
-                .as_ref()
-                .map(|a| crate::agent::AgentView::of(a, None)),
+            agent: i.agent.as_ref().map(crate::agent::AgentView::of),
             created_at: i.created_at,
             updated_at: i.updated_at,
         }

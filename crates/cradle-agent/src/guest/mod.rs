@@ -130,6 +130,9 @@ struct Agent {
     nic: Option<Nic>,
     nic_up: bool,
     client: Client,
+    /// What the guest is, read once (it does not change while it runs).
+    kernel: String,
+    os_release: String,
     /// What was last sent, and when.
     reported: Option<(AgentState, Option<String>, Instant)>,
     keys_published: bool,
@@ -168,6 +171,8 @@ impl Agent {
         };
         Agent {
             client: Client::new(service),
+            kernel: kernel(),
+            os_release: os_release(Path::new("/")),
             config,
             broken,
             nic,
@@ -243,8 +248,8 @@ impl Agent {
         let msg = FromAgent::Guest {
             state,
             version: env!("CARGO_PKG_VERSION").to_string(),
-            kernel: kernel(),
-            os_release: os_release(Path::new("/")),
+            kernel: self.kernel.clone(),
+            os_release: self.os_release.clone(),
             reason: reason.clone(),
         };
         self.send(&msg)?;

@@ -20,11 +20,26 @@ use uuid::Uuid;
 
 const SHARDS: usize = 16;
 
-/// One cached answer.
+/// One cached answer, with its entity tag: a hash of its bytes, taken
+/// once when it is rendered, so a cached document's tag costs nothing.
 #[derive(Clone)]
 pub struct Doc {
     pub content_type: &'static str,
     pub body: Bytes,
+    pub etag: u64,
+}
+
+impl Doc {
+    pub fn new(content_type: &'static str, body: Bytes) -> Doc {
+        use std::hash::{Hash, Hasher};
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        body.hash(&mut h);
+        Doc {
+            content_type,
+            body,
+            etag: h.finish(),
+        }
+    }
 }
 
 struct Memo {
@@ -155,10 +170,7 @@ mod tests {
     }
 
     fn doc(s: &'static str) -> Doc {
-        Doc {
-            content_type: "text/plain",
-            body: Bytes::from_static(s.as_bytes()),
-        }
+        Doc::new("text/plain", Bytes::from_static(s.as_bytes()))
     }
 
     #[test]

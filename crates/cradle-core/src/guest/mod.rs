@@ -269,15 +269,9 @@ impl Core {
                 } else {
                     "text/plain; charset=utf-8"
                 };
-                Doc {
-                    content_type,
-                    body: bytes.into(),
-                }
+                Doc::new(content_type, bytes.into())
             }
-            Some(Resolved::Listing(bytes)) => Doc {
-                content_type: "text/plain; charset=utf-8",
-                body: bytes.into(),
-            },
+            Some(Resolved::Listing(bytes)) => Doc::new("text/plain; charset=utf-8", bytes.into()),
             None => return Err(Error::not_found("not_found", "no such document")),
         };
         if cacheable {

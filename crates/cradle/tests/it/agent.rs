@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 use crate::appliance::agent;
 use crate::firewall::common::Netns;
 use crate::harness::*;
+use crate::install::mke2fs;
 
 /// Where `cargo xtask guest-image` puts the tree (xtask/src/guest_image.rs):
 /// `tree/`, `vmlinuz`, `initrd.img`.
@@ -24,11 +25,6 @@ pub fn guest_tree() -> PathBuf {
     ci_cache(&format!("{TREE}/initrd.img"), "guest-image");
     ci_cache(&format!("{TREE}/tree/etc/os-release"), "guest-image");
     ci_cache(TREE, "guest-image")
-}
-
-/// `mke2fs -t ext4 -d TREE IMG SIZE`: the root tree as an image, no mount.
-pub fn image_of(tree: &Path, img: &Path, size: &str) {
-    crate::install::mke2fs(tree, img, size)
 }
 
 fn debugfs_cat(img: &Path, path: &str) -> String {
@@ -82,7 +78,7 @@ fn a_baked_debian_guest_reports_ready_takes_its_keys_publishes_host_keys_and_run
     let work = tempfile::tempdir().unwrap();
     let w = work.path();
     let img = w.join("debian.img");
-    image_of(&tree.join("tree"), &img, "2G");
+    mke2fs(&tree.join("tree"), &img, "2G");
     assert!(
         debugfs_cat(&img, "/usr/sbin/sshd").is_empty(),
         "the image has no sshd"

@@ -8,9 +8,10 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use crate::agent::{image_of, sha256};
+use crate::agent::sha256;
 use crate::appliance::agent;
 use crate::harness::*;
+use crate::install::mke2fs;
 
 fn element() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -34,7 +35,7 @@ fn images_and_inputs_bake_cannot_take_are_refused_and_left_as_they_were() {
     let seed = w.path().join("seed");
     std::fs::create_dir_all(seed.join("etc")).unwrap();
     let img = w.path().join("small.img");
-    image_of(&seed, &img, "64M");
+    mke2fs(&seed, &img, "64M");
     let before = sha256(&img);
 
     // Not an ext filesystem.
@@ -274,7 +275,7 @@ fn disk_image_create_with_the_element_builds_an_image_bake_finds_already_baked()
 /// with `config`: baking it writes nothing, and the image's bytes stay.
 #[track_caller]
 fn assert_already_baked(tree: &Path, img: &Path, size: &str, config: &Path) {
-    image_of(tree, img, size);
+    mke2fs(tree, img, size);
     let before = sha256(img);
     let again = bake(img, &["--config", config.to_str().unwrap()]).success();
     assert!(
