@@ -36,7 +36,7 @@ use std::time::Instant;
 
 use axum::Router;
 use axum::extract::{DefaultBodyLimit, Request, State};
-use axum::http::{HeaderValue, StatusCode, header};
+use axum::http::{HeaderValue, Method, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use cradle_core::Core;
@@ -123,6 +123,10 @@ pub fn app(state: Arc<AdminState>) -> Router {
                 "method not allowed on this route",
             )
         })
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            wait_for_firewall,
+        ))
         .layer(middleware::from_fn_with_state(state.clone(), authenticate))
         .layer(middleware::from_fn_with_state(state.clone(), observe))
         .layer(DefaultBodyLimit::max(limit))
@@ -153,6 +157,50 @@ async fn observe(State(s): Shared, req: Request, next: Next) -> Response {
         .metrics()
         .observe("admin", status, elapsed.as_secs_f64());
     info!(%method, path = %path, status, latency_us = elapsed.as_micros() as u64, "admin request");
+    response
+}
+
+/// `?wait=true` on a write (any method but GET and HEAD): answer once the
+/// firewall enforces every change handed to it by then, at most
+/// `cradle_core::FIREWALL_WAIT`; the answer says which with
+/// `Cradle-Firewall: enforced` or `pending`. The parameter is taken off
+/// before the route sees the request. No lock is held while waiting.
+async fn wait_for_firewall(State(s): Shared, mut req: Request, next: Next) -> Response {
+    let write = !matches!(*req.method(), Method::GET | Method::HEAD);
+    let Some(query) = req.uri().query().filter(|_| write).map(String::from) else {
+        return next.run(req).await;
+    };
+    let mut wait = false;
+    let mut rest = Vec::new();
+    for pair in query.split('&').filter(|p| !p.is_empty()) {
+        match pair {
+            "wait" | "wait=true" | "wait=1" => wait = true,
+            "wait=false" | "wait=0" => wait = false,
+            p if p.starts_with("wait=") => {
+                return ApiError::bad_request(format!("{p:?}: wait takes true or false"))
+                    .into_response();
+            }
+            p => rest.push(p),
+        }
+    }
+    let path = req.uri().path();
+    let uri = if rest.is_empty() {
+        path.to_string()
+    } else {
+        format!("{path}?{}", rest.join("&"))
+    };
+    match uri.parse() {
+        Ok(uri) => *req.uri_mut() = uri,
+        Err(_) => return ApiError::bad_request("a malformed query").into_response(),
+    }
+    let mut response = next.run(req).await;
+    if wait && response.status().is_success() {
+        let enforced = s.core.wait_firewall(0).await;
+        response.headers_mut().insert(
+            "cradle-firewall",
+            HeaderValue::from_static(if enforced { "enforced" } else { "pending" }),
+        );
+    }
     response
 }
 

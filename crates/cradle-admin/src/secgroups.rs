@@ -16,7 +16,7 @@ use axum::Extension;
 use axum::extract::{RawQuery, State};
 use axum::http::StatusCode;
 use axum::response::IntoResponse;
-use cradle_core::{Caller, FirewallPlan};
+use cradle_core::Caller;
 use cradle_model::answers::{FirewallApplied, FirewallView};
 use cradle_secgroups::api::{
     DefaultRules, GroupPatch, GroupRequest, Groups, OneDefaultRule, OneGroup, OneRule, Rules,
@@ -380,16 +380,15 @@ async fn instance_groups(
 
 // ---- firewall -------------------------------------------------------------
 
-/// The whole table as it would be applied now. A plan serializes straight
-/// to the `{"nftables": [...]}` document, several times faster than going
-/// through a `Value` (seconds for 10,000 instances).
+/// The whole table as it would be applied now, and where enforcement
+/// stands.
 #[utoipa::path(
     operation_id = "sg_firewall_show",
     get,
     path = "/v1/firewall",
     tag = "firewall",
-    summary = "The nftables ruleset and whether it is enforced (a token acting for every project)",
-    responses((status = 200, description = "The ruleset", body = FirewallView<serde_json::Value>), crate::openapi::Errors)
+    summary = "The nftables ruleset and where enforcement stands (a token acting for every project)",
+    responses((status = 200, description = "The ruleset", body = FirewallView), crate::openapi::Errors)
 )]
 async fn firewall_show(
     State(s): Shared,
@@ -403,9 +402,9 @@ async fn firewall_show(
     post,
     path = "/v1/firewall/apply",
     tag = "firewall",
-    summary = "Re-apply the whole ruleset (admin role), or only show it",
+    summary = "Re-apply the whole ruleset and wait until the kernel enforces it (admin role), or only show it",
     params(("dry_run" = Option<bool>, Query, description = "Apply nothing; answer the ruleset")),
-    responses((status = 200, description = "Applied, or what would be", body = FirewallApplied<serde_json::Value>), crate::openapi::Errors)
+    responses((status = 200, description = "Applied, or what would be", body = FirewallApplied), crate::openapi::Errors)
 )]
 async fn firewall_apply(
     State(s): Shared,
@@ -429,11 +428,7 @@ async fn firewall_apply(
             }
         };
     }
-    let ruleset: FirewallPlan = s.core.apply_firewall(&caller, dry_run).await?;
-    Ok(axum::Json(FirewallApplied {
-        applied: !dry_run,
-        ruleset,
-    }))
+    Ok(axum::Json(s.core.apply_firewall(&caller, dry_run).await?))
 }
 
 // ---- Trove-compatible ---------------------------------------------------

@@ -118,6 +118,13 @@ impl<T> Request<T> {
         self
     }
 
+    /// Answer once the firewall enforces what the call changed
+    /// (`?wait=true`): what the CLI asks of every write the firewall
+    /// follows.
+    pub(crate) fn enforced(self) -> Self {
+        self.query("wait", true)
+    }
+
     pub(crate) fn json(mut self, body: Vec<u8>) -> Self {
         self.body = Some(body);
         self

@@ -83,7 +83,9 @@ pub fn instances() -> Request<Vec<InstanceView>> {
 
 /// `POST /v1/instances`: register an instance (201).
 pub fn create_instance(spec: &InstanceSpec) -> Request<InstanceView> {
-    Request::new(Method::POST, "/v1/instances".into(), json).json(body::instance_spec(spec))
+    Request::new(Method::POST, "/v1/instances".into(), json)
+        .json(body::instance_spec(spec))
+        .enforced()
 }
 
 /// `GET /v1/instances/{key}`: by id or name.
@@ -93,12 +95,14 @@ pub fn instance(key: &str) -> Request<InstanceView> {
 
 /// `PATCH /v1/instances/{key}`: only what the patch says changes.
 pub fn modify_instance(key: &str, patch: &InstancePatch) -> Request<InstanceView> {
-    Request::new(Method::PATCH, instance_path(key), json).json(body::instance_patch(patch))
+    Request::new(Method::PATCH, instance_path(key), json)
+        .json(body::instance_patch(patch))
+        .enforced()
 }
 
 /// `DELETE /v1/instances/{key}` (204).
 pub fn remove_instance(key: &str) -> Request<()> {
-    Request::new(Method::DELETE, instance_path(key), nothing)
+    Request::new(Method::DELETE, instance_path(key), nothing).enforced()
 }
 
 /// `POST /v1/instances/{key}/reset-state`: clear an error (admin role).
@@ -250,6 +254,7 @@ pub fn create_security_group(tenant: &str, group: &GroupRequest) -> Request<Grou
         json::<OneGroup<GroupView>>(b).map(|g| g.security_group)
     })
     .json(to_vec(group))
+    .enforced()
 }
 
 /// `GET /v1/tenants/{tenant}/security-groups/{group}`: by group id or
@@ -270,7 +275,7 @@ pub fn update_security_group(tenant: &str, group: &str, patch: &GroupPatch) -> R
 
 /// `DELETE /v1/tenants/{tenant}/security-groups/{group}` (204).
 pub fn delete_security_group(tenant: &str, group: &str) -> Request<()> {
-    Request::new(Method::DELETE, group_path(tenant, group), nothing)
+    Request::new(Method::DELETE, group_path(tenant, group), nothing).enforced()
 }
 
 /// `GET /v1/tenants/{tenant}/security-groups/{group}/rules`.
@@ -290,6 +295,7 @@ pub fn add_rule(tenant: &str, group: &str, rule: &RuleRequest) -> Request<RuleVi
         |b| json::<OneRule<RuleView>>(b).map(|r| r.security_group_rule),
     )
     .json(to_vec(rule))
+    .enforced()
 }
 
 /// `DELETE /v1/tenants/{tenant}/security-group-rules/{id}` (204).
@@ -299,6 +305,7 @@ pub fn delete_rule(tenant: &str, id: &str) -> Request<()> {
         tenant_path(tenant, &format!("security-group-rules/{}", encode(id))),
         nothing,
     )
+    .enforced()
 }
 
 fn membership(tenant: &str, group: &str, instance: &str) -> String {
@@ -311,12 +318,12 @@ fn membership(tenant: &str, group: &str, instance: &str) -> String {
 
 /// `PUT /v1/tenants/{tenant}/security-groups/{group}/instances/{instance}` (204).
 pub fn attach_group(tenant: &str, group: &str, instance: &str) -> Request<()> {
-    Request::new(Method::PUT, membership(tenant, group, instance), nothing)
+    Request::new(Method::PUT, membership(tenant, group, instance), nothing).enforced()
 }
 
 /// `DELETE /v1/tenants/{tenant}/security-groups/{group}/instances/{instance}` (204).
 pub fn detach_group(tenant: &str, group: &str, instance: &str) -> Request<()> {
-    Request::new(Method::DELETE, membership(tenant, group, instance), nothing)
+    Request::new(Method::DELETE, membership(tenant, group, instance), nothing).enforced()
 }
 
 /// `GET /v1/tenants/{tenant}/default-rules`.
@@ -332,6 +339,7 @@ pub fn add_default_rule(tenant: &str, rule: &RuleRequest) -> Request<RuleView> {
         json::<OneDefaultRule>(b).map(|r| r.default_rule)
     })
     .json(to_vec(rule))
+    .enforced()
 }
 
 /// `DELETE /v1/tenants/{tenant}/default-rules/{id}` (204).
@@ -341,6 +349,7 @@ pub fn delete_default_rule(tenant: &str, id: &str) -> Request<()> {
         tenant_path(tenant, &format!("default-rules/{}", encode(id))),
         nothing,
     )
+    .enforced()
 }
 
 // ---- security groups (Trove-compatible) ---------------------------------
@@ -385,14 +394,15 @@ pub fn trove_delete_rule(tenant: &str, id: &str) -> Request<()> {
 
 // ---- firewall -----------------------------------------------------------
 
-/// `GET /v1/firewall`: the ruleset (nft's JSON) and whether it is enforced.
-pub fn firewall() -> Request<FirewallView<serde_json::Value>> {
+/// `GET /v1/firewall`: the ruleset (nft's text) and where enforcement
+/// stands.
+pub fn firewall() -> Request<FirewallView> {
     Request::new(Method::GET, "/v1/firewall".into(), json)
 }
 
 /// `POST /v1/firewall/apply[?dry_run=true]`: re-apply the whole ruleset
 /// (admin role), or with `dry_run` only show it.
-pub fn apply_firewall(dry_run: bool) -> Request<FirewallApplied<serde_json::Value>> {
+pub fn apply_firewall(dry_run: bool) -> Request<FirewallApplied> {
     let r = Request::new(Method::POST, "/v1/firewall/apply".into(), json).json(b"{}".to_vec());
     if dry_run { r.query("dry_run", true) } else { r }
 }

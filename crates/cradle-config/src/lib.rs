@@ -248,6 +248,10 @@ pub struct Firewall {
     pub nft: PathBuf,
     /// Apply inside this named network namespace (`ip netns`), if set.
     pub netns: String,
+    /// The packet-mark bits cradle may use for group tags (contiguous, at
+    /// least 2): written only while cradle's lookup chains run, every other
+    /// bit of a packet's mark is left as it came.
+    pub mark_mask: u32,
 }
 
 impl Default for Firewall {
@@ -257,6 +261,7 @@ impl Default for Firewall {
             table: "cradle".into(),
             nft: PathBuf::from("nft"),
             netns: String::new(),
+            mark_mask: 0xfff0_0000,
         }
     }
 }

@@ -138,7 +138,7 @@ fn registry_kind(e: &RegistryError) -> Kind {
             | SgError::NotAttached(_) => Kind::NotFound,
             SgError::Conflict(_) | SgError::InUse(_) | SgError::TooManyRules(_) => Kind::Conflict,
         },
-        RegistryError::Firewall(_) | RegistryError::Store(_) => Kind::Unavailable,
+        RegistryError::Store(_) => Kind::Unavailable,
     }
 }
 
@@ -161,7 +161,6 @@ fn registry_code(e: &RegistryError) -> &'static str {
             SgError::InUse(_) => "in_use",
             SgError::TooManyRules(_) => "quota",
         },
-        RegistryError::Firewall(_) => "firewall",
         RegistryError::Store(StoreError::Unavailable(_)) => "store_unavailable",
         RegistryError::Store(_) => "storage",
     }

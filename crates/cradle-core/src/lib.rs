@@ -35,19 +35,17 @@ mod instances;
 pub mod migrate;
 pub mod peers;
 mod secgroups;
+pub use secgroups::FIREWALL_WAIT;
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use cradle_install::Installer;
 use cradle_registry::Registry;
-use tracing::{info, warn};
 
 pub use artifacts::{ConfigDrive, PackageDownload};
 pub use caller::{ADMIN_ROLE, Caller, Projects};
 pub use cradle_drive::Format as DriveFormat;
 pub use cradle_registry::metrics::Metrics;
-pub use cradle_secgroups::nft::Plan as FirewallPlan;
 pub use error::{Error, Kind};
 pub use guest::{Doc, Guest, InstallFile, Namespace, Presented, Written};
 pub use install::StopRequest;
@@ -65,6 +63,8 @@ pub struct Parts {
     pub firewall_table: String,
     /// Whether security-group changes reach the kernel.
     pub firewall_enforced: bool,
+    /// The packet-mark bits the firewall's group tags use.
+    pub firewall_mark: cradle_secgroups::nft::MarkBits,
     /// Bytes of rendered guest answers kept; 0 disables the cache.
     pub render_cache_bytes: usize,
     /// Longest IMDSv2 token a guest may ask for, in seconds.
@@ -94,6 +94,7 @@ pub struct Core {
     package_fetches: tokio::sync::Semaphore,
     firewall_table: String,
     firewall_enforced: bool,
+    firewall_mark: cradle_secgroups::nft::MarkBits,
     guests: guest::Guests,
     peers: peers::Peers,
     migration: migrate::MigrationSettings,
@@ -115,6 +116,7 @@ impl Core {
             package_fetches: tokio::sync::Semaphore::new(PACKAGE_FETCHES),
             firewall_table: parts.firewall_table,
             firewall_enforced: parts.firewall_enforced,
+            firewall_mark: parts.firewall_mark,
             peers: parts.peers,
             migration: parts.migration,
             agents: agent::Agents::new(),
@@ -144,14 +146,11 @@ impl Core {
 
     /// Start what runs beside the listeners: settling the installer's
     /// accelerator (a probe boot of up to 20 s, so the first install does
-    /// not wait for it) and, when the firewall is enforced, re-applying the
-    /// whole ruleset after a failed change until it takes.
+    /// not wait for it). (The firewall's worker retries failed changes on
+    /// its own.)
     pub fn spawn_maintenance(self: &Arc<Self>) {
         let installer = self.installer.clone();
         tokio::spawn(async move { installer.warm_up().await });
-        if self.firewall_enforced {
-            tokio::spawn(retry_firewall(self.registry.clone()));
-        }
     }
 
     /// The server is stopping: kill the install VMs, remove their taps,
@@ -170,24 +169,6 @@ pub(crate) async fn blocking<T: Send + 'static>(
     tokio::task::spawn_blocking(f)
         .await
         .map_err(|e| Error::Internal(format!("a blocking task failed: {e}")))?
-}
-
-/// After a failed change the kernel may differ from the registry: apply the
-/// whole ruleset again until it takes.
-async fn retry_firewall(registry: Arc<Registry>) {
-    let mut tick = tokio::time::interval(Duration::from_secs(5));
-    loop {
-        tick.tick().await;
-        if !registry.firewall_dirty() {
-            continue;
-        }
-        let r = registry.clone();
-        match tokio::task::spawn_blocking(move || r.enforce_all()).await {
-            Ok(Ok(())) => info!("firewall re-applied after an earlier failure"),
-            Ok(Err(e)) => warn!(error = %e, "firewall re-apply failed; retrying"),
-            Err(_) => warn!("firewall re-apply panicked; retrying"),
-        }
-    }
 }
 
 #[cfg(test)]

@@ -2,9 +2,9 @@
 //! tenant; another tenant's group, rule or instance answers as a missing
 //! one (the registry looks everything up within the tenant).
 
-use cradle_model::answers::FirewallView;
+use cradle_model::answers::{FirewallApplied, FirewallView};
 use cradle_registry::{Registry, RegistryError};
-use cradle_secgroups::nft::{Firewall, Plan};
+use cradle_secgroups::nft::Firewall;
 use cradle_secgroups::{GroupView, RuleRequest, RuleView};
 use tracing::info;
 
@@ -173,39 +173,60 @@ impl Core {
         Ok(self.registry.sg_instance_groups(&i.id.to_string())?)
     }
 
-    /// The whole table as it would be applied now, rendered on the blocking
-    /// pool (seconds for 10,000 instances).
-    async fn ruleset(&self) -> Result<Plan, Error> {
+    /// The whole table as it would be applied now, as nft's text, rendered
+    /// on the blocking pool (about a second for 10,000 instances).
+    async fn ruleset(&self) -> Result<String, Error> {
         if !self.registry.security_groups_enabled() {
             return Err(RegistryError::SecGroupsDisabled.into());
         }
-        let (registry, table) = (self.registry.clone(), self.firewall_table.clone());
+        let (registry, table, mark) = (
+            self.registry.clone(),
+            self.firewall_table.clone(),
+            self.firewall_mark,
+        );
         blocking(move || {
             let (instances, groups) = registry.firewall_desired();
-            Ok(Firewall::new(table).plan_full(instances, &groups))
+            Firewall::with_mark(table, mark)
+                .plan_full(instances, &groups)
+                .map(|p| p.text())
+                .map_err(|e| Error::refused(Kind::Conflict, "firewall_tags", e.to_string()))
         })
         .await
     }
 
-    /// The ruleset, and whether it is enforced.
-    pub async fn firewall(&self, caller: &Caller) -> Result<FirewallView<Plan>, Error> {
+    /// The ruleset, and where enforcement stands.
+    pub async fn firewall(&self, caller: &Caller) -> Result<FirewallView, Error> {
         authorize(caller, Action::SeeServer)?;
         let ruleset = self.ruleset().await?;
+        let status = self.registry.firewall_status().unwrap_or_default();
         Ok(FirewallView {
             enforced: self.firewall_enforced,
-            dirty: self.registry.firewall_dirty(),
+            dirty: status.failing,
             table: self.firewall_table.clone(),
+            wanted_generation: status.wanted,
+            applied_generation: status.applied,
+            last_error: status.last_error,
+            elements: status.elements,
             ruleset,
         })
     }
 
-    /// Re-apply the whole ruleset (operators only), or with `dry_run` only
-    /// say what would be applied. Answers the ruleset.
-    pub async fn apply_firewall(&self, caller: &Caller, dry_run: bool) -> Result<Plan, Error> {
+    /// Re-apply the whole ruleset (operators only) and wait until the
+    /// kernel enforces it (at most [`FIREWALL_WAIT`]), or with `dry_run`
+    /// only say what would be applied.
+    pub async fn apply_firewall(
+        &self,
+        caller: &Caller,
+        dry_run: bool,
+    ) -> Result<FirewallApplied, Error> {
         authorize(caller, Action::SeeServer)?;
         let ruleset = self.ruleset().await?;
         if dry_run {
-            return Ok(ruleset);
+            return Ok(FirewallApplied {
+                applied: false,
+                enforced: false,
+                ruleset,
+            });
         }
         authorize(caller, Action::ApplyFirewall)?;
         if !self.firewall_enforced {
@@ -215,9 +236,30 @@ impl Core {
                 "the firewall is off ([firewall] enabled = false); use --dry-run to see the ruleset",
             ));
         }
+        let n = self.registry.enforce_all().unwrap_or(0);
+        let enforced = self.wait_firewall(n).await;
+        info!(by = %caller.name, enforced, "firewall re-applied");
+        Ok(FirewallApplied {
+            applied: true,
+            enforced,
+            ruleset,
+        })
+    }
+
+    /// Wait, holding no lock, until every change handed to the firewall so
+    /// far (change `n`, or all of them with 0) is enforced, at most
+    /// [`FIREWALL_WAIT`]; whether it is. True when nothing is enforced.
+    pub async fn wait_firewall(&self, n: u64) -> bool {
+        let Some(status) = self.registry.firewall_status() else {
+            return true;
+        };
+        let n = if n == 0 { status.wanted } else { n };
         let registry = self.registry.clone();
-        blocking(move || Ok(registry.enforce_all()?)).await?;
-        info!(by = %caller.name, "firewall re-applied");
-        Ok(ruleset)
+        tokio::task::spawn_blocking(move || registry.firewall_wait(n, FIREWALL_WAIT))
+            .await
+            .unwrap_or(false)
     }
 }
+
+/// How long an admin call that asked to wait for enforcement waits.
+pub const FIREWALL_WAIT: std::time::Duration = std::time::Duration::from_secs(30);

@@ -61,6 +61,7 @@ fn setup() -> Setup {
         drive_limits: Default::default(),
         firewall_table: "cradle".into(),
         firewall_enforced: false,
+        firewall_mark: Default::default(),
         render_cache_bytes: 1 << 20,
         max_token_ttl: 21600,
         peers: Default::default(),

@@ -174,26 +174,42 @@ pub struct VmView {
     pub vm: String,
 }
 
-/// `GET /v1/firewall`. `R` is the ruleset: the server writes its plan
-/// straight out, a reader takes nft's JSON document as a value.
+/// `GET /v1/firewall`.
 #[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
-#[schema(bound = "")]
-pub struct FirewallView<R> {
+pub struct FirewallView {
     /// Whether changes reach the kernel (`[firewall] enabled`).
     pub enforced: bool,
-    /// Whether the last apply failed (a full apply is due).
+    /// Whether the last transaction failed (the worker retries with a full
+    /// apply).
     pub dirty: bool,
     pub table: String,
-    #[schema(value_type = Object)]
-    pub ruleset: R,
+    /// The number of the last change handed to the firewall.
+    pub wanted_generation: u64,
+    /// The number of the last change the kernel enforces: equal to
+    /// `wanted_generation` when nothing is pending.
+    pub applied_generation: u64,
+    /// Why the last transaction failed, while it does.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<String>,
+    /// Elements in the table.
+    pub elements: u64,
+    /// The whole table in nft's language, as `nft -f` takes it (the table
+    /// is replaced when loaded by hand).
+    pub ruleset: String,
 }
 
 /// `POST /v1/firewall/apply[?dry_run=true]`.
 #[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
-#[schema(bound = "")]
-pub struct FirewallApplied<R> {
+pub struct FirewallApplied {
     /// False for a dry run.
     pub applied: bool,
-    #[schema(value_type = Object)]
-    pub ruleset: R,
+    /// False when the apply did not take within the wait (see `GET
+    /// /v1/firewall` for why).
+    #[serde(default = "yes")]
+    pub enforced: bool,
+    pub ruleset: String,
+}
+
+fn yes() -> bool {
+    true
 }

@@ -20,7 +20,7 @@ mod secgroups;
 use std::collections::BTreeSet;
 use std::collections::HashMap;
 use std::net::IpAddr;
-use std::sync::atomic::{AtomicBool, AtomicI64};
+use std::sync::atomic::AtomicI64;
 use std::sync::{Arc, Mutex, RwLock};
 
 use cradle_model::api::{InstancePatch, InstanceSpec, Invalid};
@@ -60,8 +60,6 @@ pub enum RegistryError {
     /// The instance is busy (an install runs); try again later.
     #[error("{0}")]
     Busy(String),
-    #[error("the change is saved, but the firewall could not apply it (cradle retries): {0}")]
-    Firewall(String),
     /// The instance is served by another host of the cluster, and what was
     /// asked can only be done there.
     #[error("{0}")]
@@ -147,10 +145,8 @@ pub struct Registry {
     limits: ChannelLimits,
     /// Security groups, when enabled.
     groups: Option<RwLock<SecGroups>>,
-    /// Where enforcement goes, once set.
-    enforcer: RwLock<Option<Arc<dyn cradle_secgroups::Enforce>>>,
-    /// The last enforcement failed: the kernel may not match the registry.
-    firewall_dirty: AtomicBool,
+    /// Where enforcement goes, once set: the worker that owns it.
+    firewall: RwLock<Option<Arc<cradle_secgroups::worker::Worker>>>,
     /// The last install job of each instance (memory only).
     jobs: RwLock<HashMap<Uuid, Arc<InstallJob>>>,
     /// This host's name: the metadata service serves, and the firewall
@@ -207,8 +203,7 @@ impl Registry {
             writer: Mutex::new(()),
             limits,
             groups: None,
-            enforcer: RwLock::new(None),
-            firewall_dirty: AtomicBool::new(false),
+            firewall: RwLock::new(None),
             jobs: RwLock::new(HashMap::new()),
             host: host.to_string(),
             seen: AtomicI64::new(seen),

@@ -1,18 +1,20 @@
 //! Security groups in the registry: every change is checked against the
 //! in-memory state, persisted, applied in memory, and then handed to the
-//! enforcer as the smallest [`Update`] that covers it, all under the writer
-//! lock, so the firewall sees changes in the order they were made.
+//! firewall worker as the smallest [`Update`] that covers it, under the
+//! writer lock, so the firewall sees changes in the order they were made.
+//! Handing over never waits for nft: the worker applies it on its own
+//! thread.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, RwLockReadGuard};
+use std::time::Duration;
 
 use cradle_model::Instance;
 use cradle_secgroups::state::{Limits, Op, SecGroups};
-use cradle_secgroups::{
-    Enforce, Enforced, GroupView, Members, RuleRequest, RuleView, Update, parse_mac,
-};
+use cradle_secgroups::worker::{Status, Worker};
+use cradle_secgroups::{Enforced, GroupView, Members, RuleRequest, RuleView, Update, parse_mac};
 use uuid::Uuid;
 
 use super::{Index, Registry, RegistryError, now};
@@ -113,12 +115,12 @@ impl Registry {
     }
 
     /// Set where enforcement goes. Call [`Registry::enforce_all`] next.
-    pub fn set_enforcer(&self, enforcer: Arc<dyn Enforce>) {
-        *self.enforcer.write().unwrap_or_else(|e| e.into_inner()) = Some(enforcer);
+    pub fn set_firewall(&self, worker: Arc<Worker>) {
+        *self.firewall.write().unwrap_or_else(|e| e.into_inner()) = Some(worker);
     }
 
-    fn enforcer(&self) -> Option<Arc<dyn Enforce>> {
-        self.enforcer
+    fn worker(&self) -> Option<Arc<Worker>> {
+        self.firewall
             .read()
             .unwrap_or_else(|e| e.into_inner())
             .clone()
@@ -173,22 +175,26 @@ impl Registry {
         (instances, groups)
     }
 
-    /// Make the kernel match the registry: the whole ruleset, at start, after
-    /// a failure, or on request.
-    pub fn enforce_all(&self) -> Result<(), RegistryError> {
-        let Some(enforcer) = self.enforcer() else {
-            return Ok(());
-        };
-        let _w = self.lock_writer();
-        let (instances, groups) = self.firewall_desired();
-        let result = enforcer.full(instances, groups);
-        self.firewall_dirty.store(result.is_err(), Ordering::SeqCst);
-        result.map_err(RegistryError::Firewall)
+    /// Ask for the whole ruleset to be applied (at start, or on request):
+    /// the number to wait for, or `None` without a firewall.
+    pub fn enforce_all(&self) -> Option<u64> {
+        Some(self.worker()?.full())
+    }
+
+    /// Where enforcement stands, with a firewall.
+    pub fn firewall_status(&self) -> Option<Status> {
+        Some(self.worker()?.status())
+    }
+
+    /// Wait (holding no lock of the registry) until change `n` is enforced,
+    /// at most `timeout`; whether it is. True without a firewall.
+    pub fn firewall_wait(&self, n: u64, timeout: Duration) -> bool {
+        self.worker().is_none_or(|w| w.wait(n, timeout))
     }
 
     /// Whether the last enforcement failed (a full re-apply is due).
     pub fn firewall_dirty(&self) -> bool {
-        self.firewall_dirty.load(Ordering::SeqCst)
+        self.firewall_status().is_some_and(|s| s.failing)
     }
 
     fn enforce(
@@ -196,7 +202,7 @@ impl Registry {
         instances: BTreeSet<Uuid>,
         groups: BTreeSet<Uuid>,
     ) -> Result<(), RegistryError> {
-        let Some(enforcer) = self.enforcer() else {
+        let Some(worker) = self.worker() else {
             return Ok(());
         };
         let Some(state) = self.groups_read() else {
@@ -214,12 +220,8 @@ impl Registry {
                 .collect(),
         };
         drop((index, state));
-        if update.is_empty() {
-            return Ok(());
-        }
-        if let Err(e) = enforcer.update(&update) {
-            self.firewall_dirty.store(true, Ordering::SeqCst);
-            return Err(RegistryError::Firewall(e));
+        if !update.is_empty() {
+            worker.submit(update);
         }
         Ok(())
     }

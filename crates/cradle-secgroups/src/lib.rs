@@ -8,9 +8,12 @@
 //! - [`state`]: every group, rule, attachment and default in memory, with
 //!   the checks that span them (tenancy, duplicates, caps, what is in use).
 //!   Pure: the registry persists each [`state::Op`] before applying it here.
-//! - [`nft`]: renders what the firewall should hold ([`Enforced`] instances
-//!   and group [`Members`]) into one nftables table, through nft's JSON
-//!   interface, and applies whole rulesets or the difference a change makes.
+//! - [`nft`]: keeps one nftables table holding what the firewall should
+//!   ([`Enforced`] instances and group [`Members`]) as elements of a few
+//!   hash sets, written over netlink, whole or as the difference a change
+//!   makes.
+//! - [`worker`]: the thread that owns enforcement, so that no registry
+//!   operation waits on nft.
 
 #![forbid(unsafe_code)]
 
@@ -18,6 +21,7 @@ pub mod api;
 pub mod model;
 pub mod nft;
 pub mod state;
+pub mod worker;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::{Ipv4Addr, Ipv6Addr};
@@ -67,8 +71,9 @@ impl Update {
     }
 }
 
-/// Where the registry sends what the firewall should hold. Implemented by
-/// [`nft::NftEnforcer`]; errors are messages for operators.
+/// What applies what the firewall should hold, called by the
+/// [`worker::Worker`] only. Implemented by [`nft::NftEnforcer`]; errors are
+/// messages for operators.
 pub trait Enforce: Send + Sync {
     /// Replace everything with exactly these instances and group sets.
     fn full(&self, instances: Vec<Enforced>, groups: BTreeMap<Uuid, Members>)

@@ -173,3 +173,83 @@ fn rules_decide_what_reaches_the_guests() {
     // g3's own address is no longer checked, nor its ingress.
     expect("g2 -> g3 ping: g3 is not enforced", lab.ping(2, 3), true);
 }
+
+/// Counters of another table of the host's, as `(kept, leaked)`: packets
+/// that still carry the host's own mark bit after cradle's chains, and
+/// packets that carry any of cradle's bits there.
+fn mark_counters(lab: &Lab) -> (u64, u64) {
+    let out = lab
+        .host
+        .exec(&["nft", "-j", "list", "chain", "inet", "host", "after"]);
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let packets: Vec<u64> = v["nftables"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|o| o.get("rule"))
+        .filter_map(|r| {
+            r["expr"]
+                .as_array()?
+                .iter()
+                .find_map(|e| e.get("counter"))
+                .map(|c| c["packets"].as_u64().unwrap())
+        })
+        .collect();
+    (packets[0], packets[1])
+}
+
+#[test]
+fn group_tags_leave_the_hosts_mark_bits_alone() {
+    let mut lab = Lab::new(2);
+    lab.serve(2, &["tcp:8080"]);
+    // Another table of the host's marks everything from guest 1 with bit 0
+    // before cradle's chains, and counts after them.
+    let mut host_table = lab.host.command("nft");
+    host_table.args(["-f", "-"]);
+    let script = "table inet host {
+        chain before { type filter hook prerouting priority mangle; meta mark set meta mark | 0x1; }
+        chain after { type filter hook forward priority filter + 10;
+            iifname \"vg1\" meta mark & 0x1 == 0x1 counter
+            iifname \"vg1\" meta mark & 0xfff00000 != 0 counter
+        }
+    }";
+    let mut child = host_table
+        .stdin(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    use std::io::Write;
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(script.as_bytes())
+        .unwrap();
+    assert!(child.wait().unwrap().success(), "the host's table loads");
+
+    let g = id(0xaa);
+    let members = Members {
+        ipv4: BTreeSet::from([Ipv4Addr::new(10, 77, 1, 2)]),
+        ipv6: BTreeSet::new(),
+    };
+    let g2 = vec![from_group(
+        Direction::Ingress,
+        EtherType::IPv4,
+        Protocol::Tcp,
+        Some(8080),
+        g,
+    )];
+    let enforcer = NftEnforcer::new(lab.host.nft(), "cradle");
+    enforcer
+        .full(
+            vec![guest(1, vec![]), guest(2, g2)],
+            BTreeMap::from([(g, members)]),
+        )
+        .expect("the rules apply");
+    expect("g1 (in G) -> g2 tcp 8080", lab.tcp(1, 2, 8080), true);
+    let (kept, leaked) = mark_counters(&lab);
+    assert!(
+        kept > 0,
+        "the host's mark bit did not survive cradle's chains"
+    );
+    assert_eq!(leaked, 0, "cradle's tag bits left its chains");
+}

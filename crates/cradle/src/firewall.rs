@@ -5,17 +5,19 @@ use std::io::Write;
 use anyhow::{Result, bail};
 use clap::{Args, Subcommand};
 use cradle_client::route;
-use serde_json::Value;
 
 use crate::{ApiArgs, Output};
 
 const ABOUT_FIREWALL: &str = "\
 cradle enforces security groups with one nftables table of its own (`inet cradle` unless \
-configured), which it replaces whole at start and changes as groups, rules and instances \
-change. Only instances with an --interface (their tap on the host) are enforced. The ruleset \
-is nft's JSON: `cradle firewall show | nft -j -c -f -` checks it, `nft -j -f -` loads it.\n\n\
-With `[firewall] enabled = false` the server keeps the ruleset but applies nothing; `show` \
-and `apply --dry-run` still print it.";
+configured): a few fixed chains, and every instance's interface, addresses and rules as \
+elements of hash sets, which a worker thread keeps equal to the registry over netlink. Only \
+instances with an --interface (their tap on the host) are enforced. Every change the CLI \
+makes waits until the kernel enforces it. The ruleset is nft's own language: \
+`cradle firewall show | nft -c -f -` checks it, `nft -f -` loads it (replacing the table).\n\n\
+`show` says on standard error how far enforcement is: the number of the last change handed \
+to the firewall, and of the last one the kernel enforces. With `[firewall] enabled = false` \
+the server keeps the ruleset but applies nothing; `show` and `apply --dry-run` still print it.";
 
 #[derive(Args, Debug)]
 #[command(after_help = ABOUT_FIREWALL)]
@@ -32,11 +34,11 @@ pub struct FirewallArgs {
 
 #[derive(Subcommand, Debug)]
 enum FirewallCommand {
-    /// Print the ruleset as nft JSON (for `nft -j -f -`); a line on standard
-    /// error says whether the server enforces it.
+    /// Print the ruleset in nft's language (for `nft -f -`); a line on
+    /// standard error says whether the server enforces it, and how far.
     Show,
-    /// Re-apply the whole ruleset, replacing the table (needs the admin
-    /// role). For after the table was changed by hand, or an apply failed.
+    /// Re-apply the whole ruleset and wait until the kernel enforces it
+    /// (needs the admin role). For after the table was changed by hand.
     Apply {
         /// Print the ruleset that would be applied, and apply nothing.
         #[arg(long)]
@@ -52,12 +54,17 @@ pub fn run(args: FirewallArgs) -> Result<()> {
         FirewallCommand::Show => {
             let v = api.send(route::firewall())?;
             let table = &v.table;
+            let progress = format!(
+                "change {} of {} enforced, {} elements",
+                v.applied_generation, v.wanted_generation, v.elements
+            );
             let state = match (v.enforced, v.dirty) {
                 (true, true) => format!(
-                    "firewall: enforced in table {table}, but the last apply failed; \
-                     `cradle firewall apply` retries"
+                    "firewall: enforced in table {table}, but the last apply failed ({}); \
+                     the server retries; {progress}",
+                    v.last_error.as_deref().unwrap_or("no reason given")
                 ),
-                (true, false) => format!("firewall: enforced in table {table}"),
+                (true, false) => format!("firewall: enforced in table {table}; {progress}"),
                 (false, _) => format!(
                     "firewall: not enforced ([firewall] enabled = false); \
                      this is what table {table} would hold"
@@ -82,6 +89,12 @@ pub fn run(args: FirewallArgs) -> Result<()> {
                     if !v.applied {
                         bail!("the admin API did not apply the ruleset");
                     }
+                    if !v.enforced {
+                        bail!(
+                            "the ruleset was handed to the firewall but is not enforced yet; \
+                             `cradle firewall show` says why"
+                        );
+                    }
                     writeln!(out, "firewall re-applied")?;
                 }
             }
@@ -90,10 +103,10 @@ pub fn run(args: FirewallArgs) -> Result<()> {
     }
 }
 
-fn ruleset(out: &mut impl Write, r: &Value) -> Result<()> {
-    if !r.is_object() {
-        bail!("the admin API answered without a ruleset: {r}");
+fn ruleset(out: &mut impl Write, r: &str) -> Result<()> {
+    if r.is_empty() {
+        bail!("the admin API answered without a ruleset");
     }
-    writeln!(out, "{}", serde_json::to_string_pretty(r)?)?;
+    out.write_all(r.as_bytes())?;
     Ok(())
 }

@@ -6,6 +6,9 @@ use std::net::SocketAddr;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+
+use cradle_secgroups::nft::{MarkBits, NftEnforcer};
+use cradle_secgroups::worker::{FirewallMetrics, Worker};
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
@@ -153,6 +156,8 @@ async fn serve(config: Config, demo: bool) -> Result<()> {
         }
     };
     let mut metrics = Metrics::new();
+    let firewall_metrics = FirewallMetrics::default();
+    firewall_metrics.register(metrics.registry_mut());
     let vendordata = Arc::new(
         cradle_vendordata::Vendordata::new(
             config.vendordata.dynamic.clone(),
@@ -184,7 +189,10 @@ async fn serve(config: Config, demo: bool) -> Result<()> {
         elapsed_ms = started.elapsed().as_millis() as u64,
         "registry loaded"
     );
-    let enforced = start_firewall(&config, &registry, demo)?;
+    let mark = MarkBits::new(config.firewall.mark_mask)
+        .map_err(anyhow::Error::msg)
+        .context("[firewall] mark_mask")?;
+    let enforced = start_firewall(&config, &registry, mark, firewall_metrics, demo)?;
 
     let admin_listener = TcpListener::bind(config.admin.listen)
         .await
@@ -251,6 +259,7 @@ async fn serve(config: Config, demo: bool) -> Result<()> {
         drive_limits,
         firewall_table: config.firewall.table.clone(),
         firewall_enforced: enforced,
+        firewall_mark: mark,
         render_cache_bytes: config.metadata.cache_bytes,
         max_token_ttl: config.metadata.max_token_ttl,
         peers: match peers.0 {
@@ -458,9 +467,19 @@ fn cluster_threads(
         .expect("spawn the heartbeat thread");
 }
 
-/// Apply the whole ruleset before serving, so the kernel matches the
-/// registry after a restart or a crash. Returns whether changes are enforced.
-fn start_firewall(config: &Config, registry: &Arc<Registry>, demo: bool) -> Result<bool> {
+/// Start the firewall's worker and ask it for the whole ruleset, so the
+/// kernel matches the registry after a restart or a crash. Serving does not
+/// wait for it: a table left by the previous run keeps filtering until the
+/// new elements replace it in one batch. That nft runs and may change the
+/// table is checked first, so a host that cannot enforce fails at start.
+/// Returns whether changes are enforced.
+fn start_firewall(
+    config: &Config,
+    registry: &Arc<Registry>,
+    mark: MarkBits,
+    metrics: FirewallMetrics,
+    demo: bool,
+) -> Result<bool> {
     if !config.security_groups.enabled {
         return Ok(false);
     }
@@ -477,13 +496,30 @@ fn start_firewall(config: &Config, registry: &Arc<Registry>, demo: bool) -> Resu
         program: config.firewall.nft.clone(),
         netns: Some(config.firewall.netns.clone()).filter(|n| !n.is_empty()),
     };
-    let enforcer = cradle_secgroups::nft::NftEnforcer::new(nft, config.firewall.table.clone());
-    registry.set_enforcer(Arc::new(enforcer));
-    registry.enforce_all().map_err(anyhow::Error::msg).context(
-        "cannot apply the firewall ruleset; it needs nft and CAP_NET_ADMIN \
-         (set [firewall] enabled = false, or CRADLE_FIREWALL_ENABLED=false, to run without enforcement)",
-    )?;
-    info!(table = %config.firewall.table, "firewall applied");
+    let table = config.firewall.table.clone();
+    nft.apply_text(&format!("add table inet {table}\n"))
+        .map_err(anyhow::Error::msg)
+        .context(
+            "cannot apply the firewall ruleset; it needs nft and CAP_NET_ADMIN \
+             (set [firewall] enabled = false, or CRADLE_FIREWALL_ENABLED=false, to run without enforcement)",
+        )?;
+    let enforcer = Arc::new(NftEnforcer::with_mark(nft, table.clone(), mark));
+    let weak = Arc::downgrade(registry);
+    let desired = Arc::new(move || {
+        weak.upgrade()
+            .map(|r| r.firewall_desired())
+            .unwrap_or_default()
+    });
+    let counted = enforcer.clone();
+    let worker = Worker::start(
+        enforcer,
+        desired,
+        metrics,
+        Arc::new(move || counted.applied().elements()),
+    );
+    registry.set_firewall(Arc::new(worker));
+    registry.enforce_all();
+    info!(table = %table, "firewall: the whole ruleset is being applied");
     Ok(true)
 }
 

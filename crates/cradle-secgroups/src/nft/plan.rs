@@ -1,109 +1,237 @@
-//! The delta planner: [`Firewall`] remembers what the kernel's table holds
-//! (the last state nft took) and makes [`Plan`]s, the commands that take it
-//! to a new state, whole or as the difference an [`Update`] makes, with what
-//! the state becomes once they are applied. The commands themselves come
-//! from `render`; running them is `run`'s: this does no I/O.
+//! The planner: [`Firewall`] remembers what the kernel's table holds (the
+//! last state applied) and makes [`Plan`]s that take it to a new state,
+//! whole or as the difference an [`Update`] makes: a skeleton script for
+//! `nft -f` (only when a shape or a group tag is new) and the element
+//! operations for one netlink batch. No I/O.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::fmt::Write as _;
+use std::net::IpAddr;
 
-use serde::{Serialize, Serializer};
-use serde_json::Value;
 use uuid::Uuid;
 
-use super::render::{
-    Elem, Rendered, add_elements, add_group_set, addr_elems, admissible, admit, full_cmds,
-    needed_groups, referenced_groups, render_instance,
+use super::Skipped;
+use super::layout::{
+    Elem, MarkBits, Present, SetId, Shape, all_sets, delta_skeleton, expressible, full_cleanup,
+    full_skeleton, instance_elems, referenced_groups,
 };
-use super::wire::{Cmd, Cmds, Doc, Name, Rule, Verb, to_value};
-use super::{Skipped, group_set4, group_set6};
 use crate::{Enforced, Members, Update};
 
-/// What is in the kernel's table, as far as this process knows: the last
-/// state applied successfully.
+/// One operation of a netlink batch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) enum Op {
+    /// Remove every element of the set.
+    Flush(SetId),
+    Add(Elem),
+    Del(Elem),
+}
+
+/// Group tags: each distinct combination of (referenced) groups an address
+/// is in gets one, and the address maps to it.
+#[derive(Debug, Clone, Default)]
+struct Tags {
+    by_groups: HashMap<BTreeSet<Uuid>, u32>,
+    groups: BTreeMap<u32, BTreeSet<Uuid>>,
+    by_group: HashMap<Uuid, BTreeSet<u32>>,
+    /// Each member address's tag (the tag maps' elements).
+    addrs: HashMap<IpAddr, u32>,
+    /// Each member address's groups.
+    addr_groups: HashMap<IpAddr, BTreeSet<Uuid>>,
+}
+
+impl Tags {
+    fn of_group(&self, g: Uuid) -> Vec<u32> {
+        self.by_group
+            .get(&g)
+            .map(|t| t.iter().copied().collect())
+            .unwrap_or_default()
+    }
+
+    fn insert(&mut self, n: u32, groups: BTreeSet<Uuid>) {
+        for g in &groups {
+            self.by_group.entry(*g).or_default().insert(n);
+        }
+        self.by_groups.insert(groups.clone(), n);
+        self.groups.insert(n, groups);
+    }
+}
+
+/// What is applied.
+#[derive(Debug, Clone, Default)]
+struct State {
+    instances: BTreeMap<Uuid, Enforced>,
+    /// The referenced groups' members.
+    groups: BTreeMap<Uuid, Members>,
+    /// Which applied instances name each group.
+    referrers: HashMap<Uuid, BTreeSet<Uuid>>,
+    ifaces: HashMap<String, Uuid>,
+    elems: HashMap<Uuid, Vec<Elem>>,
+    tags: Tags,
+    shapes: BTreeSet<Shape>,
+}
+
+/// What the kernel's table holds, as far as this process knows.
 #[derive(Debug, Clone)]
 pub struct Firewall {
     table: String,
-    /// Whether a full ruleset was applied (before that there is no table).
+    mark: MarkBits,
     loaded: bool,
-    instances: BTreeMap<Uuid, Enforced>,
-    /// The group sets present, with their members.
-    groups: BTreeMap<Uuid, Members>,
-    /// How many applied instances name each group.
-    refs: BTreeMap<Uuid, usize>,
-    /// Which instance has each interface.
-    ifaces: HashMap<String, Uuid>,
-    /// Instances given but left out, and why.
+    state: State,
     unenforced: BTreeMap<Uuid, String>,
 }
 
-/// Commands for nft, and what the applied state becomes once nft took them.
-/// Serializes as the `{"nftables": [...]}` document nft reads.
+/// A plan cannot be made: more distinct group combinations than the mark
+/// bits hold.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "members' addresses fall into more than {capacity} distinct combinations of groups, \
+     more group tags than the mark bits {mask:#010x} hold: widen [firewall] mark_mask"
+)]
+pub struct OutOfTags {
+    pub capacity: u32,
+    pub mask: u32,
+}
+
+/// What to apply, and what the applied state becomes once it took.
 #[derive(Debug, Clone)]
 pub struct Plan {
-    cmds: Vec<Cmd>,
+    table: String,
+    mark: MarkBits,
+    /// For `nft -f`, first (full plans make theirs when applied, from what
+    /// the table holds).
+    script: String,
+    pub(super) ops: Vec<Op>,
     change: Change,
     skipped: Vec<Skipped>,
 }
 
 #[derive(Debug, Clone)]
 enum Change {
-    Full {
-        instances: BTreeMap<Uuid, Enforced>,
-        groups: BTreeMap<Uuid, Members>,
-    },
-    Delta {
-        /// Every instance the update named.
-        touched: Vec<Uuid>,
-        /// Those that change.
-        instances: BTreeMap<Uuid, Option<Enforced>>,
-        /// `Some`: the set exists afterwards with these members; `None`:
-        /// deleted.
-        groups: BTreeMap<Uuid, Option<Members>>,
-    },
+    Full(Box<State>),
+    Delta(Box<Delta>),
 }
 
-impl Serialize for Plan {
-    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        Doc {
-            nftables: &self.cmds,
-        }
-        .serialize(s)
-    }
+#[derive(Debug, Clone, Default)]
+struct Delta {
+    /// Every instance the update named.
+    touched: Vec<Uuid>,
+    instances: BTreeMap<Uuid, Option<Enforced>>,
+    groups: BTreeMap<Uuid, Option<Members>>,
+    elems: HashMap<Uuid, Vec<Elem>>,
+    new_tags: BTreeMap<u32, BTreeSet<Uuid>>,
+    addrs: HashMap<IpAddr, Option<u32>>,
+    addr_groups: HashMap<IpAddr, BTreeSet<Uuid>>,
+    new_shapes: BTreeSet<Shape>,
 }
 
 impl Plan {
-    /// The `{"nftables": [...]}` document, as a JSON value (to show it; nft
-    /// is given the plan itself, serialized).
-    pub fn doc(&self) -> Value {
-        to_value(&self.cmds)
-    }
-
-    /// How many commands the document holds.
-    pub fn commands(&self) -> usize {
-        self.cmds.len()
-    }
-
     /// Whether this replaces the whole table.
     pub fn is_full(&self) -> bool {
-        matches!(self.change, Change::Full { .. })
+        matches!(self.change, Change::Full(_))
     }
 
     /// Instances left out because nft cannot take them.
     pub fn skipped(&self) -> &[Skipped] {
         &self.skipped
     }
+
+    /// How many element operations the batch holds.
+    pub fn operations(&self) -> usize {
+        self.ops.len()
+    }
+
+    /// How many elements the table holds once this is applied (full plans).
+    pub fn elements(&self) -> usize {
+        self.ops.iter().filter(|o| matches!(o, Op::Add(_))).count()
+    }
+
+    /// Whether nothing is to be applied.
+    pub fn is_empty(&self) -> bool {
+        self.ops.is_empty() && self.script.is_empty() && !self.is_full()
+    }
+
+    /// The skeleton script: for a full plan, as applied over `present`.
+    pub(super) fn script(&self, present: Option<&Present>) -> String {
+        match &self.change {
+            Change::Full(s) => {
+                let tags = s.tags.groups.keys().copied().collect();
+                full_skeleton(&self.table, &s.shapes, &tags, self.mark, present)
+            }
+            Change::Delta(_) => self.script.clone(),
+        }
+    }
+
+    /// What goes after the batch: for a full plan, the tag chains of
+    /// `present` no longer used.
+    pub(super) fn cleanup(&self, present: &Present) -> String {
+        match &self.change {
+            Change::Full(s) => {
+                let tags = s.tags.groups.keys().copied().collect();
+                full_cleanup(&self.table, &tags, present)
+            }
+            Change::Delta(_) => String::new(),
+        }
+    }
+
+    /// The plan as nft's own language: the skeleton, then every element
+    /// added (`add element`) or removed (`delete element`). For a full
+    /// plan this is the whole table, as `nft -f` takes it whether the table
+    /// exists or not: what `cradle firewall show` prints.
+    pub fn text(&self) -> String {
+        let mut out = self.script(None);
+        let table = &self.table;
+        let mut i = 0;
+        while i < self.ops.len() {
+            let (verb, set) = match &self.ops[i] {
+                Op::Flush(s) => {
+                    if !self.is_full() {
+                        let _ = writeln!(out, "flush set inet {table} {}", s.name());
+                    }
+                    i += 1;
+                    continue;
+                }
+                Op::Add(e) => ("add", e.set),
+                Op::Del(e) => ("delete", e.set),
+            };
+            let mut items = Vec::new();
+            while let Some(Op::Add(e) | Op::Del(e)) = self.ops.get(i) {
+                let same = matches!(
+                    (&self.ops[i], verb),
+                    (Op::Add(_), "add") | (Op::Del(_), "delete")
+                );
+                if e.set != set || !same {
+                    break;
+                }
+                items.push(if verb == "add" {
+                    e.text()
+                } else {
+                    e.key_text()
+                });
+                i += 1;
+            }
+            let _ = writeln!(
+                out,
+                "{verb} element inet {table} {} {{ {} }}",
+                set.name(),
+                items.join(", ")
+            );
+        }
+        out
+    }
 }
 
 impl Firewall {
-    /// Nothing applied yet.
+    /// Nothing applied yet; group tags in the default mark bits.
     pub fn new(table: impl Into<String>) -> Self {
+        Firewall::with_mark(table, MarkBits::DEFAULT)
+    }
+
+    pub fn with_mark(table: impl Into<String>, mark: MarkBits) -> Self {
         Firewall {
             table: table.into(),
+            mark,
             loaded: false,
-            instances: BTreeMap::new(),
-            groups: BTreeMap::new(),
-            refs: BTreeMap::new(),
-            ifaces: HashMap::new(),
+            state: State::default(),
             unenforced: BTreeMap::new(),
         }
     }
@@ -112,19 +240,28 @@ impl Firewall {
         &self.table
     }
 
+    pub fn mark(&self) -> MarkBits {
+        self.mark
+    }
+
     /// The applied instances.
     pub fn instances(&self) -> &BTreeMap<Uuid, Enforced> {
-        &self.instances
+        &self.state.instances
     }
 
-    /// The applied group sets and their members.
+    /// The applied (referenced) groups and their members.
     pub fn groups(&self) -> &BTreeMap<Uuid, Members> {
-        &self.groups
+        &self.state.groups
     }
 
-    /// Instances that were given but could not be enforced, and why: an
-    /// interface name nft cannot take, or an interface another instance
-    /// has. Their traffic is not filtered at all.
+    /// How many elements the table holds.
+    pub fn elements(&self) -> usize {
+        self.state.elems.values().map(Vec::len).sum::<usize>() + self.state.tags.addrs.len()
+    }
+
+    /// Instances given but not enforced, and why: an interface name nft
+    /// cannot take, or one another instance has. Their traffic is not
+    /// filtered at all.
     pub fn unenforced(&self) -> Vec<Skipped> {
         self.unenforced
             .iter()
@@ -135,156 +272,342 @@ impl Firewall {
             .collect()
     }
 
-    /// The full rendering of the applied state: what the table holds.
-    pub fn render(&self) -> Value {
-        to_value(&full_cmds(&self.table, &self.instances, &self.groups))
+    /// Replace everything with these instances and the members of the groups
+    /// their rules name (a named group missing from `groups` has none).
+    /// Instances whose interface nft cannot take, or whose interface another
+    /// instance (with a smaller id) has, are left out and listed in
+    /// [`Plan::skipped`].
+    pub fn plan_full(
+        &self,
+        instances: Vec<Enforced>,
+        groups: &BTreeMap<Uuid, Members>,
+    ) -> Result<Plan, OutOfTags> {
+        let (instances, skipped) = admit(instances);
+        let mut s = State::default();
+        for (id, e) in &instances {
+            for g in referenced_groups(e) {
+                s.referrers.entry(g).or_default().insert(*id);
+                s.groups
+                    .entry(g)
+                    .or_insert_with(|| groups.get(&g).cloned().unwrap_or_default());
+            }
+            s.ifaces.insert(e.interface.clone(), *id);
+        }
+        for (g, m) in &s.groups {
+            for a in member_addrs(m) {
+                s.tags.addr_groups.entry(a).or_default().insert(*g);
+            }
+        }
+        let mut combos: BTreeSet<&BTreeSet<Uuid>> = s.tags.addr_groups.values().collect();
+        if combos.len() > self.mark.capacity() as usize {
+            return Err(self.out_of_tags());
+        }
+        let mut by_groups: HashMap<BTreeSet<Uuid>, u32> = HashMap::new();
+        for (n, combo) in (1u32..).zip(std::mem::take(&mut combos)) {
+            by_groups.insert(combo.clone(), n);
+        }
+        for (combo, n) in by_groups {
+            s.tags.insert(n, combo);
+        }
+        let addrs: Vec<(IpAddr, u32)> = s
+            .tags
+            .addr_groups
+            .iter()
+            .map(|(a, gs)| (*a, s.tags.by_groups[gs]))
+            .collect();
+        s.tags.addrs = addrs.into_iter().collect();
+        for (id, e) in &instances {
+            let elems = instance_elems(e, self.mark, &|g| s.tags.of_group(g));
+            s.shapes.extend(shapes_of(&elems));
+            s.elems.insert(*id, elems);
+        }
+        s.instances = instances;
+
+        let mut ops: Vec<Op> = all_sets(&s.shapes).map(Op::Flush).collect();
+        let mut adds: Vec<&Elem> = s.elems.values().flatten().collect();
+        adds.sort_by(|a, b| (a.set, &a.key).cmp(&(b.set, &b.key)));
+        ops.extend(adds.into_iter().cloned().map(Op::Add));
+        let mut tags: Vec<Elem> = s
+            .tags
+            .addrs
+            .iter()
+            .map(|(a, n)| Elem::tag(*a, *n))
+            .collect();
+        tags.sort_by(|a, b| (a.set, &a.key).cmp(&(b.set, &b.key)));
+        ops.extend(tags.into_iter().map(Op::Add));
+        Ok(Plan {
+            table: self.table.clone(),
+            mark: self.mark,
+            script: String::new(),
+            ops,
+            change: Change::Full(Box::new(s)),
+            skipped,
+        })
     }
 
-    /// Replace everything with these instances and the sets of the groups
-    /// their rules name (members from `groups`; a named group missing there
-    /// gets an empty set). Instances whose interface nft cannot take, or
-    /// whose interface another instance (with a smaller id) has, are left
-    /// out and listed in [`Plan::skipped`].
-    pub fn plan_full(&self, instances: Vec<Enforced>, groups: &BTreeMap<Uuid, Members>) -> Plan {
-        let (instances, skipped) = admit(instances);
-        let groups = needed_groups(&instances, groups);
-        Plan {
-            cmds: full_cmds(&self.table, &instances, &groups),
-            change: Change::Full { instances, groups },
-            skipped,
+    fn out_of_tags(&self) -> OutOfTags {
+        OutOfTags {
+            capacity: self.mark.capacity(),
+            mask: self.mark.mask(),
         }
     }
 
-    /// The commands that take the applied state to the state with `update`
+    /// The plan that takes the applied state to the state with `update`
     /// made; `None` when nothing changes. Before any full ruleset was
     /// applied, a full plan of what the update holds.
     ///
     /// Members of a group no applied rule names are not kept: an update
     /// that makes a rule name a group should carry the group's members
-    /// (without them its set starts empty). An interface stays with the
+    /// (without them it starts with none). An interface stays with the
     /// instance that has it: another instance in the update claiming it is
     /// skipped.
-    pub fn plan_update(&self, update: &Update) -> Option<Plan> {
+    pub fn plan_update(&self, update: &Update) -> Result<Option<Plan>, OutOfTags> {
         if !self.loaded {
             let instances = update.instances.values().flatten().cloned().collect();
-            return Some(self.plan_full(instances, &update.groups));
+            return self.plan_full(instances, &update.groups).map(Some);
         }
+        let s = &self.state;
         let (next, skipped) = self.next_instances(update);
-        let mut groups = self.group_set_changes(&next, update);
-        self.member_changes(update, &mut groups);
-        let skips_change = self.skips_change(update, &skipped);
-        if next.is_empty() && groups.sets.is_empty() && !skips_change {
-            return None;
+        let mut d = Delta {
+            touched: update.instances.keys().copied().collect(),
+            ..Delta::default()
+        };
+
+        // Which groups are named afterwards, and their members.
+        let mut referrers: HashMap<Uuid, BTreeSet<Uuid>> = HashMap::new();
+        let referrers_of = |g: Uuid, r: &mut HashMap<Uuid, BTreeSet<Uuid>>| -> BTreeSet<Uuid> {
+            r.entry(g)
+                .or_insert_with(|| s.referrers.get(&g).cloned().unwrap_or_default())
+                .clone()
+        };
+        for (id, new) in &next {
+            if let Some(old) = s.instances.get(id) {
+                for g in referenced_groups(old) {
+                    referrers_of(g, &mut referrers);
+                    referrers.get_mut(&g).expect("just made").remove(id);
+                }
+            }
+            if let Some(new) = new {
+                for g in referenced_groups(new) {
+                    referrers_of(g, &mut referrers);
+                    referrers.get_mut(&g).expect("just made").insert(*id);
+                }
+            }
+        }
+        for (g, r) in &referrers {
+            match (s.groups.contains_key(g), !r.is_empty()) {
+                (false, true) => {
+                    let m = update.groups.get(g).cloned().unwrap_or_default();
+                    d.groups.insert(*g, Some(m));
+                }
+                (true, false) => {
+                    d.groups.insert(*g, None);
+                }
+                _ => {}
+            }
+        }
+        for (g, m) in &update.groups {
+            if d.groups.contains_key(g) {
+                continue;
+            }
+            if let Some(old) = s.groups.get(g)
+                && old != m
+            {
+                d.groups.insert(*g, Some(m.clone()));
+            }
         }
 
-        let mut c = Cmds::new(&self.table);
-        add_group_sets(&mut c, &groups);
-        change_group_members(&mut c, &groups.members);
-        let rendered = self.render_changes(&next);
-        delete_gone_elements(&mut c, &rendered);
-        let dropped = flush_and_refill_chains(&mut c, &rendered);
-        add_new_elements(&mut c, &rendered);
-        delete_dropped_chains(&mut c, dropped);
-        delete_group_sets(&mut c, &groups.deleted);
+        // Each affected address's groups, and so its tag.
+        let mut affected: HashSet<IpAddr> = HashSet::new();
+        for (g, new) in &d.groups {
+            affected.extend(s.groups.get(g).into_iter().flat_map(member_addrs));
+            affected.extend(new.iter().flat_map(member_addrs));
+        }
+        let mut taken: BTreeSet<u32> = s.tags.groups.keys().copied().collect();
+        let mut by_groups_new: HashMap<BTreeSet<Uuid>, u32> = HashMap::new();
+        for a in affected {
+            let mut gs = s.tags.addr_groups.get(&a).cloned().unwrap_or_default();
+            for (g, new) in &d.groups {
+                gs.remove(g);
+                if new.as_ref().is_some_and(|m| has(m, a)) {
+                    gs.insert(*g);
+                }
+            }
+            let tag = if gs.is_empty() {
+                None
+            } else if let Some(n) = s.tags.by_groups.get(&gs).or(by_groups_new.get(&gs)) {
+                Some(*n)
+            } else {
+                let n = (1..=self.mark.capacity())
+                    .find(|n| !taken.contains(n))
+                    .ok_or_else(|| self.out_of_tags())?;
+                taken.insert(n);
+                by_groups_new.insert(gs.clone(), n);
+                d.new_tags.insert(n, gs.clone());
+                Some(n)
+            };
+            if s.tags.addrs.get(&a).copied() != tag {
+                d.addrs.insert(a, tag);
+            }
+            if s.tags.addr_groups.get(&a) != Some(&gs) {
+                d.addr_groups.insert(a, gs);
+            }
+        }
+        let skips_change = self.skips_change(update, &skipped);
+        if next.is_empty() && d.groups.is_empty() && d.addrs.is_empty() && !skips_change {
+            return Ok(None);
+        }
 
-        Some(Plan {
-            cmds: c.out,
-            change: Change::Delta {
-                touched: update.instances.keys().copied().collect(),
-                instances: next.into_iter().map(|(id, e)| (id, e.cloned())).collect(),
-                groups: groups.sets,
-            },
+        // The instances to render again: those that change, and those whose
+        // groups gained a tag.
+        let mut render: BTreeSet<Uuid> = next.keys().copied().collect();
+        for groups in d.new_tags.values() {
+            for g in groups {
+                let r = referrers
+                    .get(g)
+                    .or(s.referrers.get(g))
+                    .into_iter()
+                    .flatten();
+                render.extend(r);
+            }
+        }
+        let tags_of = |g: Uuid| -> Vec<u32> {
+            let mut t: BTreeSet<u32> = s.tags.by_group.get(&g).cloned().unwrap_or_default();
+            t.extend(
+                d.new_tags
+                    .iter()
+                    .filter(|(_, gs)| gs.contains(&g))
+                    .map(|(n, _)| *n),
+            );
+            t.into_iter().collect()
+        };
+        let mut dels: Vec<Elem> = Vec::new();
+        let mut adds: Vec<Elem> = Vec::new();
+        for id in render {
+            let new = match next.get(&id) {
+                Some(n) => *n,
+                None => s.instances.get(&id),
+            };
+            let new_elems = new
+                .map(|e| instance_elems(e, self.mark, &tags_of))
+                .unwrap_or_default();
+            let old_elems: &[Elem] = s.elems.get(&id).map_or(&[], Vec::as_slice);
+            let had: HashSet<&Elem> = old_elems.iter().collect();
+            let will: HashSet<&Elem> = new_elems.iter().collect();
+            dels.extend(old_elems.iter().filter(|e| !will.contains(e)).cloned());
+            adds.extend(new_elems.iter().filter(|e| !had.contains(e)).cloned());
+            for sh in shapes_of(&new_elems) {
+                if !s.shapes.contains(&sh) {
+                    d.new_shapes.insert(sh);
+                }
+            }
+            d.elems.insert(id, new_elems);
+        }
+        for (a, tag) in &d.addrs {
+            if let Some(old) = s.tags.addrs.get(a) {
+                dels.push(Elem::tag(*a, *old));
+            }
+            if let Some(n) = tag {
+                adds.push(Elem::tag(*a, *n));
+            }
+        }
+        let order = |a: &Elem, b: &Elem| (a.set, &a.key).cmp(&(b.set, &b.key));
+        dels.sort_by(order);
+        adds.sort_by(order);
+        let mut ops: Vec<Op> = dels.into_iter().map(Op::Del).collect();
+        ops.extend(adds.into_iter().map(Op::Add));
+
+        let shapes: BTreeSet<Shape> = s.shapes.union(&d.new_shapes).copied().collect();
+        let new_tags: BTreeSet<u32> = d.new_tags.keys().copied().collect();
+        let script = if d.new_shapes.is_empty() && new_tags.is_empty() {
+            String::new()
+        } else {
+            delta_skeleton(&self.table, &shapes, &d.new_shapes, &new_tags, self.mark)
+        };
+        d.instances = next.into_iter().map(|(id, e)| (id, e.cloned())).collect();
+        Ok(Some(Plan {
+            table: self.table.clone(),
+            mark: self.mark,
+            script,
+            ops,
+            change: Change::Delta(Box::new(d)),
             skipped,
-        })
+        }))
     }
 
-    /// Record that nft took `plan`.
+    /// Record that the kernel took `plan`.
     pub fn commit(&mut self, plan: Plan) {
         match plan.change {
-            Change::Full { instances, groups } => {
+            Change::Full(state) => {
                 self.loaded = true;
-                self.refs.clear();
-                self.ifaces.clear();
-                for (id, e) in &instances {
-                    for g in referenced_groups(e) {
-                        *self.refs.entry(g).or_default() += 1;
-                    }
-                    self.ifaces.insert(e.interface.clone(), *id);
-                }
-                self.instances = instances;
-                self.groups = groups;
+                self.state = *state;
                 self.unenforced.clear();
             }
-            Change::Delta {
-                touched,
-                instances,
-                groups,
-            } => {
-                for id in touched {
-                    self.unenforced.remove(&id);
-                }
-                for (id, new) in instances {
-                    if let Some(old) = self.instances.remove(&id) {
-                        for g in referenced_groups(&old) {
-                            if let Some(n) = self.refs.get_mut(&g) {
-                                *n -= 1;
-                                if *n == 0 {
-                                    self.refs.remove(&g);
-                                }
-                            }
-                        }
-                        if self.ifaces.get(&old.interface) == Some(&id) {
-                            self.ifaces.remove(&old.interface);
-                        }
-                    }
-                    if let Some(new) = new {
-                        for g in referenced_groups(&new) {
-                            *self.refs.entry(g).or_default() += 1;
-                        }
-                        self.ifaces.insert(new.interface.clone(), id);
-                        self.instances.insert(id, new);
-                    }
-                }
-                for (g, m) in groups {
-                    match m {
-                        Some(m) => self.groups.insert(g, m),
-                        None => self.groups.remove(&g),
-                    };
-                }
-            }
+            Change::Delta(d) => self.commit_delta(*d),
         }
         for s in plan.skipped {
             self.unenforced.insert(s.instance, s.reason);
         }
     }
-}
 
-// ---- the steps of a delta ------------------------------------------------
-//
-// `plan_update` first works out what changes (instances, group sets, their
-// members, the unenforced list), then emits commands in the one order nft
-// takes in a single transaction: a set or chain exists before anything
-// refers to it, and stops being referred to before it is deleted.
+    fn commit_delta(&mut self, d: Delta) {
+        let s = &mut self.state;
+        for id in &d.touched {
+            self.unenforced.remove(id);
+        }
+        for (id, new) in d.instances {
+            if let Some(old) = s.instances.remove(&id) {
+                for g in referenced_groups(&old) {
+                    if let Some(r) = s.referrers.get_mut(&g) {
+                        r.remove(&id);
+                        if r.is_empty() {
+                            s.referrers.remove(&g);
+                        }
+                    }
+                }
+                if s.ifaces.get(&old.interface) == Some(&id) {
+                    s.ifaces.remove(&old.interface);
+                }
+            }
+            s.elems.remove(&id);
+            if let Some(new) = new {
+                for g in referenced_groups(&new) {
+                    s.referrers.entry(g).or_default().insert(id);
+                }
+                s.ifaces.insert(new.interface.clone(), id);
+                s.instances.insert(id, new);
+            }
+        }
+        for (id, elems) in d.elems {
+            if s.instances.contains_key(&id) {
+                s.elems.insert(id, elems);
+            }
+        }
+        for (g, m) in d.groups {
+            match m {
+                Some(m) => s.groups.insert(g, m),
+                None => s.groups.remove(&g),
+            };
+        }
+        for (n, groups) in d.new_tags {
+            s.tags.insert(n, groups);
+        }
+        for (a, tag) in d.addrs {
+            match tag {
+                Some(n) => s.tags.addrs.insert(a, n),
+                None => s.tags.addrs.remove(&a),
+            };
+        }
+        for (a, gs) in d.addr_groups {
+            if gs.is_empty() {
+                s.tags.addr_groups.remove(&a);
+            } else {
+                s.tags.addr_groups.insert(a, gs);
+            }
+        }
+        s.shapes.extend(d.new_shapes);
+    }
 
-/// What an update does to the group sets.
-struct GroupChanges<'a> {
-    /// Every set that changes: `Some`, it exists afterwards with these
-    /// members; `None`, it is deleted.
-    sets: BTreeMap<Uuid, Option<Members>>,
-    /// Sets to make: a rule names their group now and none did.
-    created: Vec<Uuid>,
-    /// Sets to delete: no rule names their group any more.
-    deleted: Vec<Uuid>,
-    /// Sets that stay but whose members change: the group, its applied
-    /// members, its new ones.
-    members: Vec<(Uuid, &'a Members, &'a Members)>,
-}
-
-/// An instance that changes, rendered as applied and as it becomes (`None`
-/// where it is not there).
-type Rerendered = (Option<Rendered>, Option<Rendered>);
-
-impl Firewall {
     /// What each touched instance becomes, for those that change (`None`:
     /// it goes, or can no longer be enforced), and the touched instances
     /// left out, and why.
@@ -295,37 +618,35 @@ impl Firewall {
         let mut skipped = Vec::new();
         let mut claimed: HashMap<&str, Uuid> = HashMap::new();
         let mut next: BTreeMap<Uuid, Option<&Enforced>> = BTreeMap::new();
+        let skip = |skipped: &mut Vec<Skipped>, id: Uuid, reason: String| {
+            skipped.push(Skipped {
+                instance: id,
+                reason,
+            });
+            None
+        };
         for (id, new) in &update.instances {
             let new = match new {
-                Some(e) if e.instance != *id => {
-                    skipped.push(Skipped {
-                        instance: *id,
-                        reason: format!("its entry is for instance {}", e.instance),
-                    });
-                    None
-                }
+                Some(e) if e.instance != *id => skip(
+                    &mut skipped,
+                    *id,
+                    format!("its entry is for instance {}", e.instance),
+                ),
                 Some(e) => match admissible(e) {
-                    Err(reason) => {
-                        skipped.push(Skipped {
-                            instance: *id,
-                            reason,
-                        });
-                        None
-                    }
+                    Err(reason) => skip(&mut skipped, *id, reason),
                     Ok(()) => {
                         let holder = self
+                            .state
                             .ifaces
                             .get(&e.interface)
                             .filter(|h| **h != *id && !update.instances.contains_key(h))
                             .or_else(|| claimed.get(e.interface.as_str()));
                         match holder {
-                            Some(h) => {
-                                skipped.push(Skipped {
-                                    instance: *id,
-                                    reason: format!("interface {} is instance {h}'s", e.interface),
-                                });
-                                None
-                            }
+                            Some(h) => skip(
+                                &mut skipped,
+                                *id,
+                                format!("interface {} is instance {h}'s", e.interface),
+                            ),
                             None => {
                                 claimed.insert(&e.interface, *id);
                                 Some(e)
@@ -335,77 +656,14 @@ impl Firewall {
                 },
                 None => None,
             };
-            if self.instances.get(id) != new {
+            if self.state.instances.get(id) != new {
                 next.insert(*id, new);
             }
         }
         (next, skipped)
     }
 
-    /// Which group sets are made or deleted: by how many rules name each
-    /// group once the instances in `next` changed. A new set gets its
-    /// members from the update.
-    fn group_set_changes<'a>(
-        &self,
-        next: &BTreeMap<Uuid, Option<&Enforced>>,
-        update: &Update,
-    ) -> GroupChanges<'a> {
-        let mut refs_delta: BTreeMap<Uuid, isize> = BTreeMap::new();
-        for (id, new) in next {
-            if let Some(old) = self.instances.get(id) {
-                for g in referenced_groups(old) {
-                    *refs_delta.entry(g).or_default() -= 1;
-                }
-            }
-            if let Some(new) = new {
-                for g in referenced_groups(new) {
-                    *refs_delta.entry(g).or_default() += 1;
-                }
-            }
-        }
-        let mut groups: BTreeMap<Uuid, Option<Members>> = BTreeMap::new();
-        let mut created: Vec<Uuid> = Vec::new();
-        let mut deleted: Vec<Uuid> = Vec::new();
-        for (g, delta) in &refs_delta {
-            let now = self.refs.get(g).copied().unwrap_or(0) as isize;
-            match (self.groups.contains_key(g), now + delta > 0) {
-                (false, true) => {
-                    created.push(*g);
-                    groups.insert(*g, Some(update.groups.get(g).cloned().unwrap_or_default()));
-                }
-                (true, false) => {
-                    deleted.push(*g);
-                    groups.insert(*g, None);
-                }
-                _ => {}
-            }
-        }
-        GroupChanges {
-            sets: groups,
-            created,
-            deleted,
-            members: Vec::new(),
-        }
-    }
-
-    /// The sets that stay but whose members the update changes, added to
-    /// `groups`. Members of a group without a set are not kept.
-    fn member_changes<'a>(&'a self, update: &'a Update, groups: &mut GroupChanges<'a>) {
-        for (g, m) in &update.groups {
-            if groups.sets.contains_key(g) {
-                continue;
-            }
-            if let Some(old) = self.groups.get(g)
-                && old != m
-            {
-                groups.members.push((*g, old, m));
-                groups.sets.insert(*g, Some(m.clone()));
-            }
-        }
-    }
-
-    /// Whether the list of unenforced instances changes: a touched instance
-    /// is skipped now for another reason than before, or not any more.
+    /// Whether the list of unenforced instances changes.
     fn skips_change(&self, update: &Update, skipped: &[Skipped]) -> bool {
         skipped
             .iter()
@@ -414,248 +672,232 @@ impl Firewall {
                 self.unenforced.contains_key(id) && !skipped.iter().any(|s| s.instance == *id)
             })
     }
+}
 
-    /// The instances that change, rendered before and after.
-    fn render_changes(&self, next: &BTreeMap<Uuid, Option<&Enforced>>) -> Vec<Rerendered> {
-        next.iter()
-            .map(|(id, new)| {
-                (
-                    self.instances.get(id).map(render_instance),
-                    new.map(render_instance),
-                )
-            })
-            .collect()
+fn member_addrs(m: &Members) -> impl Iterator<Item = IpAddr> + '_ {
+    m.ipv4
+        .iter()
+        .map(|a| IpAddr::V4(*a))
+        .chain(m.ipv6.iter().map(|a| IpAddr::V6(*a)))
+}
+
+fn has(m: &Members, a: IpAddr) -> bool {
+    match a {
+        IpAddr::V4(a) => m.ipv4.contains(&a),
+        IpAddr::V6(a) => m.ipv6.contains(&a),
     }
 }
 
-/// The new group sets with their members: first, so that the rules below
-/// can use them.
-fn add_group_sets(c: &mut Cmds, groups: &GroupChanges) {
-    for g in &groups.created {
-        if let Some(Some(m)) = groups.sets.get(g) {
-            add_group_set(c, *g, m);
-        }
+fn shapes_of(elems: &[Elem]) -> impl Iterator<Item = Shape> + '_ {
+    elems.iter().filter_map(|e| match e.set {
+        SetId::Shape(s) => Some(s),
+        SetId::Base(_) => None,
+    })
+}
+
+/// Keep the instances nft can take: a usable interface name, and each
+/// interface for one instance only (the smallest id keeps it). Later
+/// entries for the same id win.
+fn admit(instances: Vec<Enforced>) -> (BTreeMap<Uuid, Enforced>, Vec<Skipped>) {
+    let mut by_id: BTreeMap<Uuid, Enforced> = BTreeMap::new();
+    for e in instances {
+        by_id.insert(e.instance, e);
     }
-}
-
-/// The members that leave or join the sets that stay.
-fn change_group_members(c: &mut Cmds, members: &[(Uuid, &Members, &Members)]) {
-    for (g, old, new) in members {
-        let (s4, s6) = (group_set4(*g), group_set6(*g));
-        c.elements(
-            Verb::Delete,
-            &s4,
-            addr_elems(old.ipv4.difference(&new.ipv4)),
-        );
-        c.elements(
-            Verb::Delete,
-            &s6,
-            addr_elems(old.ipv6.difference(&new.ipv6)),
-        );
-        c.elements(Verb::Add, &s4, addr_elems(new.ipv4.difference(&old.ipv4)));
-        c.elements(Verb::Add, &s6, addr_elems(new.ipv6.difference(&old.ipv6)));
-    }
-}
-
-/// Elements that go: before their chains are deleted, and before an
-/// interface moves to another instance.
-fn delete_gone_elements(c: &mut Cmds, rendered: &[Rerendered]) {
-    let gone = rendered.iter().flat_map(|(old, new)| {
-        let keep: &[Elem] = new.as_ref().map_or(&[], |n| &n.elems);
-        old.iter()
-            .flat_map(|o| &o.elems)
-            .filter(move |e| !keep.contains(e))
-    });
-    add_elements(c, Verb::Delete, gone);
-}
-
-/// Empty the chains that change or go; make the new ones; fill the new and
-/// changed ones. Returns the chains that go, emptied here and deleted once
-/// no element jumps to them.
-fn flush_and_refill_chains<'r>(c: &mut Cmds, rendered: &'r [Rerendered]) -> Vec<&'r Name> {
-    let mut refill: Vec<(&Name, &Vec<Rule>)> = Vec::new();
-    let mut drop_chains: Vec<&Name> = Vec::new();
-    let mut new_chains: Vec<&Name> = Vec::new();
-    for (old, new) in rendered {
-        let Some(r) = new.as_ref().or(old.as_ref()) else {
-            continue;
+    let mut skipped = Vec::new();
+    let mut owners: HashMap<String, Uuid> = HashMap::new();
+    by_id.retain(|id, e| {
+        let reason = match admissible(e) {
+            Err(reason) => reason,
+            Ok(()) => match owners.get(&e.interface) {
+                Some(owner) => format!("interface {} is instance {owner}'s", e.interface),
+                None => {
+                    owners.insert(e.interface.clone(), *id);
+                    return true;
+                }
+            },
         };
-        let pairs = [
-            (
-                &r.in_chain,
-                old.as_ref().map(|o| &o.ingress),
-                new.as_ref().map(|n| &n.ingress),
-            ),
-            (
-                &r.out_chain,
-                old.as_ref().and_then(|o| o.egress.as_ref()),
-                new.as_ref().and_then(|n| n.egress.as_ref()),
-            ),
-        ];
-        for (chain, old, new) in pairs {
-            match (old, new) {
-                (Some(o), Some(n)) if o == n => {}
-                (Some(_), Some(n)) => {
-                    c.chain(Verb::Flush, chain);
-                    refill.push((chain, n));
-                }
-                (Some(_), None) => {
-                    c.chain(Verb::Flush, chain);
-                    drop_chains.push(chain);
-                }
-                (None, Some(n)) => {
-                    new_chains.push(chain);
-                    refill.push((chain, n));
-                }
-                (None, None) => {}
-            }
-        }
-    }
-    for chain in new_chains {
-        c.chain(Verb::Add, chain);
-    }
-    for (chain, rules) in refill {
-        for rule in rules {
-            c.rule(chain, rule.clone());
-        }
-    }
-    drop_chains
-}
-
-/// Elements that come, once their chains exist.
-fn add_new_elements(c: &mut Cmds, rendered: &[Rerendered]) {
-    let come = rendered.iter().flat_map(|(old, new)| {
-        let had: &[Elem] = old.as_ref().map_or(&[], |o| &o.elems);
-        new.iter()
-            .flat_map(|n| &n.elems)
-            .filter(move |e| !had.contains(e))
+        skipped.push(Skipped {
+            instance: *id,
+            reason,
+        });
+        false
     });
-    add_elements(c, Verb::Add, come);
+    (by_id, skipped)
 }
 
-/// The emptied chains that go, now that no element jumps to them.
-fn delete_dropped_chains(c: &mut Cmds, chains: Vec<&Name>) {
-    for chain in chains {
-        c.chain(Verb::Delete, chain);
+fn admissible(e: &Enforced) -> Result<(), String> {
+    if !cradle_model::is_interface_name(&e.interface) {
+        return Err(format!("unusable interface name {:?}", e.interface));
     }
+    Ok(())
 }
 
-/// Group sets last: nothing uses them any more.
-fn delete_group_sets(c: &mut Cmds, deleted: &[Uuid]) {
-    for g in deleted {
-        c.set(Verb::Delete, group_set4(*g), None);
-        c.set(Verb::Delete, group_set6(*g), None);
-    }
+/// Rules the layout cannot express, which allow nothing.
+pub fn inexpressible(e: &Enforced) -> usize {
+    e.rules.iter().filter(|r| !expressible(r)).count()
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::nft::ingress_chain;
-    use crate::nft::tests::{id, instance, position, spec};
+    use crate::nft::tests::{id, instance, spec};
     use crate::{Direction, Match, Protocol, Remote};
-    use std::collections::BTreeSet;
     use std::net::Ipv4Addr;
 
-    fn loaded(instances: Vec<Enforced>, groups: &BTreeMap<Uuid, Members>) -> Firewall {
-        let mut fw = Firewall::new("t");
-        let plan = fw.plan_full(instances, groups);
-        fw.commit(plan);
-        fw
-    }
-
-    fn one(id: Uuid, e: Option<Enforced>) -> Update {
-        Update {
-            instances: BTreeMap::from([(id, e)]),
-            groups: BTreeMap::new(),
+    fn members(v4: &[u8]) -> Members {
+        Members {
+            ipv4: v4.iter().map(|k| Ipv4Addr::new(10, 0, 0, *k)).collect(),
+            ipv6: BTreeSet::new(),
         }
     }
 
-    #[test]
-    fn deltas_are_ordered_so_nft_takes_them() {
-        let g = id(0xaa);
-        let group_rule = spec(
+    fn from_group(g: Uuid, port: u16) -> crate::RuleSpec {
+        spec(
             Direction::Ingress,
             Protocol::Tcp,
-            Match::Ports { from: 80, to: 80 },
+            Match::Ports {
+                from: port,
+                to: port,
+            },
             Remote::Group(g),
-        );
-        let mut fw = loaded(
-            vec![instance(1, vec![]), instance(2, vec![])],
-            &BTreeMap::new(),
-        );
+        )
+    }
 
-        // A rule that names a group: its sets come before the rule.
-        let u = Update {
-            instances: BTreeMap::from([(id(1), Some(instance(1, vec![group_rule])))]),
-            groups: BTreeMap::from([(
-                g,
-                Members {
-                    ipv4: BTreeSet::from([Ipv4Addr::new(10, 0, 0, 2)]),
-                    ipv6: BTreeSet::new(),
-                },
-            )]),
-        };
-        let plan = fw.plan_update(&u).unwrap();
-        let doc = plan.doc();
-        let set = position(&doc, &[r#""add""#, r#""set""#, "g4-aaaa"]).unwrap();
-        let elems = position(&doc, &[r#""element""#, "g4-aaaa", "10.0.0.2"]).unwrap();
-        let flush = position(&doc, &[r#""flush""#, &ingress_chain(id(1))]).unwrap();
-        let rule = position(&doc, &["@g4-aaaa"]).unwrap();
-        assert!(set < elems && set < rule && flush < rule, "{doc:#}");
-        // Only instance 1's chain is touched; its elements stay.
-        assert!(
-            position(&doc, &[&ingress_chain(id(2))]).is_none(),
-            "{doc:#}"
-        );
-        assert!(
-            position(&doc, &[r#""element""#, "src4"]).is_none(),
-            "{doc:#}"
-        );
-        fw.commit(plan);
-
-        // The same again: nothing to do.
-        assert!(fw.plan_update(&u).is_none());
-        // Unknown instance going away: nothing to do.
-        assert!(fw.plan_update(&one(id(9), None)).is_none());
-
-        // The instance goes: its elements, then its chain, then the set.
-        let plan = fw.plan_update(&one(id(1), None)).unwrap();
-        let doc = plan.doc();
-        let elem = position(&doc, &[r#""delete""#, r#""element""#, r#""ingress""#]).unwrap();
-        let flush = position(&doc, &[r#""flush""#, &ingress_chain(id(1))]).unwrap();
-        let chain = position(&doc, &[r#""delete""#, r#""chain""#, &ingress_chain(id(1))]).unwrap();
-        let set = position(&doc, &[r#""delete""#, r#""set""#, "g4-aaaa"]).unwrap();
-        assert!(elem < chain && flush < chain && chain < set, "{doc:#}");
-        fw.commit(plan);
-        assert!(fw.groups().is_empty());
-        assert_eq!(fw.instances().len(), 1);
+    fn texts(p: &Plan) -> Vec<String> {
+        p.ops
+            .iter()
+            .map(|o| match o {
+                Op::Flush(s) => format!("flush {}", s.name()),
+                Op::Add(e) => format!("add {} {}", e.set.name(), e.text()),
+                Op::Del(e) => format!("del {} {}", e.set.name(), e.key_text()),
+            })
+            .collect()
     }
 
     #[test]
-    fn an_interface_stays_with_its_instance() {
-        let mut fw = loaded(vec![instance(1, vec![])], &BTreeMap::new());
-        let mut thief = instance(2, vec![]);
-        thief.interface = "tap1".into();
-        let plan = fw.plan_update(&one(id(2), Some(thief))).unwrap();
-        assert_eq!(plan.commands(), 0);
-        assert_eq!(plan.skipped().len(), 1);
-        fw.commit(plan);
-        assert_eq!(fw.unenforced().len(), 1);
-        assert_eq!(fw.instances().len(), 1);
-        // Its owner letting it go in the same update frees it.
-        let mut moved = instance(1, vec![]);
-        moved.interface = "tap9".into();
-        let mut taker = instance(2, vec![]);
-        taker.interface = "tap1".into();
+    fn a_membership_change_is_one_tag_element_per_address() {
+        let g = id(0xaa);
+        let fw_instances = vec![
+            instance(1, vec![from_group(g, 80)]),
+            instance(2, vec![from_group(g, 80)]),
+        ];
+        let mut fw = Firewall::new("cradle");
+        let full = fw
+            .plan_full(fw_instances, &BTreeMap::from([(g, members(&[2]))]))
+            .unwrap();
+        assert!(texts(&full).contains(&"add tag4 10.0.0.2 : jump id-1".to_string()));
+        fw.commit(full);
+
+        // 10.0.0.3 joins: its combination ({g}) has a tag already.
         let u = Update {
-            instances: BTreeMap::from([(id(1), Some(moved)), (id(2), Some(taker))]),
+            instances: BTreeMap::new(),
+            groups: BTreeMap::from([(g, members(&[2, 3]))]),
+        };
+        let p = fw.plan_update(&u).unwrap().unwrap();
+        assert_eq!(texts(&p), vec!["add tag4 10.0.0.3 : jump id-1"]);
+        assert!(p.script.is_empty(), "no skeleton change: {}", p.script);
+        fw.commit(p);
+
+        // 10.0.0.2 leaves.
+        let u = Update {
+            instances: BTreeMap::new(),
+            groups: BTreeMap::from([(g, members(&[3]))]),
+        };
+        let p = fw.plan_update(&u).unwrap().unwrap();
+        assert_eq!(texts(&p), vec!["del tag4 10.0.0.2"]);
+        fw.commit(p);
+        assert!(fw.plan_update(&u).unwrap().is_none(), "nothing left to do");
+    }
+
+    #[test]
+    fn a_new_combination_of_groups_gets_a_tag_and_its_rules() {
+        let (g, h) = (id(0xaa), id(0xbb));
+        let mut fw = Firewall::new("cradle");
+        let full = fw
+            .plan_full(
+                vec![
+                    instance(1, vec![from_group(g, 80)]),
+                    instance(2, vec![from_group(h, 443)]),
+                ],
+                &BTreeMap::from([(g, members(&[5])), (h, members(&[6]))]),
+            )
+            .unwrap();
+        fw.commit(full);
+        // 10.0.0.5 joins h too: {g, h} is new.
+        let u = Update {
+            instances: BTreeMap::new(),
+            groups: BTreeMap::from([(h, members(&[5, 6]))]),
+        };
+        let p = fw.plan_update(&u).unwrap().unwrap();
+        assert!(
+            p.script.contains("add chain inet cradle id-3"),
+            "{}",
+            p.script
+        );
+        let t = texts(&p);
+        assert!(t.contains(&"del tag4 10.0.0.5".to_string()), "{t:?}");
+        assert!(
+            t.contains(&"add tag4 10.0.0.5 : jump id-3".to_string()),
+            "{t:?}"
+        );
+        // Both instances' group rules now also match tag 3.
+        assert!(
+            t.iter()
+                .any(|l| l.starts_with("add in4_g_port0 \"tap1\" . 0x00300000")),
+            "{t:?}"
+        );
+        assert!(
+            t.iter()
+                .any(|l| l.starts_with("add in4_g_port0 \"tap2\" . 0x00300000")),
+            "{t:?}"
+        );
+        fw.commit(p);
+    }
+
+    #[test]
+    fn a_rule_change_touches_only_its_elements() {
+        let mut fw = Firewall::new("cradle");
+        let rule = |p| {
+            spec(
+                Direction::Ingress,
+                Protocol::Tcp,
+                Match::Ports { from: p, to: p },
+                Remote::Cidr("10.0.0.0/8".parse().unwrap()),
+            )
+        };
+        let full = fw
+            .plan_full(vec![instance(1, vec![rule(22)])], &BTreeMap::new())
+            .unwrap();
+        fw.commit(full);
+        let u = Update {
+            instances: BTreeMap::from([(id(1), Some(instance(1, vec![rule(23)])))]),
             groups: BTreeMap::new(),
         };
-        let plan = fw.plan_update(&u).unwrap();
-        assert!(plan.skipped().is_empty());
-        fw.commit(plan);
-        assert!(fw.unenforced().is_empty());
-        assert_eq!(fw.instances().len(), 2);
+        let p = fw.plan_update(&u).unwrap().unwrap();
+        assert_eq!(
+            texts(&p),
+            vec![
+                "del in4_a8_port0 \"tap1\" . 10.0.0.0 . 6 . 22",
+                "add in4_a8_port0 \"tap1\" . 10.0.0.0 . 6 . 23",
+            ]
+        );
+        assert!(p.script.is_empty());
+    }
+
+    #[test]
+    fn too_many_combinations_is_a_clear_error() {
+        let mark = MarkBits::new(0b11).unwrap();
+        let fw = Firewall::with_mark("cradle", mark);
+        let groups: Vec<Uuid> = (0..3).map(|k| id(0xa0 + k)).collect();
+        // Four addresses in four different combinations: 3 tags only.
+        let rules = groups.iter().map(|g| from_group(*g, 80)).collect();
+        let m = BTreeMap::from([
+            (groups[0], members(&[1, 2, 4])),
+            (groups[1], members(&[2, 3])),
+            (groups[2], members(&[4])),
+        ]);
+        let err = fw.plan_full(vec![instance(9, rules)], &m).unwrap_err();
+        assert_eq!(err.capacity, 3);
+        assert!(err.to_string().contains("mark_mask"), "{err}");
     }
 }

@@ -15,12 +15,13 @@ use serde::Serialize;
 use serde_json::Value;
 use uuid::Uuid;
 
-use super::wire::FAMILY;
-use super::{Firewall, Skipped};
+use super::layout::Present;
+use super::netlink::{Netlink, NetlinkError};
+use super::plan::OutOfTags;
+use super::{Firewall, MarkBits, Plan, Skipped};
 use crate::{Enforced, Members, Update};
 
-#[cfg(doc)]
-use super::Plan;
+const FAMILY: &str = "inet";
 
 // ---- running nft ---------------------------------------------------------
 
@@ -62,6 +63,10 @@ pub enum NftError {
     },
     #[error("`{command}` printed something that is not nft's JSON: {message}")]
     Output { command: String, message: String },
+    #[error(transparent)]
+    Netlink(#[from] NetlinkError),
+    #[error(transparent)]
+    OutOfTags(#[from] OutOfTags),
 }
 
 /// At most this much of nft's complaint is kept: with JSON input it quotes
@@ -114,6 +119,35 @@ impl Nft {
     /// The table as nft lists it (`nft -j list table inet NAME`).
     pub fn list_table(&self, table: &str) -> Result<Value, NftError> {
         self.list(&["list", "table", FAMILY, table])
+    }
+
+    /// The table's sets and chains, without elements (`nft -t -j list
+    /// table`); a table that does not exist is not an error.
+    pub fn present(&self, table: &str) -> Result<Present, NftError> {
+        let listing = match self.list(&["-t", "list", "table", FAMILY, table]) {
+            Ok(v) => v,
+            Err(NftError::Failed { stderr, .. }) if stderr.contains("No such file") => {
+                return Ok(Present::default());
+            }
+            Err(e) => return Err(e),
+        };
+        let mut p = Present {
+            table: true,
+            ..Present::default()
+        };
+        for item in listing["nftables"].as_array().into_iter().flatten() {
+            for kind in ["set", "map", "chain"] {
+                if let Some(name) = item.get(kind).and_then(|o| o["name"].as_str()) {
+                    let names = if kind == "chain" {
+                        &mut p.chains
+                    } else {
+                        &mut p.sets
+                    };
+                    names.insert(name.to_string());
+                }
+            }
+        }
+        Ok(p)
     }
 
     /// `nft -j ARGS` (a `list` command), parsed.
@@ -204,19 +238,27 @@ impl Nft {
 
 // ---- the enforcer --------------------------------------------------------
 
-/// Keeps one nftables table equal to what the registry says, through
-/// [`Firewall`] plans applied with [`Nft`]. Calls are serialized; the
-/// applied state changes only when nft took the commands.
+/// Keeps one nftables table equal to what it is given, through
+/// [`Firewall`] plans: the skeleton with `nft -f` (when it changes), the
+/// elements over a netlink socket kept open. Calls are serialized; the
+/// applied state changes only when the kernel took the change.
 pub struct NftEnforcer {
     nft: Nft,
+    netlink: Mutex<Option<Netlink>>,
     fw: Mutex<Firewall>,
 }
 
 impl NftEnforcer {
     pub fn new(nft: Nft, table: impl Into<String>) -> Self {
+        NftEnforcer::with_mark(nft, table, MarkBits::DEFAULT)
+    }
+
+    /// Group tags in the mark bits `mark` (see [`MarkBits`]).
+    pub fn with_mark(nft: Nft, table: impl Into<String>, mark: MarkBits) -> Self {
         NftEnforcer {
             nft,
-            fw: Mutex::new(Firewall::new(table)),
+            netlink: Mutex::new(None),
+            fw: Mutex::new(Firewall::with_mark(table, mark)),
         }
     }
 
@@ -240,33 +282,59 @@ impl NftEnforcer {
         self.lock().unenforced()
     }
 
-    /// Replace the table with exactly these instances and the sets of the
-    /// groups their rules name.
+    /// Replace the table's contents with exactly these instances and the
+    /// members of the groups their rules name. The elements are replaced in
+    /// one batch, so no packet sees a table half old and half new.
     pub fn full(
         &self,
         instances: Vec<Enforced>,
         groups: BTreeMap<Uuid, Members>,
     ) -> Result<(), NftError> {
         let mut fw = self.lock();
-        let plan = fw.plan_full(instances, &groups);
-        self.nft.apply(&plan)?;
+        let plan = fw.plan_full(instances, &groups)?;
+        let present = self.nft.present(fw.table())?;
+        self.nft.apply_text(&plan.script(Some(&present)))?;
+        self.elements(fw.table(), &plan)?;
+        let cleanup = plan.cleanup(&present);
+        fw.commit(plan);
+        if !cleanup.is_empty() {
+            // What is left is unused and harmless; the next full apply
+            // tries again.
+            if let Err(e) = self.nft.apply_text(&cleanup) {
+                tracing::warn!(error = %e, "unused group tag chains stay in the table");
+            }
+        }
+        Ok(())
+    }
+
+    /// Apply one change. On failure nothing of the elements changed (the
+    /// kernel applies a batch all or nothing) and the applied state stays
+    /// as it was; the caller should apply the full ruleset again.
+    pub fn update(&self, update: &Update) -> Result<(), NftError> {
+        let mut fw = self.lock();
+        let Some(plan) = fw.plan_update(update)? else {
+            return Ok(());
+        };
+        let script = plan.script(None);
+        if !script.is_empty() {
+            self.nft.apply_text(&script)?;
+        }
+        self.elements(fw.table(), &plan)?;
         fw.commit(plan);
         Ok(())
     }
 
-    /// Apply one change as a delta. On failure nothing changed (nft applies
-    /// all or nothing) and the applied state stays as it was; the caller
-    /// should apply the full ruleset again (this has only the change).
-    pub fn update(&self, update: &Update) -> Result<(), NftError> {
-        let mut fw = self.lock();
-        let Some(plan) = fw.plan_update(update) else {
-            return Ok(());
-        };
-        if plan.commands() > 0 {
-            self.nft.apply(&plan)?;
+    fn elements(&self, table: &str, plan: &Plan) -> Result<(), NftError> {
+        let mut nl = self.netlink.lock().unwrap_or_else(|e| e.into_inner());
+        if nl.is_none() {
+            *nl = Some(Netlink::open(self.nft.netns.as_deref())?);
         }
-        fw.commit(plan);
-        Ok(())
+        let result = nl.as_mut().expect("just opened").apply(table, &plan.ops);
+        if let Err(NetlinkError::Io(_)) = &result {
+            // A socket that failed is not trusted again.
+            *nl = None;
+        }
+        Ok(result?)
     }
 }
 

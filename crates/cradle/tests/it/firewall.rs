@@ -16,14 +16,29 @@ use crate::admin::typed;
 use crate::harness::*;
 
 fn start(lab: &Lab, data_dir: Option<&std::path::Path>) -> Server {
-    Server::start_with(Opts {
+    let s = Server::start_with(Opts {
         data_dir,
         env: &[
             ("CRADLE_FIREWALL_ENABLED", "true"),
             ("CRADLE_FIREWALL_NETNS", &lab.host.name),
         ],
         ..Default::default()
-    })
+    });
+    // The whole ruleset is applied in the background: wait for it.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let fw = ok(s.admin().fetch(route::firewall()), 200);
+        let (wanted, applied) = (&fw["wanted_generation"], &fw["applied_generation"]);
+        if wanted.as_u64() > Some(0) && wanted == applied {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the firewall is not applied 20 s after start: {fw}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    s
 }
 
 fn ok(a: Answer, status: u16) -> Value {
@@ -181,9 +196,12 @@ fn cradle_enforces_rules_as_they_change_and_after_a_restart() {
     let fw = ok(s.admin().fetch(route::firewall()), 200);
     assert_eq!(fw["enforced"], true);
     assert_eq!(fw["dirty"], false);
-    let text = fw["ruleset"].to_string();
-    for id in [&a, &b, &c] {
-        let chain = format!("in-{}", id.replace('-', ""));
-        assert!(text.contains(&chain), "{chain} missing from the ruleset");
+    assert_eq!(fw["applied_generation"], fw["wanted_generation"], "{fw}");
+    let text = fw["ruleset"].as_str().unwrap();
+    for (id, k) in [(&a, 1), (&b, 2), (&c, 3)] {
+        assert!(
+            text.contains(&format!("\"vg{k}\"")),
+            "instance {id}'s interface vg{k} is missing from the ruleset"
+        );
     }
 }
