@@ -470,11 +470,18 @@ fn apply_env(
             message,
         };
         let value = match default {
-            Some(toml::Value::Integer(_)) => toml::Value::Integer(
-                raw.trim()
-                    .parse()
-                    .map_err(|_| bad(format!("expected a whole number, got {raw:?}")))?,
-            ),
+            Some(toml::Value::Integer(_)) => {
+                let t = raw.trim();
+                let n = match t.strip_prefix("0x") {
+                    Some(hex) => i64::from_str_radix(hex, 16),
+                    None => t.parse(),
+                };
+                toml::Value::Integer(n.map_err(|_| {
+                    bad(format!(
+                        "expected a whole number (or 0x and hex digits), got {raw:?}"
+                    ))
+                })?)
+            }
             Some(toml::Value::Boolean(_)) => toml::Value::Boolean(
                 raw.trim()
                     .parse()
@@ -546,6 +553,7 @@ pub const KEYS: &[(&str, &str)] = &[
     ("firewall", "table"),
     ("firewall", "nft"),
     ("firewall", "netns"),
+    ("firewall", "mark_mask"),
     ("remote", "transport"),
     ("remote", "user"),
     ("remote", "port"),
@@ -603,10 +611,12 @@ mod tests {
                 ("CRADLE_METADATA_HOP_LIMIT", "2"),
                 ("CRADLE_ADMIN_TOKEN", "123"),
                 ("CRADLE_ADMIN_URL", "x"),
+                ("CRADLE_FIREWALL_MARK_MASK", "0x00ff0000"),
             ]),
         )
         .unwrap();
         assert_eq!(c.metadata.hop_limit, 2);
+        assert_eq!(c.firewall.mark_mask, 0x00ff_0000);
         assert_eq!(c.metadata.listen, "127.0.0.1:9000".parse().unwrap());
         assert_eq!(c.admin.token.as_deref(), Some("123"));
     }
