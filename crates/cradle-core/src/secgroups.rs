@@ -213,20 +213,23 @@ impl Core {
 
     /// Re-apply the whole ruleset (operators only) and wait until the
     /// kernel enforces it (at most [`FIREWALL_WAIT`]), or with `dry_run`
-    /// only say what would be applied.
+    /// only say what would be applied (the answer holds the ruleset only
+    /// then: rendering 10,000 instances' takes a while).
     pub async fn apply_firewall(
         &self,
         caller: &Caller,
         dry_run: bool,
     ) -> Result<FirewallApplied, Error> {
         authorize(caller, Action::SeeServer)?;
-        let ruleset = self.ruleset().await?;
         if dry_run {
             return Ok(FirewallApplied {
                 applied: false,
                 enforced: false,
-                ruleset,
+                ruleset: Some(self.ruleset().await?),
             });
+        }
+        if !self.registry.security_groups_enabled() {
+            return Err(RegistryError::SecGroupsDisabled.into());
         }
         authorize(caller, Action::ApplyFirewall)?;
         if !self.firewall_enforced {
@@ -242,7 +245,7 @@ impl Core {
         Ok(FirewallApplied {
             applied: true,
             enforced,
-            ruleset,
+            ruleset: None,
         })
     }
 

@@ -207,7 +207,9 @@ pub struct FirewallApplied {
     /// /v1/firewall` for why).
     #[serde(default = "yes")]
     pub enforced: bool,
-    pub ruleset: String,
+    /// What would be applied, for a dry run (in nft's language).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ruleset: Option<String>,
 }
 
 fn yes() -> bool {

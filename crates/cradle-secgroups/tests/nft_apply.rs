@@ -268,11 +268,14 @@ fn full_rendering_is_accepted_and_replaces_the_table() {
         "prerouting",
         "forward",
         "output",
-        "id-1",
     ]
     .map(String::from)
     .into();
-    assert_eq!(chains(&nft), fixed, "the old chains are gone");
+    let (tag_chains, others): (BTreeSet<String>, BTreeSet<String>) =
+        chains(&nft).into_iter().partition(|c| c.starts_with("id-"));
+    assert_eq!(others, fixed, "the old chains are gone");
+    // One tag in use, and 64 more to spare.
+    assert_eq!(tag_chains.len(), 65, "{tag_chains:?}");
     assert!(!listing(&nft).contains_key("set g4-aa"));
 
     // Again over its own table: the same, in place.
@@ -306,13 +309,21 @@ fn full_rendering_is_accepted_and_replaces_the_table() {
         "{printed}"
     );
     // Smaller layouts leave no set behind: a full apply without group rules
-    // drops the group sets and the tag chains.
+    // drops the group sets and the tag chains beyond the spare ones.
     enforcer
         .full(vec![instance(2, vec![])], BTreeMap::new())
         .unwrap();
     let after = listing(&nft);
     assert!(!after.contains_key("set in4_g_port0"), "{after:#?}");
-    assert!(!chains(&nft).contains("id-1"));
+    assert!(
+        after["map tag4"].len() == 1,
+        "no tag in use: {:?}",
+        after["map tag4"]
+    );
+    assert!(
+        !chains(&nft).contains("id-65"),
+        "only the spare tag chains stay"
+    );
 
     // Something nft refuses comes back with its message.
     let err = nft

@@ -1,7 +1,7 @@
 //! Real traffic through the rules: a "host" namespace that routes, and
 //! guest namespaces each joined to it by a veth pair (host end `vgN`, guest
-//! end `eth0`, 10.77.N.2/30 behind 10.77.N.1), as a routed hypervisor joins
-//! its guests. The enforcer applies rules in the host namespace; Python
+//! end `eth0`, 10.77.N.2/30 and fd00:77:0:N::2/64), as a routed hypervisor
+//! joins its guests. The enforcer applies rules in the host namespace; Python
 //! (Debian's) in the guests serves and sends TCP, UDP and ICMP. Expected
 //! drops wait 0.6 s.
 
@@ -10,12 +10,12 @@ mod common;
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::Ipv4Addr;
 
-use common::lab::{Lab, addr, expect};
+use common::lab::{Lab, addr, addr6, expect};
 use common::*;
 use cradle_secgroups::nft::NftEnforcer;
 use cradle_secgroups::{Direction, Enforced, EtherType, Members, Protocol, RuleSpec, Update};
 
-/// Guest `k` as the enforcer sees it (IPv4 only: the lab has no IPv6).
+/// Guest `k` as the enforcer sees it, IPv4 only.
 fn guest(k: u8, rules: Vec<RuleSpec>) -> Enforced {
     let mut e = instance(k, rules);
     e.ipv6 = BTreeSet::new();
@@ -252,4 +252,225 @@ fn group_tags_leave_the_hosts_mark_bits_alone() {
         "the host's mark bit did not survive cradle's chains"
     );
     assert_eq!(leaked, 0, "cradle's tag bits left its chains");
+}
+
+fn tcp6(direction: Direction, port: u16, remote: &str) -> RuleSpec {
+    tcp(direction, port, port, remote)
+}
+
+fn echo6(remote: &str) -> RuleSpec {
+    RuleSpec {
+        direction: Direction::Ingress,
+        ethertype: EtherType::IPv6,
+        protocol: Protocol::Icmpv6,
+        matches: cradle_secgroups::Match::Icmp {
+            icmp_type: 128,
+            code: None,
+        },
+        remote: cidr(remote),
+    }
+}
+
+/// Whether the host itself gets an answer to a ping of `addr` (with a
+/// zone, for a link-local address).
+fn host_ping(lab: &Lab, addr: &str) -> bool {
+    let out = lab
+        .host
+        .command("ping")
+        .args(["-6", "-c", "1", "-W", "1", addr])
+        .output()
+        .expect("ping (iputils-ping) runs");
+    match out.status.code() {
+        Some(0) => true,
+        Some(1) => false,
+        _ => panic!("ping broke: {}", String::from_utf8_lossy(&out.stderr)),
+    }
+}
+
+#[test]
+fn ipv6_traffic_follows_the_rules_and_registered_link_locals_pass() {
+    // Guest 3 forms its link-local address as RFC 7217 says, not from its
+    // mac.
+    let mut lab = Lab::with_stable_privacy(3, &[3]);
+    lab.serve(2, &["tcp:8080", "tcp:9090"]);
+    let ll3 = lab.link_local(3);
+    assert_ne!(ll3, cradle_secgroups::nft::eui64_link_local(mac(3)));
+
+    // The lab routes IPv6 before any rule.
+    expect(
+        "g1 -> g2 tcp6 8080, no firewall",
+        lab.tcp6(1, 2, 8080),
+        true,
+    );
+    expect(
+        "host -> g3's link-local, no firewall",
+        host_ping(&lab, &format!("{ll3}%vg3")),
+        true,
+    );
+
+    let g = id(0xaa);
+    let members = Members {
+        ipv4: BTreeSet::new(),
+        ipv6: BTreeSet::from(["fd00:77:0:3::2".parse().unwrap()]),
+    };
+    let g2 = vec![
+        tcp6(Direction::Ingress, 8080, "fd00:77:0:1::/64"),
+        echo6("::/0"),
+        from_group(
+            Direction::Ingress,
+            EtherType::IPv6,
+            Protocol::Tcp,
+            Some(9090),
+            g,
+        ),
+    ];
+    let g3 = vec![echo6("::/0")];
+    let enforcer = NftEnforcer::new(lab.host.nft(), "cradle");
+    enforcer
+        .full(
+            vec![
+                instance(1, vec![]),
+                instance(2, g2),
+                instance(3, g3.clone()),
+            ],
+            BTreeMap::from([(g, members)]),
+        )
+        .expect("the rules apply");
+
+    expect(
+        "g1 -> g2 tcp6 8080 (from its /64)",
+        lab.tcp6(1, 2, 8080),
+        true,
+    );
+    expect(
+        "g3 -> g2 tcp6 8080 (not its /64)",
+        lab.tcp6(3, 2, 8080),
+        false,
+    );
+    expect("g1 -> g2 ping6 (echo allowed)", lab.ping6(1, 2), true);
+    expect("g2 -> g1 ping6 (g1 has no rules)", lab.ping6(2, 1), false);
+    expect("g3 (in G) -> g2 tcp6 9090", lab.tcp6(3, 2, 9090), true);
+    expect("g1 (not in G) -> g2 tcp6 9090", lab.tcp6(1, 2, 9090), false);
+    expect(
+        "g1 -> g2 tcp6 8080 from an address not g1's",
+        {
+            lab.guest(1)
+                .ip(&["addr", "add", "fd00:77:0:1::99/64", "dev", "eth0", "nodad"]);
+            lab.probe(1, &["tcp", &addr6(2), "8080", "fd00:77:0:1::99"])
+        },
+        false,
+    );
+
+    // Guest 3's own link-local address is not its mac's: its answers from
+    // it are spoofing until the operator registers it.
+    let ll3_zoned = format!("{ll3}%vg3");
+    expect(
+        "host -> g3's link-local, unregistered",
+        host_ping(&lab, &ll3_zoned),
+        false,
+    );
+    let mut registered = instance(3, g3);
+    registered.ipv6.insert(ll3);
+    enforcer
+        .update(&Update {
+            instances: BTreeMap::from([(id(3), Some(registered))]),
+            groups: BTreeMap::new(),
+        })
+        .unwrap();
+    expect(
+        "host -> g3's link-local, registered",
+        host_ping(&lab, &ll3_zoned),
+        true,
+    );
+}
+
+/// Instance `k` of the crowd the lab's guests hide in: its interface does
+/// not exist, its rules look like a tenant's.
+fn crowd(k: u32) -> Enforced {
+    let [_, _, a, b] = k.to_be_bytes();
+    let g = id(0xaa);
+    let mut rules = vec![
+        tcp(Direction::Ingress, 22, 22, "10.0.0.0/8"),
+        tcp(Direction::Ingress, 443, 443, "0.0.0.0/0"),
+        tcp(Direction::Ingress, 8000, 8080, "192.168.0.0/16"),
+        udp(Direction::Ingress, 60000, 61000, "0.0.0.0/0"),
+        icmp_echo(Direction::Ingress, "0.0.0.0/0"),
+        tcp(Direction::Ingress, 5432, 5432, "fd00::/8"),
+        from_group(
+            Direction::Ingress,
+            EtherType::IPv4,
+            Protocol::Tcp,
+            Some(6379),
+            g,
+        ),
+    ];
+    if k.is_multiple_of(4) {
+        rules.push(tcp(Direction::Egress, 443, 443, "0.0.0.0/0"));
+    }
+    Enforced {
+        instance: uuid::Uuid::from_u128(0x5eed_0000 + u128::from(k)),
+        interface: format!("crowd{k:05}"),
+        mac: [0x02, 0xee, 0, 0, a, b],
+        ipv4: BTreeSet::from([Ipv4Addr::new(10, 200, a, b)]),
+        ipv6: BTreeSet::new(),
+        rules: sorted(rules),
+    }
+}
+
+#[test]
+fn ten_thousand_instances_and_real_packets_through_a_sample() {
+    let mut lab = Lab::new(3);
+    lab.serve(2, &["tcp:8080", "tcp:6379"]);
+    let g = id(0xaa);
+    // Group G: guest 1 and every fourth instance of the crowd.
+    let mut members = Members::default();
+    members.ipv4.insert(Ipv4Addr::new(10, 77, 1, 2));
+    let mut all: Vec<Enforced> = (0..9997).map(crowd).collect();
+    for e in all.iter().step_by(4) {
+        members.ipv4.extend(e.ipv4.iter().copied());
+    }
+    let g2 = vec![
+        tcp(Direction::Ingress, 8080, 8080, "10.77.1.2/32"),
+        from_group(
+            Direction::Ingress,
+            EtherType::IPv4,
+            Protocol::Tcp,
+            Some(6379),
+            g,
+        ),
+    ];
+    all.extend([guest(1, vec![]), guest(2, g2.clone()), guest(3, vec![])]);
+    let enforcer = NftEnforcer::new(lab.host.nft(), "cradle");
+    let started = std::time::Instant::now();
+    enforcer
+        .full(all, BTreeMap::from([(g, members.clone())]))
+        .expect("10,000 instances apply");
+    eprintln!(
+        "10,000 instances: {} elements applied in {:?}",
+        enforcer.applied().elements(),
+        started.elapsed()
+    );
+    assert_eq!(enforcer.applied().instances().len(), 10_000);
+
+    expect("g1 -> g2 tcp 8080", lab.tcp(1, 2, 8080), true);
+    expect("g3 -> g2 tcp 8080", lab.tcp(3, 2, 8080), false);
+    expect("g1 (in G) -> g2 tcp 6379", lab.tcp(1, 2, 6379), true);
+    expect("g3 (not in G) -> g2 tcp 6379", lab.tcp(3, 2, 6379), false);
+
+    // Changes among 10,000: g3 joins G, g1 loses its own rule on g2.
+    members.ipv4.insert(Ipv4Addr::new(10, 77, 3, 2));
+    let started = std::time::Instant::now();
+    enforcer
+        .update(&Update {
+            instances: BTreeMap::from([(id(2), Some(guest(2, g2[1..].to_vec())))]),
+            groups: BTreeMap::from([(g, members)]),
+        })
+        .unwrap();
+    eprintln!("one change among 10,000 instances: {:?}", started.elapsed());
+    expect("g3 (joined G) -> g2 tcp 6379", lab.tcp(3, 2, 6379), true);
+    expect(
+        "g1 -> g2 tcp 8080 after its rule went",
+        lab.tcp(1, 2, 8080),
+        false,
+    );
 }

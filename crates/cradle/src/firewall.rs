@@ -83,7 +83,7 @@ pub fn run(args: FirewallArgs) -> Result<()> {
                 Output::Json => writeln!(out, "{}", serde_json::to_string_pretty(&v)?)?,
                 Output::Table if dry_run => {
                     eprintln!("firewall: dry run, nothing applied");
-                    ruleset(&mut out, &v.ruleset)?;
+                    ruleset(&mut out, v.ruleset.as_deref().unwrap_or_default())?;
                 }
                 Output::Table => {
                     if !v.applied {

@@ -515,7 +515,7 @@ fn start_firewall(
         enforcer,
         desired,
         metrics,
-        Arc::new(move || counted.applied().elements()),
+        Arc::new(move || counted.elements()),
     );
     registry.set_firewall(Arc::new(worker));
     registry.enforce_all();

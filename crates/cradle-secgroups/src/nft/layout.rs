@@ -553,28 +553,66 @@ pub(super) fn instance_elems(
         let (Some(l4), Some(src)) = (l4_keys(rule), src_keys(rule, mark, tags_of)) else {
             continue;
         };
-        let is_egress = rule.direction == Direction::Egress;
-        egress |= is_egress;
-        for (s, sbytes) in &src {
-            for (l, lbytes) in &l4 {
-                let shape = Shape {
-                    egress: is_egress,
-                    v6: rule.ethertype == EtherType::IPv6,
-                    src: *s,
-                    l4: *l,
-                };
-                let mut k = KeyBuf::new().ifname(iface);
-                k.0.extend_from_slice(sbytes);
-                k.0.extend_from_slice(lbytes);
-                out.push(Elem::of(SetId::Shape(shape), k.done()));
-            }
-        }
+        egress |= rule.direction == Direction::Egress;
+        rule_elems(iface, rule, &src, &l4, &mut out);
     }
     if egress {
         out.push(Elem::of(
             base(Base::EgressOn),
             KeyBuf::new().ifname(iface).done(),
         ));
+    }
+    out.sort_by(|a, b| (a.set, &a.key).cmp(&(b.set, &b.key)));
+    out.dedup();
+    out
+}
+
+/// One rule's elements: one per remote key and l4 key.
+fn rule_elems(
+    iface: &str,
+    rule: &RuleSpec,
+    src: &[(Src, Vec<u8>)],
+    l4: &[(L4, Vec<u8>)],
+    out: &mut Vec<Elem>,
+) {
+    for (s, sbytes) in src {
+        for (l, lbytes) in l4 {
+            let shape = Shape {
+                egress: rule.direction == Direction::Egress,
+                v6: rule.ethertype == EtherType::IPv6,
+                src: *s,
+                l4: *l,
+            };
+            let mut k = KeyBuf::new().ifname(iface);
+            k.0.extend_from_slice(sbytes);
+            k.0.extend_from_slice(lbytes);
+            out.push(Elem::of(SetId::Shape(shape), k.done()));
+        }
+    }
+}
+
+/// The elements a new tag `n` (for the combination `groups`) adds to an
+/// instance: one per rule naming one of the groups, per l4 key. What
+/// [`instance_elems`] gives once `n` is among the groups' tags, minus what
+/// it gave before.
+pub(super) fn tag_elems(
+    e: &Enforced,
+    mark: MarkBits,
+    groups: &BTreeSet<Uuid>,
+    n: u32,
+) -> Vec<Elem> {
+    let mut out = Vec::new();
+    let src = [(Src::Tag, mark.value(n).to_ne_bytes().to_vec())];
+    for rule in &e.rules {
+        let Remote::Group(g) = rule.remote else {
+            continue;
+        };
+        if !groups.contains(&g) {
+            continue;
+        }
+        if let Some(l4) = l4_keys(rule) {
+            rule_elems(&e.interface, rule, &src, &l4, &mut out);
+        }
     }
     out.sort_by(|a, b| (a.set, &a.key).cmp(&(b.set, &b.key)));
     out.dedup();
@@ -750,7 +788,7 @@ impl Present {
 pub(super) fn full_skeleton(
     table: &str,
     shapes: &BTreeSet<Shape>,
-    tags: &BTreeSet<u32>,
+    tag_chains: u32,
     mark: MarkBits,
     present: Option<&Present>,
 ) -> String {
@@ -764,9 +802,9 @@ pub(super) fn full_skeleton(
     for set in all_sets(shapes) {
         set.declare(table, &mut out);
     }
-    for n in tags {
-        let _ = writeln!(out, "add chain inet {table} {}", tag_chain(*n));
-        rewrite_chain(table, &tag_chain(*n), &[tag_rule(*n, mark)], &mut out);
+    for n in 1..=tag_chains {
+        let _ = writeln!(out, "add chain inet {table} {}", tag_chain(n));
+        rewrite_chain(table, &tag_chain(n), &[tag_rule(n, mark)], &mut out);
     }
     for chain in FIXED_CHAINS {
         match hook(chain) {
@@ -797,7 +835,7 @@ pub(super) fn full_skeleton(
 
 /// After a full apply's elements: the tag chains no element jumps to any
 /// more (they cannot go before the tag maps are refilled).
-pub(super) fn full_cleanup(table: &str, tags: &BTreeSet<u32>, present: &Present) -> String {
+pub(super) fn full_cleanup(table: &str, tag_chains: u32, present: &Present) -> String {
     let mut out = String::new();
     if !present.table || present.foreign() {
         return out;
@@ -806,7 +844,7 @@ pub(super) fn full_cleanup(table: &str, tags: &BTreeSet<u32>, present: &Present)
         let stale = c
             .strip_prefix("id-")
             .and_then(|n| n.parse::<u32>().ok())
-            .is_some_and(|n| !tags.contains(&n));
+            .is_some_and(|n| n == 0 || n > tag_chains);
         if stale {
             let _ = writeln!(out, "delete chain inet {table} {c}");
         }
@@ -815,20 +853,20 @@ pub(super) fn full_cleanup(table: &str, tags: &BTreeSet<u32>, present: &Present)
 }
 
 /// What a change adds to the skeleton: sets for new shapes (and the
-/// lookup chains rewritten to consult them), chains for new tags. Empty
-/// when nothing is new.
+/// lookup chains rewritten to consult them), more tag chains. Empty when
+/// nothing is new.
 pub(super) fn delta_skeleton(
     table: &str,
     shapes: &BTreeSet<Shape>,
     new_shapes: &BTreeSet<Shape>,
-    new_tags: &BTreeSet<u32>,
+    new_chains: &BTreeSet<u32>,
     mark: MarkBits,
 ) -> String {
     let mut out = String::new();
     for s in new_shapes {
         SetId::Shape(*s).declare(table, &mut out);
     }
-    for n in new_tags {
+    for n in new_chains {
         let _ = writeln!(out, "add chain inet {table} {}", tag_chain(*n));
         rewrite_chain(table, &tag_chain(*n), &[tag_rule(*n, mark)], &mut out);
     }

@@ -81,10 +81,14 @@
 //!
 //! # Full apply
 //!
-//! The table's chains are rewritten in place by `nft -f` (one transaction)
-//! and every set is flushed and refilled in one netlink batch, so guests
-//! are filtered by the old elements until the new ones take over at once.
-//! A table of another layout (an older cradle's) is replaced whole.
+//! The table's chains are rewritten in place by `nft -f` (one transaction);
+//! then the sets are listed over netlink and one batch deletes what should
+//! not be there and adds what is missing, so guests are filtered by the old
+//! elements until the new ones take over at once, and a restart that
+//! changes nothing changes no element. (Flushing and refilling every set
+//! instead took 4 s at 417,000 elements: the kernel makes a transaction
+//! entry per element for the flush and again for the fill.) A table of
+//! another layout (an older cradle's) is replaced whole.
 //!
 //! # Cost per packet
 //!

@@ -7,9 +7,8 @@
 //! libnftnl and libmnl (GPL-2.0), which cradle's Apache-2.0 licence rules
 //! out; `netlink-packet-netfilter` (MIT) had the batch messages but not
 //! nf_tables set elements in the version on crates.io. What is needed here
-//! is small: three message types (new element, delete element, which
-//! without elements flushes a set) with nested key and verdict attributes,
-//! and reading the acknowledgements.
+//! is small: new element, delete element and the element listing, with
+//! nested key and verdict attributes, and reading the acknowledgements.
 //!
 //! Only the batch's last message asks for an acknowledgement: the kernel
 //! reports every failed message anyway, in order, before that one, so a
@@ -28,13 +27,16 @@ use super::plan::Op;
 
 const NFNL_SUBSYS_NFTABLES: u16 = 10;
 const NFT_MSG_NEWSETELEM: u16 = 12;
+const NFT_MSG_GETSETELEM: u16 = 13;
 const NFT_MSG_DELSETELEM: u16 = 14;
 const NFNL_MSG_BATCH_BEGIN: u16 = 16;
 const NFNL_MSG_BATCH_END: u16 = 17;
 const NLMSG_ERROR: u16 = 2;
+const NLMSG_DONE: u16 = 3;
 
 const NLM_F_REQUEST: u16 = 0x1;
 const NLM_F_ACK: u16 = 0x4;
+const NLM_F_DUMP: u16 = 0x300;
 const NLM_F_CREATE: u16 = 0x400;
 const NLA_F_NESTED: u16 = 0x8000;
 
@@ -75,6 +77,9 @@ fn in_netns(ns: &Option<String>) -> String {
         .map(|n| format!(" in network namespace {n}"))
         .unwrap_or_default()
 }
+
+/// A listed element: its key, and the chain its verdict jumps to (maps).
+pub(super) type ListedElem = (Box<[u8]>, Option<String>);
 
 /// An open `NETLINK_NETFILTER` socket.
 pub struct Netlink {
@@ -217,6 +222,73 @@ impl Netlink {
         }
     }
 
+    /// Every element of set `set` of `table`: its key, and for a map
+    /// whose data is a jump, the chain it jumps to.
+    pub(super) fn elements(
+        &mut self,
+        table: &str,
+        set: &str,
+    ) -> Result<Vec<ListedElem>, NetlinkError> {
+        let seq = self.next_seq();
+        let mut req = Vec::with_capacity(128);
+        header(
+            &mut req,
+            NFT_MSG_GETSETELEM,
+            NLM_F_REQUEST | NLM_F_DUMP,
+            seq,
+            NFPROTO_INET,
+            0,
+        );
+        req.extend_from_slice(&list_header(table, set));
+        let len = req.len() as u32;
+        req[0..4].copy_from_slice(&len.to_ne_bytes());
+        let kernel = SocketAddrNetlink::new(0, 0);
+        rustix::net::sendto(self.fd.as_fd(), &req, SendFlags::empty(), &kernel)
+            .map_err(io::Error::from)?;
+        let mut out = Vec::new();
+        let mut buf = vec![0u8; 256 * 1024];
+        loop {
+            let (_, n) = rustix::net::recv(self.fd.as_fd(), &mut buf[..], RecvFlags::empty())
+                .map_err(io::Error::from)?;
+            let mut at = 0;
+            while at + 16 <= n {
+                let len = u32::from_ne_bytes(buf[at..at + 4].try_into().unwrap()) as usize;
+                let kind = u16::from_ne_bytes(buf[at + 4..at + 6].try_into().unwrap());
+                let got = u32::from_ne_bytes(buf[at + 8..at + 12].try_into().unwrap());
+                if len < 16 || at + len > n {
+                    break;
+                }
+                let msg = &buf[at..at + len];
+                at += len.div_ceil(4) * 4;
+                if got != seq {
+                    continue;
+                }
+                match kind {
+                    NLMSG_DONE => return Ok(out),
+                    NLMSG_ERROR => {
+                        let code = i32::from_ne_bytes(msg[16..20].try_into().unwrap());
+                        if code != 0 {
+                            return Err(NetlinkError::Refused(vec![format!(
+                                "listing set {set}: {}",
+                                io::Error::from_raw_os_error(-code)
+                            )]));
+                        }
+                    }
+                    _ => {
+                        // nlmsghdr, nfgenmsg, then the list's attributes.
+                        for (t, v) in attrs(&msg[20..]) {
+                            if t == NFTA_SET_ELEM_LIST_ELEMENTS {
+                                for (_, elem) in attrs(v) {
+                                    out.push(element(elem));
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+
     fn next_seq(&mut self) -> u32 {
         self.seq = self.seq.wrapping_add(1);
         self.seq
@@ -297,15 +369,6 @@ fn encode(table: &str, ops: &[Op]) -> Vec<Message> {
     let mut i = 0;
     while i < ops.len() {
         let (kind, flags, set) = match &ops[i] {
-            Op::Flush(set) => {
-                out.push(Message {
-                    kind: NFT_MSG_DELSETELEM,
-                    flags: 0,
-                    body: list_header(table, &set.name()),
-                });
-                i += 1;
-                continue;
-            }
             Op::Add(e) => (NFT_MSG_NEWSETELEM, NLM_F_CREATE, e.set),
             Op::Del(e) => (NFT_MSG_DELSETELEM, 0, e.set),
         };
@@ -344,4 +407,50 @@ fn encode(table: &str, ops: &[Op]) -> Vec<Message> {
         out.push(Message { kind, flags, body });
     }
     out
+}
+
+/// The attributes in `b`: (type without flags, payload).
+fn attrs(b: &[u8]) -> Vec<(u16, &[u8])> {
+    let mut out = Vec::new();
+    let mut at = 0;
+    while at + 4 <= b.len() {
+        let len = u16::from_ne_bytes([b[at], b[at + 1]]) as usize;
+        let kind = u16::from_ne_bytes([b[at + 2], b[at + 3]]) & 0x3fff;
+        if len < 4 || at + len > b.len() {
+            break;
+        }
+        out.push((kind, &b[at + 4..at + len]));
+        at += len.div_ceil(4) * 4;
+    }
+    out
+}
+
+/// One listed element: its key, and the chain its verdict jumps to.
+fn element(b: &[u8]) -> ListedElem {
+    let mut key: Box<[u8]> = Box::new([]);
+    let mut chain = None;
+    for (t, v) in attrs(b) {
+        match t {
+            NFTA_SET_ELEM_KEY => {
+                if let Some((_, k)) = attrs(v).into_iter().find(|(t, _)| *t == NFTA_DATA_VALUE) {
+                    key = k.into();
+                }
+            }
+            NFTA_SET_ELEM_DATA => {
+                for (t, verdict) in attrs(v) {
+                    if t != NFTA_DATA_VERDICT {
+                        continue;
+                    }
+                    for (t, c) in attrs(verdict) {
+                        if t == NFTA_VERDICT_CHAIN {
+                            let end = c.iter().position(|x| *x == 0).unwrap_or(c.len());
+                            chain = Some(String::from_utf8_lossy(&c[..end]).into_owned());
+                        }
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    (key, chain)
 }

@@ -17,7 +17,7 @@ use uuid::Uuid;
 
 use super::layout::Present;
 use super::netlink::{Netlink, NetlinkError};
-use super::plan::OutOfTags;
+use super::plan::{Listed, OutOfTags};
 use super::{Firewall, MarkBits, Plan, Skipped};
 use crate::{Enforced, Members, Update};
 
@@ -275,6 +275,11 @@ impl NftEnforcer {
         self.lock().clone()
     }
 
+    /// How many elements the table holds (without copying the state).
+    pub fn elements(&self) -> usize {
+        self.lock().elements()
+    }
+
     /// Instances given but not enforced (see [`Firewall::unenforced`]).
     /// They are not errors: the rest is applied, and applying again would
     /// not change them.
@@ -294,7 +299,19 @@ impl NftEnforcer {
         let plan = fw.plan_full(instances, &groups)?;
         let present = self.nft.present(fw.table())?;
         self.nft.apply_text(&plan.script(Some(&present)))?;
-        self.elements(fw.table(), &plan)?;
+        let table = fw.table().to_string();
+        self.with_netlink(|nl| {
+            let mut listed = Listed::new();
+            for set in plan.sets() {
+                let elems = nl.elements(&table, &set.name())?;
+                let tags = elems.into_iter().map(|(key, chain)| {
+                    let tag = chain.and_then(|c| c.strip_prefix("id-")?.parse().ok());
+                    (key, tag)
+                });
+                listed.insert(set, tags.collect());
+            }
+            nl.apply(&table, &plan.against(&listed))
+        })?;
         let cleanup = plan.cleanup(&present);
         fw.commit(plan);
         if !cleanup.is_empty() {
@@ -319,19 +336,27 @@ impl NftEnforcer {
         if !script.is_empty() {
             self.nft.apply_text(&script)?;
         }
-        self.elements(fw.table(), &plan)?;
+        self.apply_elements(fw.table(), &plan)?;
         fw.commit(plan);
         Ok(())
     }
 
-    fn elements(&self, table: &str, plan: &Plan) -> Result<(), NftError> {
+    fn apply_elements(&self, table: &str, plan: &Plan) -> Result<(), NftError> {
+        self.with_netlink(|nl| nl.apply(table, &plan.ops))
+    }
+
+    /// Run `f` with the netlink socket, opened on first use. A socket that
+    /// failed is not trusted again.
+    fn with_netlink(
+        &self,
+        f: impl FnOnce(&mut Netlink) -> Result<(), NetlinkError>,
+    ) -> Result<(), NftError> {
         let mut nl = self.netlink.lock().unwrap_or_else(|e| e.into_inner());
         if nl.is_none() {
             *nl = Some(Netlink::open(self.nft.netns.as_deref())?);
         }
-        let result = nl.as_mut().expect("just opened").apply(table, &plan.ops);
+        let result = f(nl.as_mut().expect("just opened"));
         if let Err(NetlinkError::Io(_)) = &result {
-            // A socket that failed is not trusted again.
             *nl = None;
         }
         Ok(result?)
