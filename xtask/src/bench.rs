@@ -144,6 +144,18 @@ pub(crate) fn start_cradle(
     log: &Path,
     config: Option<&Path>,
 ) -> Result<Cradle> {
+    start_cradle_with(bin, data_dir, log, config, &[])
+}
+
+/// [`start_cradle`], with environment variables set over its own (such as
+/// `CRADLE_FIREWALL_ENABLED=true`, for a firewall in a namespace).
+pub(crate) fn start_cradle_with(
+    bin: &Path,
+    data_dir: &Path,
+    log: &Path,
+    config: Option<&Path>,
+    env: &[(&str, &str)],
+) -> Result<Cradle> {
     let log_file = std::fs::File::create(log)?;
     let mut cmd = Command::new(bin);
     cmd.arg("serve");
@@ -162,6 +174,7 @@ pub(crate) fn start_cradle(
         .env("RUST_LOG", "warn")
         // Benchmarks run in the machine's own namespace: no firewall there.
         .env("CRADLE_FIREWALL_ENABLED", "false")
+        .envs(env.iter().copied())
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(log_file)

@@ -18,6 +18,9 @@
 //!
 //! Every timed step is checked: the changes must apply, and `guest_ifaces`
 //! must list every instance afterwards.
+//!
+//! Then (unless `--api-runs 0`) `bench_firewall_api`: the layout before and
+//! today's side by side through `cradle serve`, timed by real packets.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::{Ipv4Addr, Ipv6Addr};
@@ -46,6 +49,8 @@ pub struct Options {
     instances: Vec<usize>,
     runs: usize,
     changes: usize,
+    /// Runs of the side-by-side through the API (0: skip it).
+    api_runs: usize,
 }
 
 impl Options {
@@ -54,6 +59,7 @@ impl Options {
             instances: vec![1000, 10000],
             runs: 3,
             changes: 10,
+            api_runs: 5,
         };
         for (flag, v) in flags::pairs(args)? {
             match flag {
@@ -65,6 +71,7 @@ impl Options {
                 }
                 "--runs" => o.runs = flags::number(flag, v, 1)?,
                 "--changes" => o.changes = flags::number(flag, v, 1)?,
+                "--api-runs" => o.api_runs = flags::number(flag, v, 0)?,
                 other => bail!("unknown option {other:?} (see `cargo xtask --help`)"),
             }
         }
@@ -143,7 +150,8 @@ fn rule(
     }
 }
 
-/// Instance `k`'s 20 rules; `variant` changes one port, for the changes.
+/// Instance `k`'s 20 rules; `variant` moves one single-port rule, for the
+/// changes.
 fn rules(k: usize, variant: u16) -> Vec<RuleSpec> {
     use Direction::{Egress, Ingress};
     use EtherType::{IPv4, IPv6};
@@ -166,7 +174,7 @@ fn rules(k: usize, variant: u16) -> Vec<RuleSpec> {
             Ingress,
             IPv4,
             Tcp,
-            ports(8000 + variant, 8080 + variant),
+            ports(8000, 8080),
             cidr(v4nets[(k + 1) % 4]),
         ),
         rule(Ingress, IPv4, Tcp, ports(9100, 9100), cidr("10.0.0.0/8")),
@@ -178,7 +186,10 @@ fn rules(k: usize, variant: u16) -> Vec<RuleSpec> {
             Ingress,
             IPv4,
             Tcp,
-            ports(3000 + (k % 100) as u16, 3000 + (k % 100) as u16),
+            ports(
+                3000 + (k % 100) as u16 + variant,
+                3000 + (k % 100) as u16 + variant,
+            ),
             cidr("198.51.100.0/24"),
         ),
         rule(Ingress, IPv4, Tcp, ports(6379, 6379), cidr("10.1.0.0/16")),
@@ -235,6 +246,20 @@ fn rules(k: usize, variant: u16) -> Vec<RuleSpec> {
     r.sort();
     r.dedup();
     r
+}
+
+/// A tcp rule from `net`, port `7000 + p`.
+fn rule_spec_from(net: &str, p: u16) -> RuleSpec {
+    rule(
+        Direction::Ingress,
+        EtherType::IPv4,
+        Protocol::Tcp,
+        Match::Ports {
+            from: 7000 + p,
+            to: 7000 + p,
+        },
+        cidr(net),
+    )
 }
 
 fn instance(k: usize, variant: u16) -> Enforced {
@@ -294,6 +319,7 @@ struct Row {
     load_s: f64,
     replace_s: f64,
     rule_ms: f64,
+    shape_ms: f64,
     member_ms: f64,
     create_ms: f64,
     max_ms: f64,
@@ -301,13 +327,14 @@ struct Row {
 
 fn print_header() {
     println!(
-        "{:>7} {:>9} {:>8} {:>8} {:>10} {:>8} {:>10} {:>10} {:>8}",
+        "{:>7} {:>9} {:>8} {:>8} {:>10} {:>8} {:>9} {:>10} {:>10} {:>8}",
         "N",
         "elements",
         "plan ms",
         "load s",
         "replace s",
         "rule ms",
+        "shape ms",
         "member ms",
         "create ms",
         "max ms"
@@ -316,13 +343,14 @@ fn print_header() {
 
 fn print_row(r: &Row) {
     println!(
-        "{:>7} {:>9} {:>8.0} {:>8.3} {:>10.3} {:>8.2} {:>10.2} {:>10.2} {:>8.2}",
+        "{:>7} {:>9} {:>8.0} {:>8.3} {:>10.3} {:>8.2} {:>9.2} {:>10.2} {:>10.2} {:>8.2}",
         r.n,
         r.elements,
         r.plan_ms,
         r.load_s,
         r.replace_s,
         r.rule_ms,
+        r.shape_ms,
         r.member_ms,
         r.create_ms,
         r.max_ms
@@ -370,9 +398,10 @@ fn one_run(nft: &Nft, n: usize, changes: usize, run: usize) -> Result<Row> {
         .map_err(|e| anyhow!("full re-apply: {e}"))?;
     let replace_s = started.elapsed().as_secs_f64();
 
-    let (mut rule, mut member, mut create) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut rule, mut shape, mut member, mut create) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for c in 0..changes {
-        // One instance's rule: a port range moved.
+        // One instance's rule: a port moved.
         let k = (c * 7919 + run * 104_729) % n;
         let variant = 1 + (c + run * changes) as u16 % 900;
         let update = Update {
@@ -383,6 +412,23 @@ fn one_run(nft: &Nft, n: usize, changes: usize, run: usize) -> Result<Row> {
             enforcer
                 .update(&update)
                 .map_err(|e| anyhow!("rule change: {e}"))
+        })?);
+
+        // A rule of a kind no rule had: a prefix length none uses (a new
+        // set, and the lookup chain rewritten, through nft).
+        let mut e = instance(k, variant);
+        let prefix = 17 + (c + run * changes) % 7;
+        e.rules
+            .push(rule_spec_from(&format!("100.64.0.0/{prefix}"), c as u16));
+        e.rules.sort();
+        let update = Update {
+            instances: BTreeMap::from([(uuid(0x01, k), Some(e))]),
+            groups: BTreeMap::new(),
+        };
+        shape.push(timed(|| {
+            enforcer
+                .update(&update)
+                .map_err(|e| anyhow!("new shape: {e}"))
         })?);
 
         // One membership: an instance joins a group.
@@ -412,6 +458,7 @@ fn one_run(nft: &Nft, n: usize, changes: usize, run: usize) -> Result<Row> {
     }
     let max_ms = rule
         .iter()
+        .chain(&shape)
         .chain(&member)
         .chain(&create)
         .copied()
@@ -427,6 +474,7 @@ fn one_run(nft: &Nft, n: usize, changes: usize, run: usize) -> Result<Row> {
         load_s,
         replace_s,
         rule_ms: median(rule),
+        shape_ms: median(shape),
         member_ms: median(member),
         create_ms: median(create),
         max_ms,
@@ -475,6 +523,7 @@ pub fn run(o: Options) -> Result<()> {
             load_s: med(|r| r.load_s),
             replace_s: med(|r| r.replace_s),
             rule_ms: med(|r| r.rule_ms),
+            shape_ms: med(|r| r.shape_ms),
             member_ms: med(|r| r.member_ms),
             create_ms: med(|r| r.create_ms),
             max_ms: runs.iter().map(|r| r.max_ms).fold(0.0, f64::max),
@@ -491,8 +540,9 @@ pub fn run(o: Options) -> Result<()> {
     println!("    plan: the whole table's elements planned (Rust only)");
     println!("    load: NftEnforcer::full with no table; replace: the same over the table");
     println!(
-        "    rule / member / create: NftEnforcer::update of one instance's rules, one group \
-         membership, one new instance, until the kernel acknowledged the committed batch"
+        "    rule / member / create: NftEnforcer::update of one instance's rule (a port \
+         moved), one group membership, one new instance, until the kernel acknowledged the \
+         committed batch; shape: a rule of a kind no rule had (its set made through nft)"
     );
     print_header();
     for r in &rows {
@@ -529,6 +579,10 @@ pub fn run(o: Options) -> Result<()> {
                 f(last) / f(first)
             );
         }
+    }
+    if o.api_runs > 0 {
+        println!();
+        crate::bench_firewall_api::run(&o.instances, o.api_runs)?;
     }
     Ok(())
 }

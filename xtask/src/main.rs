@@ -16,6 +16,7 @@ mod bench_agent;
 mod bench_cluster;
 mod bench_drive;
 mod bench_firewall;
+mod bench_firewall_api;
 mod bench_install;
 mod bench_personalize;
 mod bench_remote;
@@ -97,13 +98,16 @@ tasks:
       --fetches N            fetches per instance, one after another [10]
       --concurrency N        instances fetching at once [128]
       --runs N               repeat the measurements; report medians [1]
-  bench firewall       security groups in nftables, in a network namespace of its
-                       own (as root): N instances x 20 rules; times rendering,
-                       loading the whole table, and one instance's rule change
-                       with all N loaded; options:
+  bench firewall       security groups in nftables, in network namespaces of its
+                       own (as root): N instances x 20 rules; times planning, a
+                       full apply, one rule, membership and instance change with
+                       all N loaded; then the layout before (cradle built at
+                       dab89b7) and today's side by side through cradle serve,
+                       each step timed by real packets; options:
       --instances LIST       comma-separated instance counts [1000,10000]
-      --runs N               repeat the measurements; report medians [3]
+      --runs N               repeat the in-process measurements [3]
       --changes N            single changes timed per run; median [10]
+      --api-runs N           runs of the side-by-side (0: skip it) [5]
   bench remote         copy a dense and a sparse file to a local sshd (as root)
                        with cradle-remotefs's ssh and rsync drivers, and with
                        the bare scp (SFTP and -O) and rsync command lines, in
