@@ -5,7 +5,8 @@
 //! real guest (a network namespace behind a veth) passes or is dropped.
 //!
 //! A "host" namespace routes four guests (`vg1`..`vg4`, 10.77.K.2). N
-//! instances are registered once per N with the firewall off (three of
+//! instances are registered once per N with the firewall off (by the old
+//! cradle, whose registry the new one migrates) (three of
 //! them are guests 1 to 3; the others' interfaces do not exist), with 20
 //! tenant default rules, two of them from groups `web` and `db`; guest 1 is
 //! in `web`. Then, for each layout and run, on a copy of that data dir:
@@ -488,7 +489,9 @@ pub(crate) fn run(instances: &[usize], runs: usize) -> Result<()> {
     for &n in instances {
         let template = tmp.path().join(format!("n{n}"));
         std::fs::create_dir_all(&template)?;
-        populate(&new, &template, n)?;
+        // By the old cradle: the new one migrates its copies of the
+        // registry, the old one could not read a newer one.
+        populate(&old, &template, n)?;
         let mut by_layout: Vec<(&str, Vec<Run>)> = Vec::new();
         for (layout, bin) in [("before", &old), ("sets", &new)] {
             let mut got = Vec::new();

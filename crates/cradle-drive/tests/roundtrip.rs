@@ -241,6 +241,7 @@ prop_compose! {
             files: files.iter().map(|(p, c)| (p.clone(), b64(c))).collect(),
             metadata_address: Some(format!("10.{a}.{b}.{}", c.max(1))),
             local_ipv6: None,
+            link_local_ipv6: None,
             interface: None,
             local_ipv4: Some(match addr.1 {
                 Some(prefix) => format!("10.{a}.{b}.{}/{prefix}", c.max(1)),

@@ -80,6 +80,10 @@ pub struct InstanceSpec {
     pub local_ipv4: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub local_ipv6: Option<String>,
+    /// Its link-local IPv6 address (fe80::/10), when it is not the EUI-64
+    /// one of its mac (RFC 7217 stable privacy), for anti-spoofing.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub link_local_ipv6: Option<String>,
     /// The guest's interface on the host, for the firewall.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub interface: Option<String>,
@@ -219,6 +223,9 @@ pub struct InstancePatch {
     pub local_ipv6: Patch<String>,
     #[serde(default, skip_serializing_if = "Patch::is_absent")]
     #[schema(value_type = Option<String>)]
+    pub link_local_ipv6: Patch<String>,
+    #[serde(default, skip_serializing_if = "Patch::is_absent")]
+    #[schema(value_type = Option<String>)]
     pub interface: Patch<String>,
     #[serde(default, skip_serializing_if = "Patch::is_absent")]
     #[schema(value_type = Option<String>)]
@@ -309,6 +316,9 @@ pub struct InstanceView {
     #[schema(value_type = Option<String>)]
     pub local_ipv6: Option<Ipv6Addr>,
     #[serde(default)]
+    #[schema(value_type = Option<String>)]
+    pub link_local_ipv6: Option<Ipv6Addr>,
+    #[serde(default)]
     pub interface: Option<String>,
     #[schema(value_type = Option<String>)]
     pub gateway_ipv4: Option<Ipv4Addr>,
@@ -394,6 +404,7 @@ impl From<&Instance> for InstanceView {
             mac: i.mac.clone(),
             local_ipv4: i.local_ipv4,
             local_ipv6: i.local_ipv6,
+            link_local_ipv6: i.link_local_ipv6,
             interface: i.interface.clone(),
             gateway_ipv4: i.gateway_ipv4,
             dns_nameservers: i.dns_nameservers.clone(),
@@ -755,6 +766,17 @@ fn parse_ipv6(v: &str) -> Result<Ipv6Addr, Invalid> {
         .or_else(|_| invalid("local_ipv6", format!("{v:?} is not an IPv6 address")))
 }
 
+fn parse_link_local(v: &str) -> Result<Ipv6Addr, Invalid> {
+    match v.parse::<Ipv6Addr>() {
+        Ok(a) if a.is_unicast_link_local() => Ok(a),
+        Ok(_) => invalid(
+            "link_local_ipv6",
+            format!("{v:?} is not a link-local address (fe80::/10)"),
+        ),
+        Err(_) => invalid("link_local_ipv6", format!("{v:?} is not an IPv6 address")),
+    }
+}
+
 /// A Linux interface name: 1 to 15 bytes, no `/`, whitespace or `:`, not
 /// `.` or `..`.
 fn parse_interface(v: &str) -> Result<String, Invalid> {
@@ -917,6 +939,11 @@ impl InstanceSpec {
             .map(parse_host_addr)
             .transpose()?;
         let local_ipv6 = self.local_ipv6.as_deref().map(parse_ipv6).transpose()?;
+        let link_local_ipv6 = self
+            .link_local_ipv6
+            .as_deref()
+            .map(parse_link_local)
+            .transpose()?;
         let interface = self.interface.as_deref().map(parse_interface).transpose()?;
         let gateway_ipv4 = self
             .gateway_ipv4
@@ -971,6 +998,7 @@ impl InstanceSpec {
             mac,
             local_ipv4,
             local_ipv6,
+            link_local_ipv6,
             interface,
             gateway_ipv4,
             dns_nameservers,
@@ -1070,6 +1098,11 @@ impl InstancePatch {
             Patch::Absent => {}
             Patch::Null => i.local_ipv6 = None,
             Patch::Value(v) => i.local_ipv6 = Some(parse_ipv6(&v)?),
+        }
+        match self.link_local_ipv6 {
+            Patch::Absent => {}
+            Patch::Null => i.link_local_ipv6 = None,
+            Patch::Value(v) => i.link_local_ipv6 = Some(parse_link_local(&v)?),
         }
         match self.interface {
             Patch::Absent => {}

@@ -54,6 +54,9 @@ pub struct Instance {
     pub local_ipv4: Option<HostAddr>,
     /// The guest's IPv6 address, if it has one.
     pub local_ipv6: Option<Ipv6Addr>,
+    /// Its IPv6 link-local address when that is not the one its mac gives
+    /// (RFC 7217 stable privacy): anti-spoofing lets it through too.
+    pub link_local_ipv6: Option<Ipv6Addr>,
     /// Its network interface on the host (its tap, or the host end of a
     /// veth): where the firewall meets its traffic. Unset: not enforced.
     pub interface: Option<String>,

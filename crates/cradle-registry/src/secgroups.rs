@@ -19,13 +19,21 @@ use uuid::Uuid;
 
 use super::{Index, Registry, RegistryError, now};
 
-/// What of an instance the firewall uses; a change to it re-renders the
+/// What of an instance the firewall uses (its interface, mac, member
+/// addresses, and link-local address); a change to it re-renders the
 /// instance and the member sets of its groups.
-pub(crate) fn enforced_identity(i: &Instance) -> (Option<&str>, &str, Vec<IpAddr>) {
+pub(crate) fn enforced_identity(
+    i: &Instance,
+) -> (Option<&str>, &str, Vec<IpAddr>, Option<std::net::Ipv6Addr>) {
     let mut addrs: Vec<IpAddr> = vec![i.metadata_address];
     addrs.extend(i.local_ipv4.map(|h| IpAddr::V4(h.addr)));
     addrs.extend(i.local_ipv6.map(IpAddr::V6));
-    (i.interface.as_deref(), i.mac.as_str(), addrs)
+    (
+        i.interface.as_deref(),
+        i.mac.as_str(),
+        addrs,
+        i.link_local_ipv6,
+    )
 }
 
 fn members_of(i: &Instance, m: &mut Members) {
@@ -136,6 +144,9 @@ impl Registry {
         let mac = parse_mac(&i.mac)?;
         let mut m = Members::default();
         members_of(i, &mut m);
+        // Its own link-local address may be sent from, but is no member
+        // address of its groups: it means nothing off its link.
+        m.ipv6.extend(i.link_local_ipv6);
         Some(Enforced {
             instance: id,
             interface,

@@ -41,6 +41,8 @@ const MIGRATIONS: &[&str] = &[
     include_str!("../migrations/postgres/0008_cluster.sql"),
     // The same SQL in both dialects.
     include_str!("../migrations/sqlite/0009_agent.sql"),
+    // The same SQL in both dialects.
+    include_str!("../migrations/sqlite/0010_link_local.sql"),
 ];
 
 /// The LISTEN/NOTIFY channel.

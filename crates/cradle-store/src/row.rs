@@ -56,6 +56,7 @@ pub(crate) const COLUMNS: &[&str] = &[
     "secret_names",
     "run_params",
     "agent",
+    "link_local_ipv6",
 ];
 
 /// `SELECT` list: [`COLUMNS`], then `version`.
@@ -167,6 +168,7 @@ pub(crate) fn encode(i: &Instance) -> Vec<Value> {
         Value::Text(json(&i.stored_secret_names)),
         Value::Text(json(&i.run_params)),
         i.agent.as_ref().map(json).into(),
+        i.link_local_ipv6.map(|a| a.to_string()).into(),
     ]
 }
 
@@ -257,6 +259,10 @@ pub(crate) fn decode(r: &Row) -> Result<Instance, StoreError> {
             .opt_text(40)?
             .map(|a| serde_json::from_str(&a).map_err(|e| corrupt("agent", e)))
             .transpose()?,
-        version: r.int(41)?,
+        link_local_ipv6: r
+            .opt_text(41)?
+            .map(|v| v.parse().map_err(|e| corrupt("link_local_ipv6", e)))
+            .transpose()?,
+        version: r.int(42)?,
     })
 }

@@ -22,6 +22,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("../migrations/sqlite/0007_install_params.sql"),
     include_str!("../migrations/sqlite/0008_cluster.sql"),
     include_str!("../migrations/sqlite/0009_agent.sql"),
+    include_str!("../migrations/sqlite/0010_link_local.sql"),
 ];
 
 /// One SQLite connection behind a mutex: cradle's writes are small and the

@@ -53,6 +53,7 @@ fn instance() -> Instance {
         metadata_address: IpAddr::V4(Ipv4Addr::new(10, 0, 0, 5)),
         mac: s("fa:16:3e:01:02:03"),
         local_ipv6: None,
+        link_local_ipv6: None,
         interface: None,
         local_ipv4: None,
         gateway_ipv4: None,

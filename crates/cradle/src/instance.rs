@@ -188,6 +188,10 @@ struct Fields {
     /// The guest's IPv6 address.
     #[arg(long)]
     local_ipv6: Option<String>,
+    /// The guest's IPv6 link-local address, when it is not the one its mac
+    /// gives (RFC 7217 stable privacy): the firewall lets it through too.
+    #[arg(long, value_name = "FE80::…")]
+    link_local_ipv6: Option<String>,
     /// The guest's network interface on the host (its tap): where cradle's
     /// firewall enforces its security groups. Without one it is not enforced.
     #[arg(long, value_name = "IFNAME")]
@@ -652,6 +656,7 @@ fn build_spec(a: AddArgs) -> Result<InstanceSpec> {
         mac: f.mac,
         local_ipv4: f.local_ipv4,
         local_ipv6: f.local_ipv6,
+        link_local_ipv6: f.link_local_ipv6,
         interface: f.interface,
         gateway_ipv4: f.gateway_ipv4,
         dns_nameservers: f.dns,
@@ -739,6 +744,7 @@ fn build_patch(m: ModifyArgs) -> Result<InstancePatch> {
         mac: f.mac,
         local_ipv4: opt(f.local_ipv4),
         local_ipv6: opt(f.local_ipv6),
+        link_local_ipv6: opt(f.link_local_ipv6),
         interface: if m.clear_interface {
             Patch::Null
         } else {
@@ -833,6 +839,12 @@ fn print_instance(out: &mut impl Write, output: Output, v: &InstanceView) -> Res
         (
             "local ipv6",
             v.local_ipv6
+                .map(|a| a.to_string())
+                .unwrap_or_else(|| "-".into()),
+        ),
+        (
+            "link-local ipv6",
+            v.link_local_ipv6
                 .map(|a| a.to_string())
                 .unwrap_or_else(|| "-".into()),
         ),

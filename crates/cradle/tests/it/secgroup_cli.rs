@@ -804,6 +804,49 @@ fn firewall_show_and_dry_run_print_the_ruleset() {
         json!({"applied": false, "enforced": false, "ruleset": dry})
     );
 
+    // A guest whose link-local address is not its mac's (RFC 7217): the
+    // registered one may be sent from; a global one is refused for it.
+    cradle(
+        &s,
+        &[
+            "instance",
+            "add",
+            "web3",
+            "--metadata-address",
+            "127.0.0.9",
+            "--project",
+            "t1",
+            "--interface",
+            "tap-web3",
+            "--link-local-ipv6",
+            "2001:db8::7",
+        ],
+    )
+    .fails_with(&["link_local_ipv6", "not a link-local address", "HTTP 422"]);
+    add_instance(
+        &s,
+        "web3",
+        "127.0.0.9",
+        "t1",
+        &[
+            "--interface",
+            "tap-web3",
+            "--link-local-ipv6",
+            "fe80::1c2b:3a4d:5e6f:7081",
+        ],
+    );
+    let shown = cradle(&s, &["firewall", "show"]).success().stdout;
+    let src6 = shown
+        .lines()
+        .find(|l| l.starts_with("add element inet cradle src6 "))
+        .unwrap();
+    assert!(
+        src6.contains("\"tap-web3\" . ") && src6.contains(" . fe80::1c2b:3a4d:5e6f:7081"),
+        "{src6}"
+    );
+    let show = cradle(&s, &["instance", "show", "web3"]).success().stdout;
+    assert!(show.contains("fe80::1c2b:3a4d:5e6f:7081"), "{show}");
+
     // The harness runs serve with the firewall off: applying is refused.
     let r = cradle(&s, &["firewall", "apply"]).fails_with(&[
         "firewall is off",
