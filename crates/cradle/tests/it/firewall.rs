@@ -204,4 +204,26 @@ fn cradle_enforces_rules_as_they_change_and_after_a_restart() {
             "instance {id}'s interface vg{k} is missing from the ruleset"
         );
     }
+
+    // The worker's metrics: a full apply at start, nothing pending, and as
+    // many elements as the table holds.
+    let m = s.admin().fetch(route::metrics());
+    assert_eq!(m.status, 200);
+    let metrics = m.text();
+    let value = |name: &str| -> f64 {
+        metrics
+            .lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("no {name} in:\n{metrics}"))
+    };
+    assert!(value("cradle_firewall_apply_seconds_count{kind=\"full\"}") >= 1.0);
+    assert_eq!(value("cradle_firewall_backlog"), 0.0);
+    assert_eq!(value("cradle_firewall_failures_total"), 0.0);
+    assert_eq!(
+        value("cradle_firewall_elements"),
+        fw["elements"].as_f64().unwrap()
+    );
+    assert!(fw["elements"].as_u64().unwrap() > 0, "{fw}");
 }
