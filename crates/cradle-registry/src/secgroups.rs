@@ -113,13 +113,11 @@ impl Registry {
         let Some(state) = self.groups_read() else {
             return Ok(());
         };
-        let mut instances = BTreeSet::from([id]);
+        // The members of its groups change; the instances naming those
+        // groups keep their rules.
         let groups: BTreeSet<Uuid> = state.groups_of(id).into_iter().collect();
-        for g in &groups {
-            instances.extend(state.instances_referring_to(*g));
-        }
         drop(state);
-        self.enforce(instances, groups)
+        self.enforce(BTreeSet::from([id]), groups)
     }
 
     /// Set where enforcement goes. Call [`Registry::enforce_all`] next.

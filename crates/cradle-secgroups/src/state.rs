@@ -210,8 +210,7 @@ impl SecGroups {
             .map(|(g, _)| *g)
     }
 
-    /// Instances whose rules name `group` as their remote: they must be
-    /// re-rendered when its membership changes.
+    /// Instances whose rules name `group` as their remote.
     pub fn instances_referring_to(&self, group: Uuid) -> BTreeSet<Uuid> {
         self.referrers
             .get(&group)
@@ -588,9 +587,11 @@ impl SecGroups {
 
     // ---- what a change touches --------------------------------------
 
-    /// Instances whose chains, and groups whose member sets, `ops` change.
-    /// Call it before and after applying, and take the union: removals are
-    /// seen before, additions after.
+    /// Instances whose effective rules, and groups whose members, `ops`
+    /// change. Call it before and after applying, and take the union:
+    /// removals are seen before, additions after. (The instances whose rules
+    /// name a group are not touched by its membership: the firewall follows
+    /// the group's members.)
     pub fn affected(
         &self,
         ops: &[Op],
@@ -616,7 +617,6 @@ impl SecGroups {
                 Op::Attach { group, instance } | Op::Detach { group, instance } => {
                     instances.insert(*instance);
                     groups.insert(*group);
-                    instances.extend(self.instances_referring_to(*group));
                 }
                 Op::AddGroup(g) => {
                     groups.insert(g.id);

@@ -22,10 +22,14 @@ use std::time::Duration;
 use rustix::net::netlink::SocketAddrNetlink;
 use rustix::net::{AddressFamily, RecvFlags, SendFlags, SocketFlags, SocketType};
 
-use super::layout::tag_chain;
-use super::plan::Op;
+use super::layout::Elem;
+use super::layout::{Present, tag_chain};
+use super::plan::OpRef;
 
 const NFNL_SUBSYS_NFTABLES: u16 = 10;
+const NFT_MSG_GETTABLE: u16 = 1;
+const NFT_MSG_GETCHAIN: u16 = 4;
+const NFT_MSG_GETSET: u16 = 10;
 const NFT_MSG_NEWSETELEM: u16 = 12;
 const NFT_MSG_GETSETELEM: u16 = 13;
 const NFT_MSG_DELSETELEM: u16 = 14;
@@ -42,6 +46,9 @@ const NLA_F_NESTED: u16 = 0x8000;
 
 const NFPROTO_INET: u8 = 1;
 
+const NFTA_TABLE_NAME: u16 = 1;
+const NFTA_CHAIN_NAME: u16 = 3;
+const NFTA_SET_NAME: u16 = 2;
 const NFTA_SET_ELEM_LIST_TABLE: u16 = 1;
 const NFTA_SET_ELEM_LIST_SET: u16 = 2;
 const NFTA_SET_ELEM_LIST_ELEMENTS: u16 = 3;
@@ -67,9 +74,22 @@ pub enum NetlinkError {
     },
     #[error("netlink: {0}")]
     Io(#[from] io::Error),
-    /// The kernel refused the batch (nothing of it was applied).
+    /// The kernel refused the batch (nothing of it was applied), or a
+    /// listing.
     #[error("the kernel refused the element batch: {}", .0.join("; "))]
     Refused(Vec<String>),
+}
+
+impl NetlinkError {
+    /// The same error, its messages prefixed with what was being done.
+    fn what(self, doing: &str) -> NetlinkError {
+        match self {
+            NetlinkError::Refused(m) => {
+                NetlinkError::Refused(m.into_iter().map(|m| format!("{doing}: {m}")).collect())
+            }
+            other => other,
+        }
+    }
 }
 
 fn in_netns(ns: &Option<String>) -> String {
@@ -120,7 +140,7 @@ impl Netlink {
     }
 
     /// Apply `ops` to `table` (family inet) as one transaction.
-    pub(super) fn apply(&mut self, table: &str, ops: &[Op]) -> Result<(), NetlinkError> {
+    pub(super) fn apply(&mut self, table: &str, ops: &[OpRef]) -> Result<(), NetlinkError> {
         if ops.is_empty() {
             return Ok(());
         }
@@ -229,23 +249,74 @@ impl Netlink {
         table: &str,
         set: &str,
     ) -> Result<Vec<ListedElem>, NetlinkError> {
+        let mut out = Vec::new();
+        self.dump(NFT_MSG_GETSETELEM, &list_header(table, set), |attrs_of| {
+            for (t, v) in attrs_of {
+                if t == NFTA_SET_ELEM_LIST_ELEMENTS {
+                    out.extend(attrs(v).into_iter().map(|(_, e)| element(e)));
+                }
+            }
+        })
+        .map_err(|e| e.what(&format!("listing set {set}")))?;
+        Ok(out)
+    }
+
+    /// What `table` holds besides elements: whether it exists, its sets'
+    /// and its chains' names. (Listing it with nft fetches every element
+    /// first: 3 s at 400,000.)
+    pub(super) fn present(&mut self, table: &str) -> Result<Present, NetlinkError> {
+        let mut p = Present::default();
+        let mut req = Vec::new();
+        string(&mut req, NFTA_TABLE_NAME, table);
+        self.dump(NFT_MSG_GETTABLE, &[], |a| {
+            if a.iter()
+                .any(|(t, v)| *t == NFTA_TABLE_NAME && name(v) == table)
+            {
+                p.table = true;
+            }
+        })?;
+        if !p.table {
+            return Ok(p);
+        }
+        for (kind, name_attr, into) in [
+            (NFT_MSG_GETSET, NFTA_SET_NAME, &mut p.sets),
+            (NFT_MSG_GETCHAIN, NFTA_CHAIN_NAME, &mut p.chains),
+        ] {
+            self.dump(kind, &req, |a| {
+                // Attribute 1 is the table in both replies.
+                let mine = a.iter().any(|(t, v)| *t == 1 && name(v) == table);
+                if let Some((_, v)) = a.iter().find(|(t, _)| *t == name_attr).filter(|_| mine) {
+                    into.insert(name(v).to_string());
+                }
+            })?;
+        }
+        Ok(p)
+    }
+
+    /// Send a dump request of `kind` with attributes `body`; `each` gets
+    /// every reply's attributes.
+    fn dump(
+        &mut self,
+        kind: u16,
+        body: &[u8],
+        mut each: impl FnMut(Vec<(u16, &[u8])>),
+    ) -> Result<(), NetlinkError> {
         let seq = self.next_seq();
         let mut req = Vec::with_capacity(128);
         header(
             &mut req,
-            NFT_MSG_GETSETELEM,
+            kind,
             NLM_F_REQUEST | NLM_F_DUMP,
             seq,
             NFPROTO_INET,
             0,
         );
-        req.extend_from_slice(&list_header(table, set));
+        req.extend_from_slice(body);
         let len = req.len() as u32;
         req[0..4].copy_from_slice(&len.to_ne_bytes());
         let kernel = SocketAddrNetlink::new(0, 0);
         rustix::net::sendto(self.fd.as_fd(), &req, SendFlags::empty(), &kernel)
             .map_err(io::Error::from)?;
-        let mut out = Vec::new();
         let mut buf = vec![0u8; 256 * 1024];
         loop {
             let (_, n) = rustix::net::recv(self.fd.as_fd(), &mut buf[..], RecvFlags::empty())
@@ -264,26 +335,18 @@ impl Netlink {
                     continue;
                 }
                 match kind {
-                    NLMSG_DONE => return Ok(out),
+                    NLMSG_DONE => return Ok(()),
                     NLMSG_ERROR => {
                         let code = i32::from_ne_bytes(msg[16..20].try_into().unwrap());
                         if code != 0 {
-                            return Err(NetlinkError::Refused(vec![format!(
-                                "listing set {set}: {}",
-                                io::Error::from_raw_os_error(-code)
-                            )]));
+                            return Err(NetlinkError::Refused(vec![
+                                io::Error::from_raw_os_error(-code).to_string(),
+                            ]));
                         }
                     }
-                    _ => {
-                        // nlmsghdr, nfgenmsg, then the list's attributes.
-                        for (t, v) in attrs(&msg[20..]) {
-                            if t == NFTA_SET_ELEM_LIST_ELEMENTS {
-                                for (_, elem) in attrs(v) {
-                                    out.push(element(elem));
-                                }
-                            }
-                        }
-                    }
+                    // nlmsghdr, nfgenmsg, then the object's attributes.
+                    _ if msg.len() >= 20 => each(attrs(&msg[20..])),
+                    _ => {}
                 }
             }
         }
@@ -364,40 +427,25 @@ fn list_header(table: &str, set: &str) -> Vec<u8> {
 
 /// The messages for `ops`, in order: consecutive additions (or deletions)
 /// to one set share messages of up to [`MAX_MESSAGE`] bytes.
-fn encode(table: &str, ops: &[Op]) -> Vec<Message> {
+fn encode(table: &str, ops: &[OpRef]) -> Vec<Message> {
     let mut out = Vec::new();
     let mut i = 0;
     while i < ops.len() {
-        let (kind, flags, set) = match &ops[i] {
-            Op::Add(e) => (NFT_MSG_NEWSETELEM, NLM_F_CREATE, e.set),
-            Op::Del(e) => (NFT_MSG_DELSETELEM, 0, e.set),
+        let (add, first) = ops[i];
+        let (kind, flags) = if add {
+            (NFT_MSG_NEWSETELEM, NLM_F_CREATE)
+        } else {
+            (NFT_MSG_DELSETELEM, 0)
         };
+        let set = first.set;
         let mut body = list_header(table, &set.name());
         let start = body.len();
         body.extend_from_slice(&[0; 4]);
-        while let Some(op @ (Op::Add(e) | Op::Del(e))) = ops.get(i) {
-            let same_kind = matches!(
-                (op, kind),
-                (Op::Add(_), NFT_MSG_NEWSETELEM) | (Op::Del(_), NFT_MSG_DELSETELEM)
-            );
-            if e.set != set || !same_kind || body.len() - start > MAX_MESSAGE {
+        while let Some((a, e)) = ops.get(i) {
+            if e.set != set || *a != add || body.len() - start > MAX_MESSAGE {
                 break;
             }
-            attr(&mut body, NFTA_LIST_ELEM | NLA_F_NESTED, |o| {
-                attr(o, NFTA_SET_ELEM_KEY | NLA_F_NESTED, |o| {
-                    attr(o, NFTA_DATA_VALUE, |o| o.extend_from_slice(&e.key));
-                });
-                if let (Op::Add(_), Some(n)) = (op, e.tag) {
-                    attr(o, NFTA_SET_ELEM_DATA | NLA_F_NESTED, |o| {
-                        attr(o, NFTA_DATA_VERDICT | NLA_F_NESTED, |o| {
-                            attr(o, NFTA_VERDICT_CODE, |o| {
-                                o.extend_from_slice(&NFT_JUMP.to_be_bytes())
-                            });
-                            string(o, NFTA_VERDICT_CHAIN, &tag_chain(n));
-                        });
-                    });
-                }
-            });
+            element_attr(&mut body, e, add);
             i += 1;
         }
         let len = (body.len() - start) as u16;
@@ -407,6 +455,25 @@ fn encode(table: &str, ops: &[Op]) -> Vec<Message> {
         out.push(Message { kind, flags, body });
     }
     out
+}
+
+/// One element of a list: its key, and (added to a map) its verdict.
+fn element_attr(body: &mut Vec<u8>, e: &Elem, add: bool) {
+    attr(body, NFTA_LIST_ELEM | NLA_F_NESTED, |o| {
+        attr(o, NFTA_SET_ELEM_KEY | NLA_F_NESTED, |o| {
+            attr(o, NFTA_DATA_VALUE, |o| o.extend_from_slice(&e.key));
+        });
+        if let (true, Some(n)) = (add, e.tag) {
+            attr(o, NFTA_SET_ELEM_DATA | NLA_F_NESTED, |o| {
+                attr(o, NFTA_DATA_VERDICT | NLA_F_NESTED, |o| {
+                    attr(o, NFTA_VERDICT_CODE, |o| {
+                        o.extend_from_slice(&NFT_JUMP.to_be_bytes())
+                    });
+                    string(o, NFTA_VERDICT_CHAIN, &tag_chain(n));
+                });
+            });
+        }
+    });
 }
 
 /// The attributes in `b`: (type without flags, payload).
@@ -423,6 +490,12 @@ fn attrs(b: &[u8]) -> Vec<(u16, &[u8])> {
         at += len.div_ceil(4) * 4;
     }
     out
+}
+
+/// A string attribute's text (up to its NUL).
+fn name(v: &[u8]) -> &str {
+    let end = v.iter().position(|c| *c == 0).unwrap_or(v.len());
+    std::str::from_utf8(&v[..end]).unwrap_or("")
 }
 
 /// One listed element: its key, and the chain its verdict jumps to.

@@ -17,7 +17,7 @@ use uuid::Uuid;
 
 use super::layout::Present;
 use super::netlink::{Netlink, NetlinkError};
-use super::plan::{Listed, OutOfTags};
+use super::plan::{Listed, OpRef, OutOfTags};
 use super::{Firewall, MarkBits, Plan, Skipped};
 use crate::{Enforced, Members, Update};
 
@@ -119,35 +119,6 @@ impl Nft {
     /// The table as nft lists it (`nft -j list table inet NAME`).
     pub fn list_table(&self, table: &str) -> Result<Value, NftError> {
         self.list(&["list", "table", FAMILY, table])
-    }
-
-    /// The table's sets and chains, without elements (`nft -t -j list
-    /// table`); a table that does not exist is not an error.
-    pub fn present(&self, table: &str) -> Result<Present, NftError> {
-        let listing = match self.list(&["-t", "list", "table", FAMILY, table]) {
-            Ok(v) => v,
-            Err(NftError::Failed { stderr, .. }) if stderr.contains("No such file") => {
-                return Ok(Present::default());
-            }
-            Err(e) => return Err(e),
-        };
-        let mut p = Present {
-            table: true,
-            ..Present::default()
-        };
-        for item in listing["nftables"].as_array().into_iter().flatten() {
-            for kind in ["set", "map", "chain"] {
-                if let Some(name) = item.get(kind).and_then(|o| o["name"].as_str()) {
-                    let names = if kind == "chain" {
-                        &mut p.chains
-                    } else {
-                        &mut p.sets
-                    };
-                    names.insert(name.to_string());
-                }
-            }
-        }
-        Ok(p)
     }
 
     /// `nft -j ARGS` (a `list` command), parsed.
@@ -297,7 +268,11 @@ impl NftEnforcer {
     ) -> Result<(), NftError> {
         let mut fw = self.lock();
         let plan = fw.plan_full(instances, &groups)?;
-        let present = self.nft.present(fw.table())?;
+        let mut present = Present::default();
+        self.with_netlink(|nl| {
+            present = nl.present(fw.table())?;
+            Ok(())
+        })?;
         self.nft.apply_text(&plan.script(Some(&present)))?;
         let table = fw.table().to_string();
         self.with_netlink(|nl| {
@@ -310,7 +285,13 @@ impl NftEnforcer {
                 });
                 listed.insert(set, tags.collect());
             }
-            nl.apply(&table, &plan.against(&listed))
+            let (dels, adds) = plan.against(&listed);
+            let ops: Vec<OpRef> = dels
+                .iter()
+                .map(|e| (false, e))
+                .chain(adds.into_iter().map(|e| (true, e)))
+                .collect();
+            nl.apply(&table, &ops)
         })?;
         let cleanup = plan.cleanup(&present);
         fw.commit(plan);
@@ -342,7 +323,7 @@ impl NftEnforcer {
     }
 
     fn apply_elements(&self, table: &str, plan: &Plan) -> Result<(), NftError> {
-        self.with_netlink(|nl| nl.apply(table, &plan.ops))
+        self.with_netlink(|nl| nl.apply(table, &plan.pairs()))
     }
 
     /// Run `f` with the netlink socket, opened on first use. A socket that
