@@ -203,43 +203,41 @@ impl Netlink {
         let mut buf = vec![0u8; 256 * 1024];
         let mut errors = Vec::new();
         loop {
-            let (_, n) = rustix::net::recv(self.fd.as_fd(), &mut buf[..], RecvFlags::empty())
-                .map_err(io::Error::from)?;
-            let mut at = 0;
-            while at + 16 <= n {
-                let len = u32::from_ne_bytes(buf[at..at + 4].try_into().unwrap()) as usize;
-                let kind = u16::from_ne_bytes(buf[at + 4..at + 6].try_into().unwrap());
-                let seq = u32::from_ne_bytes(buf[at + 8..at + 12].try_into().unwrap());
-                if len < 16 || at + len > n {
-                    break;
+            let n = self.receive(&mut buf)?;
+            for (kind, seq, msg) in messages(&buf[..n]) {
+                if kind != NLMSG_ERROR || msg.len() < 20 {
+                    continue;
                 }
-                if kind == NLMSG_ERROR && len >= 20 {
-                    let code = i32::from_ne_bytes(buf[at + 16..at + 20].try_into().unwrap());
-                    // The failed message's header follows: its sequence
-                    // number says which it was.
-                    let failed = if len >= 36 {
-                        u32::from_ne_bytes(buf[at + 28..at + 32].try_into().unwrap())
+                let code = i32::from_ne_bytes(msg[16..20].try_into().unwrap());
+                // The failed message's header follows: its sequence number
+                // says which it was.
+                let failed = if msg.len() >= 36 {
+                    u32::from_ne_bytes(msg[28..32].try_into().unwrap())
+                } else {
+                    seq
+                };
+                if code != 0 {
+                    errors.push(format!(
+                        "message {}: {}",
+                        failed.wrapping_sub(begin),
+                        io::Error::from_raw_os_error(-code)
+                    ));
+                }
+                if failed == last || failed == begin && code != 0 {
+                    return if errors.is_empty() {
+                        Ok(())
                     } else {
-                        seq
+                        Err(NetlinkError::Refused(errors))
                     };
-                    if code != 0 {
-                        errors.push(format!(
-                            "message {}: {}",
-                            failed.wrapping_sub(begin),
-                            io::Error::from_raw_os_error(-code)
-                        ));
-                    }
-                    if failed == last || failed == begin && code != 0 {
-                        return if errors.is_empty() {
-                            Ok(())
-                        } else {
-                            Err(NetlinkError::Refused(errors))
-                        };
-                    }
                 }
-                at += len.div_ceil(4) * 4;
             }
         }
+    }
+
+    fn receive(&self, buf: &mut [u8]) -> Result<usize, NetlinkError> {
+        let (_, n) =
+            rustix::net::recv(self.fd.as_fd(), buf, RecvFlags::empty()).map_err(io::Error::from)?;
+        Ok(n)
     }
 
     /// Every element of set `set` of `table`: its key, and for a map
@@ -319,18 +317,8 @@ impl Netlink {
             .map_err(io::Error::from)?;
         let mut buf = vec![0u8; 256 * 1024];
         loop {
-            let (_, n) = rustix::net::recv(self.fd.as_fd(), &mut buf[..], RecvFlags::empty())
-                .map_err(io::Error::from)?;
-            let mut at = 0;
-            while at + 16 <= n {
-                let len = u32::from_ne_bytes(buf[at..at + 4].try_into().unwrap()) as usize;
-                let kind = u16::from_ne_bytes(buf[at + 4..at + 6].try_into().unwrap());
-                let got = u32::from_ne_bytes(buf[at + 8..at + 12].try_into().unwrap());
-                if len < 16 || at + len > n {
-                    break;
-                }
-                let msg = &buf[at..at + len];
-                at += len.div_ceil(4) * 4;
+            let n = self.receive(&mut buf)?;
+            for (kind, got, msg) in messages(&buf[..n]) {
                 if got != seq {
                     continue;
                 }
@@ -474,6 +462,24 @@ fn element_attr(body: &mut Vec<u8>, e: &Elem, add: bool) {
             });
         }
     });
+}
+
+/// The netlink messages in what one `recv` read: (type, sequence number,
+/// the whole message), errors at least 20 bytes long.
+fn messages(buf: &[u8]) -> Vec<(u16, u32, &[u8])> {
+    let mut out = Vec::new();
+    let mut at = 0;
+    while at + 16 <= buf.len() {
+        let len = u32::from_ne_bytes(buf[at..at + 4].try_into().unwrap()) as usize;
+        let kind = u16::from_ne_bytes(buf[at + 4..at + 6].try_into().unwrap());
+        let seq = u32::from_ne_bytes(buf[at + 8..at + 12].try_into().unwrap());
+        if len < 16 || at + len > buf.len() || (kind == NLMSG_ERROR && len < 20) {
+            break;
+        }
+        out.push((kind, seq, &buf[at..at + len]));
+        at += len.div_ceil(4) * 4;
+    }
+    out
 }
 
 /// The attributes in `b`: (type without flags, payload).
