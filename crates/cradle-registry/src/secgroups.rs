@@ -201,11 +201,6 @@ impl Registry {
         self.worker().is_none_or(|w| w.wait(n, timeout))
     }
 
-    /// Whether the last enforcement failed (a full re-apply is due).
-    pub fn firewall_dirty(&self) -> bool {
-        self.firewall_status().is_some_and(|s| s.failing)
-    }
-
     fn enforce(
         &self,
         instances: BTreeSet<Uuid>,

@@ -497,11 +497,6 @@ fn src_keys(
     })
 }
 
-/// Whether a rule can be expressed (whatever the members of its group).
-pub(super) fn expressible(rule: &RuleSpec) -> bool {
-    l4_keys(rule).is_some() && src_keys(rule, MarkBits::DEFAULT, &|_| vec![1]).is_some()
-}
-
 /// The groups an instance's rules name as their remote.
 pub(super) fn referenced_groups(e: &Enforced) -> BTreeSet<Uuid> {
     e.rules

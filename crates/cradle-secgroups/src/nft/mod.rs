@@ -117,7 +117,7 @@ use uuid::Uuid;
 
 pub use layout::{MarkBits, Present};
 pub use netlink::NetlinkError;
-pub use plan::{Firewall, OutOfTags, Plan, inexpressible};
+pub use plan::{Firewall, OutOfTags, Plan};
 pub use run::{Nft, NftEnforcer, NftError};
 
 #[cfg(doc)]

@@ -12,8 +12,8 @@ use uuid::Uuid;
 
 use super::Skipped;
 use super::layout::{
-    Elem, MarkBits, Present, SetId, Shape, all_sets, delta_skeleton, expressible, full_cleanup,
-    full_skeleton, instance_elems, referenced_groups, tag_elems,
+    Elem, MarkBits, Present, SetId, Shape, all_sets, delta_skeleton, full_cleanup, full_skeleton,
+    instance_elems, referenced_groups, tag_elems,
 };
 use crate::{Enforced, Members, Update};
 
@@ -159,12 +159,6 @@ impl Plan {
     /// Instances left out because nft cannot take them.
     pub fn skipped(&self) -> &[Skipped] {
         &self.skipped
-    }
-
-    /// How many element operations the batch holds (for a full plan, as
-    /// if the table were empty).
-    pub fn operations(&self) -> usize {
-        self.pairs().len()
     }
 
     /// How many elements the table holds once this is applied (full
@@ -328,10 +322,6 @@ impl Firewall {
 
     pub fn table(&self) -> &str {
         &self.table
-    }
-
-    pub fn mark(&self) -> MarkBits {
-        self.mark
     }
 
     /// The applied instances.
@@ -845,11 +835,6 @@ fn admissible(e: &Enforced) -> Result<(), String> {
         return Err(format!("unusable interface name {:?}", e.interface));
     }
     Ok(())
-}
-
-/// Rules the layout cannot express, which allow nothing.
-pub fn inexpressible(e: &Enforced) -> usize {
-    e.rules.iter().filter(|r| !expressible(r)).count()
 }
 
 #[cfg(test)]

@@ -11,7 +11,6 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::Mutex;
 
-use serde::Serialize;
 use serde_json::Value;
 use uuid::Uuid;
 
@@ -95,25 +94,12 @@ impl Nft {
         self
     }
 
-    /// Apply `doc` (a `{"nftables": [...]}` document: a [`Plan`], or a
-    /// JSON value) with `nft -j -f -`, as one transaction.
-    pub fn apply<T: Serialize + ?Sized>(&self, doc: &T) -> Result<(), NftError> {
-        let bytes = serde_json::to_vec(doc).expect("nft documents serialize");
-        self.run(&["-j", "-f", "-"], Some(bytes)).map(drop)
-    }
-
     /// Apply a ruleset written in nft's own language (`nft -f -`), as one
     /// transaction: for small fixed tables whose text is clearer than
     /// their JSON (the install jobs' fences).
     pub fn apply_text(&self, script: &str) -> Result<(), NftError> {
         self.run(&["-f", "-"], Some(script.as_bytes().to_vec()))
             .map(drop)
-    }
-
-    /// Check `doc` without applying it (`nft -c -j -f -`).
-    pub fn check<T: Serialize + ?Sized>(&self, doc: &T) -> Result<(), NftError> {
-        let bytes = serde_json::to_vec(doc).expect("nft documents serialize");
-        self.run(&["-c", "-j", "-f", "-"], Some(bytes)).map(drop)
     }
 
     /// The table as nft lists it (`nft -j list table inet NAME`).
