@@ -174,6 +174,11 @@ pub(crate) fn start_cradle_with(
         .env("RUST_LOG", "warn")
         // Benchmarks run in the machine's own namespace: no firewall there.
         .env("CRADLE_FIREWALL_ENABLED", "false")
+        // Throughput benchmarks send from a few guests as fast as they can:
+        // the per-instance budget and connection cap would measure the
+        // limits instead of the service.
+        .env("CRADLE_METADATA_RATE_LIMIT", "0")
+        .env("CRADLE_METADATA_MAX_CONNECTIONS_PER_SOURCE", "0")
         .envs(env.iter().copied())
         .stdin(Stdio::null())
         .stdout(Stdio::piped())

@@ -24,6 +24,7 @@ mod error;
 mod extract;
 mod install;
 mod instances;
+mod listen;
 mod migrate;
 mod openapi;
 mod peer;
@@ -52,6 +53,8 @@ pub struct AdminState {
     pub core: Arc<Core>,
     pub tokens: Tokens,
     pub max_body_bytes: usize,
+    /// Connection caps and the header deadline of both listeners.
+    pub limits: Limits,
 }
 
 type Shared = State<Arc<AdminState>>;
@@ -133,6 +136,7 @@ pub fn app(state: Arc<AdminState>) -> Router {
         .with_state(state)
 }
 
+pub use listen::Limits;
 pub use peer::{serve_peers, server_tls};
 
 /// Serve the admin API until `shutdown` resolves.
@@ -141,9 +145,9 @@ pub async fn serve(
     state: Arc<AdminState>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    axum::serve(listener, app(state))
-        .with_graceful_shutdown(shutdown)
-        .await
+    let (limits, core) = (state.limits, state.core.clone());
+    let plain = |tcp: tokio::net::TcpStream, _| async move { Some(tcp) };
+    listen::serve("admin", listener, app(state), limits, core, plain, shutdown).await
 }
 
 async fn observe(State(s): Shared, req: Request, next: Next) -> Response {

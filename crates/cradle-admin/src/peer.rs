@@ -18,8 +18,6 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{patch, post};
 use cradle_core::peers::{CALLER_HEADER, caller_from_header};
-use hyper_util::rt::TokioIo;
-use hyper_util::service::TowerToHyperService;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use tokio::net::TcpListener;
@@ -107,34 +105,23 @@ pub async fn serve_peers(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
-    let app = peer_app(state);
-    let mut shutdown = std::pin::pin!(shutdown);
-    loop {
-        let (tcp, from) = tokio::select! {
-            accepted = listener.accept() => accepted?,
-            _ = &mut shutdown => return Ok(()),
-        };
-        let (acceptor, app) = (acceptor.clone(), app.clone());
-        tokio::spawn(async move {
-            let tls =
-                match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await {
-                    Ok(Ok(tls)) => tls,
-                    Ok(Err(e)) => {
-                        info!(%from, error = %e, "refused a peer connection (TLS)");
-                        return;
-                    }
-                    Err(_) => {
-                        debug!(%from, "a peer connection did not finish its TLS handshake");
-                        return;
-                    }
-                };
-            let service = TowerToHyperService::new(app);
-            let served = hyper::server::conn::http1::Builder::new()
-                .serve_connection(TokioIo::new(tls), service)
-                .await;
-            if let Err(e) = served {
-                debug!(%from, error = %e, "a peer connection ended badly");
+    let (limits, core) = (state.limits, state.core.clone());
+    let handshake = move |tcp: tokio::net::TcpStream, from: std::net::SocketAddr| {
+        let acceptor = acceptor.clone();
+        async move {
+            match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await {
+                Ok(Ok(tls)) => Some(tls),
+                Ok(Err(e)) => {
+                    info!(%from, error = %e, "refused a peer connection (TLS)");
+                    None
+                }
+                Err(_) => {
+                    debug!(%from, "a peer connection did not finish its TLS handshake");
+                    None
+                }
             }
-        });
-    }
+        }
+    };
+    let app = peer_app(state);
+    crate::listen::serve("peer", listener, app, limits, core, handshake, shutdown).await
 }

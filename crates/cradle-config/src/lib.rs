@@ -286,6 +286,12 @@ pub struct Admin {
     pub tokens_file: Option<PathBuf>,
     /// Largest request body, in bytes.
     pub max_body_bytes: usize,
+    /// Connections held at once; past it, new ones are refused. 0: no cap.
+    pub max_connections: usize,
+    /// Connections held at once from one client address. 0: no cap.
+    pub max_connections_per_source: usize,
+    /// Seconds a client has to send a request's headers.
+    pub header_timeout: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -294,8 +300,16 @@ pub struct Metadata {
     pub listen: SocketAddr,
     /// IP TTL (IPv6 hop limit) of replies, so they cannot cross a router.
     pub hop_limit: u32,
-    /// Connections served at once; more wait in the kernel's backlog.
+    /// Connections held at once; past it, new ones are refused. 0: no cap.
     pub max_connections: usize,
+    /// Connections held at once from one instance's address. 0: no cap.
+    pub max_connections_per_source: usize,
+    /// Connections held at once from an address that is no instance's.
+    pub max_connections_per_unknown_source: usize,
+    /// Requests a second one instance may make after a burst; 0: no limit.
+    pub rate_limit: u32,
+    /// Requests an instance may make at once before `rate_limit` applies.
+    pub rate_burst: u32,
     /// Single-threaded workers sharing the listening address; 0 means one
     /// per CPU.
     pub workers: usize,
@@ -379,6 +393,9 @@ impl Default for Admin {
             token: None,
             tokens_file: None,
             max_body_bytes: 4 * 1024 * 1024,
+            max_connections: 1024,
+            max_connections_per_source: 256,
+            header_timeout: 10,
         }
     }
 }
@@ -389,6 +406,10 @@ impl Default for Metadata {
             listen: ([127, 0, 0, 1], 8775).into(),
             hop_limit: 1,
             max_connections: 4096,
+            max_connections_per_source: 16,
+            max_connections_per_unknown_source: 2,
+            rate_limit: 50,
+            rate_burst: 200,
             workers: 0,
             header_timeout: 5,
             body_timeout: 10,
@@ -530,9 +551,16 @@ pub const KEYS: &[(&str, &str)] = &[
     ("admin", "token"),
     ("admin", "tokens_file"),
     ("admin", "max_body_bytes"),
+    ("admin", "max_connections"),
+    ("admin", "max_connections_per_source"),
+    ("admin", "header_timeout"),
     ("metadata", "listen"),
     ("metadata", "hop_limit"),
     ("metadata", "max_connections"),
+    ("metadata", "max_connections_per_source"),
+    ("metadata", "max_connections_per_unknown_source"),
+    ("metadata", "rate_limit"),
+    ("metadata", "rate_burst"),
     ("metadata", "workers"),
     ("metadata", "header_timeout"),
     ("metadata", "body_timeout"),

@@ -13,10 +13,14 @@
 //! there too, by `Core::authorize_guest`, before any route. It holds no state and touches no store: the
 //! operations run what blocks on the blocking pool.
 //!
-//! Hardening: a bounded number of connections, a deadline for request
-//! headers and another for bodies, size limits on both, replies sent with IP
-//! TTL 1 (configurable) so they cannot cross a router, and paths refused when
-//! they could mean anything but what they say (`..`, `.`, `//`, `%`).
+//! Hardening: connections capped per source (a guest is one address;
+//! addresses that are no instance's get a smaller cap) and in total,
+//! refused at accept past a cap; a token bucket per instance, past which a
+//! guest gets 429 with `Retry-After` and no other guest notices; a deadline
+//! for request headers (which also ends idle connections) and another for
+//! bodies, size limits on both, replies sent with IP TTL 1 (configurable)
+//! so they cannot cross a router, and paths refused when they could mean
+//! anything but what they say (`..`, `.`, `//`, `%`).
 
 #![forbid(unsafe_code)]
 
@@ -28,6 +32,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use cradle_core::{Core, Error, Guest, InstallFile, Kind, Namespace, Presented, Written};
+use cradle_limits::{Admission, Buckets, Caps};
 use cradle_model::answers::{METADATA_FLAVOR, METADATA_FLAVOR_HEADER};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
@@ -35,7 +40,6 @@ use hyper::header::{ALLOW, CONTENT_TYPE, HeaderValue};
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::Semaphore;
 use tracing::{debug, info, warn};
 
 const TOKEN_PATH: &str = "/latest/api/token";
@@ -46,7 +50,13 @@ const TTL_HEADER: &str = "x-aws-ec2-metadata-token-ttl-seconds";
 #[derive(Debug, Clone)]
 pub struct Settings {
     pub hop_limit: u32,
-    pub max_connections: usize,
+    /// Connections held at once: in total, per instance address, and per
+    /// address that is no instance's. Past one, a connection is refused.
+    pub caps: Caps,
+    /// Requests a second an instance may make after a burst of `burst`;
+    /// 0 meters nothing.
+    pub rate: u32,
+    pub burst: u32,
     pub header_timeout: Duration,
     pub body_timeout: Duration,
     pub max_body_bytes: usize,
@@ -56,7 +66,13 @@ impl Default for Settings {
     fn default() -> Self {
         Settings {
             hop_limit: 1,
-            max_connections: 4096,
+            caps: Caps {
+                total: 4096,
+                per_source: 16,
+                per_unknown_source: 2,
+            },
+            rate: 50,
+            burst: 200,
             header_timeout: Duration::from_secs(5),
             body_timeout: Duration::from_secs(10),
             max_body_bytes: 128 * 1024,
@@ -68,11 +84,27 @@ impl Default for Settings {
 pub struct MetadataService {
     core: Arc<Core>,
     settings: Settings,
+    /// Shared by every worker: one guest's connections may land on any.
+    admission: Arc<Admission>,
+    buckets: Buckets<Sender>,
+}
+
+/// Whose budget a request spends: its instance's, or for a source that is
+/// no instance's, its address's.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+enum Sender {
+    Instance(uuid::Uuid),
+    Unknown(IpAddr),
 }
 
 impl MetadataService {
     pub fn new(core: Arc<Core>, settings: Settings) -> Self {
-        MetadataService { core, settings }
+        MetadataService {
+            admission: Admission::new(settings.caps),
+            buckets: Buckets::new(settings.rate, settings.burst),
+            core,
+            settings,
+        }
     }
 }
 
@@ -151,12 +183,12 @@ pub async fn serve(
     serve_one(listener, service, shutdown, 1).await
 }
 
-/// One accept loop; `share` listeners split `max_connections` between them.
+/// One accept loop; every loop counts against the service's caps.
 async fn serve_one(
     listener: TcpListener,
     service: Arc<MetadataService>,
     shutdown: impl Future<Output = ()>,
-    share: usize,
+    _share: usize,
 ) -> std::io::Result<()> {
     // On the listening socket too, so that even the SYN-ACK carries it.
     set_hop_limit(
@@ -164,9 +196,6 @@ async fn serve_one(
         listener.local_addr()?,
         service.settings.hop_limit,
     )?;
-    let permits = Arc::new(Semaphore::new(
-        (service.settings.max_connections / share.max(1)).max(1),
-    ));
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     let mut http = hyper::server::conn::http1::Builder::new();
     http.timer(TokioTimer::new())
@@ -178,11 +207,8 @@ async fn serve_one(
         // and a channel read would consume a message nobody receives.
         .half_close(true);
     tokio::pin!(shutdown);
+    let metrics = service.core.metrics();
     loop {
-        let permit = tokio::select! {
-            p = permits.clone().acquire_owned() => p.expect("semaphore is never closed"),
-            () = &mut shutdown => break,
-        };
         let (stream, peer) = tokio::select! {
             r = listener.accept() => match r {
                 Ok(c) => c,
@@ -195,6 +221,22 @@ async fn serve_one(
             },
             () = &mut shutdown => break,
         };
+        // A flood of connects keeps the backlog full, and accept would
+        // run on until tokio's budget ran out while requests on the
+        // connections this worker serves wait: one accept, then their turn.
+        tokio::task::yield_now().await;
+        // Before any work for the connection: a refused one costs an
+        // accept and a reset.
+        let known = service.core.knows_source(peer.ip());
+        let admitted = match service.admission.admit(peer.ip(), known) {
+            Ok(a) => a,
+            Err(refusal) => {
+                metrics.refused("metadata", refusal.label());
+                refuse(stream);
+                continue;
+            }
+        };
+        metrics.set_connections("metadata", service.admission.held());
         if let Err(e) = prepare(&stream, peer, service.settings.hop_limit) {
             debug!(error = %e, %peer, "cannot set socket options; dropping connection");
             continue;
@@ -208,11 +250,15 @@ async fn serve_one(
             }),
         );
         let conn = graceful.watch(conn);
+        let svc = service.clone();
         tokio::spawn(async move {
             if let Err(e) = conn.await {
                 debug!(error = %e, %peer, "metadata connection ended with an error");
             }
-            drop(permit);
+            drop(admitted);
+            svc.core
+                .metrics()
+                .set_connections("metadata", svc.admission.held());
         });
     }
     drop(listener);
@@ -221,6 +267,13 @@ async fn serve_one(
         () = tokio::time::sleep(Duration::from_secs(5)) => {}
     }
     Ok(())
+}
+
+/// Close at once with a reset: no FIN handshake, no TIME_WAIT kept here
+/// for a client that is past its cap.
+fn refuse(stream: TcpStream) {
+    let _ = socket2::SockRef::from(&stream).set_linger(Some(Duration::ZERO));
+    drop(stream);
 }
 
 /// Replies leave with the configured TTL (hop limit), so they die at the
@@ -268,6 +321,19 @@ fn text(status: StatusCode, body: &'static str) -> Reply {
     reply(status, "text/plain; charset=utf-8", body)
 }
 
+/// Past the sender's budget: when to come back, in whole seconds.
+fn throttled(wait: Duration) -> Reply {
+    let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
+    let mut r = reply(
+        StatusCode::TOO_MANY_REQUESTS,
+        "text/plain; charset=utf-8",
+        format!("429 Too Many Requests: over this instance's request rate; retry after {secs} s"),
+    );
+    r.headers_mut()
+        .insert(hyper::header::RETRY_AFTER, HeaderValue::from(secs.max(1)));
+    r
+}
+
 fn not_allowed(allow: &'static str) -> Reply {
     let mut r = text(StatusCode::METHOD_NOT_ALLOWED, "405 Method Not Allowed");
     r.headers_mut()
@@ -311,12 +377,20 @@ async fn handle(svc: &MetadataService, source: IpAddr, req: Request<Incoming>) -
     } else {
         "none"
     };
-    let response = match &guest {
-        None => text(
+    let sender = match &guest {
+        Some(g) => Sender::Instance(g.id()),
+        None => Sender::Unknown(source.to_canonical()),
+    };
+    let response = match (svc.buckets.take(&sender, started), &guest) {
+        (Err(wait), _) => {
+            svc.core.metrics().throttled.inc();
+            throttled(wait)
+        }
+        (Ok(()), None) => text(
             StatusCode::NOT_FOUND,
             "404 Not Found: no instance has this source address",
         ),
-        Some(g) => route(svc, g, &path, req).await,
+        (Ok(()), Some(g)) => route(svc, g, &path, req).await,
     };
     let status = response.status().as_u16();
     let elapsed = started.elapsed();

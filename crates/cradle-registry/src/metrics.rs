@@ -20,12 +20,29 @@ pub struct NamespaceLabel {
     pub namespace: &'static str,
 }
 
+/// Which listener a connection came to: `metadata`, `admin` or `peer`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ListenerLabel {
+    pub listener: &'static str,
+}
+
+/// A connection refused at accept, and which cap it would have passed.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RefusedLabels {
+    pub listener: &'static str,
+    /// `total`, `source` or `unknown_source`.
+    pub reason: &'static str,
+}
+
 /// Every metric cradle exports.
 pub struct Metrics {
     registry: PromRegistry,
     pub requests: Family<RequestLabels, Counter>,
     pub latency: Family<NamespaceLabel, Histogram>,
     pub instances: Gauge<i64, std::sync::atomic::AtomicI64>,
+    pub connections: Family<ListenerLabel, Gauge>,
+    pub refused: Family<RefusedLabels, Counter>,
+    pub throttled: Counter,
 }
 
 impl Default for Metrics {
@@ -56,11 +73,32 @@ impl Metrics {
         );
         let instances = Gauge::default();
         registry.register("instances", "Registered instances", instances.clone());
+        let connections = Family::<ListenerLabel, Gauge>::default();
+        registry.register(
+            "connections",
+            "Connections a listener holds now",
+            connections.clone(),
+        );
+        let refused = Family::<RefusedLabels, Counter>::default();
+        registry.register(
+            "connections_refused",
+            "Connections refused at accept, by the cap they would have passed",
+            refused.clone(),
+        );
+        let throttled = Counter::default();
+        registry.register(
+            "metadata_throttled",
+            "Guest requests answered 429 because their instance's token bucket was empty",
+            throttled.clone(),
+        );
         Metrics {
             registry,
             requests,
             latency,
             instances,
+            connections,
+            refused,
+            throttled,
         }
     }
 
@@ -77,6 +115,20 @@ impl Metrics {
         self.latency
             .get_or_create(&NamespaceLabel { namespace })
             .observe(seconds);
+    }
+
+    /// A connection `listener` refused at accept.
+    pub fn refused(&self, listener: &'static str, reason: &'static str) {
+        self.refused
+            .get_or_create(&RefusedLabels { listener, reason })
+            .inc();
+    }
+
+    /// The connections `listener` holds now.
+    pub fn set_connections(&self, listener: &'static str, held: usize) {
+        self.connections
+            .get_or_create(&ListenerLabel { listener })
+            .set(held as i64);
     }
 
     /// The Prometheus text exposition.

@@ -138,6 +138,29 @@ fn install_settings(config: &Config, metadata_port: u16) -> Result<cradle_instal
     })
 }
 
+/// Lift the soft limit on open files to the hard one: the connection caps
+/// are only what the listeners hold if the kernel lets them hold it (many
+/// systems start services at a soft limit of 1024).
+fn raise_open_files(config: &Config) {
+    use rustix::process::{Resource, getrlimit, setrlimit};
+    let mut limit = getrlimit(Resource::Nofile);
+    if limit.current < limit.maximum {
+        limit.current = limit.maximum;
+        if let Err(e) = setrlimit(Resource::Nofile, limit) {
+            warn!(error = %e, "cannot raise the open-file limit");
+        }
+    }
+    let wanted = (config.metadata.max_connections + 2 * config.admin.max_connections + 256) as u64;
+    let have = getrlimit(Resource::Nofile).current;
+    if let Some(have) = have.filter(|h| *h < wanted) {
+        warn!(
+            open_files = have,
+            wanted,
+            "the open-file limit is below what metadata.max_connections and admin.max_connections hold; past it, accepts fail"
+        );
+    }
+}
+
 async fn serve(config: Config, demo: bool) -> Result<()> {
     // Validate everything before the first write to the data directory.
     let drive_limits = cradle_drive::Limits {
@@ -155,6 +178,7 @@ async fn serve(config: Config, demo: bool) -> Result<()> {
                 .with_context(|| format!("vendordata.static_file {} is not JSON", path.display()))?
         }
     };
+    raise_open_files(&config);
     let mut metrics = Metrics::new();
     let firewall_metrics = FirewallMetrics::default();
     firewall_metrics.register(metrics.registry_mut());
@@ -282,6 +306,14 @@ async fn serve(config: Config, demo: bool) -> Result<()> {
         core: core.clone(),
         tokens,
         max_body_bytes: config.admin.max_body_bytes,
+        limits: cradle_admin::Limits {
+            caps: cradle_limits::Caps {
+                total: config.admin.max_connections,
+                per_source: config.admin.max_connections_per_source,
+                per_unknown_source: config.admin.max_connections_per_source,
+            },
+            header_timeout: Duration::from_secs(config.admin.header_timeout),
+        },
     });
     if let (Some(listener), Some(tls)) = (peer_listener, peers.1) {
         info!(url = %peer_url, "listening for peers (mutual TLS)");
@@ -299,7 +331,13 @@ async fn serve(config: Config, demo: bool) -> Result<()> {
     ));
     let settings = cradle_metadata::Settings {
         hop_limit: config.metadata.hop_limit,
-        max_connections: config.metadata.max_connections,
+        caps: cradle_limits::Caps {
+            total: config.metadata.max_connections,
+            per_source: config.metadata.max_connections_per_source,
+            per_unknown_source: config.metadata.max_connections_per_unknown_source,
+        },
+        rate: config.metadata.rate_limit,
+        burst: config.metadata.rate_burst,
         header_timeout: Duration::from_secs(config.metadata.header_timeout),
         body_timeout: Duration::from_secs(config.metadata.body_timeout),
         max_body_bytes: config.metadata.max_body_bytes,

@@ -150,6 +150,13 @@ impl Core {
     /// The guest whose requests come from `source`: the only way a guest is
     /// identified. While it is being installed, its job notes the
     /// appliance's first request.
+    /// Whether `source` is the metadata address of an instance this host
+    /// serves. Unlike [`Core::guest`] it marks nothing as seen: the
+    /// listener asks it at accept, before any request.
+    pub fn knows_source(&self, source: IpAddr) -> bool {
+        self.registry.by_address(source).is_some()
+    }
+
     pub fn guest(&self, source: IpAddr) -> Option<Guest> {
         let instance = self.registry.by_address(source)?;
         // Only an instance being installed has a running job: its state
