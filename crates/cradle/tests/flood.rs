@@ -22,7 +22,6 @@
 //! here they share two cores with the server and the guest being timed,
 //! and at equal priority the figure would be this machine's scheduler's.
 
-use std::io::{Read, Write};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpStream};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -67,62 +66,12 @@ pub fn raise_open_files() {
     );
 }
 
-/// One HTTP/1.1 GET on a keep-alive connection: the status and the body.
-pub fn get(conn: &mut TcpStream, path: &str) -> std::io::Result<(u16, Vec<u8>)> {
-    conn.write_all(format!("GET {path} HTTP/1.1\r\nHost: m\r\n\r\n").as_bytes())?;
-    read_response(conn)
-}
-
-fn read_response(conn: &mut TcpStream) -> std::io::Result<(u16, Vec<u8>)> {
-    let mut buf = Vec::new();
-    let mut chunk = [0u8; 4096];
-    let head_end = loop {
-        if let Some(p) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-            break p + 4;
-        }
-        let n = conn.read(&mut chunk)?;
-        if n == 0 {
-            return Err(std::io::ErrorKind::UnexpectedEof.into());
-        }
-        buf.extend_from_slice(&chunk[..n]);
-    };
-    let head = String::from_utf8_lossy(&buf[..head_end]).to_string();
-    let status: u16 = head[9..12].parse().unwrap();
-    let len: usize = head
-        .lines()
-        .find_map(|l| {
-            let (k, v) = l.split_once(':')?;
-            k.eq_ignore_ascii_case("content-length")
-                .then(|| v.trim().parse().unwrap())
-        })
-        .unwrap_or(0);
-    while buf.len() < head_end + len {
-        let n = conn.read(&mut chunk)?;
-        if n == 0 {
-            return Err(std::io::ErrorKind::UnexpectedEof.into());
-        }
-        buf.extend_from_slice(&chunk[..n]);
-    }
-    Ok((status, buf[head_end..head_end + len].to_vec()))
-}
-
-pub fn connect_from(source: &str, target: SocketAddr) -> std::io::Result<TcpStream> {
-    let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
-    let src: SocketAddr = (source.parse::<IpAddr>().unwrap(), 0).into();
-    sock.bind(&src.into())?;
-    sock.connect_timeout(&target.into(), Duration::from_secs(2))?;
-    let s: TcpStream = sock.into();
-    s.set_read_timeout(Some(Duration::from_secs(10)))?;
-    s.set_nodelay(true)?;
-    Ok(s)
-}
-
 /// Whether a new connection from `source` is refused: reset, or closed
 /// before any answer.
 fn refused(source: &str, target: SocketAddr) -> bool {
     match connect_from(source, target) {
         Err(_) => true,
-        Ok(mut c) => get(&mut c, "/latest/meta-data/instance-id").is_err(),
+        Ok(mut c) => raw_get(&mut c, "/latest/meta-data/instance-id").is_err(),
     }
 }
 
@@ -131,7 +80,7 @@ fn sample(conn: &mut TcpStream, expect: &[u8]) -> Vec<Duration> {
     let mut out = Vec::with_capacity(SAMPLES);
     for i in 0..SAMPLES {
         let t = Instant::now();
-        let (status, body) = get(conn, "/latest/meta-data/instance-id")
+        let (status, body) = raw_get(conn, "/latest/meta-data/instance-id")
             .unwrap_or_else(|e| panic!("the well-behaved guest's read {i} failed: {e}"));
         let took = t.elapsed();
         assert_eq!(
@@ -148,19 +97,6 @@ fn sample(conn: &mut TcpStream, expect: &[u8]) -> Vec<Duration> {
 
 fn pct(sorted: &[Duration], p: f64) -> Duration {
     sorted[((sorted.len() as f64 * p) as usize).min(sorted.len() - 1)]
-}
-
-/// The value of one series in a Prometheus exposition, 0 when absent.
-pub fn metric(text: &str, series: &str) -> f64 {
-    text.lines()
-        .find_map(|l| {
-            l.strip_prefix(series)?
-                .strip_prefix(' ')?
-                .trim()
-                .parse()
-                .ok()
-        })
-        .unwrap_or(0.0)
 }
 
 fn rss_mib(pid: u32) -> u64 {
@@ -315,7 +251,7 @@ fn a_flooding_guest_cannot_slow_another_or_take_its_connection() {
     admin.create(&json!({"name": "hostile", "metadata_address": HOSTILE}));
     let target = s.metadata;
     let mut conn = connect_from(WELL, target).unwrap();
-    let (status, expect) = get(&mut conn, "/latest/meta-data/instance-id").unwrap();
+    let (status, expect) = raw_get(&mut conn, "/latest/meta-data/instance-id").unwrap();
     assert_eq!(status, 200);
 
     let mut quiet = sample(&mut conn, &expect);

@@ -17,6 +17,7 @@ mod firewall;
 mod hop_limit;
 mod install;
 mod isolation;
+mod limits;
 mod metadata;
 mod metadata_clients;
 mod metadata_tokens;
