@@ -12,6 +12,7 @@ mod bake;
 mod cli;
 mod cluster;
 mod cluster_firewall;
+mod crash;
 mod drive;
 mod firewall;
 mod hop_limit;
