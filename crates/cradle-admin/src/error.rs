@@ -45,6 +45,7 @@ impl From<Error> for ApiError {
             Kind::Conflict => StatusCode::CONFLICT,
             Kind::Invalid => StatusCode::UNPROCESSABLE_ENTITY,
             Kind::TooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            Kind::Full => StatusCode::INSUFFICIENT_STORAGE,
             Kind::TooMany => StatusCode::TOO_MANY_REQUESTS,
             Kind::Upstream => StatusCode::BAD_GATEWAY,
             Kind::Unavailable => StatusCode::SERVICE_UNAVAILABLE,

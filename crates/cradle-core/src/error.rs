@@ -45,6 +45,8 @@ pub enum Kind {
     Invalid,
     TooLarge,
     TooMany,
+    /// The disk under the store is full: nothing was changed.
+    Full,
     Upstream,
     Unavailable,
     Internal,
@@ -102,6 +104,10 @@ impl Error {
                  still served; try again when it is back"
                     .into()
             }
+            Error::Registry(RegistryError::Store(StoreError::Full(disk))) => format!(
+                "no space left on the disk holding the store ({disk}), so nothing was \
+                 changed; guests are still served; free space and try again"
+            ),
             Error::Registry(RegistryError::Store(_)) => "storage failed; see the server log".into(),
             Error::Registry(RegistryError::SecGroupsDisabled) => {
                 "no such route (security groups are disabled)".into()
@@ -115,7 +121,7 @@ impl Error {
     pub fn is_server_side(&self) -> bool {
         matches!(
             self.kind(),
-            Kind::Internal | Kind::Unavailable | Kind::Upstream
+            Kind::Internal | Kind::Unavailable | Kind::Upstream | Kind::Full
         )
     }
 }
@@ -138,6 +144,7 @@ fn registry_kind(e: &RegistryError) -> Kind {
             | SgError::NotAttached(_) => Kind::NotFound,
             SgError::Conflict(_) | SgError::InUse(_) | SgError::TooManyRules(_) => Kind::Conflict,
         },
+        RegistryError::Store(StoreError::Full(_)) => Kind::Full,
         RegistryError::Store(_) => Kind::Unavailable,
     }
 }
@@ -162,6 +169,7 @@ fn registry_code(e: &RegistryError) -> &'static str {
             SgError::TooManyRules(_) => "quota",
         },
         RegistryError::Store(StoreError::Unavailable(_)) => "store_unavailable",
+        RegistryError::Store(StoreError::Full(_)) => "disk_full",
         RegistryError::Store(_) => "storage",
     }
 }

@@ -525,6 +525,13 @@ fn failure(e: &Error) -> Reply {
             "429 Too Many Requests: queue full",
         ),
         Kind::TooLarge => text(StatusCode::PAYLOAD_TOO_LARGE, "413 Payload Too Large"),
+        Kind::Full => {
+            warn!(error = %e, "metadata request failed");
+            text(
+                StatusCode::INSUFFICIENT_STORAGE,
+                "507 Insufficient Storage: the host's disk is full",
+            )
+        }
         Kind::Conflict => text(StatusCode::CONFLICT, "409 Conflict: password already set"),
         Kind::Invalid | Kind::BadRequest => said(StatusCode::BAD_REQUEST, "400 Bad Request"),
         Kind::Internal => {

@@ -96,6 +96,8 @@ pub(crate) enum DbError {
     ForeignKey,
     /// The database cannot be reached (down, restarting, connection lost).
     Unavailable(String),
+    /// The disk under the database is full (the driver names it).
+    Full,
     /// Anything else.
     Other(String),
 }
@@ -104,6 +106,7 @@ impl From<DbError> for StoreError {
     fn from(e: DbError) -> Self {
         match e {
             DbError::Unavailable(m) => StoreError::Unavailable(m),
+            DbError::Full => StoreError::Full(String::new()),
             DbError::Unique(m) => StoreError::Backend(format!("constraint failed: {m}")),
             DbError::ForeignKey => StoreError::Backend("foreign key constraint failed".into()),
             DbError::Other(m) => StoreError::Backend(m),

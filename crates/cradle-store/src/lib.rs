@@ -111,6 +111,9 @@ pub enum StoreError {
     Unavailable(String),
     #[error("database migration failed: {0}")]
     Migration(String),
+    /// The disk holding the database (named) is full; nothing was written.
+    #[error("no space left on the disk holding the store ({0})")]
+    Full(String),
 }
 
 /// Wakes a host when another changed something (PostgreSQL's LISTEN).

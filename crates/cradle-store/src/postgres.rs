@@ -214,6 +214,7 @@ fn db_error(e: postgres::Error) -> DbError {
                 .to_string(),
         ),
         Some(c) if *c == SqlState::FOREIGN_KEY_VIOLATION => DbError::ForeignKey,
+        Some(c) if *c == SqlState::DISK_FULL => DbError::Full,
         _ => DbError::Other(describe(&e)),
     }
 }
@@ -370,7 +371,12 @@ impl Driver for Postgres {
             // Reconnect next time, with fresh prepared statements.
             *guard = None;
         }
-        result
+        result.map_err(|e| match e {
+            StoreError::Full(_) => {
+                StoreError::Full("the PostgreSQL server's data directory".into())
+            }
+            e => e,
+        })
     }
 }
 

@@ -29,6 +29,8 @@ const MIGRATIONS: &[&str] = &[
 /// metadata hot path reads from memory, not here.
 pub struct Sqlite {
     conn: Mutex<Connection>,
+    /// The file, to name when its disk is full.
+    path: String,
 }
 
 /// The store in one SQLite file.
@@ -37,15 +39,21 @@ pub type SqliteStore = SqlStore<Sqlite>;
 impl SqlStore<Sqlite> {
     /// Open (creating if needed) and migrate the database at `path`.
     pub fn open(path: &Path) -> Result<Self, StoreError> {
-        Self::setup(Connection::open(path).map_err(backend)?)
+        Self::setup(
+            Connection::open(path).map_err(backend)?,
+            path.display().to_string(),
+        )
     }
 
     /// A private in-memory database, for tests.
     pub fn in_memory() -> Result<Self, StoreError> {
-        Self::setup(Connection::open_in_memory().map_err(backend)?)
+        Self::setup(
+            Connection::open_in_memory().map_err(backend)?,
+            ":memory:".into(),
+        )
     }
 
-    fn setup(mut conn: Connection) -> Result<Self, StoreError> {
+    fn setup(mut conn: Connection, path: String) -> Result<Self, StoreError> {
         // WAL lets readers run beside the writer; NORMAL sync loses nothing
         // when the process crashes (only, at worst, the last commits on power loss).
         conn.pragma_update(None, "journal_mode", "WAL")
@@ -63,6 +71,7 @@ impl SqlStore<Sqlite> {
         Ok(SqlStore {
             driver: Sqlite {
                 conn: Mutex::new(conn),
+                path,
             },
         })
     }
@@ -77,10 +86,18 @@ impl Sqlite {
 }
 
 fn backend(e: rusqlite::Error) -> StoreError {
-    StoreError::Backend(e.to_string())
+    match db_error(e) {
+        DbError::Full => StoreError::Full(String::new()),
+        other => other.into(),
+    }
 }
 
 fn db_error(e: rusqlite::Error) -> DbError {
+    if let rusqlite::Error::SqliteFailure(f, _) = &e
+        && f.code == ErrorCode::DiskFull
+    {
+        return DbError::Full;
+    }
     if let rusqlite::Error::SqliteFailure(f, msg) = &e
         && f.code == ErrorCode::ConstraintViolation
     {
@@ -170,10 +187,17 @@ impl Driver for Sqlite {
         f: &mut dyn FnMut(&mut dyn Tx) -> Result<T, StoreError>,
     ) -> Result<T, StoreError> {
         let mut conn = self.conn();
-        let tx = conn.transaction().map_err(backend)?;
+        // A full disk is SQLITE_FULL wherever it strikes (a page, the WAL,
+        // the commit): the transaction is rolled back, and the error names
+        // the file whose disk it is.
+        let name = |e: StoreError| match e {
+            StoreError::Full(_) => StoreError::Full(self.path.clone()),
+            e => e,
+        };
+        let tx = conn.transaction().map_err(backend).map_err(name)?;
         let mut tx = SqliteTx(tx);
-        let out = f(&mut tx)?;
-        tx.0.commit().map_err(backend)?;
+        let out = f(&mut tx).map_err(name)?;
+        tx.0.commit().map_err(backend).map_err(name)?;
         Ok(out)
     }
 }

@@ -44,6 +44,8 @@ pub struct Opts<'a> {
     pub admin_listen: Option<&'a str>,
     /// Instead of 127.0.0.1:0.
     pub metadata_listen: Option<&'a str>,
+    /// A command that runs the server (`nsenter -t PID -m --`, say).
+    pub prefix: &'a [&'a str],
 }
 
 impl Server {
@@ -72,13 +74,18 @@ impl Server {
                 .as_nanos()
         ));
         let log = std::fs::File::create(&log_path).expect("log file");
-        let mut cmd = match opts.netns {
-            Some(ns) => {
+        let mut cmd = match (opts.netns, opts.prefix) {
+            (Some(ns), _) => {
                 let mut c = Command::new("ip");
                 c.args(["netns", "exec", ns, BIN]);
                 c
             }
-            None => Command::new(BIN),
+            (None, [program, args @ ..]) => {
+                let mut c = Command::new(program);
+                c.args(args).arg(BIN);
+                c
+            }
+            (None, []) => Command::new(BIN),
         };
         cmd.arg("serve")
             .arg("--data-dir")

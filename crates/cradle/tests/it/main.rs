@@ -15,6 +15,7 @@ mod cluster_firewall;
 mod crash;
 mod drive;
 mod firewall;
+mod full_disk;
 mod hop_limit;
 mod install;
 mod isolation;
