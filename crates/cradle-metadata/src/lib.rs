@@ -149,7 +149,6 @@ pub fn serve_workers(
     service: Arc<MetadataService>,
     shutdown: tokio::sync::watch::Receiver<bool>,
 ) -> std::io::Result<Vec<std::thread::JoinHandle<std::io::Result<()>>>> {
-    let workers = listeners.len().max(1);
     let mut handles = Vec::new();
     for (n, listener) in listeners.into_iter().enumerate() {
         let service = service.clone();
@@ -165,7 +164,7 @@ pub fn serve_workers(
                     let stopped = async move {
                         let _ = stop.wait_for(|s| *s).await;
                     };
-                    serve_one(listener, service, stopped, workers).await
+                    serve_one(listener, service, stopped).await
                 })
             })?;
         handles.push(handle);
@@ -180,7 +179,7 @@ pub async fn serve(
     service: Arc<MetadataService>,
     shutdown: impl Future<Output = ()>,
 ) -> std::io::Result<()> {
-    serve_one(listener, service, shutdown, 1).await
+    serve_one(listener, service, shutdown).await
 }
 
 /// One accept loop; every loop counts against the service's caps.
@@ -188,7 +187,6 @@ async fn serve_one(
     listener: TcpListener,
     service: Arc<MetadataService>,
     shutdown: impl Future<Output = ()>,
-    _share: usize,
 ) -> std::io::Result<()> {
     // On the listening socket too, so that even the SYN-ACK carries it.
     set_hop_limit(
