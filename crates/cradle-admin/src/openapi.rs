@@ -53,6 +53,9 @@ pub enum Errors {
     /// Storage, the hypervisor or an upstream is unavailable.
     #[response(status = 503)]
     Unavailable(ErrorBody),
+    /// The disk holding the store is full (named): nothing was changed.
+    #[response(status = 507)]
+    Full(ErrorBody),
 }
 
 /// The bearer token every route needs, also as OpenStack clients send it.

@@ -256,6 +256,29 @@ fn writer(w: usize, shared: Arc<Shared>, group: String, seed: u64) -> Ledger {
                 }
                 true
             }
+            85..90 => {
+                // Writes refused by design: a taken name, a bad hostname.
+                // They must change nothing, crash or not.
+                let i = pick(&mut rng);
+                let e = &ledger.instances[i];
+                let req = if rng.below(2) == 0 {
+                    let spec: cradle_model::api::InstanceSpec = serde_json::from_value(json!({
+                        "name": e.name, "project_id": tenant(w),
+                        "metadata_address": format!("127.{}.255.{}", 100 + w, 1 + rng.below(250)),
+                    }))
+                    .unwrap();
+                    route::create_instance(&spec)
+                } else {
+                    let patch: cradle_model::api::InstancePatch =
+                        serde_json::from_value(json!({"hostname": "-not-a-hostname"})).unwrap();
+                    route::modify_instance(e.id.as_ref().unwrap(), &patch)
+                };
+                match write(&shared, &req) {
+                    Some(Outcome::Done(v)) => panic!("a write that must be refused was done: {v}"),
+                    Some(_) | None => {}
+                }
+                true
+            }
             80..85 => {
                 let Some((_, r)) = ledger
                     .rules

@@ -226,7 +226,10 @@ emit({"md": md, "ud": ud, "ssh_keys": sorted(sources.normalize_pubkey_data(md.ge
     // cloud-init's crawl fits in the default request budget (a burst of
     // 200): not one request of it was throttled.
     let m = s.admin().fetch(route::metrics()).text();
-    let crawled = metric(&m, "cradle_requests_total{namespace=\"ec2\",status=\"200\"}");
+    let crawled = metric(
+        &m,
+        "cradle_requests_total{namespace=\"ec2\",status=\"200\"}",
+    );
     println!("cloud-init's EC2 crawl: {crawled} requests");
     assert!(crawled > 20.0 && crawled < 200.0, "{crawled} requests");
     assert_eq!(metric(&m, "cradle_metadata_throttled_total"), 0.0);

@@ -594,6 +594,9 @@ url = "{url}"
 "#,
         url = target.url,
     );
+    // A hundred connections at once from the one guest address: past the
+    // per-source cap, which this test is not about.
+    let config = format!("{config}\n[metadata]\nmax_connections_per_source = 0\nrate_limit = 0\n");
     let s = serve(tmp.path(), &config, None);
     s.admin()
         .create(&json!({"name": "popular", "metadata_address": GUEST}));
