@@ -85,7 +85,9 @@ fn member() -> impl Strategy<Value = Member> {
         3 => Just(b'5'),
         2 => Just(b'2'),
         2 => Just(b'1'),
-        1 => prop::sample::select(b"\03467SgxLKV".to_vec()),
+        // NUL (old regular file), char and block devices, FIFO, contiguous,
+        // sparse, global and per-file pax, GNU long names, a volume label.
+        1 => prop::sample::select(vec![0u8, b'3', b'4', b'6', b'7', b'S', b'g', b'x', b'L', b'K', b'V']),
         1 => any::<u8>(),
     ];
     let mode = prop_oneof![
