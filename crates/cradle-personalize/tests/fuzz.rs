@@ -4,7 +4,11 @@
 //! entry that escapes, and `apply_to_dir` never writes outside its target,
 //! which is checked by looking at the filesystem around the target
 //! afterwards (a sibling directory that a symlink in the target points at,
-//! and the directory holding both).
+//! and the directory holding both). A package that verified is also
+//! written with `apply_to_image` into partition 1 of an MBR image holding
+//! the same tree: nothing outside the partition changes, `e2fsck -fn` is
+//! clean, and the image's tree (`debugfs rdump`) is the directory's. The
+//! image needs e2fsprogs and fdisk (`apt-get install e2fsprogs fdisk`).
 //!
 //! Cases per property: `CRADLE_FUZZ_CASES` (`cargo xtask fuzz` sets it and
 //! `PROPTEST_RNG_SEED`); the default keeps `cargo test` quick.
@@ -14,7 +18,7 @@ use std::io::Write;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
-use cradle_personalize::{Error, Kind, Limits, Manifest, apply_to_dir, verify};
+use cradle_personalize::{Error, Kind, Limits, Manifest, apply_to_dir, apply_to_image, verify};
 use proptest::prelude::*;
 
 fn cases(default: u32) -> ProptestConfig {
@@ -345,6 +349,158 @@ fn sandbox() -> (tempfile::TempDir, PathBuf, PathBuf) {
     (sandbox, target, outside)
 }
 
+fn run(program: &str, args: &[&std::ffi::OsStr], stdin: &[u8]) -> Result<Vec<u8>, TestCaseError> {
+    let mut child = std::process::Command::new(program)
+        .args(args)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| {
+            panic!("cannot run {program}: install it (apt-get install e2fsprogs fdisk): {e}")
+        });
+    child.stdin.take().unwrap().write_all(stdin).unwrap();
+    let out = child.wait_with_output().unwrap();
+    prop_assert!(
+        out.status.success(),
+        "{} {:?}: {}\n{}",
+        program,
+        args,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(out.stdout)
+}
+
+/// Where the partition is in the image, in bytes.
+const PART_START: usize = 1 << 20;
+const PART_LEN: usize = 8 << 20;
+
+/// A 16 MiB MBR image whose partition 1 (1 MiB to 9 MiB) is ext4 made from
+/// the sandbox's target tree; made once, copied for each case.
+fn image_template() -> &'static [u8] {
+    static IMAGE: std::sync::OnceLock<Vec<u8>> = std::sync::OnceLock::new();
+    IMAGE.get_or_init(|| {
+        let (sandbox, target, _) = sandbox();
+        let img = sandbox.path().join("template.img");
+        std::fs::File::create(&img)
+            .unwrap()
+            .set_len(16 << 20)
+            .unwrap();
+        let table = format!("label: dos\nstart=2048, size={}\n", PART_LEN / 512);
+        run(
+            "sfdisk",
+            &["-q".as_ref(), img.as_os_str()],
+            table.as_bytes(),
+        )
+        .unwrap();
+        let offset = format!("offset={PART_START}");
+        run(
+            "mke2fs",
+            &[
+                "-q".as_ref(),
+                "-t".as_ref(),
+                "ext4".as_ref(),
+                "-E".as_ref(),
+                offset.as_ref(),
+                "-d".as_ref(),
+                target.as_os_str(),
+                img.as_os_str(),
+                "8M".as_ref(),
+            ],
+            b"",
+        )
+        .unwrap();
+        let mut bytes = std::fs::read(&img).unwrap();
+        // Something to notice outside the partition, should it be written.
+        for b in bytes[PART_START + PART_LEN..].iter_mut().step_by(4096) {
+            *b = 0xa5;
+        }
+        bytes
+    })
+}
+
+/// Write a verified package into a copy of the template image; compare
+/// with what the directory overlay made of the same package.
+fn check_image(
+    package: &Path,
+    limits: &Limits,
+    dir_result: &Result<Manifest, Error>,
+    dir: &Path,
+) -> Result<(), TestCaseError> {
+    let template = image_template();
+    let work = tempfile::tempdir().unwrap();
+    let img = work.path().join("disk.img");
+    std::fs::write(&img, template).unwrap();
+    let applied = apply_to_image(package, &img, Some(1), limits);
+    let after = std::fs::read(&img).unwrap();
+    prop_assert_eq!(after.len(), template.len());
+    prop_assert!(
+        after[..PART_START] == template[..PART_START],
+        "written before the partition"
+    );
+    prop_assert!(
+        after[PART_START + PART_LEN..] == template[PART_START + PART_LEN..],
+        "written after the partition"
+    );
+    let Ok(manifest) = applied else {
+        prop_assert!(
+            after == template,
+            "a refused package changed the image: {:?}",
+            applied
+        );
+        // The directory overlay refused it too (the image has the same
+        // tree, so the same conflicts).
+        prop_assert!(
+            dir_result.is_err(),
+            "applied to the directory, not to the image: {:?}",
+            applied
+        );
+        return Ok(());
+    };
+    prop_assert!(
+        dir_result.is_ok(),
+        "applied to the image, not to the directory"
+    );
+    let dev = format!("{}?offset={PART_START}", img.display());
+    // e2fsck takes no offset: it checks a copy of the partition.
+    let part = work.path().join("part.img");
+    std::fs::write(&part, &after[PART_START..PART_START + PART_LEN]).unwrap();
+    run("e2fsck", &["-fn".as_ref(), part.as_os_str()], b"")?;
+    let dumped = work.path().join("dumped");
+    std::fs::create_dir(&dumped).unwrap();
+    let rdump = format!("rdump / {}", dumped.display());
+    run(
+        "debugfs",
+        &["-R".as_ref(), rdump.as_ref(), dev.as_ref()],
+        b"",
+    )?;
+    let mut got = snapshot_kinds(&dumped);
+    got.remove(Path::new("lost+found"));
+    let want = snapshot_kinds(dir);
+    prop_assert_eq!(
+        got,
+        want,
+        "the image's tree is not the directory's ({} entries)",
+        manifest.entries.len()
+    );
+    Ok(())
+}
+
+/// Each path's kind and content (a file's bytes, a link's target; the
+/// target's own absolute link `a` is left out, the image's points
+/// elsewhere).
+fn snapshot_kinds(root: &Path) -> BTreeMap<PathBuf, String> {
+    snapshot(root)
+        .into_iter()
+        .filter(|(p, _)| p != Path::new("a"))
+        .map(|(p, what)| {
+            let kind = what.split(" mode ").next().unwrap_or_default().to_string();
+            (p, kind)
+        })
+        .collect()
+}
+
 fn check_package(bytes: &[u8]) -> Result<(), TestCaseError> {
     let (sandbox, target, outside) = sandbox();
     let package = sandbox.path().join("package.tar.gz");
@@ -374,6 +530,9 @@ fn check_package(bytes: &[u8]) -> Result<(), TestCaseError> {
         "written outside the target"
     );
     prop_assert_eq!(around(), before_around, "written beside the target");
+    if verified.is_ok() {
+        check_image(&package, &limits, &applied, &target)?;
+    }
     match (&verified, &applied) {
         (Ok(m), Ok(a)) => {
             prop_assert_eq!(m, a);
@@ -474,4 +633,27 @@ fn an_entry_on_an_earlier_entrys_parent_is_refused_before_anything_is_written() 
         assert_eq!(snapshot(&target), before);
         check_package(&bytes).unwrap();
     }
+}
+
+/// Found by the fuzzer: a directory entry for a directory the image has,
+/// with nothing of the package in it, made debugfs `mkdir` it again, which
+/// failed after the writes before it were done (the directory overlay
+/// leaves an existing directory be).
+#[test]
+fn a_directory_the_image_has_already_is_taken_over_not_made_again() {
+    let members = [Member {
+        name: b"etc/".to_vec(),
+        kind: b'5',
+        link: Vec::new(),
+        data: Vec::new(),
+        size: None,
+        mode: 0o700,
+    }];
+    let work = tempfile::tempdir().unwrap();
+    let package = work.path().join("package.tar.gz");
+    std::fs::write(&package, package_bytes(&members, &Damage::None)).unwrap();
+    let img = work.path().join("disk.img");
+    std::fs::write(&img, image_template()).unwrap();
+    apply_to_image(&package, &img, Some(1), &Limits::default()).unwrap();
+    check_package(&package_bytes(&members, &Damage::None)).unwrap();
 }
