@@ -127,7 +127,21 @@ fn member() -> impl Strategy<Value = Member> {
 /// may point anywhere) or hardlink, over a few names so that paths meet
 /// (through each other's symlinks, twice, under files).
 fn plain_member() -> impl Strategy<Value = Member> {
-    let part = prop::sample::select(vec!["a", "b", "etc", "x", "é"]);
+    // Names debugfs's command language must quote, too.
+    let part = prop::sample::select(vec![
+        "a",
+        "b",
+        "etc",
+        "x",
+        "é",
+        "sp ace",
+        "q\"uote",
+        "back\\slash",
+        "'",
+        "#h",
+        "-d",
+        "$x",
+    ]);
     (
         prop::sample::select(vec!["", "./"]),
         prop::collection::vec(part, 1..4),
