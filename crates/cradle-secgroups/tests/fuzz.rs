@@ -317,6 +317,18 @@ mod fuzz {
         #![proptest_config(cases(32))]
 
         #[test]
+        fn a_rules_own_request_reads_back_as_the_rule_or_names_a_field(rule in spec()) {
+            let body = serde_json::to_value(rule.to_request()).unwrap();
+            match read(&body) {
+                Ok(back) => prop_assert_eq!(back, rule),
+                Err(field) => prop_assert!(
+                    field.as_ref().is_some_and(|f| body.get(f).is_some_and(|v| !v.is_null())),
+                    "{:?} for {}", field, body
+                ),
+            }
+        }
+
+        #[test]
         fn rule_bodies_are_a_400_naming_a_field_or_rules_nft_accepts(
             bodies in prop::collection::vec(body(), 1..8),
         ) {
