@@ -51,7 +51,7 @@ const TARGETS: &[Target] = &[
     Target {
         name: "personalize",
         binaries: &[("cradle-personalize", Binary::Test)],
-        batch: 2000,
+        batch: 500,
         what: "personalization packages, verified and overlaid",
         tools: &[],
     },
