@@ -1,6 +1,7 @@
 //! Project tasks: `cargo xtask ci` (what `.ci/run` runs), `cargo xtask
 //! agent` (the appliance's static agent), `cargo xtask readme` (the
 //! README's first command, run and checked),
+//! `cargo xtask fuzz` (the property tests' fuzz targets, for minutes),
 //! `cargo xtask bench metadata` (the metadata-service benchmark against nginx),
 //! `cargo xtask bench drive` (config drives against genisoimage),
 //! `cargo xtask bench vendordata` (dynamic vendordata against a slow target),
@@ -25,6 +26,7 @@ mod ci;
 mod debian;
 mod dib;
 mod flags;
+mod fuzz;
 mod fuzz_api;
 mod guest_image;
 mod http;
@@ -73,6 +75,15 @@ tasks:
                        answers that fit their schemas; options:
       --examples N           examples per operation and phase [100]
       --seed N               schemathesis' seed [random]
+  fuzz                 the property tests `cargo test` runs a few cases of (each
+                       crate's tests/fuzz.rs, and cradle-agent's fuzz module),
+                       round-robin in batches with a fresh proptest seed each
+                       (CRADLE_FUZZ_CASES, PROPTEST_RNG_SEED) until the time is
+                       up; prints cases run per target and every failure, with
+                       its seed; targets: metadata, personalize, iso9660,
+                       vfat, secgroups, config, agent; options:
+      --minutes N            how long to fuzz [10]
+      --target NAME          only this target [all]
   readme               run the README's first command as written from the
                        repository root, read the demo guest's metadata as
                        127.0.0.2, check another source gets 404, stop it
@@ -164,6 +175,7 @@ fn main() -> ExitCode {
             guest_image::ensure(true).map(|_| ())
         }
         Some("openapi") if args.len() == 1 => openapi::write(),
+        Some("fuzz") => fuzz::Options::parse(&args[1..]).and_then(|o| fuzz::run(&o)),
         Some("fuzz-api") => fuzz_api::Options::parse(&args[1..]).and_then(|o| fuzz_api::run(&o)),
         Some("bench") => match args.get(1).map(String::as_str) {
             Some("metadata") => bench::Options::parse(&args[2..]).and_then(|o| {

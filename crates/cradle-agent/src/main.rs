@@ -31,6 +31,8 @@
 //! followed by power-off.
 
 mod cmdline;
+#[cfg(test)]
+mod fuzz;
 mod guest;
 mod http;
 mod job;

@@ -228,15 +228,29 @@ fn dos_time(t: OffsetDateTime) -> fatfs::DateTime {
 }
 
 fn vfat(files: &[(String, Vec<u8>)], size: u64, inst: &Instance) -> Result<Vec<u8>, DriveError> {
+    // The volume serial number comes from the instance, not the clock.
+    let serial = u32::from_le_bytes(inst.id.as_bytes()[..4].try_into().expect("4 bytes"));
+    vfat_image(files, size, serial, inst.updated_at)
+}
+
+/// A `size`-byte vfat image labelled `config-2` holding `files`
+/// (relative `/`-separated paths; directories are implied), with volume
+/// serial `serial` and every time stamp `time`: what [`build`] writes for
+/// an instance's tree, for any tree (the property tests give it random
+/// ones).
+pub fn vfat_image(
+    files: &[(String, Vec<u8>)],
+    size: u64,
+    serial: u32,
+    time: OffsetDateTime,
+) -> Result<Vec<u8>, DriveError> {
     if !VFAT_SIZES.contains(&size) {
         return Err(DriveError::VfatSize(size));
     }
     let mut disk = Cursor::new(vec![0u8; size as usize]);
     let mut label = [b' '; 11];
     label[..LABEL.len()].copy_from_slice(LABEL.as_bytes());
-    // The volume serial number comes from the instance, not the clock.
-    let serial = u32::from_le_bytes(inst.id.as_bytes()[..4].try_into().expect("4 bytes"));
-    VFAT_TIME.with(|t| t.set(dos_time(inst.updated_at)));
+    VFAT_TIME.with(|t| t.set(dos_time(time)));
     fatfs::format_volume(
         &mut disk,
         fatfs::FormatVolumeOptions::new()

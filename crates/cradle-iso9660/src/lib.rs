@@ -57,7 +57,8 @@
 //! (NUL included); a name is at most [`MAX_JOLIET_UNITS`] UTF-16 code units
 //! (Joliet) and at most [`MAX_NAME_BYTES`] bytes of UTF-8 (the Linux kernel
 //! drops Rock Ridge names of 254 bytes or more; with the Joliet limit a name
-//! has at most 192 bytes anyway); a file is under 4 GiB (one extent); the
+//! has at most 192 bytes anyway); no two names in a directory are the same
+//! once the characters Joliet forbids are `_`; a file is under 4 GiB (one extent); the
 //! image is at most 2^32 - 1 sectors and has at most 65535 directories
 //! (path-table parent numbers are 16-bit). Deep directories are not
 //! relocated (no `RR_MOVED`): Linux, libisofs and isoinfo do not need it.

@@ -99,15 +99,18 @@ impl FromAgent {
     /// not the guest agent's (no `agent` tag of its kinds); an error: it
     /// claims to be one and is malformed.
     pub fn parse(body: &[u8]) -> Result<Option<FromAgent>, String> {
+        // A `Cow`, not a `&str`: a tag written with an escape
+        // (`"gu\u0065st"`) cannot be borrowed, and must not pass for the
+        // operator's message because of it.
         #[derive(Deserialize)]
         struct Tag<'a> {
             #[serde(borrow)]
-            agent: Option<&'a str>,
+            agent: Option<std::borrow::Cow<'a, str>>,
         }
         let Ok(tag) = serde_json::from_slice::<Tag>(body) else {
             return Ok(None);
         };
-        match tag.agent {
+        match tag.agent.as_deref() {
             Some("guest" | "host_keys" | "action_result" | "action_refused") => {}
             _ => return Ok(None),
         }

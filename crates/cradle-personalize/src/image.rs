@@ -298,6 +298,17 @@ pub fn apply_to_image_with(
         .filter(|d| d.is_empty() || mode_of(d).is_some())
         .cloned()
         .collect();
+    // A directory entry the image has already is not made again, though
+    // no entry of the package lives in it (`dirs` holds parents only):
+    // debugfs's mkdir would fail on it, halfway through the writes.
+    made.extend(
+        manifest
+            .entries
+            .iter()
+            .filter(|e| e.kind == Kind::Dir)
+            .filter(|e| mode_of(&e.path).is_some_and(|m| m & S_IFMT == S_IFDIR))
+            .map(|e| e.path.clone()),
+    );
     let mut links: HashMap<String, u32> = HashMap::new();
     let mut n = 0u64;
     walk(package, limits, Phase::Stage, control, |e, data| {

@@ -189,6 +189,15 @@ pub(crate) fn walk(
         visit(&e, &mut entry)?;
         // Drain what visit did not read, through the counters.
         io::copy(&mut entry, &mut io::sink()).map_err(stream_error)?;
+        // Its parents are directories from here on, listed or not: a
+        // later file, symlink or hardlink there could only be written by
+        // replacing the directory, after what is in it had been written.
+        let mut at = 0;
+        while let Some(i) = e.path[at..].find('/') {
+            at += i;
+            seen.entry(e.path[..at].to_string()).or_insert(Kind::Dir);
+            at += 1;
+        }
         seen.insert(e.path.clone(), e.kind.clone());
         manifest.entries.push(e);
     }
@@ -365,6 +374,12 @@ fn check_entry<R: Read>(
     };
     match (seen.get(&path), &kind) {
         (None, _) | (Some(Kind::Dir), Kind::Dir) => {}
+        (Some(Kind::Dir), _) => {
+            return Err(refuse(
+                "a directory earlier in the package (listed, or the parent of an earlier entry)"
+                    .into(),
+            ));
+        }
         (Some(_), _) => return Err(refuse("the same path twice in the package".into())),
     }
     Ok(Some(Entry {

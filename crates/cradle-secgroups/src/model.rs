@@ -315,8 +315,12 @@ impl RuleRequest {
                 self.no_icmp(protocol)?;
                 match (self.from_port, self.to_port) {
                     (None, None) => Match::All,
-                    (Some(p), None) | (None, Some(p)) => {
+                    (Some(p), None) => {
                         let p = port("from_port", p)?;
+                        Match::Ports { from: p, to: p }
+                    }
+                    (None, Some(p)) => {
+                        let p = port("to_port", p)?;
                         Match::Ports { from: p, to: p }
                     }
                     (Some(from), Some(to)) => {
@@ -334,9 +338,9 @@ impl RuleRequest {
                 }
             }
             Protocol::Icmp | Protocol::Icmpv6 => {
-                if self.from_port.is_some() || self.to_port.is_some() {
+                if let Some(field) = self.port_field() {
                     return invalid(
-                        "from_port",
+                        field,
                         format!("{protocol} has no ports; give icmp_type and icmp_code"),
                     );
                 }
@@ -352,9 +356,9 @@ impl RuleRequest {
                 }
             }
             Protocol::Any => {
-                if self.from_port.is_some() || self.to_port.is_some() {
+                if let Some(field) = self.port_field() {
                     return invalid(
-                        "from_port",
+                        field,
                         "ports need protocol tcp or udp; protocol any has none",
                     );
                 }
@@ -371,14 +375,26 @@ impl RuleRequest {
         })
     }
 
-    fn no_icmp(&self, protocol: Protocol) -> Result<(), Invalid> {
-        if self.icmp_type.is_some() || self.icmp_code.is_some() {
-            return invalid(
-                "icmp_type",
-                format!("icmp_type and icmp_code need protocol icmp or icmpv6, not {protocol}"),
-            );
+    /// The port field the request gives, for an error that must name one
+    /// the caller actually sent.
+    fn port_field(&self) -> Option<&'static str> {
+        match (self.from_port, self.to_port) {
+            (Some(_), _) => Some("from_port"),
+            (None, Some(_)) => Some("to_port"),
+            (None, None) => None,
         }
-        Ok(())
+    }
+
+    fn no_icmp(&self, protocol: Protocol) -> Result<(), Invalid> {
+        let field = match (self.icmp_type, self.icmp_code) {
+            (Some(_), _) => "icmp_type",
+            (None, Some(_)) => "icmp_code",
+            (None, None) => return Ok(()),
+        };
+        invalid(
+            field,
+            format!("icmp_type and icmp_code need protocol icmp or icmpv6, not {protocol}"),
+        )
     }
 }
 
