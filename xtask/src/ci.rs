@@ -51,6 +51,9 @@ const TEST_PACKAGES: &[&str] = &[
     // afterburn looks up the user whose ssh keys it writes with getpwnam;
     // nss_wrapper answers from a passwd file the test owns.
     "libnss-wrapper",
+    // kill(1), which the personalization test uses to SIGKILL debugfs
+    // halfway through an image write.
+    "procps",
 ];
 const DEBIAN_PYTHON: &str = "/usr/bin/python3";
 

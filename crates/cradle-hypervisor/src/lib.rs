@@ -112,8 +112,15 @@ pub enum Error {
     AlreadyRunning(String),
     #[error("VM name {0:?} cannot be used (1-64 characters, no '/', NUL or control characters)")]
     BadName(String),
-    #[error("QEMU would not start VM {name:?}: {reason}")]
-    Start { name: String, reason: String },
+    /// QEMU exited before the VM was up (a bad option, a missing file, a
+    /// broken binary). `stderr` is the tail of what it printed (its last
+    /// lines, at most 2 KiB); the VM's run directory is removed.
+    #[error("QEMU exited at the start of VM {name:?} ({status}){}", said(.stderr))]
+    Start {
+        name: String,
+        status: String,
+        stderr: String,
+    },
     #[error("QMP: {0}")]
     Qmp(String),
     #[error("{what}: {source}")]
@@ -122,4 +129,14 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+}
+
+/// What QEMU printed, for [`Error::Start`]: said to be nothing when it
+/// was, rather than a message ending on a bare colon.
+fn said(stderr: &str) -> String {
+    if stderr.is_empty() {
+        " and printed nothing on stderr".into()
+    } else {
+        format!(": {stderr}")
+    }
 }

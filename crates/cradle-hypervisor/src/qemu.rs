@@ -185,6 +185,7 @@ impl Hypervisor for Qemu {
         if self.pid(&dir).is_some() {
             return Err(Error::AlreadyRunning(vm.name.clone()));
         }
+        let made = !dir.exists();
         std::fs::create_dir_all(&dir).map_err(io(format!("cannot create {}", dir.display())))?;
         for stale in ["qmp.sock", "pid"] {
             let _ = std::fs::remove_file(dir.join(stale));
@@ -200,12 +201,26 @@ impl Hypervisor for Qemu {
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
-            .output()
-            .map_err(io(format!("cannot run {}", self.binary.display())))?;
+            .output();
+        // With -daemonize, QEMU's first process exits only once the VM is
+        // set up (0) or has failed (non-zero): a failure here is QEMU dying
+        // at start, and nothing of the VM runs. A run directory made for
+        // this start goes with it, so a failed start leaves nothing behind.
+        let failed = |e: Error| {
+            if made {
+                let _ = std::fs::remove_dir_all(&dir);
+            }
+            Err(e)
+        };
+        let out = match out {
+            Ok(out) => out,
+            Err(e) => return failed(io(format!("cannot run {}", self.binary.display()))(e)),
+        };
         if !out.status.success() {
-            return Err(Error::Start {
+            return failed(Error::Start {
                 name: vm.name.clone(),
-                reason: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+                status: out.status.to_string(),
+                stderr: tail(&out.stderr),
             });
         }
         Ok(())
@@ -353,4 +368,20 @@ pub fn probe(binary: &Path, kernel: &Path, within: Duration) -> Probe {
     } else {
         format!("QEMU with KVM failed: {err}")
     })
+}
+
+/// The end of what QEMU printed: its last 8 lines, at most 2 KiB, trimmed
+/// (the reason comes last; a long stderr is mostly warnings before it).
+fn tail(stderr: &[u8]) -> String {
+    let text = String::from_utf8_lossy(stderr);
+    let lines: Vec<&str> = text.trim().lines().collect();
+    let mut s = lines[lines.len().saturating_sub(8)..].join("\n");
+    if s.len() > 2048 {
+        let mut cut = s.len() - 2048;
+        while !s.is_char_boundary(cut) {
+            cut += 1;
+        }
+        s = format!("[...] {}", &s[cut..]);
+    }
+    s
 }

@@ -8,7 +8,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use cradle_hypervisor::{
-    Accel, Disk, DiskFormat, Hypervisor, KernelBoot, Qemu, Status, VmSpec, probe,
+    Accel, Disk, DiskFormat, Error, Hypervisor, KernelBoot, Qemu, Status, VmSpec, probe,
 };
 
 const QEMU: &str = "/usr/bin/qemu-system-x86_64";
@@ -183,6 +183,60 @@ fn bad_input_is_refused_with_qemus_reason() {
     assert_eq!(q.status("missing-disk").unwrap(), Status::Stopped);
     let e = q.status("../escape").unwrap_err();
     assert!(e.to_string().contains("cannot be used"), "{e}");
+}
+
+/// Processes whose command line mentions `dir`.
+fn processes_under(dir: &Path) -> Vec<String> {
+    let dir = dir.display().to_string();
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().parse::<u32>().is_ok())
+        .filter_map(|e| std::fs::read(e.path().join("cmdline")).ok())
+        .map(|c| String::from_utf8_lossy(&c).replace('\0', " "))
+        .filter(|c| c.contains(&dir))
+        .collect()
+}
+
+#[test]
+fn qemu_dying_at_start_is_named_with_its_status_and_leaves_nothing() {
+    let work = tempfile::tempdir().unwrap();
+    let run = work.path().join("run");
+
+    // A real QEMU, told to boot a kernel that is not there.
+    let q = Qemu::new(QEMU, &run, Accel::Tcg);
+    let mut vm = spec("no-kernel", Vec::new(), "console=ttyS0");
+    vm.kernel.as_mut().unwrap().kernel = work.path().join("no-such-vmlinuz");
+    let e = q.start(&vm).unwrap_err();
+    let Error::Start {
+        name,
+        status,
+        stderr,
+    } = &e
+    else {
+        panic!("not Error::Start: {e:?}");
+    };
+    assert_eq!(name, "no-kernel");
+    assert_eq!(status, "exit status: 1");
+    assert!(stderr.contains("no-such-vmlinuz"), "{e}");
+    assert_eq!(
+        e.to_string(),
+        format!("QEMU exited at the start of VM \"no-kernel\" (exit status: 1): {stderr}")
+    );
+    assert!(!run.join("no-kernel").exists(), "the run dir is left");
+    assert_eq!(q.status("no-kernel").unwrap(), Status::Stopped);
+
+    // The configured QEMU is a program that exits at once, saying nothing.
+    let q = Qemu::new("/bin/false", &run, Accel::Tcg);
+    let e = q.start(&spec("false", Vec::new(), "")).unwrap_err();
+    assert!(matches!(e, Error::Start { .. }), "{e:?}");
+    assert_eq!(
+        e.to_string(),
+        "QEMU exited at the start of VM \"false\" (exit status: 1) and printed nothing on stderr"
+    );
+    assert!(!run.join("false").exists(), "the run dir is left");
+    assert_eq!(std::fs::read_dir(&run).unwrap().count(), 0);
+    assert!(processes_under(work.path()).is_empty());
 }
 
 #[test]

@@ -14,6 +14,20 @@
 //! write` and removed when done, whatever happens. debugfs exits 0 even
 //! when a command fails; any message on its standard error (after its
 //! version banner) is an error.
+//!
+//! debugfs changes a filesystem one block at a time, with no journal: if it
+//! stops halfway (killed, out of memory, a command it refuses after others
+//! took) the filesystem is inconsistent yet still marked clean, and a guest
+//! would mount it. So an image that is a regular file is never written in
+//! place: debugfs writes a copy beside it (`cp --sparse=always
+//! --reflink=auto`: holes stay holes, and on btrfs or XFS no block is
+//! copied at all), which is flushed and renamed over the image only when
+//! debugfs took every command. Any failure leaves the image byte for byte
+//! as it was and removes the copy ([`Error::Debugfs`] says `unchanged`).
+//! The cost is room for a second copy of the image's data while writing,
+//! and a new inode (hard links to the image keep the old content). A block
+//! device cannot be copied and renamed; it is written in place, and after a
+//! failure it must be made again from its source.
 
 use std::collections::{BTreeSet, HashMap};
 use std::io::{Read, Seek, SeekFrom, Write};
@@ -182,6 +196,12 @@ pub fn read_back(image: &Path, partition: Option<u32>, path: &str) -> Result<Opt
 
 /// Verify `package`, check the ext filesystem at partition `partition` of
 /// `image` can take it, then write it there with debugfs.
+///
+/// An image that is a regular file is written on a copy beside it (in its
+/// directory, sparse, reflinked where the filesystem can), renamed over it
+/// only when debugfs took every command: whatever fails, even debugfs
+/// killed halfway, the image is left as it was ([`Error::Debugfs`] with
+/// `unchanged`). A block device is written in place.
 pub fn apply_to_image(
     package: &Path,
     image: &Path,
@@ -399,19 +419,116 @@ pub fn apply_to_image_with(
         source,
     })?;
     control.check()?;
-    write_with_debugfs(&cmdfile, cmds.lines().count() as u64, &dev, control)?;
+    let total = cmds.lines().count() as u64;
+    let offset = filesystem_offset(image, partition)?;
+    let refused = |reason: String, unchanged: bool| Error::Debugfs {
+        image: image.to_path_buf(),
+        reason,
+        unchanged,
+    };
+    if !is_regular_file(image) {
+        // A block device cannot be copied and renamed; it is written in
+        // place, and a write that fails leaves it to be made again.
+        write_with_debugfs(&cmdfile, total, &dev, control).map_err(|r| refused(r, false))?;
+        return Ok(manifest);
+    }
+    // debugfs writes a copy, renamed over the image only once it took every
+    // command: debugfs killed halfway (or refusing a command after writing
+    // others) leaves the image as it was rather than a filesystem that
+    // looks clean and is not.
+    let copy = copy_beside(image)?;
+    let copy_dev = format!("{}?offset={offset}", copy.display());
+    write_with_debugfs(&cmdfile, total, &copy_dev, control).map_err(|r| refused(r, true))?;
+    settle(copy, image)?;
     Ok(manifest)
+}
+
+fn is_regular_file(p: &Path) -> bool {
+    std::fs::metadata(p).is_ok_and(|m| m.is_file())
+}
+
+/// A copy of `image` in its own directory (so that the rename is atomic),
+/// removed when dropped unless renamed. `cp` keeps holes
+/// (`--sparse=always`), shares the blocks where the filesystem can
+/// (`--reflink=auto`: btrfs, XFS), and keeps mode and owner.
+fn copy_beside(image: &Path) -> Result<tempfile::TempPath, Error> {
+    let dir = match image.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    let name = image
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let io = |what: String| move |source| Error::Io { what, source };
+    let copy = tempfile::Builder::new()
+        .prefix(&format!(".{name}."))
+        .suffix(".cradle-write")
+        .tempfile_in(dir)
+        .map_err(io(format!(
+            "cannot make a copy of {} in {}",
+            name,
+            dir.display()
+        )))?
+        .into_temp_path();
+    let out = Command::new("cp")
+        .args([
+            "--sparse=always",
+            "--reflink=auto",
+            "--preserve=mode,ownership",
+            "--",
+        ])
+        .arg(image)
+        .arg(&copy)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .output()
+        .map_err(io("cannot run cp (coreutils)".into()))?;
+    if !out.status.success() {
+        return Err(Error::Io {
+            what: format!("cannot copy {} to write it", image.display()),
+            source: std::io::Error::other(format!(
+                "cp ended with {}: {}",
+                out.status,
+                String::from_utf8_lossy(&out.stderr).trim()
+            )),
+        });
+    }
+    Ok(copy)
+}
+
+/// Put the written copy in the image's place, durably: its data first, then
+/// the rename, then the directory entry.
+fn settle(copy: tempfile::TempPath, image: &Path) -> Result<(), Error> {
+    let io = |what: String| move |source| Error::Io { what, source };
+    std::fs::File::open(&copy)
+        .and_then(|f| f.sync_all())
+        .map_err(io(format!("cannot flush {}", copy.display())))?;
+    copy.persist(image).map_err(|e| Error::Io {
+        what: format!("cannot rename the written copy over {}", image.display()),
+        source: e.error,
+    })?;
+    if let Some(dir) = image.parent().filter(|d| !d.as_os_str().is_empty()) {
+        // The rename is done; a directory that cannot be flushed only
+        // means it may not survive a power cut, which the caller cannot
+        // act on.
+        let _ = std::fs::File::open(dir).and_then(|d| d.sync_all());
+    }
+    Ok(())
 }
 
 /// Run the command file with `debugfs -w`, counting the commands it echoes
 /// on stdout for progress. Any message on stderr after its banner is a
-/// failure: debugfs exits 0 even when a command fails.
+/// failure: debugfs exits 0 even when a command fails. The error is why, as
+/// a sentence's tail for [`Error::Debugfs`].
 fn write_with_debugfs(
     cmdfile: &Path,
     total: u64,
     dev: &str,
     control: &Control,
-) -> Result<(), Error> {
+) -> Result<(), String> {
+    let cannot_run = |e: std::io::Error| format!("cannot run debugfs (e2fsprogs): {e}");
     use std::io::BufRead;
     let mut child = debugfs()
         .arg("-w")
@@ -422,7 +539,7 @@ fn write_with_debugfs(
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
-        .map_err(spawn_error)?;
+        .map_err(cannot_run)?;
     let mut stderr = child.stderr.take().expect("piped");
     let errors = std::thread::spawn(move || {
         let mut buf = Vec::new();
@@ -439,7 +556,7 @@ fn write_with_debugfs(
             control.report(Phase::Write, done.min(total), total);
         }
     }
-    let status = child.wait().map_err(spawn_error)?;
+    let status = child.wait().map_err(cannot_run)?;
     let err = errors.join().unwrap_or_default();
     check_debugfs(status, &err)
 }
@@ -497,8 +614,10 @@ fn list_dirs(dev: &str, dirs: &[String]) -> Result<(Vec<Option<Listing>>, String
     Ok((listed, stderr))
 }
 
-/// debugfs failed if it exited non-zero or said anything after its banner.
-fn check_debugfs(status: std::process::ExitStatus, stderr: &[u8]) -> Result<(), Error> {
+/// debugfs failed if it was killed, exited non-zero or said anything after
+/// its banner; why, in words.
+fn check_debugfs(status: std::process::ExitStatus, stderr: &[u8]) -> Result<(), String> {
+    use std::os::unix::process::ExitStatusExt;
     let err = String::from_utf8_lossy(stderr);
     let msgs: Vec<&str> = err
         .lines()
@@ -507,15 +626,16 @@ fn check_debugfs(status: std::process::ExitStatus, stderr: &[u8]) -> Result<(), 
     if status.success() && msgs.is_empty() {
         return Ok(());
     }
-    let why = if msgs.is_empty() {
-        format!("debugfs ended with {status}")
-    } else {
-        msgs.join(" | ")
+    let mut why = match status.signal() {
+        Some(_) => format!("debugfs was killed ({status})"),
+        None if !status.success() => format!("debugfs ended with {status}"),
+        None => "debugfs refused a command".to_string(),
     };
-    Err(Error::Io {
-        what: "debugfs failed writing the image".into(),
-        source: std::io::Error::other(why),
-    })
+    if !msgs.is_empty() {
+        why.push_str(": ");
+        why.push_str(&msgs.join(" | "));
+    }
+    Err(why)
 }
 
 /// A path in the image as one debugfs word: absolute, double-quoted, with

@@ -62,8 +62,10 @@ impl Phase {
 /// all; the unit is the phase's own (package bytes read while verifying,
 /// debugfs commands while writing an image). `cancel` is honoured until
 /// the write phase begins, which leaves the target untouched; once writing
-/// has begun it runs to its end, because stopping debugfs halfway could
-/// leave a filesystem inconsistent.
+/// has begun it runs to its end: a directory is written entry by entry,
+/// and a block device in place, where stopping debugfs halfway would leave
+/// a filesystem inconsistent. (An image file is written on a copy, see
+/// [`apply_to_image`], so even a killed debugfs leaves it as it was.)
 #[derive(Clone, Copy, Default)]
 pub struct Control<'a> {
     pub progress: Option<&'a (dyn Fn(Phase, u64, u64) + Sync)>,
@@ -106,10 +108,27 @@ pub enum Error {
     /// credentials in it).
     #[error("cannot fetch {url}: {reason}")]
     Fetch { url: String, reason: String },
+    /// debugfs failed or died while writing `image`. A regular file is
+    /// written on a copy renamed into place only when debugfs took every
+    /// command, so it is `unchanged`; a block device is written in place.
+    #[error("{reason} while writing {}; {}", image.display(), left(*unchanged))]
+    Debugfs {
+        image: std::path::PathBuf,
+        reason: String,
+        unchanged: bool,
+    },
     #[error("{what}: {source}")]
     Io {
         what: String,
         #[source]
         source: std::io::Error,
     },
+}
+
+fn left(unchanged: bool) -> &'static str {
+    if unchanged {
+        "the image is unchanged"
+    } else {
+        "the device may be half-written and should be made again from its source"
+    }
 }

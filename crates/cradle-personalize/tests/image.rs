@@ -8,7 +8,10 @@ use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
-use cradle_personalize::{Limits, apply_to_dir, apply_to_image, filesystem_offset};
+use cradle_personalize::{
+    Control, Error, Limits, Phase, apply_to_dir, apply_to_image, apply_to_image_with,
+    filesystem_offset, read_back,
+};
 
 fn run(cmd: &mut Command) -> String {
     let out = cmd.stdin(Stdio::null()).output().unwrap();
@@ -280,4 +283,139 @@ fn refused_packages_leave_the_image_byte_identical() {
     assert!(e.to_string().contains("partition 3 is unused"), "{e}");
     assert!(std::fs::read(&img).unwrap() == before, "the image changed");
     assert!(std::fs::metadata(&img).unwrap().len() == 64 << 20);
+}
+
+/// A package of `n` files of 8 KiB each that gzip cannot shrink much: enough
+/// debugfs commands (a `write` and a `sif` each) to kill debugfs among them.
+fn many_files(dir: &Path, n: usize) -> PathBuf {
+    let src = dir.join("many");
+    let mut x = 0x9E3779B97F4A7C15u64;
+    for i in 0..n {
+        let d = src.join(format!("srv/d{}", i / 100));
+        std::fs::create_dir_all(&d).unwrap();
+        let data: Vec<u8> = (0..8192)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect();
+        std::fs::write(d.join(format!("f{i}")), data).unwrap();
+    }
+    let pkg = dir.join("many.tar.gz");
+    run(Command::new("tar")
+        .args(["--owner=0", "--group=0", "-czf"])
+        .arg(&pkg)
+        .arg("-C")
+        .arg(&src)
+        .arg("."));
+    pkg
+}
+
+/// The pids of `debugfs -w` processes with an argument under `dir`.
+fn debugfs_writers(dir: &Path) -> Vec<u32> {
+    let dir = dir.display().to_string();
+    let mut pids = Vec::new();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(cmdline) = std::fs::read(e.path().join("cmdline")) else {
+            continue;
+        };
+        let args: Vec<String> = cmdline
+            .split(|&b| b == 0)
+            .map(|a| String::from_utf8_lossy(a).into_owned())
+            .collect();
+        if args.first().is_some_and(|a| a.ends_with("debugfs"))
+            && args.iter().any(|a| a == "-w")
+            && args.iter().any(|a| a.starts_with(&dir))
+        {
+            pids.push(pid);
+        }
+    }
+    pids
+}
+
+#[test]
+fn debugfs_killed_halfway_leaves_the_image_as_it_was() {
+    let work = tempfile::tempdir().unwrap();
+    let seed = seed(work.path());
+    let (img, dev) = image(work.path(), &seed, Some("gpt"));
+    let pkg = many_files(work.path(), 1500);
+    let before = work.path().join("before.img");
+    run(Command::new("cp")
+        .arg("--sparse=always")
+        .arg(&img)
+        .arg(&before));
+    let files_before: Vec<_> = std::fs::read_dir(work.path()).unwrap().collect();
+
+    // When debugfs has echoed a third of its commands, SIGKILL it: from
+    // the progress callback, which runs while debugfs writes.
+    let killed = std::sync::Mutex::new(None::<u32>);
+    let progress = |phase: Phase, done: u64, total: u64| {
+        let mut k = killed.lock().unwrap();
+        if phase == Phase::Write && k.is_none() && done * 3 >= total && done > 0 {
+            let pids = debugfs_writers(work.path());
+            assert_eq!(pids.len(), 1, "one debugfs -w on this image: {pids:?}");
+            run(Command::new("kill").arg("-KILL").arg(pids[0].to_string()));
+            *k = Some(pids[0]);
+        }
+    };
+    let control = Control {
+        progress: Some(&progress),
+        cancel: None,
+    };
+    let err = apply_to_image_with(&pkg, &img, Some(1), &Limits::default(), &control).unwrap_err();
+    assert!(killed.lock().unwrap().is_some(), "debugfs finished first");
+    let Error::Debugfs {
+        image,
+        reason,
+        unchanged,
+    } = &err
+    else {
+        panic!("not Error::Debugfs: {err:?}");
+    };
+    assert_eq!(image, &img);
+    assert!(unchanged);
+    assert_eq!(reason, "debugfs was killed (signal: 9 (SIGKILL))");
+    assert_eq!(
+        err.to_string(),
+        format!(
+            "debugfs was killed (signal: 9 (SIGKILL)) while writing {}; the image is unchanged",
+            img.display()
+        )
+    );
+
+    // The image is byte for byte what it was, and its copy is gone.
+    run(Command::new("cmp").arg(&before).arg(&img));
+    let files_after: Vec<_> = std::fs::read_dir(work.path()).unwrap().collect();
+    assert_eq!(files_after.len(), files_before.len(), "a copy was left");
+    let fsck = |what: &str| {
+        let out = Command::new("e2fsck")
+            .arg("-fn")
+            .arg(&dev)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{what}: e2fsck: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    fsck("after debugfs was killed");
+    assert_eq!(read_back(&img, Some(1), "srv/d0/f0").unwrap(), None);
+
+    // Applied again, undisturbed: all of it is there, and the image keeps
+    // its mode.
+    let mode = std::fs::metadata(&img).unwrap().permissions().mode();
+    apply_to_image(&pkg, &img, Some(1), &Limits::default()).unwrap();
+    fsck("after a whole apply");
+    let last = read_back(&img, Some(1), "srv/d14/f1499").unwrap().unwrap();
+    assert_eq!(last.content.len(), 8192);
+    assert_eq!(std::fs::metadata(&img).unwrap().permissions().mode(), mode);
+    let files_after: Vec<_> = std::fs::read_dir(work.path()).unwrap().collect();
+    assert_eq!(files_after.len(), files_before.len(), "a copy was left");
 }

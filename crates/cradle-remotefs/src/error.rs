@@ -41,6 +41,17 @@ pub enum Error {
     AlreadyExists { place: String, detail: String },
     #[error("{place}: directory not empty: {detail}")]
     DirectoryNotEmpty { place: String, detail: String },
+    /// The connection went away in the middle of the operation (sshd
+    /// killed or restarted, the network cut): `tool`'s words in `detail`.
+    /// The remote side keeps the destination as it was: uploads are
+    /// written to a temporary name and renamed only when complete.
+    #[error("{tool}: the connection to {host} was lost before {place} was done: {detail}")]
+    ConnectionLost {
+        tool: String,
+        host: String,
+        place: String,
+        detail: String,
+    },
     #[error("{op} timed out after {}s", after.as_secs_f64())]
     Timeout { op: String, after: Duration },
     #[error("{op} cancelled")]
@@ -127,7 +138,6 @@ pub(crate) fn classify(f: Failure<'_>) -> Error {
         "Connection timed out",
         "Operation timed out",
         "kex_exchange_identification",
-        "Connection reset by peer",
     ] {
         if let Some(l) = find(needle) {
             return Error::Unreachable { host, detail: l };
@@ -164,6 +174,29 @@ pub(crate) fn classify(f: Failure<'_>) -> Error {
     }
     if let Some(l) = find("Directory not empty") {
         return Error::DirectoryNotEmpty { place, detail: l };
+    }
+    // A connection that went away. Checked last: a receiver that failed
+    // for a reason named above (a full disk) also makes its sender see the
+    // connection close.
+    for needle in [
+        "closed by remote host",
+        "connection unexpectedly closed",
+        "Connection closed",
+        // Reset before the login is the kex line above (unreachable);
+        // after it, it is a connection lost ("Read packet: ...").
+        "Connection reset by peer",
+        // scp's own, when its ssh went away.
+        "lost connection",
+        "Broken pipe",
+    ] {
+        if find(needle).is_some() {
+            return Error::ConnectionLost {
+                tool: f.tool.to_string(),
+                host,
+                place,
+                detail: tail(&lines),
+            };
+        }
     }
     Error::Failed {
         tool: f.tool.to_string(),
@@ -234,6 +267,28 @@ mod tests {
         assert!(matches!(
             c("rm: cannot remove '/x': No such file or directory\n"),
             Error::NotFound { .. }
+        ));
+        assert!(matches!(
+            c("Connection to 127.0.0.1 closed by remote host.\r\n"),
+            Error::ConnectionLost { .. }
+        ));
+        assert!(matches!(
+            c(
+                "rsync: connection unexpectedly closed (32768 bytes received so far) [sender]\nrsync error: error in rsync protocol data stream (code 12) at io.c(232) [sender=3.2.7]\n"
+            ),
+            Error::ConnectionLost { .. }
+        ));
+        assert!(matches!(
+            c("lost connection\n"),
+            Error::ConnectionLost { .. }
+        ));
+        assert!(matches!(
+            c("scp: Read packet: Connection reset by peer\r\n"),
+            Error::ConnectionLost { .. }
+        ));
+        assert!(matches!(
+            c("kex_exchange_identification: read: Connection reset by peer\r\n"),
+            Error::Unreachable { .. }
         ));
         assert!(matches!(c("something odd\n"), Error::Failed { .. }));
     }

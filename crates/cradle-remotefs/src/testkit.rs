@@ -308,6 +308,80 @@ impl Sshd {
     }
 }
 
+impl Sshd {
+    /// Cuts every connection this server has open, as a crashed or killed
+    /// sshd would: SIGKILL to each per-connection sshd process (every sshd
+    /// below the listener, privileged monitor and unprivileged child alike),
+    /// so nothing is closed cleanly. The listener keeps running. Returns the
+    /// pids killed.
+    pub fn cut_connections(&self) -> Vec<u32> {
+        let listener = self.child.id();
+        let mut killed = Vec::new();
+        for (pid, ppid, comm) in process_table() {
+            if comm == "sshd" && descends_from(pid, ppid, listener) {
+                // SAFETY: kill(2) with a pid just read below our own sshd.
+                if unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) } == 0 {
+                    killed.push(pid);
+                }
+            }
+        }
+        killed
+    }
+}
+
+/// Every process: (pid, parent pid, command name), from /proc/*/stat.
+fn process_table() -> Vec<(u32, u32, String)> {
+    let Ok(entries) = fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    for entry in entries.flatten() {
+        let Some(pid) = entry.file_name().to_str().and_then(|s| s.parse().ok()) else {
+            continue;
+        };
+        let Ok(stat) = fs::read(entry.path().join("stat")) else {
+            continue;
+        };
+        // "pid (comm) state ppid ...": comm may itself contain ')'.
+        let (Some(open), Some(close)) = (
+            stat.iter().position(|&b| b == b'('),
+            stat.iter().rposition(|&b| b == b')'),
+        ) else {
+            continue;
+        };
+        let comm = String::from_utf8_lossy(&stat[open + 1..close]).into_owned();
+        let rest = String::from_utf8_lossy(&stat[close + 1..]).into_owned();
+        let Some(ppid) = rest.split_whitespace().nth(1).and_then(|p| p.parse().ok()) else {
+            continue;
+        };
+        out.push((pid, ppid, comm));
+    }
+    out
+}
+
+/// Whether `pid` (whose parent is `ppid`) is below `ancestor`.
+fn descends_from(pid: u32, ppid: u32, ancestor: u32) -> bool {
+    let parents: std::collections::HashMap<u32, u32> = process_table()
+        .into_iter()
+        .map(|(p, pp, _)| (p, pp))
+        .collect();
+    let (mut at, mut up) = (pid, ppid);
+    for _ in 0..64 {
+        if up == ancestor {
+            return true;
+        }
+        if up <= 1 || up == at {
+            return false;
+        }
+        at = up;
+        match parents.get(&at) {
+            Some(&p) => up = p,
+            None => return false,
+        }
+    }
+    false
+}
+
 impl Drop for Sshd {
     fn drop(&mut self) {
         let _ = self.child.kill();

@@ -751,3 +751,156 @@ async fn settings_paths_with_spaces_and_quotes() {
     s.known_hosts = Some(dir.join("a\"b"));
     assert!(matches!(Remote::new(s), Err(Error::Invalid { .. })));
 }
+
+/// Polls until `task` has reported progress; panics if it ends first.
+async fn until_bytes_move<T: std::fmt::Debug>(
+    seen: &Mutex<Progress>,
+    task: &mut tokio::task::JoinHandle<T>,
+    what: &str,
+) {
+    let start = Instant::now();
+    while seen.lock().unwrap().done == 0 {
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "{what}: no progress"
+        );
+        assert!(!task.is_finished(), "{what}: ended early: {:?}", task.await);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn names_in(dir: &Path) -> Vec<OsString> {
+    let mut v: Vec<OsString> = std::fs::read_dir(dir)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name())
+        .collect();
+    v.sort();
+    v
+}
+
+/// sshd's per-connection processes SIGKILLed in the middle of a 1 GiB copy,
+/// each way (an upload once the remote side has its temporary file): the
+/// error says the connection to the host was lost and which tool saw it;
+/// the destination keeps its old content with nothing beside it (the
+/// partial file is gone, under any name), and no process is left.
+#[tokio::test]
+async fn a_connection_cut_mid_copy_is_typed_and_changes_nothing() {
+    let sshd = Sshd::start().unwrap();
+    let marker = sshd.known_hosts().into_os_string();
+    let host = localhost();
+    let local = tempfile::tempdir().unwrap();
+    let big = local.path().join("one-gib");
+    std::fs::File::create(&big)
+        .unwrap()
+        .set_len(1 << 30)
+        .unwrap();
+    let remote_big = sshd.home().join("one-gib");
+    std::fs::File::create(&remote_big)
+        .unwrap()
+        .set_len(1 << 30)
+        .unwrap();
+    sshd.give(&remote_big).unwrap();
+    for t in BOTH {
+        // 64 MiB/s, so that the copy is still running when the cut comes.
+        let mut s = settings(&sshd, t);
+        s.bwlimit_kib = 64 * 1024;
+        let fs = Arc::new(Remote::new(s).unwrap());
+        for upload in [true, false] {
+            let what = format!("{t} {}", if upload { "upload" } else { "download" });
+            let (remote_dst, local_dst) = (
+                sshd.home().join(format!("kept-{t}")),
+                local.path().join(format!("kept-{t}")),
+            );
+            let dst = if upload { &remote_dst } else { &local_dst };
+            std::fs::write(dst, b"old\n").unwrap();
+            sshd.give(&remote_dst).ok();
+            let (remote_before, local_before) = (names_in(&sshd.home()), names_in(local.path()));
+
+            let seen = Arc::new(Mutex::new(Progress::default()));
+            let seen2 = seen.clone();
+            let op = Op::new().on_progress(move |p| *seen2.lock().unwrap() = p);
+            let mut task = {
+                let (fs, host) = (fs.clone(), host.clone());
+                let (big, remote_big) = (big.clone(), remote(&remote_big));
+                let (remote_dst, local_dst) = (remote(&remote_dst), local_dst.clone());
+                tokio::spawn(async move {
+                    if upload {
+                        fs.copy_to(&big, &host, &remote_dst, &op).await
+                    } else {
+                        fs.copy_from(&host, &remote_big, &local_dst, &op).await
+                    }
+                })
+            };
+            until_bytes_move(&seen, &mut task, &what).await;
+            if upload {
+                // ssh reads its input before the login is done: wait until
+                // the remote side writes its temporary file, so that the
+                // cut comes mid-copy rather than mid-handshake.
+                let start = Instant::now();
+                while names_in(&sshd.home()).len() <= remote_before.len() {
+                    assert!(
+                        start.elapsed() < Duration::from_secs(20),
+                        "{what}: no temporary file"
+                    );
+                    assert!(!task.is_finished(), "{what}: ended early: {:?}", task.await);
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+            }
+            let cut = sshd.cut_connections();
+            assert!(!cut.is_empty(), "{what}: no sshd connection to cut");
+            let e = task.await.unwrap().unwrap_err();
+            let Error::ConnectionLost {
+                tool,
+                host: h,
+                place,
+                ..
+            } = &e
+            else {
+                panic!("{what}: not ConnectionLost: {e:?}");
+            };
+            let expected_tool = match (t, upload) {
+                (Transport::Ssh, true) => "ssh",
+                (Transport::Ssh, false) => "scp",
+                (Transport::Rsync, _) => "rsync",
+            };
+            assert_eq!(tool, expected_tool, "{what}: {e}");
+            assert_eq!(h, "127.0.0.1", "{what}: {e}");
+            let remote_file = if upload { &remote_dst } else { &remote_big };
+            assert_eq!(place, &format!("127.0.0.1:{}", remote_file.display()));
+            let msg = e.to_string();
+            assert!(
+                msg.starts_with(&format!(
+                    "{expected_tool}: the connection to 127.0.0.1 was lost before {place} was done: "
+                )),
+                "{what}: {msg}"
+            );
+
+            let left = wait_until_none_mention(&marker, Duration::from_secs(3));
+            assert!(left.is_empty(), "{what}: still running: {left:?}");
+            // The remote end notices the closed connection and removes its
+            // temporary file; give it a moment.
+            let start = Instant::now();
+            while names_in(&sshd.home()) != remote_before {
+                assert!(
+                    start.elapsed() < Duration::from_secs(5),
+                    "{what}: the remote side has {:?}, had {remote_before:?}",
+                    names_in(&sshd.home())
+                );
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            assert_eq!(names_in(local.path()), local_before, "{what}");
+            assert_eq!(std::fs::read(dst).unwrap(), b"old\n", "{what}");
+            // The server itself is still there: a new connection works.
+            let small = local.path().join("small");
+            std::fs::write(&small, b"small").unwrap();
+            fs.copy_to(&small, &host, &remote(&remote_dst), &Op::new())
+                .await
+                .unwrap_or_else(|e| panic!("{what}: after the cut: {e}"));
+            assert_eq!(std::fs::read(&remote_dst).unwrap(), b"small");
+            std::fs::remove_file(&small).unwrap();
+            std::fs::remove_file(&remote_dst).unwrap();
+            std::fs::remove_file(&local_dst).ok();
+        }
+    }
+}

@@ -9,10 +9,14 @@ mod common;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use common::*;
 use cradle_secgroups::nft::{Firewall, Nft, NftEnforcer, NftError};
-use cradle_secgroups::{Direction, Enforced, EtherType, Members, Protocol, Update};
+use cradle_secgroups::worker::{FirewallMetrics, Worker};
+use cradle_secgroups::{Direction, Enforce, Enforced, EtherType, Members, Protocol, Update};
 use serde_json::Value;
 use uuid::Uuid;
 
@@ -640,4 +644,180 @@ fn a_missing_nft_is_named() {
     let err = nft.apply_text("").unwrap_err();
     assert!(matches!(err, NftError::Missing { .. }), "{err}");
     assert!(err.to_string().contains("install nftables"), "{err}");
+}
+
+/// An nft program whose target the test can change under a running
+/// enforcer: a symlink, replaced atomically (a new link renamed over it).
+struct SwitchableNft {
+    _dir: tempfile::TempDir,
+    link: PathBuf,
+}
+
+impl SwitchableNft {
+    fn new() -> SwitchableNft {
+        let dir = tempfile::tempdir().unwrap();
+        let link = dir.path().join("nft");
+        let s = SwitchableNft { _dir: dir, link };
+        s.point_at(&real_nft());
+        s
+    }
+
+    fn point_at(&self, target: &Path) {
+        let tmp = self.link.with_extension("new");
+        let _ = std::fs::remove_file(&tmp);
+        std::os::unix::fs::symlink(target, &tmp).unwrap();
+        std::fs::rename(&tmp, &self.link).unwrap();
+    }
+
+    fn in_netns(&self, ns: &Netns) -> Nft {
+        Nft {
+            program: self.link.clone(),
+            netns: Some(ns.name.clone()),
+        }
+    }
+}
+
+fn real_nft() -> PathBuf {
+    let path = std::env::var_os("PATH").expect("PATH is set");
+    std::env::split_paths(&path)
+        .map(|d| d.join("nft"))
+        .find(|p| p.is_file())
+        .expect("nft is installed (nftables)")
+}
+
+/// `/bin/false`: a real program that exists, runs and fails, saying nothing.
+const FAILS: &str = "/bin/false";
+
+#[test]
+fn a_failing_nft_is_named_and_leaves_the_state_and_the_table() {
+    require_tools();
+    let ns = Netns::new("nftfails");
+    let nft = SwitchableNft::new();
+    let enforcer = NftEnforcer::new(nft.in_netns(&ns), TABLE);
+    enforcer
+        .full(vec![instance(1, vec![])], BTreeMap::new())
+        .unwrap();
+    let state = enforcer.applied();
+    let table = listing(&ns.nft());
+
+    // nft is there but fails: the full apply (which writes the skeleton
+    // with nft) stops before any element is touched.
+    nft.point_at(Path::new(FAILS));
+    let err = enforcer
+        .full(
+            vec![instance(1, vec![]), instance(2, vec![])],
+            BTreeMap::new(),
+        )
+        .unwrap_err();
+    let NftError::Failed {
+        command, status, ..
+    } = &err
+    else {
+        panic!("not NftError::Failed: {err:?}");
+    };
+    assert!(command.ends_with("/nft -f -"), "{command}");
+    assert!(command.starts_with("ip netns exec "), "{command}");
+    assert_eq!(status, "exit status: 1");
+    let msg = err.to_string();
+    assert!(
+        msg.contains("nft -f -` failed (exit status: 1) and printed nothing on stderr"),
+        "{msg}"
+    );
+    assert_eq!(enforcer.applied().instances(), state.instances());
+    assert_eq!(listing(&ns.nft()), table, "the kernel's table is as it was");
+
+    // A real nft that refuses: what it said is in the error, and the
+    // transaction is all or nothing, so the table is still as it was.
+    nft.point_at(&real_nft());
+    let err = nft
+        .in_netns(&ns)
+        .apply_text(&format!(
+            "add chain inet {TABLE} extra\nadd rule inet {TABLE} extra jump nowhere\n"
+        ))
+        .unwrap_err();
+    let NftError::Failed { stderr, .. } = &err else {
+        panic!("not NftError::Failed: {err:?}");
+    };
+    assert!(stderr.contains("Error:"), "{err}");
+    assert!(err.to_string().contains(stderr.as_str()), "{err}");
+    assert_eq!(listing(&ns.nft()), table, "the kernel's table is as it was");
+
+    // nft works again: the next full apply takes.
+    enforcer
+        .full(
+            vec![instance(1, vec![]), instance(2, vec![])],
+            BTreeMap::new(),
+        )
+        .unwrap();
+    assert!(has_iface(&ns.nft(), "vg2"));
+}
+
+/// Poll `f` every 20 ms until it holds, at most `within`.
+fn eventually(within: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + within;
+    while Instant::now() < deadline {
+        if f() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    f()
+}
+
+#[test]
+fn the_worker_reports_a_failing_nft_and_retries_until_it_works() {
+    require_tools();
+    let ns = Netns::new("nftretry");
+    let nft = SwitchableNft::new();
+    let enforcer = Arc::new(NftEnforcer::new(nft.in_netns(&ns), TABLE));
+    let desired = Arc::new(Mutex::new(vec![instance(1, vec![])]));
+    let metrics = FirewallMetrics::default();
+    let worker = {
+        let (desired, counted) = (desired.clone(), enforcer.clone());
+        Worker::start(
+            enforcer.clone() as Arc<dyn Enforce>,
+            Arc::new(move || (desired.lock().unwrap().clone(), BTreeMap::new())),
+            metrics.clone(),
+            Arc::new(move || counted.elements()),
+        )
+    };
+    assert!(worker.wait(worker.full(), Duration::from_secs(10)));
+    let table = listing(&ns.nft());
+
+    nft.point_at(Path::new(FAILS));
+    desired.lock().unwrap().push(instance(2, vec![]));
+    let n = worker.full();
+    assert!(
+        eventually(Duration::from_secs(5), || worker.status().failing),
+        "{:?}",
+        worker.status()
+    );
+    let st = worker.status();
+    let last = st.last_error.clone().expect("the failure is reported");
+    assert!(
+        last.contains("/nft -f -` failed (exit status: 1)"),
+        "{last}"
+    );
+    assert!(st.applied < n, "{st:?}");
+    // It tries again by itself (the first retry comes after 500 ms).
+    assert!(
+        eventually(Duration::from_secs(5), || metrics.failures.get() >= 2),
+        "failures: {}",
+        metrics.failures.get()
+    );
+    assert!(!worker.wait(n, Duration::ZERO));
+    assert_eq!(listing(&ns.nft()), table, "the kernel's table is as it was");
+    assert_eq!(enforcer.applied().instances().len(), 1);
+
+    // nft is repaired: a retry takes, and the error is cleared.
+    nft.point_at(&real_nft());
+    assert!(
+        worker.wait(n, Duration::from_secs(15)),
+        "{:?}",
+        worker.status()
+    );
+    let st = worker.status();
+    assert!(!st.failing && st.last_error.is_none(), "{st:?}");
+    assert!(has_iface(&ns.nft(), "vg2"));
+    assert_eq!(enforcer.applied().instances().len(), 2);
 }

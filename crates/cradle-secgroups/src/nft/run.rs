@@ -53,8 +53,8 @@ pub enum NftError {
         source: std::io::Error,
     },
     /// nft said no; `stderr` is what it printed, trimmed (and cut after
-    /// 4 KiB).
-    #[error("`{command}` failed ({status}): {stderr}")]
+    /// 4 KiB), possibly nothing (an nft killed, or a broken wrapper).
+    #[error("`{command}` failed ({status}){}", said(.stderr))]
     Failed {
         command: String,
         status: String,
@@ -66,6 +66,16 @@ pub enum NftError {
     Netlink(#[from] NetlinkError),
     #[error(transparent)]
     OutOfTags(#[from] OutOfTags),
+}
+
+/// What nft printed, for [`NftError::Failed`]: an empty complaint is said
+/// so, rather than ending the message on a bare colon.
+fn said(stderr: &str) -> String {
+    if stderr.is_empty() {
+        " and printed nothing on stderr".into()
+    } else {
+        format!(": {stderr}")
+    }
 }
 
 /// At most this much of nft's complaint is kept: with JSON input it quotes

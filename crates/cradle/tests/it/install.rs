@@ -92,11 +92,16 @@ struct Lab {
 }
 
 fn lab(timeout_secs: u32) -> Lab {
+    lab_with(timeout_secs, appliance())
+}
+
+/// A lab whose `[install] appliance` is `appliance`.
+fn lab_with(timeout_secs: u32, appliance: &Path) -> Lab {
     let work = tempfile::tempdir().unwrap();
     // Trusted scripts run as nobody, who must reach them.
     chmod(work.path(), 0o755);
     let ns = Netns::new("inst");
-    let appliance = appliance().to_str().unwrap().to_string();
+    let appliance = appliance.to_str().unwrap().to_string();
     let os = work.path().join("os");
     std::fs::create_dir_all(&os).unwrap();
     chmod(&os, 0o755);
@@ -743,4 +748,106 @@ fn a_self_install_writes_the_image_boots_the_instance_and_it_configures_itself_b
     // Bad install parameters are named.
     lab.cli(&["instance", "modify", "selfy", "--install-initrd", "/x"])
         .fails_with(&["install_params", "need a kernel"]);
+}
+
+/// QEMU dying at start: a self_install whose install kernel is a file
+/// that real QEMU cannot load. The install fails at once, naming QEMU, its
+/// exit status and what it said; the tap, its fence, the job's dnsmasq,
+/// the VM's run directory and QEMU itself are all gone.
+#[test]
+fn qemu_dying_at_start_fails_the_install_and_leaves_nothing() {
+    // A self_install boots no appliance: none is built for this test.
+    let no_appliance = tempfile::tempdir().unwrap();
+    let lab = lab_with(60, no_appliance.path());
+    let w = lab.work.path();
+    let disk = w.join("dies.img");
+    std::fs::File::create(&disk)
+        .unwrap()
+        .set_len(16 << 20)
+        .unwrap();
+    let kernel = w.join("not-a-kernel");
+    write(&kernel, "this is not a kernel\n", 0o644);
+    lab.cli(&[
+        "instance",
+        "add",
+        "dies",
+        "--metadata-address",
+        "169.254.1.78",
+        "--os-image",
+        "its-own-installer",
+        "--disk",
+        disk.to_str().unwrap(),
+        "--memory",
+        "256",
+        "--install-kernel",
+        kernel.to_str().unwrap(),
+    ])
+    .success();
+    let started = Instant::now();
+    let r = lab
+        .cli(&["instance", "install", "dies", "--follow"])
+        .fails_with(&[
+            "install of dies failed",
+            "QEMU exited at the start of VM \"install-",
+            "(exit status: 1): ",
+        ]);
+    assert!(
+        started.elapsed() < Duration::from_secs(30),
+        "not at once: {:?}",
+        started.elapsed()
+    );
+    let text = format!("{}{}", r.stdout, r.stderr);
+    // The tap was made (and dnsmasq started) before QEMU died; QEMU's own
+    // words about the kernel it could not load are in the reason.
+    assert!(text.contains("communication NIC cri"), "{text}");
+    assert!(text.contains("qemu: invalid kernel header"), "{text}");
+    let show = lab
+        .cli(&["instance", "show", "dies", "-o", "json"])
+        .success();
+    let v: Value = serde_json::from_str(&show.stdout).unwrap();
+    assert_eq!(v["state"], "install_failed", "{v}");
+    let reason = v["state_reason"].as_str().unwrap_or("");
+    assert!(reason.contains("QEMU exited at the start of VM"), "{v}");
+
+    let (taps, tables) = lab.leftovers();
+    assert!(
+        taps.is_empty() && tables.is_empty(),
+        "left: {taps} {tables}"
+    );
+    // QEMU was started: the VMs' run directory is there, and empty.
+    let run = lab.server.data_dir.join("run");
+    let dirs: Vec<_> = std::fs::read_dir(&run)
+        .unwrap_or_else(|e| panic!("{}: {e}", run.display()))
+        .flatten()
+        .map(|e| e.file_name())
+        .collect();
+    assert!(
+        dirs.is_empty(),
+        "run dirs left in {}: {dirs:?}",
+        run.display()
+    );
+    // dnsmasq is killed when the job ends (it is not waited for): give it
+    // a moment to go.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let mut left = Vec::new();
+        for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+            let cmd = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
+            let stat = std::fs::read_to_string(entry.path().join("stat")).unwrap_or_default();
+            let zombie = stat
+                .rsplit_once(')')
+                .is_some_and(|(_, r)| r.trim_start().starts_with('Z'));
+            let dnsmasq = contains(&cmd, "dnsmasq") && contains(&cmd, "169.254.1.78");
+            let qemu =
+                contains(&cmd, "install-") && contains(&cmd, lab.server.data_dir.to_str().unwrap());
+            if (dnsmasq || qemu) && !zombie {
+                left.push(String::from_utf8_lossy(&cmd).replace('\0', " "));
+            }
+        }
+        if left.is_empty() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "still running: {left:?}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }
