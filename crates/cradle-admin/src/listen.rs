@@ -1,6 +1,7 @@
 //! The accept loop of the admin API and of the peer listener: connections
-//! capped at accept (in total and per client address, as the metadata
-//! service does for guests), a deadline for request headers (which also
+//! capped per client address at accept and in total (at the total, nothing
+//! is accepted until one closes), as the metadata service does for guests;
+//! a deadline for request headers (which also
 //! ends idle keep-alive connections), headers capped in size and number
 //! (431 past them), and a graceful end that lets requests in flight finish.
 //!
@@ -74,6 +75,15 @@ where
         .max_headers(MAX_HEADERS);
     let mut shutdown = std::pin::pin!(shutdown);
     loop {
+        // At the limit, accept nothing until a connection closes (see
+        // cradle-limits): new ones wait in the kernel's backlog.
+        if admission.full() {
+            core.metrics().limit_reached(name);
+            tokio::select! {
+                () = admission.room() => {}
+                () = &mut shutdown => break,
+            }
+        }
         let (tcp, from) = tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok(c) => c,

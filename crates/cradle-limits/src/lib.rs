@@ -5,8 +5,14 @@
 //! A guest is one source address, and guests share a host: the caps are
 //! per source so that one guest holding connections (idle, or sending a
 //! header byte a second) cannot starve the others, and a total cap bounds
-//! what the listener holds at all. Past a cap a connection is refused at
-//! accept, so a refused client costs an `accept` and a `close`. Requests
+//! what the listener holds at all. Past its source's cap a connection is
+//! reset at accept, so it costs an `accept` and a `close`. At the total the
+//! listener stops accepting until a connection closes ([`Admission::room`]),
+//! as nginx and HAProxy do: new connections wait in the kernel's backlog
+//! and, once that is full, their SYNs are dropped and their clients back
+//! off. Resetting them instead was measured worse: every client reconnects
+//! at once, and the handshakes of thousands of connects a second cost the
+//! host more than the listener ever saves. Requests
 //! are metered per sender by a token bucket, the shape AWS and Azure
 //! throttle their metadata services with: a burst, then a steady rate.
 //!
@@ -60,6 +66,8 @@ impl Refusal {
 pub struct Admission {
     caps: Caps,
     held: Mutex<Held>,
+    /// Told when a connection closes.
+    room: tokio::sync::Notify,
 }
 
 #[derive(Debug, Default)]
@@ -80,6 +88,7 @@ impl Admission {
         Arc::new(Admission {
             caps,
             held: Mutex::new(Held::default()),
+            room: tokio::sync::Notify::new(),
         })
     }
 
@@ -112,6 +121,25 @@ impl Admission {
         })
     }
 
+    /// Whether the total is reached.
+    pub fn full(&self) -> bool {
+        self.caps.total != 0 && self.lock().total >= self.caps.total
+    }
+
+    /// Wait until the total is not reached (at once if it is not).
+    pub async fn room(&self) {
+        loop {
+            let closed = self.room.notified();
+            let mut closed = std::pin::pin!(closed);
+            // Registered before the check, so a close in between is seen.
+            closed.as_mut().enable();
+            if !self.full() {
+                return;
+            }
+            closed.await;
+        }
+    }
+
     /// Connections held now.
     pub fn held(&self) -> usize {
         self.lock().total
@@ -134,6 +162,8 @@ impl Drop for Admitted {
                 held.by_source.remove(&self.source);
             }
         }
+        drop(held);
+        self.admission.room.notify_waiters();
     }
 }
 
@@ -241,6 +271,29 @@ mod tests {
         assert_eq!(a.held(), 4);
         // The freed place is anyone's, and the source's own cap is back.
         let _again = a.admit(ip("10.0.0.1"), true).unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_full_listener_waits_for_a_close() {
+        let a = Admission::new(Caps {
+            total: 1,
+            per_source: 0,
+            per_unknown_source: 0,
+        });
+        a.room().await;
+        let held = a.admit(ip("10.0.0.1"), true).unwrap();
+        assert!(a.full());
+        let waiting = {
+            let a = a.clone();
+            tokio::spawn(async move { a.room().await })
+        };
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(!waiting.is_finished(), "room while full");
+        drop(held);
+        tokio::time::timeout(Duration::from_secs(5), waiting)
+            .await
+            .expect("a close wakes the waiter")
+            .unwrap();
     }
 
     #[test]

@@ -207,6 +207,15 @@ async fn serve_one(
     tokio::pin!(shutdown);
     let metrics = service.core.metrics();
     loop {
+        // At the limit, accept nothing until a connection closes: new ones
+        // wait in the kernel's backlog (see cradle-limits).
+        if service.admission.full() {
+            metrics.limit_reached("metadata");
+            tokio::select! {
+                () = service.admission.room() => {}
+                () = &mut shutdown => break,
+            }
+        }
         let (stream, peer) = tokio::select! {
             r = listener.accept() => match r {
                 Ok(c) => c,

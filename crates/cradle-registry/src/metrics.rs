@@ -42,6 +42,7 @@ pub struct Metrics {
     pub instances: Gauge<i64, std::sync::atomic::AtomicI64>,
     pub connections: Family<ListenerLabel, Gauge>,
     pub refused: Family<RefusedLabels, Counter>,
+    pub limit_reached: Family<ListenerLabel, Counter>,
     pub throttled: Counter,
 }
 
@@ -85,6 +86,12 @@ impl Metrics {
             "Connections refused at accept, by the cap they would have passed",
             refused.clone(),
         );
+        let limit_reached = Family::<ListenerLabel, Counter>::default();
+        registry.register(
+            "connections_limit_reached",
+            "Times a listener reached its connection limit and stopped accepting until one closed",
+            limit_reached.clone(),
+        );
         let throttled = Counter::default();
         registry.register(
             "metadata_throttled",
@@ -98,6 +105,7 @@ impl Metrics {
             instances,
             connections,
             refused,
+            limit_reached,
             throttled,
         }
     }
@@ -121,6 +129,13 @@ impl Metrics {
     pub fn refused(&self, listener: &'static str, reason: &'static str) {
         self.refused
             .get_or_create(&RefusedLabels { listener, reason })
+            .inc();
+    }
+
+    /// `listener` reached its connection limit and stops accepting.
+    pub fn limit_reached(&self, listener: &'static str) {
+        self.limit_reached
+            .get_or_create(&ListenerLabel { listener })
             .inc();
     }
 

@@ -1,11 +1,13 @@
 //! What the listeners do with clients that ask too much: a guest past its
 //! request budget gets 429 and nobody else notices; a source past its
-//! connection cap, or anyone once a listener holds its total, is refused
-//! at accept while established connections keep being served; slow and
+//! connection cap is reset at accept, and once a listener holds its total
+//! new connections wait, unanswered, until one closes, while established
+//! connections keep being served; slow and
 //! oversized request heads are cut. (The flood of all of these at once
 //! is tests/flood.rs.)
 
 use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 
 use serde_json::json;
@@ -57,21 +59,54 @@ fn an_instance_past_its_budget_gets_429_and_other_guests_never_notice() {
     assert_eq!(raw_get(&mut again, PATH).unwrap().0, 200);
 }
 
-/// Whether the listener at `target` refuses a new connection from
-/// `source` (a reset, or a close before any answer).
-fn refused(source: &str, target: std::net::SocketAddr, path: &str, token: Option<&str>) -> bool {
-    let Ok(mut c) = connect_from(source, target) else {
-        return true;
-    };
+/// A request sent on a new connection from `source`.
+fn ask(source: &str, target: SocketAddr, path: &str, token: Option<&str>) -> Option<TcpStream> {
+    let mut c = connect_from(source, target).ok()?;
     let auth = token
         .map(|t| format!("Authorization: Bearer {t}\r\n"))
         .unwrap_or_default();
-    if c.write_all(format!("GET {path} HTTP/1.1\r\nHost: m\r\n{auth}\r\n").as_bytes())
-        .is_err()
-    {
-        return true;
+    c.write_all(format!("GET {path} HTTP/1.1\r\nHost: m\r\n{auth}\r\n").as_bytes())
+        .ok()?;
+    Some(c)
+}
+
+/// Whether the listener resets a new connection from `source` at accept
+/// (or closes it before any answer).
+fn reset(source: &str, target: SocketAddr, path: &str, token: Option<&str>) -> bool {
+    match ask(source, target, path, token) {
+        None => true,
+        Some(mut c) => matches!(
+            read_response(&mut c),
+            Err(e) if e.kind() != std::io::ErrorKind::WouldBlock && e.kind() != std::io::ErrorKind::TimedOut
+        ),
     }
-    read_response(&mut c).is_err()
+}
+
+/// A new connection from `source` that gets no answer within a second (it
+/// waits in the kernel's backlog while the listener is at its total).
+fn waiting(source: &str, target: SocketAddr, path: &str, token: Option<&str>) -> TcpStream {
+    let mut c = ask(source, target, path, token).expect("the kernel queues the connection");
+    c.set_read_timeout(Some(Duration::from_secs(1))).unwrap();
+    let mut b = [0u8; 1];
+    let e = c
+        .read(&mut b)
+        .expect_err("a connection past the total was served");
+    assert!(
+        matches!(
+            e.kind(),
+            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+        ),
+        "a connection past the total was closed ({e}) instead of waiting"
+    );
+    c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    c
+}
+
+fn refused_count(text: &str, listener: &str, reason: &str) -> f64 {
+    metric(
+        text,
+        &format!("cradle_connections_refused_total{{listener=\"{listener}\",reason=\"{reason}\"}}"),
+    )
 }
 
 #[test]
@@ -96,10 +131,7 @@ fn a_guest_past_its_connection_cap_is_refused_at_accept_and_no_other_is() {
             c
         })
         .collect();
-    assert!(
-        refused("127.0.0.2", m, PATH, None),
-        "a 4th connection from a"
-    );
+    assert!(reset("127.0.0.2", m, PATH, None), "a 4th connection from a");
     // Another guest is not a's cap.
     let mut b = connect_from("127.0.0.3", m).unwrap();
     assert_eq!(raw_get(&mut b, PATH).unwrap().0, 200);
@@ -107,41 +139,38 @@ fn a_guest_past_its_connection_cap_is_refused_at_accept_and_no_other_is() {
     let mut unknown = connect_from("127.0.0.9", m).unwrap();
     assert_eq!(raw_get(&mut unknown, PATH).unwrap().0, 404);
     assert!(
-        refused("127.0.0.9", m, PATH, None),
+        reset("127.0.0.9", m, PATH, None),
         "a 2nd from an unknown address"
     );
-    // Five held; one more reaches the total, and then nobody gets a new one...
+    // Five held; one more reaches the total, and then a new connection
+    // waits, unanswered...
     let mut b2 = connect_from("127.0.0.3", m).unwrap();
     assert_eq!(raw_get(&mut b2, PATH).unwrap().0, 200);
-    assert!(refused("127.0.0.3", m, PATH, None), "a 7th connection");
+    let mut queued = waiting("127.0.0.3", m, PATH, None);
     // ...while every established one is still served.
     for c in held.iter_mut().chain([&mut b, &mut b2]) {
         assert_eq!(raw_get(c, PATH).unwrap().0, 200);
     }
     let text = metrics(&s);
-    for (reason, n) in [("source", 1.0), ("unknown_source", 1.0), ("total", 1.0)] {
-        assert_eq!(
-            metric(
-                &text,
-                &format!(
-                    "cradle_connections_refused_total{{listener=\"metadata\",reason=\"{reason}\"}}"
-                )
-            ),
-            n,
-            "{reason}: {text}"
-        );
-    }
+    assert_eq!(refused_count(&text, "metadata", "source"), 1.0, "{text}");
+    assert_eq!(
+        refused_count(&text, "metadata", "unknown_source"),
+        1.0,
+        "{text}"
+    );
+    assert!(
+        metric(
+            &text,
+            "cradle_connections_limit_reached_total{listener=\"metadata\"}"
+        ) >= 1.0
+    );
     assert_eq!(
         metric(&text, "cradle_connections{listener=\"metadata\"}"),
         6.0
     );
-    // A closed connection frees its place at once.
+    // A closed connection frees its place at once, for the one waiting.
     drop(held.pop());
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while refused("127.0.0.2", m, PATH, None) {
-        assert!(Instant::now() < deadline, "the freed place never came back");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    assert_eq!(read_response(&mut queued).unwrap().0, 200);
 }
 
 #[test]
@@ -153,67 +182,40 @@ fn admin_connections_are_capped_per_source_and_in_total() {
         ],
         ..Default::default()
     });
-    let admin: std::net::SocketAddr = s.admin_url.trim_start_matches("http://").parse().unwrap();
+    let admin: SocketAddr = s.admin_url.trim_start_matches("http://").parse().unwrap();
     let token = s.token.clone();
+    let list =
+        format!("GET /v1/instances HTTP/1.1\r\nHost: m\r\nAuthorization: Bearer {token}\r\n\r\n");
     let open = |source: &str| {
         let mut c = connect_from(source, admin).unwrap();
-        c.write_all(
-            format!(
-                "GET /v1/instances HTTP/1.1\r\nHost: m\r\nAuthorization: Bearer {token}\r\n\r\n"
-            )
-            .as_bytes(),
-        )
-        .unwrap();
+        c.write_all(list.as_bytes()).unwrap();
         assert_eq!(read_response(&mut c).unwrap().0, 200);
         c
     };
     let mut held: Vec<_> = (0..3).map(|_| open("127.0.0.5")).collect();
-    assert!(refused("127.0.0.5", admin, "/v1/instances", Some(&token)));
+    assert!(reset("127.0.0.5", admin, "/v1/instances", Some(&token)));
     held.push(open("127.0.0.6"));
     held.push(open("127.0.0.7"));
-    assert!(refused("127.0.0.8", admin, "/v1/instances", Some(&token)));
+    let mut queued = waiting("127.0.0.8", admin, "/metrics", Some(&token));
     for c in &mut held {
-        c.write_all(
-            format!(
-                "GET /v1/instances HTTP/1.1\r\nHost: m\r\nAuthorization: Bearer {token}\r\n\r\n"
-            )
-            .as_bytes(),
-        )
-        .unwrap();
+        c.write_all(list.as_bytes()).unwrap();
         assert_eq!(
             read_response(c).unwrap().0,
             200,
             "an established connection"
         );
     }
-    drop(held);
-    let deadline = Instant::now() + Duration::from_secs(5);
-    let text = loop {
-        if let Ok(mut c) = connect_from("127.0.0.1", admin) {
-            c.write_all(
-                format!(
-                    "GET /metrics HTTP/1.1\r\nHost: m\r\nAuthorization: Bearer {token}\r\n\r\n"
-                )
-                .as_bytes(),
-            )
-            .unwrap();
-            if let Ok((200, body)) = read_response(&mut c) {
-                break String::from_utf8(body).unwrap();
-            }
-        }
-        assert!(Instant::now() < deadline, "the admin API never came back");
-        std::thread::sleep(Duration::from_millis(50));
-    };
-    // The metrics read above may itself have been refused once, while the
-    // server was still closing the dropped connections.
-    let refused = |reason: &str| {
+    drop(held.pop());
+    let (status, body) = read_response(&mut queued).unwrap();
+    assert_eq!(status, 200);
+    let text = String::from_utf8(body).unwrap();
+    assert_eq!(refused_count(&text, "admin", "source"), 1.0);
+    assert!(
         metric(
             &text,
-            &format!("cradle_connections_refused_total{{listener=\"admin\",reason=\"{reason}\"}}"),
-        )
-    };
-    assert_eq!(refused("source"), 1.0);
-    assert!(refused("total") >= 1.0);
+            "cradle_connections_limit_reached_total{listener=\"admin\"}"
+        ) >= 1.0
+    );
 }
 
 /// Send `head` and say what came back: the status, or `None` when the
