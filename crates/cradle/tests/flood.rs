@@ -116,9 +116,27 @@ fn unwritten_mib() -> u64 {
         / 1024
 }
 
+/// The `some avg10` of a pressure file: the share of the last ten seconds
+/// some task waited for the resource, in percent.
+fn pressure(resource: &str) -> f64 {
+    std::fs::read_to_string(format!("/proc/pressure/{resource}"))
+        .ok()
+        .and_then(|t| {
+            t.lines()
+                .next()?
+                .split_whitespace()
+                .find_map(|f| f.strip_prefix("avg10="))?
+                .parse()
+                .ok()
+        })
+        .unwrap_or(0.0)
+}
+
 /// Let the machine settle before timing anything: this binary runs right
-/// after cargo wrote gigabytes of test binaries, and the kernel flushing
-/// them would be timed as the flood's doing.
+/// after cargo wrote gigabytes of test binaries, and the kernel writing
+/// them back (and the I/O and CPU pressure that lingers after) would be
+/// timed as the flood's doing. Flush, then wait until the last ten
+/// seconds saw next to no I/O or CPU pressure.
 fn settle() {
     let t = Instant::now();
     let before = unwritten_mib();
@@ -127,13 +145,17 @@ fn settle() {
         synced.is_ok_and(|s| s.success()),
         "sync (coreutils) must run"
     );
-    while unwritten_mib() > 32 && t.elapsed() < Duration::from_secs(60) {
-        std::thread::sleep(Duration::from_millis(200));
+    while (unwritten_mib() > 32 || pressure("io") > 1.0 || pressure("cpu") > 10.0)
+        && t.elapsed() < Duration::from_secs(90)
+    {
+        std::thread::sleep(Duration::from_millis(250));
     }
     println!(
-        "flood: {before} MiB unwritten before, {} MiB after {:?} of settling",
+        "flood: {before} MiB unwritten before, {} MiB after {:?} of settling (pressure avg10: io {}%, cpu {}%)",
         unwritten_mib(),
-        t.elapsed()
+        t.elapsed(),
+        pressure("io"),
+        pressure("cpu"),
     );
 }
 
