@@ -464,8 +464,8 @@ fn a_flooding_guest_cannot_slow_another_or_take_its_connection() {
     // The target is 2x. Run alone it measures 0.7-1.3x; as part of `cargo
     // xtask ci` on a fresh clone it measured 2.15-2.32x in four runs, on a
     // machine that just built everything. The bound leaves that room, and
-    // still fails on what the caps were made against: a shared limit took
-    // this guest from 0.41 ms to 4.4 s, and resetting at the total, 2-5x.
+    // still fails on what the caps were made against: a limit shared by
+    // every source took this guest from 0.41 ms to 4.4 s.
     assert!(
         l99 <= q99 * 3,
         "the flood took the well-behaved guest's p99 from {q99:?} to {l99:?}"
