@@ -97,7 +97,11 @@ where
             () = &mut shutdown => break,
         };
         // An operator's client is "known" everywhere: one cap per address.
-        let admitted = match admission.admit(from.ip(), true) {
+        let admitted = tokio::select! {
+            a = admission.admit_or_wait(from.ip(), true) => a,
+            () = &mut shutdown => break,
+        };
+        let admitted = match admitted {
             Ok(a) => a,
             Err(refusal) => {
                 core.metrics().refused(name, refusal.label());

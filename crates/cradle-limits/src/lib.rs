@@ -121,6 +121,22 @@ impl Admission {
         })
     }
 
+    /// [`Admission::admit`], but a connection that finds the total reached
+    /// waits for a place instead of being refused: two listeners sharing
+    /// one count can both have accepted when one place was left.
+    pub async fn admit_or_wait(
+        self: &Arc<Self>,
+        source: IpAddr,
+        known: bool,
+    ) -> Result<Admitted, Refusal> {
+        loop {
+            match self.admit(source, known) {
+                Err(Refusal::Total) => self.room().await,
+                other => return other,
+            }
+        }
+    }
+
     /// Whether the total is reached.
     pub fn full(&self) -> bool {
         self.caps.total != 0 && self.lock().total >= self.caps.total

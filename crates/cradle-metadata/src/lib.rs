@@ -235,7 +235,11 @@ async fn serve_one(
         // Before any work for the connection: a refused one costs an
         // accept and a reset.
         let known = service.core.knows_source(peer.ip());
-        let admitted = match service.admission.admit(peer.ip(), known) {
+        let admitted = tokio::select! {
+            a = service.admission.admit_or_wait(peer.ip(), known) => a,
+            () = &mut shutdown => break,
+        };
+        let admitted = match admitted {
             Ok(a) => a,
             Err(refusal) => {
                 metrics.refused("metadata", refusal.label());
