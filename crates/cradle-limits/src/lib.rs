@@ -92,10 +92,6 @@ impl Admission {
         })
     }
 
-    pub fn caps(&self) -> Caps {
-        self.caps
-    }
-
     /// Count a new connection from `source` (`known`: a source the
     /// listener serves, such as an instance's address), or say which cap
     /// it would pass.

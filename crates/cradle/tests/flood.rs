@@ -179,8 +179,6 @@ struct Tally {
     throttled: AtomicU64,
     /// A 429 without a `Retry-After`.
     no_retry_after: AtomicU64,
-    /// Connections held open right now.
-    open: AtomicU64,
 }
 
 async fn tcp_from(source: IpAddr, target: SocketAddr) -> std::io::Result<tokio::net::TcpStream> {
@@ -202,10 +200,8 @@ async fn idle(
     let mut buf = [0u8; 64];
     while !stop.load(Ordering::Relaxed) {
         if let Ok(mut c) = tcp_from(source, target).await {
-            tally.open.fetch_add(1, Ordering::Relaxed);
             // Ends when the server resets or closes it, or at the stop.
             let _ = tokio::time::timeout(Duration::from_secs(30), c.read(&mut buf)).await;
-            tally.open.fetch_sub(1, Ordering::Relaxed);
         }
         tally.reopened.fetch_add(1, Ordering::Relaxed);
         tokio::time::sleep(Duration::from_secs(1)).await;
@@ -224,7 +220,6 @@ async fn loris(
     let head = b"GET /latest/meta-data/ HTTP/1.1\r\nHost: m\r\nX-Slow: aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa";
     while !stop.load(Ordering::Relaxed) {
         if let Ok(mut c) = tcp_from(source, target).await {
-            tally.open.fetch_add(1, Ordering::Relaxed);
             for b in head.iter().cycle() {
                 if stop.load(Ordering::Relaxed) || c.write_all(&[*b]).await.is_err() {
                     break;
@@ -236,7 +231,6 @@ async fn loris(
                     Ok(_) => break,
                 }
             }
-            tally.open.fetch_sub(1, Ordering::Relaxed);
         }
         tally.reopened.fetch_add(1, Ordering::Relaxed);
         tokio::time::sleep(Duration::from_secs(1)).await;

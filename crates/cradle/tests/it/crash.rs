@@ -19,7 +19,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
 use cradle_client::{Target, blocking::Client};
@@ -146,7 +146,7 @@ fn writer(w: usize, shared: Arc<Shared>, group: String, seed: u64) -> Ledger {
             .collect();
         let pick = |rng: &mut Rng| live[rng.below(live.len() as u64) as usize];
         let op = rng.below(100);
-        let done = match op {
+        match op {
             _ if live.len() < 2 || op < 20 => {
                 n += 1;
                 let name = format!("w{w}-{n}");
@@ -186,7 +186,6 @@ fn writer(w: usize, shared: Arc<Shared>, group: String, seed: u64) -> Ledger {
                     Outcome::NoAnswer => e.instead = Some(Some(inst)),
                 }
                 ledger.instances.push(e);
-                true
             }
             20..45 => {
                 let i = pick(&mut rng);
@@ -205,7 +204,6 @@ fn writer(w: usize, shared: Arc<Shared>, group: String, seed: u64) -> Ledger {
                     continue;
                 };
                 settle(e, out, Some(next));
-                true
             }
             45..55 => {
                 let i = pick(&mut rng);
@@ -215,7 +213,6 @@ fn writer(w: usize, shared: Arc<Shared>, group: String, seed: u64) -> Ledger {
                     continue;
                 };
                 settle(e, out, None);
-                true
             }
             55..70 => {
                 let i = pick(&mut rng);
@@ -234,7 +231,6 @@ fn writer(w: usize, shared: Arc<Shared>, group: String, seed: u64) -> Ledger {
                     Outcome::Refused => {}
                     Outcome::NoAnswer => e.maybe_messages.push(text),
                 }
-                true
             }
             70..80 => {
                 port += 1;
@@ -254,7 +250,6 @@ fn writer(w: usize, shared: Arc<Shared>, group: String, seed: u64) -> Ledger {
                     Outcome::Refused => {}
                     Outcome::NoAnswer => r.doubtful = true,
                 }
-                true
             }
             85..90 => {
                 // Writes refused by design: a taken name, a bad hostname.
@@ -276,7 +271,6 @@ fn writer(w: usize, shared: Arc<Shared>, group: String, seed: u64) -> Ledger {
                 if let Some(Outcome::Done(v)) = write(&shared, &req) {
                     panic!("a write that must be refused was done: {v}");
                 }
-                true
             }
             80..85 => {
                 let Some((_, r)) = ledger
@@ -295,7 +289,6 @@ fn writer(w: usize, shared: Arc<Shared>, group: String, seed: u64) -> Ledger {
                     Outcome::Refused => {}
                     Outcome::NoAnswer => r.doubtful = true,
                 }
-                true
             }
             _ => {
                 let i = pick(&mut rng);
@@ -312,10 +305,8 @@ fn writer(w: usize, shared: Arc<Shared>, group: String, seed: u64) -> Ledger {
                     continue;
                 };
                 settle(e, out, Some(next));
-                true
             }
-        };
-        let _ = done;
+        }
     }
     ledger
 }
@@ -426,11 +417,9 @@ fn run(name: &str, setup: Setup<'_>, store: Store<'_>) {
         })
         .collect();
     let mut rng = Rng(seed | 1);
-    let server_slot = Mutex::new(());
     let mut restarts = Vec::new();
     for _ in 0..KILLS {
         std::thread::sleep(Duration::from_millis(150 + rng.below(450)));
-        let _slot = server_slot.lock().unwrap();
         *shared.target.write().unwrap() = None;
         server.kill();
         let t = Instant::now();
