@@ -323,6 +323,12 @@ pub struct Metadata {
     pub max_token_ttl: u32,
     /// Bytes of rendered EC2 and OpenStack answers kept in memory; 0 disables.
     pub cache_bytes: usize,
+    /// Requests waiting for a change (`?wait=true`) at once, in total.
+    pub max_waiting: usize,
+    /// Requests waiting for a change at once, per instance.
+    pub max_waiting_per_instance: usize,
+    /// The longest `timeout_sec` a waiting request may ask for, in seconds.
+    pub max_wait_timeout: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -416,6 +422,9 @@ impl Default for Metadata {
             max_body_bytes: 128 * 1024,
             max_token_ttl: 21600,
             cache_bytes: 64 * 1024 * 1024,
+            max_waiting: 2048,
+            max_waiting_per_instance: 4,
+            max_wait_timeout: 3600,
         }
     }
 }
@@ -567,6 +576,9 @@ pub const KEYS: &[(&str, &str)] = &[
     ("metadata", "max_body_bytes"),
     ("metadata", "max_token_ttl"),
     ("metadata", "cache_bytes"),
+    ("metadata", "max_waiting"),
+    ("metadata", "max_waiting_per_instance"),
+    ("metadata", "max_wait_timeout"),
     ("channel", "queue_len"),
     ("channel", "message_bytes"),
     ("vendordata", "static_file"),

@@ -47,7 +47,9 @@ pub use caller::{ADMIN_ROLE, Caller, Projects};
 pub use cradle_drive::Format as DriveFormat;
 pub use cradle_registry::metrics::Metrics;
 pub use error::{Error, Kind};
-pub use guest::{Doc, Guest, InstallFile, Namespace, Presented, Written};
+pub use guest::{
+    DEFAULT_WAIT, Doc, Guest, InstallFile, Namespace, Presented, Wait, WaitLimits, Written,
+};
 pub use install::StopRequest;
 
 /// What the operations run on, built by `cradle serve`.
@@ -69,6 +71,8 @@ pub struct Parts {
     pub render_cache_bytes: usize,
     /// Longest IMDSv2 token a guest may ask for, in seconds.
     pub max_token_ttl: u32,
+    /// How many guests may wait for a change, and for how long.
+    pub waits: guest::WaitLimits,
     /// How this host reaches the other hosts of its cluster.
     pub peers: peers::Peers,
     /// How it moves instances to them and takes them in.
@@ -104,8 +108,11 @@ pub struct Core {
 impl Core {
     pub fn new(parts: Parts) -> Arc<Core> {
         let installer = Arc::new(Installer::new(parts.registry.clone(), parts.install));
+        let guests = guest::Guests::new(parts.render_cache_bytes, parts.max_token_ttl, parts.waits);
+        let waits = guests.waits.clone();
+        parts.registry.on_change(move |id| waits.changed(id));
         Arc::new(Core {
-            guests: guest::Guests::new(parts.render_cache_bytes, parts.max_token_ttl),
+            guests,
             registry: parts.registry,
             installer,
             metrics: parts.metrics,

@@ -64,6 +64,7 @@ fn setup() -> Setup {
         firewall_mark: Default::default(),
         render_cache_bytes: 1 << 20,
         max_token_ttl: 21600,
+        waits: Default::default(),
         peers: Default::default(),
         migration: Default::default(),
     });

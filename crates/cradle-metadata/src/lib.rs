@@ -31,7 +31,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use cradle_core::{Core, Error, Guest, InstallFile, Kind, Namespace, Presented, Written};
+use cradle_core::{Core, Error, Guest, InstallFile, Kind, Namespace, Presented, Wait, Written};
 use cradle_limits::{Admission, Buckets, Caps};
 use cradle_model::answers::{METADATA_FLAVOR, METADATA_FLAVOR_HEADER};
 use http_body_util::{BodyExt, Full, Limited};
@@ -273,6 +273,9 @@ async fn serve_one(
         });
     }
     drop(listener);
+    // Requests waiting for a change answer now, or graceful shutdown
+    // would wait for their timeouts.
+    service.core.end_waits();
     tokio::select! {
         () = graceful.shutdown() => {}
         () = tokio::time::sleep(Duration::from_secs(5)) => {}
@@ -378,10 +381,63 @@ fn segments(path: &str) -> Option<Vec<&str>> {
     Some(segs)
 }
 
+/// What a request's query string asks for (percent-decoded). Parameters
+/// cradle does not know are ignored, as EC2 and GCE ignore them.
+#[derive(Debug, Default)]
+struct Query {
+    /// `wait=true`, with `last_etag` and `timeout_sec`.
+    wait: Option<Wait>,
+}
+
+impl Query {
+    fn parse(query: Option<&str>) -> Result<Query, Reply> {
+        let Some(q) = query else {
+            return Ok(Query::default());
+        };
+        let (mut wait, mut last_etag, mut timeout) = (false, None, None);
+        for (k, v) in form_urlencoded::parse(q.as_bytes()) {
+            match &*k {
+                "wait" => {
+                    wait = match &*v {
+                        "true" => true,
+                        "false" => false,
+                        _ => return Err(bad_request("wait must be true or false")),
+                    }
+                }
+                "last_etag" => last_etag = Some(v.into_owned()),
+                "timeout_sec" => {
+                    timeout = Some(v.parse::<u64>().map_err(|_| {
+                        bad_request("timeout_sec must be a whole number of seconds")
+                    })?)
+                }
+                _ => {}
+            }
+        }
+        Ok(Query {
+            wait: wait.then(|| Wait {
+                last_etag,
+                timeout: timeout
+                    .map(Duration::from_secs)
+                    .unwrap_or(cradle_core::DEFAULT_WAIT),
+            }),
+        })
+    }
+}
+
+fn bad_request(why: &str) -> Reply {
+    reply(
+        StatusCode::BAD_REQUEST,
+        "text/plain; charset=utf-8",
+        format!("400 Bad Request: {why}"),
+    )
+}
+
 async fn handle(svc: &MetadataService, source: IpAddr, req: Request<Incoming>) -> Reply {
     let started = Instant::now();
     let method = req.method().clone();
     let path = req.uri().path().to_string();
+    let query = Query::parse(req.uri().query());
+    let waits = matches!(&query, Ok(Query { wait: Some(_) }));
     let guest = svc.core.guest(source);
     let ns = if guest.is_some() {
         namespace(&path)
@@ -401,13 +457,20 @@ async fn handle(svc: &MetadataService, source: IpAddr, req: Request<Incoming>) -
             StatusCode::NOT_FOUND,
             "404 Not Found: no instance has this source address",
         ),
-        (Ok(()), Some(g)) => route(svc, g, &path, req).await,
+        (Ok(()), Some(g)) => match query {
+            Ok(query) => route(svc, g, &path, query, req).await,
+            Err(r) => r,
+        },
     };
     let status = response.status().as_u16();
     let elapsed = started.elapsed();
-    svc.core
-        .metrics()
-        .observe(ns, status, elapsed.as_secs_f64());
+    if waits {
+        svc.core.metrics().count(ns, status);
+    } else {
+        svc.core
+            .metrics()
+            .observe(ns, status, elapsed.as_secs_f64());
+    }
     match &guest {
         Some(g) => info!(
             instance = %g.id(), %method, path = %path, status, latency_us = elapsed.as_micros() as u64,
@@ -420,7 +483,13 @@ async fn handle(svc: &MetadataService, source: IpAddr, req: Request<Incoming>) -
     response
 }
 
-async fn route(svc: &MetadataService, guest: &Guest, path: &str, req: Request<Incoming>) -> Reply {
+async fn route(
+    svc: &MetadataService,
+    guest: &Guest,
+    path: &str,
+    query: Query,
+    req: Request<Incoming>,
+) -> Reply {
     let Some(segs) = segments(path) else {
         return text(StatusCode::BAD_REQUEST, "400 Bad Request: malformed path");
     };
@@ -487,7 +556,13 @@ async fn route(svc: &MetadataService, guest: &Guest, path: &str, req: Request<In
         });
     }
 
-    match svc.core.document(guest, path, &segs).await {
+    let doc = match query.wait {
+        Some(wait) if req.method() == Method::GET => {
+            svc.core.wait_document(guest, path, &segs, wait).await
+        }
+        _ => svc.core.document(guest, path, &segs).await,
+    };
+    match doc {
         Ok(doc) => conditional(&req, doc),
         Err(e) => failure(&e),
     }
@@ -498,7 +573,7 @@ async fn route(svc: &MetadataService, guest: &Guest, path: &str, req: Request<In
 /// Modified` when the request's `If-None-Match` names that tag: what lets
 /// a guest agent poll cheaply.
 fn conditional(req: &Request<Incoming>, doc: cradle_core::Doc) -> Reply {
-    let tag = format!("\"{:016x}\"", doc.etag);
+    let tag = doc.tag();
     let matches = req
         .headers()
         .get_all(hyper::header::IF_NONE_MATCH)
@@ -531,10 +606,7 @@ fn failure(e: &Error) -> Reply {
     match e.kind() {
         Kind::NotFound => text(StatusCode::NOT_FOUND, "404 Not Found"),
         Kind::Unauthorized => said(StatusCode::UNAUTHORIZED, "401 Unauthorized"),
-        Kind::TooMany => text(
-            StatusCode::TOO_MANY_REQUESTS,
-            "429 Too Many Requests: queue full",
-        ),
+        Kind::TooMany => said(StatusCode::TOO_MANY_REQUESTS, "429 Too Many Requests"),
         Kind::TooLarge => text(StatusCode::PAYLOAD_TOO_LARGE, "413 Payload Too Large"),
         Kind::Full => {
             warn!(error = %e, "metadata request failed");

@@ -114,6 +114,7 @@ fn core(tmp: &std::path::Path) -> Arc<Core> {
         firewall_mark: Default::default(),
         render_cache_bytes: 1 << 20,
         max_token_ttl: 21600,
+        waits: Default::default(),
         peers: Default::default(),
         migration: Default::default(),
     })

@@ -92,6 +92,7 @@ impl Registry {
     /// Drop an instance another host removed.
     fn forget(&self, id: Uuid) -> bool {
         let gone = self.write().take(id).is_some();
+        self.changed(id);
         self.jobs
             .write()
             .unwrap_or_else(|e| e.into_inner())

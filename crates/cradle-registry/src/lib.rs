@@ -164,6 +164,9 @@ pub struct Registry {
     /// Versions of security-group ops this process wrote and applied itself,
     /// which catching up must not apply again.
     own_sg_versions: Mutex<BTreeSet<i64>>,
+    /// Told the id of every instance whose in-memory record changed (made,
+    /// changed here or by another host, removed), once set.
+    on_change: std::sync::OnceLock<Box<dyn Fn(Uuid) + Send + Sync>>,
 }
 
 impl Registry {
@@ -211,6 +214,7 @@ impl Registry {
             catching: Mutex::new(()),
             hosts: RwLock::new(Vec::new()),
             own_sg_versions: Mutex::new(BTreeSet::new()),
+            on_change: std::sync::OnceLock::new(),
         })
     }
 
@@ -219,6 +223,19 @@ impl Registry {
     fn stamp(&self, i: &mut Instance) {
         if self.is_local(i) {
             i.stored_secret_names = i.os_params.secret.keys().cloned().collect();
+        }
+    }
+
+    /// Have `hook` told the id of every instance whose in-memory record
+    /// changes from now on, after the change is visible. Set once; the
+    /// hook must not block (it runs under no lock, on the writer's thread).
+    pub fn on_change(&self, hook: impl Fn(Uuid) + Send + Sync + 'static) {
+        let _ = self.on_change.set(Box::new(hook));
+    }
+
+    fn changed(&self, id: Uuid) {
+        if let Some(hook) = self.on_change.get() {
+            hook(id);
         }
     }
 
@@ -349,6 +366,7 @@ impl Registry {
         self.own_sg(instance.version, &ops);
         let instance = Arc::new(instance);
         self.write().put(instance.clone());
+        self.changed(instance.id);
         self.apply_groups(&ops)?;
         Ok(instance)
     }
@@ -397,9 +415,12 @@ impl Registry {
     /// holds it): a new `Arc`, so caches keyed on the old one let go.
     fn publish(&self, next: Instance) -> Arc<Instance> {
         let next = Arc::new(next);
-        let mut index = self.write();
-        index.take(next.id);
-        index.put(next.clone());
+        {
+            let mut index = self.write();
+            index.take(next.id);
+            index.put(next.clone());
+        }
+        self.changed(next.id);
         next
     }
 
@@ -500,6 +521,7 @@ impl Registry {
             self.own_sg(version, &ops);
         }
         self.write().take(current.id);
+        self.changed(current.id);
         // Its last job goes too (a running one ends by itself).
         self.jobs
             .write()

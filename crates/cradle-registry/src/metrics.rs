@@ -34,6 +34,13 @@ pub struct RefusedLabels {
     pub reason: &'static str,
 }
 
+/// A wait refused, and which cap it would have passed.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabel {
+    /// `total` or `instance`.
+    pub reason: &'static str,
+}
+
 /// Every metric cradle exports.
 pub struct Metrics {
     registry: PromRegistry,
@@ -44,6 +51,8 @@ pub struct Metrics {
     pub refused: Family<RefusedLabels, Counter>,
     pub limit_reached: Family<ListenerLabel, Counter>,
     pub throttled: Counter,
+    pub waiting: Gauge,
+    pub wait_refused: Family<ReasonLabel, Counter>,
 }
 
 impl Default for Metrics {
@@ -98,6 +107,18 @@ impl Metrics {
             "Guest requests answered 429 because their instance's token bucket was empty",
             throttled.clone(),
         );
+        let waiting = Gauge::default();
+        registry.register(
+            "metadata_waiting",
+            "Guest requests waiting for a change (?wait=true) now",
+            waiting.clone(),
+        );
+        let wait_refused = Family::<ReasonLabel, Counter>::default();
+        registry.register(
+            "metadata_wait_refused",
+            "Waiting requests answered 429, by the cap they would have passed",
+            wait_refused.clone(),
+        );
         Metrics {
             registry,
             requests,
@@ -107,6 +128,8 @@ impl Metrics {
             refused,
             limit_reached,
             throttled,
+            waiting,
+            wait_refused,
         }
     }
 
@@ -123,6 +146,14 @@ impl Metrics {
         self.latency
             .get_or_create(&NamespaceLabel { namespace })
             .observe(seconds);
+    }
+
+    /// Count one answered request without timing it: a wait lasts as long
+    /// as the guest asked, and would swamp the latency histogram.
+    pub fn count(&self, namespace: &'static str, status: u16) {
+        self.requests
+            .get_or_create(&RequestLabels { namespace, status })
+            .inc();
     }
 
     /// A connection `listener` refused at accept.

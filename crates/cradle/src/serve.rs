@@ -286,6 +286,11 @@ async fn serve(config: Config, demo: bool) -> Result<()> {
         firewall_mark: mark,
         render_cache_bytes: config.metadata.cache_bytes,
         max_token_ttl: config.metadata.max_token_ttl,
+        waits: cradle_core::WaitLimits {
+            total: config.metadata.max_waiting,
+            per_instance: config.metadata.max_waiting_per_instance,
+            max_timeout: Duration::from_secs(config.metadata.max_wait_timeout),
+        },
         peers: match peers.0 {
             Some(tls) => cradle_core::peers::Peers::new(tls)
                 .map_err(anyhow::Error::msg)

@@ -40,6 +40,11 @@ impl Doc {
             etag: h.finish(),
         }
     }
+
+    /// The `ETag` header's value.
+    pub fn tag(&self) -> String {
+        format!("\"{:016x}\"", self.etag)
+    }
 }
 
 struct Memo {

@@ -13,6 +13,7 @@
 
 mod cache;
 mod token;
+mod wait;
 
 use std::net::IpAddr;
 use std::sync::Arc;
@@ -26,6 +27,7 @@ use cradle_render::{Context, Resolved};
 use tracing::warn;
 
 pub use cache::Doc;
+pub use wait::{DEFAULT_WAIT, WaitLimits};
 
 use crate::{Core, Error, Kind, blocking};
 
@@ -35,16 +37,28 @@ pub(crate) struct Guests {
     tokens: token::TokenKey,
     cache: cache::RenderCache,
     max_token_ttl: u32,
+    /// Shared with the registry's change hook, which wakes them.
+    pub(crate) waits: Arc<wait::Waiters>,
 }
 
 impl Guests {
-    pub(crate) fn new(cache_bytes: usize, max_token_ttl: u32) -> Guests {
+    pub(crate) fn new(cache_bytes: usize, max_token_ttl: u32, waits: WaitLimits) -> Guests {
         Guests {
             tokens: token::TokenKey::generate(),
             cache: cache::RenderCache::new(cache_bytes),
             max_token_ttl,
+            waits: Arc::new(wait::Waiters::new(waits)),
         }
     }
+}
+
+/// What a waiting request waits for: a document whose tag differs from
+/// `last_etag` (the document's tag when the request came, when it names
+/// none), for at most `timeout`.
+#[derive(Debug, Clone)]
+pub struct Wait {
+    pub last_etag: Option<String>,
+    pub timeout: std::time::Duration,
 }
 
 /// A guest, known by the source address of its connection.
@@ -140,6 +154,15 @@ fn unix_now_ms() -> u64 {
 /// OpenStack versions offered depend on the date.
 fn unix_day() -> u64 {
     unix_now_ms() / 86_400_000
+}
+
+/// A tag without its quotes (or weak marker): GCE's clients send
+/// `last_etag` bare, HTTP's send it quoted.
+fn bare_tag(tag: &str) -> String {
+    tag.trim()
+        .trim_start_matches("W/")
+        .trim_matches('"')
+        .to_string()
 }
 
 fn today() -> String {
@@ -285,6 +308,100 @@ impl Core {
             self.guests.cache.put(inst, day, path, doc.clone());
         }
         Ok(doc)
+    }
+
+    /// The document at `path` once it differs from what `wait` names, or
+    /// when the wait times out (then as it is), or when the server shuts
+    /// down. The request holds a place among the waiters (capped per
+    /// instance and in total: past a cap it is refused with 429) and
+    /// sleeps until its instance changes; nothing polls.
+    pub async fn wait_document(
+        &self,
+        guest: &Guest,
+        path: &str,
+        segs: &[&str],
+        wait: Wait,
+    ) -> Result<Doc, Error> {
+        let waits = &self.guests.waits;
+        let max = waits.limits().max_timeout;
+        if wait.timeout.is_zero() || wait.timeout > max {
+            return Err(Error::refused(
+                Kind::BadRequest,
+                "bad_request",
+                format!("timeout_sec must be from 1 to {}", max.as_secs()),
+            ));
+        }
+        let place = match waits.join(guest.instance.id) {
+            Ok(p) => p,
+            Err(full) => {
+                let (reason, message) = match full {
+                    wait::Full::Total(n) => (
+                        "total",
+                        format!("{n} requests are waiting for changes already, from every guest"),
+                    ),
+                    wait::Full::Instance(n) => (
+                        "instance",
+                        format!("this instance has {n} requests waiting for changes already"),
+                    ),
+                };
+                self.metrics
+                    .wait_refused
+                    .get_or_create(&cradle_registry::metrics::ReasonLabel { reason })
+                    .inc();
+                return Err(Error::refused(Kind::TooMany, "too_many_waiting", message));
+            }
+        };
+        self.metrics.waiting.set(waits.waiting() as i64);
+        let deadline = tokio::time::Instant::now() + wait.timeout;
+        let last = wait.last_etag.as_deref().map(bare_tag);
+        let answer = self
+            .wait_on(&place, guest.clone(), path, segs, last, deadline)
+            .await;
+        drop(place);
+        self.metrics.waiting.set(waits.waiting() as i64);
+        answer
+    }
+
+    async fn wait_on(
+        &self,
+        place: &wait::Place<'_>,
+        mut guest: Guest,
+        path: &str,
+        segs: &[&str],
+        mut last: Option<String>,
+        deadline: tokio::time::Instant,
+    ) -> Result<Doc, Error> {
+        loop {
+            // Listen before looking, so a change between the two is not missed.
+            let woken = place.notify.notified();
+            tokio::pin!(woken);
+            woken.as_mut().enable();
+            let doc = self.document(&guest, path, segs).await?;
+            let tag = doc.tag();
+            let last = last.get_or_insert_with(|| bare_tag(&tag));
+            if bare_tag(&tag) != *last || self.guests.waits.closed() {
+                return Ok(doc);
+            }
+            tokio::select! {
+                () = woken => {}
+                () = tokio::time::sleep_until(deadline) => return Ok(doc),
+            }
+            // The instance as it is now, if it is still this guest's.
+            guest = match self.registry.get(&guest.instance.id.to_string()) {
+                Ok(i)
+                    if self.registry.is_local(&i)
+                        && i.metadata_address == guest.instance.metadata_address =>
+                {
+                    Guest { instance: i }
+                }
+                _ => return Err(Error::not_found("not_found", "no such document")),
+            };
+        }
+    }
+
+    /// End every wait: each answers its document as it is. For shutdown.
+    pub fn end_waits(&self) {
+        self.guests.waits.close();
     }
 
     async fn vendordata_failed(&self, inst: &Instance, fatal: &cradle_vendordata::Fatal) -> Error {

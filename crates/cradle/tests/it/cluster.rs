@@ -253,9 +253,31 @@ fn each_host_serves_its_own_guests_and_every_host_sees_every_change() {
     assert_eq!(c.guest(&g21).get(path).status, 404);
     assert_eq!(b.guest(&g22).get(path).status, 404);
 
-    // Modified through B: A's admin view and C's guest see it.
-    b.admin()
-        .send(route::modify_instance("web-c", &meta("role", "db")));
+    // Modified through B: A's admin view and C's guest see it. C's guest,
+    // waiting for a change, is woken by C's catching up, with no polling.
+    std::thread::scope(|t| {
+        let waiter = t.spawn(|| {
+            c.guest(&g22)
+                .get("/openstack/latest/meta_data.json?wait=true&timeout_sec=30")
+        });
+        within(Duration::from_secs(5), "C's guest waits", || {
+            crate::harness::metric(
+                &c.admin().fetch(route::metrics()).text(),
+                "cradle_metadata_waiting",
+            ) == 1.0
+        });
+        let start = std::time::Instant::now();
+        b.admin()
+            .send(route::modify_instance("web-c", &meta("role", "db")));
+        let woken = waiter.join().unwrap();
+        eprintln!(
+            "a change through B woke C's waiting guest after {:?}",
+            start.elapsed()
+        );
+        assert_eq!(woken.status, 200);
+        assert_eq!(woken.json()["meta"]["role"], "db");
+        assert!(start.elapsed() < Duration::from_secs(3));
+    });
     within(Duration::from_secs(3), "C's guest sees the change", || {
         c.guest(&g22).get("/openstack/latest/meta_data.json").json()["meta"]["role"] == "db"
     });

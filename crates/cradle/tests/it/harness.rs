@@ -740,6 +740,12 @@ pub fn raw_get(conn: &mut TcpStream, path: &str) -> std::io::Result<(u16, Vec<u8
 }
 
 pub fn read_response(conn: &mut TcpStream) -> std::io::Result<(u16, Vec<u8>)> {
+    read_response_head(conn).map(|(status, _, body)| (status, body))
+}
+
+/// One HTTP/1.1 answer: its status, its head (status line and headers, as
+/// text) and its body.
+pub fn read_response_head(conn: &mut TcpStream) -> std::io::Result<(u16, String, Vec<u8>)> {
     let mut buf = Vec::new();
     let mut chunk = [0u8; 4096];
     let head_end = loop {
@@ -769,7 +775,15 @@ pub fn read_response(conn: &mut TcpStream) -> std::io::Result<(u16, Vec<u8>)> {
         }
         buf.extend_from_slice(&chunk[..n]);
     }
-    Ok((status, buf[head_end..head_end + len].to_vec()))
+    Ok((status, head, buf[head_end..head_end + len].to_vec()))
+}
+
+/// The value of header `name` in a response head from [`read_response_head`].
+pub fn header_of<'a>(head: &'a str, name: &str) -> Option<&'a str> {
+    head.lines().find_map(|l| {
+        let (k, v) = l.split_once(':')?;
+        k.eq_ignore_ascii_case(name).then(|| v.trim())
+    })
 }
 
 pub fn connect_from(source: &str, target: SocketAddr) -> std::io::Result<TcpStream> {

@@ -32,3 +32,4 @@ mod secgroups_api;
 mod secrets;
 mod trove;
 mod vendordata;
+mod wait;
