@@ -22,6 +22,7 @@ mod bench_install;
 mod bench_personalize;
 mod bench_remote;
 mod bench_vendordata;
+mod bench_wait;
 mod ci;
 mod debian;
 mod dib;
@@ -153,6 +154,17 @@ tasks:
                        agent ready vs cloud-init done, the agent's size and
                        resident memory; options:
       --runs N               boots of each; report medians [5]
+  bench wait           10,000 guests on one host each waiting for a change of
+                       its meta_data.json (?wait=true): RSS and idle CPU while
+                       they wait, and wake-up latency p50/p99 (modify sent to
+                       answer received) for changes to one instance at a time
+                       and to 1,000 at once, beside the modify's own answer;
+                       options:
+      --guests N             waiting guests [10000]
+      --runs N               report medians [3]
+      --singles N            changes one at a time per run [200]
+      --batch N              changes sent at once per run [1000]
+      --idle S               seconds of nothing changing [5]
   bench install        install a 64 MiB ext4 image (an untrusted create that
                        mounts it and writes, then a package) through the
                        install appliance, as root, in a namespace made here,
@@ -220,6 +232,13 @@ fn main() -> ExitCode {
                     bench_cluster::run(o)
                 }
             }),
+            Some("wait") => bench_wait::Options::parse(&args[2..]).and_then(|o| {
+                if cfg!(debug_assertions) {
+                    reexec_optimized(&args, "the guests' client must be optimized")
+                } else {
+                    bench_wait::run(o)
+                }
+            }),
             Some("agent") => bench_agent::Options::parse(&args[2..]).and_then(bench_agent::run),
             Some("install") => {
                 bench_install::Options::parse(&args[2..]).and_then(bench_install::run)
@@ -234,7 +253,7 @@ fn main() -> ExitCode {
             _ => Err(anyhow::anyhow!(
                 "unknown benchmark; expected `bench metadata`, `bench drive`, \
                  `bench vendordata`, `bench firewall`, `bench remote` or \
-                 `bench personalize`, `bench install`, `bench cluster`\n\n{USAGE}"
+                 `bench personalize`, `bench install`, `bench cluster`, `bench wait`\n\n{USAGE}"
             )),
         },
         Some("-h" | "--help" | "help") => {

@@ -108,7 +108,12 @@ pub struct Core {
 impl Core {
     pub fn new(parts: Parts) -> Arc<Core> {
         let installer = Arc::new(Installer::new(parts.registry.clone(), parts.install));
-        let guests = guest::Guests::new(parts.render_cache_bytes, parts.max_token_ttl, parts.waits);
+        let guests = guest::Guests::new(
+            parts.render_cache_bytes,
+            parts.max_token_ttl,
+            parts.waits,
+            parts.metrics.clone(),
+        );
         let waits = guests.waits.clone();
         parts.registry.on_change(move |id| waits.changed(id));
         Arc::new(Core {

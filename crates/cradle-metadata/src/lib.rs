@@ -24,6 +24,8 @@
 
 #![forbid(unsafe_code)]
 
+mod conn;
+
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
@@ -252,12 +254,14 @@ async fn serve_one(
             debug!(error = %e, %peer, "cannot set socket options; dropping connection");
             continue;
         }
+        let stream = Arc::new(stream);
         let svc = service.clone();
+        let shared = stream.clone();
         let conn = http.serve_connection(
-            TokioIo::new(stream),
+            TokioIo::new(conn::Shared(stream)),
             hyper::service::service_fn(move |req| {
-                let svc = svc.clone();
-                async move { Ok::<_, Infallible>(handle(&svc, peer.ip(), req).await) }
+                let (svc, shared) = (svc.clone(), shared.clone());
+                async move { Ok::<_, Infallible>(handle(&svc, peer.ip(), &shared, req).await) }
             }),
         );
         let conn = graceful.watch(conn);
@@ -322,6 +326,13 @@ fn set_hop_limit(
 }
 
 type Reply = Response<Full<Bytes>>;
+
+/// What a wait whose guest went away is counted as (nginx's 499); nobody
+/// reads it.
+const CLIENT_GONE: StatusCode = match StatusCode::from_u16(499) {
+    Ok(s) => s,
+    Err(_) => StatusCode::BAD_REQUEST,
+};
 
 fn reply(status: StatusCode, content_type: &'static str, body: impl Into<Bytes>) -> Reply {
     let mut r = Response::new(Full::new(body.into()));
@@ -432,7 +443,12 @@ fn bad_request(why: &str) -> Reply {
     )
 }
 
-async fn handle(svc: &MetadataService, source: IpAddr, req: Request<Incoming>) -> Reply {
+async fn handle(
+    svc: &MetadataService,
+    source: IpAddr,
+    conn: &TcpStream,
+    req: Request<Incoming>,
+) -> Reply {
     let started = Instant::now();
     let method = req.method().clone();
     let path = req.uri().path().to_string();
@@ -458,7 +474,7 @@ async fn handle(svc: &MetadataService, source: IpAddr, req: Request<Incoming>) -
             "404 Not Found: no instance has this source address",
         ),
         (Ok(()), Some(g)) => match query {
-            Ok(query) => route(svc, g, &path, query, req).await,
+            Ok(query) => route(svc, g, &path, query, conn, req).await,
             Err(r) => r,
         },
     };
@@ -488,6 +504,7 @@ async fn route(
     guest: &Guest,
     path: &str,
     query: Query,
+    conn: &TcpStream,
     req: Request<Incoming>,
 ) -> Reply {
     let Some(segs) = segments(path) else {
@@ -558,7 +575,11 @@ async fn route(
 
     let doc = match query.wait {
         Some(wait) if req.method() == Method::GET => {
-            svc.core.wait_document(guest, path, &segs, wait).await
+            // A guest that gives up gives its place back at once.
+            tokio::select! {
+                doc = svc.core.wait_document(guest, path, &segs, wait) => doc,
+                () = conn::gone(conn) => return text(CLIENT_GONE, "the client closed the connection"),
+            }
         }
         _ => svc.core.document(guest, path, &segs).await,
     };

@@ -42,12 +42,17 @@ pub(crate) struct Guests {
 }
 
 impl Guests {
-    pub(crate) fn new(cache_bytes: usize, max_token_ttl: u32, waits: WaitLimits) -> Guests {
+    pub(crate) fn new(
+        cache_bytes: usize,
+        max_token_ttl: u32,
+        waits: WaitLimits,
+        metrics: Arc<cradle_registry::metrics::Metrics>,
+    ) -> Guests {
         Guests {
             tokens: token::TokenKey::generate(),
             cache: cache::RenderCache::new(cache_bytes),
             max_token_ttl,
-            waits: Arc::new(wait::Waiters::new(waits)),
+            waits: Arc::new(wait::Waiters::new(waits, metrics)),
         }
     }
 }
@@ -331,35 +336,21 @@ impl Core {
                 format!("timeout_sec must be from 1 to {}", max.as_secs()),
             ));
         }
-        let place = match waits.join(guest.instance.id) {
-            Ok(p) => p,
-            Err(full) => {
-                let (reason, message) = match full {
-                    wait::Full::Total(n) => (
-                        "total",
-                        format!("{n} requests are waiting for changes already, from every guest"),
-                    ),
-                    wait::Full::Instance(n) => (
-                        "instance",
-                        format!("this instance has {n} requests waiting for changes already"),
-                    ),
-                };
-                self.metrics
-                    .wait_refused
-                    .get_or_create(&cradle_registry::metrics::ReasonLabel { reason })
-                    .inc();
-                return Err(Error::refused(Kind::TooMany, "too_many_waiting", message));
-            }
-        };
-        self.metrics.waiting.set(waits.waiting() as i64);
+        let place = waits.join(guest.instance.id).map_err(|full| {
+            let message = match full {
+                wait::Full::Total(n) => {
+                    format!("{n} requests are waiting for changes already, from every guest")
+                }
+                wait::Full::Instance(n) => {
+                    format!("this instance has {n} requests waiting for changes already")
+                }
+            };
+            Error::refused(Kind::TooMany, "too_many_waiting", message)
+        })?;
         let deadline = tokio::time::Instant::now() + wait.timeout;
         let last = wait.last_etag.as_deref().map(bare_tag);
-        let answer = self
-            .wait_on(&place, guest.clone(), path, segs, last, deadline)
-            .await;
-        drop(place);
-        self.metrics.waiting.set(waits.waiting() as i64);
-        answer
+        self.wait_on(&place, guest.clone(), path, segs, last, deadline)
+            .await
     }
 
     async fn wait_on(

@@ -18,6 +18,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use cradle_registry::metrics::{Metrics, ReasonLabel};
 use tokio::sync::Notify;
 use uuid::Uuid;
 
@@ -62,6 +63,8 @@ pub(crate) struct Waiters {
     limits: WaitLimits,
     slots: Mutex<Slots>,
     closed: AtomicBool,
+    /// Where `cradle_metadata_waiting` and the refusals are counted.
+    metrics: Arc<Metrics>,
 }
 
 #[derive(Default)]
@@ -77,6 +80,8 @@ pub(crate) struct Place<'a> {
     pub(crate) notify: Arc<Notify>,
 }
 
+/// Given back however the wait ends: answered, failed, or dropped because
+/// its guest went away.
 impl Drop for Place<'_> {
     fn drop(&mut self) {
         let mut slots = self.waiters.lock();
@@ -87,15 +92,17 @@ impl Drop for Place<'_> {
                 slots.by_instance.remove(&self.id);
             }
         }
+        self.waiters.metrics.waiting.set(slots.total as i64);
     }
 }
 
 impl Waiters {
-    pub(crate) fn new(limits: WaitLimits) -> Waiters {
+    pub(crate) fn new(limits: WaitLimits, metrics: Arc<Metrics>) -> Waiters {
         Waiters {
             limits,
             slots: Mutex::new(Slots::default()),
             closed: AtomicBool::new(false),
+            metrics,
         }
     }
 
@@ -107,8 +114,24 @@ impl Waiters {
         self.slots.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Take a place to wait on instance `id`, if the caps allow.
+    /// Take a place to wait on instance `id`, if the caps allow; a refusal
+    /// is counted.
     pub(crate) fn join(&self, id: Uuid) -> Result<Place<'_>, Full> {
+        let joined = self.try_join(id);
+        if let Err(full) = &joined {
+            let reason = match full {
+                Full::Total(_) => "total",
+                Full::Instance(_) => "instance",
+            };
+            self.metrics
+                .wait_refused
+                .get_or_create(&ReasonLabel { reason })
+                .inc();
+        }
+        joined
+    }
+
+    fn try_join(&self, id: Uuid) -> Result<Place<'_>, Full> {
         let mut slots = self.lock();
         if slots.total >= self.limits.total {
             return Err(Full::Total(self.limits.total));
@@ -127,16 +150,12 @@ impl Waiters {
         slot.waiting += 1;
         let notify = slot.notify.clone();
         slots.total += 1;
+        self.metrics.waiting.set(slots.total as i64);
         Ok(Place {
             waiters: self,
             id,
             notify,
         })
-    }
-
-    /// How many wait now.
-    pub(crate) fn waiting(&self) -> usize {
-        self.lock().total
     }
 
     /// Wake whoever waits on instance `id`.
@@ -173,22 +192,22 @@ mod tests {
 
     #[test]
     fn places_are_capped_per_instance_and_in_total_and_given_back() {
-        let w = Waiters::new(limits(3, 2));
+        let w = Waiters::new(limits(3, 2), Default::default());
         let (a, b) = (Uuid::new_v4(), Uuid::new_v4());
         let a1 = w.join(a).unwrap();
         let a2 = w.join(a).unwrap();
         assert_eq!(w.join(a).err(), Some(Full::Instance(2)));
         let b1 = w.join(b).unwrap();
         assert_eq!(w.join(b).err(), Some(Full::Total(3)));
-        assert_eq!(w.waiting(), 3);
+        assert_eq!(w.metrics.waiting.get(), 3);
         drop((a1, a2, b1));
-        assert_eq!(w.waiting(), 0);
+        assert_eq!(w.metrics.waiting.get(), 0);
         assert!(w.lock().by_instance.is_empty());
     }
 
     #[tokio::test]
     async fn a_change_wakes_only_the_waits_on_its_instance() {
-        let w = Waiters::new(limits(10, 10));
+        let w = Waiters::new(limits(10, 10), Default::default());
         let (a, b) = (Uuid::new_v4(), Uuid::new_v4());
         let pa = w.join(a).unwrap();
         let pb = w.join(b).unwrap();

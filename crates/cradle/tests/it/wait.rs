@@ -310,6 +310,19 @@ fn waits_are_capped_and_end_with_an_answer_at_shutdown() {
         1.0
     );
 
+    // A guest that gives up gives its place back at once, not at its
+    // timeout: another wait of its instance is taken in.
+    drop(held.remove(0));
+    until(
+        Duration::from_secs(3),
+        "the closed wait's place is free",
+        || waiting(&s) == 5.0,
+    );
+    held.push((ask("127.0.0.2", s.metadata, &path), "a"));
+    until(Duration::from_secs(5), "six wait again", || {
+        waiting(&s) == 6.0
+    });
+
     // At shutdown every wait answers its document as it is, and the
     // server does not hang on them.
     let start = Instant::now();
