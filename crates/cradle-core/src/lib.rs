@@ -20,6 +20,8 @@
 //! - `artifacts.rs`: config drives and personalization packages.
 //! - `install.rs`: install jobs and run mode.
 //! - `secgroups.rs`: security groups and the firewall.
+//! - `maintenance.rs`: maintenance events (schedule, cancel, the guest's
+//!   acknowledgement) and the scheduler that runs them.
 //! - `guest/`: what a guest may do (documents, IMDSv2 tokens, the channel,
 //!   its password, the appliance's install files), with the render cache.
 
@@ -32,6 +34,7 @@ mod error;
 mod guest;
 mod install;
 mod instances;
+mod maintenance;
 pub mod migrate;
 pub mod peers;
 mod secgroups;
@@ -49,6 +52,7 @@ pub use cradle_registry::metrics::Metrics;
 pub use error::{Error, Kind};
 pub use guest::{Doc, Guest, InstallFile, Namespace, Presented, Written};
 pub use install::StopRequest;
+pub use maintenance::MaintenanceSettings;
 
 /// What the operations run on, built by `cradle serve`.
 pub struct Parts {
@@ -73,6 +77,8 @@ pub struct Parts {
     pub peers: peers::Peers,
     /// How it moves instances to them and takes them in.
     pub migration: migrate::MigrationSettings,
+    /// How maintenance events run.
+    pub maintenance: MaintenanceSettings,
 }
 
 /// How many config drives are built at once: each may hold a whole image
@@ -99,6 +105,7 @@ pub struct Core {
     peers: peers::Peers,
     migration: migrate::MigrationSettings,
     agents: agent::Agents,
+    scheduler: maintenance::Scheduler,
 }
 
 impl Core {
@@ -120,6 +127,7 @@ impl Core {
             peers: parts.peers,
             migration: parts.migration,
             agents: agent::Agents::new(),
+            scheduler: maintenance::Scheduler::new(parts.maintenance),
         })
     }
 
@@ -146,11 +154,12 @@ impl Core {
 
     /// Start what runs beside the listeners: settling the installer's
     /// accelerator (a probe boot of up to 20 s, so the first install does
-    /// not wait for it). (The firewall's worker retries failed changes on
-    /// its own.)
+    /// not wait for it) and the maintenance events' scheduler. (The
+    /// firewall's worker retries failed changes on its own.)
     pub fn spawn_maintenance(self: &Arc<Self>) {
         let installer = self.installer.clone();
         tokio::spawn(async move { installer.warm_up().await });
+        tokio::spawn(self.clone().run_scheduler());
     }
 
     /// The server is stopping: kill the install VMs, remove their taps,

@@ -116,6 +116,7 @@ fn core(tmp: &std::path::Path) -> Arc<Core> {
         max_token_ttl: 21600,
         peers: Default::default(),
         migration: Default::default(),
+        maintenance: Default::default(),
     })
 }
 

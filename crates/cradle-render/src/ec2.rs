@@ -122,7 +122,12 @@ pub fn ec2_meta_data_json(inst: &Instance, ctx: &Context<'_>, version: &str) -> 
         }
         serde_json::Value::Object(map)
     }
-    Some(crate::to_json(&object(meta_data(inst, ctx, v))))
+    // A drive is written once; maintenance events come and go after it.
+    let entries = meta_data(inst, ctx, v)
+        .into_iter()
+        .filter(|e| e.name != "events")
+        .collect();
+    Some(crate::to_json(&object(entries)))
 }
 
 /// The `meta-data/` directory, alphabetical as EC2 lists it.
@@ -173,6 +178,28 @@ fn meta_data<'a>(inst: &'a Instance, ctx: &'a Context<'a>, v: Version) -> Vec<En
     if v.has("2008-09-01") {
         e.push(Entry::text("instance-action", "none"));
     }
+    if v.has("2018-08-17") {
+        e.push(Entry::dir("events", move || {
+            vec![Entry::dir("maintenance", move || {
+                vec![
+                    Entry::file("history", move || maintenance_events(inst, true)),
+                    Entry::file("scheduled", move || maintenance_events(inst, false)),
+                ]
+            })]
+        }));
+    }
+    // Only when the instance says so, as EC2's "Allow tags in instance
+    // metadata": without it, `tags/` is not there at all (404).
+    if v.has("2021-07-15") && inst.metadata_tags {
+        e.push(Entry::dir("tags", move || {
+            vec![Entry::dir("instance", move || {
+                inst.tags
+                    .iter()
+                    .map(|(k, val)| Entry::text(k, val))
+                    .collect()
+            })]
+        }));
+    }
     // EC2 introduced the interface tree with 2011-01-01, as Nova gates it.
     if v.has("2011-01-01") {
         e.push(Entry::text("mac", &inst.mac));
@@ -186,6 +213,52 @@ fn meta_data<'a>(inst: &'a Instance, ctx: &'a Context<'a>, v: Version) -> Vec<En
     }
     e.sort_by(|a, b| a.name.cmp(&b.name));
     e
+}
+
+/// `events/maintenance/scheduled` (pending and started events) or
+/// `history` (finished ones) in EC2's shape: a JSON array of objects with
+/// `NotBefore`, `NotAfter`, `Code`, `Description`, `EventId` and `State`
+/// (`active`, `completed` or `canceled`; a failed event is `completed`
+/// with a description starting `[Failed]`, as a completed one starts
+/// `[Completed]`). `NotAfter` is when it ended, or, while it has not,
+/// an hour after `NotBefore` (cradle starts it at `NotBefore`).
+fn maintenance_events(inst: &Instance, finished: bool) -> Vec<u8> {
+    use cradle_model::maintenance::MaintenanceState as S;
+    let events: Vec<Value> = inst
+        .maintenance
+        .iter()
+        .filter(|e| e.state.is_finished() == finished)
+        .map(|e| {
+            let (state, prefix) = match e.state {
+                S::Scheduled | S::Acknowledged | S::Started => ("active", ""),
+                S::Completed => ("completed", "[Completed] "),
+                S::Failed => ("completed", "[Failed] "),
+                S::Cancelled => ("canceled", "[Canceled] "),
+            };
+            let not_after = e
+                .ended_at
+                .unwrap_or(e.not_before + time::Duration::hours(1));
+            json_object([
+                ("Code", e.code.ec2_code().into()),
+                ("Description", format!("{prefix}{}", e.description).into()),
+                ("EventId", e.id.as_str().into()),
+                ("NotAfter", ec2_date(not_after).into()),
+                ("NotBefore", ec2_date(e.not_before).into()),
+                ("State", state.into()),
+            ])
+        })
+        .collect();
+    serde_json::to_vec_pretty(&events).expect("JSON values always serialize")
+}
+
+/// A time as EC2's event documents write it: `21 Jan 2019 09:00:43 GMT`.
+fn ec2_date(t: time::OffsetDateTime) -> String {
+    let format = format_description!(
+        "[day padding:none] [month repr:short] [year] [hour]:[minute]:[second] GMT"
+    );
+    t.to_offset(time::UtcOffset::UTC)
+        .format(&format)
+        .expect("every component of the format is in an OffsetDateTime")
 }
 
 /// `local-ipv4`: the configured address; failing that the address the guest
@@ -277,8 +350,8 @@ mod tests {
         at(&instance(), "latest", |n| {
             assert_eq!(
                 listing(n, "meta-data").unwrap(),
-                "ami-id\nami-launch-index\nami-manifest-path\nblock-device-mapping/\nhostname\n\
-                 instance-action\ninstance-id\ninstance-type\nlocal-hostname\nlocal-ipv4\nmac\n\
+                "ami-id\nami-launch-index\nami-manifest-path\nblock-device-mapping/\nevents/\n\
+                 hostname\ninstance-action\ninstance-id\ninstance-type\nlocal-hostname\nlocal-ipv4\nmac\n\
                  network/\nplacement/\npublic-hostname\npublic-ipv4\npublic-keys/\n\
                  reservation-id\nsecurity-groups"
             );
