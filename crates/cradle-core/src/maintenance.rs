@@ -90,7 +90,10 @@ fn rfc3339(t: OffsetDateTime) -> String {
 
 /// `instance-event-` and 17 random hex digits, as EC2's.
 fn new_event_id() -> String {
-    format!("instance-event-{}", &Uuid::new_v4().simple().to_string()[..17])
+    format!(
+        "instance-event-{}",
+        &Uuid::new_v4().simple().to_string()[..17]
+    )
 }
 
 /// The event of `list` with `id`, or [`RegistryError::NoEvent`].
@@ -216,9 +219,7 @@ impl Core {
         &self,
         id: Uuid,
         event: &str,
-        change: impl Fn(&mut MaintenanceEvent) -> Result<Option<String>, RegistryError>
-        + Send
-        + 'static,
+        change: impl Fn(&mut MaintenanceEvent) -> Result<Option<String>, RegistryError> + Send + 'static,
     ) -> Result<MaintenanceEvent, Error> {
         let (registry, event) = (self.registry.clone(), event.to_string());
         let history = self.scheduler.settings.history;

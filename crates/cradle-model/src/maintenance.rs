@@ -163,7 +163,9 @@ impl MaintenanceEvent {
 /// hex digits.
 pub fn is_event_id(id: &str) -> bool {
     id.strip_prefix("instance-event-").is_some_and(|h| {
-        h.len() == 17 && h.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+        h.len() == 17
+            && h.bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
     })
 }
 
@@ -206,13 +208,16 @@ impl MaintenanceRequest {
                     "not_before and delay_seconds are mutually exclusive",
                 );
             }
-            (Some(t), None) => OffsetDateTime::parse(&t, &time::format_description::well_known::Rfc3339)
-                .or_else(|e| {
-                    invalid(
-                        "not_before",
-                        format!("{t:?} is not an RFC 3339 time (2025-06-01T12:00:00Z): {e}"),
-                    )
-                })?,
+            (Some(t), None) => {
+                OffsetDateTime::parse(&t, &time::format_description::well_known::Rfc3339).or_else(
+                    |e| {
+                        invalid(
+                            "not_before",
+                            format!("{t:?} is not an RFC 3339 time (2025-06-01T12:00:00Z): {e}"),
+                        )
+                    },
+                )?
+            }
             (None, Some(s)) if !(0..=MAX_LEAD_SECONDS).contains(&s) => {
                 return invalid(
                     "delay_seconds",
@@ -322,7 +327,11 @@ mod tests {
         let ids: Vec<_> = list.iter().map(|e| &e.id[15..]).collect();
         assert_eq!(
             ids,
-            ["00000000000000009", "00000000000000003", "00000000000000004"]
+            [
+                "00000000000000009",
+                "00000000000000003",
+                "00000000000000004"
+            ]
         );
     }
 

@@ -46,9 +46,7 @@ pub fn check_tags(tags: &BTreeMap<String, String>, metadata_tags: bool) -> Resul
     for (k, v) in tags {
         let chars = k.chars().count();
         if chars == 0 || chars > MAX_KEY {
-            return invalid(format!(
-                "key {k:?} must be 1 to {MAX_KEY} characters long"
-            ));
+            return invalid(format!("key {k:?} must be 1 to {MAX_KEY} characters long"));
         }
         if k.to_ascii_lowercase().starts_with("aws:") {
             return invalid(format!("key {k:?}: the prefix aws: is reserved"));

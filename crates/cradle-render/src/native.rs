@@ -114,10 +114,7 @@ mod tests {
     fn layout() {
         at(&instance(), |n| {
             assert_eq!(listing(n, "").unwrap(), "latest/");
-            assert_eq!(
-                listing(n, "latest").unwrap(),
-                "events\nmeta_data.json\nos/"
-            );
+            assert_eq!(listing(n, "latest").unwrap(), "events\nmeta_data.json\nos/");
             assert_eq!(
                 listing(n, "latest/os").unwrap(),
                 "parameters.json\nscripts/"
