@@ -122,12 +122,7 @@ pub fn ec2_meta_data_json(inst: &Instance, ctx: &Context<'_>, version: &str) -> 
         }
         serde_json::Value::Object(map)
     }
-    // A drive is written once; maintenance events come and go after it.
-    let entries = meta_data(inst, ctx, v)
-        .into_iter()
-        .filter(|e| e.name != "events")
-        .collect();
-    Some(crate::to_json(&object(entries)))
+    Some(crate::to_json(&object(meta_data(inst, ctx, v))))
 }
 
 /// The `meta-data/` directory, alphabetical as EC2 lists it.
@@ -382,6 +377,75 @@ mod tests {
         at(&inst, "latest", |n| {
             assert_eq!(listing(n, "").unwrap(), "dynamic/\nmeta-data/");
             assert!(n.resolve(&["user-data"]).is_none());
+        });
+    }
+
+    #[test]
+    fn maintenance_events_are_in_ec2s_shape_and_dates() {
+        use cradle_model::maintenance::{MaintenanceCode, MaintenanceRequest, MaintenanceState};
+        let mut inst = instance();
+        let t = time::macros::datetime!(2019-01-21 09:00:43 UTC);
+        let ev = |n: u8, code, state| {
+            let mut e = MaintenanceRequest {
+                code: Some(code),
+                delay_seconds: Some(0),
+                description: Some("host work".into()),
+                ..Default::default()
+            }
+            .into_event(format!("instance-event-0000000000000000{n}"), t)
+            .unwrap();
+            e.state = state;
+            e
+        };
+        inst.maintenance = vec![
+            ev(1, MaintenanceCode::Reboot, MaintenanceState::Acknowledged),
+            ev(2, MaintenanceCode::Stop, MaintenanceState::Failed),
+            ev(3, MaintenanceCode::Stop, MaintenanceState::Cancelled),
+        ];
+        inst.maintenance[1].ended_at = Some(t + time::Duration::minutes(2));
+        at(&inst, "latest", |n| {
+            assert_eq!(
+                listing(n, "meta-data/events/maintenance").unwrap(),
+                "history\nscheduled"
+            );
+            assert_eq!(
+                json(n, "meta-data/events/maintenance/scheduled").unwrap(),
+                serde_json::json!([{
+                    "Code": "instance-reboot",
+                    "Description": "host work",
+                    "EventId": "instance-event-00000000000000001",
+                    "NotAfter": "21 Jan 2019 10:00:43 GMT",
+                    "NotBefore": "21 Jan 2019 09:00:43 GMT",
+                    "State": "active",
+                }])
+            );
+            let history = json(n, "meta-data/events/maintenance/history").unwrap();
+            assert_eq!(history[0]["State"], "completed");
+            assert_eq!(history[0]["Description"], "[Failed] host work");
+            assert_eq!(history[0]["NotAfter"], "21 Jan 2019 09:02:43 GMT");
+            assert_eq!(history[1]["State"], "canceled");
+        });
+        // Not before EC2 had them.
+        at(&inst, "2016-09-02", |n| {
+            assert!(n.resolve(&["meta-data", "events"]).is_none())
+        });
+    }
+
+    #[test]
+    fn tags_are_served_only_when_switched_on() {
+        let mut inst = instance();
+        inst.tags.insert("Name".into(), "web1".into());
+        inst.tags.insert("env".into(), "prod".into());
+        at(&inst, "latest", |n| {
+            assert!(n.resolve(&["meta-data", "tags"]).is_none());
+        });
+        inst.metadata_tags = true;
+        at(&inst, "latest", |n| {
+            assert_eq!(listing(n, "meta-data/tags/instance").unwrap(), "Name\nenv");
+            assert_eq!(text(n, "meta-data/tags/instance/env").unwrap(), "prod");
+        });
+        at(&inst, "2021-03-23", |n| {
+            assert!(n.resolve(&["meta-data", "tags"]).is_none());
         });
     }
 
