@@ -25,6 +25,7 @@ mod extract;
 mod install;
 mod instances;
 mod listen;
+mod maintenance;
 mod migrate;
 mod openapi;
 mod peer;
@@ -68,6 +69,7 @@ fn api() -> (Router<Arc<AdminState>>, utoipa::openapi::OpenApi) {
         .merge(instances::routes())
         .merge(install::routes())
         .merge(agent::routes())
+        .merge(maintenance::routes())
         .merge(migrate::routes())
         .merge(secgroups::routes())
         .split_for_parts()

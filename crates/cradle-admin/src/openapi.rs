@@ -94,6 +94,7 @@ impl Modify for Auth {
         (name = "instances", description = "Instances, the channel, events, drives, packages"),
         (name = "install", description = "Install jobs and run mode"),
         (name = "agent", description = "The guest agent: actions sent to it"),
+        (name = "maintenance", description = "Maintenance events: scheduled reboots and stops"),
         (name = "security-groups", description = "Security groups, rules and default rules"),
         (name = "trove", description = "The Trove-compatible security-group extension"),
         (name = "firewall", description = "The nftables ruleset that enforces them"),

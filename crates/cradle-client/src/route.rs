@@ -117,6 +117,34 @@ pub fn events(key: &str) -> Request<Vec<EventView>> {
     })
 }
 
+/// `POST /v1/instances/{key}/maintenance` (201): schedule a maintenance event.
+pub fn schedule_maintenance(
+    key: &str,
+    request: &cradle_model::maintenance::MaintenanceRequest,
+) -> Request<cradle_model::maintenance::MaintenanceEvent> {
+    Request::new(Method::POST, of_instance(key, "maintenance"), json).json(to_vec(request))
+}
+
+/// `GET /v1/instances/{key}/maintenance`, in scheduling order.
+pub fn maintenance(key: &str) -> Request<Vec<cradle_model::maintenance::MaintenanceEvent>> {
+    Request::new(Method::GET, of_instance(key, "maintenance"), |b| {
+        json::<cradle_model::answers::MaintenanceList>(b).map(|l| l.maintenance)
+    })
+}
+
+/// `POST /v1/instances/{key}/maintenance/{event}/cancel`.
+pub fn cancel_maintenance(
+    key: &str,
+    event: &str,
+) -> Request<cradle_model::maintenance::MaintenanceEvent> {
+    Request::new(
+        Method::POST,
+        of_instance(key, &format!("maintenance/{}/cancel", encode(event))),
+        json,
+    )
+    .json(b"{}".to_vec())
+}
+
 /// `POST /v1/instances/{key}/messages` (202): the queued message's id.
 pub fn send_message(key: &str, message: &MessageIn) -> Request<i64> {
     Request::new(Method::POST, of_instance(key, "messages"), |b| {

@@ -46,6 +46,7 @@ pub struct Config {
     pub remote: Remote,
     pub os: Os,
     pub install: Install,
+    pub maintenance: Maintenance,
     pub store: Store,
     pub cluster: Cluster,
 }
@@ -144,6 +145,28 @@ impl Default for Install {
             nft: PathBuf::from("nft"),
             qemu_img: PathBuf::from("qemu-img"),
             dnsmasq: PathBuf::from("dnsmasq"),
+        }
+    }
+}
+
+/// Maintenance events (`cradle instance schedule`): how they run and how
+/// many finished ones an instance keeps.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Maintenance {
+    /// Seconds a guest gets to power off (ACPI) when an event stops or
+    /// reboots its VM, before the VM is killed.
+    pub stop_grace: u64,
+    /// Finished events (completed, failed, cancelled) kept per instance;
+    /// older ones are dropped first.
+    pub history: usize,
+}
+
+impl Default for Maintenance {
+    fn default() -> Self {
+        Maintenance {
+            stop_grace: 60,
+            history: 20,
         }
     }
 }
@@ -618,6 +641,8 @@ pub const KEYS: &[(&str, &str)] = &[
     ("install", "nft"),
     ("install", "qemu_img"),
     ("install", "dnsmasq"),
+    ("maintenance", "stop_grace"),
+    ("maintenance", "history"),
 ];
 
 #[cfg(test)]

@@ -129,6 +129,8 @@ impl Error {
 fn registry_kind(e: &RegistryError) -> Kind {
     match e {
         RegistryError::NotFound(_) | RegistryError::SecGroupsDisabled => Kind::NotFound,
+        RegistryError::NoEvent(_) => Kind::NotFound,
+        RegistryError::EventState(_) => Kind::Conflict,
         RegistryError::Conflict(_)
         | RegistryError::PasswordSet
         | RegistryError::Busy(_)
@@ -154,6 +156,8 @@ fn registry_code(e: &RegistryError) -> &'static str {
         RegistryError::NotFound(_) | RegistryError::SecGroupsDisabled => "not_found",
         RegistryError::Conflict(_) | RegistryError::PasswordSet => "conflict",
         RegistryError::Busy(_) => "busy",
+        RegistryError::NoEvent(_) => "no_event",
+        RegistryError::EventState(_) => "event_state",
         RegistryError::WrongHost(_) => "wrong_host",
         RegistryError::Invalid(_) | RegistryError::PasswordTooLong => "invalid",
         RegistryError::QueueFull(_) => "queue_full",

@@ -20,6 +20,8 @@
 //! - `artifacts.rs`: config drives and personalization packages.
 //! - `install.rs`: install jobs and run mode.
 //! - `secgroups.rs`: security groups and the firewall.
+//! - `maintenance.rs`: maintenance events (schedule, cancel, the guest's
+//!   acknowledgement) and the scheduler that runs them.
 //! - `guest/`: what a guest may do (documents, IMDSv2 tokens, the channel,
 //!   its password, the appliance's install files), with the render cache.
 
@@ -32,6 +34,7 @@ mod error;
 mod guest;
 mod install;
 mod instances;
+mod maintenance;
 pub mod migrate;
 pub mod peers;
 mod secgroups;
@@ -51,6 +54,7 @@ pub use guest::{
     DEFAULT_WAIT, Doc, Guest, InstallFile, Namespace, Presented, Wait, WaitLimits, Written,
 };
 pub use install::StopRequest;
+pub use maintenance::MaintenanceSettings;
 
 /// What the operations run on, built by `cradle serve`.
 pub struct Parts {
@@ -77,6 +81,8 @@ pub struct Parts {
     pub peers: peers::Peers,
     /// How it moves instances to them and takes them in.
     pub migration: migrate::MigrationSettings,
+    /// How maintenance events run.
+    pub maintenance: MaintenanceSettings,
 }
 
 /// How many config drives are built at once: each may hold a whole image
@@ -103,6 +109,7 @@ pub struct Core {
     peers: peers::Peers,
     migration: migrate::MigrationSettings,
     agents: agent::Agents,
+    scheduler: maintenance::Scheduler,
 }
 
 impl Core {
@@ -132,6 +139,7 @@ impl Core {
             peers: parts.peers,
             migration: parts.migration,
             agents: agent::Agents::new(),
+            scheduler: maintenance::Scheduler::new(parts.maintenance),
         })
     }
 
@@ -158,11 +166,12 @@ impl Core {
 
     /// Start what runs beside the listeners: settling the installer's
     /// accelerator (a probe boot of up to 20 s, so the first install does
-    /// not wait for it). (The firewall's worker retries failed changes on
-    /// its own.)
+    /// not wait for it) and the maintenance events' scheduler. (The
+    /// firewall's worker retries failed changes on its own.)
     pub fn spawn_maintenance(self: &Arc<Self>) {
         let installer = self.installer.clone();
         tokio::spawn(async move { installer.warm_up().await });
+        tokio::spawn(self.clone().run_scheduler());
     }
 
     /// The server is stopping: kill the install VMs, remove their taps,

@@ -67,6 +67,7 @@ fn setup() -> Setup {
         waits: Default::default(),
         peers: Default::default(),
         migration: Default::default(),
+        maintenance: Default::default(),
     });
     Setup {
         core,

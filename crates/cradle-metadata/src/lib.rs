@@ -557,6 +557,13 @@ async fn route(
                 not_allowed("POST")
             };
         }
+        [_, "latest", "events", event, "ack"] if native => {
+            return if req.method() == Method::POST {
+                acknowledge(svc, guest, event).await
+            } else {
+                not_allowed("POST")
+            };
+        }
         ["openstack", version, "password"] if req.method() == Method::POST => {
             let version = version.to_string();
             return set_password(svc, guest, &version, req).await;
@@ -636,7 +643,7 @@ fn failure(e: &Error) -> Reply {
                 "507 Insufficient Storage: the host's disk is full",
             )
         }
-        Kind::Conflict => text(StatusCode::CONFLICT, "409 Conflict: password already set"),
+        Kind::Conflict => said(StatusCode::CONFLICT, "409 Conflict"),
         Kind::Invalid | Kind::BadRequest => said(StatusCode::BAD_REQUEST, "400 Bad Request"),
         Kind::Internal => {
             warn!(error = %e, "metadata request failed");
@@ -742,6 +749,20 @@ async fn channel_write(svc: &MetadataService, guest: &Guest, req: Request<Incomi
                 .insert("x-cradle-message-id", HeaderValue::from(n));
             r
         }
+        Err(e) => failure(&e),
+    }
+}
+
+/// The guest acknowledges one of its maintenance events (which then runs
+/// at once): the event after, as JSON. Another instance's event, or none,
+/// is a 404; one that started or finished, a 409.
+async fn acknowledge(svc: &MetadataService, guest: &Guest, event: &str) -> Reply {
+    match svc.core.acknowledge_event(guest, event).await {
+        Ok(e) => reply(
+            StatusCode::OK,
+            "application/json",
+            serde_json::to_vec_pretty(&e).unwrap_or_default(),
+        ),
         Err(e) => failure(&e),
     }
 }

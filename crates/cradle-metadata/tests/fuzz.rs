@@ -117,6 +117,7 @@ fn core(tmp: &std::path::Path) -> Arc<Core> {
         waits: Default::default(),
         peers: Default::default(),
         migration: Default::default(),
+        maintenance: Default::default(),
     })
 }
 

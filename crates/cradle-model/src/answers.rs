@@ -215,3 +215,10 @@ pub struct FirewallApplied {
 fn yes() -> bool {
     true
 }
+
+/// `GET /v1/instances/{key}/maintenance`: its maintenance events, pending
+/// and recent, in scheduling order.
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct MaintenanceList {
+    pub maintenance: Vec<crate::maintenance::MaintenanceEvent>,
+}

@@ -127,6 +127,12 @@ pub struct InstanceSpec {
     /// out: the host whose admin API registers it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub host: Option<String>,
+    /// Tags (EC2's): at most 50, keys up to 128 characters, values up to 256.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub tags: BTreeMap<String, String>,
+    /// Serve the tags to the guest at `meta-data/tags/instance/` [default: off].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metadata_tags: Option<bool>,
 }
 
 /// OS parameters as given on create: values in each visibility.
@@ -271,6 +277,12 @@ pub struct InstancePatch {
     #[serde(default, skip_serializing_if = "Patch::is_absent")]
     #[schema(value_type = Option<RunKernel>)]
     pub run_kernel: Patch<RunKernel>,
+    /// Tags to set; a tag set to `null` is removed.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub tags: BTreeMap<String, Option<String>>,
+    /// Serve the tags to the guest at `meta-data/tags/instance/`, or stop.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metadata_tags: Option<bool>,
 }
 
 /// OS parameter changes: per visibility, a key set to `null` is removed.
@@ -355,6 +367,14 @@ pub struct InstanceView {
     /// The guest agent, once it has reported.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub agent: Option<crate::agent::AgentView>,
+    #[serde(default)]
+    pub tags: BTreeMap<String, String>,
+    /// Whether the guest reads its tags as metadata.
+    #[serde(default)]
+    pub metadata_tags: bool,
+    /// Its maintenance events, pending and recent, in scheduling order.
+    #[serde(default)]
+    pub maintenance: Vec<crate::maintenance::MaintenanceEvent>,
     #[serde(with = "time::serde::rfc3339")]
     pub created_at: OffsetDateTime,
     #[serde(with = "time::serde::rfc3339")]
@@ -429,6 +449,9 @@ impl From<&Instance> for InstanceView {
             boot_roles: i.boot_roles.clone(),
             password_set: i.password.is_some(),
             agent: i.agent.as_ref().map(crate::agent::AgentView::of),
+            tags: i.tags.clone(),
+            metadata_tags: i.metadata_tags,
+            maintenance: i.maintenance.clone(),
             created_at: i.created_at,
             updated_at: i.updated_at,
         }
@@ -976,6 +999,8 @@ impl InstanceSpec {
         if let Some(k) = &run_params.kernel {
             machine::check_run_kernel(k).or_else(|m| invalid("run_params.kernel", m))?;
         }
+        let metadata_tags = self.metadata_tags.unwrap_or(false);
+        crate::tags::check_tags(&self.tags, metadata_tags)?;
         if random_seed.len() != RANDOM_SEED_LEN {
             return invalid("random_seed", "internal: wrong length");
         }
@@ -1021,6 +1046,9 @@ impl InstanceSpec {
             updated_at: now,
             random_seed,
             password: None,
+            tags: self.tags,
+            metadata_tags,
+            maintenance: Vec::new(),
         })
     }
 }
@@ -1199,6 +1227,11 @@ impl InstancePatch {
         if let Some(t) = self.imds_tokens {
             i.imds_tokens = t;
         }
+        merge(&mut i.tags, self.tags);
+        if let Some(m) = self.metadata_tags {
+            i.metadata_tags = m;
+        }
+        crate::tags::check_tags(&i.tags, i.metadata_tags)?;
         i.updated_at = now;
         Ok(i)
     }

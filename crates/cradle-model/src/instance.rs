@@ -95,6 +95,12 @@ pub struct Instance {
     pub random_seed: Vec<u8>,
     /// Set once by the guest (already encrypted by it, as Nova's is).
     pub password: Option<String>,
+    /// Tags (EC2's), key to value; see [`crate::tags`].
+    pub tags: BTreeMap<String, String>,
+    /// Whether the guest reads its tags at `meta-data/tags/instance/`.
+    pub metadata_tags: bool,
+    /// Its maintenance events, in scheduling order; see [`crate::maintenance`].
+    pub maintenance: Vec<crate::maintenance::MaintenanceEvent>,
 }
 
 impl Instance {

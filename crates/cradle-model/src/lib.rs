@@ -10,8 +10,10 @@ pub mod api;
 mod instance;
 pub mod job;
 pub mod machine;
+pub mod maintenance;
 pub mod personalization;
 mod secret;
+pub mod tags;
 
 pub use instance::{
     HostAddr, ImdsTokens, Instance, MAX_PASSWORD, MAX_USER_DATA, Os, OsParams, RANDOM_SEED_LEN,

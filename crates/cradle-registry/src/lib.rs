@@ -64,6 +64,13 @@ pub enum RegistryError {
     /// asked can only be done there.
     #[error("{0}")]
     WrongHost(String),
+    /// The instance has no maintenance event of this id.
+    #[error("instance has no maintenance event {0:?}")]
+    NoEvent(String),
+    /// The maintenance event is past what was asked of it (cancelling a
+    /// started one, acknowledging a finished one).
+    #[error("{0}")]
+    EventState(String),
 }
 
 impl From<StoreError> for RegistryError {
@@ -484,6 +491,39 @@ impl Registry {
             self.store.record_event(id, "agent", e)?;
         }
         Ok(next)
+    }
+
+    /// Change the instance's maintenance events: `change` gets the current
+    /// list (re-read if another host changed the instance meanwhile) and
+    /// answers what it made of it and the event log's line (kind
+    /// `maintenance`), or `None` for nothing to change; or it refuses.
+    /// Every change is an instance update: a new version, which other hosts
+    /// follow and the render cache sees.
+    pub fn change_maintenance<T>(
+        &self,
+        id: Uuid,
+        change: impl Fn(
+            &Instance,
+            &mut Vec<cradle_model::maintenance::MaintenanceEvent>,
+        ) -> Result<Option<(T, String)>, RegistryError>,
+    ) -> Result<Option<(Arc<Instance>, T)>, RegistryError> {
+        let _w = self.lock_writer();
+        let done = self.retry_stale(id, || {
+            let current = self.get(&id.to_string())?;
+            let mut next = (*current).clone();
+            let Some((answer, line)) = change(&current, &mut next.maintenance)? else {
+                return Ok(None);
+            };
+            next.updated_at = now();
+            self.stamp(&mut next);
+            next.version = self.store.update(&next)?;
+            Ok(Some((self.publish(next), answer, line)))
+        })?;
+        let Some((next, answer, line)) = done else {
+            return Ok(None);
+        };
+        self.store.record_event(id, "maintenance", &line)?;
+        Ok(Some((next, answer)))
     }
 
     /// Clear an error: back to `registered`, reason gone, event recorded.

@@ -173,6 +173,28 @@ fn meta_data<'a>(inst: &'a Instance, ctx: &'a Context<'a>, v: Version) -> Vec<En
     if v.has("2008-09-01") {
         e.push(Entry::text("instance-action", "none"));
     }
+    if v.has("2018-08-17") {
+        e.push(Entry::dir("events", move || {
+            vec![Entry::dir("maintenance", move || {
+                vec![
+                    Entry::file("history", move || maintenance_events(inst, true)),
+                    Entry::file("scheduled", move || maintenance_events(inst, false)),
+                ]
+            })]
+        }));
+    }
+    // Only when the instance says so, as EC2's "Allow tags in instance
+    // metadata": without it, `tags/` is not there at all (404).
+    if v.has("2021-07-15") && inst.metadata_tags {
+        e.push(Entry::dir("tags", move || {
+            vec![Entry::dir("instance", move || {
+                inst.tags
+                    .iter()
+                    .map(|(k, val)| Entry::text(k, val))
+                    .collect()
+            })]
+        }));
+    }
     // EC2 introduced the interface tree with 2011-01-01, as Nova gates it.
     if v.has("2011-01-01") {
         e.push(Entry::text("mac", &inst.mac));
@@ -186,6 +208,52 @@ fn meta_data<'a>(inst: &'a Instance, ctx: &'a Context<'a>, v: Version) -> Vec<En
     }
     e.sort_by(|a, b| a.name.cmp(&b.name));
     e
+}
+
+/// `events/maintenance/scheduled` (pending and started events) or
+/// `history` (finished ones) in EC2's shape: a JSON array of objects with
+/// `NotBefore`, `NotAfter`, `Code`, `Description`, `EventId` and `State`
+/// (`active`, `completed` or `canceled`; a failed event is `completed`
+/// with a description starting `[Failed]`, as a completed one starts
+/// `[Completed]`). `NotAfter` is when it ended, or, while it has not,
+/// an hour after `NotBefore` (cradle starts it at `NotBefore`).
+fn maintenance_events(inst: &Instance, finished: bool) -> Vec<u8> {
+    use cradle_model::maintenance::MaintenanceState as S;
+    let events: Vec<Value> = inst
+        .maintenance
+        .iter()
+        .filter(|e| e.state.is_finished() == finished)
+        .map(|e| {
+            let (state, prefix) = match e.state {
+                S::Scheduled | S::Acknowledged | S::Started => ("active", ""),
+                S::Completed => ("completed", "[Completed] "),
+                S::Failed => ("completed", "[Failed] "),
+                S::Cancelled => ("canceled", "[Canceled] "),
+            };
+            let not_after = e
+                .ended_at
+                .unwrap_or(e.not_before + time::Duration::hours(1));
+            json_object([
+                ("Code", e.code.ec2_code().into()),
+                ("Description", format!("{prefix}{}", e.description).into()),
+                ("EventId", e.id.as_str().into()),
+                ("NotAfter", ec2_date(not_after).into()),
+                ("NotBefore", ec2_date(e.not_before).into()),
+                ("State", state.into()),
+            ])
+        })
+        .collect();
+    serde_json::to_vec_pretty(&events).expect("JSON values always serialize")
+}
+
+/// A time as EC2's event documents write it: `21 Jan 2019 09:00:43 GMT`.
+fn ec2_date(t: time::OffsetDateTime) -> String {
+    let format = format_description!(
+        "[day padding:none] [month repr:short] [year] [hour]:[minute]:[second] GMT"
+    );
+    t.to_offset(time::UtcOffset::UTC)
+        .format(&format)
+        .expect("every component of the format is in an OffsetDateTime")
 }
 
 /// `local-ipv4`: the configured address; failing that the address the guest
@@ -277,8 +345,8 @@ mod tests {
         at(&instance(), "latest", |n| {
             assert_eq!(
                 listing(n, "meta-data").unwrap(),
-                "ami-id\nami-launch-index\nami-manifest-path\nblock-device-mapping/\nhostname\n\
-                 instance-action\ninstance-id\ninstance-type\nlocal-hostname\nlocal-ipv4\nmac\n\
+                "ami-id\nami-launch-index\nami-manifest-path\nblock-device-mapping/\nevents/\n\
+                 hostname\ninstance-action\ninstance-id\ninstance-type\nlocal-hostname\nlocal-ipv4\nmac\n\
                  network/\nplacement/\npublic-hostname\npublic-ipv4\npublic-keys/\n\
                  reservation-id\nsecurity-groups"
             );
@@ -309,6 +377,75 @@ mod tests {
         at(&inst, "latest", |n| {
             assert_eq!(listing(n, "").unwrap(), "dynamic/\nmeta-data/");
             assert!(n.resolve(&["user-data"]).is_none());
+        });
+    }
+
+    #[test]
+    fn maintenance_events_are_in_ec2s_shape_and_dates() {
+        use cradle_model::maintenance::{MaintenanceCode, MaintenanceRequest, MaintenanceState};
+        let mut inst = instance();
+        let t = time::macros::datetime!(2019-01-21 09:00:43 UTC);
+        let ev = |n: u8, code, state| {
+            let mut e = MaintenanceRequest {
+                code: Some(code),
+                delay_seconds: Some(0),
+                description: Some("host work".into()),
+                ..Default::default()
+            }
+            .into_event(format!("instance-event-0000000000000000{n}"), t)
+            .unwrap();
+            e.state = state;
+            e
+        };
+        inst.maintenance = vec![
+            ev(1, MaintenanceCode::Reboot, MaintenanceState::Acknowledged),
+            ev(2, MaintenanceCode::Stop, MaintenanceState::Failed),
+            ev(3, MaintenanceCode::Stop, MaintenanceState::Cancelled),
+        ];
+        inst.maintenance[1].ended_at = Some(t + time::Duration::minutes(2));
+        at(&inst, "latest", |n| {
+            assert_eq!(
+                listing(n, "meta-data/events/maintenance").unwrap(),
+                "history\nscheduled"
+            );
+            assert_eq!(
+                json(n, "meta-data/events/maintenance/scheduled").unwrap(),
+                serde_json::json!([{
+                    "Code": "instance-reboot",
+                    "Description": "host work",
+                    "EventId": "instance-event-00000000000000001",
+                    "NotAfter": "21 Jan 2019 10:00:43 GMT",
+                    "NotBefore": "21 Jan 2019 09:00:43 GMT",
+                    "State": "active",
+                }])
+            );
+            let history = json(n, "meta-data/events/maintenance/history").unwrap();
+            assert_eq!(history[0]["State"], "completed");
+            assert_eq!(history[0]["Description"], "[Failed] host work");
+            assert_eq!(history[0]["NotAfter"], "21 Jan 2019 09:02:43 GMT");
+            assert_eq!(history[1]["State"], "canceled");
+        });
+        // Not before EC2 had them.
+        at(&inst, "2016-09-02", |n| {
+            assert!(n.resolve(&["meta-data", "events"]).is_none())
+        });
+    }
+
+    #[test]
+    fn tags_are_served_only_when_switched_on() {
+        let mut inst = instance();
+        inst.tags.insert("Name".into(), "web1".into());
+        inst.tags.insert("env".into(), "prod".into());
+        at(&inst, "latest", |n| {
+            assert!(n.resolve(&["meta-data", "tags"]).is_none());
+        });
+        inst.metadata_tags = true;
+        at(&inst, "latest", |n| {
+            assert_eq!(listing(n, "meta-data/tags/instance").unwrap(), "Name\nenv");
+            assert_eq!(text(n, "meta-data/tags/instance/env").unwrap(), "prod");
+        });
+        at(&inst, "2021-03-23", |n| {
+            assert!(n.resolve(&["meta-data", "tags"]).is_none());
         });
     }
 

@@ -275,7 +275,10 @@ mod tests {
             let r = root(&inst, ctx);
             assert!(listing(&r, "openstack").unwrap().ends_with("\nlatest"));
             assert_eq!(listing(&r, "cradle").unwrap(), "latest/");
-            assert_eq!(listing(&r, "ganeti/latest").unwrap(), "meta_data.json\nos/");
+            assert_eq!(
+                listing(&r, "ganeti/latest").unwrap(),
+                "events\nmeta_data.json\nos/"
+            );
             assert!(r.resolve(&["nonesuch"]).is_none());
         });
     }

@@ -12,12 +12,19 @@ use serde_json::Value;
 
 use crate::{Context, Entry, Node, to_json};
 
-/// The native directory: `latest/` with `meta_data.json` and `os/`
-/// (`parameters.json` and `scripts/`).
+/// The native directory: `latest/` with `events` (the instance's
+/// maintenance events, as the admin API shows them: ids, cradle's states
+/// and the time of each step; acknowledged with `POST
+/// events/ID/ack`), `meta_data.json` and `os/` (`parameters.json` and
+/// `scripts/`).
 pub fn native<'a>(inst: &'a Instance, _ctx: &'a Context<'a>) -> Node<'a> {
     Node::Dir(Box::new(move || {
         vec![Entry::dir("latest", move || {
             vec![
+                Entry::file("events", move || {
+                    serde_json::to_vec_pretty(&inst.maintenance)
+                        .expect("maintenance events serialize")
+                }),
                 Entry::file("meta_data.json", move || meta_data(inst)),
                 Entry::dir("os", move || {
                     vec![
@@ -107,7 +114,7 @@ mod tests {
     fn layout() {
         at(&instance(), |n| {
             assert_eq!(listing(n, "").unwrap(), "latest/");
-            assert_eq!(listing(n, "latest").unwrap(), "meta_data.json\nos/");
+            assert_eq!(listing(n, "latest").unwrap(), "events\nmeta_data.json\nos/");
             assert_eq!(
                 listing(n, "latest/os").unwrap(),
                 "parameters.json\nscripts/"
@@ -116,7 +123,11 @@ mod tests {
             let paths: Vec<String> = n.files().into_iter().map(|(p, _)| p).collect();
             assert_eq!(
                 paths,
-                ["latest/meta_data.json", "latest/os/parameters.json"]
+                [
+                    "latest/events",
+                    "latest/meta_data.json",
+                    "latest/os/parameters.json"
+                ]
             );
             assert!(n.resolve(&["latest", "os", "scripts", "install"]).is_none());
             assert!(n.resolve(&["latest", "meta_data.json", "x"]).is_none());

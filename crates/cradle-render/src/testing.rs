@@ -62,6 +62,9 @@ pub fn instance() -> Instance {
         updated_at: datetime!(2024-05-06 07:08:09.5 UTC),
         random_seed: (0..512).map(|i| (i % 251) as u8).collect(),
         password: None,
+        tags: Default::default(),
+        metadata_tags: false,
+        maintenance: Vec::new(),
     }
 }
 

@@ -43,6 +43,8 @@ const MIGRATIONS: &[&str] = &[
     include_str!("../migrations/sqlite/0009_agent.sql"),
     // The same SQL in both dialects.
     include_str!("../migrations/sqlite/0010_link_local.sql"),
+    // The same SQL in both dialects.
+    include_str!("../migrations/sqlite/0011_tags_maintenance.sql"),
 ];
 
 /// The LISTEN/NOTIFY channel.

@@ -57,6 +57,9 @@ pub(crate) const COLUMNS: &[&str] = &[
     "run_params",
     "agent",
     "link_local_ipv6",
+    "tags",
+    "metadata_tags",
+    "maintenance",
 ];
 
 /// `SELECT` list: [`COLUMNS`], then `version`.
@@ -169,6 +172,9 @@ pub(crate) fn encode(i: &Instance) -> Vec<Value> {
         Value::Text(json(&i.run_params)),
         i.agent.as_ref().map(json).into(),
         i.link_local_ipv6.map(|a| a.to_string()).into(),
+        Value::Text(json(&i.tags)),
+        Value::Int(i64::from(i.metadata_tags)),
+        Value::Text(json(&i.maintenance)),
     ]
 }
 
@@ -263,6 +269,9 @@ pub(crate) fn decode(r: &Row) -> Result<Instance, StoreError> {
             .opt_text(41)?
             .map(|v| v.parse().map_err(|e| corrupt("link_local_ipv6", e)))
             .transpose()?,
-        version: r.int(42)?,
+        tags: de("tags", 42)?,
+        metadata_tags: r.int(43)? != 0,
+        maintenance: serde_json::from_str(&r.text(44)?).map_err(|e| corrupt("maintenance", e))?,
+        version: r.int(45)?,
     })
 }

@@ -23,6 +23,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("../migrations/sqlite/0008_cluster.sql"),
     include_str!("../migrations/sqlite/0009_agent.sql"),
     include_str!("../migrations/sqlite/0010_link_local.sql"),
+    include_str!("../migrations/sqlite/0011_tags_maintenance.sql"),
 ];
 
 /// One SQLite connection behind a mutex: cradle's writes are small and the

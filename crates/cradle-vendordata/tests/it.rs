@@ -75,6 +75,9 @@ fn instance() -> Instance {
         updated_at: time::OffsetDateTime::UNIX_EPOCH,
         random_seed: vec![0; 16],
         password: None,
+        tags: Default::default(),
+        metadata_tags: false,
+        maintenance: Vec::new(),
     }
 }
 

@@ -10,7 +10,7 @@ use base64::engine::general_purpose::STANDARD as B64;
 use clap::{Args, Subcommand};
 use cradle_client::route;
 use cradle_model::api::{
-    InstancePatch, InstanceSpec, InstanceView, MessageIn, OsParamsPatch, OsParamsSpec, Patch,
+    InstancePatch, InstanceSpec, MessageIn, OsParamsPatch, OsParamsSpec, Patch,
 };
 use cradle_model::{ImdsTokens, Secret};
 
@@ -123,8 +123,29 @@ appliance while the job runs, then dropped.\n\nExample:\n  cradle instance insta
     Receive { instance: String },
     /// Clear an instance's error state (needs the admin role).
     ResetState { instance: String },
-    /// Show what happened to an instance (errors, state resets).
+    /// Show what happened to an instance (errors, state resets, runs) and
+    /// its maintenance events, with the time of each step.
     Events { instance: String },
+    /// Schedule a maintenance event: reboot or stop the VM at a time.
+    #[command(after_help = crate::maintenance::SCHEDULE_ABOUT)]
+    Schedule {
+        instance: String,
+        /// What to do.
+        #[arg(value_parser = clap::builder::PossibleValuesParser::new(cradle_model::maintenance::MaintenanceCode::NAMES))]
+        code: String,
+        /// When: RFC 3339, or now, +90s, +10m, +2h, +1d [default: +10m].
+        #[arg(long, value_name = "TIME", allow_hyphen_values = true)]
+        not_before: Option<String>,
+        /// What the guest is told [default: "scheduled reboot" or "scheduled stop"].
+        #[arg(long, value_name = "TEXT")]
+        description: Option<String>,
+    },
+    /// Cancel a maintenance event that has not started.
+    CancelEvent {
+        instance: String,
+        /// The event's id (instance-event-…), as `instance events` shows it.
+        event: String,
+    },
     /// Print the SSH host keys the guest agent published, as known_hosts lines.
     #[command(after_help = crate::agent::HOST_KEYS_ABOUT)]
     HostKeys {
@@ -279,6 +300,12 @@ struct Fields {
     /// cradle appends `cradle.address=` and `cradle.nic=` for the agent.
     #[arg(long, value_name = "TEXT", requires = "kernel")]
     cmdline: Option<String>,
+    /// Tag KEY=VALUE (repeatable; at most 50, as EC2's).
+    #[arg(long = "tag", value_name = "KEY=VALUE")]
+    tags: Vec<String>,
+    /// Serve the tags to the guest at meta-data/tags/instance/ [add default: off].
+    #[arg(long, value_parser = ["on", "off"])]
+    metadata_tags: Option<String>,
 }
 
 impl Fields {
@@ -303,6 +330,10 @@ impl Fields {
 
     fn communication(&self) -> Option<bool> {
         self.communication.as_deref().map(|c| c == "on")
+    }
+
+    fn metadata_tags(&self) -> Option<bool> {
+        self.metadata_tags.as_deref().map(|c| c == "on")
     }
 
     /// --kernel, --initrd and --cmdline, when --kernel is given.
@@ -356,6 +387,9 @@ struct ModifyArgs {
     /// Remove an SSH key (repeatable).
     #[arg(long, value_name = "NAME")]
     unset_key: Vec<String>,
+    /// Remove a tag (repeatable).
+    #[arg(long, value_name = "KEY")]
+    unset_tag: Vec<String>,
     /// Remove an injected file (repeatable).
     #[arg(long, value_name = "GUEST_PATH")]
     unset_file: Vec<String>,
@@ -390,7 +424,7 @@ pub fn run(args: InstanceArgs) -> Result<()> {
         InstanceCommand::Add(a) => {
             let spec = build_spec(*a)?;
             let v = api.send(route::create_instance(&spec))?;
-            print_instance(&mut out, output, &v)
+            crate::show::print_instance(&mut out, output, &v)
         }
         InstanceCommand::List => {
             let instances = api.send(route::instances())?;
@@ -428,13 +462,13 @@ pub fn run(args: InstanceArgs) -> Result<()> {
         }
         InstanceCommand::Show { instance } => {
             let v = api.send(route::instance(&instance))?;
-            print_instance(&mut out, output, &v)
+            crate::show::print_instance(&mut out, output, &v)
         }
         InstanceCommand::Modify(m) => {
             let key = m.instance.clone();
             let patch = build_patch(*m)?;
             let v = api.send(route::modify_instance(&key, &patch))?;
-            print_instance(&mut out, output, &v)
+            crate::show::print_instance(&mut out, output, &v)
         }
         InstanceCommand::Install { instance, follow } => {
             let job = api.send(route::start_install(&instance))?;
@@ -448,7 +482,7 @@ pub fn run(args: InstanceArgs) -> Result<()> {
         } => crate::migrate::run(&api, &instance, &to, transport, grace, output),
         InstanceCommand::Start { instance } => {
             let v = api.send(route::start_vm(&instance))?;
-            print_instance(&mut out, output, &v)
+            crate::show::print_instance(&mut out, output, &v)
         }
         InstanceCommand::Stop {
             instance,
@@ -457,7 +491,7 @@ pub fn run(args: InstanceArgs) -> Result<()> {
         } => {
             let grace = std::time::Duration::from_secs(grace);
             let v = api.send(route::stop_vm(&instance, force, grace))?;
-            print_instance(&mut out, output, &v)
+            crate::show::print_instance(&mut out, output, &v)
         }
         InstanceCommand::Status { instance } => {
             let v = api.send(route::vm_status(&instance))?;
@@ -530,29 +564,24 @@ pub fn run(args: InstanceArgs) -> Result<()> {
         }
         InstanceCommand::ResetState { instance } => {
             let v = api.send(route::reset_state(&instance))?;
-            print_instance(&mut out, output, &v)
+            crate::show::print_instance(&mut out, output, &v)
         }
-        InstanceCommand::Events { instance } => {
-            let events = api.send(route::events(&instance))?;
-            match output {
-                Output::Json => writeln!(out, "{}", serde_json::to_string_pretty(&events)?)?,
-                Output::Table => {
-                    let rows: Vec<Vec<String>> = events
-                        .iter()
-                        .map(|ev| {
-                            vec![
-                                ev.created_at
-                                    .format(&time::format_description::well_known::Rfc3339)
-                                    .unwrap_or_default(),
-                                ev.kind.clone(),
-                                ev.message.clone(),
-                            ]
-                        })
-                        .collect();
-                    table(&mut out, &["TIME", "KIND", "MESSAGE"], &rows)?;
-                }
-            }
-            Ok(())
+        InstanceCommand::Events { instance } => crate::maintenance::events(&api, &instance, output),
+        InstanceCommand::Schedule {
+            instance,
+            code,
+            not_before,
+            description,
+        } => crate::maintenance::schedule(
+            &api,
+            &instance,
+            &code,
+            not_before.as_deref(),
+            description,
+            output,
+        ),
+        InstanceCommand::CancelEvent { instance, event } => {
+            crate::maintenance::cancel(&api, &instance, &event, output)
         }
         InstanceCommand::Receive { instance } => {
             let messages = api.send(route::receive_messages(&instance))?;
@@ -628,6 +657,7 @@ pub(crate) fn pairs(flag: &str, items: &[String]) -> Result<BTreeMap<String, Str
 fn build_spec(a: AddArgs) -> Result<InstanceSpec> {
     let f = a.fields;
     let install_params = f.install_params();
+    let metadata_tags = f.metadata_tags();
     let run_params = match (f.communication(), f.run_kernel()) {
         (None, None) => None,
         (c, kernel) => Some(cradle_model::machine::RunParams {
@@ -679,6 +709,8 @@ fn build_spec(a: AddArgs) -> Result<InstanceSpec> {
             .imds_tokens
             .map(|t| t.parse::<ImdsTokens>().map_err(anyhow::Error::msg))
             .transpose()?,
+        metadata_tags,
+        tags: pairs("--tag", &f.tags)?,
     })
 }
 
@@ -696,6 +728,7 @@ fn some_map<V>(m: BTreeMap<String, V>) -> BTreeMap<String, Option<V>> {
 fn build_patch(m: ModifyArgs) -> Result<InstancePatch> {
     let f = m.fields;
     let install_params = f.install_params();
+    let metadata_tags = f.metadata_tags();
     let communication = f.communication();
     let run_kernel = match f.run_kernel() {
         _ if m.clear_kernel => Patch::Null,
@@ -704,6 +737,8 @@ fn build_patch(m: ModifyArgs) -> Result<InstancePatch> {
     };
     let mut metadata = some_map(pairs("--meta", &f.meta)?);
     metadata.extend(m.unset_meta.into_iter().map(|k| (k, None)));
+    let mut tags = some_map(pairs("--tag", &f.tags)?);
+    tags.extend(m.unset_tag.into_iter().map(|k| (k, None)));
     let mut public_keys = some_map(pairs("--key", &f.keys)?);
     public_keys.extend(m.unset_key.into_iter().map(|k| (k, None)));
     let mut files = some_map(injected(&f.files)?);
@@ -783,153 +818,14 @@ fn build_patch(m: ModifyArgs) -> Result<InstancePatch> {
         },
         communication,
         run_kernel,
+        metadata_tags,
+        tags,
         os_params,
         imds_tokens: f
             .imds_tokens
             .map(|t| t.parse::<ImdsTokens>().map_err(anyhow::Error::msg))
             .transpose()?,
     })
-}
-
-fn print_instance(out: &mut impl Write, output: Output, v: &InstanceView) -> Result<()> {
-    if output == Output::Json {
-        writeln!(out, "{}", serde_json::to_string_pretty(v)?)?;
-        return Ok(());
-    }
-    let join = |m: &BTreeMap<String, String>| {
-        m.iter()
-            .map(|(k, v)| format!("{k}={v}"))
-            .collect::<Vec<_>>()
-            .join(", ")
-    };
-    let os = match (&v.os_type, &v.os_image) {
-        (Some(t), _) => format!("type {t}"),
-        (_, Some(i)) => format!("image {i}"),
-        _ => "-".into(),
-    };
-    let rows: Vec<(&str, String)> = vec![
-        ("id", v.id.to_string()),
-        ("name", v.name.clone()),
-        ("state", v.state.as_str().into()),
-        (
-            "state reason",
-            v.state_reason.clone().unwrap_or_else(|| "-".into()),
-        ),
-        (
-            "boot roles",
-            if v.boot_roles.is_empty() {
-                "-".into()
-            } else {
-                v.boot_roles.join(", ")
-            },
-        ),
-        ("project", v.project_id.clone()),
-        ("hostname", v.hostname.clone()),
-        ("availability zone", v.availability_zone.clone()),
-        ("launch index", v.launch_index.to_string()),
-        ("instance type", v.instance_type.clone()),
-        ("metadata address", v.metadata_address.to_string()),
-        ("mac", v.mac.clone()),
-        (
-            "local ipv4",
-            v.local_ipv4
-                .map(|a| a.to_string())
-                .unwrap_or_else(|| "-".into()),
-        ),
-        (
-            "local ipv6",
-            v.local_ipv6
-                .map(|a| a.to_string())
-                .unwrap_or_else(|| "-".into()),
-        ),
-        (
-            "link-local ipv6",
-            v.link_local_ipv6
-                .map(|a| a.to_string())
-                .unwrap_or_else(|| "-".into()),
-        ),
-        (
-            "interface",
-            v.interface.clone().unwrap_or_else(|| "-".into()),
-        ),
-        (
-            "public ipv4",
-            v.public_ipv4
-                .map(|a| a.to_string())
-                .unwrap_or_else(|| "-".into()),
-        ),
-        ("os", os),
-        (
-            "personalization",
-            match (&v.personalization_url, &v.personalization_sha256) {
-                (Some(u), Some(h)) => format!("{u} (sha256 {h})"),
-                (Some(u), None) => u.clone(),
-                _ => "-".into(),
-            },
-        ),
-        (
-            "disks",
-            if v.disks.is_empty() {
-                "-".into()
-            } else {
-                v.disks
-                    .iter()
-                    .map(|d| format!("{} ({})", d.path, d.format.as_str()))
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            },
-        ),
-        ("memory", format!("{} MiB", v.memory_mib)),
-        (
-            "install params",
-            if v.install_params.is_empty() {
-                "-".into()
-            } else {
-                serde_json::to_string(&v.install_params).unwrap_or_default()
-            },
-        ),
-        ("vcpus", v.vcpus.to_string()),
-        (
-            "communication",
-            if v.run_params.communication {
-                "on"
-            } else {
-                "off"
-            }
-            .into(),
-        ),
-        (
-            "run kernel",
-            match &v.run_params.kernel {
-                Some(k) => serde_json::to_string(k).unwrap_or_default(),
-                None => "-".into(),
-            },
-        ),
-        ("agent", crate::agent::summary(v.agent.as_ref())),
-        ("imds tokens", v.imds_tokens.as_str().into()),
-        ("metadata", join(&v.metadata)),
-        (
-            "public keys",
-            v.public_keys.keys().cloned().collect::<Vec<_>>().join(", "),
-        ),
-        (
-            "user data",
-            v.user_data
-                .as_ref()
-                .map(|u| format!("{} bytes", B64.decode(u).map(|b| b.len()).unwrap_or(0)))
-                .unwrap_or_else(|| "-".into()),
-        ),
-        ("public params", join(&v.os_params.public)),
-        ("private params", v.os_params.private.join(", ")),
-        ("secret params", v.os_params.secret.join(", ")),
-        ("password set", v.password_set.to_string()),
-        ("created", v.created_at.to_string()),
-        ("updated", v.updated_at.to_string()),
-    ];
-    for (k, val) in rows {
-        writeln!(out, "{k:<18} {val}")?;
-    }
-    Ok(())
 }
 
 /// Columns padded to their widest cell, two spaces apart.

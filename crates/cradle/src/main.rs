@@ -14,12 +14,14 @@ mod files;
 mod firewall;
 mod install;
 mod instance;
+mod maintenance;
 mod migrate;
 mod os;
 mod personalize;
 mod remote;
 mod secgroup;
 mod serve;
+mod show;
 mod whoami;
 
 use std::path::PathBuf;

@@ -305,6 +305,10 @@ async fn serve(config: Config, demo: bool) -> Result<()> {
             ssh_address: config.cluster.ssh_address.clone(),
             remote: crate::remote::from_config(config.remote.clone()),
         },
+        maintenance: cradle_core::MaintenanceSettings {
+            history: config.maintenance.history,
+            stop_grace: std::time::Duration::from_secs(config.maintenance.stop_grace.min(3600)),
+        },
     });
     core.spawn_maintenance();
     let admin_state = Arc::new(cradle_admin::AdminState {

@@ -297,7 +297,10 @@ impl Core {
         let doc = match cradle_render::root(inst, &ctx).resolve(segs) {
             Some(Resolved::File(bytes)) => {
                 let last = segs.last().copied().unwrap_or("");
-                let content_type = if last.ends_with(".json") || last == "document" {
+                let json = last.ends_with(".json")
+                    || last == "document"
+                    || matches!(segs, ["cradle" | "ganeti", "latest", "events"]);
+                let content_type = if json {
                     "application/json"
                 } else if last == "user-data" || last == "user_data" {
                     "application/octet-stream"

@@ -125,6 +125,13 @@ fn rows() -> BTreeMap<(&'static str, &'static str), Row> {
         admin_row(Instance, 200, 404),
     );
     add("GET", format!("{i}/events"), row(Instance, 200, 404));
+    add("GET", format!("{i}/maintenance"), row(Instance, 200, 404));
+    add("POST", format!("{i}/maintenance"), row(Instance, 201, 404));
+    add(
+        "POST",
+        format!("{i}/maintenance/{{event}}/cancel"),
+        row(Instance, 200, 404),
+    );
     add(
         "GET",
         format!("{i}/personalization"),
@@ -342,6 +349,9 @@ impl Lab {
             ("PATCH", "/v1/instances/{key}") => Some(json!({})),
             ("POST", "/v1/instances/{key}/messages") => Some(json!({"text": "hello"})),
             ("POST", "/v1/instances/{key}/actions") => Some(json!({"action": "uptime"})),
+            ("POST", "/v1/instances/{key}/maintenance") => {
+                Some(json!({"code": "stop", "delay_seconds": 3600}))
+            }
             // A host that never joined: refused in the stream, nothing done.
             ("POST", "/v1/instances/{key}/migrate") => Some(json!({"to": "node-zz"})),
             ("POST", p) if p.ends_with("/security-groups") => {
@@ -358,6 +368,7 @@ impl Lab {
             _ => None,
         };
         let mut key = key;
+        let mut event = "instance-event-00000000000000000".to_string();
         if let Some(p) = p {
             // Calls that consume something get their own.
             match (method, path) {
@@ -409,6 +420,15 @@ impl Lab {
                         None,
                     );
                 }
+                ("POST", "/v1/instances/{key}/maintenance/{event}/cancel") => {
+                    // An event of this instance, for the cancel to find.
+                    let e = self.must(
+                        "POST",
+                        &format!("/v1/instances/{}/maintenance", p.instance),
+                        Some(&json!({"code": "stop", "delay_seconds": 3600})),
+                    );
+                    event = e["id"].as_str().unwrap().to_string();
+                }
                 ("GET", "/v1/instances/{key}/actions/{id}") => {
                     // An action sent to this instance, for the show to find.
                     let a = self.must(
@@ -437,6 +457,7 @@ impl Lab {
             .replace("{tenant}", tenant)
             .replace("{key}", &key)
             .replace("{id}", &id)
+            .replace("{event}", &event)
             .replace("{instance}", &instance);
         (path, body)
     }

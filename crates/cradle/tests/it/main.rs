@@ -20,6 +20,7 @@ mod hop_limit;
 mod install;
 mod isolation;
 mod limits;
+mod maintenance;
 mod metadata;
 mod metadata_clients;
 mod metadata_tokens;

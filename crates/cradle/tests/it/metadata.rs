@@ -447,8 +447,8 @@ fn ec2_tree_has_the_documented_shape() {
     assert_eq!(text("/1.0/"), "meta-data/\nuser-data");
     assert_eq!(
         text("/latest/meta-data/"),
-        "ami-id\nami-launch-index\nami-manifest-path\nblock-device-mapping/\nhostname\n\
-         instance-action\ninstance-id\ninstance-type\nlocal-hostname\nlocal-ipv4\nmac\n\
+        "ami-id\nami-launch-index\nami-manifest-path\nblock-device-mapping/\nevents/\n\
+         hostname\ninstance-action\ninstance-id\ninstance-type\nlocal-hostname\nlocal-ipv4\nmac\n\
          network/\nplacement/\npublic-keys/\nreservation-id\nsecurity-groups"
     );
     assert_eq!(text("/latest/meta-data"), text("/latest/meta-data/"));
@@ -703,7 +703,10 @@ fn native_tree_serves_metadata_and_os_parameters() {
     );
     let g = s.guest("127.0.0.2");
     assert_eq!(g.get("/cradle/").text(), "latest/");
-    assert_eq!(g.get("/cradle/latest/").text(), "meta_data.json\nos/");
+    assert_eq!(
+        g.get("/cradle/latest/").text(),
+        "events\nmeta_data.json\nos/"
+    );
     let native = g.get("/cradle/latest/meta_data.json");
     assert_eq!(native.status, 200);
     assert_eq!(native.body, g.get("/ganeti/latest/meta_data.json").body);
