@@ -121,9 +121,25 @@ impl Core {
             parts.waits,
             parts.metrics.clone(),
         );
-        let waits = guests.waits.clone();
-        parts.registry.on_change(move |id| waits.changed(id));
+        let scheduler = maintenance::Scheduler::new(parts.maintenance);
+        // Every change of an instance's record, made here or caught up from
+        // another host, wakes what waits on it: the guests waiting for a
+        // change, and the scheduler when the instance is served here and
+        // has an event to run.
+        let (waits, wake) = (guests.waits.clone(), scheduler.waker());
+        let registry = Arc::downgrade(&parts.registry);
+        parts.registry.on_change(move |id| {
+            waits.changed(id);
+            if let Some(r) = registry.upgrade()
+                && let Ok(i) = r.get(&id.to_string())
+                && r.is_local(&i)
+                && i.maintenance.iter().any(|e| e.due_at().is_some())
+            {
+                wake.notify_one();
+            }
+        });
         Arc::new(Core {
+            scheduler,
             guests,
             registry: parts.registry,
             installer,
@@ -139,7 +155,6 @@ impl Core {
             peers: parts.peers,
             migration: parts.migration,
             agents: agent::Agents::new(),
-            scheduler: maintenance::Scheduler::new(parts.maintenance),
         })
     }
 

@@ -9,9 +9,11 @@
 //! The scheduler (`Core::run_scheduler`, one task in `cradle serve`)
 //! runs the events of the instances served on this host only. It sleeps
 //! until the next event is due and is woken at once when an event is
-//! scheduled, acknowledged or cancelled through this host; changes written
-//! by another host reach it through catch-up, so it never sleeps longer
-//! than [`RESCAN`]. A due event (its not-before passed, or acknowledged by
+//! scheduled, acknowledged or cancelled, through this host or another: the
+//! registry's change hook (`Core::new`) wakes it whenever an instance
+//! served here changes and has a pending event, including changes caught
+//! up from other hosts. It also looks every [`RESCAN`], which is only a
+//! safety net. A due event (its not-before passed, or acknowledged by
 //! the guest: that runs it at once) becomes `started`, then `completed` or
 //! `failed` with the hypervisor's error:
 //!
@@ -68,15 +70,20 @@ impl Default for MaintenanceSettings {
 /// The scheduler's state: its settings and what wakes it.
 pub(crate) struct Scheduler {
     settings: MaintenanceSettings,
-    wake: tokio::sync::Notify,
+    wake: Arc<tokio::sync::Notify>,
 }
 
 impl Scheduler {
     pub(crate) fn new(settings: MaintenanceSettings) -> Scheduler {
         Scheduler {
             settings,
-            wake: tokio::sync::Notify::new(),
+            wake: Arc::new(tokio::sync::Notify::new()),
         }
+    }
+
+    /// What wakes the scheduler, for the registry's change hook.
+    pub(crate) fn waker(&self) -> Arc<tokio::sync::Notify> {
+        self.wake.clone()
     }
 }
 
