@@ -341,3 +341,44 @@ fn waits_are_capped_and_end_with_an_answer_at_shutdown() {
         );
     }
 }
+
+#[test]
+fn a_guest_waiting_on_its_maintenance_events_hears_of_a_new_one_at_once() {
+    let s = Server::start();
+    s.admin()
+        .create(&json!({"name": "maint", "metadata_address": "127.0.0.2"}));
+    let g = s.guest("127.0.0.2");
+    let path = "/latest/meta-data/events/maintenance/scheduled";
+    let now = g.get(path);
+    assert_eq!((now.status, now.text()), (200, "[]".to_string()));
+    std::thread::scope(|t| {
+        let waiter = t.spawn(|| {
+            let a = g.get(&format!("{path}?wait=true&timeout_sec=30"));
+            (a, Instant::now())
+        });
+        until(Duration::from_secs(5), "the guest waits", || {
+            waiting(&s) == 1.0
+        });
+        let sent = Instant::now();
+        let request = cradle_model::maintenance::MaintenanceRequest {
+            code: Some(cradle_model::maintenance::MaintenanceCode::Reboot),
+            delay_seconds: Some(3600),
+            description: Some("kernel update".into()),
+            ..Default::default()
+        };
+        let event = s
+            .admin()
+            .send(route::schedule_maintenance("maint", &request));
+        let (a, at) = waiter.join().unwrap();
+        eprintln!(
+            "a scheduled event reached its waiting guest after {:?}",
+            at - sent
+        );
+        assert_eq!(a.status, 200);
+        let events = a.json();
+        assert_eq!(events[0]["EventId"], event.id);
+        assert_eq!(events[0]["Code"], "instance-reboot");
+        assert_eq!(events[0]["Description"], "kernel update");
+        assert!(at - sent < Duration::from_secs(2));
+    });
+}
