@@ -401,7 +401,8 @@ struct Query {
 }
 
 impl Query {
-    fn parse(query: Option<&str>) -> Result<Query, Reply> {
+    /// The query, or what is wrong with it.
+    fn parse(query: Option<&str>) -> Result<Query, &'static str> {
         let Some(q) = query else {
             return Ok(Query::default());
         };
@@ -412,14 +413,15 @@ impl Query {
                     wait = match &*v {
                         "true" => true,
                         "false" => false,
-                        _ => return Err(bad_request("wait must be true or false")),
+                        _ => return Err("wait must be true or false"),
                     }
                 }
                 "last_etag" => last_etag = Some(v.into_owned()),
                 "timeout_sec" => {
-                    timeout = Some(v.parse::<u64>().map_err(|_| {
-                        bad_request("timeout_sec must be a whole number of seconds")
-                    })?)
+                    timeout = Some(
+                        v.parse::<u64>()
+                            .map_err(|_| "timeout_sec must be a whole number of seconds")?,
+                    )
                 }
                 _ => {}
             }
@@ -475,7 +477,7 @@ async fn handle(
         ),
         (Ok(()), Some(g)) => match query {
             Ok(query) => route(svc, g, &path, query, conn, req).await,
-            Err(r) => r,
+            Err(why) => bad_request(why),
         },
     };
     let status = response.status().as_u16();
