@@ -30,6 +30,7 @@ mod artifacts;
 mod caller;
 mod error;
 mod guest;
+pub mod identity;
 mod install;
 mod instances;
 pub mod migrate;
@@ -73,6 +74,7 @@ pub struct Parts {
     pub peers: peers::Peers,
     /// How it moves instances to them and takes them in.
     pub migration: migrate::MigrationSettings,
+    pub identity: identity::Identity,
 }
 
 /// How many config drives are built at once: each may hold a whole image
@@ -99,6 +101,7 @@ pub struct Core {
     peers: peers::Peers,
     migration: migrate::MigrationSettings,
     agents: agent::Agents,
+    identity: identity::Identity,
 }
 
 impl Core {
@@ -120,6 +123,7 @@ impl Core {
             peers: parts.peers,
             migration: parts.migration,
             agents: agent::Agents::new(),
+            identity: parts.identity,
         })
     }
 

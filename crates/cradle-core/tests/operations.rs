@@ -66,6 +66,7 @@ fn setup() -> Setup {
         max_token_ttl: 21600,
         peers: Default::default(),
         migration: Default::default(),
+        identity: cradle_core::identity::Identity::generated("https://cradle.test"),
     });
     Setup {
         core,

@@ -116,6 +116,7 @@ fn core(tmp: &std::path::Path) -> Arc<Core> {
         max_token_ttl: 21600,
         peers: Default::default(),
         migration: Default::default(),
+        identity: cradle_core::identity::Identity::generated("https://cradle.test"),
     })
 }
 
