@@ -119,7 +119,13 @@ impl Core {
     /// A set that cannot be read leaves the one in use as it was.
     pub async fn reload_identity(&self) -> Result<Vec<String>, Error> {
         let Some(dir) = self.identity.dir.clone() else {
-            return Ok(self.identity.keys().kids().iter().map(|k| k.to_string()).collect());
+            return Ok(self
+                .identity
+                .keys()
+                .kids()
+                .iter()
+                .map(|k| k.to_string())
+                .collect());
         };
         let keys = blocking(move || {
             KeySet::load(&dir, cradle_identity::unix_now())
@@ -127,7 +133,11 @@ impl Core {
         })
         .await?;
         let kids = keys.kids().iter().map(|k| k.to_string()).collect();
-        *self.identity.keys.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(keys);
+        *self
+            .identity
+            .keys
+            .write()
+            .unwrap_or_else(|e| e.into_inner()) = Arc::new(keys);
         Ok(kids)
     }
 
@@ -142,7 +152,11 @@ impl Core {
         full: bool,
     ) -> Result<String, Error> {
         let audience = match audience {
-            None => return Err(bad("the query parameter audience is required (?audience=...)".into())),
+            None => {
+                return Err(bad(
+                    "the query parameter audience is required (?audience=...)".into(),
+                ));
+            }
             Some("") => return Err(bad("the audience is empty".into())),
             Some(a) if a.len() > MAX_AUDIENCE_BYTES => {
                 return Err(bad(format!(

@@ -100,7 +100,8 @@ pub fn unix_now() -> u64 {
 
 impl Key {
     fn from_pem(pem: &str, retired: Option<(u64, u64)>) -> Result<Key, String> {
-        let cert = Certificate::from_pem(pem.as_bytes()).map_err(|e| format!("a certificate: {e}"))?;
+        let cert =
+            Certificate::from_pem(pem.as_bytes()).map_err(|e| format!("a certificate: {e}"))?;
         let public = public_key(&cert)?;
         Ok(Key {
             kid: crate::jwt::thumbprint(&public),
@@ -120,7 +121,8 @@ fn public_key(cert: &Certificate) -> Result<RsaPublicKey, String> {
         .subject_public_key_info
         .to_der()
         .map_err(|e| format!("a certificate's key: {e}"))?;
-    RsaPublicKey::from_public_key_der(&spki).map_err(|e| format!("a certificate's key is not RSA: {e}"))
+    RsaPublicKey::from_public_key_der(&spki)
+        .map_err(|e| format!("a certificate's key is not RSA: {e}"))
 }
 
 impl KeySet {
@@ -188,7 +190,9 @@ impl KeySet {
             .map_err(|e| bad(format!("the private key: {e}")))?;
         let current = Key::from_pem(&disk.current.certificate, None).map_err(&bad)?;
         if current.public != private.to_public_key() {
-            return Err(bad("the current certificate is not the private key's".into()));
+            return Err(bad(
+                "the current certificate is not the private key's".into()
+            ));
         }
         let mut previous = Vec::new();
         for p in disk.previous.iter().filter(|p| p.valid_until > now) {
@@ -248,8 +252,7 @@ impl KeySet {
             move |error| Error::Write { path, error }
         };
         std::fs::create_dir_all(dir).map_err(werr(dir))?;
-        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
-            .map_err(werr(dir))?;
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).map_err(werr(dir))?;
         let private_key = self
             .signing
             .as_ref()
@@ -347,7 +350,10 @@ mod tests {
         let d = dir.path().join("identity");
         let (set, new) = KeySet::load_or_create(&d, &params(), unix_now()).unwrap();
         assert!(new);
-        let mode = std::fs::metadata(d.join(FILE)).unwrap().permissions().mode();
+        let mode = std::fs::metadata(d.join(FILE))
+            .unwrap()
+            .permissions()
+            .mode();
         assert_eq!(mode & 0o777, 0o600);
         let dmode = std::fs::metadata(&d).unwrap().permissions().mode();
         assert_eq!(dmode & 0o777, 0o700);
@@ -366,13 +372,17 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let set = KeySet::generate(&params()).unwrap();
         let now = 1_000_000;
-        let next = set.rotate(&params(), Duration::from_secs(100), now).unwrap();
+        let next = set
+            .rotate(&params(), Duration::from_secs(100), now)
+            .unwrap();
         assert_ne!(next.kid(), set.kid());
         assert_eq!(next.kids(), vec![next.kid(), set.kid()]);
         next.save(dir.path()).unwrap();
         assert_eq!(KeySet::load(dir.path(), now + 99).unwrap().kids().len(), 2);
         assert_eq!(KeySet::load(dir.path(), now + 100).unwrap().kids().len(), 1);
-        let third = next.rotate(&params(), Duration::from_secs(100), now + 150).unwrap();
+        let third = next
+            .rotate(&params(), Duration::from_secs(100), now + 150)
+            .unwrap();
         assert_eq!(third.kids(), vec![third.kid(), next.kid()]);
     }
 }

@@ -3,8 +3,8 @@
 use cms::builder::{SignedDataBuilder, SignerInfoBuilder};
 use cms::cert::{CertificateChoices, IssuerAndSerialNumber};
 use cms::signed_data::{EncapsulatedContentInfo, SignerIdentifier};
-use der::asn1::{Any, OctetString};
 use der::Encode;
+use der::asn1::{Any, OctetString};
 use rsa::signature::{SignatureEncoding, Signer};
 use sha2::{Digest, Sha256};
 use spki::AlgorithmIdentifierOwned;
@@ -118,7 +118,15 @@ mod tests {
         for content in ["document", "other"] {
             let good = content == "document";
             let dgst = openssl(
-                &["dgst", "-sha256", "-verify", "pub.pem", "-signature", "sig.bin", content],
+                &[
+                    "dgst",
+                    "-sha256",
+                    "-verify",
+                    "pub.pem",
+                    "-signature",
+                    "sig.bin",
+                    content,
+                ],
                 d,
             );
             assert_eq!(dgst.status.success(), good, "{dgst:?}");
@@ -127,8 +135,16 @@ mod tests {
             for tool in [&["smime"][..], &["cms", "-binary"]] {
                 let mut args = tool.to_vec();
                 args.extend([
-                    "-verify", "-in", "pkcs7", "-inform", "PEM", "-content", content,
-                    "-certfile", "cert.pem", "-noverify",
+                    "-verify",
+                    "-in",
+                    "pkcs7",
+                    "-inform",
+                    "PEM",
+                    "-content",
+                    content,
+                    "-certfile",
+                    "cert.pem",
+                    "-noverify",
                 ]);
                 let p7 = openssl(&args, d);
                 assert_eq!(p7.status.success(), good, "{tool:?}: {p7:?}");
@@ -136,7 +152,17 @@ mod tests {
         }
         for tool in ["smime", "cms"] {
             let out = openssl(
-                &[tool, "-verify", "-in", "rsa2048", "-inform", "PEM", "-certfile", "cert.pem", "-noverify"],
+                &[
+                    tool,
+                    "-verify",
+                    "-in",
+                    "rsa2048",
+                    "-inform",
+                    "PEM",
+                    "-certfile",
+                    "cert.pem",
+                    "-noverify",
+                ],
                 d,
             );
             assert!(out.status.success(), "{tool}: {out:?}");

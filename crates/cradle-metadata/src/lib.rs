@@ -504,7 +504,13 @@ async fn route(svc: &MetadataService, guest: &Guest, path: &str, req: Request<In
 fn identity_token(svc: &MetadataService, guest: &Guest, query: Option<&str>) -> Reply {
     let params = match query_params(query.unwrap_or("")) {
         Ok(p) => p,
-        Err(why) => return reply(StatusCode::BAD_REQUEST, "text/plain; charset=utf-8", format!("400 Bad Request: {why}")),
+        Err(why) => {
+            return reply(
+                StatusCode::BAD_REQUEST,
+                "text/plain; charset=utf-8",
+                format!("400 Bad Request: {why}"),
+            );
+        }
     };
     let mut audience = None;
     let mut full = false;
@@ -803,7 +809,11 @@ mod tests {
                 ("format".into(), "full".into())
             ]
         );
-        assert!(query_params("audience=%zz").unwrap_err().contains("two hex digits"));
+        assert!(
+            query_params("audience=%zz")
+                .unwrap_err()
+                .contains("two hex digits")
+        );
         assert!(query_params("audience=%ff").unwrap_err().contains("UTF-8"));
         // The path still refuses what the query may hold.
         assert!(segments("/cradle/latest/identity%2F").is_none());

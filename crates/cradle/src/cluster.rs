@@ -156,13 +156,14 @@ fn join(a: &JoinArgs) -> Result<()> {
     let (ca_pem, ca_key) = (read("ca.pem")?, read("ca.key")?);
     let ca_key = KeyPair::from_pem(&ca_key).context("ca.key is not a private key")?;
     fresh_dir(&a.out, &["ca.pem", "host.pem", "host.key", "identity"])?;
-    let identity = cradle_identity::KeySet::load(&a.ca.join("identity"), cradle_identity::unix_now())
-        .with_context(|| {
-            format!(
-                "the cluster's identity key set in {} (made by `cradle cluster init`)",
-                a.ca.display()
-            )
-        })?;
+    let identity =
+        cradle_identity::KeySet::load(&a.ca.join("identity"), cradle_identity::unix_now())
+            .with_context(|| {
+                format!(
+                    "the cluster's identity key set in {} (made by `cradle cluster init`)",
+                    a.ca.display()
+                )
+            })?;
     let mut params = CertificateParams::new(vec![host.clone()])?;
     params.distinguished_name = {
         let mut dn = DistinguishedName::new();

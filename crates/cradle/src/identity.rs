@@ -70,7 +70,11 @@ pub fn run(args: IdentityArgs) -> Result<()> {
         IdentityCommand::Jwks(a) => {
             let api = crate::client::connect(&a.api)?;
             let jwks = api.send(route::identity_jwks())?;
-            writeln!(std::io::stdout().lock(), "{}", serde_json::to_string_pretty(&jwks)?)?;
+            writeln!(
+                std::io::stdout().lock(),
+                "{}",
+                serde_json::to_string_pretty(&jwks)?
+            )?;
             Ok(())
         }
         IdentityCommand::Rotate(a) => rotate(&a),

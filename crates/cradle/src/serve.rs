@@ -312,7 +312,9 @@ async fn serve(config: Config, demo: bool) -> Result<()> {
         while hangup.recv().await.is_some() {
             match reloading.reload_identity().await {
                 Ok(kids) => info!(keys = ?kids, "SIGHUP: identity key set reloaded"),
-                Err(e) => warn!(error = %e, "SIGHUP: identity key set not reloaded; the one in use stays"),
+                Err(e) => {
+                    warn!(error = %e, "SIGHUP: identity key set not reloaded; the one in use stays")
+                }
             }
         }
     });

@@ -47,7 +47,11 @@ fn venv() -> PathBuf {
     let partial = root.join(".partial-identity");
     let _ = std::fs::remove_dir_all(&partial);
     let run = |cmd: &mut Command, what: &str| {
-        let out = cmd.env_remove("PYTHONPATH").stdin(Stdio::null()).output().unwrap();
+        let out = cmd
+            .env_remove("PYTHONPATH")
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
         assert!(
             out.status.success(),
             "cannot {what} (cargo xtask ci installs python3-venv): {}",
@@ -55,7 +59,9 @@ fn venv() -> PathBuf {
         );
     };
     run(
-        Command::new(DEBIAN_PYTHON).args(["-m", "venv"]).arg(&partial),
+        Command::new(DEBIAN_PYTHON)
+            .args(["-m", "venv"])
+            .arg(&partial),
         "create the venv",
     );
     run(
@@ -81,7 +87,11 @@ fn py(venv: &Path, script: &str, args: &[&str]) -> String {
         .env_remove("PYTHONPATH")
         .output()
         .unwrap();
-    assert!(out.status.success(), "python: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "python: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     String::from_utf8(out.stdout).unwrap().trim().to_string()
 }
 
@@ -167,7 +177,10 @@ fn verify(venv: &Path, dir: &Path, cert: &str, f: &Forms) -> Vec<(String, bool)>
         .unwrap();
     w("pub.pem", &pubkey.stdout);
     w("signature", f.signature.as_bytes());
-    assert!(openssl_ok(dir, &["base64", "-d", "-in", "signature", "-out", "sig.bin"]));
+    assert!(openssl_ok(
+        dir,
+        &["base64", "-d", "-in", "signature", "-out", "sig.bin"]
+    ));
     w("pkcs7.b64", f.pkcs7.as_bytes());
     w("pkcs7", armour(&f.pkcs7).as_bytes());
     w("rsa2048", armour(&f.rsa2048).as_bytes());
@@ -179,14 +192,27 @@ fn verify(venv: &Path, dir: &Path, cert: &str, f: &Forms) -> Vec<(String, bool)>
         let tag = |t: &str| format!("{name}: {t}");
         out.push((
             tag("dgst"),
-            openssl_ok(dir, &["dgst", "-sha256", "-verify", "pub.pem", "-signature", "sig.bin", name]),
+            openssl_ok(
+                dir,
+                &[
+                    "dgst",
+                    "-sha256",
+                    "-verify",
+                    "pub.pem",
+                    "-signature",
+                    "sig.bin",
+                    name,
+                ],
+            ),
         ));
         // As AWS's documentation says, then pinned (-nointern: only the
         // given certificate, not the one the CMS carries, may have signed).
         for tool in [&["smime"][..], &["cms", "-binary"]] {
             for pin in [None, Some("-nointern")] {
                 let mut args = tool.to_vec();
-                args.extend(["-verify", "-in", "pkcs7", "-inform", "PEM", "-content", name]);
+                args.extend([
+                    "-verify", "-in", "pkcs7", "-inform", "PEM", "-content", name,
+                ]);
                 args.extend(["-certfile", "cert.pem", "-noverify", "-out", "/dev/null"]);
                 args.extend(pin);
                 let t = match pin {
@@ -233,7 +259,11 @@ fn all(results: &[(String, bool)], want_document: bool) {
         if !want_document && what.ends_with("as AWS") && !what.starts_with("altered") {
             continue;
         }
-        let want = if what.starts_with("altered") { false } else { want_document };
+        let want = if what.starts_with("altered") {
+            false
+        } else {
+            want_document
+        };
         assert_eq!(*ok, want, "{what}");
     }
 }
@@ -244,7 +274,9 @@ fn cli_out(s: &Server, args: &[&str]) -> String {
 }
 
 fn token(s: &Server, source: &str, query: &str) -> (u16, String) {
-    let a = s.guest(source).get(&format!("/cradle/latest/identity{query}"));
+    let a = s
+        .guest(source)
+        .get(&format!("/cradle/latest/identity{query}"));
     (a.status, a.text())
 }
 
@@ -262,13 +294,26 @@ fn documents_and_tokens_verify_and_survive_a_rotation() {
     });
     let keydir = s.data_dir.join("identity");
     let file = keydir.join("keyset.json");
-    assert_eq!(std::fs::metadata(&file).unwrap().permissions().mode() & 0o777, 0o600);
-    assert_eq!(std::fs::metadata(&keydir).unwrap().permissions().mode() & 0o777, 0o700);
-    let a = s.admin().create(&json!({"name": "id-a", "project_id": "pa", "metadata_address": "127.0.0.2"}));
-    let b = s.admin().create(&json!({"name": "id-b", "project_id": "pb", "metadata_address": "127.0.0.3"}));
+    assert_eq!(
+        std::fs::metadata(&file).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+    assert_eq!(
+        std::fs::metadata(&keydir).unwrap().permissions().mode() & 0o777,
+        0o700
+    );
+    let a = s
+        .admin()
+        .create(&json!({"name": "id-a", "project_id": "pa", "metadata_address": "127.0.0.2"}));
+    let b = s
+        .admin()
+        .create(&json!({"name": "id-b", "project_id": "pb", "metadata_address": "127.0.0.3"}));
     let mut seen = String::new();
 
-    let listing = s.guest("127.0.0.2").get("/latest/dynamic/instance-identity").text();
+    let listing = s
+        .guest("127.0.0.2")
+        .get("/latest/dynamic/instance-identity")
+        .text();
     assert_eq!(listing, "document\npkcs7\nrsa2048\nsignature");
     let cert1 = cli_out(&s, &["identity", "cert"]);
     assert_eq!(cert1.matches("BEGIN CERTIFICATE").count(), 1);
@@ -300,22 +345,34 @@ fn documents_and_tokens_verify_and_survive_a_rotation() {
         assert!(wrong.contains("InvalidAudienceError"), "{wrong}");
         seen.push_str(t);
     }
-    let v: Value = serde_json::from_str(&py(&venv, PY_JWT, &[&jwks1, &plain, "plain-aud", ISS])).unwrap();
-    assert!(v["claims"].get("cradle").is_none(), "standard format has no cradle object: {v}");
+    let v: Value =
+        serde_json::from_str(&py(&venv, PY_JWT, &[&jwks1, &plain, "plain-aud", ISS])).unwrap();
+    assert!(
+        v["claims"].get("cradle").is_none(),
+        "standard format has no cradle object: {v}"
+    );
 
     // Refusals name the problem.
     for (q, needle) in [
         ("", "audience is required"),
         ("?audience=", "audience is empty"),
-        (&format!("?audience={}", "a".repeat(257)) as &str, "257 bytes"),
+        (
+            &format!("?audience={}", "a".repeat(257)) as &str,
+            "257 bytes",
+        ),
         ("?audience=x&format=huge", "format is standard or full"),
     ] {
         let (st, body) = token(&s, "127.0.0.2", q);
         assert_eq!(st, 400, "{q}: {body}");
         assert!(body.contains(needle), "{q}: {body}");
     }
-    assert_eq!(token(&s, "127.0.0.2", &format!("?audience={}", "a".repeat(256))).0, 200);
-    let bare = s.bare_guest("127.0.0.2").get(&format!("/cradle/latest/identity?audience={AUD_Q}"));
+    assert_eq!(
+        token(&s, "127.0.0.2", &format!("?audience={}", "a".repeat(256))).0,
+        200
+    );
+    let bare = s
+        .bare_guest("127.0.0.2")
+        .get(&format!("/cradle/latest/identity?audience={AUD_Q}"));
     assert_eq!(bare.status, 403, "no Metadata-Flavor, no token");
 
     // Rotation: offline, then SIGHUP.
@@ -327,12 +384,22 @@ fn documents_and_tokens_verify_and_survive_a_rotation() {
     .success();
     assert!(rotated.stdout.contains("rotated"), "{}", rotated.stdout);
     assert!(send_hangup(s.pid()));
-    within(Duration::from_secs(10), "the server takes the new key set", || {
-        cli_out(&s, &["identity", "cert"]).matches("BEGIN CERTIFICATE").count() == 2
-    });
+    within(
+        Duration::from_secs(10),
+        "the server takes the new key set",
+        || {
+            cli_out(&s, &["identity", "cert"])
+                .matches("BEGIN CERTIFICATE")
+                .count()
+                == 2
+        },
+    );
     let certs = cli_out(&s, &["identity", "cert"]);
     let new_cert = certs[..certs.find("-----END CERTIFICATE-----").unwrap() + 26].to_string();
-    assert!(certs.ends_with(&cert1), "the previous certificate follows the current one");
+    assert!(
+        certs.ends_with(&cert1),
+        "the previous certificate follows the current one"
+    );
     let fa2 = forms(&s, "127.0.0.2");
     all(&verify(&venv, tmp.path(), &new_cert, &fa2), true);
     all(&verify(&venv, tmp.path(), &cert1, &fa2), false);
@@ -342,17 +409,26 @@ fn documents_and_tokens_verify_and_survive_a_rotation() {
         .unwrap()
         .iter()
         .map(|k| {
-            assert_eq!((k["kty"].as_str(), k["alg"].as_str(), k["use"].as_str()), (Some("RSA"), Some("RS256"), Some("sig")));
+            assert_eq!(
+                (k["kty"].as_str(), k["alg"].as_str(), k["use"].as_str()),
+                (Some("RSA"), Some("RS256"), Some("sig"))
+            );
             k["kid"].as_str().unwrap().to_string()
         })
         .collect();
     assert_eq!(kids.len(), 2);
     let old = py(&venv, PY_JWT, &[&jwks2, &ta, AUD, ISS]);
-    assert!(old.contains("\"claims\""), "a token from before the rotation still verifies: {old}");
+    assert!(
+        old.contains("\"claims\""),
+        "a token from before the rotation still verifies: {old}"
+    );
     let (_, t2) = token(&s, "127.0.0.2", &format!("?audience={AUD_Q}"));
     let new: Value = serde_json::from_str(&py(&venv, PY_JWT, &[&jwks2, &t2, AUD, ISS])).unwrap();
     assert_eq!(new["kid"], kids[0], "new tokens are signed by the new key");
-    assert_eq!(std::fs::metadata(&file).unwrap().permissions().mode() & 0o777, 0o600);
+    assert_eq!(
+        std::fs::metadata(&file).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
 
     // The private key reaches no log line and no answer.
     let set: Value = serde_json::from_slice(&std::fs::read(&file).unwrap()).unwrap();
@@ -363,7 +439,10 @@ fn documents_and_tokens_verify_and_survive_a_rotation() {
     seen.push_str(&fa2.pkcs7);
     seen.push_str(&fa2.rsa2048);
     s.stop();
-    assert!(!s.log().contains(body_line), "the private key is in the log");
+    assert!(
+        !s.log().contains(body_line),
+        "the private key is in the log"
+    );
     assert!(!seen.contains(body_line), "the private key is in an answer");
     assert!(!s.log().contains("PRIVATE KEY"));
 }
@@ -389,7 +468,10 @@ fn every_host_of_a_cluster_signs_with_the_clusters_key() {
     let read = |d: &Path| std::fs::read(d.join("identity/keyset.json")).unwrap();
     assert_eq!(read(&ca), read(&tls[0]));
     assert_eq!(read(&ca), read(&tls[1]));
-    let mode = std::fs::metadata(tls[0].join("identity/keyset.json")).unwrap().permissions().mode();
+    let mode = std::fs::metadata(tls[0].join("identity/keyset.json"))
+        .unwrap()
+        .permissions()
+        .mode();
     assert_eq!(mode & 0o777, 0o600);
 
     // A host whose tls_dir lacks the key set refuses to start, saying how to fix it.
@@ -400,7 +482,13 @@ fn every_host_of_a_cluster_signs_with_the_clusters_key() {
     }
     let refused = Run::of(
         crate::harness::cradle_command()
-            .args(["serve", "--admin-listen", "127.0.0.1:0", "--metadata-listen", "127.0.0.1:0"])
+            .args([
+                "serve",
+                "--admin-listen",
+                "127.0.0.1:0",
+                "--metadata-listen",
+                "127.0.0.1:0",
+            ])
             .arg("--data-dir")
             .arg(tmp.path().join("bare-data"))
             .env("CRADLE_CLUSTER_TLS_DIR", &bare)
@@ -416,14 +504,29 @@ fn every_host_of_a_cluster_signs_with_the_clusters_key() {
         })
         .collect();
     let (g1, g2) = (lan.guest(41), lan.guest(42));
-    hosts[0].admin().create(&json!({"name": "c-a", "host": "node-a", "metadata_address": g1}));
-    hosts[0].admin().create(&json!({"name": "c-b", "host": "node-b", "metadata_address": g2}));
+    hosts[0]
+        .admin()
+        .create(&json!({"name": "c-a", "host": "node-a", "metadata_address": g1}));
+    hosts[0]
+        .admin()
+        .create(&json!({"name": "c-b", "host": "node-b", "metadata_address": g2}));
     within(Duration::from_secs(5), "B serves c-b", || {
-        hosts[1].guest(&g2).get("/latest/dynamic/instance-identity/document").status == 200
+        hosts[1]
+            .guest(&g2)
+            .get("/latest/dynamic/instance-identity/document")
+            .status
+            == 200
     });
     // Their token is in the environment, not a file: the typed client.
-    let cert = hosts[0].admin().send(cradle_client::route::identity_certificate());
-    assert_eq!(cert, hosts[1].admin().send(cradle_client::route::identity_certificate()));
+    let cert = hosts[0]
+        .admin()
+        .send(cradle_client::route::identity_certificate());
+    assert_eq!(
+        cert,
+        hosts[1]
+            .admin()
+            .send(cradle_client::route::identity_certificate())
+    );
     assert_eq!(cert.matches("BEGIN CERTIFICATE").count(), 1);
     let venv = venv();
     for (h, g) in [(&hosts[0], &g1), (&hosts[1], &g2)] {
