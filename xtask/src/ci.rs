@@ -30,7 +30,8 @@ const TEST_PACKAGES: &[&str] = &[
     "nftables",
     "iputils-ping",
     // `python3 -m venv` for the troveclient test, which pip-installs
-    // python-troveclient from PyPI into a venv under the target dir.
+    // python-troveclient from PyPI into a venv under the target dir, and
+    // the identity tests (PyJWT and cryptography, the same way).
     "python3-venv",
     // The remote-filesystem tests start their own sshd on 127.0.0.1 and
     // drive ssh, scp, rsync and rrsync (shipped in Debian's rsync package).
@@ -44,7 +45,9 @@ const TEST_PACKAGES: &[&str] = &[
     // The store tests, the cluster tests and `bench cluster` start their own
     // PostgreSQL server (initdb, pg_ctl, createdb, pg_dump).
     "postgresql",
-    // The certificate for the HTTPS server that fetch must refuse.
+    // The certificate for the HTTPS server that fetch must refuse; the
+    // identity tests verify signed identity documents with openssl dgst,
+    // smime and cms, as AWS's documentation does.
     "openssl",
     // DHCP for self-installing guests, one dnsmasq per job.
     "dnsmasq-base",

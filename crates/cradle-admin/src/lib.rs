@@ -13,6 +13,7 @@
 //! - `install.rs`: install jobs and run mode.
 //! - `secgroups.rs`: security groups (native and Trove-compatible) and the
 //!   firewall.
+//! - `identity.rs`: the certificates and JWKS that verify guests' identity.
 //! - `extract.rs`: the extractors whose every failure is one of ours.
 //! - `tokens.rs`: who a bearer token belongs to.
 //! - `openapi.rs`: the OpenAPI document, from the handlers' declarations.
@@ -22,6 +23,7 @@
 mod agent;
 mod error;
 mod extract;
+mod identity;
 mod install;
 mod instances;
 mod listen;
@@ -71,6 +73,7 @@ fn api() -> (Router<Arc<AdminState>>, utoipa::openapi::OpenApi) {
         .merge(agent::routes())
         .merge(maintenance::routes())
         .merge(migrate::routes())
+        .merge(identity::routes())
         .merge(secgroups::routes())
         .split_for_parts()
 }

@@ -98,6 +98,7 @@ impl Modify for Auth {
         (name = "security-groups", description = "Security groups, rules and default rules"),
         (name = "trove", description = "The Trove-compatible security-group extension"),
         (name = "firewall", description = "The nftables ruleset that enforces them"),
+        (name = "identity", description = "The public keys that verify guests' signed identity documents and tokens"),
     )
 )]
 pub struct Base;

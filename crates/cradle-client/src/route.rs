@@ -267,6 +267,19 @@ pub fn metrics() -> Request<String> {
     Request::new(Method::GET, "/metrics".into(), text)
 }
 
+// ---- identity -----------------------------------------------------------
+
+/// `GET /v1/identity/certificate`: the PEM certificates that verify
+/// identity documents, the current key's first.
+pub fn identity_certificate() -> Request<String> {
+    Request::new(Method::GET, "/v1/identity/certificate".into(), text)
+}
+
+/// `GET /v1/identity/jwks.json`: the JWKS that verifies identity tokens.
+pub fn identity_jwks() -> Request<serde_json::Value> {
+    Request::new(Method::GET, "/v1/identity/jwks.json".into(), json)
+}
+
 // ---- security groups (native) -------------------------------------------
 
 /// `GET /v1/tenants/{tenant}/security-groups`.

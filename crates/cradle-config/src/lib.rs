@@ -49,6 +49,7 @@ pub struct Config {
     pub maintenance: Maintenance,
     pub store: Store,
     pub cluster: Cluster,
+    pub identity: Identity,
 }
 
 /// Where the registry persists.
@@ -100,6 +101,49 @@ impl Default for Cluster {
             tls_dir: None,
             disk_dir: String::new(),
             ssh_address: String::new(),
+        }
+    }
+}
+
+/// The key set guests' identity documents and tokens are signed with.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Identity {
+    /// The key-set directory (`keyset.json`). Unset: `<tls_dir>/identity`
+    /// on a cluster host (`[cluster] tls_dir` set; `cradle cluster join`
+    /// writes it), else `<data_dir>/identity`, made at first start.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub dir: Option<PathBuf>,
+    /// The tokens' `iss`, and the common name of new certificates. The
+    /// same on every host of a cluster.
+    pub issuer: String,
+    /// Seconds a previous key still verifies after `cradle identity rotate`.
+    pub rotation_overlap: u64,
+    /// Seconds an identity token is valid (at most 3600).
+    pub token_lifetime: u64,
+    /// Days a new key's certificate is valid.
+    pub cert_validity_days: u32,
+}
+
+impl Default for Identity {
+    fn default() -> Self {
+        Identity {
+            dir: None,
+            issuer: "https://cradle.invalid".into(),
+            rotation_overlap: 7 * 86_400,
+            token_lifetime: 3600,
+            cert_validity_days: 3650,
+        }
+    }
+}
+
+impl Identity {
+    /// The key-set directory this configuration means (see [`Identity::dir`]).
+    pub fn dir(&self, cluster: &Cluster, server: &Server) -> PathBuf {
+        match (&self.dir, &cluster.tls_dir) {
+            (Some(d), _) => d.clone(),
+            (None, Some(tls)) => tls.join("identity"),
+            (None, None) => server.data_dir.join("identity"),
         }
     }
 }
@@ -643,6 +687,11 @@ pub const KEYS: &[(&str, &str)] = &[
     ("install", "dnsmasq"),
     ("maintenance", "stop_grace"),
     ("maintenance", "history"),
+    ("identity", "dir"),
+    ("identity", "issuer"),
+    ("identity", "rotation_overlap"),
+    ("identity", "token_lifetime"),
+    ("identity", "cert_validity_days"),
 ];
 
 #[cfg(test)]

@@ -122,6 +122,9 @@ pub(crate) enum Action<'a> {
     ApplyFirewall,
     /// Move an instance to another host, or take one in.
     Migrate,
+    /// Read the public keys that verify guests' identity documents and
+    /// tokens: public by nature, so any authenticated caller may.
+    ReadPublicKeys,
 }
 
 /// Whether `caller` may do `action`. Operator-only actions need the admin
@@ -167,6 +170,7 @@ pub(crate) fn authorize(caller: &Caller, action: Action<'_>) -> Result<(), Error
         ),
         Action::ApplyFirewall => admin_only("applying the firewall"),
         Action::Migrate => admin_only("migrating an instance to another host"),
+        Action::ReadPublicKeys => Ok(()),
     }
 }
 

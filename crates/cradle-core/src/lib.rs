@@ -32,6 +32,7 @@ mod artifacts;
 mod caller;
 mod error;
 mod guest;
+pub mod identity;
 mod install;
 mod instances;
 mod maintenance;
@@ -83,6 +84,7 @@ pub struct Parts {
     pub migration: migrate::MigrationSettings,
     /// How maintenance events run.
     pub maintenance: MaintenanceSettings,
+    pub identity: identity::Identity,
 }
 
 /// How many config drives are built at once: each may hold a whole image
@@ -110,6 +112,7 @@ pub struct Core {
     migration: migrate::MigrationSettings,
     agents: agent::Agents,
     scheduler: maintenance::Scheduler,
+    identity: identity::Identity,
 }
 
 impl Core {
@@ -155,6 +158,7 @@ impl Core {
             peers: parts.peers,
             migration: parts.migration,
             agents: agent::Agents::new(),
+            identity: parts.identity,
         })
     }
 

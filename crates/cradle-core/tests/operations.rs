@@ -68,6 +68,7 @@ fn setup() -> Setup {
         peers: Default::default(),
         migration: Default::default(),
         maintenance: Default::default(),
+        identity: cradle_core::identity::Identity::generated("https://cradle.test"),
     });
     Setup {
         core,

@@ -552,6 +552,12 @@ async fn route(
             }
             return install_file(svc, guest, &segs[2..]);
         }
+        [_, "latest", "identity"] if native => {
+            if req.method() != Method::GET && req.method() != Method::HEAD {
+                return not_allowed("GET, HEAD");
+            }
+            return identity_token(svc, guest, req.uri().query());
+        }
         [_, "latest", "write"] if native => {
             return if req.method() == Method::POST {
                 channel_write(svc, guest, req).await
@@ -596,6 +602,83 @@ async fn route(
         Ok(doc) => conditional(&req, doc),
         Err(e) => failure(&e),
     }
+}
+
+/// `GET /cradle/latest/identity?audience=AUD[&format=full]`: a signed
+/// identity token, as plain text, never cached.
+fn identity_token(svc: &MetadataService, guest: &Guest, query: Option<&str>) -> Reply {
+    let params = match query_params(query.unwrap_or("")) {
+        Ok(p) => p,
+        Err(why) => {
+            return reply(
+                StatusCode::BAD_REQUEST,
+                "text/plain; charset=utf-8",
+                format!("400 Bad Request: {why}"),
+            );
+        }
+    };
+    let mut audience = None;
+    let mut full = false;
+    for (k, v) in &params {
+        match (k.as_str(), v.as_str()) {
+            ("audience", a) => audience = Some(a),
+            ("format", "full") => full = true,
+            ("format", "standard") => full = false,
+            ("format", other) => {
+                return reply(
+                    StatusCode::BAD_REQUEST,
+                    "text/plain; charset=utf-8",
+                    format!("400 Bad Request: format is standard or full, not {other:?}"),
+                );
+            }
+            // GCE's `licenses` and anything else change nothing here.
+            _ => {}
+        }
+    }
+    match svc.core.identity_token(guest, audience, full) {
+        Ok(token) => {
+            let mut r = reply(StatusCode::OK, "text/plain; charset=utf-8", token);
+            r.headers_mut().insert(
+                hyper::header::CACHE_CONTROL,
+                HeaderValue::from_static("no-store"),
+            );
+            r
+        }
+        Err(e) => failure(&e),
+    }
+}
+
+/// A query string's `name=value` pairs, percent-decoded (and `+` as a
+/// space, as forms send it). The path refuses `%` (see [`segments`]); a
+/// query value may need it (an audience is often a URL).
+fn query_params(query: &str) -> Result<Vec<(String, String)>, String> {
+    fn decode(s: &str) -> Result<String, String> {
+        let mut out = Vec::with_capacity(s.len());
+        let mut bytes = s.bytes();
+        while let Some(b) = bytes.next() {
+            match b {
+                b'%' => {
+                    let hex = [bytes.next(), bytes.next()];
+                    let digit = |c: Option<u8>| (c? as char).to_digit(16);
+                    match (digit(hex[0]), digit(hex[1])) {
+                        (Some(h), Some(l)) => out.push((h * 16 + l) as u8),
+                        _ => return Err(format!("{s:?} has a % not followed by two hex digits")),
+                    }
+                }
+                b'+' => out.push(b' '),
+                b => out.push(b),
+            }
+        }
+        String::from_utf8(out).map_err(|_| format!("{s:?} is not UTF-8 once decoded"))
+    }
+    query
+        .split('&')
+        .filter(|p| !p.is_empty())
+        .map(|p| {
+            let (k, v) = p.split_once('=').unwrap_or((p, ""));
+            Ok((decode(k)?, decode(v)?))
+        })
+        .collect()
 }
 
 /// A document with its `ETag` (the hash of its bytes the document
@@ -831,6 +914,26 @@ async fn set_password(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn query_values_are_percent_decoded_and_bad_escapes_refused() {
+        let p = query_params("audience=https%3A%2F%2Fa.example%2Fx+y&format=full&").unwrap();
+        assert_eq!(
+            p,
+            vec![
+                ("audience".into(), "https://a.example/x y".into()),
+                ("format".into(), "full".into())
+            ]
+        );
+        assert!(
+            query_params("audience=%zz")
+                .unwrap_err()
+                .contains("two hex digits")
+        );
+        assert!(query_params("audience=%ff").unwrap_err().contains("UTF-8"));
+        // The path still refuses what the query may hold.
+        assert!(segments("/cradle/latest/identity%2F").is_none());
+    }
 
     #[test]
     fn an_internal_failure_is_a_500_never_a_404() {

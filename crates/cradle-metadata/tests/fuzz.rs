@@ -118,6 +118,7 @@ fn core(tmp: &std::path::Path) -> Arc<Core> {
         peers: Default::default(),
         migration: Default::default(),
         maintenance: Default::default(),
+        identity: cradle_core::identity::Identity::generated("https://cradle.test"),
     })
 }
 

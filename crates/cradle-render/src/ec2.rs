@@ -87,7 +87,20 @@ pub fn ec2_version<'a>(
         if v.has("2009-04-04") {
             entries.push(Entry::dir("dynamic", move || {
                 vec![Entry::dir("instance-identity", move || {
-                    vec![Entry::file("document", move || identity_document(inst))]
+                    let mut e = vec![Entry::file("document", move || identity_document(inst))];
+                    // The signed bytes are the served `document`'s, exactly.
+                    if let Some(signer) = ctx.identity {
+                        e.push(Entry::file("pkcs7", move || {
+                            signer.pkcs7(&identity_document(inst))
+                        }));
+                        e.push(Entry::file("rsa2048", move || {
+                            signer.rsa2048(&identity_document(inst))
+                        }));
+                        e.push(Entry::file("signature", move || {
+                            signer.signature(&identity_document(inst))
+                        }));
+                    }
+                    e
                 })]
             }));
         }
@@ -607,6 +620,40 @@ mod tests {
                 text(n, &format!("{dir}/public-ipv4s")).unwrap(),
                 "203.0.113.7"
             );
+        });
+    }
+
+    /// A signer that answers what it was given, tagged: enough to show the
+    /// signed bytes are the served document's.
+    #[derive(Debug)]
+    struct Echo;
+    impl crate::IdentitySigner for Echo {
+        fn signature(&self, d: &[u8]) -> Vec<u8> {
+            [b"sig:".as_slice(), d].concat()
+        }
+        fn pkcs7(&self, d: &[u8]) -> Vec<u8> {
+            [b"p7:".as_slice(), d].concat()
+        }
+        fn rsa2048(&self, d: &[u8]) -> Vec<u8> {
+            [b"rsa:".as_slice(), d].concat()
+        }
+    }
+
+    #[test]
+    fn a_signer_adds_the_signed_forms_of_the_served_document() {
+        let inst = instance();
+        with_ctx("2025-06-01", |ctx| {
+            let ctx = ctx.clone().with_identity(&Echo);
+            let n = ec2_version(&inst, &ctx, "latest").unwrap();
+            assert_eq!(
+                listing(&n, "dynamic/instance-identity").unwrap(),
+                "document\npkcs7\nrsa2048\nsignature"
+            );
+            let doc = text(&n, "dynamic/instance-identity/document").unwrap();
+            for (file, tag) in [("signature", "sig:"), ("pkcs7", "p7:"), ("rsa2048", "rsa:")] {
+                let got = text(&n, &format!("dynamic/instance-identity/{file}")).unwrap();
+                assert_eq!(got, format!("{tag}{doc}"), "{file}");
+            }
         });
     }
 

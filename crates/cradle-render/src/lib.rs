@@ -44,7 +44,27 @@ pub struct Context<'a> {
     pub dynamic_vendor_data: &'a std::collections::BTreeMap<String, serde_json::Value>,
     /// Names of the instance's security groups, for EC2 `security-groups`.
     pub security_groups: &'a [&'a str],
+    /// What signs the EC2 identity document (`signature`, `pkcs7`,
+    /// `rsa2048` beside `document`); without one only `document` is there.
+    pub identity: Option<&'a dyn IdentitySigner>,
 }
+
+/// What signs an instance's identity document: the key is the caller's,
+/// the renderer only hands it the document's exact bytes. Each answers the
+/// file's body as EC2 serves it (base64 in 64-column lines, no armour).
+/// Signing is a pure function of the key and the bytes.
+pub trait IdentitySigner: std::fmt::Debug {
+    /// `signature`: RSA PKCS#1 v1.5, SHA-256.
+    fn signature(&self, document: &[u8]) -> Vec<u8>;
+    /// `pkcs7`: CMS SignedData, detached, with the signer's certificate.
+    fn pkcs7(&self, document: &[u8]) -> Vec<u8>;
+    /// `rsa2048`: the same SignedData with the document inside.
+    fn rsa2048(&self, document: &[u8]) -> Vec<u8>;
+}
+
+/// The signed forms of the identity document, by file name: answers under
+/// them depend on the signer's key, so they are never cached.
+pub const SIGNED_IDENTITY_FILES: &[&str] = &["signature", "pkcs7", "rsa2048"];
 
 /// What EC2 `security-groups` shows until instances have groups of their own.
 pub const DEFAULT_SECURITY_GROUPS: &[&str] = &["default"];
@@ -62,7 +82,14 @@ impl<'a> Context<'a> {
             vendor_data,
             dynamic_vendor_data: &NO_DYNAMIC_VENDOR_DATA,
             security_groups: DEFAULT_SECURITY_GROUPS,
+            identity: None,
         }
+    }
+
+    /// The same, with a signer for the identity document.
+    pub fn with_identity(mut self, signer: &'a dyn IdentitySigner) -> Self {
+        self.identity = Some(signer);
+        self
     }
 
     /// The same, with the dynamic vendordata fetched for this instance.

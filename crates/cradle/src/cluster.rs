@@ -47,9 +47,12 @@ enum ClusterCommand {
 
 #[derive(Args, Debug)]
 struct InitArgs {
-    /// Where to write ca.pem and ca.key (mode 0600); must not hold them yet.
+    /// Where to write ca.pem, ca.key (mode 0600) and the identity key set (identity/); must not hold them yet.
     #[arg(long, value_name = "DIR")]
     dir: PathBuf,
+    /// The configuration whose [identity] issuer and cert_validity_days the identity key takes.
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
 }
 
 #[derive(Args, Debug)]
@@ -59,7 +62,7 @@ struct JoinArgs {
     /// The directory `cluster init` wrote.
     #[arg(long, value_name = "DIR")]
     ca: PathBuf,
-    /// Where to write the host's tls_dir (ca.pem, host.pem, host.key); must not hold them yet.
+    /// Where to write the host's tls_dir (ca.pem, host.pem, host.key, identity/); must not hold them yet.
     #[arg(long, value_name = "DIR")]
     out: PathBuf,
     /// An address other hosts reach its peer listener at (repeatable); the
@@ -119,16 +122,22 @@ fn fresh_dir(dir: &Path, names: &[&str]) -> Result<()> {
 }
 
 fn init(a: &InitArgs) -> Result<()> {
-    fresh_dir(&a.dir, &["ca.pem", "ca.key"])?;
+    fresh_dir(&a.dir, &["ca.pem", "ca.key", "identity"])?;
     let key = KeyPair::generate()?;
     let mut params = ca_params();
     validity(&mut params, 3650);
     let cert = params.self_signed(&key)?;
     write_whole(&a.dir.join("ca.key"), key.serialize_pem().as_bytes(), 0o600)?;
     write_whole(&a.dir.join("ca.pem"), cert.pem().as_bytes(), 0o644)?;
+    // The cluster's identity key: every host signs guests' identity with
+    // it (`join` copies it), never the store, which is no place for a
+    // secret.
+    let config = cradle_config::Config::load(a.config.as_deref(), std::env::vars())?;
+    let identity = crate::identity::create(&a.dir.join("identity"), &config.identity)?;
     println!(
-        "made the cluster CA in {} (ca.pem, ca.key); keep ca.key off the hosts",
-        a.dir.display()
+        "made the cluster CA in {} (ca.pem, ca.key) and its identity key set (identity/,          key {}); keep ca.key off the hosts",
+        a.dir.display(),
+        identity.kid()
     );
     Ok(())
 }
@@ -146,7 +155,15 @@ fn join(a: &JoinArgs) -> Result<()> {
     };
     let (ca_pem, ca_key) = (read("ca.pem")?, read("ca.key")?);
     let ca_key = KeyPair::from_pem(&ca_key).context("ca.key is not a private key")?;
-    fresh_dir(&a.out, &["ca.pem", "host.pem", "host.key"])?;
+    fresh_dir(&a.out, &["ca.pem", "host.pem", "host.key", "identity"])?;
+    let identity =
+        cradle_identity::KeySet::load(&a.ca.join("identity"), cradle_identity::unix_now())
+            .with_context(|| {
+                format!(
+                    "the cluster's identity key set in {} (made by `cradle cluster init`)",
+                    a.ca.display()
+                )
+            })?;
     let mut params = CertificateParams::new(vec![host.clone()])?;
     params.distinguished_name = {
         let mut dn = DistinguishedName::new();
@@ -173,9 +190,10 @@ fn join(a: &JoinArgs) -> Result<()> {
     )?;
     write_whole(&a.out.join("host.pem"), cert.pem().as_bytes(), 0o644)?;
     write_whole(&a.out.join("ca.pem"), ca_pem.as_bytes(), 0o644)?;
+    identity.save(&a.out.join("identity"))?;
     println!(
-        "issued {host}'s certificate into {} (ca.pem, host.pem, host.key): copy it to {host} \
-         and set [cluster] tls_dir to it",
+        "issued {host}'s certificate into {} (ca.pem, host.pem, host.key) with the cluster's \
+         identity key set (identity/): copy it to {host} and set [cluster] tls_dir to it",
         a.out.display()
     );
     Ok(())

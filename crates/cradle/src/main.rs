@@ -12,6 +12,7 @@ mod cluster;
 mod drive;
 mod files;
 mod firewall;
+mod identity;
 mod install;
 mod instance;
 mod maintenance;
@@ -89,6 +90,9 @@ enum Command {
     /// Make the cluster's CA, issue hosts their certificates, list the hosts.
     #[command(subcommand_required = true)]
     Cluster(cluster::ClusterArgs),
+    /// Print the certificates and JWKS that verify guests' identity; rotate its key.
+    #[command(subcommand_required = true)]
+    Identity(identity::IdentityArgs),
 }
 
 /// How results are printed.
@@ -146,6 +150,7 @@ fn main() -> ExitCode {
         Command::Bake(args) => bake::run(args),
         Command::Whoami(args) => whoami::run(args),
         Command::Cluster(args) => cluster::run(args),
+        Command::Identity(args) => identity::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -201,6 +201,7 @@ async fn serve(config: Config, demo: bool) -> Result<()> {
     let tokens = cradle_admin::Tokens::new(token, config.admin.tokens_file.clone())
         .map_err(anyhow::Error::msg)
         .context("admin.tokens_file")?;
+    let identity = load_identity(&config)?;
     let host = host_name(&config)?;
     let started = std::time::Instant::now();
     // The PostgreSQL client blocks, and may not run on the runtime's workers.
@@ -309,6 +310,22 @@ async fn serve(config: Config, demo: bool) -> Result<()> {
             history: config.maintenance.history,
             stop_grace: std::time::Duration::from_secs(config.maintenance.stop_grace.min(3600)),
         },
+        identity,
+    });
+    // Installed before the "listening" lines, so that a SIGHUP sent once
+    // they are out reloads rather than ends the process.
+    let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+        .context("cannot install a SIGHUP handler")?;
+    let reloading = core.clone();
+    tokio::spawn(async move {
+        while hangup.recv().await.is_some() {
+            match reloading.reload_identity().await {
+                Ok(kids) => info!(keys = ?kids, "SIGHUP: identity key set reloaded"),
+                Err(e) => {
+                    warn!(error = %e, "SIGHUP: identity key set not reloaded; the one in use stays")
+                }
+            }
+        }
     });
     core.spawn_maintenance();
     let admin_state = Arc::new(cradle_admin::AdminState {
@@ -393,6 +410,47 @@ async fn serve(config: Config, demo: bool) -> Result<()> {
             .context("metadata service")?;
     }
     Ok(())
+}
+
+/// The identity key set: a cluster host's is the cluster's (from `cradle
+/// cluster join`) and must be there; a standalone server makes its own at
+/// first start.
+fn load_identity(config: &Config) -> Result<cradle_core::identity::Identity> {
+    let dir = config.identity.dir(&config.cluster, &config.server);
+    let now = cradle_identity::unix_now();
+    let keys = match (&config.identity.dir, &config.cluster.tls_dir) {
+        (None, Some(tls)) => match cradle_identity::KeySet::load(&dir, now) {
+            Ok(keys) => keys,
+            Err(cradle_identity::Error::Missing { .. }) => bail!(
+                "{} has no identity key set: every host of a cluster signs guests' identity with \
+                 the cluster's key, which `cradle cluster join` copies into <out>/identity. Rerun \
+                 `cradle cluster join` for this host into {} or copy the CA directory's \
+                 identity/ to {} (or set [identity] dir)",
+                dir.display(),
+                tls.display(),
+                dir.display()
+            ),
+            Err(e) => return Err(e).context("[identity]"),
+        },
+        _ => {
+            let params = crate::identity::params(&config.identity);
+            let (keys, new) = cradle_identity::KeySet::load_or_create(&dir, &params, now)
+                .context("[identity] dir")?;
+            if new {
+                info!(dir = %dir.display(), key = keys.kid(), "generated the identity key set");
+            }
+            keys
+        }
+    };
+    info!(dir = %dir.display(), key = keys.kid(), keys = keys.kids().len(), "identity key set loaded");
+    cradle_core::identity::Identity::new(
+        Some(dir),
+        keys,
+        config.identity.issuer.clone(),
+        config.identity.token_lifetime,
+    )
+    .map_err(anyhow::Error::msg)
+    .context("[identity]")
 }
 
 /// This host's name: `[cluster] host`, else the machine's hostname.

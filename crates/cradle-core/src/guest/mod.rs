@@ -283,16 +283,21 @@ impl Core {
             }
             _ => None,
         };
-        // The native namespace carries OS parameters: never cached.
-        let cacheable = Namespace::of(segs) != Namespace::Native && dynamic.is_none();
+        // The native namespace carries OS parameters: never cached. Nor
+        // are signed identity documents: a rotated key must not sign on.
+        let signed = matches!(segs, [.., "instance-identity", f]
+            if cradle_render::SIGNED_IDENTITY_FILES.contains(f));
+        let cacheable = Namespace::of(segs) != Namespace::Native && dynamic.is_none() && !signed;
         let day = unix_day();
         if cacheable && let Some(doc) = self.guests.cache.get(inst, day, path) {
             return Ok(doc);
         }
         let today = today();
+        let signer = crate::identity::Signer(self.identity.keys());
+        let ctx = Context::new(&today, &self.vendor_data).with_identity(&signer);
         let ctx = match &dynamic {
-            Some(d) => Context::new(&today, &self.vendor_data).with_dynamic(d),
-            None => Context::new(&today, &self.vendor_data),
+            Some(d) => ctx.with_dynamic(d),
+            None => ctx,
         };
         let doc = match cradle_render::root(inst, &ctx).resolve(segs) {
             Some(Resolved::File(bytes)) => {

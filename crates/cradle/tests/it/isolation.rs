@@ -96,6 +96,17 @@ fn rows() -> BTreeMap<(&'static str, &'static str), Row> {
     };
     add("GET", "/v1/whoami".into(), row(Whoami, 200, 200));
     add("GET", "/v1/openapi.json".into(), row(Whoami, 200, 200));
+    // Public keys: any token reads them.
+    add(
+        "GET",
+        "/v1/identity/certificate".into(),
+        row(Whoami, 200, 200),
+    );
+    add(
+        "GET",
+        "/v1/identity/jwks.json".into(),
+        row(Whoami, 200, 200),
+    );
     add("GET", "/metrics".into(), row(Server, 200, 200));
     add("GET", "/v1/cluster".into(), row(Server, 200, 200));
     add("GET", "/v1/firewall".into(), row(Server, 200, 200));

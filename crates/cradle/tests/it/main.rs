@@ -17,6 +17,7 @@ mod drive;
 mod firewall;
 mod full_disk;
 mod hop_limit;
+mod identity;
 mod install;
 mod isolation;
 mod limits;
