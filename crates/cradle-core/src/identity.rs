@@ -5,8 +5,9 @@
 //! The key set is read at start and again on [`Core::reload_identity`]
 //! (`cradle serve` calls it on SIGHUP, after `cradle identity rotate`):
 //! readers take the set behind an `Arc`, so a reload never changes a key
-//! under a signature being made. Signed answers are never cached, so none
-//! outlives the key it was made with.
+//! under a signature being made. Signed documents are deterministic (no
+//! signing time): the render cache keeps them under their key's id, so a
+//! rotated key's are never served again. Tokens are signed anew each time.
 
 use std::path::PathBuf;
 use std::sync::{Arc, RwLock};
@@ -144,8 +145,10 @@ impl Core {
     /// An identity token for the guest (RS256, the current key's `kid`):
     /// `iss`, `aud` (required, 1 to 256 bytes), `sub` (the instance's id),
     /// `iat`, `exp`; with `full`, a `cradle` object naming the instance,
-    /// its project and its host. Never cached: each is signed now.
-    pub fn identity_token(
+    /// its project and its host. Never cached: each is signed now, on the
+    /// blocking pool (an RSA signature is a millisecond of CPU, which the
+    /// metadata service's workers do not spend).
+    pub async fn identity_token(
         &self,
         guest: &Guest,
         audience: Option<&str>,
@@ -184,6 +187,7 @@ impl Core {
                 "availability_zone": inst.availability_zone,
             });
         }
-        Ok(self.identity.keys().jwt(&claims))
+        let keys = self.identity.keys();
+        blocking(move || Ok(keys.jwt(&claims))).await
     }
 }

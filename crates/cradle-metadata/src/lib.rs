@@ -392,12 +392,18 @@ fn segments(path: &str) -> Option<Vec<&str>> {
     Some(segs)
 }
 
-/// What a request's query string asks for (percent-decoded). Parameters
-/// cradle does not know are ignored, as EC2 and GCE ignore them.
+/// What a request's query string asks for, percent-decoded (`+` is a
+/// space, as forms send it; the path itself refuses `%`, see
+/// [`segments`], but a query value may need it: an audience is often a
+/// URL). Parameters cradle does not know are ignored, as EC2 and GCE
+/// ignore them.
 #[derive(Debug, Default)]
 struct Query {
     /// `wait=true`, with `last_etag` and `timeout_sec`.
     wait: Option<Wait>,
+    /// An identity token's `audience` and `format`.
+    audience: Option<String>,
+    format: Option<String>,
 }
 
 impl Query {
@@ -407,8 +413,11 @@ impl Query {
             return Ok(Query::default());
         };
         let (mut wait, mut last_etag, mut timeout) = (false, None, None);
+        let mut query = Query::default();
         for (k, v) in form_urlencoded::parse(q.as_bytes()) {
             match &*k {
+                "audience" => query.audience = Some(v.into_owned()),
+                "format" => query.format = Some(v.into_owned()),
                 "wait" => {
                     wait = match &*v {
                         "true" => true,
@@ -426,14 +435,13 @@ impl Query {
                 _ => {}
             }
         }
-        Ok(Query {
-            wait: wait.then(|| Wait {
-                last_etag,
-                timeout: timeout
-                    .map(Duration::from_secs)
-                    .unwrap_or(cradle_core::DEFAULT_WAIT),
-            }),
-        })
+        query.wait = wait.then(|| Wait {
+            last_etag,
+            timeout: timeout
+                .map(Duration::from_secs)
+                .unwrap_or(cradle_core::DEFAULT_WAIT),
+        });
+        Ok(query)
     }
 }
 
@@ -455,7 +463,7 @@ async fn handle(
     let method = req.method().clone();
     let path = req.uri().path().to_string();
     let query = Query::parse(req.uri().query());
-    let waits = matches!(&query, Ok(Query { wait: Some(_) }));
+    let waits = matches!(&query, Ok(Query { wait: Some(_), .. }));
     let guest = svc.core.guest(source);
     let ns = if guest.is_some() {
         namespace(&path)
@@ -556,7 +564,7 @@ async fn route(
             if req.method() != Method::GET && req.method() != Method::HEAD {
                 return not_allowed("GET, HEAD");
             }
-            return identity_token(svc, guest, req.uri().query());
+            return identity_token(svc, guest, &query).await;
         }
         [_, "latest", "write"] if native => {
             return if req.method() == Method::POST {
@@ -606,36 +614,24 @@ async fn route(
 
 /// `GET /cradle/latest/identity?audience=AUD[&format=full]`: a signed
 /// identity token, as plain text, never cached.
-fn identity_token(svc: &MetadataService, guest: &Guest, query: Option<&str>) -> Reply {
-    let params = match query_params(query.unwrap_or("")) {
-        Ok(p) => p,
-        Err(why) => {
+async fn identity_token(svc: &MetadataService, guest: &Guest, query: &Query) -> Reply {
+    let full = match query.format.as_deref() {
+        None | Some("standard") => false,
+        Some("full") => true,
+        Some(other) => {
             return reply(
                 StatusCode::BAD_REQUEST,
                 "text/plain; charset=utf-8",
-                format!("400 Bad Request: {why}"),
+                format!("400 Bad Request: format is standard or full, not {other:?}"),
             );
         }
     };
-    let mut audience = None;
-    let mut full = false;
-    for (k, v) in &params {
-        match (k.as_str(), v.as_str()) {
-            ("audience", a) => audience = Some(a),
-            ("format", "full") => full = true,
-            ("format", "standard") => full = false,
-            ("format", other) => {
-                return reply(
-                    StatusCode::BAD_REQUEST,
-                    "text/plain; charset=utf-8",
-                    format!("400 Bad Request: format is standard or full, not {other:?}"),
-                );
-            }
-            // GCE's `licenses` and anything else change nothing here.
-            _ => {}
-        }
-    }
-    match svc.core.identity_token(guest, audience, full) {
+    // GCE's `licenses` and anything else change nothing here.
+    match svc
+        .core
+        .identity_token(guest, query.audience.as_deref(), full)
+        .await
+    {
         Ok(token) => {
             let mut r = reply(StatusCode::OK, "text/plain; charset=utf-8", token);
             r.headers_mut().insert(
@@ -646,39 +642,6 @@ fn identity_token(svc: &MetadataService, guest: &Guest, query: Option<&str>) -> 
         }
         Err(e) => failure(&e),
     }
-}
-
-/// A query string's `name=value` pairs, percent-decoded (and `+` as a
-/// space, as forms send it). The path refuses `%` (see [`segments`]); a
-/// query value may need it (an audience is often a URL).
-fn query_params(query: &str) -> Result<Vec<(String, String)>, String> {
-    fn decode(s: &str) -> Result<String, String> {
-        let mut out = Vec::with_capacity(s.len());
-        let mut bytes = s.bytes();
-        while let Some(b) = bytes.next() {
-            match b {
-                b'%' => {
-                    let hex = [bytes.next(), bytes.next()];
-                    let digit = |c: Option<u8>| (c? as char).to_digit(16);
-                    match (digit(hex[0]), digit(hex[1])) {
-                        (Some(h), Some(l)) => out.push((h * 16 + l) as u8),
-                        _ => return Err(format!("{s:?} has a % not followed by two hex digits")),
-                    }
-                }
-                b'+' => out.push(b' '),
-                b => out.push(b),
-            }
-        }
-        String::from_utf8(out).map_err(|_| format!("{s:?} is not UTF-8 once decoded"))
-    }
-    query
-        .split('&')
-        .filter(|p| !p.is_empty())
-        .map(|p| {
-            let (k, v) = p.split_once('=').unwrap_or((p, ""));
-            Ok((decode(k)?, decode(v)?))
-        })
-        .collect()
 }
 
 /// A document with its `ETag` (the hash of its bytes the document
@@ -914,26 +877,6 @@ async fn set_password(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn query_values_are_percent_decoded_and_bad_escapes_refused() {
-        let p = query_params("audience=https%3A%2F%2Fa.example%2Fx+y&format=full&").unwrap();
-        assert_eq!(
-            p,
-            vec![
-                ("audience".into(), "https://a.example/x y".into()),
-                ("format".into(), "full".into())
-            ]
-        );
-        assert!(
-            query_params("audience=%zz")
-                .unwrap_err()
-                .contains("two hex digits")
-        );
-        assert!(query_params("audience=%ff").unwrap_err().contains("UTF-8"));
-        // The path still refuses what the query may hold.
-        assert!(segments("/cradle/latest/identity%2F").is_none());
-    }
 
     #[test]
     fn an_internal_failure_is_a_500_never_a_404() {

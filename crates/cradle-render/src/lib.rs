@@ -63,7 +63,7 @@ pub trait IdentitySigner: std::fmt::Debug {
 }
 
 /// The signed forms of the identity document, by file name: answers under
-/// them depend on the signer's key, so they are never cached.
+/// them depend on the signer's key, so they are cached under its id.
 pub const SIGNED_IDENTITY_FILES: &[&str] = &["signature", "pkcs7", "rsa2048"];
 
 /// What EC2 `security-groups` shows until instances have groups of their own.

@@ -283,17 +283,26 @@ impl Core {
             }
             _ => None,
         };
-        // The native namespace carries OS parameters: never cached. Nor
-        // are signed identity documents: a rotated key must not sign on.
+        // The native namespace carries OS parameters: never cached.
+        let cacheable = Namespace::of(segs) != Namespace::Native && dynamic.is_none();
+        // Signed identity documents are cached under the key that signed
+        // them (signatures are deterministic), so that after a rotation the
+        // old key's are never served, and each is signed once per version
+        // of its instance rather than on every read.
+        let keys = self.identity.keys();
         let signed = matches!(segs, [.., "instance-identity", f]
             if cradle_render::SIGNED_IDENTITY_FILES.contains(f));
-        let cacheable = Namespace::of(segs) != Namespace::Native && dynamic.is_none() && !signed;
+        let key = if signed {
+            std::borrow::Cow::Owned(format!("{path}#{}", keys.kid()))
+        } else {
+            std::borrow::Cow::Borrowed(path)
+        };
         let day = unix_day();
-        if cacheable && let Some(doc) = self.guests.cache.get(inst, day, path) {
+        if cacheable && let Some(doc) = self.guests.cache.get(inst, day, &key) {
             return Ok(doc);
         }
         let today = today();
-        let signer = crate::identity::Signer(self.identity.keys());
+        let signer = crate::identity::Signer(keys);
         let ctx = Context::new(&today, &self.vendor_data).with_identity(&signer);
         let ctx = match &dynamic {
             Some(d) => ctx.with_dynamic(d),
@@ -318,7 +327,7 @@ impl Core {
             None => return Err(Error::not_found("not_found", "no such document")),
         };
         if cacheable {
-            self.guests.cache.put(inst, day, path, doc.clone());
+            self.guests.cache.put(inst, day, &key, doc.clone());
         }
         Ok(doc)
     }
