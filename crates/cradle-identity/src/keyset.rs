@@ -309,8 +309,16 @@ impl KeySet {
         self.keys().map(|k| k.kid.as_str()).collect()
     }
 
+    /// The current key, then the previous ones whose overlap has not
+    /// ended: a running server drops a key at the end of its overlap, not
+    /// only at the next reload.
     pub(crate) fn keys(&self) -> impl Iterator<Item = &Key> {
-        std::iter::once(&self.current).chain(&self.previous)
+        let now = unix_now();
+        std::iter::once(&self.current).chain(
+            self.previous
+                .iter()
+                .filter(move |k| k.retired.is_none_or(|(_, until)| until > now)),
+        )
     }
 
     /// The certificates to verify with, PEM, the current one first, then
@@ -371,7 +379,7 @@ mod tests {
     fn rotation_keeps_the_old_certificate_for_the_overlap_only() {
         let dir = tempfile::tempdir().unwrap();
         let set = KeySet::generate(&params()).unwrap();
-        let now = 1_000_000;
+        let now = unix_now();
         let next = set
             .rotate(&params(), Duration::from_secs(100), now)
             .unwrap();
@@ -384,5 +392,12 @@ mod tests {
             .rotate(&params(), Duration::from_secs(100), now + 150)
             .unwrap();
         assert_eq!(third.kids(), vec![third.kid(), next.kid()]);
+        // A set held in memory lets a key go when its overlap ends.
+        let long_ago = unix_now() - 10;
+        let ended = set
+            .rotate(&params(), Duration::from_secs(5), long_ago)
+            .unwrap();
+        assert_eq!(ended.kids(), vec![ended.kid()]);
+        assert_eq!(ended.jwks()["keys"].as_array().unwrap().len(), 1);
     }
 }
