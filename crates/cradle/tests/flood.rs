@@ -50,25 +50,6 @@ const ROUNDS: usize = 2;
 const WELL: &str = "127.0.0.2";
 const HOSTILE: &str = "127.0.0.3";
 
-/// Let this process hold every socket the flood opens.
-pub fn raise_open_files() {
-    use rustix::process::{Resource, Rlimit, getrlimit, setrlimit};
-    let l = getrlimit(Resource::Nofile);
-    let _ = setrlimit(
-        Resource::Nofile,
-        Rlimit {
-            current: l.maximum,
-            maximum: l.maximum,
-        },
-    );
-    let now = getrlimit(Resource::Nofile).current.unwrap_or(u64::MAX);
-    assert!(
-        now >= (IDLE + LORIS + 512) as u64,
-        "this test holds {} sockets; the open-file limit is {now}",
-        IDLE + LORIS
-    );
-}
-
 /// Whether a new connection from `source` goes unserved: never accepted
 /// (the listener at its total accepts nothing, and once the kernel's
 /// backlog is full its SYN is dropped), reset, or closed before an answer.
@@ -323,7 +304,7 @@ fn flood(target: SocketAddr, tally: Arc<Tally>) -> (tokio::runtime::Runtime, Arc
 
 #[test]
 fn a_flooding_guest_cannot_slow_another_or_take_its_connection() {
-    raise_open_files();
+    raise_open_files((IDLE + LORIS + 512) as u64);
     settle();
     let s = Server::start_with(Opts {
         env: &[

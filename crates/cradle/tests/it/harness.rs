@@ -809,3 +809,22 @@ pub fn metric(text: &str, series: &str) -> f64 {
         })
         .unwrap_or(0.0)
 }
+
+/// Let this process hold `need` open files (a socket per guest, say):
+/// the soft limit raised to the hard one, and checked.
+pub fn raise_open_files(need: u64) {
+    use rustix::process::{Resource, Rlimit, getrlimit, setrlimit};
+    let l = getrlimit(Resource::Nofile);
+    let _ = setrlimit(
+        Resource::Nofile,
+        Rlimit {
+            current: l.maximum,
+            maximum: l.maximum,
+        },
+    );
+    let now = getrlimit(Resource::Nofile).current.unwrap_or(u64::MAX);
+    assert!(
+        now >= need,
+        "this test holds {need} open files; the open-file limit is {now}"
+    );
+}

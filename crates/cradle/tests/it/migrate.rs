@@ -233,8 +233,10 @@ fn an_instance_moves_with_its_disks_and_comes_back_and_a_failed_copy_leaves_it_r
         .unwrap();
     assert!(interrupted.success());
     let _ = child.wait();
+    // The rollback starts the VM again on A, under TCG, beside the rest of
+    // the suite: give it time.
     within(
-        Duration::from_secs(20),
+        Duration::from_secs(60),
         "the interrupted migration rolled back",
         || {
             a.admin().send(route::events("vm1")).iter().any(|e| {

@@ -16,24 +16,6 @@ use crate::harness::*;
 
 const HOSTNAME: &str = "/latest/meta-data/hostname";
 
-/// Let this process hold a socket per waiting guest.
-fn raise_open_files(need: u64) {
-    use rustix::process::{Resource, Rlimit, getrlimit, setrlimit};
-    let l = getrlimit(Resource::Nofile);
-    let _ = setrlimit(
-        Resource::Nofile,
-        Rlimit {
-            current: l.maximum,
-            maximum: l.maximum,
-        },
-    );
-    let now = getrlimit(Resource::Nofile).current.unwrap_or(u64::MAX);
-    assert!(
-        now >= need,
-        "this test holds {need} sockets; the open-file limit is {now}"
-    );
-}
-
 fn address(k: usize) -> String {
     format!("127.20.{}.{}", k / 250, k % 250 + 1)
 }
