@@ -4,8 +4,11 @@
 //! disks go.
 //!
 //! The migration runs in its own task, so that a client that goes away
-//! (Ctrl-C on the CLI) cannot cut it off mid-step: the stream breaks, its
-//! writer sees that, and cancels the migration, which rolls back.
+//! (Ctrl-C on the CLI) cannot cut it off mid-step: hyper drops the
+//! response body as soon as it sees the connection closed, and the body
+//! cancels the migration as it is dropped, which rolls back. (A failed
+//! write of a progress line cancels it too; waiting for one alone left a
+//! window at the end of a copy, when no line comes for a while.)
 
 use std::sync::Arc;
 
@@ -55,7 +58,7 @@ async fn migrate(
     let report: cradle_core::migrate::Report = Arc::new(move |p| {
         let _ = lines.send(p);
     });
-    let (core, stop) = (s.core.clone(), cancel.clone());
+    let (core, stop, dropped) = (s.core.clone(), cancel.clone(), cancel.clone());
     let run = tokio::spawn(async move { core.migrate(&caller, &key, req, stop, report).await });
     // The writer: every line as it comes, then the outcome. A write that
     // fails means nobody reads any more: cancel.
@@ -90,16 +93,40 @@ async fn migrate(
         }
         let _ = writer.shutdown().await;
     });
-    let mut r = (
-        StatusCode::OK,
-        Body::from_stream(tokio_util::io::ReaderStream::new(reader)),
-    )
-        .into_response();
+    let body = tokio_util::io::ReaderStream::new(CancelOnDrop {
+        inner: reader,
+        cancel: dropped,
+    });
+    let mut r = (StatusCode::OK, Body::from_stream(body)).into_response();
     r.headers_mut().insert(
         header::CONTENT_TYPE,
         HeaderValue::from_static("application/x-ndjson"),
     );
     Ok(r)
+}
+
+/// The progress stream, which cancels the migration when hyper drops it
+/// (the client went away). Once the migration has ended, cancelling
+/// changes nothing: the stream ends only after it has.
+struct CancelOnDrop {
+    inner: tokio::io::DuplexStream,
+    cancel: CancellationToken,
+}
+
+impl tokio::io::AsyncRead for CancelOnDrop {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl Drop for CancelOnDrop {
+    fn drop(&mut self) {
+        self.cancel.cancel();
+    }
 }
 
 async fn write_line(w: &mut tokio::io::DuplexStream, p: &MigrationProgress) -> std::io::Result<()> {
