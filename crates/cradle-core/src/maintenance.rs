@@ -9,7 +9,8 @@
 //! The scheduler (`Core::run_scheduler`, one task in `cradle serve`)
 //! runs the events of the instances served on this host only. It sleeps
 //! until the next event is due and is woken at once when an event is
-//! scheduled, acknowledged or cancelled, through this host or another: the
+//! scheduled or acknowledged, through this host or another (a cancelled
+//! one needs no wake: it is simply not due when the scheduler looks): the
 //! registry's change hook (`Core::new`) wakes it whenever an instance
 //! served here changes and has a pending event, including changes caught
 //! up from other hosts. It also looks every [`RESCAN`], which is only a
@@ -147,7 +148,6 @@ impl Core {
         })
         .await?;
         info!(instance = %id, event = %event.id, code = event.code.as_str(), by = %caller.name, "maintenance scheduled");
-        self.scheduler.wake.notify_one();
         Ok(event)
     }
 
@@ -185,7 +185,6 @@ impl Core {
                 Ok(Some(format!("{} cancelled by {by}", e.id)))
             })
             .await?;
-        self.scheduler.wake.notify_one();
         Ok(cancelled)
     }
 
@@ -215,7 +214,6 @@ impl Core {
                 ))),
             })
             .await?;
-        self.scheduler.wake.notify_one();
         Ok(acked)
     }
 

@@ -289,20 +289,25 @@ impl Core {
         // them (signatures are deterministic), so that after a rotation the
         // old key's are never served, and each is signed once per version
         // of its instance rather than on every read.
-        let keys = self.identity.keys();
+        // The key set is looked up only for those, so a cached read of
+        // anything else takes no lock of it.
         let signed = matches!(segs, [.., "instance-identity", f]
             if cradle_render::SIGNED_IDENTITY_FILES.contains(f));
-        let key = if signed {
-            std::borrow::Cow::Owned(format!("{path}#{}", keys.kid()))
+        let (key, keys) = if signed {
+            let keys = self.identity.keys();
+            (
+                std::borrow::Cow::Owned(format!("{path}#{}", keys.kid())),
+                Some(keys),
+            )
         } else {
-            std::borrow::Cow::Borrowed(path)
+            (std::borrow::Cow::Borrowed(path), None)
         };
         let day = unix_day();
         if cacheable && let Some(doc) = self.guests.cache.get(inst, day, &key) {
             return Ok(doc);
         }
         let today = today();
-        let signer = crate::identity::Signer(keys);
+        let signer = crate::identity::Signer(keys.unwrap_or_else(|| self.identity.keys()));
         let ctx = Context::new(&today, &self.vendor_data).with_identity(&signer);
         let ctx = match &dynamic {
             Some(d) => ctx.with_dynamic(d),
