@@ -619,11 +619,7 @@ async fn identity_token(svc: &MetadataService, guest: &Guest, query: &Query) -> 
         None | Some("standard") => false,
         Some("full") => true,
         Some(other) => {
-            return reply(
-                StatusCode::BAD_REQUEST,
-                "text/plain; charset=utf-8",
-                format!("400 Bad Request: format is standard or full, not {other:?}"),
-            );
+            return bad_request(&format!("format is standard or full, not {other:?}"));
         }
     };
     // GCE's `licenses` and anything else change nothing here.
