@@ -10,6 +10,20 @@ use crate::api::{InstanceView, MessageView};
 /// The header a personalization package is served with (to operators and
 /// to the install appliance): its SHA-256, lower-case hex.
 pub const PACKAGE_SHA256_HEADER: &str = "x-cradle-package-sha256";
+/// The SHA-256 of an import's dump, on the answer the appliance reads it from.
+pub const STREAM_SHA256_HEADER: &str = "x-cradle-stream-sha256";
+/// The job an export's answer (its dump) comes from.
+pub const JOB_HEADER: &str = "x-cradle-job";
+
+/// What a rename did: the instance after it, and the job that runs its
+/// OS's `rename` script, if it has one (the name changes when the job
+/// succeeds).
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize, utoipa::ToSchema)]
+pub struct RenameView {
+    pub instance: crate::api::InstanceView,
+    #[serde(default)]
+    pub job: Option<crate::job::JobView>,
+}
 
 /// The header every read of the metadata service's native namespace
 /// carries (or else an IMDSv2 token), with [`METADATA_FLAVOR`] as its value:

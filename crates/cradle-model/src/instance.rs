@@ -253,11 +253,37 @@ pub enum State {
     Running,
     Stopped,
     Error,
-    /// Its last install job failed (`state_reason` says why).
+    /// Its last install job failed (`state_reason` says why), or an
+    /// import that had begun writing its disk did.
     InstallFailed,
+    /// Its OS's `export` runs (`cradle instance export`).
+    Exporting,
+    /// Its OS's `import` runs (`cradle instance import`).
+    Importing,
+    /// Its OS's `rename` runs (`cradle instance rename`).
+    Renaming,
 }
 
 impl State {
+    /// Whether an OS job (install, export, import, rename) runs on the
+    /// instance: nothing else may start, stop or move it meanwhile.
+    pub fn is_busy(self) -> bool {
+        matches!(
+            self,
+            State::Installing | State::Exporting | State::Importing | State::Renaming
+        )
+    }
+
+    /// What the instance is busy with, for a refusal: "being installed".
+    pub fn busy_with(self) -> &'static str {
+        match self {
+            State::Exporting => "being exported",
+            State::Importing => "being imported",
+            State::Renaming => "being renamed",
+            _ => "being installed",
+        }
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             State::Registered => "registered",
@@ -266,6 +292,9 @@ impl State {
             State::Stopped => "stopped",
             State::Error => "error",
             State::InstallFailed => "install_failed",
+            State::Exporting => "exporting",
+            State::Importing => "importing",
+            State::Renaming => "renaming",
         }
     }
 }

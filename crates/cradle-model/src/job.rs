@@ -1,10 +1,51 @@
-//! An install job as the admin API shows it: its state, the appliance's
+//! An OS job (an install, an export, an import, a rename) as the admin API
+//! shows it: its state, the appliance's
 //! final status and its events. The job itself (what the appliance is
 //! served, the scrubbing) lives in the registry; these are only its views.
 
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 use uuid::Uuid;
+
+/// The OS operation a job runs (seed 003's four; `verify` is not a job).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum JobOperation {
+    /// An install: the OS's `create`.
+    Create,
+    Export,
+    Import,
+    Rename,
+}
+
+impl JobOperation {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            JobOperation::Create => "create",
+            JobOperation::Export => "export",
+            JobOperation::Import => "import",
+            JobOperation::Rename => "rename",
+        }
+    }
+
+    /// The job as the event log and the CLI name it: "install", "export", …
+    pub fn noun(self) -> &'static str {
+        match self {
+            JobOperation::Create => "install",
+            other => other.as_str(),
+        }
+    }
+
+    /// The instance's state while the job runs.
+    pub fn busy_state(self) -> crate::State {
+        match self {
+            JobOperation::Create => crate::State::Installing,
+            JobOperation::Export => crate::State::Exporting,
+            JobOperation::Import => crate::State::Importing,
+            JobOperation::Rename => crate::State::Renaming,
+        }
+    }
+}
 
 /// What an event is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
@@ -39,6 +80,17 @@ pub struct AgentStatus {
     pub error: Option<String>,
     #[serde(default)]
     pub log_tail: String,
+    /// What the agent streamed (export) or fed its script (import).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stream: Option<StreamDigest>,
+}
+
+/// A data stream's length and SHA-256, as one end counted it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct StreamDigest {
+    pub bytes: u64,
+    /// Lower-case hex.
+    pub sha256: String,
 }
 
 /// What the admin API shows of a job.
@@ -47,6 +99,10 @@ pub struct JobView {
     pub id: Uuid,
     pub instance: Uuid,
     pub instance_name: String,
+    /// The OS operation the job runs: `create` (an install), `export`,
+    /// `import` or `rename`.
+    #[serde(default = "create")]
+    pub operation: String,
     /// `running`, `succeeded` or `failed`.
     pub state: String,
     #[serde(default)]
@@ -69,4 +125,12 @@ pub struct JobView {
     /// Events dropped because the job had more events than it keeps.
     #[serde(default)]
     pub dropped: u64,
+    /// An export's or import's data stream as the host counted it: the
+    /// dump so far, and once the job succeeded, all of it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stream: Option<StreamDigest>,
+}
+
+fn create() -> String {
+    "create".into()
 }

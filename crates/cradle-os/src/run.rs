@@ -12,7 +12,11 @@
 //! - Optionally ([`Streams`]): its output lines handed over as they come,
 //!   and messages fed to its standard input, one line each (how a trusted
 //!   script talks with the untrusted one in the appliance over the
-//!   channel). Otherwise its standard input is empty.
+//!   channel). Otherwise its standard input is empty. An export's or
+//!   import's data instead: standard output handed over raw, in chunks, to
+//!   a [`DataSink`] (a sink that refuses a chunk, past its cap or with no
+//!   reader, ends the script's process group at once); standard input
+//!   read from a file (the spooled dump).
 //!
 //! This is the one module of the crate with `unsafe`: `dup2` in the child
 //! between fork and exec, `getpwnam_r`, and `kill` of a process group.
@@ -94,6 +98,8 @@ pub struct Finished {
     pub status: ExitStatus,
     pub stdout: Vec<u8>,
     pub stderr: Vec<u8>,
+    /// Why the [`Streams::stdout_data`] sink stopped the script, if it did.
+    pub data_error: Option<String>,
 }
 
 impl Finished {
@@ -167,6 +173,13 @@ pub fn running_as_root() -> bool {
     unsafe { libc::geteuid() == 0 }
 }
 
+/// Takes a script's standard output as it comes, raw; an error stops the
+/// script.
+pub type DataSink = Box<dyn FnMut(&[u8]) -> Result<(), String> + Send>;
+
+/// The size of the chunks a [`DataSink`] is handed.
+pub const DATA_CHUNK: usize = 1 << 20;
+
 /// What a running script's output lines go to, and what feeds its input.
 #[derive(Default)]
 pub struct Streams {
@@ -174,6 +187,11 @@ pub struct Streams {
     /// Each message becomes one line of the script's standard input, until
     /// the sender is dropped (then the script reads end of file).
     pub stdin: Option<std::sync::mpsc::Receiver<Vec<u8>>>,
+    /// Standard input read from this file instead (an import's dump).
+    pub stdin_file: Option<std::fs::File>,
+    /// Standard output, raw, to this sink instead of as lines (an
+    /// export's dump); `on_line` then sees only standard error.
+    pub stdout_data: Option<DataSink>,
 }
 
 /// Run `script` with `args`, `env` and `secrets`, as [`Runner`] says.
@@ -206,10 +224,10 @@ pub fn run_trusted_with(
         .env_clear()
         .envs(env.vars())
         .current_dir(script.parent().unwrap_or(Path::new("/")))
-        .stdin(if streams.stdin.is_some() {
-            Stdio::piped()
-        } else {
-            Stdio::null()
+        .stdin(match (&streams.stdin_file, &streams.stdin) {
+            (Some(f), _) => Stdio::from(f.try_clone().map_err(io)?),
+            (None, Some(_)) => Stdio::piped(),
+            (None, None) => Stdio::null(),
         })
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -237,13 +255,16 @@ pub fn run_trusted_with(
     };
     let mut child = cmd.spawn().map_err(io)?;
     let writer = handoff.map(|h| h.send(secrets_json(secrets)));
+    drop(streams.stdin_file);
     let on_line = streams.on_line.map(std::sync::Arc::from);
-    let out = tail_reader(
-        child.stdout.take().expect("piped"),
-        "stdout",
-        on_line.clone(),
-    );
+    let stopped = std::sync::Arc::new(std::sync::Mutex::new(None::<String>));
+    let stdout = child.stdout.take().expect("piped");
+    let out = match streams.stdout_data {
+        Some(sink) => data_reader(stdout, sink, stopped.clone()),
+        None => tail_reader(stdout, "stdout", on_line.clone()),
+    };
     let err = tail_reader(child.stderr.take().expect("piped"), "stderr", on_line);
+    let data_error = || stopped.lock().unwrap_or_else(|e| e.into_inner()).clone();
     if let (Some(rx), Some(mut input)) = (streams.stdin, child.stdin.take()) {
         std::thread::spawn(move || {
             for mut msg in rx {
@@ -259,6 +280,11 @@ pub fn run_trusted_with(
     let status = loop {
         if let Some(s) = child.try_wait().map_err(io)? {
             break s;
+        }
+        if data_error().is_some() {
+            // SAFETY: as at the deadline below.
+            unsafe { libc::kill(-(child.id() as i32), libc::SIGKILL) };
+            break child.wait().map_err(io)?;
         }
         if Instant::now() >= deadline {
             // SAFETY: the group is the child's own (process_group(0)) and the
@@ -280,10 +306,53 @@ pub fn run_trusted_with(
     if let Some(w) = writer {
         let _ = w.join();
     }
+    let (stdout, stderr) = (
+        out.join().unwrap_or_default(),
+        err.join().unwrap_or_default(),
+    );
     Ok(Finished {
         status,
-        stdout: out.join().unwrap_or_default(),
-        stderr: err.join().unwrap_or_default(),
+        stdout,
+        stderr,
+        data_error: data_error(),
+    })
+}
+
+/// Read a script's standard output to its end on a thread, handing it to
+/// `sink` in chunks of up to [`DATA_CHUNK`]; a refused chunk is noted in
+/// `stopped` and ends the reading (the script is then killed). Keeps
+/// nothing.
+fn data_reader(
+    mut r: impl Read + Send + 'static,
+    mut sink: DataSink,
+    stopped: std::sync::Arc<std::sync::Mutex<Option<String>>>,
+) -> std::thread::JoinHandle<Vec<u8>> {
+    std::thread::spawn(move || {
+        let mut buf = vec![0u8; DATA_CHUNK];
+        loop {
+            // Fill the chunk as far as the pipe gives, so the sink sees few
+            // large chunks rather than many of a pipe's 64 KiB.
+            let mut n = 0;
+            while n < buf.len() {
+                match r.read(&mut buf[n..]) {
+                    Ok(0) => break,
+                    Ok(k) => n += k,
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                    Err(e) => {
+                        *stopped.lock().unwrap_or_else(|p| p.into_inner()) =
+                            Some(format!("reading its standard output: {e}"));
+                        return Vec::new();
+                    }
+                }
+            }
+            if n == 0 {
+                return Vec::new();
+            }
+            if let Err(e) = sink(&buf[..n]) {
+                *stopped.lock().unwrap_or_else(|p| p.into_inner()) = Some(e);
+                return Vec::new();
+            }
+        }
     })
 }
 

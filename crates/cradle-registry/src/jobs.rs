@@ -32,7 +32,11 @@ pub const MAX_LINE: usize = 1000;
 /// beyond this the appliance is told to slow down (429).
 pub const FORWARD_QUEUE: usize = 64;
 
-pub use cradle_model::job::{AgentStatus, EventKind, JobEvent, JobView};
+pub use cradle_model::job::{
+    AgentStatus, EventKind, JobEvent, JobOperation, JobView, StreamDigest,
+};
+
+use crate::stream::DataStream;
 
 /// How a job ended.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -84,11 +88,17 @@ struct State {
     scrub: Vec<Secret<String>>,
 }
 
-/// One install job.
+/// One OS job: an install (`create`), an export, an import or a rename.
 pub struct InstallJob {
     pub id: Uuid,
     pub instance: Uuid,
     pub instance_name: String,
+    pub operation: JobOperation,
+    /// The instance's state before the job, which an export, a rename or
+    /// an import that never began writing gives back.
+    pub previous: cradle_model::State,
+    /// An export's or import's data stream.
+    stream: Option<std::sync::Arc<DataStream>>,
     pub started: Instant,
     pub started_at: OffsetDateTime,
     /// `None` once the job has ended.
@@ -116,6 +126,8 @@ enum AgentMessage {
         error: Option<String>,
         #[serde(default)]
         log_tail: String,
+        #[serde(default)]
+        stream: Option<StreamDigest>,
     },
 }
 
@@ -139,6 +151,17 @@ fn cut(s: &str, max: usize) -> String {
 
 impl InstallJob {
     pub fn new(instance: &cradle_model::Instance, artifacts: Artifacts) -> InstallJob {
+        InstallJob::for_operation(instance, JobOperation::Create, None, artifacts)
+    }
+
+    /// A job running `operation`, with the data stream of an export or
+    /// an import.
+    pub fn for_operation(
+        instance: &cradle_model::Instance,
+        operation: JobOperation,
+        stream: Option<DataStream>,
+        artifacts: Artifacts,
+    ) -> InstallJob {
         let scrub = instance
             .os_params
             .secret
@@ -151,6 +174,9 @@ impl InstallJob {
             id: Uuid::new_v4(),
             instance: instance.id,
             instance_name: instance.name.clone(),
+            operation,
+            previous: instance.state,
+            stream: stream.map(std::sync::Arc::new),
             started: Instant::now(),
             started_at: OffsetDateTime::now_utc(),
             artifacts: Mutex::new(Some(std::sync::Arc::new(artifacts))),
@@ -249,6 +275,7 @@ impl InstallJob {
                 exit_code,
                 error,
                 log_tail,
+                stream,
             } => {
                 if st.status.is_none() {
                     let text = match &error {
@@ -261,6 +288,7 @@ impl InstallJob {
                         exit_code,
                         error: error.as_deref().map(scrubbed),
                         log_tail: scrubbed(&log_tail),
+                        stream,
                     };
                     st.status = Some(status);
                 }
@@ -315,11 +343,12 @@ impl InstallJob {
         if st.outcome.is_some() {
             return;
         }
+        let noun = self.operation.noun();
         let text = match &reason {
-            Some(r) if succeeded => format!("install succeeded: {r}"),
-            Some(r) => format!("install failed: {r}"),
-            None if succeeded => "install succeeded".to_string(),
-            None => "install failed".to_string(),
+            Some(r) if succeeded => format!("{noun} succeeded: {r}"),
+            Some(r) => format!("{noun} failed: {r}"),
+            None if succeeded => format!("{noun} succeeded"),
+            None => format!("{noun} failed"),
         };
         self.push(&mut st, EventKind::Job, &text);
         st.outcome = Some(Outcome {
@@ -334,7 +363,15 @@ impl InstallJob {
             .unwrap_or_else(|e| e.into_inner())
             .take();
         self.stop_forwarding();
+        if let Some(s) = &self.stream {
+            s.close();
+        }
         self.bump();
+    }
+
+    /// An export's or import's data stream.
+    pub fn stream(&self) -> Option<&std::sync::Arc<DataStream>> {
+        self.stream.as_ref()
     }
 
     /// Wakes on every change (an event, the status, the end).
@@ -354,6 +391,7 @@ impl InstallJob {
             id: self.id,
             instance: self.instance,
             instance_name: self.instance_name.clone(),
+            operation: self.operation.as_str().to_string(),
             state: state.to_string(),
             reason: st.outcome.as_ref().and_then(|o| o.reason.clone()),
             step: st.step.clone(),
@@ -369,6 +407,7 @@ impl InstallJob {
                 .collect(),
             next: st.next_seq,
             dropped: st.dropped,
+            stream: self.stream.as_ref().and_then(|s| s.digest()),
         }
     }
 }

@@ -16,6 +16,7 @@ mod cluster;
 pub mod jobs;
 pub mod metrics;
 mod secgroups;
+pub mod stream;
 
 use std::collections::BTreeSet;
 use std::collections::HashMap;
@@ -27,7 +28,7 @@ use cradle_model::api::{InstancePatch, InstanceSpec, Invalid};
 use cradle_model::{Instance, MAX_PASSWORD, RANDOM_SEED_LEN, State};
 use cradle_secgroups::state::{SecGroups, SgError};
 use cradle_store::{Direction, Message, Store, StoreError};
-use jobs::InstallJob;
+use jobs::{InstallJob, JobOperation};
 use rand::RngCore;
 use secgroups::enforced_identity;
 use time::OffsetDateTime;
@@ -588,31 +589,31 @@ impl Registry {
         Ok(())
     }
 
-    /// Start an install job: the instance goes to `installing` and `job`
-    /// becomes its job. Refused while one runs.
+    /// Start an OS job: the instance goes to the job's state (`installing`,
+    /// `exporting`, `importing`, `renaming`) and `job` becomes its job.
+    /// Refused while one runs.
     pub fn begin_install(&self, job: InstallJob) -> Result<Arc<InstallJob>, RegistryError> {
         let _w = self.lock_writer();
         let current = self.get(&job.instance.to_string())?;
-        if current.state == State::Installing
+        if current.state.is_busy()
             || self
                 .install_job(job.instance)
                 .is_some_and(|j| j.is_running())
         {
             return Err(RegistryError::Busy(format!(
-                "instance {} is being installed",
-                current.name
+                "instance {} is {}",
+                current.name,
+                current.state.busy_with()
             )));
         }
         let job = Arc::new(job);
+        let (state, noun) = (job.operation.busy_state(), job.operation.noun());
         self.update_with(current.id, |i| {
-            i.state = State::Installing;
+            i.state = state;
             i.state_reason = None;
         })?;
-        self.store.record_event(
-            current.id,
-            "install",
-            &format!("install job {} started", job.id),
-        )?;
+        self.store
+            .record_event(current.id, noun, &format!("{noun} job {} started", job.id))?;
         self.jobs
             .write()
             .unwrap_or_else(|e| e.into_inner())
@@ -635,9 +636,13 @@ impl Registry {
         self.install_job(id).filter(|j| j.is_running())
     }
 
-    /// End an install job. Its instance goes to `stopped` (installed) or to
-    /// `install_failed` with `reason`, and loses its secret parameters: they
-    /// were served to the appliance for this job only.
+    /// End an OS job, and lose the instance's secret parameters: they were
+    /// served to the job's scripts for this job only. After an install the
+    /// instance is `stopped` (installed) or `install_failed` with `reason`;
+    /// after an import the same, except that an import that failed before
+    /// its script read any of the dump gives the instance its state back;
+    /// after an export or a rename it has its state back whatever
+    /// happened (a rename's new name is set before, by the installer).
     pub fn end_install(
         &self,
         job: &InstallJob,
@@ -646,26 +651,37 @@ impl Registry {
     ) -> Result<(), RegistryError> {
         let _w = self.lock_writer();
         job.finish(succeeded, reason.clone());
+        let noun = job.operation.noun();
         let event = match (&reason, succeeded) {
-            (_, true) => format!("install job {} succeeded", job.id),
-            (Some(r), false) => format!("install job {} failed: {r}", job.id),
-            (None, false) => format!("install job {} failed", job.id),
+            (_, true) => format!("{noun} job {} succeeded", job.id),
+            (Some(r), false) => format!("{noun} job {} failed: {r}", job.id),
+            (None, false) => format!("{noun} job {} failed", job.id),
         };
         if self.get(&job.instance.to_string()).is_err() {
             // Removed while it ran: nothing left to update.
             return Ok(());
         }
+        let disk_touched = match job.operation {
+            JobOperation::Create => true,
+            JobOperation::Import => job.stream().is_none_or(|s| s.is_taken()),
+            JobOperation::Export | JobOperation::Rename => false,
+        };
+        let (state, why) = match (succeeded, disk_touched) {
+            (true, true) => (State::Stopped, None),
+            (false, true) => (State::InstallFailed, reason.clone()),
+            (_, false) => (job.previous, None),
+        };
         self.update_with(job.instance, |i| {
             i.os_params.secret.clear();
-            if succeeded {
-                i.state = State::Stopped;
-                i.state_reason = None;
-            } else {
-                i.state = State::InstallFailed;
-                i.state_reason = reason.clone();
-            }
+            i.state = state;
+            i.state_reason = match (&why, job.previous) {
+                (Some(r), _) => Some(r.clone()),
+                // An export that fails leaves an install_failed's reason.
+                (None, State::InstallFailed) if !disk_touched => i.state_reason.clone(),
+                _ => None,
+            };
         })?;
-        self.store.record_event(job.instance, "install", &event)?;
+        self.store.record_event(job.instance, noun, &event)?;
         Ok(())
     }
 
@@ -679,10 +695,11 @@ impl Registry {
     ) -> Result<Arc<Instance>, RegistryError> {
         let _w = self.lock_writer();
         let current = self.get(&id.to_string())?;
-        if current.state == State::Installing {
+        if current.state.is_busy() {
             return Err(RegistryError::Busy(format!(
-                "instance {} is being installed",
-                current.name
+                "instance {} is {}",
+                current.name,
+                current.state.busy_with()
             )));
         }
         if current.state == state {
@@ -696,23 +713,38 @@ impl Registry {
         Ok(next)
     }
 
-    /// Instances left `installing` by a server that stopped mid-job: no job
-    /// runs any more, so they failed.
+    /// Instances left `installing` or `importing` by a server that stopped
+    /// mid-job: no job runs any more, so they failed (their disks hold what
+    /// the job had written). One left `exporting` or `renaming` is
+    /// `stopped` again: those jobs change no disk cradle knows of, and no
+    /// VM runs after a server stop.
     pub fn fail_interrupted_installs(&self) -> Result<Vec<String>, RegistryError> {
         let _w = self.lock_writer();
         let stuck: Vec<_> = self
             .list()
             .into_iter()
-            // Another host's installs are its own.
-            .filter(|i| i.state == State::Installing && self.is_local(i))
+            // Another host's jobs are its own.
+            .filter(|i| i.state.is_busy() && self.is_local(i))
             .collect();
-        let reason = "the server stopped while the install ran";
         for i in &stuck {
+            let noun = match i.state {
+                State::Exporting => "export",
+                State::Importing => "import",
+                State::Renaming => "rename",
+                _ => "install",
+            };
+            let reason = format!("the server stopped while the {noun} ran");
+            let failed = matches!(i.state, State::Installing | State::Importing);
             self.update_with(i.id, |i| {
-                i.state = State::InstallFailed;
-                i.state_reason = Some(reason.into());
+                if failed {
+                    i.state = State::InstallFailed;
+                    i.state_reason = Some(reason.clone());
+                } else {
+                    i.state = State::Stopped;
+                    i.state_reason = None;
+                }
             })?;
-            self.store.record_event(i.id, "install", reason)?;
+            self.store.record_event(i.id, noun, &reason)?;
         }
         Ok(stuck.iter().map(|i| i.name.clone()).collect())
     }
