@@ -11,6 +11,8 @@
 //! - `instances.rs`: instances, the channel, events, config drives,
 //!   personalization packages, metrics.
 //! - `install.rs`: install jobs and run mode.
+//! - `os_jobs.rs`: export (the dump streamed as the answer), import (the
+//!   dump as the body) and rename.
 //! - `secgroups.rs`: security groups (native and Trove-compatible) and the
 //!   firewall.
 //! - `identity.rs`: the certificates and JWKS that verify guests' identity.
@@ -30,6 +32,7 @@ mod listen;
 mod maintenance;
 mod migrate;
 mod openapi;
+mod os_jobs;
 mod peer;
 mod secgroups;
 mod tokens;
@@ -70,6 +73,7 @@ fn api() -> (Router<Arc<AdminState>>, utoipa::openapi::OpenApi) {
         .routes(utoipa_axum::routes!(openapi::document))
         .merge(instances::routes())
         .merge(install::routes())
+        .merge(os_jobs::routes())
         .merge(agent::routes())
         .merge(maintenance::routes())
         .merge(migrate::routes())

@@ -42,9 +42,13 @@ impl From<Failure> for String {
     }
 }
 
+/// A body read as it comes, its `Content-Length` and one header's value.
+pub type Streamed = (Box<dyn Read + Send>, Option<u64>, Option<String>);
+
 /// A document that changed: its body and its new ETag.
 pub type Changed = (Vec<u8>, Option<String>);
 
+#[derive(Clone)]
 pub struct Client {
     agent: ureq::Agent,
     base: String,
@@ -177,6 +181,35 @@ impl Client {
             return Ok(None);
         }
         read_capped(r, &url, max).map(Some)
+    }
+
+    /// PUT `body` to `path` as it is read (chunked: its length is not
+    /// known ahead); the service's answer, at most 64 KiB. Each write must
+    /// go within [`READ_TIMEOUT`]: a reader that stalls fails it.
+    pub fn put_stream(&self, path: &str, body: impl Read) -> Result<Vec<u8>, Failure> {
+        let url = self.url(path);
+        let r = self
+            .agent
+            .put(&url)
+            .set(METADATA_FLAVOR_HEADER, METADATA_FLAVOR)
+            .set("Content-Type", "application/octet-stream")
+            .send(body)
+            .map_err(|e| failure("PUT", &url, e))
+            .and_then(|r| success("PUT", &url, r))?;
+        read_capped(r, &url, 64 << 10)
+    }
+
+    /// GET `path` to read as it comes: the body, and the values of the
+    /// `Content-Length` and `header` headers. A 404 is an error here.
+    pub fn get_stream(&self, path: &str, header: &str) -> Result<Streamed, Failure> {
+        let url = self.url(path);
+        let r = self.get(path)?.ok_or_else(|| Failure {
+            message: format!("GET {url}: 404 Not Found"),
+            transient: false,
+        })?;
+        let len = r.header("Content-Length").and_then(|v| v.parse().ok());
+        let value = r.header(header).map(str::to_string);
+        Ok((r.into_reader(), len, value))
     }
 
     /// POST `body` (one JSON object) to `/cradle/latest/write`.

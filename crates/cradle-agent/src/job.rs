@@ -49,6 +49,25 @@ pub struct Job {
     pub run: Option<String>,
     #[serde(default)]
     pub personalization: Option<Personalization>,
+    /// An export's or import's dump: where on the metadata service, and
+    /// which way (`out`: the script's standard output is uploaded; `in`:
+    /// it is the script's standard input).
+    #[serde(default)]
+    pub stream: Option<StreamSpec>,
+}
+
+/// Where an export's or import's dump goes.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+pub struct StreamSpec {
+    pub path: String,
+    pub direction: Direction,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Direction {
+    Out,
+    In,
 }
 
 /// Where the personalization package is, and which disk it goes onto.
@@ -104,6 +123,17 @@ impl Job {
                 return Err(format!(
                     "install.json: the value of {name} holds a NUL byte"
                 ));
+            }
+        }
+        if let Some(st) = &self.stream {
+            if !st.path.starts_with('/') {
+                return Err(format!(
+                    "install.json: stream path {:?} is not a path on the metadata service",
+                    st.path
+                ));
+            }
+            if self.run.is_none() {
+                return Err("install.json: a stream needs a script to run".into());
             }
         }
         if let Some(p) = &self.personalization {

@@ -41,6 +41,7 @@ mod net;
 mod overlay;
 mod report;
 mod script;
+mod stream;
 mod system;
 
 use std::io::Write;
@@ -180,19 +181,20 @@ fn install() {
         Err(e) => Err(e.message),
     };
     let mut tail = Tail::default();
+    let mut streamed = None;
     let outcome = job.map_err(agent_failure).and_then(|job| {
         say(&format!(
             "job {:?}: {:?} of {:?}",
             job.job, job.operation, job.instance
         ));
-        run_job(&client, &reporter, &job, &mut tail)
+        run_job(&client, &reporter, &job, &mut tail, &mut streamed)
     });
     if STATUS_SENT.swap(true, Ordering::SeqCst) {
         return;
     }
     match outcome {
-        Ok(()) => reporter.status(0, None, &tail),
-        Err(f) => reporter.status(f.exit_code, Some(&f.error), &tail),
+        Ok(()) => reporter.status(0, None, &tail, streamed.as_ref()),
+        Err(f) => reporter.status(f.exit_code, Some(&f.error), &tail, streamed.as_ref()),
     }
 }
 
@@ -210,7 +212,13 @@ fn agent_failure(error: String) -> Failed {
     }
 }
 
-fn run_job(client: &Client, reporter: &Reporter, job: &Job, tail: &mut Tail) -> Result<(), Failed> {
+fn run_job(
+    client: &Client,
+    reporter: &Reporter,
+    job: &Job,
+    tail: &mut Tail,
+    streamed: &mut Option<cradle_model::job::StreamDigest>,
+) -> Result<(), Failed> {
     if !job.scripts.is_empty() {
         let n = job.scripts.len();
         reporter.progress(&format!(
@@ -239,13 +247,33 @@ fn run_job(client: &Client, reporter: &Reporter, job: &Job, tail: &mut Tail) -> 
             ));
         }
         let path = Path::new(OS_DIR).join(run);
-        let status =
-            script::run(&path, &job.env, &secrets, reporter, tail).map_err(agent_failure)?;
+        let data = match &job.stream {
+            None => stream::Data::None,
+            Some(s) if s.direction == job::Direction::Out => stream::Data::Out {
+                client,
+                path: &s.path,
+            },
+            Some(s) => stream::Data::In {
+                client,
+                path: &s.path,
+            },
+        };
+        let ran =
+            script::run(&path, &job.env, &secrets, reporter, tail, data).map_err(agent_failure)?;
+        let status = ran.status;
         if !status.success() {
             return Err(Failed {
                 exit_code: script::exit_code(status),
                 error: script::describe(run, status),
             });
+        }
+        match ran.stream {
+            None => {}
+            Some(Ok(d)) => {
+                say(&format!("dump: {} bytes, SHA-256 {}", d.bytes, d.sha256));
+                *streamed = Some(d);
+            }
+            Some(Err(e)) => return Err(agent_failure(e)),
         }
         say(&format!("{run} succeeded"));
     }

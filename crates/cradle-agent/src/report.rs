@@ -16,6 +16,8 @@
 
 use std::time::Duration;
 
+use cradle_model::job::StreamDigest;
+
 use crate::http::Client;
 use crate::lines::{MAX_BODY, Tail, cut, log_body};
 use crate::system::say;
@@ -35,15 +37,29 @@ pub fn progress_body(step: &str) -> String {
 /// The body of the `status` message, the tail cut so the body stays
 /// within [`MAX_BODY`].
 pub fn status_body(exit_code: i32, error: Option<&str>, tail: &Tail) -> String {
+    status_body_with(exit_code, error, tail, None)
+}
+
+/// [`status_body`], with the length and SHA-256 of an export's or
+/// import's dump as the agent counted them.
+pub fn status_body_with(
+    exit_code: i32,
+    error: Option<&str>,
+    tail: &Tail,
+    stream: Option<&StreamDigest>,
+) -> String {
     let error = error.map(|e| cut(e, MAX_ERROR));
     let body = |log_tail: &str| {
-        serde_json::json!({
+        let mut v = serde_json::json!({
             "agent": "status",
             "exit_code": exit_code,
             "error": error,
             "log_tail": log_tail,
-        })
-        .to_string()
+        });
+        if let Some(d) = stream {
+            v["stream"] = serde_json::json!({"bytes": d.bytes, "sha256": d.sha256});
+        }
+        v.to_string()
     };
     let room = MAX_BODY.saturating_sub(body("").len());
     body(&tail.text(room))
@@ -81,12 +97,18 @@ impl<'a> Reporter<'a> {
     }
 
     /// Send the final status; say on the console whether it arrived.
-    pub fn status(&self, exit_code: i32, error: Option<&str>, tail: &Tail) {
+    pub fn status(
+        &self,
+        exit_code: i32,
+        error: Option<&str>,
+        tail: &Tail,
+        stream: Option<&StreamDigest>,
+    ) {
         match error {
             Some(e) => say(&format!("failed (exit code {exit_code}): {e}")),
             None => say(&format!("finished (exit code {exit_code})")),
         }
-        let body = status_body(exit_code, error, tail);
+        let body = status_body_with(exit_code, error, tail, stream);
         if let Err(e) = self.client.write_retrying(&body, STATUS_RETRY) {
             say(&format!(
                 "cannot send the status to the host within {} s: {e}",

@@ -7,12 +7,14 @@
 //! - secret parameters only as one JSON object on an inherited pipe,
 //!   descriptor 3, named by `CRADLE_SECRETS_FD=3`; never in argv or the
 //!   environment;
-//! - stdin `/dev/null`, the working directory the scripts' own;
+//! - stdin `/dev/null` (an import's dump instead, [`crate::stream`]), the
+//!   working directory the scripts' own;
 //! - its own process group, killed whole once the script has exited, so
 //!   nothing it started lives on.
 //!
 //! There is no deadline here: the host owns the job's and kills the VM.
-//! Its stdout and stderr are read on two threads, split into lines
+//! An export's stdout is its dump, uploaded as it comes ([`crate::stream`]);
+//! otherwise its stdout and stderr are read on two threads, split into lines
 //! ([`crate::lines::Splitter`]) and sent to the host in batches while it
 //! runs; the last lines are kept for the status.
 
@@ -31,7 +33,9 @@ use cradle_os::SecretsHandoff;
 use crate::job::Secrets;
 use crate::lines::{Batcher, Splitter, Tail};
 use crate::report::Reporter;
+use crate::stream::Data;
 use crate::system::say;
+use cradle_model::job::StreamDigest;
 
 /// How long output may still arrive once the script has exited (from what
 /// it started outside its process group, holding its stdout open).
@@ -57,21 +61,39 @@ pub fn describe(name: &str, status: ExitStatus) -> String {
     }
 }
 
+/// How a script ended, and its dump's stream when it had one: what was
+/// sent or fed, or why that failed.
+pub struct Ran {
+    pub status: ExitStatus,
+    pub stream: Option<Result<StreamDigest, String>>,
+}
+
 /// Run `script` as the module says, sending its output through `reporter`
-/// and keeping its last lines in `tail`.
+/// and keeping its last lines in `tail`; `data` says where an export's or
+/// import's dump goes.
 pub fn run(
     script: &Path,
     env: &BTreeMap<String, String>,
     secrets: &Secrets,
     reporter: &Reporter,
     tail: &mut Tail,
-) -> Result<ExitStatus, String> {
+    data: Data<'_>,
+) -> Result<Ran, String> {
     let cannot = |e: std::io::Error| format!("cannot run {}: {e}", script.display());
+    // An import's dump is opened first: without it nothing runs.
+    let download = match data {
+        Data::In { client, path } => Some(crate::stream::open_download(client, path)?),
+        _ => None,
+    };
     let mut cmd = Command::new(script);
     cmd.env_clear()
         .envs(env)
         .current_dir(script.parent().unwrap_or(Path::new("/")))
-        .stdin(Stdio::null())
+        .stdin(if download.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .process_group(0);
@@ -87,10 +109,20 @@ pub fn run(
     // Lines from both streams, in the order they are read; bounded, so a
     // host slow to take them slows the script rather than filling memory.
     let (tx, rx) = mpsc::sync_channel::<String>(1024);
-    for stream in [
-        Box::new(child.stdout.take().expect("piped")) as Box<dyn Read + Send>,
-        Box::new(child.stderr.take().expect("piped")),
-    ] {
+    let stdout = child.stdout.take().expect("piped");
+    let mut streams = vec![Box::new(child.stderr.take().expect("piped")) as Box<dyn Read + Send>];
+    let pump = match (data, download) {
+        (Data::Out { client, path }, _) => Some(crate::stream::upload(client, path, stdout)),
+        (_, Some(d)) => {
+            streams.push(Box::new(stdout));
+            Some(crate::stream::feed(d, child.stdin.take().expect("piped")))
+        }
+        _ => {
+            streams.push(Box::new(stdout));
+            None
+        }
+    };
+    for stream in streams {
         let tx = tx.clone();
         std::thread::spawn(move || read_lines(stream, &tx));
     }
@@ -142,7 +174,12 @@ pub fn run(
     if let Some(w) = writer {
         let _ = w.join();
     }
-    Ok(status)
+    // The script and its group are gone, so the dump's pipe has ended.
+    let stream = pump.map(|p| {
+        p.join()
+            .unwrap_or_else(|_| Err("the dump's stream thread panicked".into()))
+    });
+    Ok(Ran { status, stream })
 }
 
 /// Read `stream` to its end, sending its lines.
@@ -260,7 +297,16 @@ mod tests {
             crate::job::secrets(br#"{"pw": ["s3\"cret", "secret"], "x": ["y", "public"]}"#)
                 .unwrap();
         let mut tail = Tail::default();
-        let status = run(&path, &env, &secrets, &Reporter::new(&client), &mut tail).unwrap();
+        let status = run(
+            &path,
+            &env,
+            &secrets,
+            &Reporter::new(&client),
+            &mut tail,
+            Data::None,
+        )
+        .unwrap()
+        .status;
         assert_eq!(exit_code(status), 4);
 
         let mut sent = Vec::new();
@@ -324,8 +370,10 @@ mod tests {
             &secrets,
             &Reporter::new(&client),
             &mut tail,
+            Data::None,
         )
-        .unwrap();
+        .unwrap()
+        .status;
         assert_eq!(exit_code(status), 128 + 9);
         assert_eq!(tail.text(usize::MAX), "fd=unset");
         assert_eq!(bodies.lock().unwrap().len(), 1);

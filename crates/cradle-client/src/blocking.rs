@@ -11,6 +11,10 @@ pub type Response = reqwest::blocking::Response;
 pub struct Client {
     target: Target,
     http: reqwest::blocking::Client,
+    /// For streams a job feeds (an export's dump, an import's): no deadline
+    /// on the whole exchange, which lasts as long as the job; a connection
+    /// that stalls still fails, and the job has its own deadline.
+    streams: reqwest::blocking::Client,
 }
 
 impl Client {
@@ -20,7 +24,19 @@ impl Client {
             b = b.no_proxy();
         }
         let http = b.build().map_err(|e| target.transport(e))?;
-        Ok(Client { target, http })
+        let mut b = reqwest::blocking::Client::builder()
+            .timeout(None)
+            .connect_timeout(target.timeout)
+            .tcp_keepalive(std::time::Duration::from_secs(30));
+        if !target.use_proxy {
+            b = b.no_proxy();
+        }
+        let streams = b.build().map_err(|e| target.transport(e))?;
+        Ok(Client {
+            target,
+            http,
+            streams,
+        })
     }
 
     pub fn target(&self) -> &Target {
@@ -36,6 +52,50 @@ impl Client {
             r = r.body(b.clone());
         }
         r.send().map_err(|e| self.target.transport(e))
+    }
+
+    /// Send `req` with no deadline on the whole exchange; a successful
+    /// answer's body is left to read as it comes (an export's dump).
+    pub fn open_stream<T>(&self, req: Request<T>) -> Result<Response, Error> {
+        let mut r = self
+            .streams
+            .request(req.method.clone(), self.target.url(&req))
+            .headers(self.target.headers(&req));
+        if let Some(b) = &req.body {
+            r = r.body(b.clone());
+        }
+        let resp = r.send().map_err(|e| self.target.transport(e))?;
+        if resp.status().is_success() {
+            return Ok(resp);
+        }
+        let status = resp.status().as_u16();
+        let body = resp.bytes().map_err(|e| self.target.transport(e))?;
+        Err(refusal(status, &body))
+    }
+
+    /// Send `req` with `body` (`len` bytes) read as it is sent, with no
+    /// deadline on the whole exchange (an import's dump); its answer as
+    /// the route's view.
+    pub fn upload<T>(
+        &self,
+        req: Request<T>,
+        body: impl std::io::Read + Send + 'static,
+        len: u64,
+    ) -> Result<T, Error> {
+        let resp = self
+            .streams
+            .request(req.method.clone(), self.target.url(&req))
+            .headers(self.target.headers(&req))
+            .header(reqwest::header::CONTENT_TYPE, "application/octet-stream")
+            .body(reqwest::blocking::Body::sized(body, len))
+            .send()
+            .map_err(|e| self.target.transport(e))?;
+        let status = resp.status().as_u16();
+        let bytes = resp.bytes().map_err(|e| self.target.transport(e))?;
+        if !(200..300).contains(&status) {
+            return Err(refusal(status, &bytes));
+        }
+        read_answer(&req, &bytes)
     }
 
     /// Send `req`; its answer as the route's view, or the API's refusal.

@@ -197,6 +197,30 @@ pub fn install_job(key: &str, after: u64, wait: Duration) -> Request<JobView> {
         .query("wait", wait.as_secs())
 }
 
+/// `POST /v1/instances/{key}/export?disk=N`: run the OS's export; the
+/// answer is the dump (read it with `open_stream`; its job id is in
+/// `X-Cradle-Job`), and then the job says whether it was whole.
+pub fn export(key: &str, disk: usize) -> Request<()> {
+    Request::new(Method::POST, of_instance(key, "export"), |_| Ok(()))
+        .query("disk", disk)
+        .json(b"{}".to_vec())
+}
+
+/// `POST /v1/instances/{key}/import?disk=N&sha256=HEX` (202), the dump as
+/// the body (send it with `upload`).
+pub fn import(key: &str, disk: usize, sha256: &str) -> Request<JobView> {
+    Request::new(Method::POST, of_instance(key, "import"), json)
+        .query("disk", disk)
+        .query("sha256", sha256)
+}
+
+/// `POST /v1/instances/{key}/rename`: through the OS's rename script when
+/// it has one (then `job` is set, and the name changes when it succeeds).
+pub fn rename(key: &str, name: &str) -> Request<cradle_model::answers::RenameView> {
+    let body = serde_json::json!({ "name": name });
+    Request::new(Method::POST, of_instance(key, "rename"), json).json(to_vec(&body))
+}
+
 /// `POST /v1/instances/{key}/start`: boot its VM (run mode).
 pub fn start_vm(key: &str) -> Request<InstanceView> {
     Request::new(Method::POST, of_instance(key, "start"), json).json(b"{}".to_vec())

@@ -174,6 +174,9 @@ pub struct Install {
     pub qemu_img: PathBuf,
     /// `dnsmasq`, which gives a self-installing guest its address by DHCP.
     pub dnsmasq: PathBuf,
+    /// The largest disk dump, in bytes, an export sends or an import takes
+    /// (and spools on the host before its job starts).
+    pub stream_max_bytes: u64,
 }
 
 impl Default for Install {
@@ -189,6 +192,7 @@ impl Default for Install {
             nft: PathBuf::from("nft"),
             qemu_img: PathBuf::from("qemu-img"),
             dnsmasq: PathBuf::from("dnsmasq"),
+            stream_max_bytes: 1 << 40,
         }
     }
 }
@@ -685,6 +689,7 @@ pub const KEYS: &[(&str, &str)] = &[
     ("install", "nft"),
     ("install", "qemu_img"),
     ("install", "dnsmasq"),
+    ("install", "stream_max_bytes"),
     ("maintenance", "stop_grace"),
     ("maintenance", "history"),
     ("identity", "dir"),

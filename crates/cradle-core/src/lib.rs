@@ -19,6 +19,7 @@
 //! - `instances.rs`: instances, their events and the channel (operator side).
 //! - `artifacts.rs`: config drives and personalization packages.
 //! - `install.rs`: install jobs and run mode.
+//! - `os_jobs.rs`: export, import and rename jobs, and their data streams.
 //! - `secgroups.rs`: security groups and the firewall.
 //! - `maintenance.rs`: maintenance events (schedule, cancel, the guest's
 //!   acknowledgement) and the scheduler that runs them.
@@ -37,6 +38,7 @@ mod install;
 mod instances;
 mod maintenance;
 pub mod migrate;
+mod os_jobs;
 pub mod peers;
 mod secgroups;
 pub use secgroups::FIREWALL_WAIT;
@@ -56,6 +58,7 @@ pub use guest::{
 };
 pub use install::StopRequest;
 pub use maintenance::MaintenanceSettings;
+pub use os_jobs::Export;
 
 /// What the operations run on, built by `cradle serve`.
 pub struct Parts {

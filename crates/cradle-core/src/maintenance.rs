@@ -34,10 +34,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use cradle_hypervisor::Status;
+use cradle_model::Instance;
 use cradle_model::maintenance::{
     self, MaintenanceCode, MaintenanceEvent, MaintenanceRequest, MaintenanceState,
 };
-use cradle_model::{Instance, State};
 use cradle_registry::RegistryError;
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
@@ -352,8 +352,8 @@ impl Core {
             .registry
             .get(&id.to_string())
             .map_err(|e| e.to_string())?;
-        if inst.state == State::Installing {
-            return Err("the instance is being installed".into());
+        if inst.state.is_busy() {
+            return Err(format!("the instance is {}", inst.state.busy_with()));
         }
         let running = match self.installer.vm_status(&inst).await {
             Ok(s) => matches!(s, Status::Running | Status::Paused),

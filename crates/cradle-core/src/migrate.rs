@@ -207,11 +207,11 @@ impl Core {
                 format!("to: instance {} is on host {to:?} already", inst.name),
             ));
         }
-        if inst.state == cradle_model::State::Installing {
+        if inst.state.is_busy() {
             return Err(Error::refused(
                 Kind::Conflict,
                 "busy",
-                format!("instance {} is being installed", inst.name),
+                format!("instance {} is {}", inst.name, inst.state.busy_with()),
             ));
         }
         Ok((inst, to))

@@ -30,6 +30,7 @@
 //! instance's own VM (`cradle instance start`).
 
 pub mod comm;
+mod os_job;
 mod run_mode;
 
 use std::collections::BTreeMap;
@@ -40,12 +41,16 @@ use std::time::Duration;
 
 use cradle_hypervisor::{Accel, Hypervisor, KernelBoot, Nic, Qemu, Status, VmSpec};
 use cradle_model::{Instance, Os};
-use cradle_os::{Environment, Operation, OsDefinition, Placement};
+use cradle_os::Placement;
 use cradle_registry::jobs::{Artifacts, EventKind, InstallJob, Package};
 use cradle_registry::{Registry, RegistryError};
 use tracing::{info, warn};
 
 pub use comm::{Comm, METADATA_IP};
+pub use cradle_os::Operation as OsOperation;
+pub use cradle_registry::stream::Source;
+pub use os_job::OsJob;
+use os_job::Plan;
 
 /// How the accelerator is chosen.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -89,6 +94,10 @@ pub struct Settings {
     pub qemu_img: PathBuf,
     /// Answers a self-installing guest's DHCP with its own address.
     pub dnsmasq: PathBuf,
+    /// Where imports' dumps are spooled and checked before their job runs.
+    pub spool_dir: PathBuf,
+    /// The largest dump an export sends or an import takes.
+    pub stream_max_bytes: u64,
 }
 
 /// Why an install did not start.
@@ -196,34 +205,81 @@ impl Installer {
         self: &Arc<Self>,
         inst: Arc<Instance>,
     ) -> Result<Arc<InstallJob>, StartError> {
+        Ok(self.start_job(inst, OsJob::Create).await?.0)
+    }
+
+    /// Check `inst` can run `request`, register its job and start it; an
+    /// export's answer also gets the end its dump is read from.
+    pub async fn start_job(
+        self: &Arc<Self>,
+        inst: Arc<Instance>,
+        request: OsJob,
+    ) -> Result<(Arc<InstallJob>, Option<Source>), StartError> {
         let this = self.clone();
         // Files, the OS definition, the package download and the store
         // write all block: none of it on the runtime's workers.
         let prepared = tokio::task::spawn_blocking(move || {
-            let (job, plan) = this.prepare(&inst)?;
+            let (job, plan, source) = this.prepare(&inst, request)?;
             let job = this.registry.begin_install(job)?;
-            Ok::<_, StartError>((inst, job, plan))
+            Ok::<_, StartError>((inst, job, plan, source))
         })
         .await
         .map_err(|e| StartError::Unavailable(format!("internal task failed: {e}")))??;
-        let (inst, job, plan) = prepared;
-        info!(instance = %inst.id, job = %job.id, mode = plan.mode(), "install started");
+        let (inst, job, plan, source) = prepared;
+        info!(instance = %inst.id, job = %job.id, mode = plan.mode(), operation = job.operation.as_str(), "job started");
         let this = self.clone();
         let running = job.clone();
         tokio::spawn(async move { this.run(running, inst, plan).await });
-        Ok(job)
+        Ok((job, source))
+    }
+
+    /// Whether `inst`'s OS definition has a script (trusted or untrusted)
+    /// for `op`; `false` without an `os_type`. A definition that cannot
+    /// be read is an error.
+    pub fn has_script(
+        &self,
+        inst: &Instance,
+        op: cradle_os::Operation,
+    ) -> Result<bool, StartError> {
+        let Some(Os::Type(full)) = &inst.os else {
+            return Ok(false);
+        };
+        let (name, _) = cradle_os::split_name(full);
+        let os = cradle_os::find(&self.settings.os_search, name)
+            .map_err(|e| StartError::Invalid(e.to_string()))?;
+        Ok(os.placement(op).is_some())
+    }
+
+    /// Check that `request` could start now, without starting it (an
+    /// import checks before its dump is uploaded).
+    pub fn check_job(&self, inst: &Instance, request: OsJob) -> Result<(), StartError> {
+        self.prepare(inst, request).map(|_| ())
     }
 
     /// Everything that can be checked before the job exists: `install`
-    /// for an `os_type`, `self_install` for an `os_image`.
-    fn prepare(&self, inst: &Instance) -> Result<(InstallJob, Work), StartError> {
+    /// for an `os_type`, `self_install` for an `os_image`; the other OS
+    /// operations need an `os_type`.
+    fn prepare(
+        &self,
+        inst: &Instance,
+        request: OsJob,
+    ) -> Result<(InstallJob, Work, Option<Source>), StartError> {
+        let op = request.operation();
         match &inst.os {
             Some(Os::Type(full)) => self
-                .prepare_install(inst, full)
-                .map(|(j, p)| (j, Work::Install(p))),
+                .prepare_os_job(inst, full, request)
+                .map(|(j, p, s)| (j, Work::Install(Box::new(p)), s)),
+            _ if op != cradle_model::job::JobOperation::Create => {
+                Err(StartError::Invalid(format!(
+                    "instance {} has no os_type: its OS definition's {} script is what {}s it",
+                    inst.name,
+                    op.as_str(),
+                    op.as_str()
+                )))
+            }
             Some(Os::Image(image)) => self
                 .prepare_self_install(inst, image)
-                .map(|(j, p)| (j, Work::SelfInstall(p))),
+                .map(|(j, p)| (j, Work::SelfInstall(p), None)),
             None => Err(StartError::Invalid(format!(
                 "instance {} has no os_type (install: an OS definition's create scripts in \
                  the appliance) and no os_image (self_install: the guest installs itself)",
@@ -312,118 +368,6 @@ impl Installer {
         Ok((job, SelfPlan { guest, source }))
     }
 
-    /// `install`: the OS definition's create scripts.
-    fn prepare_install(
-        &self,
-        inst: &Instance,
-        full: &str,
-    ) -> Result<(InstallJob, Plan), StartError> {
-        let bad = |m: String| Err(StartError::Invalid(m));
-        let (name, variant) = cradle_os::split_name(full);
-        let os = cradle_os::find(&self.settings.os_search, name)
-            .map_err(|e| StartError::Invalid(e.to_string()))?;
-        os.check_variant(variant)
-            .map_err(|e| StartError::Invalid(e.to_string()))?;
-        // Every parameter must be one the OS takes, as Ganeti checks; the
-        // personalization credentials are cradle's own.
-        let p = &inst.os_params;
-        os.check_parameters(
-            p.public
-                .keys()
-                .chain(p.private.keys())
-                .chain(p.secret.keys())
-                .map(String::as_str)
-                .filter(|n| !cradle_model::personalization::CREDENTIAL_PARAMS.contains(n)),
-        )
-        .map_err(|e| StartError::Invalid(e.to_string()))?;
-        let Some(placement) = os.placement(Operation::Create) else {
-            return bad(format!(
-                "OS {name} has no create script, trusted or untrusted"
-            ));
-        };
-        let guest = Self::check_machine(inst)?;
-        let appliance = placement != Placement::Host || inst.personalization_url.is_some();
-        if appliance {
-            for f in [self.kernel(), self.initrd()] {
-                if !f.is_file() {
-                    return Err(StartError::Unavailable(format!(
-                        "no install appliance: {} is missing (build it with `cradle appliance \
-                         build -o {}`, or set [install] appliance)",
-                        f.display(),
-                        self.settings.appliance.display()
-                    )));
-                }
-            }
-        }
-        let runner_user = if placement == Placement::Appliance {
-            None
-        } else {
-            if cradle_os::running_as_root() {
-                Some(
-                    cradle_os::User::lookup(&self.settings.script_user)
-                        .map_err(|e| StartError::Unavailable(e.to_string()))?,
-                )
-            } else {
-                None
-            }
-        };
-        let mut scripts = BTreeMap::new();
-        for (fname, f) in &os.untrusted {
-            let bytes = std::fs::read(&f.path).map_err(|e| {
-                StartError::Invalid(format!("cannot read {}: {e}", f.path.display()))
-            })?;
-            scripts.insert(fname.clone(), bytes.into());
-        }
-        let package = match &inst.personalization_url {
-            Some(url) => Some(fetch_package(inst, url)?),
-            None => None,
-        };
-        // The environment inside the appliance: the disks are virtio.
-        let vdisks: Vec<cradle_os::Disk> = (0..inst.disks.len())
-            .map(|n| cradle_os::Disk {
-                path: PathBuf::from(format!("/dev/vd{}", (b'a' + n as u8) as char)),
-                writable: true,
-            })
-            .collect();
-        let env = Environment::for_os(&os, variant)
-            .instance(&inst.name, "kvm")
-            .disks(&vdisks)
-            .params(&inst.os_params)
-            .set("PATH", "/bin");
-        let manifest = serde_json::json!({
-            "operation": "create",
-            "instance": inst.name,
-            "env": env.vars(),
-            "scripts": scripts.keys().collect::<Vec<_>>(),
-            "run": os.untrusted_script(Operation::Create).map(|_| "create"),
-            "personalization": package.as_ref().map(|_| serde_json::json!({
-                "path": "/cradle/latest/os/package",
-                "disk": 0,
-                "partition": null,
-            })),
-        });
-        let manifest = serde_json::to_vec(&manifest).expect("JSON values serialize");
-        let job = InstallJob::new(
-            inst,
-            Artifacts {
-                manifest: manifest.into(),
-                scripts,
-                package,
-            },
-        );
-        Ok((
-            job,
-            Plan {
-                os,
-                variant: variant.map(str::to_string),
-                placement,
-                appliance,
-                guest,
-                runner_user,
-            },
-        ))
-    }
-
     fn running(&self) -> std::sync::MutexGuard<'_, std::collections::HashMap<uuid::Uuid, Running>> {
         self.running.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -445,7 +389,7 @@ impl Installer {
     }
 
     async fn run(self: Arc<Self>, job: Arc<InstallJob>, inst: Arc<Instance>, work: Work) {
-        let vm = format!("install-{}", inst.id);
+        let vm = format!("{}-{}", job.operation.noun(), inst.id);
         let tap = format!("cri{}", &inst.id.simple().to_string()[..8]);
         self.running().insert(
             job.id,
@@ -482,23 +426,44 @@ impl Installer {
             }
             Err(e) => warn!(instance = %inst.id, error = %e, "cannot stop the install appliance"),
         }
+        let outcome = match (outcome, &work) {
+            (Ok(note), Work::Install(plan)) => {
+                // The stream's ends agree; a rename's name is taken (a
+                // store write, so on the blocking pool).
+                let (registry, ended) = (self.registry.clone(), job.clone());
+                let (request, untrusted) = (plan.job.clone(), plan.placement != Placement::Host);
+                let concluded = blocking(move || {
+                    let agent = ended.status();
+                    os_job::conclude(&registry, &ended, &request, untrusted, agent.as_ref())
+                })
+                .await;
+                concluded.map(|n| match n {
+                    Some(more) => format!("{note}; {more}"),
+                    None => note,
+                })
+            }
+            (outcome, _) => outcome,
+        };
         let (ok, reason) = match outcome {
             Ok(note) => (true, Some(note)),
             Err(reason) => (false, Some(reason)),
         };
+        if let Some(spool) = job.stream().and_then(|s| s.spool()) {
+            let _ = std::fs::remove_file(spool);
+        }
         let (registry, ended, why) = (self.registry.clone(), job.clone(), reason.clone());
         let recorded =
             tokio::task::spawn_blocking(move || registry.end_install(&ended, ok, why)).await;
         match recorded {
             Ok(Ok(())) => {}
             Ok(Err(e)) => {
-                warn!(instance = %inst.id, error = %e, "cannot record the end of the install")
+                warn!(instance = %inst.id, error = %e, "cannot record the end of the job")
             }
             Err(e) => {
-                warn!(instance = %inst.id, error = %e, "cannot record the end of the install")
+                warn!(instance = %inst.id, error = %e, "cannot record the end of the job")
             }
         }
-        info!(instance = %inst.id, job = %job.id, succeeded = ok, reason = reason.as_deref().unwrap_or(""), "install ended");
+        info!(instance = %inst.id, job = %job.id, operation = job.operation.as_str(), succeeded = ok, reason = reason.as_deref().unwrap_or(""), "job ended");
     }
 
     /// When `job` must end (`[install] timeout` from its start, never
@@ -579,7 +544,12 @@ impl Installer {
             None => None,
             Some(handle) => match tokio::time::timeout_at(deadline, handle).await {
                 Err(_) => return Err(timeout_reason()),
-                Ok(Err(e)) => return Err(format!("the trusted create script's task failed: {e}")),
+                Ok(Err(e)) => {
+                    return Err(format!(
+                        "the trusted {} script's task failed: {e}",
+                        plan.op()
+                    ));
+                }
                 Ok(Ok(r)) => Some(r?),
             },
         };
@@ -594,12 +564,18 @@ impl Installer {
         if let Some(code) = trusted
             && code != 0
         {
-            return Err(format!("the trusted create script exited with {code}"));
+            return Err(format!(
+                "the trusted {} script exited with {code}",
+                plan.op()
+            ));
         }
         Ok(match (agent.is_some(), trusted.is_some()) {
-            (true, true) => "the appliance and the trusted create script succeeded".into(),
+            (true, true) => format!(
+                "the appliance and the trusted {} script succeeded",
+                plan.op()
+            ),
             (true, false) => "the appliance reported exit code 0".into(),
-            _ => "the trusted create script succeeded".into(),
+            _ => format!("the trusted {} script succeeded", plan.op()),
         })
     }
 
@@ -721,7 +697,7 @@ impl Installer {
             name: vm.to_string(),
             memory_mib: self.settings.memory_mib,
             vcpus: 1,
-            disks: vm_disks(inst),
+            disks: vm_disks_with(inst, plan.read_only()),
             kernel: Some(KernelBoot {
                 kernel: self.kernel(),
                 initrd: Some(self.initrd()),
@@ -754,6 +730,9 @@ impl Installer {
             if let Some(st) = job.status() {
                 return Ok(st);
             }
+            if let Some(why) = job.stream().and_then(|s| s.failure()) {
+                return Err(why);
+            }
             let (q, name) = (qemu.clone(), vm.to_string());
             let status = tokio::task::spawn_blocking(move || q.status(&name)).await;
             if let Ok(Ok(Status::Stopped)) = status {
@@ -777,105 +756,25 @@ impl Installer {
             }
         }
     }
-
-    /// The trusted `create` on the host, on a blocking thread; its output
-    /// becomes the job's `trusted` events. Yields its exit code.
-    fn spawn_trusted(
-        &self,
-        job: &Arc<InstallJob>,
-        inst: &Arc<Instance>,
-        plan: &Plan,
-    ) -> tokio::task::JoinHandle<Result<i32, String>> {
-        let script = plan.os.trusted.get(&Operation::Create).cloned();
-        let env = Environment::for_os(&plan.os, plan.variant.as_deref())
-            .instance(&inst.name, "kvm")
-            .disks(
-                &inst
-                    .disks
-                    .iter()
-                    .map(|d| cradle_os::Disk {
-                        path: PathBuf::from(&d.path),
-                        writable: true,
-                    })
-                    .collect::<Vec<_>>(),
-            )
-            .params(&inst.os_params);
-        let secrets = inst.os_params.secret.clone();
-        let runner = cradle_os::Runner {
-            user: plan.runner_user.clone(),
-            timeout: self.settings.timeout,
-        };
-        let job = job.clone();
-        let (registry, id) = (self.registry.clone(), inst.id);
-        tokio::task::spawn_blocking(move || {
-            let Some(script) = script else {
-                return Ok(0);
-            };
-            job.note(
-                EventKind::Job,
-                &format!("trusted create running on the host: {}", script.display()),
-            );
-            // Its lines go to the job as they come, and its standard output
-            // to the appliance too (it reads them from /cradle/latest/read);
-            // what the appliance writes on the channel comes in on its
-            // standard input, through a bounded queue.
-            let stdin = job.forward_to_script();
-            let lines = job.clone();
-            let streams = cradle_os::Streams {
-                on_line: Some(Box::new(move |stream, line| {
-                    lines.note(EventKind::Trusted, &format!("{stream}: {line}"));
-                    if stream == "stdout" {
-                        to_appliance(&registry, &lines, id, line);
-                    }
-                })),
-                stdin: Some(stdin),
-            };
-            let done = cradle_os::run_trusted_with(&script, &[], &env, &secrets, &runner, streams);
-            job.stop_forwarding();
-            let done = done.map_err(|e| format!("the trusted create script: {e}"))?;
-            Ok(exit_code(&done.status))
-        })
-    }
-}
-
-/// Queue a line of the trusted script's output for the appliance. The
-/// queue is bounded (`[channel] queue_len`): while it is full the script's
-/// reader waits here, so the script itself is slowed by its full pipe; the
-/// line is dropped only when the job ends first.
-fn to_appliance(registry: &Registry, job: &InstallJob, id: uuid::Uuid, line: &str) {
-    let mut pause = Duration::from_millis(5);
-    loop {
-        match registry.push_message(
-            id,
-            cradle_registry::ChannelDirection::ToGuest,
-            line.as_bytes(),
-        ) {
-            Ok(_) => return,
-            Err(RegistryError::QueueFull(_)) if job.is_running() => {
-                std::thread::sleep(pause);
-                pause = (pause * 2).min(Duration::from_millis(200));
-            }
-            Err(e) => {
-                warn!(instance = %id, error = %e, "cannot queue the trusted script's line for the appliance");
-                return;
-            }
-        }
-    }
 }
 
 /// The instance's disks as the VM gets them, in order.
 fn vm_disks(inst: &Instance) -> Vec<cradle_hypervisor::Disk> {
+    vm_disks_with(inst, false)
+}
+
+fn vm_disks_with(inst: &Instance, read_only: bool) -> Vec<cradle_hypervisor::Disk> {
     inst.disks
         .iter()
         .map(|d| cradle_hypervisor::Disk {
             path: PathBuf::from(&d.path),
             format: d.format,
-            read_only: false,
+            read_only,
         })
         .collect()
 }
 
-fn exit_code(s: &std::process::ExitStatus) -> i32 {
+pub(crate) fn exit_code(s: &std::process::ExitStatus) -> i32 {
     use std::os::unix::process::ExitStatusExt;
     s.code()
         .or_else(|| s.signal().map(|n| 128 + n))
@@ -884,7 +783,7 @@ fn exit_code(s: &std::process::ExitStatus) -> i32 {
 
 /// What [`Installer::prepare`] worked out.
 enum Work {
-    Install(Plan),
+    Install(Box<Plan>),
     SelfInstall(SelfPlan),
 }
 
@@ -904,18 +803,7 @@ struct SelfPlan {
     source: Option<PathBuf>,
 }
 
-/// An `install`.
-struct Plan {
-    os: OsDefinition,
-    variant: Option<String>,
-    placement: Placement,
-    /// Whether the appliance boots (an untrusted create, or a package).
-    appliance: bool,
-    guest: Ipv4Addr,
-    runner_user: Option<cradle_os::User>,
-}
-
-fn fetch_package(inst: &Instance, url: &str) -> Result<Package, StartError> {
+pub(crate) fn fetch_package(inst: &Instance, url: &str) -> Result<Package, StartError> {
     let credentials = cradle_personalize::Credentials::of(&inst.os_params);
     let limits = cradle_personalize::Limits::default();
     let fetched = cradle_personalize::fetch(
@@ -947,75 +835,4 @@ async fn blocking<T: Send + 'static>(
     tokio::task::spawn_blocking(f)
         .await
         .unwrap_or_else(|e| Err(format!("internal task failed: {e}")))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use cradle_registry::ChannelDirection;
-
-    fn registry(queue_len: usize) -> (Arc<Registry>, tempfile::TempDir) {
-        let tmp = tempfile::tempdir().unwrap();
-        let store = cradle_store::SqliteStore::open(&tmp.path().join("db")).unwrap();
-        let limits = cradle_registry::ChannelLimits {
-            queue_len,
-            message_bytes: 1024,
-        };
-        (
-            Arc::new(Registry::open(Arc::new(store), limits, "node1").unwrap()),
-            tmp,
-        )
-    }
-
-    fn running_job(registry: &Registry) -> (Arc<InstallJob>, uuid::Uuid) {
-        let spec = cradle_model::api::InstanceSpec {
-            name: "web".into(),
-            metadata_address: Some("169.254.7.7".into()),
-            ..Default::default()
-        };
-        let inst = registry.create(spec, Vec::new()).unwrap();
-        let artifacts = Artifacts {
-            manifest: bytes::Bytes::from_static(b"{}"),
-            scripts: BTreeMap::new(),
-            package: None,
-        };
-        let job = registry
-            .begin_install(InstallJob::new(&inst, artifacts))
-            .unwrap();
-        (job, inst.id)
-    }
-
-    #[test]
-    fn a_trusted_scripts_lines_wait_for_room_and_none_is_dropped() {
-        let (registry, _tmp) = registry(2);
-        let (job, id) = running_job(&registry);
-        let (r, j) = (registry.clone(), job.clone());
-        let writer = std::thread::spawn(move || {
-            for n in 0..6 {
-                to_appliance(&r, &j, id, &format!("line {n}"));
-            }
-        });
-        let mut read = Vec::new();
-        let deadline = std::time::Instant::now() + Duration::from_secs(20);
-        while read.len() < 6 && std::time::Instant::now() < deadline {
-            match registry.pop_message(id, ChannelDirection::ToGuest).unwrap() {
-                Some(m) => read.push(String::from_utf8(m.body).unwrap()),
-                None => std::thread::sleep(Duration::from_millis(20)),
-            }
-        }
-        writer.join().unwrap();
-        let want: Vec<String> = (0..6).map(|n| format!("line {n}")).collect();
-        assert_eq!(read, want);
-    }
-
-    #[test]
-    fn a_full_queue_holds_the_script_only_while_the_job_runs() {
-        let (registry, _tmp) = registry(1);
-        let (job, id) = running_job(&registry);
-        to_appliance(&registry, &job, id, "fills the queue");
-        registry.end_install(&job, false, None).unwrap();
-        let started = std::time::Instant::now();
-        to_appliance(&registry, &job, id, "nobody will read this");
-        assert!(started.elapsed() < Duration::from_secs(5));
-    }
 }

@@ -38,10 +38,11 @@ impl Installer {
 
     /// Start the instance's VM; its state becomes `running`.
     pub async fn start_vm(&self, inst: Arc<Instance>) -> Result<Arc<Instance>, StartError> {
-        if inst.state == cradle_model::State::Installing {
+        if inst.state.is_busy() {
             return Err(StartError::Registry(RegistryError::Busy(format!(
-                "instance {} is being installed",
-                inst.name
+                "instance {} is {}",
+                inst.name,
+                inst.state.busy_with()
             ))));
         }
         if inst.disks.is_empty() {

@@ -325,7 +325,15 @@ fn set_hop_limit(
     }
 }
 
-type Reply = Response<Full<Bytes>>;
+type Reply = Response<Body>;
+/// Every answer's body: whole, or (an import's dump) streamed.
+type Body = http_body_util::combinators::UnsyncBoxBody<Bytes, std::io::Error>;
+
+fn full(b: impl Into<Bytes>) -> Body {
+    Full::new(b.into())
+        .map_err(|never| match never {})
+        .boxed_unsync()
+}
 
 /// What a wait whose guest went away is counted as (nginx's 499); nobody
 /// reads it.
@@ -335,7 +343,7 @@ const CLIENT_GONE: StatusCode = match StatusCode::from_u16(499) {
 };
 
 fn reply(status: StatusCode, content_type: &'static str, body: impl Into<Bytes>) -> Reply {
-    let mut r = Response::new(Full::new(body.into()));
+    let mut r = Response::new(full(body));
     *r.status_mut() = status;
     r.headers_mut()
         .insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
@@ -560,6 +568,13 @@ async fn route(
             }
             return install_file(svc, guest, &segs[2..]);
         }
+        [_, "latest", "os", "stream"] if native => {
+            return match *req.method() {
+                Method::GET => stream_download(svc, guest),
+                Method::PUT | Method::POST => stream_upload(svc, guest, req).await,
+                _ => not_allowed("GET, PUT, POST"),
+            };
+        }
         [_, "latest", "identity"] if native => {
             if req.method() != Method::GET && req.method() != Method::HEAD {
                 return not_allowed("GET, HEAD");
@@ -657,7 +672,7 @@ fn conditional(req: &Request<Incoming>, doc: cradle_core::Doc) -> Reply {
             t == "*" || t.trim_start_matches("W/") == tag
         });
     let mut r = if matches {
-        let mut r = Response::new(Full::new(Bytes::new()));
+        let mut r = Response::new(full(Bytes::new()));
         *r.status_mut() = StatusCode::NOT_MODIFIED;
         r
     } else {
@@ -772,7 +787,7 @@ async fn channel_read(svc: &MetadataService, guest: &Guest) -> Reply {
             r
         }
         Ok(None) => {
-            let mut r = Response::new(Full::new(Bytes::new()));
+            let mut r = Response::new(full(Bytes::new()));
             *r.status_mut() = StatusCode::NO_CONTENT;
             r
         }
@@ -795,6 +810,49 @@ async fn channel_write(svc: &MetadataService, guest: &Guest, req: Request<Incomi
         }
         Err(e) => failure(&e),
     }
+}
+
+/// The appliance uploads its export's dump (what the script printed) as
+/// the request's body: taken as it comes, never whole; the answer is the
+/// length and SHA-256 the host counted, as JSON.
+async fn stream_upload(svc: &MetadataService, guest: &Guest, req: Request<Incoming>) -> Reply {
+    match svc.core.stream_upload(guest, req.into_body()).await {
+        Ok(d) => reply(
+            StatusCode::OK,
+            "application/json",
+            serde_json::to_vec(&d).unwrap_or_default(),
+        ),
+        Err(e) => failure(&e),
+    }
+}
+
+/// The appliance reads its import's dump, streamed from the spool file
+/// with its length and SHA-256 in the head.
+fn stream_download(svc: &MetadataService, guest: &Guest) -> Reply {
+    let (file, digest) = match svc.core.stream_download(guest) {
+        Ok(f) => f,
+        Err(e) => return failure(&e),
+    };
+    let reader =
+        tokio_util::io::ReaderStream::with_capacity(tokio::fs::File::from_std(file), 1 << 20);
+    let body = http_body_util::StreamBody::new(futures_util::TryStreamExt::map_ok(
+        reader,
+        hyper::body::Frame::data,
+    ));
+    let mut r = Response::new(body.boxed_unsync());
+    r.headers_mut().insert(
+        CONTENT_TYPE,
+        HeaderValue::from_static("application/octet-stream"),
+    );
+    r.headers_mut().insert(
+        hyper::header::CONTENT_LENGTH,
+        HeaderValue::from(digest.bytes),
+    );
+    if let Ok(v) = HeaderValue::from_str(&digest.sha256) {
+        r.headers_mut()
+            .insert(cradle_model::answers::STREAM_SHA256_HEADER, v);
+    }
+    r
 }
 
 /// The guest acknowledges one of its maintenance events (which then runs

@@ -104,6 +104,8 @@ fn core(tmp: &std::path::Path) -> Arc<Core> {
             script_user: "nobody".into(),
             qemu_img: "qemu-img".into(),
             dnsmasq: "dnsmasq".into(),
+            spool_dir: std::env::temp_dir().join("cradle-spool-unused"),
+            stream_max_bytes: 1 << 30,
         },
         metrics: Arc::new(metrics),
         vendor_data: serde_json::json!({}),

@@ -20,7 +20,7 @@ use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
-use cradle_model::{ImdsTokens, Instance, State};
+use cradle_model::{ImdsTokens, Instance};
 use cradle_registry::ChannelDirection;
 use cradle_registry::jobs::Forwarded;
 use cradle_render::{Context, Resolved};
@@ -189,7 +189,7 @@ impl Core {
         let instance = self.registry.by_address(source)?;
         // Only an instance being installed has a running job: its state
         // says so without taking the jobs' lock on every request.
-        if instance.state == State::Installing
+        if instance.state.is_busy()
             && let Some(job) = self.registry.running_install(instance.id)
         {
             job.saw_request();
