@@ -27,6 +27,14 @@ fn line(e: &JobEvent) -> String {
     format!("[{:>7.1}s] {kind:<9} {}", e.ms as f64 / 1000.0, e.text)
 }
 
+/// What the job is called: "install" for `create`, else its operation.
+fn noun(job: &JobView) -> &str {
+    match job.operation.as_str() {
+        "create" => "install",
+        other => other,
+    }
+}
+
 /// A job just started or looked up: followed to its end, or printed.
 pub fn show(
     api: &Api,
@@ -50,8 +58,11 @@ pub fn print(out: &mut impl Write, output: Output, job: &JobView) -> Result<()> 
     }
     writeln!(
         out,
-        "install job {} of {}: {}",
-        job.id, job.instance_name, job.state
+        "{} job {} of {}: {}",
+        noun(job),
+        job.id,
+        job.instance_name,
+        job.state
     )?;
     if let Some(r) = &job.reason {
         writeln!(out, "reason: {r}")?;
@@ -102,14 +113,16 @@ pub fn follow(api: &Api, instance: &str, mut job: JobView, output: Output) -> Re
     match job.state.as_str() {
         "succeeded" => {
             eprintln!(
-                "install of {} succeeded in {:.1}s",
+                "{} of {} succeeded in {:.1}s",
+                noun(&job),
                 job.instance_name,
                 job.elapsed_ms as f64 / 1000.0
             );
             Ok(())
         }
         _ => bail!(
-            "install of {} failed: {}",
+            "{} of {} failed: {}",
+            noun(&job),
             job.instance_name,
             job.reason.as_deref().unwrap_or("no reason given")
         ),

@@ -103,7 +103,41 @@ appliance while the job runs, then dropped.\n\nExample:\n  cradle instance insta
         #[arg(long, default_value_t = 65536)]
         bytes: u64,
     },
-    /// Show the instance's last install job (with its output).
+    /// Dump a disk through the OS's export script, to a file or standard output.
+    #[command(after_help = crate::os_jobs::EXPORT_ABOUT)]
+    Export {
+        instance: String,
+        /// Where the dump goes (a temporary name until it is whole); `-` is
+        /// standard output. (`-o` is the output format, as everywhere.)
+        #[arg(value_name = "FILE", default_value = "-")]
+        file: PathBuf,
+        /// The disk to export.
+        #[arg(long, default_value_t = 0)]
+        disk: usize,
+    },
+    /// Write a dump onto a disk through the OS's import script.
+    #[command(after_help = crate::os_jobs::IMPORT_ABOUT)]
+    Import {
+        instance: String,
+        /// The dump, as `instance export` wrote it.
+        file: PathBuf,
+        /// The disk to write.
+        #[arg(long, default_value_t = 0)]
+        disk: usize,
+        /// The dump's SHA-256 [default: the one in FILE.sha256].
+        #[arg(long, value_name = "HEX")]
+        sha256: Option<String>,
+    },
+    /// Rename the instance, through its OS's rename script when it has one.
+    #[command(after_help = crate::os_jobs::RENAME_ABOUT)]
+    Rename {
+        instance: String,
+        /// The new name.
+        new_name: String,
+    },
+    /// Show the instance's last job (an install, export, import or
+    /// rename), with its output.
+    #[command(visible_alias = "job-status")]
     InstallStatus {
         instance: String,
         /// Keep following while it runs.
@@ -473,6 +507,20 @@ pub fn run(args: InstanceArgs) -> Result<()> {
         InstanceCommand::Install { instance, follow } => {
             let job = api.send(route::start_install(&instance))?;
             crate::install::show(&api, &instance, job, follow, output)
+        }
+        InstanceCommand::Export {
+            instance,
+            file,
+            disk,
+        } => crate::os_jobs::export(&api, &instance, disk, Some(&file), output),
+        InstanceCommand::Import {
+            instance,
+            file,
+            disk,
+            sha256,
+        } => crate::os_jobs::import(&api, &instance, &file, disk, sha256.as_deref(), output),
+        InstanceCommand::Rename { instance, new_name } => {
+            crate::os_jobs::rename(&api, &instance, &new_name, output)
         }
         InstanceCommand::Migrate {
             instance,

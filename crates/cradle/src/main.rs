@@ -18,6 +18,7 @@ mod instance;
 mod maintenance;
 mod migrate;
 mod os;
+mod os_jobs;
 mod personalize;
 mod remote;
 mod secgroup;

@@ -135,6 +135,8 @@ fn install_settings(config: &Config, metadata_port: u16) -> Result<cradle_instal
         script_user: config.os.script_user.clone(),
         qemu_img: i.qemu_img.clone(),
         dnsmasq: i.dnsmasq.clone(),
+        spool_dir: config.server.data_dir.join("spool"),
+        stream_max_bytes: i.stream_max_bytes,
     })
 }
 

@@ -39,18 +39,18 @@ pub(crate) fn appliance() -> &'static Path {
     })
 }
 
-fn write(p: &Path, text: &str, mode: u32) {
+pub(crate) fn write(p: &Path, text: &str, mode: u32) {
     std::fs::create_dir_all(p.parent().unwrap()).unwrap();
     std::fs::write(p, text).unwrap();
     std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode)).unwrap();
 }
 
-fn chmod(p: &Path, mode: u32) {
+pub(crate) fn chmod(p: &Path, mode: u32) {
     std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode)).unwrap();
 }
 
 /// A 32 MiB ext4 image holding `seed` (made with `mke2fs -d`).
-fn ext4_image(work: &Path, name: &str) -> PathBuf {
+pub(crate) fn ext4_image(work: &Path, name: &str) -> PathBuf {
     let seed = work.join(format!("{name}-seed"));
     write(&seed.join("etc/hostname"), "before-install\n", 0o644);
     let img = work.join(format!("{name}.img"));
@@ -74,7 +74,7 @@ pub(crate) fn mke2fs(seed: &Path, img: &Path, size: &str) {
     );
 }
 
-fn debugfs(img: &Path, request: &str) -> String {
+pub(crate) fn debugfs(img: &Path, request: &str) -> String {
     let out = Command::new("debugfs")
         .arg("-R")
         .arg(request)
@@ -85,18 +85,23 @@ fn debugfs(img: &Path, request: &str) -> String {
 }
 
 /// The namespace, the server in it, and the test's files.
-struct Lab {
-    server: Server,
-    ns: Netns,
-    work: tempfile::TempDir,
+pub(crate) struct Lab {
+    pub(crate) server: Server,
+    pub(crate) ns: Netns,
+    pub(crate) work: tempfile::TempDir,
 }
 
-fn lab(timeout_secs: u32) -> Lab {
+pub(crate) fn lab(timeout_secs: u32) -> Lab {
     lab_with(timeout_secs, appliance())
 }
 
 /// A lab whose `[install] appliance` is `appliance`.
 fn lab_with(timeout_secs: u32, appliance: &Path) -> Lab {
+    lab_with_env(timeout_secs, appliance, &[])
+}
+
+/// A lab with more of the server's environment.
+pub(crate) fn lab_with_env(timeout_secs: u32, appliance: &Path, extra: &[(&str, &str)]) -> Lab {
     let work = tempfile::tempdir().unwrap();
     // Trusted scripts run as nobody, who must reach them.
     chmod(work.path(), 0o755);
@@ -106,6 +111,14 @@ fn lab_with(timeout_secs: u32, appliance: &Path) -> Lab {
     std::fs::create_dir_all(&os).unwrap();
     chmod(&os, 0o755);
     let timeout = timeout_secs.to_string();
+    let mut env = vec![
+        ("CRADLE_INSTALL_APPLIANCE", appliance.as_str()),
+        ("CRADLE_INSTALL_ACCEL", "tcg"),
+        ("CRADLE_INSTALL_TIMEOUT", timeout.as_str()),
+        ("CRADLE_INSTALL_MEMORY_MIB", "256"),
+        ("CRADLE_OS_SEARCH_PATH", os.to_str().unwrap()),
+    ];
+    env.extend_from_slice(extra);
     let server = Server::start_with(Opts {
         data_dir: Some(&work.path().join("data")),
         netns: Some(&ns.name),
@@ -113,27 +126,21 @@ fn lab_with(timeout_secs: u32, appliance: &Path) -> Lab {
         admin_listen: Some("0.0.0.0:8774"),
         metadata_listen: Some("169.254.169.254:80"),
         log: Some("trace"),
-        env: &[
-            ("CRADLE_INSTALL_APPLIANCE", &appliance),
-            ("CRADLE_INSTALL_ACCEL", "tcg"),
-            ("CRADLE_INSTALL_TIMEOUT", &timeout),
-            ("CRADLE_INSTALL_MEMORY_MIB", "256"),
-            ("CRADLE_OS_SEARCH_PATH", os.to_str().unwrap()),
-        ],
+        env: &env,
         ..Default::default()
     });
     Lab { server, ns, work }
 }
 
 impl Lab {
-    fn os_dir(&self, name: &str) -> PathBuf {
+    pub(crate) fn os_dir(&self, name: &str) -> PathBuf {
         let d = self.work.path().join("os").join(name);
         write(&d.join("ganeti_api_version"), "20\n", 0o644);
         chmod(&d, 0o755);
         d
     }
 
-    fn cli(&self, args: &[&str]) -> Run {
+    pub(crate) fn cli(&self, args: &[&str]) -> Run {
         Run::of(&mut self.server.cli(args))
     }
 
@@ -143,7 +150,7 @@ impl Lab {
     }
 
     /// Taps and fences left in the namespace.
-    fn leftovers(&self) -> (String, String) {
+    pub(crate) fn leftovers(&self) -> (String, String) {
         let links = String::from_utf8_lossy(&self.ns.ip(&["-o", "link"]).stdout).into_owned();
         let taps = links
             .lines()

@@ -27,6 +27,7 @@ mod metadata_clients;
 mod metadata_tokens;
 mod migrate;
 mod os;
+mod os_jobs;
 mod personalize;
 mod remote;
 mod secgroup_cli;
