@@ -287,7 +287,9 @@ fn measure(s: &Setup, tmp: &Path, accel: &str, runs: usize) -> Result<Measured> 
     Ok(m)
 }
 
-fn setup(tmp: &Path) -> Result<Setup> {
+/// The release `cradle`, the static agent, and the appliance they build
+/// in `tmp/appliance`.
+pub(crate) fn build_appliance(tmp: &Path) -> Result<(PathBuf, PathBuf)> {
     let bin = bench::build_cradle()?;
     crate::ci::build_static_agent()?;
     let agent = target_dir().join("release/cradle-agent");
@@ -306,6 +308,11 @@ fn setup(tmp: &Path) -> Result<Setup> {
         println!("    {l}");
     }
     println!("    built in {:.1} s", started.elapsed().as_secs_f64());
+    Ok((bin, appliance))
+}
+
+fn setup(tmp: &Path) -> Result<Setup> {
+    let (bin, appliance) = build_appliance(tmp)?;
 
     if ["mke2fs", "debugfs"]
         .iter()

@@ -8,14 +8,17 @@
 //! `cargo xtask bench firewall` (security groups in nftables at scale),
 //! `cargo xtask bench remote` (remotefs copies against bare scp and rsync)
 //! `cargo xtask bench personalize` (packages onto ext4 images against
-//! guestfish) and `cargo xtask bench install` (install jobs against
-//! guestfish's bare appliance launch).
+//! guestfish), `cargo xtask bench install` (install jobs against
+//! guestfish's bare appliance launch) and `cargo xtask bench export` (a
+//! disk exported and imported through the appliance against `qemu-img
+//! convert`).
 
 mod afterburn;
 mod bench;
 mod bench_agent;
 mod bench_cluster;
 mod bench_drive;
+mod bench_export;
 mod bench_firewall;
 mod bench_firewall_api;
 mod bench_install;
@@ -172,6 +175,13 @@ tasks:
                        metadata request and the whole install beside
                        `guestfish -a /dev/null run`; options:
       --runs N               repeat the measurements; report medians [5]
+  bench export         export a 1 GiB ext4 disk (3/4 random files) through the
+                       appliance (untrusted scripts using dd) to a file and
+                       import it into a fresh disk, as root, in a namespace
+                       made here; MiB/s of each beside `qemu-img convert` of
+                       the same disk in the same run, and the ratios; options:
+      --runs N               report medians [3]
+      --accel A              the appliance's accelerator: tcg, kvm, auto [tcg]
 ";
 
 fn main() -> ExitCode {
@@ -232,6 +242,7 @@ fn main() -> ExitCode {
                     bench_cluster::run(o)
                 }
             }),
+            Some("export") => bench_export::Options::parse(&args[2..]).and_then(bench_export::run),
             Some("wait") => bench_wait::Options::parse(&args[2..]).and_then(|o| {
                 if cfg!(debug_assertions) {
                     reexec_optimized(&args, "the guests' client must be optimized")

@@ -52,6 +52,7 @@ pub type Changed = (Vec<u8>, Option<String>);
 pub struct Client {
     agent: ureq::Agent,
     base: String,
+    service: SocketAddrV4,
 }
 
 impl Client {
@@ -65,7 +66,13 @@ impl Client {
         Client {
             agent,
             base: format!("http://{service}"),
+            service,
         }
+    }
+
+    /// The metadata service's address.
+    pub fn service(&self) -> SocketAddrV4 {
+        self.service
     }
 
     pub fn url(&self, path: &str) -> String {
@@ -181,22 +188,6 @@ impl Client {
             return Ok(None);
         }
         read_capped(r, &url, max).map(Some)
-    }
-
-    /// PUT `body` to `path` as it is read (chunked: its length is not
-    /// known ahead); the service's answer, at most 64 KiB. Each write must
-    /// go within [`READ_TIMEOUT`]: a reader that stalls fails it.
-    pub fn put_stream(&self, path: &str, body: impl Read) -> Result<Vec<u8>, Failure> {
-        let url = self.url(path);
-        let r = self
-            .agent
-            .put(&url)
-            .set(METADATA_FLAVOR_HEADER, METADATA_FLAVOR)
-            .set("Content-Type", "application/octet-stream")
-            .send(body)
-            .map_err(|e| failure("PUT", &url, e))
-            .and_then(|r| success("PUT", &url, r))?;
-        read_capped(r, &url, 64 << 10)
     }
 
     /// GET `path` to read as it comes: the body, and the values of the

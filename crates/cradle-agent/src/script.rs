@@ -112,10 +112,15 @@ pub fn run(
     let stdout = child.stdout.take().expect("piped");
     let mut streams = vec![Box::new(child.stderr.take().expect("piped")) as Box<dyn Read + Send>];
     let pump = match (data, download) {
-        (Data::Out { client, path }, _) => Some(crate::stream::upload(client, path, stdout)),
+        (Data::Out { client, path }, _) => {
+            crate::stream::widen_pipe(&stdout);
+            Some(crate::stream::upload(client, path, stdout))
+        }
         (_, Some(d)) => {
             streams.push(Box::new(stdout));
-            Some(crate::stream::feed(d, child.stdin.take().expect("piped")))
+            let stdin = child.stdin.take().expect("piped");
+            crate::stream::widen_pipe(&stdin);
+            Some(crate::stream::feed(d, stdin))
         }
         _ => {
             streams.push(Box::new(stdout));

@@ -19,8 +19,8 @@ pub use definition::{
 };
 pub use env::{Disk, Environment, osp};
 pub use run::{
-    DATA_CHUNK, DataSink, Finished, Runner, SECRETS_FD, SecretsHandoff, Streams, User, run_trusted,
-    run_trusted_with, running_as_root,
+    DATA_CHUNK, DataSink, Finished, Runner, SECRETS_FD, SecretsHandoff, Streams, User, read_full,
+    run_trusted, run_trusted_with, running_as_root,
 };
 
 #[derive(Debug, thiserror::Error)]

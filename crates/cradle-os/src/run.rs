@@ -318,6 +318,21 @@ pub fn run_trusted_with(
     })
 }
 
+/// Read into `buf` until it is full or `r` ends: the bytes read. (A data
+/// stream's chunks are filled so, here and in the appliance's agent.)
+pub fn read_full(r: &mut impl Read, buf: &mut [u8]) -> std::io::Result<usize> {
+    let mut n = 0;
+    while n < buf.len() {
+        match r.read(&mut buf[n..]) {
+            Ok(0) => break,
+            Ok(k) => n += k,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(n)
+}
+
 /// Read a script's standard output to its end on a thread, handing it to
 /// `sink` in chunks of up to [`DATA_CHUNK`]; a refused chunk is noted in
 /// `stopped` and ends the reading (the script is then killed). Keeps
@@ -332,19 +347,14 @@ fn data_reader(
         loop {
             // Fill the chunk as far as the pipe gives, so the sink sees few
             // large chunks rather than many of a pipe's 64 KiB.
-            let mut n = 0;
-            while n < buf.len() {
-                match r.read(&mut buf[n..]) {
-                    Ok(0) => break,
-                    Ok(k) => n += k,
-                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                    Err(e) => {
-                        *stopped.lock().unwrap_or_else(|p| p.into_inner()) =
-                            Some(format!("reading its standard output: {e}"));
-                        return Vec::new();
-                    }
+            let n = match read_full(&mut r, &mut buf) {
+                Ok(n) => n,
+                Err(e) => {
+                    *stopped.lock().unwrap_or_else(|p| p.into_inner()) =
+                        Some(format!("reading its standard output: {e}"));
+                    return Vec::new();
                 }
-            }
+            };
             if n == 0 {
                 return Vec::new();
             }

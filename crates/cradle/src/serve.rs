@@ -140,6 +140,26 @@ fn install_settings(config: &Config, metadata_port: u16) -> Result<cradle_instal
     })
 }
 
+/// Remove what imports that ran when the server stopped spooled.
+fn remove_spooled(dir: &std::path::Path) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let name = e.file_name();
+        if name.to_string_lossy().starts_with("import-") {
+            match std::fs::remove_file(e.path()) {
+                Ok(()) => {
+                    info!(file = %e.path().display(), "removed the dump of an interrupted import")
+                }
+                Err(err) => {
+                    warn!(file = %e.path().display(), error = %err, "cannot remove an interrupted import's dump")
+                }
+            }
+        }
+    }
+}
+
 /// Lift the soft limit on open files to the hard one: the connection caps
 /// are only what the listeners hold if the kernel lets them hold it (many
 /// systems start services at a soft limit of 1024).
@@ -264,6 +284,8 @@ async fn serve(config: Config, demo: bool) -> Result<()> {
 
     let failed = tokio::task::block_in_place(|| registry.fail_interrupted_installs())
         .context("cannot mark interrupted installs")?;
+    // No import survives a restart: the dumps they spooled go.
+    remove_spooled(&config.server.data_dir.join("spool"));
     tokio::task::block_in_place(|| {
         cluster_threads(
             &config,

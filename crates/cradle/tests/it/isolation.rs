@@ -151,6 +151,11 @@ fn rows() -> BTreeMap<(&'static str, &'static str), Row> {
     add("GET", format!("{i}/install"), row(Instance, 404, 404));
     add("POST", format!("{i}/install"), row(Instance, 422, 404));
     add("POST", format!("{i}/start"), row(Instance, 422, 404));
+    // No os_type: nothing to export or import with; a rename to its own
+    // name changes nothing.
+    add("POST", format!("{i}/export"), row(Instance, 422, 404));
+    add("POST", format!("{i}/import"), row(Instance, 422, 404));
+    add("POST", format!("{i}/rename"), row(Instance, 200, 404));
     add(
         "POST",
         format!("{i}/migrate"),
@@ -358,6 +363,7 @@ impl Lab {
                 "metadata_address": format!("127.0.8.{}", n % 250 + 1),
             })),
             ("PATCH", "/v1/instances/{key}") => Some(json!({})),
+            ("POST", "/v1/instances/{key}/rename") => Some(json!({"name": key})),
             ("POST", "/v1/instances/{key}/messages") => Some(json!({"text": "hello"})),
             ("POST", "/v1/instances/{key}/actions") => Some(json!({"action": "uptime"})),
             ("POST", "/v1/instances/{key}/maintenance") => {
@@ -470,6 +476,12 @@ impl Lab {
             .replace("{id}", &id)
             .replace("{event}", &event)
             .replace("{instance}", &instance);
+        // An import names the dump's SHA-256 (well formed; nothing is sent).
+        let path = if path.ends_with("/import") {
+            format!("{path}?sha256={}", "0".repeat(64))
+        } else {
+            path
+        };
         (path, body)
     }
 }

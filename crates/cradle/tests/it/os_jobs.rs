@@ -30,7 +30,25 @@ if dd if=/dev/zero of="$EXPORT_DEVICE" bs=512 count=1 seek=1 conv=notrunc 2>/dev
 else
   echo "export: the disk is read-only" >&2
 fi
+# Both scripts run at once and talk through the channel, as for create.
+get() { printf 'GET %s HTTP/1.0\r\nMetadata-Flavor: cradle\r\n\r\n' "$1" | nc -w 3 169.254.169.254 80; }
+n=0
+while [ $n -lt 60 ]; do
+  heard=$(get /cradle/latest/read | sed '1,/^\r$/d')
+  case "$heard" in *"hello from the host"*) break ;; esac
+  n=$((n+1)); sleep 1
+done
+echo "export: the host said: $heard" >&2
+note="hello host, exporting $INSTANCE_NAME"
+printf 'POST /cradle/latest/write HTTP/1.0\r\nMetadata-Flavor: cradle\r\nContent-Length: %s\r\n\r\n%s' "${#note}" "$note" | nc -w 3 169.254.169.254 80 > /dev/null
 exec dd if="$EXPORT_DEVICE" bs=1M 2>/dev/null
+"#;
+
+/// Beside the untrusted export: on the host, talking to it.
+const TRUSTED_BESIDE: &str = r#"#!/bin/sh
+echo "trusted export: hello from the host"
+msg=$(timeout 120 head -n 1)
+echo "trusted export: the appliance said: $msg"
 "#;
 
 const UNTRUSTED_IMPORT: &str = r#"#!/bin/sh
@@ -127,6 +145,7 @@ fn an_instance_goes_out_and_back_in_through_untrusted_and_trusted_scripts() {
     write(&d.join("parameters.list"), "pw A password\n", 0o644);
     write(&d.join("untrusted/create"), UNTRUSTED_CREATE, 0o644);
     write(&d.join("untrusted/export"), UNTRUSTED_EXPORT, 0o644);
+    write(&d.join("export"), TRUSTED_BESIDE, 0o755);
     write(&d.join("untrusted/import"), UNTRUSTED_IMPORT, 0o644);
     let img_a = ext4_image(w, "a");
     let img_b = ext4_image(w, "b");
@@ -185,6 +204,9 @@ fn an_instance_goes_out_and_back_in_through_untrusted_and_trusted_scripts() {
     for want in [
         "export: device=/dev/vda index=0 access=ro name=a",
         "export: the disk is read-only",
+        "export: the host said: trusted export: hello from the host",
+        "stdout: trusted export: the appliance said: hello host, exporting a",
+        "the appliance and the trusted export script succeeded",
         &format!(
             "export: secrets {}",
             sha256_hex(&format!("{{\"pw\":\"{canary}\"}}"))
