@@ -576,6 +576,23 @@ fn a_rename_runs_the_script_and_takes_the_new_name_only_when_it_succeeded() {
             .count(),
         2
     );
+    // An untrusted rename fixes what the OS wrote into the guest, in the
+    // appliance with the disks read-write.
+    let u = lab.os_dir("urenos");
+    write(&u.join("create"), "#!/bin/sh\n", 0o755);
+    write(
+        &u.join("untrusted/rename"),
+        "#!/bin/sh\necho \"rename: $OLD_INSTANCE_NAME -> $INSTANCE_NAME ($DISK_0_ACCESS)\"\n\
+         mount -t ext4 \"$DISK_0_PATH\" /mnt || exit 5\n\
+         echo \"$INSTANCE_NAME\" > /mnt/etc/hostname\numount /mnt\n",
+        0o644,
+    );
+    let img_u = ext4_image(w, "u");
+    add(&lab, "u1", "urenos", &img_u, &[]);
+    let r = lab.cli(&["instance", "rename", "u1", "u2"]).success();
+    assert!(r.stdout.contains("rename: u1 -> u2 (rw)"), "{}", r.stdout);
+    assert_eq!(debugfs(&img_u, "cat /etc/hostname"), "u2\n");
+    assert_eq!(state(&lab, "u2")["name"], "u2");
     // Without a rename script the registry renames it at once.
     let r = lab.cli(&["instance", "rename", "p1", "p2"]).success();
     assert!(r.stderr.contains("has no rename script"), "{}", r.stderr);
