@@ -326,13 +326,13 @@ fn set_hop_limit(
 }
 
 type Reply = Response<Body>;
-/// Every answer's body: whole, or (an import's dump) streamed.
-type Body = http_body_util::combinators::UnsyncBoxBody<Bytes, std::io::Error>;
+/// Every answer's body: whole (every document, unboxed: the hot path), or
+/// streamed (an import's dump).
+type Body = http_body_util::Either<Full<Bytes>, Streamed>;
+type Streamed = http_body_util::combinators::UnsyncBoxBody<Bytes, std::io::Error>;
 
 fn full(b: impl Into<Bytes>) -> Body {
-    Full::new(b.into())
-        .map_err(|never| match never {})
-        .boxed_unsync()
+    http_body_util::Either::Left(Full::new(b.into()))
 }
 
 /// What a wait whose guest went away is counted as (nginx's 499); nobody
@@ -839,7 +839,7 @@ fn stream_download(svc: &MetadataService, guest: &Guest) -> Reply {
         reader,
         hyper::body::Frame::data,
     ));
-    let mut r = Response::new(body.boxed_unsync());
+    let mut r = Response::new(http_body_util::Either::Right(body.boxed_unsync()));
     r.headers_mut().insert(
         CONTENT_TYPE,
         HeaderValue::from_static("application/octet-stream"),
