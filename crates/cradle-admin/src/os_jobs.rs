@@ -67,29 +67,20 @@ async fn export(
     // a sender that never finished, the body is cut with an error, so a
     // client cannot take it for a whole dump.
     let body = futures_util::stream::unfold(Some(state), |state| async move {
+        use tokio::sync::mpsc::error::TryRecvError;
         let (mut rx, mut changed, job) = state?;
-        loop {
-            tokio::select! {
-                chunk = rx.recv() => {
-                    return chunk.map(|c| (Ok(c), Some((rx, changed, job))));
+        let chunk = tokio::select! {
+            chunk = rx.recv() => chunk,
+            _ = changed.wait_for(|_| !job.is_running()) => match rx.try_recv() {
+                Ok(c) => Some(c),
+                Err(TryRecvError::Disconnected) => None,
+                Err(TryRecvError::Empty) => {
+                    let cut = std::io::Error::other("the export job ended before its dump did");
+                    return Some((Err(cut), None));
                 }
-                r = changed.changed(), if job.is_running() => {
-                    if r.is_err() || !job.is_running() {
-                        continue;
-                    }
-                }
-                () = std::future::ready(()), if !job.is_running() => {
-                    return match rx.try_recv() {
-                        Ok(c) => Some((Ok(c), Some((rx, changed, job)))),
-                        Err(tokio::sync::mpsc::error::TryRecvError::Disconnected) => None,
-                        Err(tokio::sync::mpsc::error::TryRecvError::Empty) => Some((
-                            Err(std::io::Error::other("the export job ended before its dump did")),
-                            None,
-                        )),
-                    };
-                }
-            }
-        }
+            },
+        };
+        chunk.map(|c| (Ok(c), Some((rx, changed, job))))
     });
     let mut r = (StatusCode::OK, Body::from_stream(body)).into_response();
     r.headers_mut().insert(

@@ -25,9 +25,8 @@ use std::io::{BufRead, Read, Write};
 use std::os::fd::AsRawFd;
 
 use cradle_model::answers::STREAM_SHA256_HEADER;
-use cradle_model::job::StreamDigest;
+use cradle_model::job::{StreamCounter, StreamDigest};
 use cradle_os::read_full;
-use sha2::{Digest, Sha256};
 
 use crate::http::Client;
 
@@ -47,35 +46,29 @@ pub enum Data<'a> {
     },
 }
 
-/// Counts and hashes what passes through.
+/// Counts and hashes what is read through it.
 pub struct Hashing<R> {
     inner: R,
-    bytes: u64,
-    hasher: Sha256,
+    counted: StreamCounter,
 }
 
 impl<R> Hashing<R> {
     pub fn new(inner: R) -> Hashing<R> {
         Hashing {
             inner,
-            bytes: 0,
-            hasher: Sha256::new(),
+            counted: StreamCounter::default(),
         }
     }
 
     pub fn digest(self) -> StreamDigest {
-        StreamDigest {
-            bytes: self.bytes,
-            sha256: hex(&self.hasher.finalize()),
-        }
+        self.counted.finish()
     }
 }
 
 impl<R: Read> Read for Hashing<R> {
     fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
         let n = self.inner.read(buf)?;
-        self.bytes += n as u64;
-        self.hasher.update(&buf[..n]);
+        self.counted.update(&buf[..n]);
         Ok(n)
     }
 }
@@ -167,10 +160,6 @@ fn read_answer(conn: &std::net::TcpStream) -> std::io::Result<(u16, Vec<u8>)> {
     r.take(length.unwrap_or(64 << 10).min(64 << 10))
         .read_to_end(&mut body)?;
     Ok((status, body))
-}
-
-pub fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// Upload `stdout` to `path` on a thread; what was sent, once the host
@@ -278,6 +267,11 @@ pub fn feed(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use sha2::{Digest, Sha256};
+
+    fn hex(bytes: &[u8]) -> String {
+        bytes.iter().map(|b| format!("{b:02x}")).collect()
+    }
 
     #[test]
     fn what_passes_is_counted_and_hashed() {

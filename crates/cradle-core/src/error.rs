@@ -182,7 +182,9 @@ impl From<cradle_install::StartError> for Error {
     fn from(e: cradle_install::StartError) -> Self {
         match e {
             cradle_install::StartError::Registry(r) => Error::Registry(r),
-            cradle_install::StartError::Invalid(m) => Error::refused(Kind::Invalid, "invalid", m),
+            cradle_install::StartError::Invalid(m) | cradle_install::StartError::NoScript(m) => {
+                Error::refused(Kind::Invalid, "invalid", m)
+            }
             cradle_install::StartError::Unavailable(m) => Error::unavailable("vm", m),
         }
     }

@@ -24,6 +24,15 @@ pub struct StopRequest {
     pub grace: Duration,
 }
 
+/// Why an OS job did not start: a host that cannot run one now is
+/// `install_unavailable` (run mode's `vm` is the `From` mapping).
+pub(crate) fn start_error(e: cradle_install::StartError) -> Error {
+    match e {
+        cradle_install::StartError::Unavailable(m) => Error::unavailable("install_unavailable", m),
+        other => Error::from(other),
+    }
+}
+
 impl Core {
     /// Start an install job: everything is checked before anything starts
     /// (the OS definition and its variant, the disks, the appliance, the
@@ -36,12 +45,7 @@ impl Core {
             instance.personalization_url.as_deref(),
             "installing with",
         )?;
-        let job = self.installer.start(instance).await.map_err(|e| match e {
-            cradle_install::StartError::Unavailable(m) => {
-                Error::unavailable("install_unavailable", m)
-            }
-            other => Error::from(other),
-        })?;
+        let job = self.installer.start(instance).await.map_err(start_error)?;
         Ok(job.view(0))
     }
 

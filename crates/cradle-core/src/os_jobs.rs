@@ -19,14 +19,14 @@ use bytes::Bytes;
 use cradle_install::OsJob;
 use cradle_model::answers::RenameView;
 use cradle_model::api::{InstancePatch, InstanceView};
-use cradle_model::job::{JobOperation, JobView, StreamDigest};
+use cradle_model::job::{JobOperation, JobView, StreamCounter, StreamDigest};
 use cradle_model::{Instance, State};
 use cradle_registry::jobs::InstallJob;
 use cradle_registry::stream::{Sink, SinkError, Source};
 use http_body_util::BodyExt;
-use sha2::{Digest, Sha256};
 use tokio::io::AsyncWriteExt;
 
+use crate::install::start_error;
 use crate::{Caller, Core, Error, Guest, Kind};
 
 /// An export that started: its job, and the dump as it comes.
@@ -38,24 +38,10 @@ pub struct Export {
     pub running: Arc<InstallJob>,
 }
 
-fn start_error(e: cradle_install::StartError) -> Error {
-    match e {
-        cradle_install::StartError::Unavailable(m) => Error::unavailable("install_unavailable", m),
-        other => Error::from(other),
-    }
-}
-
 /// A SHA-256 as the operator gives it: 64 hex digits, any case.
 fn parse_sha256(v: &str) -> Result<String, Error> {
-    let v = v.trim();
-    if v.len() != 64 || !v.bytes().all(|b| b.is_ascii_hexdigit()) {
-        return Err(Error::refused(
-            Kind::Invalid,
-            "invalid",
-            format!("sha256: {v:?} is not a SHA-256 (64 hexadecimal digits)"),
-        ));
-    }
-    Ok(v.to_ascii_lowercase())
+    cradle_model::personalization::parse_sha256(v.trim())
+        .map_err(|e| Error::refused(Kind::Invalid, "invalid", format!("sha256: {e}")))
 }
 
 impl Core {
@@ -240,27 +226,26 @@ impl Core {
                 format!("an instance is named {to:?} already"),
             ));
         }
-        let (installer, probe) = (self.installer.clone(), inst.clone());
-        let scripted = crate::blocking(move || {
-            Ok(installer.has_script(&probe, cradle_install::OsOperation::Rename))
-        })
-        .await?
-        .map_err(start_error)?;
-        if !scripted {
-            let registry = self.registry.clone();
-            let id = inst.id.to_string();
-            let renamed =
-                crate::blocking(move || registry.modify(&id, patch).map_err(Error::from)).await?;
-            return Ok(RenameView {
-                instance: InstanceView::from(&*renamed),
-                job: None,
-            });
-        }
-        let (job, _) = self
+        let started = self
             .installer
             .start_job(inst.clone(), OsJob::Rename { to: to.to_string() })
-            .await
-            .map_err(start_error)?;
+            .await;
+        let job = match started {
+            Ok((job, _)) => job,
+            // No rename script (or no OS at all): the registry alone.
+            Err(cradle_install::StartError::NoScript(_)) => {
+                let registry = self.registry.clone();
+                let id = inst.id.to_string();
+                let renamed =
+                    crate::blocking(move || registry.modify(&id, patch).map_err(Error::from))
+                        .await?;
+                return Ok(RenameView {
+                    instance: InstanceView::from(&*renamed),
+                    job: None,
+                });
+            }
+            Err(e) => return Err(start_error(e)),
+        };
         let now = self.registry.get(&inst.id.to_string())?;
         Ok(RenameView {
             instance: InstanceView::from(&*now),
@@ -354,32 +339,31 @@ where
         .open(path)
         .await
         .map_err(io)?;
-    let (mut bytes, mut hasher) = (0u64, Sha256::new());
+    let mut counted = StreamCounter::default();
     while let Some(frame) = body.frame().await {
         let frame = frame.map_err(|e| {
             Error::refused(
                 Kind::BadRequest,
                 "bad_request",
-                format!("the dump's upload broke after {bytes} bytes: {e}; nothing was started"),
+                format!(
+                    "the dump's upload broke after {} bytes: {e}; nothing was started",
+                    counted.bytes()
+                ),
             )
         })?;
         let Ok(chunk) = frame.into_data() else {
             continue;
         };
-        bytes += chunk.len() as u64;
-        if bytes > cap {
+        if counted.bytes() + chunk.len() as u64 > cap {
             return Err(Error::refused(
                 Kind::TooLarge,
                 "too_large",
                 format!("the dump passed the cap of {cap} bytes ([install] stream_max_bytes)"),
             ));
         }
-        hasher.update(&chunk);
+        counted.update(&chunk);
         f.write_all(&chunk).await.map_err(io)?;
     }
     f.flush().await.map_err(io)?;
-    Ok(StreamDigest {
-        bytes,
-        sha256: cradle_registry::stream::hex(&hasher.finalize()),
-    })
+    Ok(counted.finish())
 }

@@ -47,7 +47,6 @@ use cradle_registry::{Registry, RegistryError};
 use tracing::{info, warn};
 
 pub use comm::{Comm, METADATA_IP};
-pub use cradle_os::Operation as OsOperation;
 pub use cradle_registry::stream::Source;
 pub use os_job::OsJob;
 use os_job::Plan;
@@ -111,6 +110,10 @@ pub enum StartError {
     /// The host cannot install now (no appliance, no script user).
     #[error("{0}")]
     Unavailable(String),
+    /// The instance's OS has no script for the operation (or it has no
+    /// `os_type`): a rename then renames in the registry alone.
+    #[error("{0}")]
+    NoScript(String),
 }
 
 /// Starts and runs install jobs.
@@ -233,23 +236,6 @@ impl Installer {
         Ok((job, source))
     }
 
-    /// Whether `inst`'s OS definition has a script (trusted or untrusted)
-    /// for `op`; `false` without an `os_type`. A definition that cannot
-    /// be read is an error.
-    pub fn has_script(
-        &self,
-        inst: &Instance,
-        op: cradle_os::Operation,
-    ) -> Result<bool, StartError> {
-        let Some(Os::Type(full)) = &inst.os else {
-            return Ok(false);
-        };
-        let (name, _) = cradle_os::split_name(full);
-        let os = cradle_os::find(&self.settings.os_search, name)
-            .map_err(|e| StartError::Invalid(e.to_string()))?;
-        Ok(os.placement(op).is_some())
-    }
-
     /// Check that `request` could start now, without starting it (an
     /// import checks before its dump is uploaded).
     pub fn check_job(&self, inst: &Instance, request: OsJob) -> Result<(), StartError> {
@@ -270,7 +256,7 @@ impl Installer {
                 .prepare_os_job(inst, full, request)
                 .map(|(j, p, s)| (j, Work::Install(Box::new(p)), s)),
             _ if op != cradle_model::job::JobOperation::Create => {
-                Err(StartError::Invalid(format!(
+                Err(StartError::NoScript(format!(
                     "instance {} has no os_type: its OS definition's {} script is what {}s it",
                     inst.name,
                     op.as_str(),

@@ -167,6 +167,13 @@ impl Installer {
         let (name, variant) = cradle_os::split_name(full);
         let os = cradle_os::find(&self.settings.os_search, name)
             .map_err(|e| StartError::Invalid(e.to_string()))?;
+        let op = request.os_operation();
+        let Some(placement) = os.placement(op) else {
+            return Err(StartError::NoScript(format!(
+                "OS {name} has no {} script, trusted or untrusted",
+                op.as_str()
+            )));
+        };
         os.check_variant(variant)
             .map_err(|e| StartError::Invalid(e.to_string()))?;
         // Every parameter must be one the OS takes, as Ganeti checks; the
@@ -181,13 +188,6 @@ impl Installer {
                 .filter(|n| !cradle_model::personalization::CREDENTIAL_PARAMS.contains(n)),
         )
         .map_err(|e| StartError::Invalid(e.to_string()))?;
-        let op = request.os_operation();
-        let Some(placement) = os.placement(op) else {
-            return bad(format!(
-                "OS {name} has no {} script, trusted or untrusted",
-                op.as_str()
-            ));
-        };
         let guest = Self::check_machine(inst)?;
         if let Some(disk) = request.disk()
             && disk >= inst.disks.len()

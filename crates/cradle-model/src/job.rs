@@ -93,6 +93,41 @@ pub struct StreamDigest {
     pub sha256: String,
 }
 
+/// Counts and hashes a data stream as it passes: the one way every end
+/// (the appliance's agent, the host, the CLI) arrives at its
+/// [`StreamDigest`].
+#[derive(Default, Clone)]
+pub struct StreamCounter {
+    bytes: u64,
+    hasher: sha2::Sha256,
+}
+
+impl StreamCounter {
+    pub fn update(&mut self, chunk: &[u8]) {
+        use sha2::Digest;
+        self.bytes += chunk.len() as u64;
+        self.hasher.update(chunk);
+    }
+
+    /// The bytes counted so far.
+    pub fn bytes(&self) -> u64 {
+        self.bytes
+    }
+
+    pub fn finish(self) -> StreamDigest {
+        use sha2::Digest;
+        StreamDigest {
+            bytes: self.bytes,
+            sha256: self
+                .hasher
+                .finalize()
+                .iter()
+                .map(|b| format!("{b:02x}"))
+                .collect(),
+        }
+    }
+}
+
 /// What the admin API shows of a job.
 #[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct JobView {

@@ -22,8 +22,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
-use cradle_model::job::StreamDigest;
-use sha2::{Digest, Sha256};
+use cradle_model::job::{StreamCounter, StreamDigest};
 
 /// Chunks queued between the script and the operator: with the appliance's
 /// and hyper's chunk sizes, a few MiB at most.
@@ -48,8 +47,7 @@ pub struct DataStream {
 #[derive(Default)]
 struct Counted {
     taken: bool,
-    bytes: u64,
-    hasher: Sha256,
+    counted: StreamCounter,
     /// Set when the export's whole stream has been sent.
     done: Option<StreamDigest>,
     /// Why the stream failed (past its cap): the job ends on it.
@@ -160,7 +158,7 @@ impl DataStream {
         match &st.done {
             Some(d) => Some(d.clone()),
             None if st.taken => Some(StreamDigest {
-                bytes: st.bytes,
+                bytes: st.counted.bytes(),
                 sha256: String::new(),
             }),
             None => None,
@@ -203,12 +201,10 @@ impl Sink {
     /// Count and hash `chunk`; refused whole when it would pass the cap.
     fn count(&self, chunk: &[u8]) -> Result<(), SinkError> {
         let mut st = self.stream.state();
-        let bytes = st.bytes.saturating_add(chunk.len() as u64);
-        if bytes > self.stream.cap {
+        if st.counted.bytes().saturating_add(chunk.len() as u64) > self.stream.cap {
             return Err(SinkError::Cap(self.stream.cap));
         }
-        st.bytes = bytes;
-        st.hasher.update(chunk);
+        st.counted.update(chunk);
         Ok(())
     }
 
@@ -227,27 +223,23 @@ impl Sink {
     /// All of it was sent: the digest is the job's.
     pub fn finish(self) -> StreamDigest {
         let mut st = self.stream.state();
-        let digest = StreamDigest {
-            bytes: st.bytes,
-            sha256: hex(&std::mem::take(&mut st.hasher).finalize()),
-        };
+        let digest = std::mem::take(&mut st.counted).finish();
         st.done = Some(digest.clone());
         digest
     }
 }
 
-/// Lower-case hex.
-pub fn hex(bytes: &[u8]) -> String {
-    use std::fmt::Write;
-    bytes.iter().fold(String::new(), |mut s, b| {
-        let _ = write!(s, "{b:02x}");
-        s
-    })
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn sha256_of(bytes: &[u8]) -> String {
+        use sha2::Digest;
+        sha2::Sha256::digest(bytes)
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect()
+    }
 
     #[tokio::test]
     async fn an_export_is_counted_hashed_capped_and_taken_once() {
@@ -267,7 +259,7 @@ mod tests {
         // sha256("hello dump")
         assert_eq!(
             d.sha256,
-            hex(&Sha256::digest(b"hello dump")),
+            sha256_of(b"hello dump"),
             "the digest is of what was sent"
         );
         assert_eq!(s.complete(), Some(d));
@@ -293,7 +285,7 @@ mod tests {
         let tmp = tempfile::NamedTempFile::new().unwrap();
         let digest = StreamDigest {
             bytes: 0,
-            sha256: hex(&Sha256::digest(b"")),
+            sha256: sha256_of(b""),
         };
         let s = Arc::new(DataStream::import(tmp.path().to_path_buf(), digest.clone()));
         assert!(!s.is_taken());

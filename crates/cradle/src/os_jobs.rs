@@ -16,8 +16,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use cradle_client::route;
 use cradle_model::answers::JOB_HEADER;
-use cradle_model::job::{JobView, StreamDigest};
-use sha2::{Digest, Sha256};
+use cradle_model::job::{JobView, StreamCounter};
 
 use crate::Output;
 use crate::client::Api;
@@ -140,7 +139,7 @@ pub fn export(
         .map(str::to_string)
         .unwrap_or_default();
     let bar = bytes_bar(output, None, &format!("exporting {instance}"));
-    let (mut bytes, mut hasher) = (0u64, Sha256::new());
+    let mut counted = StreamCounter::default();
     let mut buf = vec![0u8; 1 << 20];
     let copied: Result<()> = loop {
         let n = match resp.read(&mut buf) {
@@ -149,12 +148,12 @@ pub fn export(
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
             Err(e) => {
                 break Err(anyhow::anyhow!(
-                    "the dump's stream broke after {bytes} bytes: {e}"
+                    "the dump's stream broke after {} bytes: {e}",
+                    counted.bytes()
                 ));
             }
         };
-        hasher.update(&buf[..n]);
-        bytes += n as u64;
+        counted.update(&buf[..n]);
         let written = match &mut sink {
             Out::Stdout(s) => s.write_all(&buf[..n]),
             Out::File { tmp, .. } => tmp.write_all(&buf[..n]),
@@ -164,17 +163,14 @@ pub fn export(
             break Err(anyhow::anyhow!("cannot write the dump: {e}"));
         }
         if let Some(b) = &bar {
-            b.set_position(bytes);
+            b.set_position(counted.bytes());
         }
     };
     drop(resp);
     if let Some(b) = bar {
         b.finish_and_clear();
     }
-    let ours = StreamDigest {
-        bytes,
-        sha256: hex(&hasher.finalize()),
-    };
+    let ours = counted.finish();
     // Whatever the body did, the job says whether it was the whole dump.
     let job = api.send(route::install_job(instance, 0, Duration::ZERO))?;
     if !job_id.is_empty() && job.id.to_string() != job_id {
@@ -230,10 +226,6 @@ pub fn export(
         ours.bytes, ours.sha256
     );
     Ok(())
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// `FILE.sha256`.
